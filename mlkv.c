@@ -1,0 +1,2352 @@
+/*
+ * mlkv.c - Multi-Layer Key-Value sharing (MLKV) on GPT-NeoX (Pythia), trained
+ * on the CPU in plain C. Read it top to bottom:
+ *
+ *   1. utilities: errors, memory, files, random numbers
+ *   2. JSON
+ *   3. the model configuration and the MLKV owning-layer placement
+ *   4. the parameter table
+ *   5. safetensors and checkpoints
+ *   6. token files and the data loader
+ *   7. kernels, each a *_forward / *_backward pair: matmul, layernorm, gelu,
+ *      rotary, MLKV attention, cross-entropy
+ *   8. the model: forward and backward
+ *   9. AdamW, gradient clipping, the learning-rate schedule
+ *  10. the training loop
+ *  11. the built-in demo corpus
+ *  12. the command line
+ *
+ * MLKV in one paragraph: in standard attention every layer projects its own
+ * keys and values (MHA). GQA lets groups of query heads share one K/V head;
+ * MQA is one K/V head per layer. MLKV goes further and shares K/V *across
+ * layers*: only num_key_value_layers layers (the owners) project K and V, and
+ * every other layer attends over the K/V of the nearest owner below it. The
+ * KV cache at inference then holds 2 * kvL * kvH * head_size numbers per token
+ * instead of 2 * L * H * head_size. In the backward pass the gradients of all
+ * the layers that read an owner's K/V flow back into that owner's projections.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+/* Loops marked PARALLEL_FOR split their iterations across threads; without
+ * OpenMP they run serially and compute the same bits. */
+#define PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+#define PARALLEL_FOR_3 _Pragma("omp parallel for collapse(3) schedule(static)")
+#else
+#define PARALLEL_FOR
+#define PARALLEL_FOR_3
+#endif
+
+#include "mlkv.h"
+
+#define PI 3.14159265358979323846
+#define INV_SQRT2 0.70710678118654752440    /* 1 / sqrt(2) */
+#define INV_SQRT_2PI 0.39894228040143267794 /* 1 / sqrt(2 pi) */
+
+/* ===========================================================================
+ * 1. Utilities
+ * ======================================================================== */
+
+static char error_message[2048];
+
+const char *mlkv_error(void) { return error_message; }
+
+/* Records a message for mlkv_error() and returns -1, so `return fail(...)`. */
+static int fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(error_message, sizeof(error_message), fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static void *alloc_zeroed(size_t count, size_t size, const char *what) {
+    void *p = count ? calloc(count, size) : NULL;
+    if (count && !p) fail("out of memory: %.1f MiB for %s", (double)count * size / 1048576.0, what);
+    return p;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Reads a whole file, NUL-terminated. */
+static int read_file(const char *path, char **data, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail("%s: cannot open: %s", path, strerror(errno));
+    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return fail("%s: cannot seek", path); }
+    long size = ftell(f);
+    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) { fclose(f); return fail("%s: cannot size", path); }
+    char *buf = malloc((size_t)size + 1);
+    if (!buf) { fclose(f); return fail("%s: out of memory reading %ld bytes", path, size); }
+    if (fread(buf, 1, (size_t)size, f) != (size_t)size) {
+        free(buf); fclose(f); return fail("%s: read error", path);
+    }
+    fclose(f);
+    buf[size] = '\0';
+    *data = buf;
+    *len = (size_t)size;
+    return 0;
+}
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+#define PATH_LEN 4096
+
+/* out = base + suffix ("/config.json", ".saving"); a path that does not fit
+ * is an error, never a silently truncated name. out holds PATH_LEN bytes. */
+static int make_path(char *out, const char *base, const char *suffix) {
+    int n = snprintf(out, PATH_LEN, "%s%s", base, suffix);
+    if (n < 0 || n >= PATH_LEN) return fail("path too long: %s%s", base, suffix);
+    return 0;
+}
+
+/* A growing string for writing JSON. Allocation failure ends the process:
+ * these strings are a few kilobytes. */
+typedef struct { char *s; size_t len, cap; } StrBuf;
+
+static void sb_printf(StrBuf *b, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        size_t room = b->cap - b->len;
+        int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? room : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) return;
+        if (b->s && (size_t)n < room) { b->len += (size_t)n; return; }
+        size_t cap = b->cap ? b->cap * 2 : 256;
+        while (cap < b->len + (size_t)n + 1) cap *= 2;
+        char *s = realloc(b->s, cap);
+        if (!s) { fprintf(stderr, "mlkv: out of memory\n"); exit(1); }
+        b->s = s;
+        b->cap = cap;
+    }
+}
+
+/* Checked writes: a full disk or an I/O error is reported with the file name. */
+typedef struct { FILE *f; const char *path; int failed; } Writer;
+
+static int writer_open(Writer *w, const char *path) {
+    w->path = path;
+    w->failed = 0;
+    w->f = fopen(path, "wb");
+    if (!w->f) return fail("%s: cannot create: %s", path, strerror(errno));
+    return 0;
+}
+
+static void writer_put(Writer *w, const void *data, size_t n) {
+    if (!w->failed && fwrite(data, 1, n, w->f) != n) w->failed = errno ? errno : EIO;
+}
+
+/* Flushes to the disk; the file is complete only if this returns 0. */
+static int writer_close(Writer *w) {
+    if (!w->failed && fflush(w->f) != 0) w->failed = errno ? errno : EIO;
+    if (!w->failed && fsync(fileno(w->f)) != 0 && errno != EINVAL) w->failed = errno;
+    if (fclose(w->f) != 0 && !w->failed) w->failed = errno ? errno : EIO;
+    if (w->failed) return fail("%s: write failed: %s", w->path, strerror(w->failed));
+    return 0;
+}
+
+static int write_text_file(const char *path, const char *text) {
+    Writer w;
+    if (writer_open(&w, path) != 0) return -1;
+    writer_put(&w, text, strlen(text));
+    return writer_close(&w);
+}
+
+/* Random numbers: splitmix64, then Box-Muller for normals. One 64-bit state
+ * reproduces every stream from the seed. */
+static uint64_t rng_next(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static double rng_uniform(uint64_t *state) { /* [0, 1) with 53 bits */
+    return (rng_next(state) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static double rng_normal(uint64_t *state) {
+    double u1 = rng_uniform(state), u2 = rng_uniform(state);
+    return sqrt(-2.0 * log(1.0 - u1)) * cos(2.0 * PI * u2);
+}
+
+/* ===========================================================================
+ * 2. JSON: a small recursive-descent parser into a tree, enough for
+ *    config.json, safetensors headers and tokenizer.json.
+ * ======================================================================== */
+
+typedef struct { const char *start, *p, *end, *what; int depth; } JsonParser;
+
+static int json_syntax(JsonParser *ps, const char *msg) {
+    return fail("%s: invalid JSON at byte %ld: %s", ps->what, (long)(ps->p - ps->start), msg);
+}
+
+static void json_skip_space(JsonParser *ps) {
+    while (ps->p < ps->end && (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\n' || *ps->p == '\r')) ps->p++;
+}
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static int json_hex4(JsonParser *ps, const char *s, unsigned *out) {
+    if (ps->end - s < 4) return json_syntax(ps, "short \\u escape");
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        int h = hex_digit(s[i]);
+        if (h < 0) return json_syntax(ps, "bad \\u escape");
+        v = v * 16 + (unsigned)h;
+    }
+    *out = v;
+    return 0;
+}
+
+static size_t utf8_encode(unsigned cp, char *out) {
+    if (cp < 0x80) { out[0] = (char)cp; return 1; }
+    if (cp < 0x800) { out[0] = (char)(0xC0 | (cp >> 6)); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | (cp >> 12)); out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F)); return 3;
+    }
+    out[0] = (char)(0xF0 | (cp >> 18)); out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* Parses a string at ps->p (just after the opening quote). Escapes only
+ * shrink text, so the raw span bounds the decoded size. */
+static int json_string(JsonParser *ps, char **out, size_t *out_len) {
+    const char *s = ps->p;
+    const char *q = s;
+    while (q < ps->end && *q != '"') q += (*q == '\\') ? 2 : 1;
+    if (q >= ps->end) return json_syntax(ps, "unterminated string");
+    char *buf = malloc((size_t)(q - s) + 1);
+    if (!buf) return fail("%s: out of memory parsing JSON", ps->what);
+    size_t n = 0;
+    while (s < q) {
+        unsigned char c = (unsigned char)*s;
+        if (c < 0x20) { free(buf); ps->p = s; return json_syntax(ps, "control character in string"); }
+        if (c != '\\') { buf[n++] = (char)c; s++; continue; }
+        char e = s[1];
+        s += 2;
+        switch (e) {
+        case '"': buf[n++] = '"'; break;
+        case '\\': buf[n++] = '\\'; break;
+        case '/': buf[n++] = '/'; break;
+        case 'b': buf[n++] = '\b'; break;
+        case 'f': buf[n++] = '\f'; break;
+        case 'n': buf[n++] = '\n'; break;
+        case 'r': buf[n++] = '\r'; break;
+        case 't': buf[n++] = '\t'; break;
+        case 'u': {
+            unsigned cp, lo;
+            ps->p = s;
+            if (json_hex4(ps, s, &cp) != 0) { free(buf); return -1; }
+            s += 4;
+            if (cp >= 0xD800 && cp < 0xDC00 && q - s >= 6 && s[0] == '\\' && s[1] == 'u' &&
+                json_hex4(ps, s + 2, &lo) == 0 && lo >= 0xDC00 && lo < 0xE000) {
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                s += 6;
+            } else if (cp >= 0xD800 && cp < 0xE000) {
+                cp = 0xFFFD; /* a lone surrogate has no UTF-8 form */
+            }
+            n += utf8_encode(cp, buf + n);
+            break;
+        }
+        default: free(buf); ps->p = s - 1; return json_syntax(ps, "bad escape");
+        }
+    }
+    buf[n] = '\0';
+    ps->p = q + 1;
+    *out = buf;
+    *out_len = n;
+    return 0;
+}
+
+static int json_value(JsonParser *ps, Json *out);
+
+static int json_push(JsonParser *ps, Json *container, size_t *cap, char *key) {
+    if (container->length == *cap) {
+        size_t ncap = *cap ? *cap * 2 : 4;
+        Json *items = realloc(container->items, ncap * sizeof(Json));
+        if (!items) { free(key); return fail("%s: out of memory parsing JSON", ps->what); }
+        container->items = items;
+        if (container->type == JSON_OBJECT) {
+            char **keys = realloc(container->keys, ncap * sizeof(char *));
+            if (!keys) { free(key); return fail("%s: out of memory parsing JSON", ps->what); }
+            container->keys = keys;
+        }
+        *cap = ncap;
+    }
+    Json *slot = &container->items[container->length];
+    memset(slot, 0, sizeof(*slot));
+    if (container->type == JSON_OBJECT) container->keys[container->length] = key;
+    container->length++;
+    return json_value(ps, slot);
+}
+
+static int json_container(JsonParser *ps, Json *out, char close) {
+    size_t cap = 0;
+    out->type = close == '}' ? JSON_OBJECT : JSON_ARRAY;
+    if (++ps->depth > 64) return json_syntax(ps, "nested too deeply");
+    json_skip_space(ps);
+    if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return 0; }
+    for (;;) {
+        char *key = NULL;
+        json_skip_space(ps);
+        if (close == '}') {
+            size_t klen;
+            if (ps->p >= ps->end || *ps->p != '"') return json_syntax(ps, "expected a key");
+            ps->p++;
+            if (json_string(ps, &key, &klen) != 0) return -1;
+            json_skip_space(ps);
+            if (ps->p >= ps->end || *ps->p != ':') { free(key); return json_syntax(ps, "expected ':'"); }
+            ps->p++;
+        }
+        if (json_push(ps, out, &cap, key) != 0) return -1;
+        json_skip_space(ps);
+        if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
+        if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return 0; }
+        return json_syntax(ps, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+}
+
+static int json_value(JsonParser *ps, Json *out) {
+    json_skip_space(ps);
+    if (ps->p >= ps->end) return json_syntax(ps, "unexpected end");
+    char c = *ps->p;
+    if (c == '{' || c == '[') { ps->p++; return json_container(ps, out, c == '{' ? '}' : ']'); }
+    if (c == '"') { ps->p++; out->type = JSON_STRING; return json_string(ps, &out->string, &out->length); }
+    static const struct { const char *word; JsonType type; double value; } words[] = {
+        {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0}};
+    for (int i = 0; i < 3; i++) {
+        size_t n = strlen(words[i].word);
+        if ((size_t)(ps->end - ps->p) >= n && memcmp(ps->p, words[i].word, n) == 0) {
+            out->type = words[i].type;
+            out->number = words[i].value;
+            ps->p += n;
+            return 0;
+        }
+    }
+    char num[64];
+    size_t n = 0;
+    while (ps->p + n < ps->end && n < sizeof(num) - 1 && strchr("+-0123456789.eE", ps->p[n])) {
+        num[n] = ps->p[n];
+        n++;
+    }
+    num[n] = '\0';
+    char *endp;
+    double v = n ? strtod(num, &endp) : 0;
+    if (n == 0 || *endp != '\0') return json_syntax(ps, "unexpected character");
+    out->type = JSON_NUMBER;
+    out->number = v;
+    ps->p += n;
+    return 0;
+}
+
+void json_free(Json *j) {
+    if (!j) return;
+    for (size_t i = 0; i < j->length && (j->type == JSON_ARRAY || j->type == JSON_OBJECT); i++) {
+        json_free(&j->items[i]);
+        if (j->type == JSON_OBJECT) free(j->keys[i]);
+    }
+    if (j->type == JSON_ARRAY || j->type == JSON_OBJECT) { free(j->items); free(j->keys); }
+    free(j->string);
+    memset(j, 0, sizeof(*j));
+}
+
+int json_parse(const char *text, size_t len, const char *what, Json *out) {
+    JsonParser ps = {text, text, text + len, what, 0};
+    memset(out, 0, sizeof(*out));
+    if (json_value(&ps, out) != 0) { json_free(out); return -1; }
+    json_skip_space(&ps);
+    if (ps.p != ps.end) { json_free(out); return json_syntax(&ps, "trailing characters"); }
+    return 0;
+}
+
+const Json *json_get(const Json *object, const char *key) {
+    if (!object || object->type != JSON_OBJECT) return NULL;
+    for (size_t i = 0; i < object->length; i++)
+        if (strcmp(object->keys[i], key) == 0) return &object->items[i];
+    return NULL;
+}
+
+static int json_load_file(const char *path, Json *out) {
+    char *text;
+    size_t len;
+    if (read_file(path, &text, &len) != 0) return -1;
+    int rc = json_parse(text, len, path, out);
+    free(text);
+    return rc;
+}
+
+/* ===========================================================================
+ * 3. Configuration and the MLKV owning-layer placement
+ * ======================================================================== */
+
+void kv_owner_layers(int n_layer, int n_kv_layer, int *owners) {
+    /* Python: [0] + [int((i+1) * (L / kvL)) for i in range(kvL-1)], float division
+     * then truncation; doubles give the same values as Python floats. */
+    owners[0] = 0;
+    for (int i = 0; i < n_kv_layer - 1; i++)
+        owners[i + 1] = (int)((i + 1) * ((double)n_layer / (double)n_kv_layer));
+}
+
+int config_finalize(Config *c, const char *what) {
+    if (c->vocab_size < 1 || c->vocab_size > (1 << 24)) return fail("%s: vocab_size %d is out of range", what, c->vocab_size);
+    if (c->hidden_size < 1) return fail("%s: hidden_size %d must be positive", what, c->hidden_size);
+    if (c->n_layer < 1 || c->n_layer > MLKV_MAX_LAYERS)
+        return fail("%s: num_hidden_layers %d must be in 1..%d", what, c->n_layer, MLKV_MAX_LAYERS);
+    if (c->n_head < 1 || c->hidden_size % c->n_head != 0)
+        return fail("%s: hidden_size %d is not divisible by num_attention_heads %d", what, c->hidden_size, c->n_head);
+    if (c->intermediate_size < 1) return fail("%s: intermediate_size %d must be positive", what, c->intermediate_size);
+    if (c->max_position_embeddings < 1) return fail("%s: max_position_embeddings must be positive", what);
+    if (c->n_kv_head < 1 || c->n_kv_head > c->n_head)
+        return fail("%s: num_key_value_heads %d must be in 1..num_attention_heads (%d)", what, c->n_kv_head, c->n_head);
+    if (c->n_head % c->n_kv_head != 0)
+        return fail("%s: num_attention_heads %d is not divisible by num_key_value_heads %d", what, c->n_head, c->n_kv_head);
+    if (c->n_kv_layer < 1 || c->n_kv_layer > c->n_layer)
+        return fail("%s: num_key_value_layers %d must be in 1..num_hidden_layers (%d)", what, c->n_kv_layer, c->n_layer);
+    if (!(c->layer_norm_eps > 0)) return fail("%s: layer_norm_eps must be positive", what);
+    if (!(c->rotary_pct >= 0 && c->rotary_pct <= 1)) return fail("%s: rotary_pct %g must be in [0, 1]", what, c->rotary_pct);
+    if (!(c->rotary_base > 0)) return fail("%s: rotary_emb_base must be positive", what);
+    c->head_size = c->hidden_size / c->n_head;
+    c->rotary_ndims = (int)(c->head_size * c->rotary_pct);
+    if (c->rotary_ndims % 2 != 0)
+        return fail("%s: rotary dims int(head_size * rotary_pct) = %d must be even", what, c->rotary_ndims);
+    int owners[MLKV_MAX_LAYERS];
+    kv_owner_layers(c->n_layer, c->n_kv_layer, owners);
+    for (int l = 0, slot = -1; l < c->n_layer; l++) {
+        if (slot + 1 < c->n_kv_layer && owners[slot + 1] == l) slot++;
+        c->kv_layer_of[l] = owners[slot];
+        c->kv_slot_of[l] = slot;
+    }
+    return 0;
+}
+
+/* A number field: absent -> fallback (or an error when required). */
+static int config_number(const Json *j, const char *key, double fallback, int required,
+                         const char *path, double *out) {
+    const Json *v = json_get(j, key);
+    if (!v || v->type == JSON_NULL) {
+        if (required) return fail("%s: missing \"%s\"", path, key);
+        *out = fallback;
+        return 0;
+    }
+    if (v->type != JSON_NUMBER && v->type != JSON_BOOL) return fail("%s: \"%s\" must be a number", path, key);
+    *out = v->number;
+    return 0;
+}
+
+static int config_int(const Json *j, const char *key, int fallback, int required, const char *path, int *out) {
+    double v = 0;
+    if (config_number(j, key, fallback, required, path, &v) != 0) return -1;
+    if (v != floor(v) || v < -2147483647.0 || v > 2147483647.0)
+        return fail("%s: \"%s\" = %g must be an integer", path, key, v);
+    *out = (int)v;
+    return 0;
+}
+
+/* transformers 5 renames rotary_pct / rotary_emb_base and nests them in
+ * rope_parameters; accept every spelling. */
+static int config_rope(const Json *j, const char *const *keys, double fallback, const char *path, double *out) {
+    const Json *nested = json_get(j, "rope_parameters");
+    for (int i = 0; keys[i]; i++) {
+        if (json_get(j, keys[i])) return config_number(j, keys[i], fallback, 1, path, out);
+        if (json_get(nested, keys[i])) return config_number(nested, keys[i], fallback, 1, path, out);
+    }
+    *out = fallback;
+    return 0;
+}
+
+static int config_string_is(const Json *j, const char *key, const char *expected) {
+    const Json *v = json_get(j, key);
+    return !v || (v->type == JSON_STRING && strcmp(v->string, expected) == 0);
+}
+
+int config_load(Config *c, const char *path) {
+    Json j;
+    if (json_load_file(path, &j) != 0) return -1;
+    memset(c, 0, sizeof(*c));
+    int rc = -1;
+    static const char *const pct_keys[] = {"rotary_pct", "partial_rotary_factor", NULL};
+    static const char *const base_keys[] = {"rotary_emb_base", "rope_theta", NULL};
+    const Json *flag;
+    if (j.type != JSON_OBJECT) { fail("%s: not a JSON object", path); goto done; }
+    if (!json_get(&j, "model_type") || !config_string_is(&j, "model_type", "gpt_neox")) {
+        fail("%s: not a GPT-NeoX config (model_type must be \"gpt_neox\")", path);
+        goto done;
+    }
+    if (!config_string_is(&j, "hidden_act", "gelu")) { fail("%s: hidden_act must be \"gelu\"", path); goto done; }
+    if (config_int(&j, "vocab_size", 0, 1, path, &c->vocab_size) || config_int(&j, "hidden_size", 0, 1, path, &c->hidden_size) ||
+        config_int(&j, "num_hidden_layers", 0, 1, path, &c->n_layer) ||
+        config_int(&j, "num_attention_heads", 0, 1, path, &c->n_head) ||
+        config_int(&j, "intermediate_size", 0, 1, path, &c->intermediate_size) ||
+        config_int(&j, "max_position_embeddings", 2048, 0, path, &c->max_position_embeddings) ||
+        config_int(&j, "num_key_value_heads", c->n_head, 0, path, &c->n_kv_head) ||
+        config_int(&j, "num_key_value_layers", c->n_layer, 0, path, &c->n_kv_layer) ||
+        config_rope(&j, pct_keys, 0.25, path, &c->rotary_pct) || config_rope(&j, base_keys, 10000, path, &c->rotary_base) ||
+        config_number(&j, "layer_norm_eps", 1e-5, 0, path, &c->layer_norm_eps) ||
+        config_number(&j, "initializer_range", 0.02, 0, path, &c->initializer_range))
+        goto done;
+    double parallel, shared_rot, tied, bias, kv_mlp;
+    if (config_number(&j, "use_parallel_residual", 1, 0, path, &parallel) ||
+        config_number(&j, "mlkv_shared_key_rotary", 1, 0, path, &shared_rot) ||
+        config_number(&j, "tie_word_embeddings", 0, 0, path, &tied) ||
+        config_number(&j, "attention_bias", 1, 0, path, &bias) ||
+        config_number(&j, "use_key_value_mlp", 0, 0, path, &kv_mlp))
+        goto done;
+    if (tied != 0) { fail("%s: tie_word_embeddings is not supported (Pythia's head is untied)", path); goto done; }
+    if (bias == 0) { fail("%s: attention_bias false is not supported (GPT-NeoX attention has biases)", path); goto done; }
+    if (kv_mlp != 0) { fail("%s: use_key_value_mlp models are not supported yet", path); goto done; }
+    flag = json_get(&j, "rope_scaling");
+    if (flag && flag->type != JSON_NULL) { fail("%s: rope_scaling is not supported", path); goto done; }
+    c->parallel_residual = parallel != 0;
+    c->shared_key_rotary = shared_rot != 0;
+    rc = config_finalize(c, path);
+done:
+    json_free(&j);
+    return rc;
+}
+
+int config_save(const Config *c, const char *path) {
+    StrBuf b = {0};
+    sb_printf(&b, "{\n  \"architectures\": [\"GPTNeoXForCausalLM\"],\n  \"model_type\": \"gpt_neox\",\n");
+    sb_printf(&b, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n", c->vocab_size,
+              c->hidden_size, c->n_layer);
+    sb_printf(&b, "  \"num_attention_heads\": %d,\n  \"num_key_value_heads\": %d,\n  \"num_key_value_layers\": %d,\n",
+              c->n_head, c->n_kv_head, c->n_kv_layer);
+    sb_printf(&b, "  \"intermediate_size\": %d,\n  \"hidden_act\": \"gelu\",\n", c->intermediate_size);
+    sb_printf(&b, "  \"rotary_pct\": %.17g,\n  \"rotary_emb_base\": %.17g,\n", c->rotary_pct, c->rotary_base);
+    sb_printf(&b, "  \"layer_norm_eps\": %.17g,\n  \"initializer_range\": %.17g,\n", c->layer_norm_eps,
+              c->initializer_range);
+    sb_printf(&b, "  \"max_position_embeddings\": %d,\n  \"use_parallel_residual\": %s,\n", c->max_position_embeddings,
+              c->parallel_residual ? "true" : "false");
+    sb_printf(&b, "  \"mlkv_shared_key_rotary\": %s,\n", c->shared_key_rotary ? "true" : "false");
+    sb_printf(&b, "  \"tie_word_embeddings\": false,\n  \"bos_token_id\": 0,\n  \"eos_token_id\": 0\n}\n");
+    int rc = write_text_file(path, b.s);
+    free(b.s);
+    return rc;
+}
+
+/* ===========================================================================
+ * 4. The parameter table. Every tensor has an HF name, a shape, an offset in
+ *    one flat buffer and the place of its pointer in Weights. The same table
+ *    lays out the parameters, the gradients and the AdamW moments, and drives
+ *    checkpoint I/O and weight decay.
+ * ======================================================================== */
+
+typedef struct { Model *m; size_t offset; } TableBuilder;
+
+/* slot: the byte offset, inside Weights, of the pointer to this tensor */
+static void table_add(TableBuilder *tb, size_t slot, const char *name, int rows, int cols) {
+    ParamInfo *p = &tb->m->params[tb->m->n_params++];
+    snprintf(p->name, sizeof(p->name), "%s", name);
+    p->ndim = cols ? 2 : 1;
+    p->shape[0] = rows;
+    p->shape[1] = cols;
+    p->numel = (size_t)rows * (size_t)(cols ? cols : 1);
+    p->offset = tb->offset;
+    p->slot = slot;
+    /* HF Trainer decays every weight matrix (embeddings and the head too), not
+     * biases and not LayerNorm parameters. */
+    p->decayed = cols != 0;
+    tb->offset += p->numel;
+}
+
+static int build_param_table(Model *m) {
+    const Config *c = &m->config;
+    int C = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
+    int qdim = c->n_head * c->head_size, kvdim = c->n_kv_head * c->head_size;
+    TableBuilder tb = {m, 0};
+    char name[MLKV_NAME_MAX];
+    m->params = alloc_zeroed((size_t)c->n_layer * 16 + 8, sizeof(ParamInfo), "the parameter table");
+    if (!m->params) return -1;
+    m->n_params = 0;
+    table_add(&tb, offsetof(Weights, embed_in), "gpt_neox.embed_in.weight", V, C);
+    for (int l = 0; l < c->n_layer; l++) {
+        size_t layer = offsetof(Weights, layer) + (size_t)l * sizeof(LayerWeights);
+#define LAYER_PARAM(field, suffix, rows, cols) \
+    snprintf(name, sizeof(name), "gpt_neox.layers.%d.%s", l, suffix); \
+    table_add(&tb, layer + offsetof(LayerWeights, field), name, rows, cols)
+        LAYER_PARAM(ln1_w, "input_layernorm.weight", C, 0);
+        LAYER_PARAM(ln1_b, "input_layernorm.bias", C, 0);
+        LAYER_PARAM(ln2_w, "post_attention_layernorm.weight", C, 0);
+        LAYER_PARAM(ln2_b, "post_attention_layernorm.bias", C, 0);
+        LAYER_PARAM(q_w, "attention.query.weight", qdim, C);
+        LAYER_PARAM(q_b, "attention.query.bias", qdim, 0);
+        if (c->kv_layer_of[l] == l) { /* only owning layers have K/V projections */
+            LAYER_PARAM(k_w, "attention.key.weight", kvdim, C);
+            LAYER_PARAM(k_b, "attention.key.bias", kvdim, 0);
+            LAYER_PARAM(v_w, "attention.value.weight", kvdim, C);
+            LAYER_PARAM(v_b, "attention.value.bias", kvdim, 0);
+        }
+        LAYER_PARAM(dense_w, "attention.dense.weight", C, C);
+        LAYER_PARAM(dense_b, "attention.dense.bias", C, 0);
+        LAYER_PARAM(fc_w, "mlp.dense_h_to_4h.weight", I, C);
+        LAYER_PARAM(fc_b, "mlp.dense_h_to_4h.bias", I, 0);
+        LAYER_PARAM(proj_w, "mlp.dense_4h_to_h.weight", C, I);
+        LAYER_PARAM(proj_b, "mlp.dense_4h_to_h.bias", C, 0);
+#undef LAYER_PARAM
+    }
+    table_add(&tb, offsetof(Weights, lnf_w), "gpt_neox.final_layer_norm.weight", C, 0);
+    table_add(&tb, offsetof(Weights, lnf_b), "gpt_neox.final_layer_norm.bias", C, 0);
+    table_add(&tb, offsetof(Weights, embed_out), "embed_out.weight", V, C);
+    m->num_parameters = tb.offset;
+    return 0;
+}
+
+/* Points every tensor pointer of w into base (parameters or gradients). */
+static void point_weights(const Model *m, float *base, Weights *w) {
+    memset(w, 0, sizeof(*w));
+    for (int i = 0; i < m->n_params; i++)
+        *(float **)((char *)w + m->params[i].slot) = base + m->params[i].offset;
+}
+
+const ParamInfo *model_param(const Model *m, const char *name) {
+    for (int i = 0; i < m->n_params; i++)
+        if (strcmp(m->params[i].name, name) == 0) return &m->params[i];
+    return NULL;
+}
+
+/* ===========================================================================
+ * 5. safetensors and checkpoints
+ * ======================================================================== */
+
+static size_t dtype_size(const char *dtype) {
+    static const struct { const char *name; size_t size; } sizes[] = {
+        {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"F64", 8}, {"I32", 4}, {"I64", 8}, {"I16", 2},
+        {"I8", 1}, {"U8", 1}, {"BOOL", 1}};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
+        if (strcmp(dtype, sizes[i].name) == 0) return sizes[i].size;
+    return 0;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        float v = ldexpf((float)mantissa, -24);
+        return sign ? -v : v;
+    }
+    if (exponent == 31) bits = sign | 0x7F800000u | (mantissa << 13);
+    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static int json_is_count(const Json *v) { /* a non-negative integer */
+    return v && v->type == JSON_NUMBER && v->number >= 0 && v->number == floor(v->number) && v->number < 9e15;
+}
+
+static int st_check_entry(const SafeTensors *st, const char *name, const Json *e, size_t data_len) {
+    const Json *dtype = json_get(e, "dtype"), *shape = json_get(e, "shape"), *off = json_get(e, "data_offsets");
+    if (!dtype || dtype->type != JSON_STRING || !dtype_size(dtype->string))
+        return fail("%s: tensor %s has a missing or unknown dtype", st->path, name);
+    if (!shape || shape->type != JSON_ARRAY || shape->length > 8)
+        return fail("%s: tensor %s has a malformed shape", st->path, name);
+    double numel = 1;
+    for (size_t i = 0; i < shape->length; i++) {
+        if (!json_is_count(&shape->items[i])) return fail("%s: tensor %s has a malformed shape", st->path, name);
+        numel *= shape->items[i].number;
+    }
+    if (!off || off->type != JSON_ARRAY || off->length != 2 || !json_is_count(&off->items[0]) ||
+        !json_is_count(&off->items[1]) || off->items[0].number > off->items[1].number)
+        return fail("%s: tensor %s has malformed data_offsets", st->path, name);
+    if (off->items[1].number > (double)data_len)
+        return fail("%s: tensor %s ends at byte %.0f past the data (%zu bytes): the file is truncated", st->path,
+                    name, off->items[1].number, data_len);
+    if (off->items[1].number - off->items[0].number != numel * (double)dtype_size(dtype->string))
+        return fail("%s: tensor %s: data_offsets span %.0f bytes, but shape and dtype need %.0f", st->path, name,
+                    off->items[1].number - off->items[0].number, numel * (double)dtype_size(dtype->string));
+    return 0;
+}
+
+int st_open(SafeTensors *st, const char *path) {
+    memset(st, 0, sizeof(*st));
+    snprintf(st->path, sizeof(st->path), "%s", path);
+    st->f = fopen(path, "rb");
+    if (!st->f) return fail("%s: cannot open: %s", path, strerror(errno));
+    unsigned char len_bytes[8];
+    uint64_t header_len = 0;
+    long size;
+    if (fseek(st->f, 0, SEEK_END) != 0 || (size = ftell(st->f)) < 0 || fseek(st->f, 0, SEEK_SET) != 0) {
+        st_close(st);
+        return fail("%s: cannot determine the file size", path);
+    }
+    st->file_size = (size_t)size;
+    if (st->file_size < 8 || fread(len_bytes, 1, 8, st->f) != 8) {
+        st_close(st);
+        return fail("%s: too short to be a safetensors file", path);
+    }
+    for (int i = 7; i >= 0; i--) header_len = header_len << 8 | len_bytes[i];
+    if (header_len < 2 || header_len > st->file_size - 8 || header_len > (100u << 20)) {
+        st_close(st);
+        return fail("%s: header length %llu does not fit the file (%zu bytes): not safetensors, or truncated",
+                    path, (unsigned long long)header_len, st->file_size);
+    }
+    char *text = malloc(header_len);
+    if (!text) { st_close(st); return fail("%s: out of memory for the header", path); }
+    if (fread(text, 1, header_len, st->f) != header_len) {
+        free(text); st_close(st); return fail("%s: cannot read the header", path);
+    }
+    int rc = json_parse(text, header_len, path, &st->header);
+    free(text);
+    if (rc != 0) { st_close(st); return -1; }
+    if (st->header.type != JSON_OBJECT) { st_close(st); return fail("%s: header is not a JSON object", path); }
+    st->data_start = 8 + header_len;
+    for (size_t i = 0; i < st->header.length; i++) {
+        if (strcmp(st->header.keys[i], "__metadata__") == 0) continue;
+        if (st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size - st->data_start) != 0) {
+            st_close(st);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+void st_close(SafeTensors *st) {
+    if (st->f) fclose(st->f);
+    json_free(&st->header);
+    st->f = NULL;
+}
+
+const Json *st_entry(const SafeTensors *st, const char *name) {
+    return strcmp(name, "__metadata__") == 0 ? NULL : json_get(&st->header, name);
+}
+
+const char *st_metadata(const SafeTensors *st, const char *key) {
+    const Json *v = json_get(json_get(&st->header, "__metadata__"), key);
+    return v && v->type == JSON_STRING ? v->string : NULL;
+}
+
+int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst, int *idst) {
+    const Json *e = st_entry(st, name);
+    if (!e) return fail("%s: missing tensor %s", st->path, name);
+    const Json *sh = json_get(e, "shape");
+    const char *dtype = json_get(e, "dtype")->string;
+    int same = (int)sh->length == ndim;
+    for (int i = 0; same && i < ndim; i++) same = sh->items[i].number == shape[i];
+    if (!same) {
+        char want[64] = "", got[64] = "";
+        for (int i = 0; i < ndim; i++) snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? ", " : "", shape[i]);
+        for (size_t i = 0; i < sh->length; i++)
+            snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%.0f", i ? ", " : "", sh->items[i].number);
+        return fail("%s: tensor %s has shape [%s], expected [%s]", st->path, name, got, want);
+    }
+    size_t numel = 1;
+    for (int i = 0; i < ndim; i++) numel *= (size_t)shape[i];
+    int is_float = !strcmp(dtype, "F32") || !strcmp(dtype, "F16") || !strcmp(dtype, "BF16");
+    int is_int = !strcmp(dtype, "I32") || !strcmp(dtype, "I64");
+    if ((fdst && !is_float) || (idst && !is_int))
+        return fail("%s: tensor %s has dtype %s, expected %s", st->path, name, dtype, fdst ? "F32, F16 or BF16" : "I32 or I64");
+    size_t esize = dtype_size(dtype);
+    double begin = json_get(e, "data_offsets")->items[0].number;
+    if (fseek(st->f, (long)(st->data_start + (size_t)begin), SEEK_SET) != 0)
+        return fail("%s: cannot seek to tensor %s", st->path, name);
+    /* convert through a small buffer: no second copy of a large tensor */
+    unsigned char buf[1 << 16];
+    size_t per = sizeof(buf) / esize;
+    for (size_t done = 0; done < numel;) {
+        size_t n = numel - done < per ? numel - done : per;
+        if (fread(buf, esize, n, st->f) != n) return fail("%s: read error in tensor %s (truncated?)", st->path, name);
+        for (size_t i = 0; i < n; i++) {
+            const unsigned char *b = buf + i * esize;
+            uint16_t u16;
+            uint32_t u32;
+            int32_t i32;
+            int64_t i64;
+            float f;
+            if (!strcmp(dtype, "F32")) { memcpy(&f, b, 4); fdst[done + i] = f; }
+            else if (!strcmp(dtype, "F16")) { memcpy(&u16, b, 2); fdst[done + i] = half_to_float(u16); }
+            else if (!strcmp(dtype, "BF16")) { memcpy(&u16, b, 2); u32 = (uint32_t)u16 << 16; memcpy(&f, &u32, 4); fdst[done + i] = f; }
+            else if (!strcmp(dtype, "I32")) { memcpy(&i32, b, 4); idst[done + i] = i32; }
+            else { memcpy(&i64, b, 8); idst[done + i] = (int)i64; }
+        }
+        done += n;
+    }
+    return 0;
+}
+
+int safetensors_write(const char *path, const Model *m, const TensorGroup *groups, int n_groups,
+                      const char *metadata_json) {
+    StrBuf h = {0};
+    size_t offset = 0;
+    sb_printf(&h, "{");
+    if (metadata_json) sb_printf(&h, "\"__metadata__\":%s", metadata_json);
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < m->n_params; i++) {
+            const ParamInfo *p = &m->params[i];
+            sb_printf(&h, "%s\"%s%s\":{\"dtype\":\"F32\",\"shape\":[%d", h.len > 1 ? "," : "", groups[g].prefix,
+                      p->name, p->shape[0]);
+            if (p->ndim == 2) sb_printf(&h, ",%d", p->shape[1]);
+            sb_printf(&h, "],\"data_offsets\":[%zu,%zu]}", offset, offset + p->numel * 4);
+            offset += p->numel * 4;
+        }
+    sb_printf(&h, "}");
+    while (h.len % 8) sb_printf(&h, " "); /* align the data to 8 bytes */
+    unsigned char len_bytes[8];
+    for (int i = 0; i < 8; i++) len_bytes[i] = (unsigned char)((uint64_t)h.len >> (8 * i));
+    Writer w;
+    if (writer_open(&w, path) != 0) { free(h.s); return -1; }
+    writer_put(&w, len_bytes, 8);
+    writer_put(&w, h.s, h.len);
+    free(h.s);
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < m->n_params; i++)
+            writer_put(&w, groups[g].base + m->params[i].offset, m->params[i].numel * sizeof(float));
+    return writer_close(&w);
+}
+
+/* Non-parameter buffers that some Pythia checkpoints carry. */
+static int is_skipped_buffer(const char *name) {
+    static const char *const suffixes[] = {"attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"};
+    size_t n = strlen(name);
+    for (int i = 0; i < 3; i++) {
+        size_t k = strlen(suffixes[i]);
+        if (n >= k && strcmp(name + n - k, suffixes[i]) == 0) return 1;
+    }
+    return 0;
+}
+
+typedef struct { SafeTensors files[64]; int n; } TensorSource;
+
+static void source_close(TensorSource *src) {
+    for (int i = 0; i < src->n; i++) st_close(&src->files[i]);
+    src->n = 0;
+}
+
+static const SafeTensors *source_find(const TensorSource *src, const char *name) {
+    for (int i = 0; i < src->n; i++)
+        if (st_entry(&src->files[i], name)) return &src->files[i];
+    return NULL;
+}
+
+/* DIR/model.safetensors, or every file named by DIR/model.safetensors.index.json */
+static int source_open(TensorSource *src, const char *dir) {
+    char path[PATH_LEN];
+    memset(src, 0, sizeof(*src));
+    if (make_path(path, dir, "/model.safetensors") != 0) return -1;
+    if (file_exists(path)) {
+        if (st_open(&src->files[0], path) != 0) return -1;
+        src->n = 1;
+        return 0;
+    }
+    if (make_path(path, dir, "/model.safetensors.index.json") != 0) return -1;
+    if (!file_exists(path)) return fail("%s: no model.safetensors or model.safetensors.index.json", dir);
+    Json index;
+    if (json_load_file(path, &index) != 0) return -1;
+    const Json *map = json_get(&index, "weight_map");
+    int rc = 0;
+    if (!map || map->type != JSON_OBJECT) rc = fail("%s: no \"weight_map\" object", path);
+    for (size_t i = 0; rc == 0 && i < map->length; i++) {
+        const Json *file = &map->items[i];
+        if (file->type != JSON_STRING || strchr(file->string, '/')) { rc = fail("%s: bad file name for %s", path, map->keys[i]); break; }
+        char shard[PATH_LEN], name[PATH_LEN];
+        if (make_path(name, "/", file->string) != 0 || make_path(shard, dir, name) != 0) { rc = -1; break; }
+        int seen = 0;
+        for (int k = 0; k < src->n && !seen; k++) seen = strcmp(src->files[k].path, shard) == 0;
+        if (seen) continue;
+        if (src->n == 64) { rc = fail("%s: more than 64 shards", path); break; }
+        if (st_open(&src->files[src->n], shard) != 0) rc = -1;
+        else src->n++;
+    }
+    json_free(&index);
+    if (rc != 0) source_close(src);
+    return rc;
+}
+
+/* Stock GPT-NeoX fuses q, k, v into one projection whose rows are ordered
+ * [H, 3, hs]: row (h*3 + j)*hs + d is part j (0 q, 1 k, 2 v) of head h. */
+static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
+    const Config *c = &m->config;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size;
+    LayerWeights *lw = &m->w.layer[l];
+    char wname[MLKV_NAME_MAX], bname[MLKV_NAME_MAX];
+    snprintf(wname, sizeof(wname), "gpt_neox.layers.%d.attention.query_key_value.weight", l);
+    snprintf(bname, sizeof(bname), "gpt_neox.layers.%d.attention.query_key_value.bias", l);
+    const SafeTensors *st = source_find(src, wname);
+    if (!st) return fail("%s: missing tensor gpt_neox.layers.%d.attention.query.weight", src->files[0].path, l);
+    if (c->n_kv_head != H || c->kv_layer_of[l] != l)
+        return fail("%s: layer %d has a fused query_key_value (plain MHA), but the config asks for %d K/V heads in "
+                    "%d layers: convert the checkpoint instead", st->path, l, c->n_kv_head, c->n_kv_layer);
+    float *fused = malloc((size_t)3 * C * (C + 1) * sizeof(float));
+    if (!fused) return fail("out of memory splitting %s", wname);
+    int wshape[2] = {3 * C, C}, bshape[1] = {3 * C};
+    const SafeTensors *bst = source_find(src, bname);
+    if (st_read(st, wname, 2, wshape, fused, NULL) != 0 ||
+        (bst ? st_read(bst, bname, 1, bshape, fused + (size_t)3 * C * C, NULL) : fail("%s: missing tensor %s", st->path, bname)) != 0) {
+        free(fused);
+        return -1;
+    }
+    float *weights[3] = {lw->q_w, lw->k_w, lw->v_w}, *biases[3] = {lw->q_b, lw->k_b, lw->v_b};
+    for (int h = 0; h < H; h++)
+        for (int j = 0; j < 3; j++)
+            for (int d = 0; d < hs; d++) {
+                size_t row = (size_t)(h * 3 + j) * hs + d;
+                memcpy(weights[j] + (size_t)(h * hs + d) * C, fused + row * C, (size_t)C * sizeof(float));
+                biases[j][h * hs + d] = fused[(size_t)3 * C * C + row];
+            }
+    free(fused);
+    return 0;
+}
+
+static int load_params_from(Model *m, const TensorSource *src) {
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        const SafeTensors *st = source_find(src, p->name);
+        if (st) {
+            if (st_read(st, p->name, p->ndim, p->shape, m->param_memory + p->offset, NULL) != 0) return -1;
+            continue;
+        }
+        int layer;
+        char kind[16];
+        /* a missing unfused query means a fused checkpoint; k and v come with it */
+        if (sscanf(p->name, "gpt_neox.layers.%d.attention.query.%15s", &layer, kind) == 2 && !strcmp(kind, "weight")) {
+            if (load_fused_qkv(m, src, layer) != 0) return -1;
+            i += m->config.kv_layer_of[layer] == layer ? 5 : 1; /* q, k, v weights and biases are loaded */
+            continue;
+        }
+        return fail("%s: missing tensor %s", src->files[0].path, p->name);
+    }
+    /* every tensor in the files must be a parameter of this configuration */
+    for (int f = 0; f < src->n; f++) {
+        const Json *h = &src->files[f].header;
+        for (size_t i = 0; i < h->length; i++) {
+            const char *name = h->keys[i];
+            if (!strcmp(name, "__metadata__") || is_skipped_buffer(name) || model_param(m, name)) continue;
+            if (strstr(name, "attention.query_key_value.")) continue;
+            return fail("%s: unexpected tensor %s: not a parameter of this configuration (%d K/V layers of %d heads)",
+                        src->files[f].path, name, m->config.n_kv_layer, m->config.n_kv_head);
+        }
+    }
+    return 0;
+}
+
+static int model_allocate_params(Model *m) {
+    if (build_param_table(m) != 0) return -1;
+    m->param_memory = alloc_zeroed(m->num_parameters, sizeof(float), "the parameters");
+    if (!m->param_memory) return -1;
+    point_weights(m, m->param_memory, &m->w);
+    return 0;
+}
+
+int model_load(Model *m, const char *dir) {
+    char path[PATH_LEN];
+    memset(m, 0, sizeof(*m));
+    if (make_path(path, dir, "/config.json") != 0 || config_load(&m->config, path) != 0 || model_allocate_params(m) != 0) { model_free(m); return -1; }
+    TensorSource src;
+    if (source_open(&src, dir) != 0) { model_free(m); return -1; }
+    int rc = load_params_from(m, &src);
+    source_close(&src);
+    if (rc != 0) model_free(m);
+    return rc;
+}
+
+int model_init_random(Model *m, const Config *c, uint64_t seed) {
+    memset(m, 0, sizeof(*m));
+    m->config = *c;
+    if (config_finalize(&m->config, "config") != 0 || model_allocate_params(m) != 0) { model_free(m); return -1; }
+    /* HF's GPT-NeoX init: weights normal(0, initializer_range), biases 0, LayerNorm 1 / 0 */
+    uint64_t rng = seed;
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        float *x = m->param_memory + p->offset;
+        int is_ln_weight = strstr(p->name, "layernorm.weight") || strstr(p->name, "layer_norm.weight");
+        for (size_t k = 0; k < p->numel; k++)
+            x[k] = p->ndim == 2 ? (float)(rng_normal(&rng) * c->initializer_range) : (is_ln_weight ? 1.0f : 0.0f);
+    }
+    return 0;
+}
+
+/* Checkpoint folders are written whole into DIR.saving, then swapped in by
+ * renames, so an interrupted save leaves the previous checkpoint intact (as
+ * DIR, or as DIR.previous during the instant between the two renames). */
+static const char *const checkpoint_files[] = {"config.json", "model.safetensors", "optimizer.safetensors",
+                                               "tokenizer.json", NULL};
+
+static void remove_checkpoint_dir(const char *dir) {
+    char path[PATH_LEN], name[PATH_LEN];
+    for (int i = 0; checkpoint_files[i]; i++)
+        if (make_path(name, "/", checkpoint_files[i]) == 0 && make_path(path, dir, name) == 0) unlink(path);
+    rmdir(dir);
+}
+
+static int copy_file(const char *from, const char *to) {
+    char *data;
+    size_t len;
+    if (read_file(from, &data, &len) != 0) return -1;
+    Writer w;
+    int rc = writer_open(&w, to);
+    if (rc == 0) { writer_put(&w, data, len); rc = writer_close(&w); }
+    free(data);
+    return rc;
+}
+
+/* optimizer_metadata: NULL saves the model alone. tokenizer_dir: a folder whose
+ * tokenizer.json travels with the checkpoint, or NULL. */
+static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata, const char *tokenizer_dir) {
+    char staging[PATH_LEN], previous[PATH_LEN], path[PATH_LEN], from[PATH_LEN];
+    if (make_path(staging, dir, ".saving") != 0 || make_path(previous, dir, ".previous") != 0) return -1;
+    remove_checkpoint_dir(staging);
+    if (mkdir(staging, 0755) != 0) return fail("%s: cannot create: %s", staging, strerror(errno));
+    TensorGroup params = {"", m->param_memory};
+    TensorGroup moments[2] = {{"m.", m->adam_m}, {"v.", m->adam_v}};
+    int rc = make_path(path, staging, "/config.json");
+    if (rc == 0) rc = config_save(&m->config, path);
+    if (rc == 0) rc = make_path(path, staging, "/model.safetensors");
+    if (rc == 0) rc = safetensors_write(path, m, &params, 1, "{\"format\":\"pt\"}");
+    if (rc == 0 && optimizer_metadata) rc = make_path(path, staging, "/optimizer.safetensors");
+    if (rc == 0 && optimizer_metadata) rc = safetensors_write(path, m, moments, 2, optimizer_metadata);
+    if (rc == 0 && tokenizer_dir && make_path(from, tokenizer_dir, "/tokenizer.json") == 0 && file_exists(from))
+        rc = make_path(path, staging, "/tokenizer.json") == 0 ? copy_file(from, path) : -1;
+    if (rc != 0) { remove_checkpoint_dir(staging); return -1; }
+    remove_checkpoint_dir(previous);
+    if (file_exists(dir) && rename(dir, previous) != 0) {
+        remove_checkpoint_dir(staging);
+        return fail("%s: cannot move the old checkpoint aside: %s", dir, strerror(errno));
+    }
+    if (rename(staging, dir) != 0) {
+        int e = errno;
+        rename(previous, dir);
+        return fail("%s: cannot move the new checkpoint in place: %s", dir, strerror(e));
+    }
+    remove_checkpoint_dir(previous);
+    return 0;
+}
+
+/* A folder mlkv may replace: absent, or holding only checkpoint files (so a
+ * save never deletes a file that mlkv did not write). */
+static int check_output_dir(const char *dir) {
+    struct stat st;
+    if (stat(dir, &st) != 0) return 0;
+    if (!S_ISDIR(st.st_mode)) return fail("%s: exists and is not a folder", dir);
+    DIR *d = opendir(dir);
+    if (!d) return fail("%s: cannot list: %s", dir, strerror(errno));
+    struct dirent *e;
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d)) != NULL) {
+        int ours = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+        for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
+        if (!ours)
+            rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
+    }
+    closedir(d);
+    return rc;
+}
+
+/* ===========================================================================
+ * 6. Token files (llm.c's format) and the data loader
+ * ======================================================================== */
+
+#define TOKENS_MAGIC 20240520
+#define TOKENS_VERSION 1
+#define TOKENS_HEADER_INTS 256
+
+int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
+    memset(tf, 0, sizeof(*tf));
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail("%s: cannot open: %s", path, strerror(errno));
+    int32_t header[TOKENS_HEADER_INTS];
+    long size = -1;
+    if (fread(header, sizeof(int32_t), TOKENS_HEADER_INTS, f) != TOKENS_HEADER_INTS) {
+        fclose(f);
+        return fail("%s: shorter than the 1024-byte header of a token file", path);
+    }
+    if (header[0] != TOKENS_MAGIC || header[1] != TOKENS_VERSION) {
+        fclose(f);
+        return fail("%s: not a token file (magic %d version %d; expected %d version %d, llm.c's uint16 format)", path,
+                    header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION);
+    }
+    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
+    size_t expected = TOKENS_HEADER_INTS * sizeof(int32_t) + (size_t)(uint32_t)header[2] * sizeof(uint16_t);
+    if (header[2] < 0 || size < 0 || (size_t)size != expected) {
+        fclose(f);
+        return fail("%s: header says %d tokens (%zu bytes), but the file has %ld bytes", path, header[2], expected, size);
+    }
+    tf->n_tokens = (size_t)header[2];
+    tf->tokens = alloc_zeroed(tf->n_tokens + 1, sizeof(uint16_t), path);
+    if (!tf->tokens) { fclose(f); return -1; }
+    if (fseek(f, TOKENS_HEADER_INTS * sizeof(int32_t), SEEK_SET) != 0 ||
+        fread(tf->tokens, sizeof(uint16_t), tf->n_tokens, f) != tf->n_tokens) {
+        fclose(f);
+        tokens_free(tf);
+        return fail("%s: read error", path);
+    }
+    fclose(f);
+    for (size_t i = 0; i < tf->n_tokens; i++)
+        if (tf->tokens[i] >= vocab_size) {
+            int id = tf->tokens[i];
+            tokens_free(tf);
+            return fail("%s: token %d at position %zu is outside the model's vocabulary (vocab_size %d)", path, id, i,
+                        vocab_size);
+        }
+    return 0;
+}
+
+int tokens_save(const char *path, const uint16_t *tokens, size_t n) {
+    if (n > 2147483647u) return fail("%s: too many tokens for one file", path);
+    int32_t header[TOKENS_HEADER_INTS] = {TOKENS_MAGIC, TOKENS_VERSION, (int32_t)n};
+    Writer w;
+    if (writer_open(&w, path) != 0) return -1;
+    writer_put(&w, header, sizeof(header));
+    writer_put(&w, tokens, n * sizeof(uint16_t));
+    return writer_close(&w);
+}
+
+void tokens_free(TokenFile *tf) {
+    free(tf->tokens);
+    tf->tokens = NULL;
+    tf->n_tokens = 0;
+}
+
+/* The token stream is cut into n_seqs = (n-1) / T sequences; sequence i is
+ * tokens [i*T, i*T + T] (T+1 tokens: inputs and shifted targets). Training
+ * visits them in an order shuffled from (seed, epoch), as HF Trainer shuffles
+ * its packed samples, so a position (epoch, next) reproduces everything. */
+static void loader_shuffle(DataLoader *dl) {
+    for (size_t i = 0; i < dl->n_seqs; i++) dl->order[i] = i;
+    if (!dl->shuffle) return;
+    uint64_t rng = dl->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(dl->epoch + 1));
+    for (size_t i = dl->n_seqs - 1; i > 0; i--) {
+        size_t j = (size_t)(rng_next(&rng) % (i + 1));
+        size_t t = dl->order[i];
+        dl->order[i] = dl->order[j];
+        dl->order[j] = t;
+    }
+}
+
+int loader_init(DataLoader *dl, const TokenFile *f, int B, int T, uint64_t seed, int shuffle) {
+    memset(dl, 0, sizeof(*dl));
+    dl->file = f;
+    dl->B = B;
+    dl->T = T;
+    dl->seed = seed;
+    dl->shuffle = shuffle;
+    dl->n_seqs = f->n_tokens > 0 ? (f->n_tokens - 1) / (size_t)T : 0;
+    if (dl->n_seqs == 0) return fail("%zu tokens are fewer than one sequence of %d + 1", f->n_tokens, T);
+    dl->order = alloc_zeroed(dl->n_seqs, sizeof(size_t), "the data order");
+    if (!dl->order) return -1;
+    loader_shuffle(dl);
+    return 0;
+}
+
+void loader_seek(DataLoader *dl, int epoch, size_t next) {
+    dl->epoch = epoch;
+    dl->next = next < dl->n_seqs ? next : 0;
+    loader_shuffle(dl);
+}
+
+void loader_next(DataLoader *dl, int *rows) {
+    for (int b = 0; b < dl->B; b++) {
+        if (dl->next == dl->n_seqs) loader_seek(dl, dl->epoch + 1, 0);
+        const uint16_t *src = dl->file->tokens + dl->order[dl->next++] * (size_t)dl->T;
+        for (int t = 0; t <= dl->T; t++) rows[b * (dl->T + 1) + t] = src[t];
+    }
+}
+
+void loader_free(DataLoader *dl) {
+    free(dl->order);
+    dl->order = NULL;
+}
+
+/* ===========================================================================
+ * 7. Kernels. Shapes use N = B*T rows. Forward kernels overwrite their
+ *    output; backward kernels *add* into their input gradients (dinp += ...),
+ *    because a tensor may feed several consumers (the residual stream, and the
+ *    K/V of an owning layer read by several layers). Every reduction runs in a
+ *    fixed order whatever the thread count, so runs are bit-reproducible.
+ * ======================================================================== */
+
+/* 8 independent accumulators: the compiler vectorizes this without fast-math,
+ * and the summation order is fixed. */
+static inline float dot_product(const float *a, const float *b, int n) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y[n] += alpha * x[n] */
+static inline void axpy(float *y, float alpha, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* --- matmul: out[N, OC] = inp[N, IC] @ weight[OC, IC]^T + bias[OC] (PyTorch
+ * Linear layout). Rows are processed MM_ROWS at a time so each weight row
+ * loaded from memory serves MM_ROWS dot products. */
+#define MM_ROWS 4
+
+static inline void matmul_rows(float *out, const float *inp, const float *weight, const float *bias, int rows,
+                               int IC, int OC) {
+    for (int o = 0; o < OC; o++) {
+        const float *w = weight + (size_t)o * IC;
+        float acc[MM_ROWS][8] = {{0}};
+        int i = 0;
+        for (; i + 8 <= IC; i += 8)
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < 8; j++) acc[r][j] += inp[(size_t)r * IC + i + j] * w[i + j];
+        for (int r = 0; r < rows; r++) {
+            const float *a = acc[r];
+            float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            for (int k = i; k < IC; k++) s += inp[(size_t)r * IC + k] * w[k];
+            out[(size_t)r * OC + o] = s + (bias ? bias[o] : 0.0f);
+        }
+    }
+}
+
+static void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IC, int OC) {
+    int blocks = (N + MM_ROWS - 1) / MM_ROWS;
+PARALLEL_FOR
+    for (int blk = 0; blk < blocks; blk++) {
+        int n0 = blk * MM_ROWS;
+        const float *x = inp + (size_t)n0 * IC;
+        float *y = out + (size_t)n0 * OC;
+        if (N - n0 >= MM_ROWS) matmul_rows(y, x, weight, bias, MM_ROWS, IC, OC); /* constant: unrolled */
+        else matmul_rows(y, x, weight, bias, N - n0, IC, OC);
+    }
+}
+
+/* dinp[N, IC] += dout[N, OC] @ weight[OC, IC]   (skipped when dinp is NULL)
+ * dweight[OC, IC] += dout^T @ inp,  dbias[OC] += sum_n dout[n, :] */
+static void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                            const float *weight, int N, int IC, int OC) {
+    if (dinp) {
+PARALLEL_FOR
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < OC; o++) axpy(dinp + (size_t)n * IC, dout[(size_t)n * OC + o], weight + (size_t)o * IC, IC);
+    }
+    /* MM_ROWS output rows of dweight at a time share each input row */
+    int blocks = (OC + MM_ROWS - 1) / MM_ROWS;
+PARALLEL_FOR
+    for (int blk = 0; blk < blocks; blk++) {
+        int o0 = blk * MM_ROWS, cols = OC - o0 < MM_ROWS ? OC - o0 : MM_ROWS;
+        for (int n = 0; n < N; n++)
+            for (int c = 0; c < cols; c++)
+                axpy(dweight + (size_t)(o0 + c) * IC, dout[(size_t)n * OC + o0 + c], inp + (size_t)n * IC, IC);
+        if (dbias)
+            for (int c = 0; c < cols; c++) {
+                float s = 0.0f;
+                for (int n = 0; n < N; n++) s += dout[(size_t)n * OC + o0 + c];
+                dbias[o0 + c] += s;
+            }
+    }
+}
+
+/* --- LayerNorm over C channels: out = (x - mean) / sqrt(var + eps) * w + b.
+ * stats[N, 2] keeps mean and 1/std for the backward pass. */
+static void layernorm_forward(float *out, float *stats, const float *inp, const float *w, const float *b, int N, int C,
+                              double eps) {
+PARALLEL_FOR
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        double mean = 0, var = 0;
+        for (int i = 0; i < C; i++) mean += x[i];
+        mean /= C;
+        for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+        var /= C;
+        float m = (float)mean, rstd = (float)(1.0 / sqrt(var + eps));
+        float *y = out + (size_t)n * C;
+        for (int i = 0; i < C; i++) y[i] = (x[i] - m) * rstd * w[i] + b[i];
+        stats[2 * n] = m;
+        stats[2 * n + 1] = rstd;
+    }
+}
+
+/* With xhat = (x - mean) * rstd and g = dout * w:
+ *   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw += dout * xhat,  db += dout */
+static void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                               const float *stats, int N, int C) {
+PARALLEL_FOR
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        float m = stats[2 * n], rstd = stats[2 * n + 1];
+        double mean_g = 0, mean_gx = 0;
+        for (int i = 0; i < C; i++) {
+            float g = dy[i] * w[i];
+            mean_g += g;
+            mean_gx += g * (x[i] - m) * rstd;
+        }
+        mean_g /= C;
+        mean_gx /= C;
+        float *dx = dinp + (size_t)n * C;
+        for (int i = 0; i < C; i++) {
+            float xhat = (x[i] - m) * rstd;
+            dx[i] += rstd * (dy[i] * w[i] - (float)mean_g - xhat * (float)mean_gx);
+        }
+    }
+    /* parameter gradients: channels split across threads, rows summed in order */
+PARALLEL_FOR
+    for (int i0 = 0; i0 < C; i0 += 64) {
+        int i1 = i0 + 64 < C ? i0 + 64 : C;
+        for (int n = 0; n < N; n++) {
+            const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+            float m = stats[2 * n], rstd = stats[2 * n + 1];
+            for (int i = i0; i < i1; i++) {
+                dw[i] += dy[i] * (x[i] - m) * rstd;
+                db[i] += dy[i];
+            }
+        }
+    }
+}
+
+/* --- GELU, the exact erf form (hidden_act "gelu"): x * Phi(x) */
+static void gelu_forward(float *out, const float *inp, size_t n) {
+PARALLEL_FOR
+    for (size_t i = 0; i < n; i++) out[i] = 0.5f * inp[i] * (1.0f + erff(inp[i] * (float)INV_SQRT2));
+}
+
+/* d/dx x Phi(x) = Phi(x) + x phi(x); in place on the incoming gradient */
+static void gelu_backward(float *dinout, const float *inp, size_t n) {
+PARALLEL_FOR
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float cdf = 0.5f * (1.0f + erff(x * (float)INV_SQRT2));
+        float pdf = expf(-0.5f * x * x) * (float)INV_SQRT_2PI;
+        dinout[i] *= cdf + x * pdf;
+    }
+}
+
+/* --- Rotary position embedding, GPT-NeoX "rotate_half" on the first rd dims
+ * of each head: pair j is (x[j], x[j + rd/2]), rotated by pos * inv_freq[j],
+ * inv_freq[j] = base^(-2j/rd). Angles are computed in float as PyTorch does,
+ * so long positions round the same way. */
+static void rotary_tables(float *cos_t, float *sin_t, int T, int rd, double base) {
+    int half = rd / 2;
+    for (int j = 0; j < half; j++) {
+        float inv_freq = (float)(1.0 / (double)powf((float)base, (float)(2 * j) / (float)rd));
+        for (int t = 0; t < T; t++) {
+            float angle = (float)t * inv_freq;
+            cos_t[t * half + j] = (float)cos((double)angle);
+            sin_t[t * half + j] = (float)sin((double)angle);
+        }
+    }
+}
+
+/* x [B, T, nh, hs] rotated in place. sign +1 is the forward rotation; sign -1
+ * rotates back, which is the backward pass (a rotation's transpose is its inverse). */
+static void rotary_apply(float *x, const float *cos_t, const float *sin_t, int B, int T, int nh, int hs, int rd,
+                         float sign) {
+    int half = rd / 2;
+    if (half == 0) return;
+PARALLEL_FOR
+    for (int bt = 0; bt < B * T; bt++) {
+        int t = bt % T;
+        const float *c = cos_t + (size_t)t * half, *s = sin_t + (size_t)t * half;
+        for (int h = 0; h < nh; h++) {
+            float *v = x + ((size_t)bt * nh + h) * hs;
+            for (int j = 0; j < half; j++) {
+                float x1 = v[j], x2 = v[j + half], sj = sign * s[j];
+                v[j] = x1 * c[j] - x2 * sj;
+                v[j + half] = x2 * c[j] + x1 * sj;
+            }
+        }
+    }
+}
+
+/* --- MLKV attention. Query head h reads K/V head h / (H / kvH) (GQA groups);
+ * k and v are whichever owning layer's tensors this layer reads (MLKV).
+ *   q [B, T, H*hs], k, v [B, T, kvH*hs]  ->  out [B, T, H*hs], lse [B, H, T]
+ * The softmax is computed online (running max and sum, as FlashAttention), so
+ * no [T, T] matrix is stored: the backward pass recomputes probabilities from
+ * the saved log-sum-exp, and memory stays linear in T. */
+static void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
+                              int H, int kvH, int hs) {
+    int group = H / kvH;
+    float scale = 1.0f / sqrtf((float)hs);
+PARALLEL_FOR_3
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + ((size_t)(b * T + t) * H + h) * hs;
+                float *o = out + ((size_t)(b * T + t) * H + h) * hs;
+                int kvh = h / group;
+                float max = -INFINITY, sum = 0.0f;
+                for (int d = 0; d < hs; d++) o[d] = 0.0f;
+                for (int s = 0; s <= t; s++) { /* causal: keys at positions <= t */
+                    const float *ks = k + ((size_t)(b * T + s) * kvH + kvh) * hs;
+                    const float *vs = v + ((size_t)(b * T + s) * kvH + kvh) * hs;
+                    float score = dot_product(qt, ks, hs) * scale;
+                    if (score > max) { /* rescale what was summed under the old max */
+                        float correction = expf(max - score);
+                        sum *= correction;
+                        for (int d = 0; d < hs; d++) o[d] *= correction;
+                        max = score;
+                    }
+                    float p = expf(score - max);
+                    sum += p;
+                    axpy(o, p, vs, hs);
+                }
+                for (int d = 0; d < hs; d++) o[d] /= sum;
+                lse[((size_t)b * H + h) * T + t] = max + logf(sum);
+            }
+}
+
+/* With p = softmax row, dp_s = dout . v_s and D = dout . out = sum_s p_s dp_s:
+ *   ds_s = p_s (dp_s - D),  dq = scale sum_s ds_s k_s,  dk_s += scale ds_s q,
+ *   dv_s += p_s dout.
+ * Two passes keep threads from writing the same row: first over queries (dq),
+ * then over keys (dk, dv), each key summing over the query heads of its group.
+ * dq is overwritten; dk and dv accumulate (several layers may read them). */
+static void attention_backward(float *dq, float *dk, float *dv, float *delta, const float *dout, const float *q,
+                               const float *k, const float *v, const float *out, const float *lse, int B, int T,
+                               int H, int kvH, int hs) {
+    int group = H / kvH;
+    float scale = 1.0f / sqrtf((float)hs);
+PARALLEL_FOR_3
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                size_t row = (size_t)(b * T + t) * H + h;
+                const float *qt = q + row * hs, *dot_ = dout + row * hs;
+                float *dqt = dq + row * hs;
+                float D = dot_product(dot_, out + row * hs, hs), l = lse[((size_t)b * H + h) * T + t];
+                int kvh = h / group;
+                delta[((size_t)b * H + h) * T + t] = D;
+                for (int d = 0; d < hs; d++) dqt[d] = 0.0f;
+                for (int s = 0; s <= t; s++) {
+                    const float *ks = k + ((size_t)(b * T + s) * kvH + kvh) * hs;
+                    const float *vs = v + ((size_t)(b * T + s) * kvH + kvh) * hs;
+                    float p = expf(dot_product(qt, ks, hs) * scale - l);
+                    float ds = p * (dot_product(dot_, vs, hs) - D);
+                    axpy(dqt, ds * scale, ks, hs);
+                }
+            }
+PARALLEL_FOR_3
+    for (int b = 0; b < B; b++)
+        for (int kvh = 0; kvh < kvH; kvh++)
+            for (int s = 0; s < T; s++) {
+                size_t kv_row = (size_t)(b * T + s) * kvH + kvh;
+                const float *ks = k + kv_row * hs, *vs = v + kv_row * hs;
+                float *dks = dk + kv_row * hs, *dvs = dv + kv_row * hs;
+                for (int h = kvh * group; h < (kvh + 1) * group; h++)
+                    for (int t = s; t < T; t++) {
+                        size_t row = (size_t)(b * T + t) * H + h;
+                        const float *qt = q + row * hs, *dot_ = dout + row * hs;
+                        size_t stat = ((size_t)b * H + h) * T + t;
+                        float p = expf(dot_product(qt, ks, hs) * scale - lse[stat]);
+                        float ds = p * (dot_product(dot_, vs, hs) - delta[stat]);
+                        axpy(dvs, p, dot_, hs);
+                        axpy(dks, ds * scale, qt, hs);
+                    }
+            }
+}
+
+/* --- Cross-entropy of logits [N, V] against targets [N]: losses[n] =
+ * logsumexp(logits[n]) - logits[n, target]. Returns the mean. */
+static float crossentropy_forward(float *losses, const float *logits, const int *targets, int N, int V) {
+PARALLEL_FOR
+    for (int n = 0; n < N; n++) {
+        const float *z = logits + (size_t)n * V;
+        float max = -INFINITY;
+        for (int i = 0; i < V; i++) max = z[i] > max ? z[i] : max;
+        double sum = 0;
+        for (int i = 0; i < V; i++) sum += expf(z[i] - max);
+        losses[n] = (float)(max + log(sum)) - z[targets[n]];
+    }
+    double total = 0;
+    for (int n = 0; n < N; n++) total += losses[n];
+    return (float)(total / N);
+}
+
+/* dlogits = (softmax(logits) - onehot(target)) * dloss, in place over the logits */
+static void crossentropy_backward(float *logits, const int *targets, int N, int V, float dloss) {
+PARALLEL_FOR
+    for (int n = 0; n < N; n++) {
+        float *z = logits + (size_t)n * V;
+        float max = -INFINITY;
+        for (int i = 0; i < V; i++) max = z[i] > max ? z[i] : max;
+        double sum = 0;
+        for (int i = 0; i < V; i++) sum += expf(z[i] - max);
+        float inv = (float)(1.0 / sum);
+        for (int i = 0; i < V; i++) z[i] = expf(z[i] - max) * inv * dloss;
+        z[targets[n]] -= dloss;
+    }
+}
+
+static void add_into(float *y, const float *a, const float *b, size_t n) { /* y = a + b */
+PARALLEL_FOR
+    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+/* ===========================================================================
+ * 8. The model: buffers, forward, backward
+ * ======================================================================== */
+
+typedef struct { const char *name; float **ptr; size_t floats; } BufferSpec;
+
+/* The activation and gradient-scratch buffers for (B, T), in one table that
+ * serves allocation and the --verbose memory report. Returns the count. */
+static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, BufferSpec *grads) {
+    const Config *c = &m->config;
+    size_t N = (size_t)B * T, L = (size_t)c->n_layer, KVL = (size_t)c->n_kv_layer, C = (size_t)c->hidden_size;
+    size_t I = (size_t)c->intermediate_size, V = (size_t)c->vocab_size;
+    size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
+    size_t stats = (size_t)B * c->n_head * T;
+    Activations *a = &m->a;
+    GradScratch *d = &m->d;
+    BufferSpec act[] = {
+        {"residual stream [L+1,B,T,C]", &a->residual, (L + 1) * N * C},
+        {"ln1 [L,B,T,C]", &a->ln1, L * N * C},
+        {"ln1 stats [L,B,T,2]", &a->ln1_stats, L * N * 2},
+        {"queries [L,B,T,H*hs]", &a->q, L * N * qd},
+        {"keys before rotary [kvL,B,T,kvH*hs]", &a->k_pre, KVL * N * kvd},
+        {"keys after rotary [kvL,B,T,kvH*hs]", &a->k_rot, KVL * N * kvd},
+        {"values [kvL,B,T,kvH*hs]", &a->v, KVL * N * kvd},
+        {"attention log-sum-exp [L,B,H,T]", &a->att_lse, L * stats},
+        {"attention output [L,B,T,C]", &a->att_out, L * N * C},
+        {"sequential residual [L,B,T,C]", &a->resid_mid, c->parallel_residual ? 0 : L * N * C},
+        {"ln2 [L,B,T,C]", &a->ln2, L * N * C},
+        {"ln2 stats [L,B,T,2]", &a->ln2_stats, L * N * 2},
+        {"mlp pre-GELU [L,B,T,I]", &a->fc_pre, L * N * I},
+        {"mlp post-GELU [L,B,T,I]", &a->fc_act, L * N * I},
+        {"final LN [B,T,C] + stats", &a->lnf, N * C},
+        {"final LN stats [B,T,2]", &a->lnf_stats, N * 2},
+        {"branch output [B,T,C]", &a->branch, N * C},
+        {"logits [B,T,V]", &a->logits, N * V},
+        {"losses [B,T]", &a->losses, N},
+    };
+    BufferSpec grad[] = {
+        {"d residual [B,T,C]", &d->d_residual, N * C},
+        {"d ln1 [B,T,C]", &d->d_ln1, N * C},
+        {"d ln2 [B,T,C]", &d->d_ln2, N * C},
+        {"d attention output [B,T,C]", &d->d_att_out, N * C},
+        {"d branch [B,T,C]", &d->d_branch, N * C},
+        {"d queries [B,T,H*hs]", &d->d_q, N * qd},
+        {"d keys before rotary [kvL,B,T,kvH*hs]", &d->d_k_pre, KVL * N * kvd},
+        {"d keys after rotary [kvL,B,T,kvH*hs]", &d->d_k_rot, KVL * N * kvd},
+        {"d values [kvL,B,T,kvH*hs]", &d->d_v, KVL * N * kvd},
+        {"d mlp [B,T,I]", &d->d_fc, N * I},
+        {"attention delta [B,H,T]", &d->att_delta, stats},
+    };
+    *n_acts = (int)(sizeof(act) / sizeof(act[0]));
+    memcpy(acts, act, sizeof(act));
+    memcpy(grads, grad, sizeof(grad));
+    return (int)(sizeof(grad) / sizeof(grad[0]));
+}
+
+/* Lays the buffers of specs end to end in one allocation. */
+static float *allocate_buffers(BufferSpec *specs, int n, size_t *total, const char *what) {
+    *total = 0;
+    for (int i = 0; i < n; i++) *total += specs[i].floats;
+    float *memory = alloc_zeroed(*total, sizeof(float), what);
+    if (!memory) return NULL;
+    size_t offset = 0;
+    for (int i = 0; i < n; i++) {
+        *specs[i].ptr = specs[i].floats ? memory + offset : NULL;
+        offset += specs[i].floats;
+    }
+    return memory;
+}
+
+static void free_activations(Model *m) {
+    free(m->act_memory); free(m->scratch_memory); free(m->rope_cos); free(m->rope_sin);
+    free(m->inputs); free(m->targets);
+    m->act_memory = m->scratch_memory = m->rope_cos = m->rope_sin = NULL;
+    m->inputs = m->targets = NULL;
+}
+
+int model_prepare(Model *m, int B, int T, int with_grads) {
+    const Config *c = &m->config;
+    if (B < 1 || T < 1) return fail("batch %d and sequence length %d must be positive", B, T);
+    if (T > c->max_position_embeddings)
+        return fail("sequence length %d exceeds the model's max_position_embeddings (%d)", T, c->max_position_embeddings);
+    free_activations(m);
+    BufferSpec acts[32], grads[32];
+    int n_acts, n_grads = buffer_specs(m, B, T, acts, &n_acts, grads);
+    int half = c->rotary_ndims / 2;
+    m->B = B;
+    m->T = T;
+    m->act_memory = allocate_buffers(acts, n_acts, &m->act_floats, "activations");
+    m->rope_cos = alloc_zeroed((size_t)T * half + 1, sizeof(float), "rotary tables");
+    m->rope_sin = alloc_zeroed((size_t)T * half + 1, sizeof(float), "rotary tables");
+    m->inputs = alloc_zeroed((size_t)B * T, sizeof(int), "inputs");
+    m->targets = alloc_zeroed((size_t)B * T, sizeof(int), "targets");
+    if (!m->act_memory || !m->rope_cos || !m->rope_sin || !m->inputs || !m->targets) { free_activations(m); return -1; }
+    rotary_tables(m->rope_cos, m->rope_sin, T, c->rotary_ndims, c->rotary_base);
+    if (!with_grads) return 0;
+    m->scratch_memory = allocate_buffers(grads, n_grads, &m->scratch_floats, "gradient scratch");
+    if (!m->scratch_memory) { free_activations(m); return -1; }
+    if (!m->grad_memory) {
+        m->grad_memory = alloc_zeroed(m->num_parameters, sizeof(float), "gradients");
+        m->adam_m = alloc_zeroed(m->num_parameters, sizeof(float), "AdamW first moments");
+        m->adam_v = alloc_zeroed(m->num_parameters, sizeof(float), "AdamW second moments");
+        if (!m->grad_memory || !m->adam_m || !m->adam_v) { free_activations(m); return -1; }
+        point_weights(m, m->grad_memory, &m->g);
+    }
+    return 0;
+}
+
+void model_print_memory(const Model *m) {
+    BufferSpec acts[32], grads[32];
+    int n_acts, n_grads = buffer_specs((Model *)m, m->B, m->T, acts, &n_acts, grads);
+    double MiB = 1048576.0, P = (double)m->num_parameters * 4;
+    printf("memory (fp32), B=%d T=%d:\n", m->B, m->T);
+    printf("  %-40s %10.1f MiB\n", "parameters", P / MiB);
+    if (m->grad_memory) {
+        printf("  %-40s %10.1f MiB\n", "gradients", P / MiB);
+        printf("  %-40s %10.1f MiB\n", "AdamW moments (m, v)", 2 * P / MiB);
+    }
+    for (int i = 0; i < n_acts; i++)
+        if (acts[i].floats) printf("  %-40s %10.1f MiB\n", acts[i].name, acts[i].floats * 4 / MiB);
+    printf("  %-40s %10.1f MiB\n", "= activations", m->act_floats * 4 / MiB);
+    if (m->scratch_memory) {
+        for (int i = 0; i < n_grads; i++) printf("  %-40s %10.1f MiB\n", grads[i].name, grads[i].floats * 4 / MiB);
+        printf("  %-40s %10.1f MiB\n", "= gradient scratch", m->scratch_floats * 4 / MiB);
+    }
+    double total = P * (m->grad_memory ? 4 : 1) + (double)(m->act_floats + m->scratch_floats) * 4;
+    printf("  %-40s %10.1f MiB\n", "total", total / MiB);
+}
+
+void model_free(Model *m) {
+    free_activations(m);
+    free(m->param_memory); free(m->grad_memory); free(m->adam_m); free(m->adam_v); free(m->params);
+    memset(m, 0, sizeof(*m));
+}
+
+void model_zero_grad(Model *m) { memset(m->grad_memory, 0, m->num_parameters * sizeof(float)); }
+
+/* Whether layer l attends over rotated keys. The owner always does; a layer
+ * sharing the owner's K does too by default, or reads the owner's un-rotated
+ * keys in the reference-compatible mode (MLKV-REFERENCE section 1). */
+static int reads_rotated_keys(const Config *c, int l) { return c->kv_layer_of[l] == l || c->shared_key_rotary; }
+
+/* Pointers to one layer's activations in the flat buffers. */
+typedef struct {
+    float *x, *next, *ln1, *ln1_stats, *q, *k_pre, *k_rot, *v, *lse, *att_out, *resid_mid, *ln2, *ln2_stats;
+    float *fc_pre, *fc_act;
+    float *d_k_pre, *d_k_rot, *d_v; /* the owner's K/V gradient accumulators */
+} LayerActs;
+
+static LayerActs layer_acts(Model *m, int l, int B, int T) {
+    const Config *c = &m->config;
+    size_t N = (size_t)B * T, C = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
+    size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
+    size_t kv = (size_t)c->kv_slot_of[l] * N * kvd;
+    Activations *a = &m->a;
+    LayerActs s;
+    s.x = a->residual + l * N * C;
+    s.next = s.x + N * C;
+    s.ln1 = a->ln1 + l * N * C;
+    s.ln1_stats = a->ln1_stats + l * N * 2;
+    s.q = a->q + l * N * qd;
+    s.k_pre = a->k_pre + kv;
+    s.k_rot = a->k_rot + kv;
+    s.v = a->v + kv;
+    s.lse = a->att_lse + (size_t)l * B * c->n_head * T;
+    s.att_out = a->att_out + l * N * C;
+    s.resid_mid = c->parallel_residual ? NULL : a->resid_mid + l * N * C;
+    s.ln2 = a->ln2 + l * N * C;
+    s.ln2_stats = a->ln2_stats + l * N * 2;
+    s.fc_pre = a->fc_pre + l * N * I;
+    s.fc_act = a->fc_act + l * N * I;
+    s.d_k_pre = m->d.d_k_pre ? m->d.d_k_pre + kv : NULL;
+    s.d_k_rot = m->d.d_k_rot ? m->d.d_k_rot + kv : NULL;
+    s.d_v = m->d.d_v ? m->d.d_v + kv : NULL;
+    return s;
+}
+
+float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+    const Config *c = &m->config;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, I = c->intermediate_size;
+    int V = c->vocab_size, L = c->n_layer, rd = c->rotary_ndims, N = B * T, qd = H * hs, kvd = kvH * hs;
+    Activations *a = &m->a;
+    if (B > m->B || T > m->T) { fail("forward of %dx%d exceeds the prepared %dx%d", B, T, m->B, m->T); return NAN; }
+    if (inputs != m->inputs) memcpy(m->inputs, inputs, (size_t)N * sizeof(int));
+    if (targets && targets != m->targets) memcpy(m->targets, targets, (size_t)N * sizeof(int));
+    m->fwd_B = B;
+    m->fwd_T = T;
+    for (int n = 0; n < N; n++) /* token embedding; GPT-NeoX has no position embedding */
+        memcpy(a->residual + (size_t)n * C, m->w.embed_in + (size_t)inputs[n] * C, (size_t)C * sizeof(float));
+    for (int l = 0; l < L; l++) {
+        const LayerWeights *lw = &m->w.layer[l];
+        LayerActs s = layer_acts(m, l, B, T);
+        layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
+        matmul_forward(s.q, s.ln1, lw->q_w, lw->q_b, N, C, qd);
+        rotary_apply(s.q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, 1.0f);
+        if (c->kv_layer_of[l] == l) { /* an owning layer projects the K/V that layers above it reuse */
+            matmul_forward(s.k_pre, s.ln1, lw->k_w, lw->k_b, N, C, kvd);
+            matmul_forward(s.v, s.ln1, lw->v_w, lw->v_b, N, C, kvd);
+            memcpy(s.k_rot, s.k_pre, (size_t)N * kvd * sizeof(float));
+            rotary_apply(s.k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, 1.0f);
+        }
+        attention_forward(s.att_out, s.lse, s.q, reads_rotated_keys(c, l) ? s.k_rot : s.k_pre, s.v, B, T, H, kvH, hs);
+        matmul_forward(a->branch, s.att_out, lw->dense_w, lw->dense_b, N, C, C);
+        /* parallel: next = x + attn(ln1 x) + mlp(ln2 x); sequential: h = x + attn(ln1 x), next = h + mlp(ln2 h) */
+        float *mlp_in = c->parallel_residual ? s.x : s.resid_mid;
+        add_into(c->parallel_residual ? s.next : s.resid_mid, s.x, a->branch, (size_t)N * C);
+        layernorm_forward(s.ln2, s.ln2_stats, mlp_in, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
+        matmul_forward(s.fc_pre, s.ln2, lw->fc_w, lw->fc_b, N, C, I);
+        gelu_forward(s.fc_act, s.fc_pre, (size_t)N * I);
+        matmul_forward(a->branch, s.fc_act, lw->proj_w, lw->proj_b, N, I, C);
+        add_into(s.next, c->parallel_residual ? s.next : s.resid_mid, a->branch, (size_t)N * C);
+    }
+    layernorm_forward(a->lnf, a->lnf_stats, a->residual + (size_t)L * N * C, m->w.lnf_w, m->w.lnf_b, N, C,
+                      c->layer_norm_eps);
+    matmul_forward(a->logits, a->lnf, m->w.embed_out, NULL, N, C, V);
+    return targets ? crossentropy_forward(a->losses, a->logits, m->targets, N, V) : 0.0f;
+}
+
+void model_backward(Model *m, float loss_scale) {
+    const Config *c = &m->config;
+    int B = m->fwd_B, T = m->fwd_T, N = B * T;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, I = c->intermediate_size;
+    int V = c->vocab_size, L = c->n_layer, rd = c->rotary_ndims, qd = H * hs, kvd = kvH * hs;
+    Activations *a = &m->a;
+    GradScratch *d = &m->d;
+    size_t NC = (size_t)N * C, kv_all = (size_t)c->n_kv_layer * N * kvd;
+    crossentropy_backward(a->logits, m->targets, N, V, loss_scale / (float)N);
+    memset(d->d_branch, 0, NC * sizeof(float));
+    matmul_backward(d->d_branch, m->g.embed_out, NULL, a->logits, a->lnf, m->w.embed_out, N, C, V);
+    memset(d->d_residual, 0, NC * sizeof(float));
+    layernorm_backward(d->d_residual, m->g.lnf_w, m->g.lnf_b, d->d_branch, a->residual + (size_t)L * NC, m->w.lnf_w,
+                       a->lnf_stats, N, C);
+    memset(d->d_k_pre, 0, kv_all * sizeof(float));
+    memset(d->d_k_rot, 0, kv_all * sizeof(float));
+    memset(d->d_v, 0, kv_all * sizeof(float));
+    /* Top to bottom: every layer that reads an owner's K/V comes before the
+     * owner, so the owner's accumulators are complete when it is reached. */
+    for (int l = L - 1; l >= 0; l--) {
+        const LayerWeights *lw = &m->w.layer[l];
+        LayerWeights *gw = &m->g.layer[l];
+        LayerActs s = layer_acts(m, l, B, T);
+        /* MLP branch, from the gradient of the layer's output */
+        memset(d->d_fc, 0, (size_t)N * I * sizeof(float));
+        matmul_backward(d->d_fc, gw->proj_w, gw->proj_b, d->d_residual, s.fc_act, lw->proj_w, N, I, C);
+        gelu_backward(d->d_fc, s.fc_pre, (size_t)N * I);
+        memset(d->d_ln2, 0, NC * sizeof(float));
+        matmul_backward(d->d_ln2, gw->fc_w, gw->fc_b, d->d_fc, s.ln2, lw->fc_w, N, C, I);
+        if (!c->parallel_residual) /* d_residual becomes the gradient of h = x + attn */
+            layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.resid_mid, lw->ln2_w, s.ln2_stats, N, C);
+        /* attention branch */
+        memset(d->d_att_out, 0, NC * sizeof(float));
+        matmul_backward(d->d_att_out, gw->dense_w, gw->dense_b, d->d_residual, s.att_out, lw->dense_w, N, C, C);
+        int rotated = reads_rotated_keys(c, l);
+        attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, d->d_att_out, s.q,
+                           rotated ? s.k_rot : s.k_pre, s.v, s.att_out, s.lse, B, T, H, kvH, hs);
+        rotary_apply(d->d_q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, -1.0f);
+        memset(d->d_ln1, 0, NC * sizeof(float));
+        matmul_backward(d->d_ln1, gw->q_w, gw->q_b, d->d_q, s.ln1, lw->q_w, N, C, qd);
+        if (c->kv_layer_of[l] == l) { /* all readers are done: back through rotary into the projections */
+            rotary_apply(s.d_k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, -1.0f);
+            add_into(s.d_k_pre, s.d_k_pre, s.d_k_rot, (size_t)N * kvd);
+            matmul_backward(d->d_ln1, gw->k_w, gw->k_b, s.d_k_pre, s.ln1, lw->k_w, N, C, kvd);
+            matmul_backward(d->d_ln1, gw->v_w, gw->v_b, s.d_v, s.ln1, lw->v_w, N, C, kvd);
+        }
+        if (c->parallel_residual) /* both branches read x: add their LayerNorm gradients last */
+            layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.x, lw->ln2_w, s.ln2_stats, N, C);
+        layernorm_backward(d->d_residual, gw->ln1_w, gw->ln1_b, d->d_ln1, s.x, lw->ln1_w, s.ln1_stats, N, C);
+    }
+    for (int n = 0; n < N; n++) axpy(m->g.embed_in + (size_t)m->inputs[n] * C, 1.0f, d->d_residual + (size_t)n * C, C);
+}
+
+/* ===========================================================================
+ * 9. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
+ * ======================================================================== */
+
+double lr_at_step(const OptimConfig *o, int step) {
+    int W = o->warmup_steps, S = o->total_steps;
+    if (step < W) return o->lr * (double)step / (double)(W > 1 ? W : 1);
+    double progress = (double)(step - W) / (double)(S - W > 1 ? S - W : 1);
+    switch (o->schedule) {
+    case SCHEDULE_COSINE: return o->lr * fmax(0.0, 0.5 * (1.0 + cos(PI * progress)));
+    case SCHEDULE_LINEAR: return o->lr * fmax(0.0, (double)(S - step) / (double)(S - W > 1 ? S - W : 1));
+    default: return o->lr;
+    }
+}
+
+double clip_gradients(Model *m, double clip) {
+    double sumsq = 0;
+    for (size_t i = 0; i < m->num_parameters; i++) sumsq += (double)m->grad_memory[i] * m->grad_memory[i];
+    double norm = sqrt(sumsq);
+    if (clip > 0 && clip / (norm + 1e-6) < 1.0) {
+        float coef = (float)(clip / (norm + 1e-6));
+PARALLEL_FOR
+        for (size_t i = 0; i < m->num_parameters; i++) m->grad_memory[i] *= coef;
+    }
+    return norm;
+}
+
+/* torch.optim.AdamW: p *= 1 - lr*wd (decayed tensors only); m = lerp(m, g, 1-b1);
+ * v = b2 v + (1-b2) g^2; p -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps) */
+void adamw_update(Model *m, const OptimConfig *o, double lr, int t) {
+    float step_size = (float)(lr / (1.0 - pow(o->beta1, t)));
+    float bc2_sqrt = (float)sqrt(1.0 - pow(o->beta2, t));
+    float b1 = (float)o->beta1, b2 = (float)o->beta2, eps = (float)o->eps;
+    for (int k = 0; k < m->n_params; k++) {
+        const ParamInfo *p = &m->params[k];
+        float decay = p->decayed ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
+        float *x = m->param_memory + p->offset, *g = m->grad_memory + p->offset;
+        float *mom = m->adam_m + p->offset, *vel = m->adam_v + p->offset;
+PARALLEL_FOR
+        for (size_t i = 0; i < p->numel; i++) {
+            x[i] *= decay;
+            mom[i] += (1.0f - b1) * (g[i] - mom[i]);
+            vel[i] = b2 * vel[i] + (1.0f - b2) * g[i] * g[i];
+            x[i] -= step_size * mom[i] / (sqrtf(vel[i]) / bc2_sqrt + eps);
+        }
+    }
+}
+
+float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_accum, int step, double *grad_norm) {
+    int B = m->B, T = m->T;
+    double total = 0;
+    model_zero_grad(m);
+    for (int acc = 0; acc < grad_accum; acc++) {
+        const int *rows = tokens + (size_t)acc * B * (T + 1);
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) { /* targets are the inputs shifted by one */
+                m->inputs[b * T + t] = rows[b * (T + 1) + t];
+                m->targets[b * T + t] = rows[b * (T + 1) + t + 1];
+            }
+        total += model_forward(m, m->inputs, m->targets, B, T);
+        model_backward(m, 1.0f / (float)grad_accum);
+    }
+    float loss = (float)(total / grad_accum);
+    *grad_norm = clip_gradients(m, o->clip);
+    if (isfinite(loss) && isfinite(*grad_norm)) adamw_update(m, o, lr_at_step(o, step), step + 1);
+    return loss;
+}
+
+/* ===========================================================================
+ * 10. The training loop
+ * ======================================================================== */
+
+typedef struct {
+    const char *model_dir, *train_path, *val_path, *out_dir;
+    int batch, seq, grad_accum, steps, warmup_steps, eval_every, save_every, val_batches, stop_after, threads;
+    int resume, verbose;
+    double epochs, warmup_ratio;
+    OptimConfig opt;
+    uint64_t seed;
+} TrainArgs;
+
+/* The reference recipe (MLKV-REFERENCE section 3). Its global batch of 32 x 4
+ * accumulation sequences of 2048 tokens is kept as 4 x 32, which needs far
+ * less activation memory for the same update. */
+static void train_defaults(TrainArgs *t) {
+    memset(t, 0, sizeof(*t));
+    t->batch = 4;
+    t->grad_accum = 32;
+    t->epochs = 1;
+    t->warmup_steps = -1;
+    t->warmup_ratio = 0.2;
+    t->eval_every = 100;
+    t->save_every = 500;
+    t->val_batches = 20;
+    t->seed = 42;
+    t->opt = (OptimConfig){.lr = 6e-4, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01, .clip = 1.0,
+                           .schedule = SCHEDULE_COSINE};
+}
+
+/* Mean loss over up to max_batches batches of the validation tokens, in order. */
+static float evaluate(Model *m, const TokenFile *val, int max_batches) {
+    int B = m->B, T = m->T;
+    size_t n_seqs = (val->n_tokens - 1) / (size_t)T;
+    double total = 0;
+    size_t rows_done = 0;
+    for (int batch = 0; batch < max_batches && rows_done < n_seqs; batch++) {
+        int rows = n_seqs - rows_done < (size_t)B ? (int)(n_seqs - rows_done) : B;
+        for (int b = 0; b < rows; b++)
+            for (int t = 0; t < T; t++) {
+                const uint16_t *src = val->tokens + (rows_done + b) * (size_t)T;
+                m->inputs[b * T + t] = src[t];
+                m->targets[b * T + t] = src[t + 1];
+            }
+        total += (double)model_forward(m, m->inputs, m->targets, rows, T) * rows;
+        rows_done += (size_t)rows;
+    }
+    return (float)(total / (double)rows_done);
+}
+
+static void format_duration(char *out, size_t n, double seconds) {
+    int s = (int)(seconds + 0.5);
+    if (s >= 3600) snprintf(out, n, "%dh%02dm", s / 3600, s / 60 % 60);
+    else if (s >= 60) snprintf(out, n, "%dm%02ds", s / 60, s % 60);
+    else snprintf(out, n, "%ds", s);
+}
+
+static int optimizer_metadata(StrBuf *b, const TrainArgs *t, int step, const DataLoader *dl, size_t train_tokens) {
+    sb_printf(b, "{\"step\":\"%d\",\"epoch\":\"%d\",\"next\":\"%zu\",\"seed\":\"%llu\",\"batch\":\"%d\",\"seq\":\"%d\","
+                 "\"grad_accum\":\"%d\",\"steps\":\"%d\",\"train_tokens\":\"%zu\"}",
+              step, dl->epoch, dl->next, (unsigned long long)t->seed, t->batch, t->seq, t->grad_accum,
+              t->opt.total_steps, train_tokens);
+    return 0;
+}
+
+/* Restores AdamW moments and the data position saved beside a checkpoint, and
+ * checks that the run continues with the settings that produced it. */
+static int optimizer_load(Model *m, const char *dir, const TrainArgs *t, size_t train_tokens, int *step, int *epoch,
+                          size_t *next) {
+    char path[PATH_LEN], name[MLKV_NAME_MAX + 4];
+    SafeTensors st;
+    if (make_path(path, dir, "/optimizer.safetensors") != 0 || st_open(&st, path) != 0) return -1;
+    int rc = 0;
+    struct { const char *key; unsigned long long now; } same[] = {
+        {"seed", t->seed}, {"batch", (unsigned long long)t->batch}, {"seq", (unsigned long long)t->seq},
+        {"grad_accum", (unsigned long long)t->grad_accum}, {"steps", (unsigned long long)t->opt.total_steps},
+        {"train_tokens", train_tokens}};
+    for (size_t i = 0; rc == 0 && i < sizeof(same) / sizeof(same[0]); i++) {
+        const char *v = st_metadata(&st, same[i].key);
+        if (!v) rc = fail("%s: metadata has no \"%s\"", path, same[i].key);
+        else if (strtoull(v, NULL, 10) != same[i].now)
+            rc = fail("%s: the run being resumed used %s %s, this one %llu; resume with the same settings", path,
+                      same[i].key, v, same[i].now);
+    }
+    const char *s_step = st_metadata(&st, "step"), *s_epoch = st_metadata(&st, "epoch"), *s_next = st_metadata(&st, "next");
+    if (rc == 0 && (!s_step || !s_epoch || !s_next)) rc = fail("%s: metadata lacks step, epoch or next", path);
+    for (int i = 0; rc == 0 && i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        snprintf(name, sizeof(name), "m.%s", p->name);
+        rc = st_read(&st, name, p->ndim, p->shape, m->adam_m + p->offset, NULL);
+        snprintf(name, sizeof(name), "v.%s", p->name);
+        if (rc == 0) rc = st_read(&st, name, p->ndim, p->shape, m->adam_v + p->offset, NULL);
+    }
+    if (rc == 0) {
+        *step = atoi(s_step);
+        *epoch = atoi(s_epoch);
+        *next = (size_t)strtoull(s_next, NULL, 10);
+    }
+    st_close(&st);
+    return rc;
+}
+
+/* On resume, the log keeps the rows up to the resumed step. */
+static FILE *open_log(const char *path, int resume_step) {
+    char *old = NULL;
+    size_t len = 0;
+    if (resume_step > 0 && read_file(path, &old, &len) != 0) old = NULL;
+    FILE *f = fopen(path, "w");
+    if (!f) { free(old); fail("%s: cannot create: %s", path, strerror(errno)); return NULL; }
+    fprintf(f, "step,loss,lr,grad_norm,tokens_per_s,val_loss\n");
+    for (char *line = old ? strtok(old, "\n") : NULL; line; line = strtok(NULL, "\n"))
+        if (line[0] >= '0' && line[0] <= '9' && atoi(line) <= resume_step) fprintf(f, "%s\n", line);
+    free(old);
+    fflush(f);
+    return f;
+}
+
+static int run_training(TrainArgs *t) {
+    Model model;
+    TokenFile train = {0}, val = {0};
+    DataLoader loader = {0};
+    FILE *log = NULL;
+    int *batch_tokens = NULL, rc = 1, start_step = 0, epoch = 0;
+    size_t next = 0;
+    char log_path[PATH_LEN];
+#ifdef _OPENMP
+    if (t->threads > 0) omp_set_num_threads(t->threads);
+#endif
+    if (make_path(log_path, t->out_dir, ".log.csv") != 0) {
+        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+        return 1;
+    }
+    if (t->resume) {
+        if (model_load(&model, t->out_dir) != 0) {
+            char previous[PATH_LEN];
+            fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+            if (make_path(previous, t->out_dir, ".previous") == 0 && file_exists(previous))
+                fprintf(stderr, "mlkv: note: %s holds the last complete checkpoint (a save was interrupted); "
+                                "rename it to %s to resume\n", previous, t->out_dir);
+            return 1;
+        }
+    } else if (check_output_dir(t->out_dir) != 0 || model_load(&model, t->model_dir) != 0) {
+        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+        return 1;
+    }
+    const Config *c = &model.config;
+    if (t->seq == 0) t->seq = c->max_position_embeddings < 2048 ? c->max_position_embeddings : 2048;
+    if (tokens_load(&train, t->train_path, c->vocab_size) != 0 ||
+        (t->val_path && tokens_load(&val, t->val_path, c->vocab_size) != 0))
+        goto done;
+    if (t->val_path && val.n_tokens < (size_t)t->seq + 1) {
+        fail("%s: %zu tokens are fewer than one sequence of %d + 1", t->val_path, val.n_tokens, t->seq);
+        goto done;
+    }
+    if (loader_init(&loader, &train, t->batch, t->seq, t->seed, 1) != 0) {
+        fprintf(stderr, "mlkv: error: %s: %s\n", t->train_path, mlkv_error());
+        error_message[0] = '\0';
+        goto done;
+    }
+    if (t->steps == 0) {
+        double per_step = (double)t->batch * t->grad_accum;
+        t->steps = (int)fmax(1.0, floor(t->epochs * (double)loader.n_seqs / per_step));
+    }
+    t->opt.total_steps = t->steps;
+    t->opt.warmup_steps = t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
+    if (model_prepare(&model, t->batch, t->seq, 1) != 0) goto done;
+    if (t->resume && optimizer_load(&model, t->out_dir, t, train.n_tokens, &start_step, &epoch, &next) != 0) goto done;
+    loader_seek(&loader, epoch, next);
+    batch_tokens = alloc_zeroed((size_t)t->grad_accum * t->batch * (t->seq + 1), sizeof(int), "the batch");
+    if (!batch_tokens || !(log = open_log(log_path, start_step))) goto done;
+
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
+    printf("model: %zu parameters, %d layers, %d heads, K/V in %d layers x %d heads (KV cache %d bytes/token fp32)\n",
+           model.num_parameters, c->n_layer, c->n_head, c->n_kv_layer, c->n_kv_head,
+           2 * c->n_kv_layer * c->n_kv_head * c->head_size * 4);
+    printf("train: %zu tokens (%zu sequences of %d), %d steps of %d x %d x %d = %zu tokens, warmup %d, %d threads\n",
+           train.n_tokens, loader.n_seqs, t->seq, t->steps, t->batch, t->grad_accum, t->seq, tokens_per_step,
+           t->opt.warmup_steps, threads);
+    if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
+    if (t->verbose) model_print_memory(&model);
+
+    int last_step = t->stop_after > 0 && start_step + t->stop_after < t->steps ? start_step + t->stop_after : t->steps;
+    double t_start = now_seconds();
+    for (int step = start_step; step < last_step; step++) {
+        double t0 = now_seconds(), norm;
+        for (int acc = 0; acc < t->grad_accum; acc++)
+            loader_next(&loader, batch_tokens + (size_t)acc * t->batch * (t->seq + 1));
+        float loss = train_step(&model, &t->opt, batch_tokens, t->grad_accum, step, &norm);
+        if (!isfinite(loss) || !isfinite(norm)) {
+            fail("training diverged: loss %g, gradient norm %g at step %d; the parameters were not updated and no "
+                 "checkpoint was written (lower --lr or check the data)", loss, norm, step + 1);
+            goto done;
+        }
+        double dt = now_seconds() - t0, elapsed = now_seconds() - t_start;
+        int done_steps = step + 1;
+        float val_loss = NAN;
+        int is_last = done_steps == last_step;
+        if (val.tokens && ((t->eval_every > 0 && done_steps % t->eval_every == 0) || is_last))
+            val_loss = evaluate(&model, &val, t->val_batches);
+        char eta[32];
+        format_duration(eta, sizeof(eta), elapsed / (done_steps - start_step) * (last_step - done_steps));
+        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", done_steps, t->steps, loss,
+               lr_at_step(&t->opt, step), norm, tokens_per_step / dt, eta);
+        if (!isnan(val_loss)) printf(" | val %.4f", val_loss);
+        printf("\n");
+        fflush(stdout);
+        fprintf(log, "%d,%.9g,%.9g,%.9g,%.1f,", done_steps, loss, lr_at_step(&t->opt, step), norm, tokens_per_step / dt);
+        if (!isnan(val_loss)) fprintf(log, "%.9g", val_loss);
+        fprintf(log, "\n");
+        fflush(log);
+        if ((t->save_every > 0 && done_steps % t->save_every == 0) || is_last) {
+            StrBuf meta = {0};
+            optimizer_metadata(&meta, t, done_steps, &loader, train.n_tokens);
+            int saved = checkpoint_save(&model, t->out_dir, meta.s, t->resume ? t->out_dir : t->model_dir);
+            free(meta.s);
+            if (saved != 0) goto done;
+        }
+    }
+    printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
+    rc = 0;
+done:
+    if (rc != 0 && error_message[0]) fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+    if (log) fclose(log);
+    free(batch_tokens);
+    loader_free(&loader);
+    tokens_free(&train);
+    tokens_free(&val);
+    model_free(&model);
+    return rc;
+}
+
+/* ===========================================================================
+ * 11. The built-in demo: a corpus that needs attention to predict (facts
+ *     stated early in a document and asked for later), byte-level tokens, a
+ *     tiny Pythia-shaped MHA model trained from scratch.
+ * ======================================================================== */
+
+#define DEMO_EOT 256 /* end of text; bytes are tokens 0..255 */
+
+static size_t demo_document(uint64_t *rng, uint16_t *out) {
+    static const char *const names[] = {"ann", "bob", "cat", "dan", "eve", "fay", "gus", "hal", "ivy", "jon", "kim", "lee",
+                                        "max", "ned", "oli", "pam", "rex", "sam", "tom", "uma", "val", "wes", "zoe", "ida"};
+    static const char *const colors[] = {"red", "blue", "green", "gold", "pink", "gray", "tan", "black"};
+    static const char *const things[] = {"cup", "hat", "box", "key", "pen", "map", "bag", "car"};
+    enum { FACTS = 4 };
+    int who[FACTS], color[FACTS], thing[FACTS], order[FACTS];
+    char text[512];
+    size_t len = 0;
+    for (int i = 0; i < FACTS; i++) {
+        int fresh;
+        do { /* distinct names within a document */
+            who[i] = (int)(rng_next(rng) % 24);
+            fresh = 1;
+            for (int k = 0; k < i; k++) fresh &= who[k] != who[i];
+        } while (!fresh);
+        color[i] = (int)(rng_next(rng) % 8);
+        thing[i] = (int)(rng_next(rng) % 8);
+        order[i] = i;
+        len += (size_t)snprintf(text + len, sizeof(text) - len, "%s has a %s %s. ", names[who[i]], colors[color[i]],
+                                things[thing[i]]);
+    }
+    for (int i = FACTS - 1; i > 0; i--) { /* ask in a shuffled order */
+        int j = (int)(rng_next(rng) % (uint64_t)(i + 1)), tmp = order[i];
+        order[i] = order[j];
+        order[j] = tmp;
+    }
+    for (int i = 0; i < FACTS; i++) {
+        int f = order[i];
+        len += (size_t)snprintf(text + len, sizeof(text) - len, "what has %s? a %s %s. ", names[who[f]],
+                                colors[color[f]], things[thing[f]]);
+    }
+    for (size_t i = 0; i < len; i++) out[i] = (unsigned char)text[i];
+    out[len] = DEMO_EOT;
+    return len + 1;
+}
+
+static int demo_corpus(const char *path, size_t n_tokens, uint64_t seed) {
+    uint16_t *tokens = alloc_zeroed(n_tokens + 512, sizeof(uint16_t), "the demo corpus");
+    if (!tokens) return -1;
+    uint64_t rng = seed;
+    size_t n = 0;
+    while (n < n_tokens) n += demo_document(&rng, tokens + n);
+    int rc = tokens_save(path, tokens, n);
+    free(tokens);
+    return rc;
+}
+
+/* ===========================================================================
+ * 12. The command line
+ * ======================================================================== */
+
+typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_SEED, FLAG_SCHEDULE } FlagKind;
+typedef struct { const char *name; FlagKind kind; void *dst; double min, max; } Flag;
+
+/* Parses --flag value pairs into their destinations. Returns 0, 1 after
+ * --help, or 2 (usage error, message printed). positional, when non-NULL,
+ * takes the first argument that is not a flag. */
+static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, const char *usage,
+                       const char **positional) {
+    for (int i = 0; i < argc; i++) {
+        const char *arg = argv[i];
+        if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) { printf("%s", usage); return 1; }
+        if (positional && arg[0] != '-' && !*positional) { *positional = arg; continue; }
+        const Flag *f = NULL;
+        for (int k = 0; k < n_flags && !f; k++)
+            if (!strcmp(arg, flags[k].name)) f = &flags[k];
+        if (!f) { fprintf(stderr, "mlkv: unknown argument %s\n%s", arg, usage); return 2; }
+        if (f->kind == FLAG_SWITCH) { *(int *)f->dst = 1; continue; }
+        if (i + 1 >= argc) { fprintf(stderr, "mlkv: %s needs a value\n", arg); return 2; }
+        const char *v = argv[++i];
+        char *end = NULL;
+        double x = 0;
+        if (f->kind == FLAG_STRING) { *(const char **)f->dst = v; continue; }
+        if (f->kind == FLAG_SCHEDULE) {
+            ScheduleKind *s = f->dst;
+            if (!strcmp(v, "cosine")) *s = SCHEDULE_COSINE;
+            else if (!strcmp(v, "linear")) *s = SCHEDULE_LINEAR;
+            else if (!strcmp(v, "constant")) *s = SCHEDULE_CONSTANT;
+            else { fprintf(stderr, "mlkv: %s must be cosine, linear or constant, not %s\n", arg, v); return 2; }
+            continue;
+        }
+        x = strtod(v, &end);
+        if (end == v || *end != '\0' || !isfinite(x)) { fprintf(stderr, "mlkv: %s needs a number, not %s\n", arg, v); return 2; }
+        if (x < f->min || x > f->max) {
+            fprintf(stderr, "mlkv: %s %s is out of range [%g, %g]\n", arg, v, f->min, f->max);
+            return 2;
+        }
+        if (f->kind != FLAG_DOUBLE && x != floor(x)) { fprintf(stderr, "mlkv: %s needs an integer, not %s\n", arg, v); return 2; }
+        if (f->kind == FLAG_INT) *(int *)f->dst = (int)x;
+        else if (f->kind == FLAG_SEED) *(uint64_t *)f->dst = (uint64_t)x;
+        else *(double *)f->dst = x;
+    }
+    return 0;
+}
+
+static const char *const train_usage =
+    "usage: mlkv train --model DIR --train TRAIN.bin [--val VAL.bin] --out DIR [options]\n"
+    "       mlkv train --resume --train TRAIN.bin [--val VAL.bin] --out DIR [same options]\n"
+    "Trains (uptrains) a model on llm.c token files. Defaults are the reference recipe.\n"
+    "  --batch N          micro-batch sequences (4)\n"
+    "  --seq N            tokens per sequence (min(2048, max_position_embeddings))\n"
+    "  --grad-accum N     micro-batches per optimizer step (32; 4 x 32 = the reference's 32 x 4)\n"
+    "  --steps N          optimizer steps (default: --epochs over the training tokens)\n"
+    "  --epochs X         passes over the training tokens when --steps is not given (1)\n"
+    "  --lr X             peak learning rate (6e-4)\n"
+    "  --warmup-steps N   linear warmup steps (default: --warmup-ratio)\n"
+    "  --warmup-ratio X   warmup = ceil(steps * X) (0.2)\n"
+    "  --schedule S       cosine | linear | constant after warmup (cosine)\n"
+    "  --weight-decay X   AdamW decay of weight matrices; not biases or LayerNorms (0.01)\n"
+    "  --clip X           gradient clipping at this global norm, 0 = off (1.0)\n"
+    "  --beta1 X --beta2 X --eps X   AdamW (0.9, 0.95, 1e-8)\n"
+    "  --seed N           data order seed (42)\n"
+    "  --eval-every N     validation loss every N steps, 0 = only at the end (100)\n"
+    "  --val-batches N    validation batches per evaluation (20)\n"
+    "  --save-every N     checkpoint every N steps, 0 = only at the end (500)\n"
+    "  --stop-after N     stop after N steps of this run (the schedule still spans --steps);\n"
+    "                     continue later with --resume\n"
+    "  --resume           continue the run checkpointed in --out (model, AdamW state, data position)\n"
+    "  --threads N        OpenMP threads (all cores)\n"
+    "  --verbose          print the bytes of every buffer\n"
+    "The checkpoint in --out is an HF folder (config.json, model.safetensors) with\n"
+    "optimizer.safetensors beside it; the per-step log goes to OUT.log.csv.\n";
+
+static int cmd_train(int argc, char **argv) {
+    TrainArgs t;
+    train_defaults(&t);
+    const double BIG = 2147483647.0;
+    Flag flags[] = {
+        {"--model", FLAG_STRING, &t.model_dir, 0, 0}, {"--train", FLAG_STRING, &t.train_path, 0, 0},
+        {"--val", FLAG_STRING, &t.val_path, 0, 0}, {"--out", FLAG_STRING, &t.out_dir, 0, 0},
+        {"--batch", FLAG_INT, &t.batch, 1, 65536}, {"--seq", FLAG_INT, &t.seq, 1, 1 << 20},
+        {"--grad-accum", FLAG_INT, &t.grad_accum, 1, 1 << 20}, {"--steps", FLAG_INT, &t.steps, 1, BIG},
+        {"--epochs", FLAG_DOUBLE, &t.epochs, 1e-9, 1e9}, {"--lr", FLAG_DOUBLE, &t.opt.lr, 0, 1e3},
+        {"--warmup-steps", FLAG_INT, &t.warmup_steps, 0, BIG}, {"--warmup-ratio", FLAG_DOUBLE, &t.warmup_ratio, 0, 1},
+        {"--schedule", FLAG_SCHEDULE, &t.opt.schedule, 0, 0},
+        {"--weight-decay", FLAG_DOUBLE, &t.opt.weight_decay, 0, 1e3}, {"--clip", FLAG_DOUBLE, &t.opt.clip, 0, 1e30},
+        {"--beta1", FLAG_DOUBLE, &t.opt.beta1, 0, 0.999999}, {"--beta2", FLAG_DOUBLE, &t.opt.beta2, 0, 0.999999999},
+        {"--eps", FLAG_DOUBLE, &t.opt.eps, 0, 1}, {"--seed", FLAG_SEED, &t.seed, 0, 9007199254740992.0},
+        {"--eval-every", FLAG_INT, &t.eval_every, 0, BIG}, {"--val-batches", FLAG_INT, &t.val_batches, 1, BIG},
+        {"--save-every", FLAG_INT, &t.save_every, 0, BIG}, {"--stop-after", FLAG_INT, &t.stop_after, 1, BIG},
+        {"--resume", FLAG_SWITCH, &t.resume, 0, 0}, {"--threads", FLAG_INT, &t.threads, 1, 4096},
+        {"--verbose", FLAG_SWITCH, &t.verbose, 0, 0},
+    };
+    int rc = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!t.train_path || !t.out_dir || (!t.model_dir && !t.resume)) {
+        fprintf(stderr, "mlkv train: --train, --out and --model (or --resume) are required\n%s", train_usage);
+        return 2;
+    }
+    size_t n = strlen(t.out_dir);
+    while (n > 1 && t.out_dir[n - 1] == '/') ((char *)t.out_dir)[--n] = '\0';
+    return run_training(&t);
+}
+
+static void print_model_summary(const Model *m) {
+    const Config *c = &m->config;
+    printf("%zu parameters: %d layers, hidden %d, %d heads of %d, intermediate %d, vocab %d\n", m->num_parameters,
+           c->n_layer, c->hidden_size, c->n_head, c->head_size, c->intermediate_size, c->vocab_size);
+    printf("K/V: %d heads in each of %d owning layers (", c->n_kv_head, c->n_kv_layer);
+    for (int l = 0; l < c->n_layer; l++)
+        if (c->kv_layer_of[l] == l) printf("%s%d", l ? " " : "", l);
+    printf("); KV cache %d bytes/token fp16, %d fp32\n", 2 * c->n_kv_layer * c->n_kv_head * c->head_size * 2,
+           2 * c->n_kv_layer * c->n_kv_head * c->head_size * 4);
+}
+
+static const char *const init_usage =
+    "usage: mlkv init --config CONFIG.json --out DIR [--seed S]\n"
+    "Writes a freshly initialised model (weights normal(0, initializer_range), biases 0,\n"
+    "LayerNorms 1 / 0) as an HF folder, for pretraining small models from scratch.\n";
+
+static int cmd_init(int argc, char **argv) {
+    const char *config_path = NULL, *out = NULL;
+    uint64_t seed = 1234;
+    Flag flags[] = {{"--config", FLAG_STRING, &config_path, 0, 0}, {"--out", FLAG_STRING, &out, 0, 0},
+                    {"--seed", FLAG_SEED, &seed, 0, 9007199254740992.0}};
+    int rc = parse_flags(argc, argv, flags, 3, init_usage, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!config_path || !out) { fprintf(stderr, "mlkv init: --config and --out are required\n%s", init_usage); return 2; }
+    Config c;
+    Model m;
+    if (config_load(&c, config_path) != 0 || check_output_dir(out) != 0 || model_init_random(&m, &c, seed) != 0) {
+        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+        return 1;
+    }
+    rc = checkpoint_save(&m, out, NULL, NULL);
+    if (rc == 0) { print_model_summary(&m); printf("wrote %s\n", out); }
+    else fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+    model_free(&m);
+    return rc == 0 ? 0 : 1;
+}
+
+static const char *const demo_usage =
+    "usage: mlkv demo [--out DIR] [--steps N] [--threads N]\n"
+    "The built-in demo, no download: writes a corpus of short documents whose\n"
+    "questions can only be answered by attending back to facts stated earlier,\n"
+    "trains a tiny Pythia-shaped MHA model on it from scratch, and reports the\n"
+    "validation loss. Everything goes under DIR (demo).\n";
+
+static int cmd_demo(int argc, char **argv) {
+    const char *out = "demo";
+    int steps = 400, threads = 0;
+    Flag flags[] = {{"--out", FLAG_STRING, &out, 0, 0}, {"--steps", FLAG_INT, &steps, 1, 1e9},
+                    {"--threads", FLAG_INT, &threads, 1, 4096}};
+    int rc = parse_flags(argc, argv, flags, 3, demo_usage, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    char train_path[PATH_LEN], val_path[PATH_LEN], init_dir[PATH_LEN], model_dir[PATH_LEN];
+    if (make_path(train_path, out, "/train.bin") || make_path(val_path, out, "/val.bin") ||
+        make_path(init_dir, out, "/init") || make_path(model_dir, out, "/model")) {
+        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+        return 1;
+    }
+    Config c = {.vocab_size = 320, .hidden_size = 128, .n_layer = 4, .n_head = 4, .intermediate_size = 512,
+                .max_position_embeddings = 256, .n_kv_head = 4, .n_kv_layer = 4, .rotary_pct = 0.25,
+                .rotary_base = 10000, .layer_norm_eps = 1e-5, .initializer_range = 0.02, .parallel_residual = 1,
+                .shared_key_rotary = 1};
+    Model m;
+    printf("demo: writing the corpus to %s\n", out);
+    if ((mkdir(out, 0755) != 0 && errno != EEXIST) || demo_corpus(train_path, 1000000, 1) != 0 ||
+        demo_corpus(val_path, 50000, 2) != 0 || model_init_random(&m, &c, 1234) != 0) {
+        fprintf(stderr, "mlkv: error: %s\n", error_message[0] ? mlkv_error() : strerror(errno));
+        return 1;
+    }
+    rc = checkpoint_save(&m, init_dir, NULL, NULL);
+    print_model_summary(&m);
+    model_free(&m);
+    if (rc != 0) { fprintf(stderr, "mlkv: error: %s\n", mlkv_error()); return 1; }
+    remove_checkpoint_dir(model_dir);
+    TrainArgs t;
+    train_defaults(&t);
+    t.model_dir = init_dir;
+    t.train_path = train_path;
+    t.val_path = val_path;
+    t.out_dir = model_dir;
+    t.batch = 16;
+    t.seq = 128;
+    t.grad_accum = 1;
+    t.steps = steps;
+    t.opt.lr = 2e-3;
+    t.warmup_ratio = 0.05;
+    t.eval_every = steps / 4 > 0 ? steps / 4 : 1;
+    t.save_every = 0;
+    t.threads = threads;
+    double t0 = now_seconds();
+    rc = run_training(&t);
+    if (rc == 0) printf("demo: done in %.0fs; a uniform guess over the 257 byte tokens has loss %.4f\n",
+                        now_seconds() - t0, log(257.0));
+    return rc;
+}
+
+static const char *const main_usage =
+    "mlkv.c: Multi-Layer Key-Value sharing on GPT-NeoX (Pythia), trained on the CPU\n"
+    "usage: mlkv <command> [options]   (mlkv <command> --help for its options)\n"
+    "  init    write a randomly initialised model from a config.json\n"
+    "  train   train or uptrain a model on llm.c token files\n"
+    "  demo    built-in demo: corpus, tiny model, training, validation loss\n";
+
+int mlkv_main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        printf("%s", main_usage);
+        return argc < 2 ? 2 : 0;
+    }
+    static const struct { const char *name; int (*run)(int, char **); } commands[] = {
+        {"init", cmd_init}, {"train", cmd_train}, {"demo", cmd_demo}};
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 2, argv + 2);
+    fprintf(stderr, "mlkv: unknown command %s\n%s", argv[1], main_usage);
+    return 2;
+}
+
+#ifndef MLKV_NO_MAIN
+int main(int argc, char **argv) { return mlkv_main(argc, argv); }
+#endif

@@ -1,0 +1,235 @@
+/*
+ * mlkv.h - public interface of mlkv.c: GPT-NeoX (Pythia) with Multi-Layer
+ * Key-Value sharing (MLKV), its forward and backward pass, AdamW, checkpoints
+ * and the training loop, in plain C.
+ *
+ * Conventions: every function that can fail returns 0 on success and -1 on
+ * failure, with a message naming the file or value in mlkv_error().
+ * Tensors are flat row-major float arrays; shapes are given in comments as
+ * [B, T, C] = batch, time (sequence position), channels.
+ */
+#ifndef MLKV_H
+#define MLKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MLKV_MAX_LAYERS 256
+#define MLKV_NAME_MAX 96
+
+const char *mlkv_error(void);
+
+/* ---------------------------------------------------------------------------
+ * JSON (config.json, safetensors headers, tokenizer.json) */
+typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
+typedef struct Json {
+    JsonType type;
+    double number;        /* JSON_NUMBER, and JSON_BOOL as 0 / 1 */
+    char *string;         /* JSON_STRING: UTF-8, NUL-terminated */
+    size_t length;        /* JSON_STRING: bytes; JSON_ARRAY / JSON_OBJECT: items */
+    struct Json *items;   /* JSON_ARRAY / JSON_OBJECT values */
+    char **keys;          /* JSON_OBJECT keys, parallel to items */
+} Json;
+/* `what` names the source (a file) in error messages. */
+int json_parse(const char *text, size_t len, const char *what, Json *out);
+const Json *json_get(const Json *object, const char *key);
+void json_free(Json *j);
+
+/* ---------------------------------------------------------------------------
+ * Model configuration (HF config.json of GPT-NeoX plus the two MLKV integers) */
+typedef struct {
+    int vocab_size, hidden_size, n_layer, n_head, intermediate_size;
+    int max_position_embeddings;
+    int n_kv_head;           /* num_key_value_heads: K/V heads in a layer that owns them */
+    int n_kv_layer;          /* num_key_value_layers: how many layers own K/V projections */
+    double rotary_pct, rotary_base, layer_norm_eps, initializer_range;
+    int parallel_residual;   /* x + attn(ln1 x) + mlp(ln2 x); else sequential */
+    int shared_key_rotary;   /* 1 (default): layers that share K read the rotated keys.
+                                0: the reference's behaviour, non-owning layers read
+                                un-rotated keys (mlkv_shared_key_rotary: false) */
+    /* derived by config_finalize */
+    int head_size, rotary_ndims;
+    int kv_layer_of[MLKV_MAX_LAYERS];  /* the owning layer whose K/V layer l reads */
+    int kv_slot_of[MLKV_MAX_LAYERS];   /* index of that owner among the owners, 0..kvL-1 */
+} Config;
+
+/* Reads a GPT-NeoX config.json (classic or transformers-5 key names). */
+int config_load(Config *c, const char *path);
+/* Validates and derives head_size, rotary_ndims and the owning-layer map. */
+int config_finalize(Config *c, const char *what);
+int config_save(const Config *c, const char *path);
+/* The reference's placement: [0] + [int((i+1) * (L / kvL)) for i in range(kvL-1)] */
+void kv_owner_layers(int n_layer, int n_kv_layer, int *owners);
+
+/* ---------------------------------------------------------------------------
+ * Parameters: one flat buffer, described by a table of named tensors */
+typedef struct {
+    char name[MLKV_NAME_MAX];   /* HF name, unfused: gpt_neox.layers.3.attention.key.weight */
+    int ndim, shape[2];
+    size_t offset, numel;       /* into the flat buffer, in floats */
+    size_t slot;                /* byte offset of this tensor's pointer inside Weights */
+    int decayed;                /* AdamW weight decay applies (not biases, not LayerNorms) */
+} ParamInfo;
+
+typedef struct {
+    float *ln1_w, *ln1_b;       /* [C] input_layernorm */
+    float *ln2_w, *ln2_b;       /* [C] post_attention_layernorm */
+    float *q_w, *q_b;           /* [H*hs, C], [H*hs] */
+    float *k_w, *k_b;           /* [kvH*hs, C], [kvH*hs]; NULL unless the layer owns K/V */
+    float *v_w, *v_b;           /* [kvH*hs, C], [kvH*hs]; NULL unless the layer owns K/V */
+    float *dense_w, *dense_b;   /* [C, C], [C] attention output projection */
+    float *fc_w, *fc_b;         /* [I, C], [I] mlp.dense_h_to_4h */
+    float *proj_w, *proj_b;     /* [C, I], [C] mlp.dense_4h_to_h */
+} LayerWeights;
+
+typedef struct {
+    float *embed_in;            /* [V, C] */
+    LayerWeights layer[MLKV_MAX_LAYERS];
+    float *lnf_w, *lnf_b;       /* [C] final_layer_norm */
+    float *embed_out;           /* [V, C] untied output head, no bias */
+} Weights;
+
+/* Activations kept from the forward pass for the backward pass, sized for (B, T). */
+typedef struct {
+    float *residual;   /* [L+1, B, T, C] input of each layer; [L] feeds the final LN */
+    float *ln1;        /* [L, B, T, C] */
+    float *ln1_stats;  /* [L, B, T, 2] mean, 1/std */
+    float *q;          /* [L, B, T, H*hs] rotated queries */
+    float *k_pre;      /* [kvL, B, T, kvH*hs] owners' keys before rotary */
+    float *k_rot;      /* [kvL, B, T, kvH*hs] owners' keys after rotary */
+    float *v;          /* [kvL, B, T, kvH*hs] owners' values */
+    float *att_lse;    /* [L, B, H, T] log-sum-exp of each softmax row */
+    float *att_out;    /* [L, B, T, C] softmax(q k^T) v, before the dense projection */
+    float *resid_mid;  /* [L, B, T, C] x + attn (sequential residual only) */
+    float *ln2;        /* [L, B, T, C] */
+    float *ln2_stats;  /* [L, B, T, 2] */
+    float *fc_pre;     /* [L, B, T, I] before GELU */
+    float *fc_act;     /* [L, B, T, I] after GELU */
+    float *lnf;        /* [B, T, C] */
+    float *lnf_stats;  /* [B, T, 2] */
+    float *branch;     /* [B, T, C] output of the current attention or MLP branch */
+    float *logits;     /* [B, T, V]; the backward pass turns it into dlogits */
+    float *losses;     /* [B, T] */
+} Activations;
+
+/* Gradient scratch for the backward pass, sized for (B, T). */
+typedef struct {
+    float *d_residual; /* [B, T, C] gradient of the residual stream */
+    float *d_ln1;      /* [B, T, C] */
+    float *d_ln2;      /* [B, T, C] */
+    float *d_att_out;  /* [B, T, C] */
+    float *d_branch;   /* [B, T, C] gradient of a branch output (dense or mlp out) */
+    float *d_q;        /* [B, T, H*hs] */
+    float *d_k_pre;    /* [kvL, B, T, kvH*hs] accumulated over every layer reading the owner */
+    float *d_k_rot;    /* [kvL, B, T, kvH*hs] */
+    float *d_v;        /* [kvL, B, T, kvH*hs] */
+    float *d_fc;       /* [B, T, I] */
+    float *att_delta;  /* [B, H, T] rowsum(d_out * out) of the attention backward */
+} GradScratch;
+
+typedef struct {
+    Config config;
+    int n_params;                      /* tensors */
+    ParamInfo *params;                 /* [n_params] */
+    size_t num_parameters;             /* floats */
+    float *param_memory;  Weights w;   /* parameters */
+    float *grad_memory;   Weights g;   /* their gradients (after model_prepare with grads) */
+    float *adam_m, *adam_v;            /* AdamW moments, allocated on first update */
+    int B, T;                          /* activation sizes of model_prepare */
+    float *act_memory;    Activations a;
+    float *scratch_memory; GradScratch d;
+    float *rope_cos, *rope_sin;        /* [T, rotary_ndims/2] */
+    int *inputs, *targets;             /* [B, T] of the last forward */
+    int fwd_B, fwd_T;                  /* shape of the last forward */
+    size_t act_floats, scratch_floats; /* for --verbose */
+} Model;
+
+int model_init_random(Model *m, const Config *c, uint64_t seed);
+/* Loads DIR/config.json and DIR/model.safetensors (or a sharded index); plain
+ * Pythia folders with a fused query_key_value load too. F32, F16, BF16. */
+int model_load(Model *m, const char *dir);
+/* Allocates activations (and gradients and AdamW moments when with_grads) for
+ * batches up to B x T. */
+int model_prepare(Model *m, int B, int T, int with_grads);
+void model_free(Model *m);
+/* Prints the bytes of every buffer group (parameters, gradients, optimizer, activations). */
+void model_print_memory(const Model *m);
+/* Forward pass on inputs [B, T]; with targets [B, T] returns the mean
+ * cross-entropy (else 0). Logits are left in m->a.logits. */
+float model_forward(Model *m, const int *inputs, const int *targets, int B, int T);
+void model_zero_grad(Model *m);
+/* Backward pass of the last forward; adds d(loss_scale * mean loss) to m->g. */
+void model_backward(Model *m, float loss_scale);
+const ParamInfo *model_param(const Model *m, const char *name);
+
+/* ---------------------------------------------------------------------------
+ * safetensors: 8-byte little-endian header length N, N bytes of JSON, data */
+typedef struct {
+    char path[1024];
+    FILE *f;
+    Json header;            /* name -> {dtype, shape, data_offsets}, and __metadata__ */
+    size_t data_start, file_size;
+} SafeTensors;
+/* Opens and validates every header entry against the file size. */
+int st_open(SafeTensors *st, const char *path);
+void st_close(SafeTensors *st);
+const Json *st_entry(const SafeTensors *st, const char *name);
+/* Reads a tensor whose shape must be exactly shape[0..ndim), converting
+ * F32 / F16 / BF16 to float, or I32 / I64 to int (whichever dst is non-NULL). */
+int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst, int *idst);
+const char *st_metadata(const SafeTensors *st, const char *key);
+
+/* Tensors to write: the parameter table laid over base, names prefixed. */
+typedef struct { const char *prefix; const float *base; } TensorGroup;
+/* metadata_json: a JSON object of strings, or NULL. */
+int safetensors_write(const char *path, const Model *m, const TensorGroup *groups, int n_groups,
+                      const char *metadata_json);
+
+/* ---------------------------------------------------------------------------
+ * Optimization: AdamW, clipping, learning-rate schedule */
+typedef enum { SCHEDULE_COSINE, SCHEDULE_LINEAR, SCHEDULE_CONSTANT } ScheduleKind;
+typedef struct {
+    double lr, beta1, beta2, eps, weight_decay, clip;
+    int warmup_steps, total_steps;
+    ScheduleKind schedule;
+} OptimConfig;
+
+double lr_at_step(const OptimConfig *o, int step);   /* step counts from 0 */
+/* Global L2 norm of the gradients; scales them by clip / (norm + 1e-6) when larger. */
+double clip_gradients(Model *m, double clip);
+/* One AdamW update (torch.optim.AdamW arithmetic); t counts from 1. */
+void adamw_update(Model *m, const OptimConfig *o, double lr, int t);
+/* One optimizer step: grad_accum micro-batches taken from tokens
+ * [grad_accum, B, T+1], forward, backward, clip, AdamW. Returns the mean loss. */
+float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_accum,
+                 int step, double *grad_norm);
+
+/* ---------------------------------------------------------------------------
+ * Token files: llm.c's format, 256 int32 header (20240520, 1, count), uint16 tokens */
+typedef struct {
+    uint16_t *tokens;
+    size_t n_tokens;
+} TokenFile;
+int tokens_load(TokenFile *f, const char *path, int vocab_size);
+int tokens_save(const char *path, const uint16_t *tokens, size_t n);
+void tokens_free(TokenFile *f);
+
+/* Shuffled sequences of T+1 tokens; order reshuffled each epoch from the seed. */
+typedef struct {
+    const TokenFile *file;
+    int B, T;
+    size_t n_seqs, next;
+    int epoch, shuffle;
+    uint64_t seed;
+    size_t *order;
+} DataLoader;
+int loader_init(DataLoader *dl, const TokenFile *f, int B, int T, uint64_t seed, int shuffle);
+void loader_seek(DataLoader *dl, int epoch, size_t next);
+void loader_next(DataLoader *dl, int *rows);   /* fills [B, T+1] */
+void loader_free(DataLoader *dl);
+
+/* ---------------------------------------------------------------------------
+ * Command line: mlkv <command> ...; returns the process exit code. */
+int mlkv_main(int argc, char **argv);
+
+#endif

@@ -1,0 +1,603 @@
+/*
+ * test_mlkv.c - the tests of mlkv.c. Run from the repository root:
+ *     ./test_mlkv path/to/mlkv
+ * (make test builds and runs it for every compiler and OpenMP setting).
+ *
+ * Numbers are checked against fixtures that dev/gen_fixtures.py computed with
+ * PyTorch and HF transformers (dev/fixtures/NAME/ref.safetensors). Errors are
+ * normalised by the reference tensor's scale: err = max|ours - ref| / max|ref|.
+ * Tolerances:
+ *   logits, loss             1e-5
+ *   gradients                1e-4 (every parameter tensor)
+ *   per-step loss and norm   1e-5 over 3 AdamW steps (warmup, cosine, clipping,
+ *                            decay, 2 accumulated micro-batches)
+ *   parameters after 3 steps 1e-3 of the largest parameter change: Adam divides
+ *                            by |g|, so an element whose gradient is 1/100 of
+ *                            its tensor's largest sees the gradient error
+ *                            (< 1e-5 of the largest) amplified ~100x. Key-bias
+ *                            components with a zero true gradient are
+ *                            excluded (see is_key_bias).
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "mlkv.h"
+
+static int passed, failed;
+static const char *mlkv_bin;
+static char tmp_dir[256];
+
+#define CHECK(cond, ...)                                        \
+    do {                                                        \
+        if (cond) passed++;                                     \
+        else {                                                  \
+            failed++;                                           \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);         \
+            printf(__VA_ARGS__);                                \
+            printf("\n");                                       \
+        }                                                       \
+    } while (0)
+
+static const char *const fixture_names[] = {"mha", "mha_seq", "gqa", "mqa", "mlkv_3x2", "mlkv_1x1",
+                                            "mlkv_2x2_compat", "mlkv_2x4_seq"};
+
+static double max_abs(const float *x, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(x[i]));
+    return m;
+}
+
+/* max|a - b| / max|b| */
+static double scaled_error(const float *a, const float *b, size_t n) {
+    double e = 0;
+    for (size_t i = 0; i < n; i++) e = fmax(e, fabs((double)a[i] - b[i]));
+    double scale = max_abs(b, n);
+    return scale > 0 ? e / scale : e;
+}
+
+static float *read_tensor(const SafeTensors *st, const char *name, int ndim, const int *shape, size_t numel) {
+    float *x = malloc(numel * sizeof(float));
+    if (st_read(st, name, ndim, shape, x, NULL) != 0) {
+        printf("fixture: %s\n", mlkv_error());
+        exit(1);
+    }
+    return x;
+}
+
+static double meta_number(const SafeTensors *st, const char *key) {
+    const char *v = st_metadata(st, key);
+    if (!v) { printf("fixture %s: no metadata %s\n", st->path, key); exit(1); }
+    return atof(v);
+}
+
+/* --- forward, backward and 3 AdamW steps against PyTorch ------------------ */
+
+typedef struct { double logits, loss, grad, step_loss, param; } FixtureErrors;
+
+/* A key bias b adds q.b to every score of a query's row where rotary does not
+ * act, which softmax cancels: those components have an exactly-zero true
+ * gradient, so Adam turns rounding noise into +-lr steps in any implementation
+ * and their values after training are not comparable. */
+static int is_key_bias(const ParamInfo *p) { return strstr(p->name, "attention.key.bias") != NULL; }
+
+static int outside_rotary(const Model *m, size_t k) { return (int)(k % m->config.head_size) >= m->config.rotary_ndims; }
+
+static void test_fixture(const char *name, FixtureErrors *worst) {
+    char dir[512], path[600], pname[MLKV_NAME_MAX + 8];
+    snprintf(dir, sizeof(dir), "dev/fixtures/%s", name);
+    snprintf(path, sizeof(path), "%s/ref.safetensors", dir);
+    Model m;
+    SafeTensors ref;
+    if (model_load(&m, dir) != 0 || st_open(&ref, path) != 0) {
+        CHECK(0, "%s: cannot load: %s", name, mlkv_error());
+        return;
+    }
+    int S = (int)meta_number(&ref, "steps"), A = (int)meta_number(&ref, "grad_accum");
+    int B = (int)meta_number(&ref, "batch"), T = (int)meta_number(&ref, "seq"), V = m.config.vocab_size;
+    int tshape[4] = {S, A, B, T + 1};
+    int *tokens = malloc(sizeof(int) * S * A * B * (T + 1));
+    CHECK(st_read(&ref, "tokens", 4, tshape, NULL, tokens) == 0, "%s: tokens: %s", name, mlkv_error());
+    CHECK(model_prepare(&m, B, T, 1) == 0, "%s: prepare: %s", name, mlkv_error());
+
+    /* one forward and backward of micro-batch (0, 0) */
+    int *inputs = malloc(sizeof(int) * B * T), *targets = malloc(sizeof(int) * B * T);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            inputs[b * T + t] = tokens[b * (T + 1) + t];
+            targets[b * T + t] = tokens[b * (T + 1) + t + 1];
+        }
+    float loss = model_forward(&m, inputs, targets, B, T);
+    int lshape[3] = {B, T, V}, one = 1;
+    float *ref_logits = read_tensor(&ref, "logits", 3, lshape, (size_t)B * T * V);
+    float *ref_loss = read_tensor(&ref, "loss", 1, &one, 1);
+    double e_logits = scaled_error(m.a.logits, ref_logits, (size_t)B * T * V);
+    double e_loss = fabs(loss - ref_loss[0]) / fabs(ref_loss[0]);
+    CHECK(e_logits <= 1e-5, "%s: logits error %.3g > 1e-5", name, e_logits);
+    CHECK(e_loss <= 1e-5, "%s: loss %.7f vs %.7f", name, loss, ref_loss[0]);
+    model_zero_grad(&m);
+    model_backward(&m, 1.0f);
+    double e_grad = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const ParamInfo *p = &m.params[i];
+        snprintf(pname, sizeof(pname), "grad.%s", p->name);
+        float *g = read_tensor(&ref, pname, p->ndim, p->shape, p->numel);
+        double e = scaled_error(m.grad_memory + p->offset, g, p->numel);
+        CHECK(e <= 1e-4, "%s: gradient of %s error %.3g > 1e-4", name, p->name, e);
+        if (is_key_bias(p)) {
+            double floor_ = 0, scale = max_abs(g, p->numel);
+            for (size_t k = 0; k < p->numel; k++)
+                if (outside_rotary(&m, k)) floor_ = fmax(floor_, fabs(m.grad_memory[p->offset + k]));
+            CHECK(floor_ <= 1e-5 * scale, "%s: %s outside the rotary dims has gradient %.3g (should be ~0)", name,
+                  p->name, floor_);
+        }
+        e_grad = fmax(e_grad, e);
+        free(g);
+    }
+
+    /* S optimizer steps from the initial parameters */
+    Model fresh;
+    CHECK(model_load(&fresh, dir) == 0 && model_prepare(&fresh, B, T, 1) == 0, "%s: reload", name);
+    OptimConfig o = {.lr = meta_number(&ref, "lr"), .beta1 = meta_number(&ref, "beta1"),
+                     .beta2 = meta_number(&ref, "beta2"), .eps = meta_number(&ref, "eps"),
+                     .weight_decay = meta_number(&ref, "weight_decay"), .clip = meta_number(&ref, "clip"),
+                     .warmup_steps = (int)meta_number(&ref, "warmup_steps"), .total_steps = S,
+                     .schedule = SCHEDULE_COSINE};
+    float *ref_losses = read_tensor(&ref, "losses", 1, &S, S), *ref_norms = read_tensor(&ref, "norms", 1, &S, S);
+    float *initial = malloc(fresh.num_parameters * sizeof(float));
+    memcpy(initial, fresh.param_memory, fresh.num_parameters * sizeof(float));
+    double e_steps = 0;
+    for (int s = 0; s < S; s++) {
+        double norm;
+        float l = train_step(&fresh, &o, tokens + (size_t)s * A * B * (T + 1), A, s, &norm);
+        double el = fabs(l - ref_losses[s]) / fabs(ref_losses[s]), en = fabs(norm - ref_norms[s]) / ref_norms[s];
+        CHECK(el <= 1e-5 && en <= 1e-5, "%s: step %d loss %.7f vs %.7f, norm %.7f vs %.7f", name, s, l,
+              ref_losses[s], norm, ref_norms[s]);
+        e_steps = fmax(e_steps, fmax(el, en));
+    }
+    CHECK(ref_norms[0] > o.clip, "%s: the fixture must exercise clipping (norm %.3f, clip %.3f)", name, ref_norms[0], o.clip);
+    double e_param = 0;
+    for (int i = 0; i < fresh.n_params; i++) {
+        const ParamInfo *p = &fresh.params[i];
+        snprintf(pname, sizeof(pname), "final.%s", p->name);
+        float *want = read_tensor(&ref, pname, p->ndim, p->shape, p->numel);
+        float *ours = fresh.param_memory + p->offset, *init = initial + p->offset;
+        double err = 0, change = 0;
+        for (size_t k = 0; k < p->numel; k++) {
+            if (is_key_bias(p) && outside_rotary(&fresh, k)) continue;
+            err = fmax(err, fabs((double)ours[k] - want[k]));
+            change = fmax(change, fabs((double)want[k] - init[k]));
+        }
+        CHECK(change > 0 && err <= 1e-3 * change, "%s: %s after %d steps: error %.3g vs largest change %.3g", name,
+              p->name, S, err, change);
+        e_param = fmax(e_param, change > 0 ? err / change : err);
+        free(want);
+    }
+    worst->logits = fmax(worst->logits, e_logits);
+    worst->loss = fmax(worst->loss, e_loss);
+    worst->grad = fmax(worst->grad, e_grad);
+    worst->step_loss = fmax(worst->step_loss, e_steps);
+    worst->param = fmax(worst->param, e_param);
+    printf("  %-16s logits %.1e  loss %.1e  grads %.1e  steps %.1e  params %.1e\n", name, e_logits, e_loss, e_grad,
+           e_steps, e_param);
+    free(initial); free(ref_losses); free(ref_norms); free(ref_logits); free(ref_loss);
+    free(inputs); free(targets); free(tokens);
+    st_close(&ref);
+    model_free(&fresh);
+    model_free(&m);
+}
+
+/* --- central finite differences against the analytic gradient ------------- */
+
+static void test_finite_differences(void) {
+    Model m;
+    CHECK(model_load(&m, "dev/fixtures/mlkv_2x2_compat") == 0, "load: %s", mlkv_error());
+    int B = 2, T = 8, N = B * T, inputs[16], targets[16];
+    unsigned s = 7;
+    for (int i = 0; i < N; i++) {
+        s = s * 1103515245u + 12345u;
+        inputs[i] = (int)(s >> 16) % m.config.vocab_size;
+        s = s * 1103515245u + 12345u;
+        targets[i] = (int)(s >> 16) % m.config.vocab_size;
+    }
+    model_prepare(&m, B, T, 1);
+    model_forward(&m, inputs, targets, B, T);
+    model_zero_grad(&m);
+    model_backward(&m, 1.0f);
+    /* shared K/V of an owner (layer 0 serves layers 0 and 1), a non-owner's query,
+     * LayerNorms, MLP, embeddings and head */
+    const char *names[] = {"gpt_neox.layers.0.attention.key.weight", "gpt_neox.layers.0.attention.value.bias",
+                           "gpt_neox.layers.2.attention.key.bias", "gpt_neox.layers.1.attention.query.weight",
+                           "gpt_neox.layers.3.input_layernorm.weight", "gpt_neox.layers.1.mlp.dense_4h_to_h.weight",
+                           "gpt_neox.embed_in.weight", "embed_out.weight", "gpt_neox.final_layer_norm.bias"};
+    double worst = 0;
+    for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++) {
+        const ParamInfo *p = model_param(&m, names[k]);
+        CHECK(p != NULL, "no parameter %s", names[k]);
+        if (!p) continue;
+        /* the element with the largest gradient: finite differences in float
+         * resolve it well */
+        size_t best = 0;
+        for (size_t i = 0; i < p->numel; i++)
+            if (fabsf(m.grad_memory[p->offset + i]) > fabsf(m.grad_memory[p->offset + best])) best = i;
+        float *x = m.param_memory + p->offset + best, x0 = *x, h = 1e-2f;
+        *x = x0 + h;
+        double up = model_forward(&m, inputs, targets, B, T);
+        *x = x0 - h;
+        double down = model_forward(&m, inputs, targets, B, T);
+        *x = x0;
+        double fd = (up - down) / (2.0 * h), analytic = m.grad_memory[p->offset + best];
+        double rel = fabs(fd - analytic) / fmax(fabs(analytic), 1e-3);
+        CHECK(rel < 2e-2, "finite differences, %s[%zu]: %.6g vs analytic %.6g", names[k], best, fd, analytic);
+        worst = fmax(worst, rel);
+    }
+    printf("  finite differences: worst relative error %.2e over %zu tensors\n", worst, sizeof(names) / sizeof(names[0]));
+    model_free(&m);
+}
+
+/* --- small pure functions ------------------------------------------------- */
+
+static void test_owner_placement(void) {
+    /* the examples of MLKV-REFERENCE section 1, and kvL not dividing L */
+    struct { int L, kvL, owners[8]; } cases[] = {
+        {12, 4, {0, 3, 6, 9}}, {12, 6, {0, 2, 4, 6, 8, 10}}, {12, 2, {0, 6}}, {12, 1, {0}}, {4, 3, {0, 1, 2}},
+        {24, 5, {0, 4, 9, 14, 19}}};
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        int owners[MLKV_MAX_LAYERS];
+        kv_owner_layers(cases[c].L, cases[c].kvL, owners);
+        int same = 1;
+        for (int i = 0; i < cases[c].kvL; i++) same &= owners[i] == cases[c].owners[i];
+        CHECK(same, "owners of L=%d kvL=%d", cases[c].L, cases[c].kvL);
+    }
+    Config cfg = {.vocab_size = 8, .hidden_size = 8, .n_layer = 12, .n_head = 2, .intermediate_size = 8,
+                  .max_position_embeddings = 8, .n_kv_head = 1, .n_kv_layer = 4, .rotary_pct = 0.5,
+                  .rotary_base = 10000, .layer_norm_eps = 1e-5};
+    CHECK(config_finalize(&cfg, "test") == 0, "finalize: %s", mlkv_error());
+    int want[12] = {0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9};
+    for (int l = 0; l < 12; l++) CHECK(cfg.kv_layer_of[l] == want[l], "layer %d reads %d", l, cfg.kv_layer_of[l]);
+}
+
+static void test_schedule(void) {
+    OptimConfig o = {.lr = 1.0, .warmup_steps = 2, .total_steps = 10, .schedule = SCHEDULE_COSINE};
+    CHECK(lr_at_step(&o, 0) == 0.0, "the first update uses lr 0");
+    CHECK(fabs(lr_at_step(&o, 1) - 0.5) < 1e-15, "warmup is linear");
+    CHECK(fabs(lr_at_step(&o, 2) - 1.0) < 1e-15, "peak after warmup");
+    CHECK(fabs(lr_at_step(&o, 6) - 0.5) < 1e-12, "cosine midpoint");
+    o.schedule = SCHEDULE_LINEAR;
+    CHECK(fabs(lr_at_step(&o, 6) - 0.5) < 1e-12, "linear midpoint");
+    o.schedule = SCHEDULE_CONSTANT;
+    CHECK(lr_at_step(&o, 9) == 1.0, "constant");
+}
+
+static void test_json(void) {
+    const char *text = "{\"a\": [1, -2.5e3, true, null], \"s\": \"x\\u00e9\\ud83d\\ude00\\n\\\"\", \"o\": {}}";
+    Json j;
+    CHECK(json_parse(text, strlen(text), "inline", &j) == 0, "parse: %s", mlkv_error());
+    const Json *a = json_get(&j, "a"), *s = json_get(&j, "s");
+    CHECK(a && a->length == 4 && a->items[1].number == -2500.0 && a->items[2].type == JSON_BOOL, "array values");
+    CHECK(s && strcmp(s->string, "x\xc3\xa9\xf0\x9f\x98\x80\n\"") == 0, "string escapes to UTF-8");
+    json_free(&j);
+    const char *bad[] = {"{\"a\": }", "[1, 2", "{\"a\" 1}", "\"\\q\"", "[1] x", "{\"a\": tru}"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        CHECK(json_parse(bad[i], strlen(bad[i]), "bad.json", &j) != 0 && strstr(mlkv_error(), "bad.json: invalid JSON"),
+              "malformed JSON %s must fail with the file name, got: %s", bad[i], mlkv_error());
+    }
+}
+
+/* F16 and BF16 bit patterns with values fixed by IEEE 754 */
+static void test_half_precision(void) {
+    char path[300];
+    snprintf(path, sizeof(path), "%s/halves.safetensors", tmp_dir);
+    const char *header = "{\"h\":{\"dtype\":\"F16\",\"shape\":[5],\"data_offsets\":[0,10]},"
+                         "\"b\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[10,16]}}";
+    uint16_t data[8] = {0x3C00, 0xC100, 0x7BFF, 0x0001, 0xFC00, 0x3F80, 0xC020, 0x4049};
+    uint64_t n = strlen(header);
+    FILE *f = fopen(path, "wb");
+    fwrite(&n, 8, 1, f);
+    fwrite(header, 1, n, f);
+    fwrite(data, 2, 8, f);
+    fclose(f);
+    SafeTensors st;
+    float h[5], b[3];
+    int five = 5, three = 3;
+    CHECK(st_open(&st, path) == 0, "open: %s", mlkv_error());
+    CHECK(st_read(&st, "h", 1, &five, h, NULL) == 0 && st_read(&st, "b", 1, &three, b, NULL) == 0, "read halves");
+    CHECK(h[0] == 1.0f && h[1] == -2.5f && h[2] == 65504.0f && h[3] == ldexpf(1.0f, -24) && isinf(h[4]) && h[4] < 0,
+          "F16 values: %g %g %g %g %g", h[0], h[1], h[2], h[3], h[4]);
+    CHECK(b[0] == 1.0f && b[1] == -2.5f && b[2] == 3.140625f, "BF16 values: %g %g %g", b[0], b[1], b[2]);
+    int four = 4;
+    CHECK(st_read(&st, "h", 1, &four, h, NULL) != 0 && strstr(mlkv_error(), "has shape [5], expected [4]"),
+          "shape mismatch is reported: %s", mlkv_error());
+    st_close(&st);
+}
+
+/* --- the command line: resume, errors ------------------------------------- */
+
+/* Runs a shell command; returns its exit code, output in tmp_dir/out.txt */
+static int run(const char *fmt, ...) {
+    char cmd[2048], full[2400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof(cmd), fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof(full), "%s > %s/out.txt 2>&1", cmd, tmp_dir);
+    int status = system(full);
+    return status == -1 ? -1 : WEXITSTATUS(status);
+}
+
+static char *output(void) {
+    static char buf[8192];
+    char path[300];
+    snprintf(path, sizeof(path), "%s/out.txt", tmp_dir);
+    FILE *f = fopen(path, "rb");
+    size_t n = f ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+    if (f) fclose(f);
+    buf[n] = '\0';
+    return buf;
+}
+
+static char *slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    *len = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *d = malloc(*len + 1);
+    *len = fread(d, 1, *len, f);
+    d[*len] = '\0';
+    fclose(f);
+    return d;
+}
+
+static int same_file(const char *a, const char *b) {
+    size_t la, lb;
+    char *x = slurp(a, &la), *y = slurp(b, &lb);
+    int same = x && y && la == lb && memcmp(x, y, la) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
+/* The loss column of a training log, one line per step. */
+static void log_losses(const char *path, char *out, size_t n) {
+    size_t len;
+    char *d = slurp(path, &len);
+    out[0] = '\0';
+    for (char *line = d ? strtok(d, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+        char *c1 = strchr(line, ','), *c2 = c1 ? strchr(c1 + 1, ',') : NULL, *c3 = c2 ? strchr(c2 + 1, ',') : NULL;
+        char *c4 = c3 ? strchr(c3 + 1, ',') : NULL;
+        if (!c4) continue;
+        /* step, loss, lr, norm; tokens/s varies between runs */
+        snprintf(out + strlen(out), n - strlen(out), "%.*s|", (int)(c4 - line), line);
+    }
+    free(d);
+}
+
+static void write_tokens(const char *path, int n, int vocab, unsigned seed) {
+    uint16_t *t = malloc(sizeof(uint16_t) * n);
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        t[i] = (uint16_t)((seed >> 16) % (unsigned)vocab);
+    }
+    CHECK(tokens_save(path, t, (size_t)n) == 0, "tokens_save: %s", mlkv_error());
+    free(t);
+}
+
+static void test_resume(void) {
+    char train[300];
+    snprintf(train, sizeof(train), "%s/train.bin", tmp_dir);
+    write_tokens(train, 3000, 64, 99);
+    const char *common = "--model dev/fixtures/gqa --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 "
+                         "--warmup-steps 2 --eval-every 0";
+    CHECK(run("%s train %s --train %s --val %s --out %s/straight", mlkv_bin, common, train, train, tmp_dir) == 0,
+          "straight run: %s", output());
+    CHECK(strstr(output(), "step     6/6") != NULL, "progress lines: %s", output());
+    CHECK(run("%s train %s --train %s --val %s --out %s/pieces --stop-after 4 --threads 1", mlkv_bin, common, train,
+              train, tmp_dir) == 0, "first piece: %s", output());
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 "
+              "--eval-every 0 --train %s --val %s --out %s/pieces", mlkv_bin, train, train, tmp_dir) == 0,
+          "resumed piece: %s", output());
+    CHECK(strstr(output(), "resuming at step 4 of 6") != NULL, "resume message: %s", output());
+    char a[300], b[300], la[4096], lb[4096];
+    snprintf(a, sizeof(a), "%s/straight.log.csv", tmp_dir);
+    snprintf(b, sizeof(b), "%s/pieces.log.csv", tmp_dir);
+    log_losses(a, la, sizeof(la));
+    log_losses(b, lb, sizeof(lb));
+    CHECK(strlen(la) > 40 && strcmp(la, lb) == 0, "resumed losses differ:\n%s\n%s", la, lb);
+    const char *files[] = {"model.safetensors", "optimizer.safetensors", "config.json"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(a, sizeof(a), "%s/straight/%s", tmp_dir, files[i]);
+        snprintf(b, sizeof(b), "%s/pieces/%s", tmp_dir, files[i]);
+        CHECK(same_file(a, b), "%s differs between the straight and the resumed run", files[i]);
+    }
+    /* a resume must keep the settings that made the checkpoint */
+    CHECK(run("%s train --resume --batch 4 --seq 16 --grad-accum 2 --steps 6 --train %s --out %s/pieces", mlkv_bin,
+              train, tmp_dir) == 1 && strstr(output(), "resume with the same settings"), "changed settings: %s", output());
+}
+
+static int exists(const char *fmt, const char *a) {
+    char path[600];
+    struct stat st;
+    snprintf(path, sizeof(path), fmt, a);
+    return stat(path, &st) == 0;
+}
+
+static void write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "wb");
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Copies a fixture model folder to tmp_dir/name, optionally with another config. */
+static void copy_model(const char *fixture, const char *name, const char *config_text) {
+    CHECK(run("rm -rf %s/%s && mkdir -p %s/%s && cp dev/fixtures/%s/config.json dev/fixtures/%s/model.safetensors %s/%s",
+              tmp_dir, name, tmp_dir, name, fixture, fixture, tmp_dir, name) == 0, "copy %s", fixture);
+    if (config_text) {
+        char path[400];
+        snprintf(path, sizeof(path), "%s/%s/config.json", tmp_dir, name);
+        write_text(path, config_text);
+    }
+}
+
+#define TINY_CONFIG(extra) \
+    "{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 32, \"num_hidden_layers\": 4, " \
+    "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"rotary_pct\": 0.5" extra "}"
+
+static void test_errors(void) {
+    char train[300], path[400];
+    snprintf(train, sizeof(train), "%s/train.bin", tmp_dir);
+    struct { const char *config, *message; } configs[] = {
+        {"{\"model_type\": \"llama\", \"vocab_size\": 8}", "not a GPT-NeoX config"},
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64,", "invalid JSON"},
+        {TINY_CONFIG(", \"num_key_value_heads\": 3"), "not divisible by num_key_value_heads 3"},
+        {TINY_CONFIG(", \"num_key_value_layers\": 5"), "num_key_value_layers 5 must be in 1..num_hidden_layers (4)"},
+        {TINY_CONFIG(", \"num_key_value_layers\": 0"), "num_key_value_layers 0 must be in 1.."},
+        {TINY_CONFIG(", \"num_key_value_heads\": 8"), "num_key_value_heads 8 must be in 1..num_attention_heads"},
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 30, \"num_hidden_layers\": 4, "
+         "\"num_attention_heads\": 4, \"intermediate_size\": 64}",
+         "hidden_size 30 is not divisible by num_attention_heads 4"},
+    };
+    for (size_t i = 0; i < sizeof(configs) / sizeof(configs[0]); i++) {
+        snprintf(path, sizeof(path), "%s/bad_config.json", tmp_dir);
+        write_text(path, configs[i].config);
+        int rc = run("%s init --config %s --out %s/never", mlkv_bin, path, tmp_dir);
+        CHECK(rc == 1 && strstr(output(), configs[i].message) && strstr(output(), "bad_config.json"),
+              "config error '%s': exit %d, output: %s", configs[i].message, rc, output());
+        CHECK(!exists("%s/never", tmp_dir), "no output after a config error");
+    }
+
+    /* checkpoints: truncated, not safetensors, wrong shape, missing tensor */
+    copy_model("gqa", "truncated", NULL);
+    CHECK(run("truncate -s -100 %s/truncated/model.safetensors", tmp_dir) == 0, "truncate");
+    CHECK(run("%s train --model %s/truncated --train %s --out %s/never --steps 1 --seq 16 --batch 1 --grad-accum 1",
+              mlkv_bin, tmp_dir, train, tmp_dir) == 1 && strstr(output(), "truncated/model.safetensors") &&
+          strstr(output(), "truncated"), "truncated checkpoint: %s", output());
+    copy_model("gqa", "garbage", NULL);
+    snprintf(path, sizeof(path), "%s/garbage/model.safetensors", tmp_dir);
+    write_text(path, "this is not a safetensors file at all");
+    CHECK(run("%s train --model %s/garbage --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
+          strstr(output(), "not safetensors"), "garbage checkpoint: %s", output());
+    copy_model("gqa", "wrong_shape", TINY_CONFIG(", \"num_key_value_heads\": 1"));
+    CHECK(run("%s train --model %s/wrong_shape --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
+          strstr(output(), "attention.key.weight has shape [16, 32], expected [8, 32]"), "shape mismatch: %s", output());
+    copy_model("mlkv_3x2", "missing", TINY_CONFIG(", \"num_key_value_heads\": 2"));
+    CHECK(run("%s train --model %s/missing --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
+          strstr(output(), "missing tensor gpt_neox.layers.3.attention.key.weight"), "missing tensor: %s", output());
+    copy_model("gqa", "extra", TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_layers\": 2"));
+    CHECK(run("%s train --model %s/extra --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
+          strstr(output(), "unexpected tensor gpt_neox.layers.1.attention.key"), "unexpected tensor: %s", output());
+    copy_model("mha", "fused_mismatch", TINY_CONFIG(", \"num_key_value_layers\": 2"));
+    CHECK(run("%s train --model %s/fused_mismatch --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train,
+              tmp_dir) == 1 && strstr(output(), "fused query_key_value"), "fused with MLKV config: %s", output());
+
+    /* token files */
+    snprintf(path, sizeof(path), "%s/bad.bin", tmp_dir);
+    write_text(path, "not a token file, far too short");
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, path, tmp_dir) == 1 &&
+          strstr(output(), "bad.bin: shorter than the 1024-byte header"), "short token file: %s", output());
+    size_t len;
+    char *whole = slurp(train, &len);
+    snprintf(path, sizeof(path), "%s/cut.bin", tmp_dir);
+    FILE *cut = fopen(path, "wb");
+    fwrite(whole, 1, 2000, cut); /* the header promises 3000 tokens; 488 follow */
+    fclose(cut);
+    free(whole);
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s/cut.bin --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
+          strstr(output(), "cut.bin: header says 3000 tokens"), "truncated token file: %s", output());
+    CHECK(run("dd if=/dev/zero of=%s/magic.bin bs=1024 count=2 2>/dev/null", tmp_dir) == 0, "zeros");
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s/magic.bin --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
+          strstr(output(), "not a token file"), "bad magic: %s", output());
+    snprintf(path, sizeof(path), "%s/big_ids.bin", tmp_dir);
+    write_tokens(path, 500, 200, 5);
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, path, tmp_dir) == 1 &&
+          strstr(output(), "outside the model's vocabulary (vocab_size 64)"), "token id range: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never --seq 100", mlkv_bin, train, tmp_dir) == 1 &&
+          strstr(output(), "exceeds the model's max_position_embeddings (64)"), "seq too long: %s", output());
+
+    /* a NaN weight: training stops at the first step, writes nothing */
+    Model m;
+    CHECK(model_load(&m, "dev/fixtures/gqa") == 0, "load gqa");
+    m.w.embed_out[5] = NAN;
+    CHECK(run("mkdir -p %s/nan_model", tmp_dir) == 0, "mkdir");
+    snprintf(path, sizeof(path), "%s/nan_model/config.json", tmp_dir);
+    CHECK(config_save(&m.config, path) == 0, "config_save");
+    snprintf(path, sizeof(path), "%s/nan_model/model.safetensors", tmp_dir);
+    TensorGroup g = {"", m.param_memory};
+    CHECK(safetensors_write(path, &m, &g, 1, NULL) == 0, "write: %s", mlkv_error());
+    model_free(&m);
+    CHECK(run("%s train --model %s/nan_model --train %s --out %s/never --steps 3 --seq 16 --batch 2 --grad-accum 1",
+              mlkv_bin, tmp_dir, train, tmp_dir) == 1 && strstr(output(), "training diverged: loss nan"),
+          "NaN loss: %s", output());
+    CHECK(!exists("%s/never", tmp_dir), "no checkpoint after divergence");
+
+    /* the output folder must not hold foreign files; usage errors exit 2 */
+    CHECK(run("mkdir -p %s/foreign && touch %s/foreign/notes.txt", tmp_dir, tmp_dir) == 0, "mkdir");
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/foreign --steps 1", mlkv_bin, train, tmp_dir) == 1 &&
+          strstr(output(), "notes.txt, which mlkv did not write"), "foreign output folder: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --bogus 1", mlkv_bin, train, tmp_dir) == 2 &&
+          strstr(output(), "unknown argument --bogus"), "unknown flag: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --lr abc", mlkv_bin, train, tmp_dir) == 2,
+          "bad number: %s", output());
+    CHECK(run("%s train --help", mlkv_bin) == 0 && strstr(output(), "--grad-accum"), "train --help");
+    CHECK(run("%s init --help", mlkv_bin) == 0 && strstr(output(), "--config"), "init --help");
+    CHECK(run("%s demo --help", mlkv_bin) == 0 && strstr(output(), "--steps"), "demo --help");
+    CHECK(run("%s frobnicate", mlkv_bin) == 2, "unknown command");
+}
+
+static void test_init(void) {
+    char path[400];
+    snprintf(path, sizeof(path), "%s/tiny_config.json", tmp_dir);
+    write_text(path, TINY_CONFIG(", \"num_key_value_layers\": 2, \"num_key_value_heads\": 1, \"initializer_range\": 0.5"));
+    CHECK(run("%s init --config %s --out %s/fresh --seed 3", mlkv_bin, path, tmp_dir) == 0, "init: %s", output());
+    CHECK(strstr(output(), "owning layers (0 2)") != NULL, "init summary: %s", output());
+    Model m;
+    snprintf(path, sizeof(path), "%s/fresh", tmp_dir);
+    CHECK(model_load(&m, path) == 0, "load the initialised model: %s", mlkv_error());
+    const ParamInfo *w = model_param(&m, "gpt_neox.layers.2.attention.key.weight");
+    const ParamInfo *ln = model_param(&m, "gpt_neox.layers.1.input_layernorm.weight");
+    const ParamInfo *b = model_param(&m, "gpt_neox.layers.1.mlp.dense_h_to_4h.bias");
+    CHECK(w && ln && b && !model_param(&m, "gpt_neox.layers.1.attention.key.weight"), "K/V only in owning layers");
+    if (w && ln && b) {
+        double sum = 0, sumsq = 0;
+        for (size_t i = 0; i < w->numel; i++) {
+            sum += m.param_memory[w->offset + i];
+            sumsq += m.param_memory[w->offset + i] * m.param_memory[w->offset + i];
+        }
+        double std = sqrt(sumsq / w->numel - (sum / w->numel) * (sum / w->numel));
+        CHECK(fabs(std - 0.5) < 0.1, "weights have std initializer_range: %.3f", std);
+        CHECK(m.param_memory[ln->offset] == 1.0f && m.param_memory[b->offset] == 0.0f, "LayerNorm 1, bias 0");
+    }
+    model_free(&m);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s path/to/mlkv   (run from the repository root)\n", argv[0]);
+        return 2;
+    }
+    mlkv_bin = argv[1];
+    snprintf(tmp_dir, sizeof(tmp_dir), "/tmp/mlkv_test_XXXXXX");
+    if (!mkdtemp(tmp_dir)) { perror("mkdtemp"); return 2; }
+    printf("PyTorch fixtures (error = max|ours - ref| / max|ref|):\n");
+    FixtureErrors worst = {0};
+    for (size_t i = 0; i < sizeof(fixture_names) / sizeof(fixture_names[0]); i++) test_fixture(fixture_names[i], &worst);
+    printf("  worst: logits %.1e, loss %.1e, grads %.1e, steps %.1e, params %.1e\n", worst.logits, worst.loss,
+           worst.grad, worst.step_loss, worst.param);
+    test_finite_differences();
+    test_owner_placement();
+    test_schedule();
+    test_json();
+    test_half_precision();
+    test_init();
+    test_resume();
+    test_errors();
+    if (failed == 0) run("rm -rf %s", tmp_dir);
+    else printf("test files kept in %s\n", tmp_dir);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
