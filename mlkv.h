@@ -44,20 +44,26 @@ typedef struct {
     int n_kv_layer;          /* num_key_value_layers: how many layers own K/V projections */
     double rotary_pct, rotary_base, layer_norm_eps, initializer_range;
     int parallel_residual;   /* x + attn(ln1 x) + mlp(ln2 x); else sequential */
+    int use_kv_mlp;          /* use_key_value_mlp: owners' K and V are two-layer MLPs */
+    int kv_intermediate_size;/* their hidden width (kv_intermediate_size) */
+    int has_kv_map;          /* kv_layer_of was given ("mlkv_kv_layer_map"), not placed */
     int shared_key_rotary;   /* 1 (default): layers that share K read the rotated keys.
                                 0: the reference's behaviour, non-owning layers read
                                 un-rotated keys (mlkv_shared_key_rotary: false) */
     /* derived by config_finalize */
     int head_size, rotary_ndims;
-    int kv_layer_of[MLKV_MAX_LAYERS];  /* the owning layer whose K/V layer l reads */
+    int kv_layer_of[MLKV_MAX_LAYERS];  /* the owning layer whose K/V layer l reads (<= l) */
     int kv_slot_of[MLKV_MAX_LAYERS];   /* index of that owner among the owners, 0..kvL-1 */
 } Config;
 
-/* Reads a GPT-NeoX config.json (classic or transformers-5 key names). */
-int config_load(Config *c, const char *path);
+/* Reads a GPT-NeoX config.json (classic or transformers-5 key names). When
+ * extra is non-NULL it receives the keys mlkv does not interpret, as JSON
+ * object members, to be written back unchanged (free it). */
+int config_load(Config *c, const char *path, char **extra);
 /* Validates and derives head_size, rotary_ndims and the owning-layer map. */
 int config_finalize(Config *c, const char *what);
-int config_save(const Config *c, const char *path);
+/* stock: write plain GPT-NeoX (no MLKV keys), for an MHA model in the fused layout. */
+int config_save(const Config *c, const char *extra, int stock, const char *path);
 /* The reference's placement: [0] + [int((i+1) * (L / kvL)) for i in range(kvL-1)] */
 void kv_owner_layers(int n_layer, int n_kv_layer, int *owners);
 
@@ -75,8 +81,11 @@ typedef struct {
     float *ln1_w, *ln1_b;       /* [C] input_layernorm */
     float *ln2_w, *ln2_b;       /* [C] post_attention_layernorm */
     float *q_w, *q_b;           /* [H*hs, C], [H*hs] */
-    float *k_w, *k_b;           /* [kvH*hs, C], [kvH*hs]; NULL unless the layer owns K/V */
-    float *v_w, *v_b;           /* [kvH*hs, C], [kvH*hs]; NULL unless the layer owns K/V */
+    /* K and V exist only in owning layers (NULL elsewhere). Linear: k = k_w x + k_b,
+     * k_w [kvH*hs, C]. KV-MLP: k = k_w gelu(k_mlp_w x + k_mlp_b) + k_b with
+     * k_mlp_w [kvI, C] (attention.key.dense_in) and k_w [kvH*hs, kvI] (dense_out). */
+    float *k_mlp_w, *k_mlp_b, *k_w, *k_b;
+    float *v_mlp_w, *v_mlp_b, *v_w, *v_b;
     float *dense_w, *dense_b;   /* [C, C], [C] attention output projection */
     float *fc_w, *fc_b;         /* [I, C], [I] mlp.dense_h_to_4h */
     float *proj_w, *proj_b;     /* [C, I], [C] mlp.dense_4h_to_h */
@@ -98,6 +107,8 @@ typedef struct {
     float *k_pre;      /* [kvL, B, T, kvH*hs] owners' keys before rotary */
     float *k_rot;      /* [kvL, B, T, kvH*hs] owners' keys after rotary */
     float *v;          /* [kvL, B, T, kvH*hs] owners' values */
+    float *k_hidden_pre, *k_hidden; /* [kvL, B, T, kvI] KV-MLP hidden layer, before / after GELU */
+    float *v_hidden_pre, *v_hidden;
     float *att_lse;    /* [L, B, H, T] log-sum-exp of each softmax row */
     float *att_out;    /* [L, B, T, C] softmax(q k^T) v, before the dense projection */
     float *resid_mid;  /* [L, B, T, C] x + attn (sequential residual only) */
@@ -124,6 +135,7 @@ typedef struct {
     float *d_k_rot;    /* [kvL, B, T, kvH*hs] */
     float *d_v;        /* [kvL, B, T, kvH*hs] */
     float *d_fc;       /* [B, T, I] */
+    float *d_kv_hidden;/* [B, T, kvI] KV-MLP hidden gradient */
     float *att_delta;  /* [B, H, T] rowsum(d_out * out) of the attention backward */
 } GradScratch;
 
@@ -134,7 +146,8 @@ typedef struct {
     size_t num_parameters;             /* floats */
     float *param_memory;  Weights w;   /* parameters */
     float *grad_memory;   Weights g;   /* their gradients (after model_prepare with grads) */
-    float *adam_m, *adam_v;            /* AdamW moments, allocated on first update */
+    float *adam_m, *adam_v;            /* AdamW moments (model_prepare with grads) */
+    char *config_extra;                /* config.json keys kept as they were (see config_load) */
     int B, T;                          /* activation sizes of model_prepare */
     float *act_memory;    Activations a;
     float *scratch_memory; GradScratch d;
@@ -179,11 +192,13 @@ const Json *st_entry(const SafeTensors *st, const char *name);
 int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst, int *idst);
 const char *st_metadata(const SafeTensors *st, const char *key);
 
-/* Tensors to write: the parameter table laid over base, names prefixed. */
+typedef struct { char name[MLKV_NAME_MAX + 8]; int ndim, shape[2]; const float *data; } TensorOut;
+/* Writes F32 tensors; metadata_json: a JSON object of strings, or NULL. */
+int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json);
+/* The parameter table laid over base (parameters, gradients, moments), names prefixed. */
 typedef struct { const char *prefix; const float *base; } TensorGroup;
-/* metadata_json: a JSON object of strings, or NULL. */
-int safetensors_write(const char *path, const Model *m, const TensorGroup *groups, int n_groups,
-                      const char *metadata_json);
+int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups, const char *path,
+                            const char *metadata_json);
 
 /* ---------------------------------------------------------------------------
  * Optimization: AdamW, clipping, learning-rate schedule */
@@ -203,6 +218,23 @@ void adamw_update(Model *m, const OptimConfig *o, double lr, int t);
  * [grad_accum, B, T+1], forward, backward, clip, AdamW. Returns the mean loss. */
 float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_accum,
                  int step, double *grad_norm);
+
+/* ---------------------------------------------------------------------------
+ * The converter: an MHA Pythia to GQA / MQA / MLKV (MLKV-REFERENCE section 2) */
+typedef enum { POOL_PAIRWISE, POOL_UNIFORM } PoolKind;   /* across layers */
+typedef enum { GROW_COPY, GROW_ZERO, GROW_NONE } GrowKind; /* MLP growth */
+typedef struct {
+    int kv_heads, kv_layers;          /* kv_layers 0: taken from the map */
+    int has_map, map[MLKV_MAX_LAYERS];/* explicit owning layer of each layer */
+    int kv_mlp;                       /* the reference's KV-MLP variant */
+    PoolKind pool;
+    GrowKind grow;
+    uint64_t seed;                    /* KV-MLP random initialisation */
+} ConvertOptions;
+/* The reference's parameter bookkeeping: the new intermediate_size and, for
+ * KV-MLP, kv_intermediate_size, that keep the parameter count. */
+void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate, int *kv_intermediate);
+int model_convert(const Model *mha, Model *out, const ConvertOptions *o);
 
 /* ---------------------------------------------------------------------------
  * Token files: llm.c's format, 256 int32 header (20240520, 1, count), uint16 tokens */

@@ -45,7 +45,7 @@ static char tmp_dir[256];
     } while (0)
 
 static const char *const fixture_names[] = {"mha", "mha_seq", "gqa", "mqa", "mlkv_3x2", "mlkv_1x1",
-                                            "mlkv_2x2_compat", "mlkv_2x4_seq"};
+                                            "mlkv_2x2_compat", "mlkv_2x4_seq", "mlkv_kvmlp", "mlkv_map"};
 
 static double max_abs(const float *x, size_t n) {
     double m = 0;
@@ -84,7 +84,9 @@ typedef struct { double logits, loss, grad, step_loss, param; } FixtureErrors;
  * act, which softmax cancels: those components have an exactly-zero true
  * gradient, so Adam turns rounding noise into +-lr steps in any implementation
  * and their values after training are not comparable. */
-static int is_key_bias(const ParamInfo *p) { return strstr(p->name, "attention.key.bias") != NULL; }
+static int is_key_bias(const ParamInfo *p) {
+    return strstr(p->name, "attention.key.bias") || strstr(p->name, "attention.key.dense_out.bias");
+}
 
 static int outside_rotary(const Model *m, size_t k) { return (int)(k % m->config.head_size) >= m->config.rotary_ndims; }
 
@@ -525,10 +527,10 @@ static void test_errors(void) {
     m.w.embed_out[5] = NAN;
     CHECK(run("mkdir -p %s/nan_model", tmp_dir) == 0, "mkdir");
     snprintf(path, sizeof(path), "%s/nan_model/config.json", tmp_dir);
-    CHECK(config_save(&m.config, path) == 0, "config_save");
+    CHECK(config_save(&m.config, m.config_extra, 0, path) == 0, "config_save");
     snprintf(path, sizeof(path), "%s/nan_model/model.safetensors", tmp_dir);
     TensorGroup g = {"", m.param_memory};
-    CHECK(safetensors_write(path, &m, &g, 1, NULL) == 0, "write: %s", mlkv_error());
+    CHECK(model_write_safetensors(&m, &g, 1, path, NULL) == 0, "write: %s", mlkv_error());
     model_free(&m);
     CHECK(run("%s train --model %s/nan_model --train %s --out %s/never --steps 3 --seq 16 --batch 2 --grad-accum 1",
               mlkv_bin, tmp_dir, train, tmp_dir) == 1 && strstr(output(), "training diverged: loss nan"),
@@ -575,6 +577,169 @@ static void test_init(void) {
     model_free(&m);
 }
 
+/* --- the converter against dev/gen_convert_fixtures.py ------------------- */
+
+static void test_convert(void) {
+    const char *pythia = "dev/fixtures/convert/pythia";
+    SafeTensors exp;
+    Model mha;
+    if (st_open(&exp, "dev/fixtures/convert/expected.safetensors") != 0 || model_load(&mha, pythia) != 0) {
+        CHECK(0, "convert fixtures: %s", mlkv_error());
+        return;
+    }
+    const Json *meta = json_get(&exp.header, "__metadata__");
+    int configs = 0;
+    double worst = 0;
+    for (size_t c = 0; meta && c < meta->length; c++) {
+        const char *name = meta->keys[c];
+        Json spec;
+        CHECK(json_parse(meta->items[c].string, strlen(meta->items[c].string), name, &spec) == 0, "metadata %s", name);
+        const Json *args = json_get(&spec, "args");
+        char cmd[1024], out[400], path[500];
+        snprintf(out, sizeof(out), "%s/convert_%s", tmp_dir, name);
+        int n = snprintf(cmd, sizeof(cmd), "%s convert %s --out %s", mlkv_bin, pythia, out);
+        for (size_t a = 0; args && a < args->length; a++) n += snprintf(cmd + n, sizeof(cmd) - n, " %s", args->items[a].string);
+        CHECK(run("%s", cmd) == 0 && strstr(output(), "KV cache bytes/token"), "%s: %s", cmd, output());
+        Model conv;
+        snprintf(path, sizeof(path), "%s/model.safetensors", out);
+        SafeTensors got;
+        if (model_load(&conv, out) != 0 || st_open(&got, path) != 0) {
+            CHECK(0, "%s: %s", name, mlkv_error());
+            json_free(&spec);
+            continue;
+        }
+        configs++;
+        CHECK(conv.config.intermediate_size == (int)json_get(&spec, "intermediate_size")->number &&
+              conv.config.kv_intermediate_size == (int)json_get(&spec, "kv_intermediate_size")->number,
+              "%s: intermediate %d, kv_intermediate %d", name, conv.config.intermediate_size,
+              conv.config.kv_intermediate_size);
+        /* every tensor the reference computed (pooled K/V of owners, grown MLPs) */
+        size_t prefix = strlen(name) + 1;
+        for (size_t i = 0; i < exp.header.length; i++) {
+            const char *key = exp.header.keys[i];
+            if (strncmp(key, name, prefix - 1) != 0 || key[prefix - 1] != '/') continue;
+            const Json *sh = json_get(json_get(&exp.header, key), "shape");
+            int shape[2] = {(int)sh->items[0].number, sh->length > 1 ? (int)sh->items[1].number : 0};
+            size_t numel = (size_t)shape[0] * (sh->length > 1 ? shape[1] : 1);
+            float *want = read_tensor(&exp, key, (int)sh->length, shape, numel);
+            char target[200];
+            snprintf(target, sizeof(target), "%s", key + prefix);
+            char *pooled = strstr(target, ".pooled_");
+            const float *mine = NULL;
+            if (pooled) { /* KV-MLP: the pooled projection sits in the first rows of dense_in */
+                char rest[32];
+                snprintf(rest, sizeof(rest), "%s", pooled + 8);
+                snprintf(pooled, sizeof(target) - (size_t)(pooled - target), ".dense_in.%s", rest);
+            }
+            const ParamInfo *p = model_param(&conv, target);
+            if (p) mine = conv.param_memory + p->offset;
+            CHECK(p && p->numel >= numel, "%s: no tensor %s of %zu values", name, target, numel);
+            if (p) {
+                double e = scaled_error(mine, want, numel);
+                worst = fmax(worst, e);
+                CHECK(e <= 1e-6, "%s: %s differs from the PyTorch conversion by %.3g", name, target, e);
+            }
+            free(want);
+        }
+        /* tensors the conversion keeps are copied exactly */
+        const char *kept[] = {"gpt_neox.embed_in.weight", "gpt_neox.layers.1.attention.query.weight",
+                              "gpt_neox.layers.3.attention.dense.bias", "gpt_neox.layers.2.input_layernorm.weight",
+                              "embed_out.weight"};
+        for (int k = 0; k < 5; k++) {
+            const ParamInfo *a = model_param(&mha, kept[k]), *b = model_param(&conv, kept[k]);
+            CHECK(a && b && !memcmp(mha.param_memory + a->offset, conv.param_memory + b->offset, a->numel * 4),
+                  "%s: %s is not an exact copy", name, kept[k]);
+        }
+        /* KV-MLP: random parts within Kaiming-uniform (1/sqrt(fan_in)) and uniform(-1, 1) */
+        for (int i = 0; conv.config.use_kv_mlp && i < conv.n_params; i++) {
+            const ParamInfo *p = &conv.params[i];
+            if (!strstr(p->name, "attention.key.dense_") && !strstr(p->name, "attention.value.dense_")) continue;
+            /* dense_in's first kvH*hs rows hold the pooled projection; the rest is random */
+            size_t row = (size_t)(p->ndim == 2 ? p->shape[1] : 1);
+            size_t skip = strstr(p->name, "dense_in") ? (size_t)conv.config.n_kv_head * conv.config.head_size * row : 0;
+            double bound = p->ndim == 2 ? 1.0 / sqrt((double)p->shape[1]) : 1.0;
+            double biggest = max_abs(conv.param_memory + p->offset + skip, p->numel - skip);
+            CHECK(biggest <= bound * (1 + 1e-6) && biggest > 0.5 * bound, "%s: %s: largest %.3g, bound %.3g", name,
+                  p->name, biggest, bound);
+        }
+        st_close(&got);
+        model_free(&conv);
+        json_free(&spec);
+    }
+    CHECK(configs == 12, "converted %d of the 12 fixture configurations", configs);
+    printf("  converter: %d configurations, worst difference from PyTorch %.1e\n", configs, worst);
+    /* the converted config keeps the keys mlkv does not interpret */
+    char path[500];
+    size_t len;
+    snprintf(path, sizeof(path), "%s/convert_mlkv_l2h1/config.json", tmp_dir);
+    char *text = slurp(path, &len);
+    CHECK(text && strstr(text, "\"transformers_version\"") && strstr(text, "\"num_key_value_layers\": 2"),
+          "converted config.json: %s", text ? text : "(missing)");
+    free(text);
+    st_close(&exp);
+
+    /* export --fused writes the stock layout; loading it back gives the same parameters */
+    CHECK(run("%s export dev/fixtures/mha --fused --out %s/exported", mlkv_bin, tmp_dir) == 0, "export: %s", output());
+    Model back, orig;
+    snprintf(path, sizeof(path), "%s/exported", tmp_dir);
+    CHECK(model_load(&back, path) == 0 && model_load(&orig, "dev/fixtures/mha") == 0, "reload: %s", mlkv_error());
+    CHECK(back.num_parameters == orig.num_parameters &&
+          !memcmp(back.param_memory, orig.param_memory, orig.num_parameters * sizeof(float)), "export round trip");
+    model_free(&back);
+    model_free(&orig);
+    snprintf(path, sizeof(path), "%s/exported/config.json", tmp_dir);
+    text = slurp(path, &len);
+    CHECK(text && !strstr(text, "num_key_value") && strstr(text, "\"rotary_pct\": 0.5"), "stock config: %s", text);
+    free(text);
+    snprintf(path, sizeof(path), "%s/exported/model.safetensors", tmp_dir);
+    SafeTensors st;
+    CHECK(st_open(&st, path) == 0 && st_entry(&st, "gpt_neox.layers.0.attention.query_key_value.weight") &&
+          !st_entry(&st, "gpt_neox.layers.0.attention.key.weight"), "fused names in the export");
+    st_close(&st);
+
+    /* bad input: clear error, exit 1, nothing written */
+    struct { const char *args, *message; } bad[] = {
+        {"--kv-layers 2 --kv-heads 3", "--kv-heads 3: the 4 attention heads must split into 3 equal groups"},
+        {"--kv-layers 5 --kv-heads 1", "--kv-layers 5: the model has 4 layers"},
+        {"--kv-map 0,0,3,1 --kv-heads 1", "mlkv_kv_layer_map[2] = 3 must be in 0..2"},
+        {"--kv-map 0,0,1,1 --kv-heads 1", "layer 1 does not own K/V"},
+        {"--kv-map 0,0,2 --kv-heads 1", "has 3 entries; the model has 4 layers"},
+    };
+    for (int i = 0; i < 5; i++) {
+        CHECK(run("%s convert %s %s --out %s/never", mlkv_bin, pythia, bad[i].args, tmp_dir) == 1 &&
+              strstr(output(), bad[i].message), "convert %s: %s", bad[i].args, output());
+        CHECK(!exists("%s/never", tmp_dir), "no output after a failed conversion");
+    }
+    CHECK(run("%s convert dev/fixtures/gqa --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir) == 1 &&
+          strstr(output(), "already shares K/V"), "convert a GQA model: %s", output());
+    copy_model("mha", "llama", "{\"model_type\": \"llama\", \"hidden_size\": 32}");
+    CHECK(run("%s convert %s/llama --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
+          strstr(output(), "not a GPT-NeoX config"), "convert a llama: %s", output());
+    copy_model("mha", "cut", NULL);
+    CHECK(run("truncate -s -8 %s/cut/model.safetensors", tmp_dir) == 0, "truncate");
+    CHECK(run("%s convert %s/cut --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
+          strstr(output(), "truncated"), "convert a truncated checkpoint: %s", output());
+    CHECK(run("%s export dev/fixtures/gqa --fused --out %s/never", mlkv_bin, tmp_dir) == 1 &&
+          strstr(output(), "only MHA models"), "export GQA: %s", output());
+    CHECK(!exists("%s/never", tmp_dir), "no output after a failed conversion");
+    CHECK(run("%s convert --help", mlkv_bin) == 0 && strstr(output(), "--grow-mlp"), "convert --help");
+    CHECK(run("%s export --help", mlkv_bin) == 0 && strstr(output(), "--fused"), "export --help");
+    model_free(&mha);
+}
+
+/* The reference's bookkeeping, checked on the numbers MLKV-REFERENCE quotes. */
+static void test_convert_sizes(void) {
+    Config c = {.vocab_size = 50304, .hidden_size = 768, .n_layer = 12, .n_head = 12, .intermediate_size = 3072,
+                .max_position_embeddings = 2048, .n_kv_head = 12, .n_kv_layer = 12, .rotary_pct = 0.25,
+                .rotary_base = 10000, .layer_norm_eps = 1e-5};
+    CHECK(config_finalize(&c, "160m") == 0, "finalize");
+    int I, kvI;
+    convert_sizes(&c, 1, 2, 0, &I, &kvI);
+    CHECK(I == 3830 && kvI == 0, "Pythia-160M MLKV-2: intermediate %d (3830 expected)", I);
+    convert_sizes(&c, 12, 12, 0, &I, &kvI);
+    CHECK(I == 3072, "MHA keeps the MLP: %d", I);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s path/to/mlkv   (run from the repository root)\n", argv[0]);
@@ -594,6 +759,8 @@ int main(int argc, char **argv) {
     test_json();
     test_half_precision();
     test_init();
+    test_convert_sizes();
+    test_convert();
     test_resume();
     test_errors();
     if (failed == 0) run("rm -rf %s", tmp_dir);

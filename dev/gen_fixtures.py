@@ -55,6 +55,9 @@ CONFIGS = [
     ("mlkv_2x2_compat", dict(num_key_value_layers=2, num_key_value_heads=2,
                              mlkv_shared_key_rotary=False)),
     ("mlkv_2x4_seq", dict(num_key_value_layers=2, use_parallel_residual=False)),
+    ("mlkv_kvmlp", dict(num_key_value_layers=2, num_key_value_heads=2, use_key_value_mlp=True,
+                        kv_intermediate_size=24)),
+    ("mlkv_map", dict(num_key_value_heads=2, mlkv_kv_layer_map=[0, 0, 2, 0])),  # layer 3 reads layer 0
 ]
 
 S, A, B, T = 3, 2, 2, 8  # optimizer steps, accumulation, micro-batch, sequence
@@ -66,15 +69,19 @@ def kv_owners(L, kvL):
     return [0] + [int((i + 1) * (L / kvL)) for i in range(kvL - 1)]
 
 
-def kv_layer_of(L, kvL):
-    owners = kv_owners(L, kvL)
+def kv_layer_of(cfg):
+    """The owning layer each layer reads: an explicit map, or the reference's placement."""
+    L = cfg["num_hidden_layers"]
+    if cfg.get("mlkv_kv_layer_map"):
+        return list(cfg["mlkv_kv_layer_map"])
+    owners = kv_owners(L, cfg.get("num_key_value_layers", L))
     return [max(o for o in owners if o <= l) for l in range(L)]
 
 
 def dims(cfg):
     C, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
     kvH = cfg.get("num_key_value_heads", H)
-    kvL = cfg.get("num_key_value_layers", L)
+    kvL = len(set(kv_layer_of(cfg)))
     hs = C // H
     return C, H, L, kvH, kvL, hs, int(hs * cfg["rotary_pct"])
 
@@ -83,7 +90,7 @@ def param_shapes(cfg):
     """Unfused parameter names and shapes, in the order the C code uses."""
     C, H, L, kvH, kvL, hs, _ = dims(cfg)
     I, V = cfg["intermediate_size"], cfg["vocab_size"]
-    owner = kv_layer_of(L, kvL)
+    owner = kv_layer_of(cfg)
     out = [("gpt_neox.embed_in.weight", (V, C))]
     for l in range(L):
         p = f"gpt_neox.layers.{l}."
@@ -91,7 +98,14 @@ def param_shapes(cfg):
                 (p + "post_attention_layernorm.weight", (C,)),
                 (p + "post_attention_layernorm.bias", (C,)),
                 (p + "attention.query.weight", (H * hs, C)), (p + "attention.query.bias", (H * hs,))]
-        if owner[l] == l:
+        if owner[l] == l and cfg.get("use_key_value_mlp"):  # the reference's KeyValueMLP
+            kvI = cfg["kv_intermediate_size"]
+            for kv in ("key", "value"):
+                out += [(p + f"attention.{kv}.dense_in.weight", (kvI, C)),
+                        (p + f"attention.{kv}.dense_in.bias", (kvI,)),
+                        (p + f"attention.{kv}.dense_out.weight", (kvH * hs, kvI)),
+                        (p + f"attention.{kv}.dense_out.bias", (kvH * hs,))]
+        elif owner[l] == l:
             for kv in ("key", "value"):
                 out += [(p + f"attention.{kv}.weight", (kvH * hs, C)),
                         (p + f"attention.{kv}.bias", (kvH * hs,))]
@@ -134,7 +148,7 @@ def mlkv_forward(P, cfg, ids):
     C, H, L, kvH, kvL, hs, rd = dims(cfg)
     eps, base = cfg["layer_norm_eps"], cfg["rotary_emb_base"]
     shared_rot = cfg.get("mlkv_shared_key_rotary", True)
-    owner = kv_layer_of(L, kvL)
+    owner = kv_layer_of(cfg)
     Bn, Tn = ids.shape
     x = P["gpt_neox.embed_in.weight"][ids]
     mask = torch.ones(Tn, Tn, dtype=torch.bool).tril()
@@ -145,9 +159,13 @@ def mlkv_forward(P, cfg, ids):
         lin = lambda z, n: F.linear(z, P[p + n + ".weight"], P[p + n + ".bias"])
         h1 = ln(x, "input_layernorm")
         q = rotary(lin(h1, "attention.query").view(Bn, Tn, H, hs).transpose(1, 2), Tn, rd, base)
+        if cfg.get("use_key_value_mlp"):
+            proj = lambda z, n: lin(F.gelu(lin(z, n + ".dense_in")), n + ".dense_out")
+        else:
+            proj = lin
         if owner[l] == l:
-            k = lin(h1, "attention.key").view(Bn, Tn, kvH, hs).transpose(1, 2)
-            v = lin(h1, "attention.value").view(Bn, Tn, kvH, hs).transpose(1, 2)
+            k = proj(h1, "attention.key").view(Bn, Tn, kvH, hs).transpose(1, 2)
+            v = proj(h1, "attention.value").view(Bn, Tn, kvH, hs).transpose(1, 2)
             kv[l] = (k, rotary(k, Tn, rd, base), v)
         k_pre, k_rot, v = kv[owner[l]]
         k = k_rot if (owner[l] == l or shared_rot) else k_pre
