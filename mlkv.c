@@ -73,6 +73,12 @@ static int fail(const char *fmt, ...) {
     return -1;
 }
 
+/* A command's exit code from a 0 / -1 result, printing the error of a failure. */
+static int exit_code(int rc) {
+    if (rc != 0) fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+    return rc == 0 ? 0 : 1;
+}
+
 static void *alloc_zeroed(size_t count, size_t size, const char *what) {
     void *p = count ? calloc(count, size) : NULL;
     if (count && !p) fail("out of memory: %.1f MiB for %s", (double)count * size / 1048576.0, what);
@@ -511,6 +517,11 @@ int config_finalize(Config *c, const char *what) {
         c->kv_slot_of[l] = c->kv_layer_of[l] == l ? slot : c->kv_slot_of[c->kv_layer_of[l]];
     }
     return 0;
+}
+
+/* Plain multi-head attention: every layer owns K/V of all heads, linearly. */
+static int is_mha(const Config *c) {
+    return c->n_kv_head == c->n_head && c->n_kv_layer == c->n_layer && !c->use_kv_mlp;
 }
 
 /* A number field: absent -> fallback (or an error when required). */
@@ -1031,7 +1042,7 @@ static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
     snprintf(bname, sizeof(bname), "gpt_neox.layers.%d.attention.query_key_value.bias", l);
     const SafeTensors *st = source_find(src, wname);
     if (!st) return fail("%s: missing tensor gpt_neox.layers.%d.attention.query.weight", src->files[0].path, l);
-    if (c->n_kv_head != H || c->kv_layer_of[l] != l || c->use_kv_mlp)
+    if (!is_mha(c))
         return fail("%s: layer %d has a fused query_key_value (plain MHA), but the config asks for %d K/V heads in "
                     "%d layers: convert the checkpoint instead", st->path, l, c->n_kv_head, c->n_kv_layer);
     float *fused = malloc((size_t)3 * C * (C + 1) * sizeof(float));
@@ -2079,7 +2090,7 @@ static void fill_uniform(float *x, size_t n, double bound, uint64_t *rng) {
 
 int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
     const Config *src = &mha->config;
-    if (src->n_kv_head != src->n_head || src->n_kv_layer != src->n_layer || src->use_kv_mlp)
+    if (!is_mha(src))
         return fail("the input already shares K/V (%d heads in %d layers): convert from an MHA checkpoint",
                     src->n_kv_head, src->n_kv_layer);
     Config c = *src;
@@ -2346,28 +2357,24 @@ static int run_training(TrainArgs *t) {
     TokenFile train = {0}, val = {0};
     DataLoader loader = {0};
     FILE *log = NULL;
-    int *batch_tokens = NULL, rc = 1, start_step = 0, epoch = 0;
+    int *batch_tokens = NULL, rc = -1, start_step = 0, epoch = 0;
     size_t next = 0;
     char log_path[PATH_LEN];
 #ifdef _OPENMP
     if (t->threads > 0) omp_set_num_threads(t->threads);
 #endif
-    if (make_path(log_path, t->out_dir, ".log.csv") != 0) {
-        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
-        return 1;
-    }
+    if (make_path(log_path, t->out_dir, ".log.csv") != 0) return exit_code(-1);
     if (t->resume) {
         if (model_load(&model, t->out_dir) != 0) {
             char previous[PATH_LEN];
-            fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
+            exit_code(-1);
             if (make_path(previous, t->out_dir, ".previous") == 0 && file_exists(previous))
                 fprintf(stderr, "mlkv: note: %s holds the last complete checkpoint (a save was interrupted); "
                                 "rename it to %s to resume\n", previous, t->out_dir);
             return 1;
         }
     } else if (check_output_dir(t->out_dir) != 0 || model_load(&model, t->model_dir) != 0) {
-        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
-        return 1;
+        return exit_code(-1);
     }
     const Config *c = &model.config;
     if (t->seq == 0) t->seq = c->max_position_embeddings < 2048 ? c->max_position_embeddings : 2048;
@@ -2379,8 +2386,9 @@ static int run_training(TrainArgs *t) {
         goto done;
     }
     if (loader_init(&loader, &train, t->batch, t->seq, t->seed, 1) != 0) {
-        fprintf(stderr, "mlkv: error: %s: %s\n", t->train_path, mlkv_error());
-        error_message[0] = '\0';
+        char why[sizeof(error_message)];
+        snprintf(why, sizeof(why), "%s", mlkv_error());
+        fail("%s: %s", t->train_path, why);
         goto done;
     }
     if (t->steps == 0) {
@@ -2449,14 +2457,13 @@ static int run_training(TrainArgs *t) {
     printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
     rc = 0;
 done:
-    if (rc != 0 && error_message[0]) fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
     if (log) fclose(log);
     free(batch_tokens);
     loader_free(&loader);
     tokens_free(&train);
     tokens_free(&val);
     model_free(&model);
-    return rc;
+    return exit_code(rc);
 }
 
 /* ===========================================================================
@@ -2762,7 +2769,7 @@ static int cmd_convert(int argc, char **argv) {
     snprintf(in_dir, sizeof(in_dir), "%s", in);
     for (size_t n = strlen(in_dir); n > 1 && in_dir[n - 1] == '/';) in_dir[--n] = '\0';
     Model mha, converted;
-    if (model_load(&mha, in_dir) != 0) { fprintf(stderr, "mlkv: error: %s\n", mlkv_error()); return 1; }
+    if (model_load(&mha, in_dir) != 0) return exit_code(-1);
     const Config *c = &mha.config;
     rc = 0;
     if (c->n_head % o.kv_heads != 0 || o.kv_heads > c->n_head)
@@ -2801,9 +2808,8 @@ static int cmd_convert(int argc, char **argv) {
         }
         model_free(&converted);
     }
-    if (rc != 0) fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
     model_free(&mha);
-    return rc == 0 ? 0 : 1;
+    return exit_code(rc);
 }
 
 static const char *const export_usage =
@@ -2822,17 +2828,16 @@ static int cmd_export(int argc, char **argv) {
         return 2;
     }
     Model m;
-    if (model_load(&m, in) != 0) { fprintf(stderr, "mlkv: error: %s\n", mlkv_error()); return 1; }
+    if (model_load(&m, in) != 0) return exit_code(-1);
     const Config *c = &m.config;
-    if (c->n_kv_head != c->n_head || c->n_kv_layer != c->n_layer || c->use_kv_mlp)
+    if (!is_mha(c))
         rc = fail("%s: only MHA models have the stock layout (this one has %d K/V heads in %d of %d layers%s)", in,
                   c->n_kv_head, c->n_kv_layer, c->n_layer, c->use_kv_mlp ? ", KV-MLP" : "");
     if (rc == 0) rc = check_output_dir(out);
     if (rc == 0) rc = checkpoint_save(&m, out, NULL, in, 1);
     if (rc == 0) printf("wrote %s in the stock GPT-NeoX layout\n", out);
-    else fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
     model_free(&m);
-    return rc == 0 ? 0 : 1;
+    return exit_code(rc);
 }
 
 static const char *const init_usage =
@@ -2850,15 +2855,12 @@ static int cmd_init(int argc, char **argv) {
     if (!config_path || !out) { fprintf(stderr, "mlkv init: --config and --out are required\n%s", init_usage); return 2; }
     Config c;
     Model m;
-    if (config_load(&c, config_path, NULL) != 0 || check_output_dir(out) != 0 || model_init_random(&m, &c, seed) != 0) {
-        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
-        return 1;
-    }
+    if (config_load(&c, config_path, NULL) != 0 || check_output_dir(out) != 0 || model_init_random(&m, &c, seed) != 0)
+        return exit_code(-1);
     rc = checkpoint_save(&m, out, NULL, NULL, 0);
     if (rc == 0) { print_model_summary(&m); printf("wrote %s\n", out); }
-    else fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
     model_free(&m);
-    return rc == 0 ? 0 : 1;
+    return exit_code(rc);
 }
 
 static const char *const demo_usage =
@@ -2878,30 +2880,27 @@ static int cmd_demo(int argc, char **argv) {
     if (rc) return rc == 1 ? 0 : 2;
     char train_path[PATH_LEN], val_path[PATH_LEN], init_dir[PATH_LEN], model_dir[PATH_LEN];
     if (make_path(train_path, out, "/train.bin") || make_path(val_path, out, "/val.bin") ||
-        make_path(init_dir, out, "/init") || make_path(model_dir, out, "/model")) {
-        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
-        return 1;
-    }
+        make_path(init_dir, out, "/init") || make_path(model_dir, out, "/model"))
+        return exit_code(-1);
     /* Pythia's shape, scaled down. With 16-dim heads, Pythia's rotary_pct 0.25
      * would leave 2 rotary frequencies, too little position signal to find the
      * first statement of a fact; the demo rotates whole heads. */
-    Config c = {.vocab_size = 64, .hidden_size = 64, .n_layer = 4, .n_head = 4, .intermediate_size = 256,
-                .max_position_embeddings = 128, .n_kv_head = 4, .n_kv_layer = 4, .rotary_pct = 1.0,
+    Config c = {.vocab_size = 64, .hidden_size = 64, .n_layer = 2, .n_head = 4, .intermediate_size = 256,
+                .max_position_embeddings = 128, .n_kv_head = 4, .n_kv_layer = 2, .rotary_pct = 1.0,
                 .rotary_base = 10000, .layer_norm_eps = 1e-5, .initializer_range = 0.02, .parallel_residual = 1,
                 .shared_key_rotary = 1};
     Model m;
     printf("demo: writing the corpus to %s (train 1M tokens, val 50k; %d words)\n", out, DEMO_WORDS);
-    if ((mkdir(out, 0755) != 0 && errno != EEXIST) || demo_corpus(train_path, 1000000, 1) != 0 ||
-        demo_corpus(val_path, 50000, 2) != 0 || model_init_random(&m, &c, 1234) != 0) {
-        fprintf(stderr, "mlkv: error: %s\n", error_message[0] ? mlkv_error() : strerror(errno));
-        return 1;
-    }
+    if (mkdir(out, 0755) != 0 && errno != EEXIST) return exit_code(fail("%s: cannot create: %s", out, strerror(errno)));
+    if (demo_corpus(train_path, 1000000, 1) != 0 || demo_corpus(val_path, 50000, 2) != 0 ||
+        model_init_random(&m, &c, 1234) != 0)
+        return exit_code(-1);
     if (model_prepare(&m, 1, DEMO_DOC_MAX, 0) != 0) rc = -1;
     float recall_before = rc == 0 ? demo_recall(&m, 200, 3) : 0;
     if (rc == 0) rc = checkpoint_save(&m, init_dir, NULL, NULL, 0);
     print_model_summary(&m);
     model_free(&m);
-    if (rc != 0) { fprintf(stderr, "mlkv: error: %s\n", mlkv_error()); return 1; }
+    if (rc != 0) return exit_code(rc);
     remove_checkpoint_dir(model_dir);
     TrainArgs t;
     train_defaults(&t);
@@ -2920,10 +2919,7 @@ static int cmd_demo(int argc, char **argv) {
     t.threads = threads;
     double t0 = now_seconds();
     if (run_training(&t) != 0) return 1;
-    if (model_load(&m, model_dir) != 0 || model_prepare(&m, 1, DEMO_DOC_MAX, 0) != 0) {
-        fprintf(stderr, "mlkv: error: %s\n", mlkv_error());
-        return 1;
-    }
+    if (model_load(&m, model_dir) != 0 || model_prepare(&m, 1, DEMO_DOC_MAX, 0) != 0) return exit_code(-1);
     float recall = demo_recall(&m, 200, 3);
     demo_show(&m, 4);
     model_free(&m);
