@@ -8,14 +8,15 @@
  *   4. the parameter table
  *   5. safetensors and checkpoints
  *   6. token files and the data loader
- *   7. kernels, each a *_forward / *_backward pair: matmul, layernorm, gelu,
+ *   7. the tokenizer (tokenizer.json): decoding, and encoding of ASCII text
+ *   8. kernels, each a *_forward / *_backward pair: matmul, layernorm, gelu,
  *      rotary, MLKV attention, cross-entropy
- *   8. the model: forward and backward
- *   9. AdamW, gradient clipping, the learning-rate schedule
- *  10. the converter: MHA Pythia to GQA / MQA / MLKV
- *  11. the training loop
- *  12. the built-in demo corpus
- *  13. the command line
+ *   9. the model: forward and backward
+ *  10. AdamW, gradient clipping, the learning-rate schedule
+ *  11. the converter: MHA Pythia to GQA / MQA / MLKV
+ *  12. the training loop
+ *  13. the built-in demo corpus
+ *  14. the command line
  *
  * MLKV in one paragraph: in standard attention every layer projects its own
  * keys and values (MHA). GQA lets groups of query heads share one K/V head;
@@ -1339,7 +1340,347 @@ void loader_free(DataLoader *dl) {
 }
 
 /* ===========================================================================
- * 7. Kernels. Shapes use N = B*T rows. Forward kernels overwrite their
+ * 7. The tokenizer: HF tokenizer.json of the byte-level BPE family (GPT-2,
+ *    GPT-NeoX). Byte-level BPE spells every byte as one printable character
+ *    (the byte alphabet) and merges adjacent tokens by rank. Decoding maps a
+ *    token's characters back to bytes. Encoding here is exact for ASCII text;
+ *    tokenize.py is exact for all text (it has Unicode's tables).
+ * ======================================================================== */
+
+#define ALPHABET_END 324 /* the byte alphabet lies in code points 0..323 */
+
+/* Printable Latin-1 bytes stand for themselves; the other 68 bytes take the
+ * code points from 256 up, in byte order. byte_of[cp] = the byte, or -1. */
+static void byte_alphabet(unsigned char_of[256], int byte_of[ALPHABET_END]) {
+    int extra = 0;
+    for (int cp = 0; cp < ALPHABET_END; cp++) byte_of[cp] = -1;
+    for (int b = 0; b < 256; b++) {
+        int printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+        char_of[b] = printable ? (unsigned)b : 256u + (unsigned)extra++;
+        byte_of[char_of[b]] = b;
+    }
+}
+
+/* One UTF-8 character at s (n bytes left): its length, or 0 if malformed. */
+static int utf8_next(const unsigned char *s, size_t n, unsigned *cp) {
+    int len = s[0] < 0x80 ? 1 : (s[0] & 0xE0) == 0xC0 ? 2 : (s[0] & 0xF0) == 0xE0 ? 3 : (s[0] & 0xF8) == 0xF0 ? 4 : 0;
+    if (len == 0 || (size_t)len > n) return 0;
+    *cp = len == 1 ? s[0] : s[0] & (0xFF >> (len + 1));
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        *cp = *cp << 6 | (s[i] & 0x3F);
+    }
+    return len;
+}
+
+/* As the ByteLevel decoder: every character through the byte alphabet, or the
+ * text's own UTF-8 when a character lies outside it (added tokens like runs of
+ * spaces). */
+static int token_text_to_bytes(const char *text, const int *byte_of, char **out, int *len) {
+    size_t n = strlen(text), k = 0;
+    char *b = malloc(n + 1);
+    if (!b) return fail("out of memory loading a tokenizer");
+    for (size_t i = 0; i < n;) {
+        unsigned cp;
+        int step = utf8_next((const unsigned char *)text + i, n - i, &cp);
+        if (step == 0 || cp >= ALPHABET_END || byte_of[cp] < 0) { memcpy(b, text, n); k = n; break; }
+        b[k++] = (char)byte_of[cp];
+        i += (size_t)step;
+    }
+    *out = b;
+    *len = (int)k;
+    return 0;
+}
+
+static MergeSlot *merge_slot(const Tokenizer *t, uint64_t key) {
+    size_t i = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 20) & (t->merge_capacity - 1);
+    while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key) i = (i + 1) & (t->merge_capacity - 1);
+    return &t->merges[i];
+}
+
+typedef struct { const char *text; int id; } VocabEntry;
+
+static int vocab_order(const void *a, const void *b) {
+    return strcmp(((const VocabEntry *)a)->text, ((const VocabEntry *)b)->text);
+}
+
+static int vocab_find(const VocabEntry *sorted, size_t n, const char *text) {
+    VocabEntry key = {text, 0};
+    const VocabEntry *e = bsearch(&key, sorted, n, sizeof(VocabEntry), vocab_order);
+    return e ? e->id : -1;
+}
+
+/* A merge as "left right" in buf (NUL after each part): from "a b" (classic
+ * files) or ["a", "b"] (newer ones). buf holds at least the merge's text + 2. */
+static int merge_parts(const Json *m, char *buf, char **left, char **right) {
+    if (m->type == JSON_ARRAY && m->length == 2 && m->items[0].type == JSON_STRING && m->items[1].type == JSON_STRING) {
+        *left = strcpy(buf, m->items[0].string);
+        *right = strcpy(buf + strlen(buf) + 1, m->items[1].string);
+        return 0;
+    }
+    const char *space = m->type == JSON_STRING ? strchr(m->string, ' ') : NULL;
+    if (!space || strchr(space + 1, ' ')) return -1;
+    *left = strcpy(buf, m->string);
+    buf[space - m->string] = '\0';
+    *right = buf + (space - m->string) + 1;
+    return 0;
+}
+
+static size_t merge_text_length(const Json *m) {
+    if (m->type == JSON_STRING) return m->length;
+    size_t n = 0;
+    for (size_t i = 0; m->type == JSON_ARRAY && i < m->length; i++) n += m->items[i].type == JSON_STRING ? m->items[i].length : 0;
+    return n;
+}
+
+static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
+    const Json *model = json_get(j, "model"), *vocab = json_get(model, "vocab"), *merges = json_get(model, "merges");
+    const Json *pre = json_get(j, "pre_tokenizer"), *added = json_get(j, "added_tokens");
+    if (!vocab || vocab->type != JSON_OBJECT || !merges || merges->type != JSON_ARRAY)
+        return fail("%s: not a BPE tokenizer.json (no model.vocab and model.merges)", path);
+    if (!pre || !config_string_is(pre, "type", "ByteLevel") || !json_get(pre, "type"))
+        return fail("%s: the pre_tokenizer is not ByteLevel", path);
+    const Json *prefix = json_get(pre, "add_prefix_space");
+    if (prefix && prefix->number != 0) return fail("%s: add_prefix_space true is not supported", path);
+    unsigned char_of[256];
+    int byte_of[ALPHABET_END], max_id = -1;
+    byte_alphabet(char_of, byte_of);
+    size_t n_added = added && added->type == JSON_ARRAY ? added->length : 0;
+    for (size_t i = 0; i < vocab->length; i++) {
+        if (!json_is_count(&vocab->items[i]) || vocab->items[i].number >= (1 << 24))
+            return fail("%s: vocabulary entry %zu has no valid id", path, i);
+        max_id = vocab->items[i].number > max_id ? (int)vocab->items[i].number : max_id;
+    }
+    for (size_t i = 0; i < n_added; i++) {
+        const Json *id = json_get(&added->items[i], "id"), *content = json_get(&added->items[i], "content");
+        if (!json_is_count(id) || id->number >= (1 << 24) || !content || content->type != JSON_STRING || !content->string[0])
+            return fail("%s: added token %zu has no id or content", path, i);
+        max_id = id->number > max_id ? (int)id->number : max_id;
+    }
+    t->n_ids = max_id + 1;
+    t->bytes = alloc_zeroed((size_t)t->n_ids, sizeof(char *), "the tokenizer");
+    t->length = alloc_zeroed((size_t)t->n_ids, sizeof(int), "the tokenizer");
+    t->added = alloc_zeroed(n_added + 1, sizeof(char *), "the tokenizer");
+    t->added_id = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
+    t->added_normalized = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
+    VocabEntry *sorted = alloc_zeroed(vocab->length + 1, sizeof(VocabEntry), "the tokenizer");
+    if (!t->bytes || !t->length || !t->added || !t->added_id || !t->added_normalized || !sorted) { free(sorted); return -1; }
+    for (size_t i = 0; i < vocab->length; i++) {
+        int id = (int)vocab->items[i].number;
+        sorted[i] = (VocabEntry){vocab->keys[i], id};
+        if (!t->bytes[id] && token_text_to_bytes(vocab->keys[i], byte_of, &t->bytes[id], &t->length[id]) != 0) {
+            free(sorted);
+            return -1;
+        }
+    }
+    qsort(sorted, vocab->length, sizeof(VocabEntry), vocab_order);
+    t->eot_id = -1;
+    for (size_t i = 0; i < n_added; i++) {
+        const Json *tok = &added->items[i], *normalized = json_get(tok, "normalized");
+        int id = (int)json_get(tok, "id")->number;
+        t->added[t->n_added] = strdup(json_get(tok, "content")->string);
+        t->added_id[t->n_added] = id;
+        t->added_normalized[t->n_added] = !normalized || normalized->number != 0; /* HF's default: true */
+        if (!t->added[t->n_added]) { free(sorted); return fail("out of memory loading %s", path); }
+        if (!strcmp(t->added[t->n_added], "<|endoftext|>")) t->eot_id = id;
+        free(t->bytes[id]);
+        if (token_text_to_bytes(t->added[t->n_added], byte_of, &t->bytes[id], &t->length[id]) != 0) { free(sorted); return -1; }
+        t->n_added++;
+    }
+    for (int b = 0; b < 256; b++) {
+        char ch[8];
+        ch[utf8_encode(char_of[b], ch)] = '\0';
+        t->byte_id[b] = vocab_find(sorted, vocab->length, ch);
+    }
+    /* merges: (left id, right id) -> (rank, merged id), in a table at most half full */
+    for (t->merge_capacity = 16; t->merge_capacity < 2 * merges->length + 16;) t->merge_capacity *= 2;
+    t->merges = malloc(t->merge_capacity * sizeof(MergeSlot));
+    if (!t->merges) { free(sorted); return fail("out of memory loading %s", path); }
+    for (size_t i = 0; i < t->merge_capacity; i++) t->merges[i].key = UINT64_MAX;
+    int rc = 0;
+    for (size_t r = 0; r < merges->length && rc == 0; r++) {
+        size_t n = merge_text_length(&merges->items[r]);
+        char *buf = malloc(2 * n + 4), *left, *right, *both = buf + n + 2;
+        if (!buf) { rc = fail("out of memory loading %s", path); break; }
+        if (merge_parts(&merges->items[r], buf, &left, &right) != 0) {
+            free(buf);
+            rc = fail("%s: merge %zu is not a pair", path, r);
+            break;
+        }
+        snprintf(both, n + 2, "%s%s", left, right);
+        int a = vocab_find(sorted, vocab->length, left), b = vocab_find(sorted, vocab->length, right);
+        int ab = vocab_find(sorted, vocab->length, both);
+        if (a < 0 || b < 0 || ab < 0) rc = fail("%s: merge %zu (%s %s) uses a token not in the vocabulary", path, r, left, right);
+        free(buf);
+        if (rc != 0) break;
+        MergeSlot *slot = merge_slot(t, (uint64_t)a << 32 | (uint32_t)b);
+        if (slot->key == UINT64_MAX) *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
+    }
+    free(sorted);
+    return rc;
+}
+
+int tokenizer_load(Tokenizer *t, const char *path) {
+    Json j;
+    memset(t, 0, sizeof(*t));
+    if (json_load_file(path, &j) != 0) return -1;
+    int rc = tokenizer_build(t, &j, path);
+    json_free(&j);
+    if (rc != 0) tokenizer_free(t);
+    return rc;
+}
+
+void tokenizer_free(Tokenizer *t) {
+    for (int i = 0; t->bytes && i < t->n_ids; i++) free(t->bytes[i]);
+    for (int i = 0; t->added && i < t->n_added; i++) free(t->added[i]);
+    free(t->bytes); free(t->length); free(t->merges); free(t->added); free(t->added_id); free(t->added_normalized);
+    memset(t, 0, sizeof(*t));
+}
+
+const char *tokenizer_token(const Tokenizer *t, int id, int *length) {
+    if (id < 0 || id >= t->n_ids || !t->bytes[id]) return NULL;
+    *length = t->length[id];
+    return t->bytes[id];
+}
+
+/* GPT-2's split pattern on ASCII, where \p{L} is [A-Za-z], \p{N} is [0-9] and
+ * \s is [\t\n\v\f\r ]:
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ * Returns the length of the piece that starts at s. */
+enum { CHAR_LETTER, CHAR_DIGIT, CHAR_SPACE, CHAR_OTHER };
+
+static int ascii_class(char c) {
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return CHAR_LETTER;
+    if (c >= '0' && c <= '9') return CHAR_DIGIT;
+    if (c == ' ' || (c >= '\t' && c <= '\r')) return CHAR_SPACE;
+    return CHAR_OTHER;
+}
+
+static size_t next_piece(const char *s, size_t n) {
+    static const char *const contractions[] = {"s", "t", "re", "ve", "m", "ll", "d"};
+    if (s[0] == '\'')
+        for (int i = 0; i < 7; i++) {
+            size_t k = strlen(contractions[i]);
+            if (n > k && !strncmp(s + 1, contractions[i], k)) return k + 1;
+        }
+    size_t j = s[0] == ' ' && n > 1 ? 1 : 0; /* the optional leading space */
+    int kind = ascii_class(s[j]);
+    if (kind != CHAR_SPACE) {
+        size_t e = j + 1;
+        while (e < n && ascii_class(s[e]) == kind) e++;
+        return e;
+    }
+    size_t e = 0; /* a run of white space keeps its last character for the next word */
+    while (e < n && ascii_class(s[e]) == CHAR_SPACE) e++;
+    return e == n || e == 1 ? e : e - 1;
+}
+
+/* Byte-pair merges on one piece: start from its bytes' tokens, merge the
+ * adjacent pair of lowest rank (leftmost first) until no merge applies. */
+static int bpe_piece(const Tokenizer *t, const char *s, size_t n, int *ids, int room) {
+    if ((size_t)room < n) return fail("the text has more tokens than the %d allowed", room);
+    int m = (int)n;
+    for (size_t i = 0; i < n; i++) ids[i] = t->byte_id[(unsigned char)s[i]];
+    while (m > 1) {
+        int at = -1, best_rank = 0, merged = 0;
+        for (int i = 0; i + 1 < m; i++) {
+            const MergeSlot *slot = merge_slot(t, (uint64_t)ids[i] << 32 | (uint32_t)ids[i + 1]);
+            if (slot->key != UINT64_MAX && (at < 0 || slot->rank < best_rank)) {
+                at = i;
+                best_rank = slot->rank;
+                merged = slot->merged;
+            }
+        }
+        if (at < 0) break;
+        ids[at] = merged;
+        memmove(ids + at + 1, ids + at + 2, (size_t)(m - at - 2) * sizeof(int));
+        m--;
+    }
+    return m;
+}
+
+/* The leftmost added token of the given kind in s, the longest where several
+ * start there (HF matches special tokens in the raw text, the normalized ones
+ * after normalization; for ASCII the two texts are the same). */
+static int find_added(const Tokenizer *t, const char *s, size_t n, int normalized, size_t *at, size_t *len) {
+    for (size_t pos = 0; pos < n; pos++) {
+        int best = -1;
+        size_t best_len = 0;
+        for (int i = 0; i < t->n_added; i++) {
+            size_t k = strlen(t->added[i]);
+            if (t->added_normalized[i] == normalized && k > best_len && k <= n - pos && !memcmp(s + pos, t->added[i], k)) {
+                best = i;
+                best_len = k;
+            }
+        }
+        if (best >= 0) {
+            *at = pos;
+            *len = best_len;
+            return t->added_id[best];
+        }
+    }
+    return -1;
+}
+
+/* phase 0: split on special (not normalized) added tokens; phase 1: on the
+ * normalized ones; then pieces and merges. Returns the ids written or -1. */
+static int encode_span(const Tokenizer *t, const char *s, size_t n, int phase, int *ids, int room) {
+    int count = 0;
+    while (n > 0) {
+        size_t at = n, len = 0;
+        int id = phase < 2 ? find_added(t, s, n, phase, &at, &len) : -1;
+        size_t plain = id >= 0 ? at : n;
+        if (phase < 2) {
+            int k = encode_span(t, s, plain, phase + 1, ids + count, room - count);
+            if (k < 0) return -1;
+            count += k;
+        } else {
+            for (size_t p = 0; p < plain;) {
+                size_t piece = next_piece(s + p, plain - p);
+                int k = bpe_piece(t, s + p, piece, ids + count, room - count);
+                if (k < 0) return -1;
+                count += k;
+                p += piece;
+            }
+        }
+        if (id < 0) break;
+        if (count >= room) return fail("the text has more tokens than the %d allowed", room);
+        ids[count++] = id;
+        s += at + len;
+        n -= at + len;
+    }
+    return count;
+}
+
+int tokenizer_encode(const Tokenizer *t, const char *text, int *ids, int max_ids) {
+    for (const char *p = text; *p; p++)
+        if ((unsigned char)*p >= 0x80)
+            return fail("the text is not ASCII; mlkv encodes ASCII exactly but not other text: get the ids with "
+                        "python3 tokenize.py encode --tokenizer FILE TEXT");
+    return encode_span(t, text, strlen(text), 0, ids, max_ids);
+}
+
+static int utf8_length(unsigned char lead) {
+    return lead < 0x80 ? 1 : (lead & 0xE0) == 0xC0 ? 2 : (lead & 0xF0) == 0xE0 ? 3 : (lead & 0xF8) == 0xF0 ? 4 : 1;
+}
+
+void utf8_stream_write(Utf8Stream *s, const char *bytes, int n, FILE *out) {
+    for (int i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)bytes[i];
+        if (s->n > 0 && (c & 0xC0) != 0x80) utf8_stream_flush(s, out); /* a broken character goes out as it is */
+        s->pending[s->n++] = c;
+        if (s->n == utf8_length(s->pending[0])) utf8_stream_flush(s, out);
+    }
+    fflush(out);
+}
+
+void utf8_stream_flush(Utf8Stream *s, FILE *out) {
+    if (s->n) fwrite(s->pending, 1, (size_t)s->n, out);
+    s->n = 0;
+}
+
+/* ===========================================================================
+ * 8. Kernels. Shapes use N = B*T rows. Forward kernels overwrite their
  *    output; backward kernels *add* into their input gradients (dinp += ...),
  *    because a tensor may feed several consumers (the residual stream, and the
  *    K/V of an owning layer read by several layers). Every reduction runs in a
@@ -1661,7 +2002,7 @@ PARALLEL_FOR
 }
 
 /* ===========================================================================
- * 8. The model: buffers, forward, backward
+ * 9. The model: buffers, forward, backward
  * ======================================================================== */
 
 typedef struct { const char *name; float **ptr; size_t floats; } BufferSpec;
@@ -1972,7 +2313,7 @@ void model_backward(Model *m, float loss_scale) {
 }
 
 /* ===========================================================================
- * 9. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
+ * 10. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
  * ======================================================================== */
 
 double lr_at_step(const OptimConfig *o, int step) {
@@ -2040,7 +2381,7 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
 }
 
 /* ===========================================================================
- * 10. The converter: a pretrained (MHA) Pythia to GQA / MQA / MLKV, step by
+ * 11. The converter: a pretrained (MHA) Pythia to GQA / MQA / MLKV, step by
  *     step as the reference does it (MLKV-REFERENCE section 2), plus options
  *     it lacks. model_load has already split the fused query_key_value per
  *     head (step 1).
@@ -2235,7 +2576,7 @@ static int write_fused_safetensors(const Model *m, const char *path) {
 }
 
 /* ===========================================================================
- * 11. The training loop
+ * 12. The training loop
  * ======================================================================== */
 
 typedef struct {
@@ -2467,7 +2808,7 @@ done:
 }
 
 /* ===========================================================================
- * 12. The built-in demo: a corpus that needs attention to predict (facts
+ * 13. The built-in demo: a corpus that needs attention to predict (facts
  *     stated early in a document and asked for later), byte-level tokens, a
  *     tiny Pythia-shaped MHA model trained from scratch.
  * ======================================================================== */
@@ -2576,7 +2917,7 @@ static void demo_show(Model *m, uint64_t seed) {
 }
 
 /* ===========================================================================
- * 13. The command line
+ * 14. The command line
  * ======================================================================== */
 
 typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_SEED, FLAG_CHOICE } FlagKind;
@@ -2840,6 +3181,56 @@ static int cmd_export(int argc, char **argv) {
     return exit_code(rc);
 }
 
+static const char *const encode_usage =
+    "usage: mlkv encode --tokenizer FILE TEXT\n"
+    "Prints the token ids of TEXT, exactly as HF tokenizers when TEXT is ASCII (for\n"
+    "other text: python3 tokenize.py encode --tokenizer FILE TEXT).\n";
+
+static int cmd_encode(int argc, char **argv) {
+    const char *path = NULL, *text = NULL;
+    Flag flags[] = {STRING_FLAG("--tokenizer", &path)};
+    int rc = parse_flags(argc, argv, flags, 1, encode_usage, &text);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!path || !text) { fprintf(stderr, "mlkv encode: --tokenizer and TEXT are required\n%s", encode_usage); return 2; }
+    Tokenizer t;
+    if (tokenizer_load(&t, path) != 0) return exit_code(-1);
+    int room = (int)strlen(text) + 16, *ids = malloc(sizeof(int) * (size_t)room);
+    int n = ids ? tokenizer_encode(&t, text, ids, room) : fail("out of memory");
+    for (int i = 0; i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
+    if (n >= 0) printf("\n");
+    free(ids);
+    tokenizer_free(&t);
+    return exit_code(n >= 0 ? 0 : -1);
+}
+
+static const char *const decode_usage =
+    "usage: mlkv decode --tokenizer FILE ID...\n"
+    "Writes the text of the token ids, as HF tokenizers decodes them.\n";
+
+static int cmd_decode(int argc, char **argv) {
+    const char *path = NULL;
+    Flag flags[] = {STRING_FLAG("--tokenizer", &path)};
+    int first = 0;
+    while (first < argc && (argv[first][0] == '-' || (first > 0 && !strcmp(argv[first - 1], "--tokenizer")))) first++;
+    int rc = parse_flags(first, argv, flags, 1, decode_usage, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!path) { fprintf(stderr, "mlkv decode: --tokenizer is required\n%s", decode_usage); return 2; }
+    Tokenizer t;
+    if (tokenizer_load(&t, path) != 0) return exit_code(-1);
+    Utf8Stream stream = {{0}, 0};
+    for (int i = first; i < argc && rc == 0; i++) {
+        char *end;
+        long id = strtol(argv[i], &end, 10);
+        int len;
+        const char *bytes = *end || end == argv[i] ? NULL : tokenizer_token(&t, (int)id, &len);
+        if (!bytes) rc = fail("%s: not a token id of %s (0..%d)", argv[i], path, t.n_ids - 1);
+        else utf8_stream_write(&stream, bytes, len, stdout);
+    }
+    utf8_stream_flush(&stream, stdout);
+    tokenizer_free(&t);
+    return exit_code(rc);
+}
+
 static const char *const init_usage =
     "usage: mlkv init --config CONFIG.json --out DIR [--seed S]\n"
     "Writes a freshly initialised model (weights normal(0, initializer_range), biases 0,\n"
@@ -2937,6 +3328,8 @@ static const char *const main_usage =
     "  train   train or uptrain a model on llm.c token files\n"
     "  convert convert a pretrained MHA Pythia to GQA / MQA / MLKV\n"
     "  export  write an MHA model in the stock GPT-NeoX layout\n"
+    "  encode  token ids of ASCII text (tokenize.py encodes any text)\n"
+    "  decode  text of token ids\n"
     "  demo    built-in demo: corpus, tiny model, training, validation loss\n";
 
 int mlkv_main(int argc, char **argv) {
@@ -2945,7 +3338,8 @@ int mlkv_main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     static const struct { const char *name; int (*run)(int, char **); } commands[] = {
-        {"init", cmd_init}, {"train", cmd_train}, {"convert", cmd_convert}, {"export", cmd_export}, {"demo", cmd_demo}};
+        {"init", cmd_init}, {"train", cmd_train}, {"convert", cmd_convert}, {"export", cmd_export}, {"encode", cmd_encode},
+        {"decode", cmd_decode}, {"demo", cmd_demo}};
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 2, argv + 2);
     fprintf(stderr, "mlkv: unknown command %s\n%s", argv[1], main_usage);

@@ -13,6 +13,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define MLKV_MAX_LAYERS 256
 #define MLKV_NAME_MAX 96
@@ -259,6 +260,35 @@ int loader_init(DataLoader *dl, const TokenFile *f, int B, int T, uint64_t seed,
 void loader_seek(DataLoader *dl, int epoch, size_t next);
 void loader_next(DataLoader *dl, int *rows);   /* fills [B, T+1] */
 void loader_free(DataLoader *dl);
+
+/* ---------------------------------------------------------------------------
+ * Tokenizer: HF tokenizer.json of the byte-level BPE family (Pythia's) */
+typedef struct { uint64_t key; int rank, merged; } MergeSlot; /* key: left id << 32 | right id */
+typedef struct {
+    int n_ids;                 /* ids 0 .. n_ids-1 (vocabulary and added tokens) */
+    char **bytes;              /* [n_ids] what each token decodes to (NULL: no such id) */
+    int *length;               /* [n_ids] */
+    int byte_id[256];          /* the token of each single byte */
+    MergeSlot *merges;         /* open-addressing table of [merge_capacity] */
+    size_t merge_capacity;
+    int n_added;
+    char **added;              /* added tokens' text (<|endoftext|>, runs of spaces) */
+    int *added_id, *added_normalized;
+    int eot_id;                /* <|endoftext|>, or -1 */
+} Tokenizer;
+int tokenizer_load(Tokenizer *t, const char *path);
+void tokenizer_free(Tokenizer *t);
+/* The bytes of a token (not NUL-terminated), or NULL for an unknown id. */
+const char *tokenizer_token(const Tokenizer *t, int id, int *length);
+/* Encodes text exactly as HF tokenizers when it is ASCII (NFC and Unicode
+ * classes need tables this file does not carry); other text is an error that
+ * points to tokenize.py. Returns the number of ids (at most max_ids), or -1. */
+int tokenizer_encode(const Tokenizer *t, const char *text, int *ids, int max_ids);
+/* Writes decoded bytes as they come, holding back a UTF-8 character until all
+ * its bytes have arrived (tokens often end inside one). */
+typedef struct { unsigned char pending[4]; int n; } Utf8Stream;
+void utf8_stream_write(Utf8Stream *s, const char *bytes, int n, FILE *out);
+void utf8_stream_flush(Utf8Stream *s, FILE *out);
 
 /* ---------------------------------------------------------------------------
  * Command line: mlkv <command> ...; returns the process exit code. */

@@ -727,6 +727,95 @@ static void test_convert(void) {
     model_free(&mha);
 }
 
+/* --- the tokenizer against HF tokenizers (dev/gen_tokenizer_fixtures.py) ---- */
+
+static int is_ascii(const char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s >= 0x80) return 0;
+    return 1;
+}
+
+static void test_tokenizer(void) {
+    size_t len;
+    char *text = slurp("dev/fixtures/tokenizer/expected.json", &len);
+    Json expected;
+    CHECK(text && json_parse(text, len, "expected.json", &expected) == 0, "tokenizer fixture: %s", mlkv_error());
+    free(text);
+    for (size_t f = 0; f < expected.length; f++) {
+        char path[300];
+        snprintf(path, sizeof(path), "dev/fixtures/tokenizer/%s", expected.keys[f]);
+        Tokenizer tok;
+        if (tokenizer_load(&tok, path) != 0) { CHECK(0, "load %s: %s", path, mlkv_error()); continue; }
+        const Json *cases = json_get(&expected.items[f], "cases");
+        int decoded_ok = 0, encoded = 0, encoded_ok = 0, ids[4096];
+        char buf[65536];
+        for (size_t c = 0; c < cases->length; c++) {
+            const Json *want_ids = json_get(&cases->items[c], "ids");
+            const Json *want = json_get(&cases->items[c], "decoded"), *in = json_get(&cases->items[c], "text");
+            const char *want_text = want->string, *input = in->string;
+            size_t n = 0;
+            int ok = 1;
+            for (size_t i = 0; i < want_ids->length && ok; i++) {
+                int k;
+                const char *b = tokenizer_token(&tok, (int)want_ids->items[i].number, &k);
+                ok = b && n + (size_t)k < sizeof(buf);
+                if (ok) { memcpy(buf + n, b, (size_t)k); n += (size_t)k; }
+            }
+            decoded_ok += ok && n == want->length && !memcmp(buf, want_text, n);
+            CHECK(ok && n == want->length && !memcmp(buf, want_text, n), "%s: decode of case %zu", path, c);
+            if (strlen(input) != in->length) continue; /* a NUL inside: C strings end there */
+            if (!is_ascii(input)) {
+                CHECK(tokenizer_encode(&tok, input, ids, 4096) == -1 && strstr(mlkv_error(), "tokenize.py encode"),
+                      "non-ASCII text is refused with a pointer to tokenize.py");
+                continue;
+            }
+            int got = tokenizer_encode(&tok, input, ids, 4096);
+            int same = got == (int)want_ids->length;
+            for (int i = 0; same && i < got; i++) same = ids[i] == (int)want_ids->items[i].number;
+            encoded++;
+            encoded_ok += same;
+            CHECK(same, "%s: encode of case %zu (%.40s): %d ids, expected %zu", path, c, input, got, want_ids->length);
+        }
+        printf("  tokenizer %s: %d of %zu decodings and %d of %d ASCII encodings equal HF tokenizers\n",
+               expected.keys[f], decoded_ok, cases->length, encoded_ok, encoded);
+        CHECK(encoded >= 40, "%s: only %d ASCII cases", path, encoded);
+        tokenizer_free(&tok);
+    }
+    json_free(&expected);
+    /* streaming holds back a character until its last byte arrives */
+    char stream_path[300];
+    snprintf(stream_path, sizeof(stream_path), "%s/stream.txt", tmp_dir);
+    FILE *f = fopen(stream_path, "wb");
+    Utf8Stream st = {{0}, 0};
+    const char *whole = "a\xc3\xa9\xe6\x97\xa5\xf0\x9f\x98\x80z";
+    for (const char *p = whole; *p; p++) {
+        long before = ftell(f);
+        utf8_stream_write(&st, p, 1, f);
+        long after = ftell(f);
+        int ends_char = p[1] == '\0' || ((unsigned char)p[1] & 0xC0) != 0x80;
+        CHECK((after > before) == ends_char, "stream output at byte %ld", (long)(p - whole));
+    }
+    utf8_stream_flush(&st, f);
+    fclose(f);
+    char *back = slurp(stream_path, &len);
+    CHECK(back && !strcmp(back, whole), "stream writes every byte once");
+    free(back);
+    CHECK(run("%s encode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json \"Hello  world<|endoftext|>\"",
+              mlkv_bin) == 0 && !strcmp(output(), "12092 50276 10186 0\n"), "mlkv encode: %s", output());
+    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 12092 50276 10186 0", mlkv_bin) == 0 &&
+          !strcmp(output(), "Hello  world<|endoftext|>"), "mlkv decode: %s", output());
+    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 99999", mlkv_bin) == 1 &&
+          strstr(output(), "99999: not a token id"), "bad id: %s", output());
+    CHECK(run("%s encode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json caf\xc3\xa9", mlkv_bin) == 1 &&
+          strstr(output(), "tokenize.py encode"), "non-ASCII: %s", output());
+    snprintf(stream_path, sizeof(stream_path), "%s/bad_tokenizer.json", tmp_dir);
+    write_text(stream_path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [\"a b\"]}, "
+                            "\"pre_tokenizer\": {\"type\": \"ByteLevel\"}}");
+    Tokenizer bad;
+    CHECK(tokenizer_load(&bad, stream_path) != 0 && strstr(mlkv_error(), "merge 0 (a b) uses a token not in the vocabulary"),
+          "bad merges: %s", mlkv_error());
+}
+
 /* The reference's bookkeeping, checked on the numbers MLKV-REFERENCE quotes. */
 static void test_convert_sizes(void) {
     Config c = {.vocab_size = 50304, .hidden_size = 768, .n_layer = 12, .n_head = 12, .intermediate_size = 3072,
@@ -761,6 +850,7 @@ int main(int argc, char **argv) {
     test_init();
     test_convert_sizes();
     test_convert();
+    test_tokenizer();
     test_resume();
     test_errors();
     if (failed == 0) run("rm -rf %s", tmp_dir);

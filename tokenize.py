@@ -1,0 +1,405 @@
+"""tokenize.py - Pythia's tokenizer in the Python 3 standard library alone.
+
+    python3 tokenize.py encode --tokenizer tokenizer.json [TEXT]     ids (stdin without TEXT)
+    python3 tokenize.py decode --tokenizer tokenizer.json [IDS...]   text (stdin without IDS)
+    python3 tokenize.py shards --tokenizer tokenizer.json --out DIR INPUTS...
+    python3 tokenize.py bytes --out tokenizer.json                   a byte-level tokenizer
+
+It reads any Hugging Face tokenizer.json of the GPT-2 / GPT-NeoX family
+(byte-level BPE) and encodes exactly as the `tokenizers` library: added tokens
+first (special ones on the raw text, the others after normalization), NFC, the
+GPT-2 split pattern with Unicode letters, numbers and white space, then BPE
+merges by rank. --help on every command.
+"""
+
+# This file shares its name with the standard library's tokenize module, which
+# linecache (tracebacks) and inspect import. Python puts this folder first on
+# sys.path when it runs a script from here, so `import tokenize` anywhere in the
+# process would load this file instead. When that happens, load the real module
+# in its place: the importer then hands the standard one to whoever asked.
+if __name__ == "tokenize":
+    import importlib.machinery
+    import importlib.util
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _path = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _here]
+    _spec = importlib.machinery.PathFinder.find_spec("tokenize", _path)
+    _real = importlib.util.module_from_spec(_spec)
+    _sys.modules["tokenize"] = _real
+    _spec.loader.exec_module(_real)
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+import unicodedata
+import zlib
+
+TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1  # llm.c's token files
+
+
+def byte_alphabet():
+    """Byte-level BPE spells each byte as a printable character: printable
+    Latin-1 bytes stand for themselves, the other 68 bytes take the code points
+    from 256 up, in byte order. Returns {byte: char}."""
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+# Unicode White_Space, as the regex engine of `tokenizers` (Oniguruma) reads \s.
+WHITE_SPACE = [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+               (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]
+
+
+def char_class(ranges):
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+
+
+def category_ranges(first_letter):
+    """Code point ranges whose general category starts with first_letter (L, N)."""
+    ranges, start = [], None
+    for cp in range(0x110000):
+        if unicodedata.category(chr(cp))[0] == first_letter:
+            if start is None:
+                start = cp
+        elif start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+    if start is not None:
+        ranges.append((start, 0x10FFFF))
+    return ranges
+
+
+def split_pattern():
+    """GPT-2's pre-tokenizer pattern
+        's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+    with \\p{L}, \\p{N} and \\s spelled out as classes, since `re` lacks them."""
+    L, N, S = char_class(category_ranges("L")), char_class(category_ranges("N")), char_class(WHITE_SPACE)
+    return re.compile(f"'(?:s|t|re|ve|m|ll|d)| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+class TokenizerError(Exception):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{path}: {e}") from e
+        model = spec.get("model") or {}
+        if model.get("type") not in ("BPE", None) or not isinstance(model.get("vocab"), dict):
+            raise TokenizerError(f"{path}: not a BPE tokenizer.json (model.type {model.get('type')!r})")
+        pre = spec.get("pre_tokenizer") or {}
+        if pre.get("type") != "ByteLevel":
+            raise TokenizerError(f"{path}: pre_tokenizer {pre.get('type')!r} is not ByteLevel")
+        self.add_prefix_space = bool(pre.get("add_prefix_space", False))
+        norm = spec.get("normalizer") or {}
+        if norm.get("type") not in (None, "NFC"):
+            raise TokenizerError(f"{path}: normalizer {norm.get('type')!r} is not supported (NFC or none)")
+        self.nfc = norm.get("type") == "NFC"
+        self.vocab = model["vocab"]
+        self.ranks = {}
+        for rank, merge in enumerate(model.get("merges", [])):
+            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+            if len(pair) != 2:
+                raise TokenizerError(f"{path}: merge {rank} is not a pair: {merge!r}")
+            self.ranks.setdefault(pair, rank)
+        self.added = {t["content"]: t for t in spec.get("added_tokens", [])}
+        self.id_to_token = {i: t for t, i in self.vocab.items()}
+        for t in spec.get("added_tokens", []):
+            self.id_to_token[t["id"]] = t["content"]
+        self.vocab_size = max(self.id_to_token) + 1
+        self.to_char = byte_alphabet()
+        self.to_byte = {c: b for b, c in self.to_char.items()}
+        # added tokens are found longest-first at the leftmost position, the
+        # special ones (normalized false) in the raw text, the others after NFC
+        raw = [c for c, t in self.added.items() if not t.get("normalized", True)]
+        normed = [c for c, t in self.added.items() if t.get("normalized", True)]
+        self.raw_added = self.alternation(raw)
+        self.normalized_added = self.alternation([self.normalize(c) for c in normed])
+        self.normalized_id = {self.normalize(c): t["id"] for c, t in self.added.items() if t.get("normalized", True)}
+        self.split = split_pattern()
+        self.cache = {}
+
+    @staticmethod
+    def alternation(words):
+        words = sorted(set(w for w in words if w), key=len, reverse=True)
+        return re.compile("|".join(re.escape(w) for w in words)) if words else None
+
+    def normalize(self, text):
+        return unicodedata.normalize("NFC", text) if self.nfc else text
+
+    def bpe(self, word):
+        """Token ids of one pre-token (already in the byte alphabet): merge the
+        adjacent pair of lowest rank, leftmost first, until none applies."""
+        ids = self.cache.get(word)
+        if ids is not None:
+            return ids
+        parts = list(word)
+        while len(parts) > 1:
+            best, at = None, -1
+            for i in range(len(parts) - 1):
+                r = self.ranks.get((parts[i], parts[i + 1]))
+                if r is not None and (best is None or r < best):
+                    best, at = r, i
+            if best is None:
+                break
+            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        try:
+            ids = [self.vocab[p] for p in parts]
+        except KeyError as e:
+            raise TokenizerError(f"no token for {e.args[0]!r} after merges") from None
+        self.cache[word] = ids
+        return ids
+
+    def encode_plain(self, text, out):
+        """Text without added tokens: GPT-2 split, byte alphabet, BPE."""
+        if self.add_prefix_space and text and not text.startswith(" "):
+            text = " " + text
+        for piece in self.split.findall(text):
+            out.extend(self.bpe("".join(self.to_char[b] for b in piece.encode("utf-8"))))
+
+    def encode_normalized(self, text, out):
+        text = self.normalize(text)
+        start = 0
+        if self.normalized_added:
+            for m in self.normalized_added.finditer(text):
+                self.encode_plain(text[start:m.start()], out)
+                out.append(self.normalized_id[m.group()])
+                start = m.end()
+        self.encode_plain(text[start:], out)
+
+    def encode(self, text):
+        out, start = [], 0
+        if self.raw_added:
+            for m in self.raw_added.finditer(text):
+                self.encode_normalized(text[start:m.start()], out)
+                out.append(self.added[m.group()]["id"])
+                start = m.end()
+        self.encode_normalized(text[start:], out)
+        return out
+
+    def token_bytes(self, i):
+        """A token's bytes, as the ByteLevel decoder spells them: through the byte
+        alphabet, or as raw UTF-8 when a character is outside it (added tokens)."""
+        if i not in self.id_to_token:
+            raise TokenizerError(f"token id {i} is not in the vocabulary (0..{self.vocab_size - 1})")
+        t = self.id_to_token[i]
+        try:
+            return bytes(self.to_byte[c] for c in t)
+        except KeyError:
+            return t.encode("utf-8")
+
+    def decode(self, ids):
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def byte_tokenizer_json():
+    """256 byte tokens and <|endoftext|> (id 256), in tokenizer.json form."""
+    alphabet = byte_alphabet()
+    eot = {"id": 256, "content": "<|endoftext|>", "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False, "special": True}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [eot], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "vocab": {alphabet[b]: b for b in range(256)}, "merges": []}}
+
+
+# --- data shards -------------------------------------------------------------
+
+def input_files(inputs):
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names) if n.endswith((".txt", ".jsonl"))]
+        elif path.endswith((".txt", ".jsonl")) and os.path.isfile(path):
+            files.append(path)
+        else:
+            raise TokenizerError(f"{path}: not a .txt or .jsonl file or a folder of them")
+    if not files:
+        raise TokenizerError("no .txt or .jsonl files in the inputs")
+    return files
+
+
+def documents(files, separator):
+    """(text, bytes) of every document: a .txt file whole (or split on the
+    separator), each line of a .jsonl file (its "text" field)."""
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if path.endswith(".txt"):
+                text = f.read()
+                for doc in (text.split(separator) if separator else [text]):
+                    if doc.strip():
+                        yield doc, len(doc.encode("utf-8")) + (len(separator.encode()) if separator else 0)
+                continue
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise TokenizerError(f"{path}:{n}: not a JSON object with a \"text\" field") from None
+                if not isinstance(text, str):
+                    raise TokenizerError(f"{path}:{n}: \"text\" is not a string")
+                yield text, len(line.encode("utf-8"))
+
+
+_worker = {}
+
+
+def _start_worker(tokenizer, max_tokens, eot):
+    _worker.update(tokenizer=tokenizer, max_tokens=max_tokens, eot=eot)
+
+
+def _encode_document(item):
+    text, size = item
+    ids = _worker["tokenizer"].encode(text)
+    if _worker["max_tokens"]:
+        ids = ids[:_worker["max_tokens"]]  # the reference truncates each document before packing
+    ids.append(_worker["eot"])
+    return ids, size, zlib.crc32(text.encode("utf-8"))
+
+
+class TokenWriter:
+    """An llm.c token file written to NAME.tmp and renamed when complete."""
+
+    def __init__(self, path):
+        self.path, self.count = path, 0
+        self.f = open(path + ".tmp", "wb")
+        self.f.write(b"\0" * 1024)
+
+    def write(self, ids):
+        self.f.write(b"".join(i.to_bytes(2, "little") for i in ids))
+        self.count += len(ids)
+
+    def close(self):
+        self.f.seek(0)
+        self.f.write(b"".join(x.to_bytes(4, "little", signed=True) for x in (TOKENS_MAGIC, TOKENS_VERSION, self.count)))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.path + ".tmp", self.path)
+
+
+def shards(args):
+    tok = Tokenizer(args.tokenizer)
+    if tok.vocab_size > 65536:
+        raise TokenizerError(f"{args.tokenizer}: {tok.vocab_size} tokens do not fit the uint16 token files")
+    if "<|endoftext|>" not in tok.added and "<|endoftext|>" not in tok.vocab:
+        raise TokenizerError(f"{args.tokenizer}: no <|endoftext|> token to put between documents")
+    eot = tok.added["<|endoftext|>"]["id"] if "<|endoftext|>" in tok.added else tok.vocab["<|endoftext|>"]
+    files = input_files(args.inputs)
+    total = sum(os.path.getsize(p) for p in files)
+    os.makedirs(args.out, exist_ok=True)
+    writers = {"train": TokenWriter(os.path.join(args.out, "train.bin")),
+               "val": TokenWriter(os.path.join(args.out, "val.bin"))}
+    docs = {"train": 0, "val": 0}
+    threshold = int(args.val_fraction * 2 ** 32)
+    done, t0, shown = 0, time.time(), 0.0
+    with multiprocessing.Pool(args.workers, _start_worker, (tok, args.max_doc_tokens, eot)) as pool:
+        for ids, size, crc in pool.imap(_encode_document, documents(files, args.separator), chunksize=64):
+            # the split depends on the text alone: the same document always lands on the same side
+            part = "val" if crc < threshold else "train"
+            writers[part].write(ids)
+            docs[part] += 1
+            done += size
+            now = time.time()
+            if now - shown > 0.5 or done >= total:
+                shown = now
+                frac = min(1.0, done / max(total, 1))
+                rate = done / max(now - t0, 1e-9) / 1e6
+                eta = (total - done) / 1e6 / rate if rate > 0 else 0
+                bar = "#" * int(frac * 30)
+                print(f"\r[{bar:<30}] {100 * frac:5.1f}% {done / 1e6:8.1f} MB {rate:6.2f} MB/s eta {eta:4.0f}s",
+                      end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    for w in writers.values():
+        w.close()
+    elapsed = time.time() - t0
+    print(f"{args.out}/train.bin: {writers['train'].count} tokens from {docs['train']} documents")
+    print(f"{args.out}/val.bin: {writers['val'].count} tokens from {docs['val']} documents")
+    print(f"{total / 1e6:.1f} MB in {elapsed:.1f}s: {total / 1e6 / max(elapsed, 1e-9):.2f} MB/s with {args.workers} workers")
+
+
+# --- command line ------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tokenize.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("encode", help="print the ids of TEXT (or stdin), separated by spaces")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    p.add_argument("text", nargs="?", help="the text (default: stdin)")
+    p = sub.add_parser("decode", help="print the text of IDS (or stdin)")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    p.add_argument("ids", nargs="*", help="token ids (default: stdin, separated by white space)")
+    p = sub.add_parser("shards", help="tokenize documents into llm.c token files train.bin and val.bin",
+                       description="Tokenizes .txt files (one document each, or split on --separator), .jsonl "
+                                   "files (a \"text\" field per line) and folders of them into DIR/train.bin and "
+                                   "DIR/val.bin, <|endoftext|> after every document. A document goes to val.bin when "
+                                   "the CRC-32 of its text falls in the lowest --val-fraction of the range, so the "
+                                   "split depends on the text alone.")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json (at most 65536 tokens)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents for val.bin (0.005)")
+    p.add_argument("--max-doc-tokens", type=int, default=0, help="truncate each document to N tokens (0: no limit; "
+                                                                  "the reference uses 2048)")
+    p.add_argument("--separator", default=None, help="split .txt files into documents on this string")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
+    p.add_argument("inputs", nargs="+", help=".txt / .jsonl files or folders")
+    p = sub.add_parser("bytes", help="write a byte-level tokenizer.json (256 bytes + <|endoftext|>)")
+    p.add_argument("--out", required=True, help="the tokenizer.json to write")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "encode":
+            tok = Tokenizer(args.tokenizer)
+            text = args.text if args.text is not None else sys.stdin.read()
+            print(" ".join(map(str, tok.encode(text))))
+        elif args.command == "decode":
+            tok = Tokenizer(args.tokenizer)
+            words = args.ids if args.ids else sys.stdin.read().split()
+            try:
+                ids = [int(w) for w in words]
+            except ValueError as e:
+                raise TokenizerError(f"not a token id: {e}") from None
+            sys.stdout.buffer.write(tok.decode(ids).encode("utf-8"))
+        elif args.command == "shards":
+            if not 0 <= args.val_fraction < 1:
+                raise TokenizerError("--val-fraction must be in [0, 1)")
+            if args.workers < 1 or args.max_doc_tokens < 0:
+                raise TokenizerError("--workers must be positive and --max-doc-tokens not negative")
+            shards(args)
+        else:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(byte_tokenizer_json(), f, ensure_ascii=False, indent=1)
+            print(f"wrote {args.out}: 256 byte tokens and <|endoftext|> = 256")
+    except (TokenizerError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"tokenize.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
