@@ -1,8 +1,8 @@
 # mlkv.c
 #   make          build ./mlkv (OpenMP when the compiler has it; OMP=0 to disable)
 #   make demo     the built-in demo: corpus, tiny model, training (no download)
-#   make test     build and run the tests with gcc and clang (those installed),
-#                 each with and without OpenMP, warnings as errors
+#   make test     tokenize.py's tests, then the C tests built with gcc and clang
+#                 (those installed), each with and without OpenMP, warnings as errors
 CC ?= cc
 OMP ?= 1
 # -march=native where the compiler accepts it: the binary is built where it runs
@@ -22,9 +22,10 @@ mlkv: mlkv.c mlkv.h
 demo: mlkv
 	./mlkv demo
 
-# One build of the binary and the test program per compiler and OpenMP setting,
-# under build/, each run on the committed fixtures.
+# tokenize.py's tests, then one build of the binary and the test program per
+# compiler and OpenMP setting, under build/, each run on the committed fixtures.
 test:
+	@python3 dev/test_tokenize.py
 	@set -e; for cc in $(TEST_COMPILERS); do for omp in 1 0; do \
 	  d=build/$$cc-omp$$omp; mkdir -p $$d; \
 	  flags="-O2 -Wall -Wextra -Werror"; \

@@ -1522,7 +1522,13 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
 
 int tokenizer_load(Tokenizer *t, const char *path) {
     Json j;
+    struct stat st;
+    char in_folder[PATH_LEN];
     memset(t, 0, sizeof(*t));
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) { /* a model folder: its tokenizer.json */
+        if (make_path(in_folder, path, "/tokenizer.json") != 0) return -1;
+        path = in_folder;
+    }
     if (json_load_file(path, &j) != 0) return -1;
     int rc = tokenizer_build(t, &j, path);
     json_free(&j);
@@ -3182,7 +3188,7 @@ static int cmd_export(int argc, char **argv) {
 }
 
 static const char *const encode_usage =
-    "usage: mlkv encode --tokenizer FILE TEXT\n"
+    "usage: mlkv encode --tokenizer FILE|MODEL_DIR TEXT\n"
     "Prints the token ids of TEXT, exactly as HF tokenizers when TEXT is ASCII (for\n"
     "other text: python3 tokenize.py encode --tokenizer FILE TEXT).\n";
 
@@ -3204,7 +3210,7 @@ static int cmd_encode(int argc, char **argv) {
 }
 
 static const char *const decode_usage =
-    "usage: mlkv decode --tokenizer FILE ID...\n"
+    "usage: mlkv decode --tokenizer FILE|MODEL_DIR ID...\n"
     "Writes the text of the token ids, as HF tokenizers decodes them.\n";
 
 static int cmd_decode(int argc, char **argv) {

@@ -276,6 +276,7 @@ typedef struct {
     int *added_id, *added_normalized;
     int eot_id;                /* <|endoftext|>, or -1 */
 } Tokenizer;
+/* path: a tokenizer.json, or a model folder holding one. */
 int tokenizer_load(Tokenizer *t, const char *path);
 void tokenizer_free(Tokenizer *t);
 /* The bytes of a token (not NUL-terminated), or NULL for an unknown id. */

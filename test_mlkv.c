@@ -802,7 +802,9 @@ static void test_tokenizer(void) {
     free(back);
     CHECK(run("%s encode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json \"Hello  world<|endoftext|>\"",
               mlkv_bin) == 0 && !strcmp(output(), "12092 50276 10186 0\n"), "mlkv encode: %s", output());
-    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 12092 50276 10186 0", mlkv_bin) == 0 &&
+    CHECK(run("mkdir -p %s/model_with_tokenizer && cp dev/fixtures/tokenizer/pythia-tokenizer.json "
+              "%s/model_with_tokenizer/tokenizer.json", tmp_dir, tmp_dir) == 0, "copy");
+    CHECK(run("%s decode --tokenizer %s/model_with_tokenizer 12092 50276 10186 0", mlkv_bin, tmp_dir) == 0 &&
           !strcmp(output(), "Hello  world<|endoftext|>"), "mlkv decode: %s", output());
     CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 99999", mlkv_bin) == 1 &&
           strstr(output(), "99999: not a token id"), "bad id: %s", output());

@@ -1,0 +1,158 @@
+"""Tests of tokenize.py (run by make test from the repository root):
+    python3 dev/test_tokenize.py
+Expected ids and texts come from HF tokenizers (dev/gen_tokenizer_fixtures.py)."""
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "dev", "fixtures", "tokenizer")
+PYTHIA = os.path.join(FIXTURES, "pythia-tokenizer.json")
+passed = failed = 0
+
+
+def check(ok, what):
+    global passed, failed
+    if ok:
+        passed += 1
+    else:
+        failed += 1
+        print("FAIL", what)
+
+
+def load_module():
+    """tokenize.py under another name, so the standard library's tokenize stays itself."""
+    spec = importlib.util.spec_from_file_location("mlkv_tokenize", os.path.join(ROOT, "tokenize.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tool(*args, stdin=None, cwd=ROOT):
+    return subprocess.run([sys.executable, "tokenize.py", *args], cwd=cwd, input=stdin, capture_output=True)
+
+
+def read_tokens(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, version, count = struct.unpack("<3i", data[:12])
+    check(magic == 20240520 and version == 1 and len(data) == 1024 + 2 * count, f"{path}: llm.c header")
+    return list(struct.unpack(f"<{count}H", data[1024:]))
+
+
+def test_fixtures(tk):
+    expected = json.load(open(os.path.join(FIXTURES, "expected.json"), encoding="utf-8"))
+    for name, data in expected.items():
+        tok = tk.Tokenizer(os.path.join(FIXTURES, name))
+        enc = sum(tok.encode(c["text"]) == c["ids"] for c in data["cases"])
+        dec = sum(tok.decode(c["ids"]) == c["decoded"] for c in data["cases"] + data["partial"])
+        for c in data["cases"]:
+            check(tok.encode(c["text"]) == c["ids"], f"{name}: encode {c['text'][:40]!r}")
+            check(tok.decode(c["ids"]) == c["decoded"], f"{name}: decode {c['ids'][:10]}")
+        for c in data["partial"]:
+            check(tok.decode(c["ids"]) == c["decoded"], f"{name}: decode a cut character {c['ids']}")
+        print(f"  {name}: {enc} of {len(data['cases'])} encodings and {dec} of "
+              f"{len(data['cases']) + len(data['partial'])} decodings equal HF tokenizers")
+
+
+def test_command_line():
+    r = tool("encode", "--tokenizer", PYTHIA, "Hello  world<|endoftext|>")
+    check(r.returncode == 0 and r.stdout == b"12092 50276 10186 0\n", f"encode: {r.stdout} {r.stderr}")
+    r = tool("encode", "--tokenizer", PYTHIA, stdin="日本語 😀".encode())
+    ids = r.stdout.split()
+    r2 = tool("decode", "--tokenizer", PYTHIA, *[i.decode() for i in ids])
+    check(r.returncode == 0 and r2.stdout.decode() == "日本語 😀", f"stdin round trip: {r2.stdout} {r2.stderr}")
+    r = tool("decode", "--tokenizer", PYTHIA, stdin=b"12092 50276\n10186")
+    check(r.stdout == b"Hello  world", f"decode from stdin: {r.stdout}")
+    r = tool("decode", "--tokenizer", PYTHIA, "99999")
+    check(r.returncode == 1 and b"token id 99999 is not in the vocabulary" in r.stderr, f"bad id: {r.stderr}")
+    r = tool("encode", "--tokenizer", "/nonexistent/tokenizer.json", "x")
+    check(r.returncode == 1 and b"/nonexistent/tokenizer.json" in r.stderr and b"Traceback" not in r.stderr,
+          f"missing file: {r.stderr}")
+    for command in ("encode", "decode", "shards", "bytes"):
+        r = tool(command, "--help")
+        check(r.returncode == 0 and b"--" in r.stdout, f"{command} --help")
+
+
+def test_standard_tokenize_survives():
+    # run from this folder: tracebacks must still show source lines (linecache uses the
+    # standard tokenize module), and code that imports tokenize must get the standard one
+    r = tool("--debug", "encode", "--tokenizer", "/nonexistent/tokenizer.json", "x")
+    check(b"Traceback" in r.stderr and b'raise TokenizerError(f"{path}: {e}") from e' in r.stderr,
+          f"a traceback with its source lines: {r.stderr.decode()[-400:]}")
+    code = "import inspect, tokenize, linecache; assert hasattr(tokenize, 'generate_tokens'); " \
+           "print(len(inspect.getsource(linecache.getline)))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    check(r.returncode == 0 and int(r.stdout) > 0, f"import tokenize from the repository root: {r.stderr}")
+
+
+def test_shards(tk):
+    tok = tk.Tokenizer(PYTHIA)
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, "in", "sub"))
+        docs = []
+        sep = "\n=====\n"
+
+        def write(path, text):
+            with open(os.path.join(d, "in", path), "w", encoding="utf-8") as f:
+                f.write(text)
+        write("a.txt", "The first document.\nIt has two lines. Ünïcödé too.")
+        write("b.txt", sep.join(["second doc", "third doc with   spaces", "fourth <|endoftext|> inside"]))
+        write("c.jsonl", "\n".join(json.dumps({"text": t}) for t in ["fifth", "sixth 日本", "seventh 😀"]) + "\n")
+        write("sub/d.txt", "eighth, in a subfolder")
+        docs = ["The first document.\nIt has two lines. Ünïcödé too.", "second doc", "third doc with   spaces",
+                "fourth <|endoftext|> inside", "fifth", "sixth 日本", "seventh 😀", "eighth, in a subfolder"]
+        out = os.path.join(d, "out")
+        args = ["shards", "--tokenizer", PYTHIA, "--out", out, "--separator", sep, "--val-fraction", "0.4",
+                "--workers", "2", os.path.join(d, "in")]
+        r = tool(*args)
+        check(r.returncode == 0 and b"train.bin" in r.stdout and b"MB/s" in r.stderr, f"shards: {r.stderr}")
+        train, val = read_tokens(os.path.join(out, "train.bin")), read_tokens(os.path.join(out, "val.bin"))
+        want = {"train": [], "val": []}
+        for t in docs:  # files in sorted order, documents in file order, <|endoftext|> after each
+            part = "val" if zlib.crc32(t.encode()) < int(0.4 * 2 ** 32) else "train"
+            want[part] += tok.encode(t) + [0]
+        check(train == want["train"] and val == want["val"] and val, "shard contents and the split by text")
+        first = open(os.path.join(out, "train.bin"), "rb").read()
+        tool(*args)
+        check(open(os.path.join(out, "train.bin"), "rb").read() == first, "shards are deterministic")
+        r = tool("shards", "--tokenizer", PYTHIA, "--out", out, "--max-doc-tokens", "3", "--val-fraction", "0",
+                 "--workers", "1", os.path.join(d, "in", "a.txt"))
+        check(read_tokens(os.path.join(out, "train.bin")) == tok.encode(docs[0])[:3] + [0], "--max-doc-tokens")
+        write("bad.jsonl", '{"text": "ok"}\n{"txt": "no"}\n')
+        r = tool("shards", "--tokenizer", PYTHIA, "--out", out, os.path.join(d, "in", "bad.jsonl"))
+        check(r.returncode == 1 and b'bad.jsonl:2: not a JSON object with a "text" field' in r.stderr,
+              f"bad jsonl: {r.stderr}")
+        write("x.csv", "a,b")
+        r = tool("shards", "--tokenizer", PYTHIA, "--out", out, os.path.join(d, "in", "x.csv"))
+        check(r.returncode == 1 and b"not a .txt or .jsonl file" in r.stderr, f"bad input: {r.stderr}")
+        big = json.load(open(PYTHIA, encoding="utf-8"))
+        big["added_tokens"].append({"id": 70000, "content": "<|big|>", "special": True, "normalized": False})
+        with open(os.path.join(d, "big.json"), "w", encoding="utf-8") as f:
+            json.dump(big, f)
+        r = tool("shards", "--tokenizer", os.path.join(d, "big.json"), "--out", out, os.path.join(d, "in", "a.txt"))
+        check(r.returncode == 1 and b"70001 tokens do not fit the uint16" in r.stderr, f"big vocabulary: {r.stderr}")
+        r = tool("bytes", "--out", os.path.join(d, "bytes.json"))
+        check(r.returncode == 0 and json.load(open(os.path.join(d, "bytes.json"), encoding="utf-8")) ==
+              json.load(open(os.path.join(FIXTURES, "bytes-tokenizer.json"), encoding="utf-8")),
+              "bytes writes the tokenizer the fixtures were made from")
+
+
+def main():
+    tk = load_module()
+    print("tokenize.py:")
+    test_fixtures(tk)
+    test_command_line()
+    test_standard_tokenize_survives()
+    test_shards(tk)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
