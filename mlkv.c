@@ -12,11 +12,12 @@
  *   8. kernels, each a *_forward / *_backward pair: matmul, layernorm, gelu,
  *      rotary, MLKV attention, cross-entropy
  *   9. the model: forward and backward
- *  10. AdamW, gradient clipping, the learning-rate schedule
- *  11. the converter: MHA Pythia to GQA / MQA / MLKV
- *  12. the training loop
- *  13. the built-in demo corpus
- *  14. the command line
+ *  10. generation: prefill and decoding with a KV cache of the owning layers
+ *  11. AdamW, gradient clipping, the learning-rate schedule
+ *  12. the converter: MHA Pythia to GQA / MQA / MLKV
+ *  13. the training loop
+ *  14. the built-in demo corpus
+ *  15. the command line
  *
  * MLKV in one paragraph: in standard attention every layer projects its own
  * keys and values (MHA). GQA lets groups of query heads share one K/V head;
@@ -37,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -117,6 +119,7 @@ static int file_exists(const char *path) {
 }
 
 #define PATH_LEN 4096
+#define MAX_HEAD_SIZE 1024 /* a head's vector fits on the stack of a thread */
 
 /* out = base + suffix ("/config.json", ".saving"); a path that does not fit
  * is an error, never a silently truncated name. out holds PATH_LEN bytes. */
@@ -490,6 +493,8 @@ int config_finalize(Config *c, const char *what) {
                         c->n_kv_layer, owners);
         c->n_kv_layer = owners;
     }
+    if (c->hidden_size / c->n_head > MAX_HEAD_SIZE)
+        return fail("%s: head size %d exceeds %d", what, c->hidden_size / c->n_head, MAX_HEAD_SIZE);
     if (c->use_kv_mlp && c->kv_intermediate_size < 1)
         return fail("%s: use_key_value_mlp needs a positive kv_intermediate_size", what);
     if (c->n_kv_head < 1 || c->n_kv_head > c->n_head)
@@ -1712,12 +1717,15 @@ static inline void axpy(float *y, float alpha, const float *x, int n) {
 
 /* --- matmul: out[N, OC] = inp[N, IC] @ weight[OC, IC]^T + bias[OC] (PyTorch
  * Linear layout). Rows are processed MM_ROWS at a time so each weight row
- * loaded from memory serves MM_ROWS dot products. */
+ * loaded from memory serves MM_ROWS dot products; the work is split in tiles
+ * of rows x MM_COLS outputs, so one row (a decoding step) still uses every
+ * thread. */
 #define MM_ROWS 4
+#define MM_COLS 64
 
 static inline void matmul_rows(float *out, const float *inp, const float *weight, const float *bias, int rows,
-                               int IC, int OC) {
-    for (int o = 0; o < OC; o++) {
+                               int IC, int OC, int o0, int o1) {
+    for (int o = o0; o < o1; o++) {
         const float *w = weight + (size_t)o * IC;
         float acc[MM_ROWS][8] = {{0}};
         int i = 0;
@@ -1734,14 +1742,15 @@ static inline void matmul_rows(float *out, const float *inp, const float *weight
 }
 
 static void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IC, int OC) {
-    int blocks = (N + MM_ROWS - 1) / MM_ROWS;
+    int row_blocks = (N + MM_ROWS - 1) / MM_ROWS, col_blocks = (OC + MM_COLS - 1) / MM_COLS;
 PARALLEL_FOR
-    for (int blk = 0; blk < blocks; blk++) {
-        int n0 = blk * MM_ROWS;
+    for (int tile = 0; tile < row_blocks * col_blocks; tile++) {
+        int n0 = tile / col_blocks * MM_ROWS, o0 = tile % col_blocks * MM_COLS;
+        int o1 = o0 + MM_COLS < OC ? o0 + MM_COLS : OC;
         const float *x = inp + (size_t)n0 * IC;
         float *y = out + (size_t)n0 * OC;
-        if (N - n0 >= MM_ROWS) matmul_rows(y, x, weight, bias, MM_ROWS, IC, OC); /* constant: unrolled */
-        else matmul_rows(y, x, weight, bias, N - n0, IC, OC);
+        if (N - n0 >= MM_ROWS) matmul_rows(y, x, weight, bias, MM_ROWS, IC, OC, o0, o1); /* constant: unrolled */
+        else matmul_rows(y, x, weight, bias, N - n0, IC, OC, o0, o1);
     }
 }
 
@@ -1861,8 +1870,18 @@ static void rotary_tables(float *cos_t, float *sin_t, int T, int rd, double base
     }
 }
 
-/* x [B, T, nh, hs] rotated in place. sign +1 is the forward rotation; sign -1
- * rotates back, which is the backward pass (a rotation's transpose is its inverse). */
+/* One head's vector v rotated in place by the angles whose cosines and sines
+ * are c, s [half]. sign +1 is the forward rotation; sign -1 rotates back,
+ * which is the backward pass (a rotation's transpose is its inverse). */
+static inline void rotate_head(float *v, const float *c, const float *s, int half, float sign) {
+    for (int j = 0; j < half; j++) {
+        float x1 = v[j], x2 = v[j + half], sj = sign * s[j];
+        v[j] = x1 * c[j] - x2 * sj;
+        v[j + half] = x2 * c[j] + x1 * sj;
+    }
+}
+
+/* x [B, T, nh, hs] rotated in place, row t at position t of the tables. */
 static void rotary_apply(float *x, const float *cos_t, const float *sin_t, int B, int T, int nh, int hs, int rd,
                          float sign) {
     int half = rd / 2;
@@ -1870,15 +1889,8 @@ static void rotary_apply(float *x, const float *cos_t, const float *sin_t, int B
 PARALLEL_FOR
     for (int bt = 0; bt < B * T; bt++) {
         int t = bt % T;
-        const float *c = cos_t + (size_t)t * half, *s = sin_t + (size_t)t * half;
-        for (int h = 0; h < nh; h++) {
-            float *v = x + ((size_t)bt * nh + h) * hs;
-            for (int j = 0; j < half; j++) {
-                float x1 = v[j], x2 = v[j + half], sj = sign * s[j];
-                v[j] = x1 * c[j] - x2 * sj;
-                v[j + half] = x2 * c[j] + x1 * sj;
-            }
-        }
+        for (int h = 0; h < nh; h++)
+            rotate_head(x + ((size_t)bt * nh + h) * hs, cos_t + (size_t)t * half, sin_t + (size_t)t * half, half, sign);
     }
 }
 
@@ -1967,6 +1979,48 @@ PARALLEL_FOR_3
                         axpy(dvs, p, dot_, hs);
                         axpy(dks, ds * scale, qt, hs);
                     }
+            }
+}
+
+/* Attention of n new queries per sequence over a KV cache: query i of
+ * sequence b sits at position pos0 + i and sees cached positions 0 .. pos0+i
+ * (its own K/V were appended first). q, out [B, n, H*hs]; k, v [B, kvH,
+ * max_T, hs]. The softmax runs in the same order as attention_forward, so a
+ * cached decode computes the same numbers as a full forward pass. With
+ * cos_t / sin_t the cached keys are rotated as they are read (the
+ * reference-compatible mode caches them un-rotated). */
+static void attention_cached(float *out, const float *q, const float *k, const float *v, int B, int n, int pos0,
+                             int H, int kvH, int hs, int max_T, const float *cos_t, const float *sin_t, int rd) {
+    int group = H / kvH, half = rd / 2;
+    float scale = 1.0f / sqrtf((float)hs);
+PARALLEL_FOR_3
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < n; i++) {
+                const float *qi = q + ((size_t)(b * n + i) * H + h) * hs;
+                float *o = out + ((size_t)(b * n + i) * H + h) * hs;
+                size_t base = ((size_t)b * kvH + h / group) * max_T * hs;
+                float max = -INFINITY, sum = 0.0f, rotated[MAX_HEAD_SIZE];
+                for (int d = 0; d < hs; d++) o[d] = 0.0f;
+                for (int s = 0; s <= pos0 + i; s++) {
+                    const float *ks = k + base + (size_t)s * hs;
+                    if (cos_t) {
+                        memcpy(rotated, ks, (size_t)hs * sizeof(float));
+                        rotate_head(rotated, cos_t + (size_t)s * half, sin_t + (size_t)s * half, half, 1.0f);
+                        ks = rotated;
+                    }
+                    float score = dot_product(qi, ks, hs) * scale;
+                    if (score > max) {
+                        float correction = expf(max - score);
+                        sum *= correction;
+                        for (int d = 0; d < hs; d++) o[d] *= correction;
+                        max = score;
+                    }
+                    float p = expf(score - max);
+                    sum += p;
+                    axpy(o, p, v + base + (size_t)s * hs, hs);
+                }
+                for (int d = 0; d < hs; d++) o[d] /= sum;
             }
 }
 
@@ -2319,7 +2373,148 @@ void model_backward(Model *m, float loss_scale) {
 }
 
 /* ===========================================================================
- * 10. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
+ * 10. Generation: prefill and decoding with a KV cache of the owning layers
+ * ======================================================================== */
+
+int kv_cache_init(KVCache *c, const Model *m, int B, int max_T, int chunk, int all_logits) {
+    const Config *cf = &m->config;
+    memset(c, 0, sizeof(*c));
+    if (B < 1 || max_T < 1 || chunk < 1) return fail("KV cache: batch %d, length %d, chunk %d must be positive", B, max_T, chunk);
+    size_t N = (size_t)B * chunk, C = (size_t)cf->hidden_size, I = (size_t)cf->intermediate_size;
+    size_t kvd = (size_t)cf->n_kv_head * cf->head_size, kvI = cf->use_kv_mlp ? (size_t)cf->kv_intermediate_size : 0;
+    size_t head_rows = all_logits ? N : (size_t)B, half = (size_t)cf->rotary_ndims / 2;
+    size_t cache = (size_t)cf->n_kv_layer * B * max_T * kvd;
+    c->B = B;
+    c->max_T = max_T;
+    c->chunk = chunk;
+    c->all_logits = all_logits;
+    BufferSpec specs[] = {
+        {"keys", &c->k, cache}, {"values", &c->v, cache},
+        {"x", &c->x, N * C}, {"ln", &c->ln, N * C}, {"stats", &c->stats, N * 2},
+        {"q", &c->q, N * C}, {"k", &c->k_new, N * kvd}, {"v", &c->v_new, N * kvd},
+        {"attention", &c->att, N * C}, {"branch", &c->branch, N * C},
+        {"mid", &c->mid, cf->parallel_residual ? 0 : N * C},
+        {"mlp", &c->fc_pre, N * I}, {"mlp act", &c->fc_act, N * I},
+        {"kv mlp", &c->kv_hidden_pre, N * kvI}, {"kv mlp act", &c->kv_hidden, N * kvI},
+        {"head input", &c->head_in, head_rows * (2 * C + 2)}, /* rows, normalized rows, stats */
+        {"logits", &c->logits, head_rows * (size_t)cf->vocab_size},
+        {"rotary cos", &c->rope_cos, (size_t)max_T * half + 1}, {"rotary sin", &c->rope_sin, (size_t)max_T * half + 1},
+    };
+    size_t total;
+    c->memory = allocate_buffers(specs, (int)(sizeof(specs) / sizeof(specs[0])), &total, "the KV cache");
+    if (!c->memory) return -1;
+    c->cache_bytes = 2 * cache * sizeof(float);
+    c->scratch_bytes = total * sizeof(float) - c->cache_bytes;
+    rotary_tables(c->rope_cos, c->rope_sin, max_T, cf->rotary_ndims, cf->rotary_base);
+    return 0;
+}
+
+void kv_cache_free(KVCache *c) {
+    free(c->memory);
+    memset(c, 0, sizeof(*c));
+}
+
+/* The same layers as model_forward, on the rows of the new tokens only. */
+const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n) {
+    const Config *cf = &m->config;
+    int B = c->B, N = B * n, pos0 = c->length, C = cf->hidden_size, H = cf->n_head, hs = cf->head_size;
+    int kvH = cf->n_kv_head, kvd = kvH * hs, I = cf->intermediate_size, V = cf->vocab_size, rd = cf->rotary_ndims;
+    int half = rd / 2, kvI = cf->kv_intermediate_size;
+    if (n < 1 || n > c->chunk) { fail("%d tokens at once; the cache takes 1 to %d", n, c->chunk); return NULL; }
+    if (pos0 + n > c->max_T) { fail("the KV cache holds %d positions; %d were asked", c->max_T, pos0 + n); return NULL; }
+    for (int r = 0; r < N; r++) {
+        if (tokens[r] < 0 || tokens[r] >= V) { fail("token %d is outside the vocabulary (%d)", tokens[r], V); return NULL; }
+        memcpy(c->x + (size_t)r * C, m->w.embed_in + (size_t)tokens[r] * C, (size_t)C * sizeof(float));
+    }
+    const float *cos_t = c->rope_cos + (size_t)pos0 * half, *sin_t = c->rope_sin + (size_t)pos0 * half;
+    for (int l = 0; l < cf->n_layer; l++) {
+        const LayerWeights *lw = &m->w.layer[l];
+        size_t slot = (size_t)cf->kv_slot_of[l] * B * kvH * c->max_T * hs;
+        layernorm_forward(c->ln, c->stats, c->x, lw->ln1_w, lw->ln1_b, N, C, cf->layer_norm_eps);
+        matmul_forward(c->q, c->ln, lw->q_w, lw->q_b, N, C, H * hs);
+        rotary_apply(c->q, cos_t, sin_t, B, n, H, hs, rd, 1.0f);
+        if (cf->kv_layer_of[l] == l) { /* an owner appends its new K/V to the cache */
+            kv_projection_forward(c->k_new, c->kv_hidden_pre, c->kv_hidden, c->ln, lw->k_mlp_w, lw->k_mlp_b, lw->k_w,
+                                  lw->k_b, N, C, kvI, kvd);
+            kv_projection_forward(c->v_new, c->kv_hidden_pre, c->kv_hidden, c->ln, lw->v_mlp_w, lw->v_mlp_b, lw->v_w,
+                                  lw->v_b, N, C, kvI, kvd);
+            if (cf->shared_key_rotary) rotary_apply(c->k_new, cos_t, sin_t, B, n, kvH, hs, rd, 1.0f);
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < kvH; h++)
+                    for (int i = 0; i < n; i++) {
+                        size_t from = ((size_t)(b * n + i) * kvH + h) * hs;
+                        size_t to = slot + (((size_t)b * kvH + h) * c->max_T + pos0 + i) * hs;
+                        memcpy(c->k + to, c->k_new + from, (size_t)hs * sizeof(float));
+                        memcpy(c->v + to, c->v_new + from, (size_t)hs * sizeof(float));
+                    }
+        }
+        /* the reference-compatible cache holds un-rotated keys: the owner rotates
+         * them as it reads, the layers sharing them read them as they are */
+        int rotate_on_read = !cf->shared_key_rotary && cf->kv_layer_of[l] == l;
+        attention_cached(c->att, c->q, c->k + slot, c->v + slot, B, n, pos0, H, kvH, hs, c->max_T,
+                         rotate_on_read ? c->rope_cos : NULL, rotate_on_read ? c->rope_sin : NULL, rd);
+        matmul_forward(c->branch, c->att, lw->dense_w, lw->dense_b, N, C, C);
+        float *mlp_in = cf->parallel_residual ? c->x : c->mid;
+        if (!cf->parallel_residual) add_into(c->mid, c->x, c->branch, (size_t)N * C);
+        layernorm_forward(c->ln, c->stats, mlp_in, lw->ln2_w, lw->ln2_b, N, C, cf->layer_norm_eps);
+        if (cf->parallel_residual) add_into(c->x, c->x, c->branch, (size_t)N * C);
+        matmul_forward(c->fc_pre, c->ln, lw->fc_w, lw->fc_b, N, C, I);
+        gelu_forward(c->fc_act, c->fc_pre, (size_t)N * I);
+        matmul_forward(c->branch, c->fc_act, lw->proj_w, lw->proj_b, N, I, C);
+        add_into(c->x, cf->parallel_residual ? c->x : c->mid, c->branch, (size_t)N * C);
+    }
+    c->length += n;
+    /* the head, on every row or on the last position of each sequence */
+    int rows = c->all_logits ? N : B;
+    for (int r = 0; r < rows; r++) {
+        int from = c->all_logits ? r : r * n + n - 1;
+        memcpy(c->head_in + (size_t)r * C, c->x + (size_t)from * C, (size_t)C * sizeof(float));
+    }
+    float *normed = c->head_in + (size_t)rows * C, *stats = normed + (size_t)rows * C;
+    layernorm_forward(normed, stats, c->head_in, m->w.lnf_w, m->w.lnf_b, rows, C, cf->layer_norm_eps);
+    matmul_forward(c->logits, normed, m->w.embed_out, NULL, rows, C, V);
+    return c->logits;
+}
+
+/* Sampling: greedy at temperature 0, else from softmax(logits / T) kept to
+ * the top_k most likely tokens and to the smallest set whose probability
+ * reaches top_p. */
+typedef struct { double temperature, top_p; int top_k; } SamplingConfig;
+typedef struct { float p; int id; } Candidate;
+
+static int candidate_order(const void *a, const void *b) {
+    float x = ((const Candidate *)a)->p, y = ((const Candidate *)b)->p;
+    return x < y ? 1 : x > y ? -1 : ((const Candidate *)a)->id - ((const Candidate *)b)->id;
+}
+
+static int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng, Candidate *scratch) {
+    int best = 0;
+    for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
+    if (s->temperature <= 0) return best;
+    double sum = 0;
+    for (int i = 0; i < V; i++) {
+        scratch[i] = (Candidate){(float)exp((logits[i] - logits[best]) / s->temperature), i};
+        sum += scratch[i].p;
+    }
+    qsort(scratch, (size_t)V, sizeof(Candidate), candidate_order);
+    int keep = s->top_k > 0 && s->top_k < V ? s->top_k : V;
+    double kept = 0;
+    for (int i = 0; i < keep; i++) {
+        kept += scratch[i].p / sum;
+        if (s->top_p < 1.0 && kept >= s->top_p) { keep = i + 1; break; }
+    }
+    double total = 0;
+    for (int i = 0; i < keep; i++) total += scratch[i].p;
+    double r = rng_uniform(rng) * total;
+    for (int i = 0; i < keep; i++) {
+        r -= scratch[i].p;
+        if (r < 0) return scratch[i].id;
+    }
+    return scratch[keep - 1].id;
+}
+
+/* ===========================================================================
+ * 11. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
  * ======================================================================== */
 
 double lr_at_step(const OptimConfig *o, int step) {
@@ -2387,7 +2582,7 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
 }
 
 /* ===========================================================================
- * 11. The converter: a pretrained (MHA) Pythia to GQA / MQA / MLKV, step by
+ * 12. The converter: a pretrained (MHA) Pythia to GQA / MQA / MLKV, step by
  *     step as the reference does it (MLKV-REFERENCE section 2), plus options
  *     it lacks. model_load has already split the fused query_key_value per
  *     head (step 1).
@@ -2582,7 +2777,7 @@ static int write_fused_safetensors(const Model *m, const char *path) {
 }
 
 /* ===========================================================================
- * 12. The training loop
+ * 13. The training loop
  * ======================================================================== */
 
 typedef struct {
@@ -2814,7 +3009,7 @@ done:
 }
 
 /* ===========================================================================
- * 13. The built-in demo: a corpus that needs attention to predict (facts
+ * 14. The built-in demo: a corpus that needs attention to predict (facts
  *     stated early in a document and asked for later), byte-level tokens, a
  *     tiny Pythia-shaped MHA model trained from scratch.
  * ======================================================================== */
@@ -2923,7 +3118,7 @@ static void demo_show(Model *m, uint64_t seed) {
 }
 
 /* ===========================================================================
- * 14. The command line
+ * 15. The command line
  * ======================================================================== */
 
 typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_SEED, FLAG_CHOICE } FlagKind;
@@ -3237,6 +3432,326 @@ static int cmd_decode(int argc, char **argv) {
     return exit_code(rc);
 }
 
+static const char *const sample_usage =
+    "usage: mlkv sample DIR [--prompt TEXT | --prompt-ids IDS] [-n N] [options]\n"
+    "Generates text: the prompt is prefilled in one pass, then one token per step,\n"
+    "with a KV cache that holds only the owning layers' K/V (2 * kvL * kvH *\n"
+    "head_size floats per token). Streams the text as it is generated.\n"
+    "  --prompt TEXT       ASCII text, encoded with DIR/tokenizer.json (other text:\n"
+    "                      python3 tokenize.py encode, then --prompt-ids)\n"
+    "  --prompt-ids IDS    token ids, separated by commas or spaces\n"
+    "                      (neither: start from <|endoftext|>)\n"
+    "  -n N                tokens to generate (64)\n"
+    "  --temperature T     0 = greedy (1.0)\n"
+    "  --top-k K           sample among the K most likely tokens, 0 = all (0)\n"
+    "  --top-p P           ... and among the fewest whose probability reaches P (1.0)\n"
+    "  --seed S            sampling seed (42)\n"
+    "  --batch B           samples generated together (1)\n"
+    "  --tokenizer FILE    tokenizer.json (default DIR/tokenizer.json)\n"
+    "  --threads N         OpenMP threads (all cores)\n";
+
+static int parse_ids(const char *text, int *ids, int max_ids, int vocab) {
+    int n = 0;
+    for (const char *p = text; *p;) {
+        while (*p == ',' || *p == ' ') p++;
+        if (!*p) break;
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0 || v >= vocab) return fail("--prompt-ids: %.20s is not a token id (0..%d)", p, vocab - 1);
+        if (n == max_ids) return fail("--prompt-ids: more than %d ids", max_ids);
+        ids[n++] = (int)v;
+        p = end;
+    }
+    return n;
+}
+
+static int cmd_sample(int argc, char **argv) {
+    const char *dir = NULL, *prompt = NULL, *prompt_ids = NULL, *tokenizer_path = NULL;
+    int n_new = 64, batch = 1, threads = 0;
+    uint64_t seed = 42;
+    SamplingConfig sc = {1.0, 1.0, 0};
+    Flag flags[] = {STRING_FLAG("--prompt", &prompt), STRING_FLAG("--prompt-ids", &prompt_ids),
+                    INT_FLAG("-n", &n_new, 1, 1 << 24), NUMBER_FLAG("--temperature", &sc.temperature, 0, 1e6),
+                    INT_FLAG("--top-k", &sc.top_k, 0, 1 << 30), NUMBER_FLAG("--top-p", &sc.top_p, 1e-9, 1),
+                    SEED_FLAG("--seed", &seed), INT_FLAG("--batch", &batch, 1, 4096),
+                    STRING_FLAG("--tokenizer", &tokenizer_path), INT_FLAG("--threads", &threads, 1, 4096)};
+    int rc = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), sample_usage, &dir);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!dir || (prompt && prompt_ids)) {
+        fprintf(stderr, "mlkv sample: give DIR, and --prompt or --prompt-ids (not both)\n%s", sample_usage);
+        return 2;
+    }
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#endif
+    Model m;
+    Tokenizer tok;
+    KVCache cache = {0};
+    int have_tokenizer = 0, P = 0, *prompt_tokens = NULL, *step = NULL, **generated = NULL;
+    Candidate *scratch = NULL;
+    if (model_load(&m, dir) != 0) return exit_code(-1);
+    const Config *c = &m.config;
+    have_tokenizer = tokenizer_load(&tok, tokenizer_path ? tokenizer_path : dir) == 0;
+    rc = 0;
+    if (!have_tokenizer && (tokenizer_path || prompt)) rc = -1; /* the load error says why */
+    int room = c->max_position_embeddings;
+    prompt_tokens = alloc_zeroed((size_t)room + 1, sizeof(int), "the prompt");
+    if (rc == 0 && !prompt_tokens) rc = -1;
+    if (rc == 0 && prompt) rc = (P = tokenizer_encode(&tok, prompt, prompt_tokens, room)) < 0 ? -1 : 0;
+    else if (rc == 0 && prompt_ids) rc = (P = parse_ids(prompt_ids, prompt_tokens, room, c->vocab_size)) < 0 ? -1 : 0;
+    if (rc == 0 && P == 0) { /* no prompt: start a document */
+        if (have_tokenizer && tok.eot_id >= 0) prompt_tokens[P++] = tok.eot_id;
+        else rc = fail("no prompt and no <|endoftext|> to start from: give --prompt-ids");
+    }
+    if (rc == 0 && P + n_new > c->max_position_embeddings)
+        rc = fail("%d prompt + %d new tokens exceed max_position_embeddings (%d)", P, n_new, c->max_position_embeddings);
+    int chunk = P < 256 ? P : 256;
+    if (rc == 0) rc = kv_cache_init(&cache, &m, batch, P + n_new, chunk, 0);
+    if (rc == 0 && (!(step = alloc_zeroed((size_t)batch * chunk, sizeof(int), "the batch")) ||
+                    !(scratch = alloc_zeroed((size_t)c->vocab_size, sizeof(Candidate), "sampling")) ||
+                    !(generated = alloc_zeroed((size_t)batch, sizeof(int *), "the samples"))))
+        rc = -1;
+    for (int b = 0; rc == 0 && b < batch; b++)
+        if (!(generated[b] = alloc_zeroed((size_t)n_new, sizeof(int), "the samples"))) rc = -1;
+    const float *logits = NULL;
+    double t0 = now_seconds();
+    for (int done = 0; rc == 0 && done < P; done += chunk) { /* prefill, in chunks of at most 256 tokens */
+        int n = P - done < chunk ? P - done : chunk;
+        for (int b = 0; b < batch; b++) memcpy(step + (size_t)b * n, prompt_tokens + done, (size_t)n * sizeof(int));
+        if (!(logits = model_cached_forward(&m, &cache, step, n))) rc = -1;
+    }
+    double t1 = now_seconds();
+    Utf8Stream stream = {{0}, 0};
+    uint64_t *rng = alloc_zeroed((size_t)batch, sizeof(uint64_t), "sampling");
+    if (rc == 0 && !rng) rc = -1;
+    for (int b = 0; rc == 0 && b < batch; b++) rng[b] = seed + 0x9E3779B97F4A7C15ull * (uint64_t)b;
+    if (rc == 0 && batch == 1 && have_tokenizer && prompt) printf("%s", prompt);
+    for (int i = 0; rc == 0 && i < n_new; i++) {
+        for (int b = 0; b < batch; b++) {
+            generated[b][i] = step[b] = sample_token(logits + (size_t)b * c->vocab_size, c->vocab_size, &sc, &rng[b], scratch);
+            int len;
+            const char *bytes = have_tokenizer ? tokenizer_token(&tok, step[b], &len) : NULL;
+            if (batch == 1 && bytes) utf8_stream_write(&stream, bytes, len, stdout);
+            else if (batch == 1) { printf("%s%d", i ? " " : "", step[b]); fflush(stdout); }
+        }
+        if (i + 1 < n_new && !(logits = model_cached_forward(&m, &cache, step, 1))) rc = -1;
+    }
+    double t2 = now_seconds();
+    utf8_stream_flush(&stream, stdout);
+    for (int b = 0; rc == 0 && batch > 1 && b < batch; b++) { /* several samples: each one whole */
+        printf("--- sample %d\n", b);
+        for (int i = 0; i < n_new; i++) {
+            int len;
+            const char *bytes = have_tokenizer ? tokenizer_token(&tok, generated[b][i], &len) : NULL;
+            if (bytes) utf8_stream_write(&stream, bytes, len, stdout);
+            else printf("%s%d", i ? " " : "", generated[b][i]);
+        }
+        utf8_stream_flush(&stream, stdout);
+    }
+    if (rc == 0)
+        fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %.2f MiB]\n", batch, P,
+                batch * P / fmax(t1 - t0, 1e-9), batch, n_new, batch * n_new / fmax(t2 - t1, 1e-9),
+                cache.cache_bytes / 1048576.0);
+    for (int b = 0; generated && b < batch; b++) free(generated[b]);
+    free(generated); free(rng); free(step); free(scratch); free(prompt_tokens);
+    kv_cache_free(&cache);
+    if (have_tokenizer) tokenizer_free(&tok);
+    model_free(&m);
+    return exit_code(rc);
+}
+
+/* --- bench-kv: the reference's decode-memory measurement, done properly --- */
+
+/* The reference's grid for Pythia-160M (L = 12, H = 12): name, kvL, kvH */
+static const struct { const char *name; int kv_layers, kv_heads; } reference_grid[] = {
+    {"MHA-144", 12, 12}, {"GQA-48", 12, 4}, {"MLKV-48", 4, 12}, {"MQA-12", 12, 1}, {"MLKV-12", 4, 3},
+    {"MLKV-6", 6, 1},    {"MLKV-4", 4, 1},  {"MLKV-2", 2, 1},   {"MLKV-1", 1, 1}};
+#define GRID_SIZE ((int)(sizeof(reference_grid) / sizeof(reference_grid[0])))
+
+/* Resident memory now, in bytes (Linux /proc; elsewhere the peak from getrusage). */
+static double resident_bytes(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = -1;
+    while (f && fgets(line, sizeof(line), f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+    if (f) fclose(f);
+    if (kb < 0) {
+        struct rusage u;
+        getrusage(RUSAGE_SELF, &u);
+        kb = (double)u.ru_maxrss;
+    }
+    return kb * 1024.0;
+}
+
+static double physical_memory_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && size > 0 ? (double)pages * (double)size : 4096.0 * 1048576.0;
+}
+
+/* What kv_cache_init will allocate for (B, max_T, chunk), last-position logits. */
+static double kv_cache_plan_bytes(const Config *c, int B, int max_T, int chunk) {
+    double N = (double)B * chunk, C = c->hidden_size, I = c->intermediate_size;
+    double kvd = (double)c->n_kv_head * c->head_size, kvI = c->use_kv_mlp ? c->kv_intermediate_size : 0;
+    double cache = 2.0 * c->n_kv_layer * B * (double)max_T * kvd;
+    double scratch = N * (6 * C + 2 + 2 * kvd + 2 * I + 2 * kvI) + B * (2 * C + 2 + c->vocab_size);
+    return 4.0 * (cache + scratch + (double)max_T * c->rotary_ndims + 2);
+}
+
+static void print_theory(void) {
+    static const struct { const char *name; int hidden, layers, heads; } sizes[] = {
+        {"14m", 128, 6, 4}, {"31m", 256, 6, 8}, {"70m", 512, 6, 8}, {"160m", 768, 12, 12}, {"410m", 1024, 24, 16},
+        {"1b", 2048, 16, 8}};
+    printf("KV cache in bytes, 2 * kvL * kvH * head_size * bytes per element. The grid is the\n"
+           "reference's (Pythia-160M); for other sizes kvL is capped at L and kvH is the largest\n"
+           "divisor of H not above the grid's.\n");
+    printf("| Pythia | config | kvL x kvH | per token fp16 | per token fp32 | 2048 tokens fp16 | 2048 tokens fp32 |\n");
+    printf("|---|---|---|---|---|---|---|\n");
+    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++)
+        for (int g = 0; g < GRID_SIZE; g++) {
+            int L = sizes[s].layers, H = sizes[s].heads, hs = sizes[s].hidden / H;
+            int kvL = reference_grid[g].kv_layers < L ? reference_grid[g].kv_layers : L, kvH = reference_grid[g].kv_heads;
+            while (H % kvH != 0 || kvH > H) kvH--;
+            long token = 2L * kvL * kvH * hs;
+            printf("| %s | %s | %d x %d | %ld | %ld | %.2f MiB | %.2f MiB |\n", sizes[s].name, reference_grid[g].name,
+                   kvL, kvH, token * 2, token * 4, token * 2 * 2048 / 1048576.0, token * 4 * 2048 / 1048576.0);
+        }
+}
+
+typedef struct { int prefill, decode, batch_max, threads; double mem_limit; FILE *csv; } BenchOptions;
+
+/* One configuration: growing batch sizes until the next one would pass the limit. */
+static int bench_model(Model *m, const char *name, const BenchOptions *o) {
+    const Config *c = &m->config;
+    int T = o->prefill + o->decode, chunk = o->prefill < 256 ? o->prefill : 256;
+    double params = (double)m->num_parameters * 4;
+    for (int B = 1; B <= o->batch_max; B *= 2) {
+        double need = params + kv_cache_plan_bytes(c, B, T, chunk);
+        if (need > o->mem_limit) {
+            printf("| %s | %d | stop: would need %.0f MiB, over --mem-limit %.0f MiB |\n", name, B, need / 1048576.0,
+                   o->mem_limit / 1048576.0);
+            break;
+        }
+        KVCache cache;
+        int *tokens = alloc_zeroed((size_t)B * chunk, sizeof(int), "bench tokens");
+        if (!tokens || kv_cache_init(&cache, m, B, T, chunk, 0) != 0) { free(tokens); return -1; }
+        uint64_t rng = 1;
+        double t0 = now_seconds();
+        for (int done = 0; done < o->prefill; done += chunk) { /* random prompt tokens */
+            int n = o->prefill - done < chunk ? o->prefill - done : chunk;
+            for (int i = 0; i < B * n; i++) tokens[i] = (int)(rng_next(&rng) % (uint64_t)c->vocab_size);
+            if (!model_cached_forward(m, &cache, tokens, n)) { kv_cache_free(&cache); free(tokens); return -1; }
+        }
+        double t1 = now_seconds();
+        for (int i = 0; i < o->decode; i++) {
+            const float *logits = model_cached_forward(m, &cache, tokens, 1);
+            if (!logits) { kv_cache_free(&cache); free(tokens); return -1; }
+            for (int b = 0; b < B; b++) { /* greedy: the next input is each sequence's argmax */
+                const float *z = logits + (size_t)b * c->vocab_size;
+                int best = 0;
+                for (int v = 1; v < c->vocab_size; v++) best = z[v] > z[best] ? v : best;
+                tokens[b] = best;
+            }
+        }
+        double t2 = now_seconds(), rss = resident_bytes();
+        double formula = (double)kv_cache_bytes(c, 4) * B * T;
+        double prefill_rate = B * o->prefill / fmax(t1 - t0, 1e-9), decode_rate = B * o->decode / fmax(t2 - t1, 1e-9);
+        printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B, cache.cache_bytes / 1048576.0,
+               formula / 1048576.0, rss / 1048576.0, prefill_rate, decode_rate);
+        fflush(stdout);
+        if (o->csv)
+            fprintf(o->csv, "%s,%d,%d,%d,%d,%d,%zu,%.0f,%.0f,%.2f,%.3f,%d\n", name, c->n_kv_layer, c->n_kv_head, B,
+                    o->prefill, o->decode, cache.cache_bytes, formula, rss, prefill_rate, decode_rate, o->threads);
+        kv_cache_free(&cache);
+        free(tokens);
+    }
+    return 0;
+}
+
+static const char *const bench_usage =
+    "usage: mlkv bench-kv [DIR | --config CONFIG.json] [--grid] [options]\n"
+    "       mlkv bench-kv --theory\n"
+    "The reference's decode-memory measurement: for each configuration and growing\n"
+    "batch sizes, prefill P random tokens, decode N more greedily, and report the KV\n"
+    "cache (bytes allocated, and 2 * kvL * kvH * head_size * 4 * B * (P + N)), resident\n"
+    "memory after decoding, prefill and decode tokens/s. A batch that would pass\n"
+    "--mem-limit is not started. Table on stdout, one CSV row per run.\n"
+    "  DIR              a model; with --grid every configuration is converted from it\n"
+    "                   on the fly (it must be MHA)\n"
+    "  --config FILE    a config.json: random weights (the grid's sizes as the converter's)\n"
+    "  --grid           the reference's grid MHA-144 .. MLKV-1 (configurations the model\n"
+    "                   cannot take are skipped); else the model's own configuration\n"
+    "  --only NAMES     grid entries to run, e.g. MHA-144,MLKV-2\n"
+    "  --prefill P      prompt tokens (2000)\n"
+    "  --decode N       generated tokens (48)\n"
+    "  --max-batch B    largest batch size tried, doubling from 1 (1024)\n"
+    "  --mem-limit MiB  memory budget (80% of physical memory)\n"
+    "  --csv FILE       CSV output (bench-kv.csv)\n"
+    "  --theory         KV bytes per token and per 2048 tokens for every Pythia size\n"
+    "  --threads N      OpenMP threads (all cores)\n";
+
+static int cmd_bench_kv(int argc, char **argv) {
+    const char *dir = NULL, *config_path = NULL, *only = NULL, *csv_path = "bench-kv.csv";
+    int grid = 0, theory = 0;
+    double mem_mib = 0.8 * physical_memory_bytes() / 1048576.0;
+    BenchOptions o = {2000, 48, 1024, 0, 0, NULL};
+    Flag flags[] = {STRING_FLAG("--config", &config_path), SWITCH_FLAG("--grid", &grid), STRING_FLAG("--only", &only),
+                    INT_FLAG("--prefill", &o.prefill, 1, 1 << 20), INT_FLAG("--decode", &o.decode, 1, 1 << 20),
+                    INT_FLAG("--max-batch", &o.batch_max, 1, 1 << 20), NUMBER_FLAG("--mem-limit", &mem_mib, 1e-3, 1e9),
+                    STRING_FLAG("--csv", &csv_path), SWITCH_FLAG("--theory", &theory),
+                    INT_FLAG("--threads", &o.threads, 1, 4096)};
+    int rc = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), bench_usage, &dir);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (theory) { print_theory(); return 0; }
+    if (!dir == !config_path) { fprintf(stderr, "mlkv bench-kv: give DIR or --config (one of them)\n%s", bench_usage); return 2; }
+#ifdef _OPENMP
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+    o.threads = omp_get_max_threads();
+#else
+    o.threads = 1;
+#endif
+    o.mem_limit = mem_mib * 1048576.0;
+    Model base;
+    Config c;
+    if (dir ? model_load(&base, dir) : config_load(&c, config_path, NULL)) return exit_code(-1);
+    if (dir) c = base.config;
+    if (!(o.csv = fopen(csv_path, "w"))) {
+        if (dir) model_free(&base);
+        return exit_code(fail("%s: cannot create: %s", csv_path, strerror(errno)));
+    }
+    fprintf(o.csv, "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,kv_cache_formula_bytes,"
+                   "resident_bytes,prefill_tok_s,decode_tok_s,threads\n");
+    printf("prefill %d, decode %d, %d threads, memory limit %.0f MiB\n", o.prefill, o.decode, o.threads, mem_mib);
+    printf("| config | batch | KV cache MiB | formula MiB | resident MiB | prefill tok/s | decode tok/s |\n");
+    printf("|---|---|---|---|---|---|---|\n");
+    for (int g = 0; rc == 0 && g < (grid ? GRID_SIZE : 1); g++) {
+        const char *name = grid ? reference_grid[g].name : "model";
+        if (only && !strstr(only, name)) continue;
+        int kvL = grid ? reference_grid[g].kv_layers : c.n_kv_layer, kvH = grid ? reference_grid[g].kv_heads : c.n_kv_head;
+        if (kvL > c.n_layer || kvH > c.n_head || c.n_head % kvH != 0) {
+            printf("| %s | - | skipped: %d layers x %d heads does not fit this model |\n", name, kvL, kvH);
+            continue;
+        }
+        Model m;
+        ConvertOptions co = {.kv_heads = kvH, .kv_layers = kvL};
+        if (dir && grid) rc = model_convert(&base, &m, &co);
+        else if (dir) m = base, base.param_memory = NULL, base.params = NULL, base.config_extra = NULL;
+        else {
+            Config gc = c;
+            gc.n_kv_layer = kvL;
+            gc.n_kv_head = kvH;
+            if (grid) convert_sizes(&c, kvH, kvL, 0, &gc.intermediate_size, &gc.kv_intermediate_size);
+            rc = model_init_random(&m, &gc, 1);
+        }
+        if (rc == 0) rc = bench_model(&m, name, &o);
+        if (rc == 0 || m.param_memory) model_free(&m);
+    }
+    fclose(o.csv);
+    if (dir) model_free(&base);
+    if (rc == 0) printf("wrote %s\n", csv_path);
+    return exit_code(rc);
+}
+
 static const char *const init_usage =
     "usage: mlkv init --config CONFIG.json --out DIR [--seed S]\n"
     "Writes a freshly initialised model (weights normal(0, initializer_range), biases 0,\n"
@@ -3334,6 +3849,8 @@ static const char *const main_usage =
     "  train   train or uptrain a model on llm.c token files\n"
     "  convert convert a pretrained MHA Pythia to GQA / MQA / MLKV\n"
     "  export  write an MHA model in the stock GPT-NeoX layout\n"
+    "  sample  generate text with the small KV cache\n"
+    "  bench-kv  KV cache memory and decoding speed across the MLKV grid\n"
     "  encode  token ids of ASCII text (tokenize.py encodes any text)\n"
     "  decode  text of token ids\n"
     "  demo    built-in demo: corpus, tiny model, training, validation loss\n";
@@ -3345,7 +3862,7 @@ int mlkv_main(int argc, char **argv) {
     }
     static const struct { const char *name; int (*run)(int, char **); } commands[] = {
         {"init", cmd_init}, {"train", cmd_train}, {"convert", cmd_convert}, {"export", cmd_export}, {"encode", cmd_encode},
-        {"decode", cmd_decode}, {"demo", cmd_demo}};
+        {"decode", cmd_decode}, {"sample", cmd_sample}, {"bench-kv", cmd_bench_kv}, {"demo", cmd_demo}};
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 2, argv + 2);
     fprintf(stderr, "mlkv: unknown command %s\n%s", argv[1], main_usage);

@@ -177,6 +177,30 @@ void model_backward(Model *m, float loss_scale);
 const ParamInfo *model_param(const Model *m, const char *name);
 
 /* ---------------------------------------------------------------------------
+ * Generation: a KV cache that holds the owning layers' K/V only,
+ * 2 * kvL * kvH * head_size floats per token */
+typedef struct {
+    int B, max_T, length;      /* sequences, capacity in tokens, tokens cached so far */
+    int chunk, all_logits;     /* tokens per sequence one call may add; logits of every one or the last */
+    float *k, *v;              /* [kvL, B, kvH, max_T, hs]: each (owner, sequence, head) reads its
+                                  positions contiguously, and the layers sharing an owner read the
+                                  same memory back to back */
+    size_t cache_bytes, scratch_bytes;
+    float *x, *ln, *stats, *q, *k_new, *v_new, *att, *branch, *mid, *fc_pre, *fc_act;
+    float *kv_hidden_pre, *kv_hidden, *head_in, *logits; /* scratch for B x chunk rows */
+    float *rope_cos, *rope_sin; /* [max_T, rotary_ndims/2] */
+    float *memory;
+} KVCache;
+/* Keys are cached after rotary (or before it, for the reference-compatible
+ * mode, where the owner rotates them as it reads). */
+int kv_cache_init(KVCache *c, const Model *m, int B, int max_T, int chunk, int all_logits);
+void kv_cache_free(KVCache *c);
+/* Runs n <= chunk new tokens per sequence, tokens [B, n], at positions
+ * length .. length+n-1: appends their K/V and returns the logits, [B, n, V]
+ * with all_logits, else [B, V] of the last position (NULL on error). */
+const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n);
+
+/* ---------------------------------------------------------------------------
  * safetensors: 8-byte little-endian header length N, N bytes of JSON, data */
 typedef struct {
     char path[1024];

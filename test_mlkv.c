@@ -194,6 +194,52 @@ static void test_fixture(const char *name, FixtureErrors *worst) {
     model_free(&m);
 }
 
+/* --- generation: cached decoding computes the full forward pass's function -- */
+
+static void test_cached_decoding(void) {
+    double worst = 0;
+    for (size_t f = 0; f < sizeof(fixture_names) / sizeof(fixture_names[0]); f++) {
+        char dir[300];
+        snprintf(dir, sizeof(dir), "dev/fixtures/%s", fixture_names[f]);
+        Model m;
+        KVCache cache;
+        int B = 2, T = 12, V, tokens[24], step[2];
+        CHECK(model_load(&m, dir) == 0 && model_prepare(&m, B, T, 0) == 0, "%s: %s", dir, mlkv_error());
+        V = m.config.vocab_size;
+        for (int i = 0; i < B * T; i++) tokens[i] = (i * 7 + 3) % V;
+        model_forward(&m, tokens, NULL, B, T);
+        CHECK(kv_cache_init(&cache, &m, B, T, 5, 1) == 0, "cache: %s", mlkv_error());
+        /* prefill 5 tokens in one call, then one token at a time */
+        int prefill[10];
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < 5; i++) prefill[b * 5 + i] = tokens[b * T + i];
+        const float *logits = model_cached_forward(&m, &cache, prefill, 5);
+        double err = 0, scale = max_abs(m.a.logits, (size_t)B * T * V);
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < 5; i++)
+                for (int v = 0; v < V; v++)
+                    err = fmax(err, fabs(logits[((size_t)b * 5 + i) * V + v] - m.a.logits[((size_t)b * T + i) * V + v]));
+        for (int pos = 5; pos < T; pos++) {
+            for (int b = 0; b < B; b++) step[b] = tokens[b * T + pos];
+            logits = model_cached_forward(&m, &cache, step, 1);
+            for (int b = 0; b < B; b++)
+                for (int v = 0; v < V; v++)
+                    err = fmax(err, fabs(logits[(size_t)b * V + v] - m.a.logits[((size_t)b * T + pos) * V + v]));
+        }
+        CHECK(err <= 1e-5 * scale, "%s: cached decoding differs from the full forward by %.3g (scale %.3g)", dir, err,
+              scale);
+        size_t floats_per_token = 2 * (size_t)m.config.n_kv_layer * m.config.n_kv_head * m.config.head_size;
+        CHECK(cache.cache_bytes == floats_per_token * sizeof(float) * B * T, "%s: cache bytes %zu", dir, cache.cache_bytes);
+        CHECK(model_cached_forward(&m, &cache, step, 1) == NULL && strstr(mlkv_error(), "holds 12 positions"),
+              "a full cache is an error: %s", mlkv_error());
+        worst = fmax(worst, err / scale);
+        kv_cache_free(&cache);
+        model_free(&m);
+    }
+    printf("  cached decoding vs full forward: worst %.1e of the largest logit over %zu configurations\n", worst,
+           sizeof(fixture_names) / sizeof(fixture_names[0]));
+}
+
 /* --- central finite differences against the analytic gradient ------------- */
 
 static void test_finite_differences(void) {
@@ -831,6 +877,82 @@ static void test_convert_sizes(void) {
     CHECK(I == 3072, "MHA keeps the MLP: %d", I);
 }
 
+/* --- sample and bench-kv -------------------------------------------------- */
+
+/* Greedy continuation of prompt by full forward passes, the slow way. */
+static void greedy_by_forward(Model *m, int *seq, int prompt, int total) {
+    model_prepare(m, 1, total, 0);
+    for (int t = prompt; t < total; t++) {
+        model_forward(m, seq, NULL, 1, t);
+        const float *z = m->a.logits + (size_t)(t - 1) * m->config.vocab_size;
+        int best = 0;
+        for (int v = 1; v < m->config.vocab_size; v++) best = z[v] > z[best] ? v : best;
+        seq[t] = best;
+    }
+}
+
+static void test_sample_and_bench(void) {
+    Model m;
+    int seq[8] = {1, 2, 3};
+    CHECK(model_load(&m, "dev/fixtures/mlkv_3x2") == 0, "load");
+    greedy_by_forward(&m, seq, 3, 8);
+    model_free(&m);
+    char want[64];
+    snprintf(want, sizeof(want), "%d %d %d %d %d", seq[3], seq[4], seq[5], seq[6], seq[7]);
+    CHECK(run("%s sample dev/fixtures/mlkv_3x2 --prompt-ids 1,2,3 -n 5 --temperature 0 2>/dev/null", mlkv_bin) == 0 &&
+          !strncmp(output(), want, strlen(want)), "greedy sample %s, expected %s", output(), want);
+    CHECK(run("%s sample dev/fixtures/mlkv_3x2 --prompt-ids '1 2 3' -n 5 --top-k 1 2>/dev/null", mlkv_bin) == 0 &&
+          !strncmp(output(), want, strlen(want)), "top-k 1 is greedy: %s", output());
+    CHECK(run("%s sample dev/fixtures/mlkv_2x2_compat --prompt-ids 5 -n 6 --batch 3 --top-p 0.9 --seed 3", mlkv_bin) == 0 &&
+          strstr(output(), "--- sample 2") && strstr(output(), "decode 3 x 6"), "batch sampling: %s", output());
+    CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1 -n 100", mlkv_bin) == 1 &&
+          strstr(output(), "exceed max_position_embeddings (64)"), "too long: %s", output());
+    CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1,64", mlkv_bin) == 1 && strstr(output(), "64 is not a token id"),
+          "bad prompt id: %s", output());
+    CHECK(run("%s sample dev/fixtures/gqa --prompt hi", mlkv_bin) == 1 && strstr(output(), "tokenizer.json"),
+          "no tokenizer: %s", output());
+    /* a model with a tokenizer: the prompt is encoded, the output streamed as text */
+    char path[400];
+    snprintf(path, sizeof(path), "%s/bytes_config.json", tmp_dir);
+    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 320, \"hidden_size\": 32, \"num_hidden_layers\": 2, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"max_position_embeddings\": 64}");
+    CHECK(run("%s init --config %s --out %s/bytes_model && cp dev/fixtures/tokenizer/bytes-tokenizer.json "
+              "%s/bytes_model/tokenizer.json", mlkv_bin, path, tmp_dir, tmp_dir) == 0, "init: %s", output());
+    CHECK(run("%s sample %s/bytes_model --prompt 'Hello there' -n 8 --seed 1", mlkv_bin, tmp_dir) == 0 &&
+          !strncmp(output(), "Hello there", 11) && strstr(output(), "prefill 1 x 11 tokens"), "text sample: %s", output());
+    CHECK(run("%s sample --help", mlkv_bin) == 0 && strstr(output(), "--top-p"), "sample --help");
+
+    /* bench-kv: measured cache bytes are the formula's; the memory limit stops cleanly */
+    snprintf(path, sizeof(path), "%s/bench.csv", tmp_dir);
+    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --max-batch 4 --csv %s", mlkv_bin, path) == 0,
+          "bench-kv: %s", output());
+    size_t len;
+    char *csv = slurp(path, &len);
+    int rows = 0, same = 1;
+    for (char *line = csv ? strtok(csv, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+        long long bytes, formula;
+        int batch;
+        if (sscanf(line, "model,3,2,%d,6,3,%lld,%lld,", &batch, &bytes, &formula) == 3) {
+            rows++;
+            same &= bytes == formula && bytes == 2LL * 3 * 2 * 8 * 4 * batch * 9;
+        }
+    }
+    free(csv);
+    CHECK(rows == 3 && same, "bench-kv CSV: %d rows, cache bytes as the formula: %d", rows, same);
+    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --mem-limit 0.1 --csv %s", mlkv_bin, path) == 0 &&
+          strstr(output(), "stop: would need"), "memory limit: %s", output());
+    snprintf(path, sizeof(path), "%s/grid_config.json", tmp_dir);
+    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 16, \"hidden_size\": 48, \"num_hidden_layers\": 12, "
+                     "\"num_attention_heads\": 12, \"intermediate_size\": 32, \"max_position_embeddings\": 16, "
+                     "\"rotary_pct\": 0.5}");
+    char csv_path[400];
+    snprintf(csv_path, sizeof(csv_path), "%s/grid.csv", tmp_dir);
+    CHECK(run("%s bench-kv --config %s --grid --prefill 4 --decode 2 --max-batch 1 --csv %s", mlkv_bin, path, csv_path) == 0 &&
+          strstr(output(), "| MLKV-1 | 1 |") && strstr(output(), "| MHA-144 | 1 | 0.03 |"), "grid: %s", output());
+    CHECK(run("%s bench-kv --theory", mlkv_bin) == 0 && strstr(output(), "| 160m | MLKV-2 | 2 x 1 | 512 | 1024 |") &&
+          strstr(output(), "| 160m | MHA-144 | 12 x 12 | 36864 |"), "theory: %s", output());
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s path/to/mlkv   (run from the repository root)\n", argv[0]);
@@ -845,6 +967,8 @@ int main(int argc, char **argv) {
     printf("  worst: logits %.1e, loss %.1e, grads %.1e, steps %.1e, params %.1e\n", worst.logits, worst.loss,
            worst.grad, worst.step_loss, worst.param);
     test_finite_differences();
+    test_cached_decoding();
+    test_sample_and_bench();
     test_owner_placement();
     test_schedule();
     test_json();
