@@ -3730,10 +3730,10 @@ static int cmd_bench_kv(int argc, char **argv) {
             printf("| %s | - | skipped: %d layers x %d heads does not fit this model |\n", name, kvL, kvH);
             continue;
         }
-        Model m;
+        Model m = {0}, *target = &m;
         ConvertOptions co = {.kv_heads = kvH, .kv_layers = kvL};
         if (dir && grid) rc = model_convert(&base, &m, &co);
-        else if (dir) m = base, base.param_memory = NULL, base.params = NULL, base.config_extra = NULL;
+        else if (dir) target = &base; /* the model as it is */
         else {
             Config gc = c;
             gc.n_kv_layer = kvL;
@@ -3741,8 +3741,8 @@ static int cmd_bench_kv(int argc, char **argv) {
             if (grid) convert_sizes(&c, kvH, kvL, 0, &gc.intermediate_size, &gc.kv_intermediate_size);
             rc = model_init_random(&m, &gc, 1);
         }
-        if (rc == 0) rc = bench_model(&m, name, &o);
-        if (rc == 0 || m.param_memory) model_free(&m);
+        if (rc == 0) rc = bench_model(target, name, &o);
+        model_free(&m);
     }
     fclose(o.csv);
     if (dir) model_free(&base);

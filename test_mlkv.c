@@ -463,6 +463,21 @@ static void test_resume(void) {
         snprintf(b, sizeof(b), "%s/pieces/%s", tmp_dir, files[i]);
         CHECK(same_file(a, b), "%s differs between the straight and the resumed run", files[i]);
     }
+    /* a save that cannot complete leaves the previous checkpoint as it was */
+    CHECK(run("%s train %s --train %s --out %s/kept --stop-after 2 --verbose", mlkv_bin, common, train, tmp_dir) == 0 &&
+          strstr(output(), "= activations") && strstr(output(), "AdamW moments"), "--verbose memory: %s", output());
+    snprintf(a, sizeof(a), "%s/kept/model.safetensors", tmp_dir);
+    size_t before_len, after_len;
+    char *before = slurp(a, &before_len);
+    CHECK(run("touch %s/kept.saving", tmp_dir) == 0, "block the staging folder");
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 --eval-every 0 "
+              "--train %s --out %s/kept", mlkv_bin, train, tmp_dir) == 1 && strstr(output(), "kept.saving: cannot create"),
+          "a failed save: %s", output());
+    char *after = slurp(a, &after_len);
+    CHECK(before && after && before_len == after_len && !memcmp(before, after, before_len),
+          "the previous checkpoint is intact after a failed save");
+    free(before);
+    free(after);
     /* a resume must keep the settings that made the checkpoint */
     CHECK(run("%s train --resume --batch 4 --seq 16 --grad-accum 2 --steps 6 --train %s --out %s/pieces", mlkv_bin,
               train, tmp_dir) == 1 && strstr(output(), "resume with the same settings"), "changed settings: %s", output());
