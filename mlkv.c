@@ -31,7 +31,6 @@
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <dirent.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -2068,7 +2067,8 @@ PARALLEL_FOR
 typedef struct { const char *name; float **ptr; size_t floats; } BufferSpec;
 
 /* The activation and gradient-scratch buffers for (B, T), in one table that
- * serves allocation and the --verbose memory report. Returns the count. */
+ * serves allocation and the --verbose memory report. Fills acts (n_acts of them)
+ * and grads; returns the number of grads. */
 static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, BufferSpec *grads) {
     const Config *c = &m->config;
     size_t N = (size_t)B * T, L = (size_t)c->n_layer, KVL = (size_t)c->n_kv_layer, C = (size_t)c->hidden_size;
