@@ -3131,19 +3131,33 @@ typedef struct { const char *name; FlagKind kind; void *dst; double min, max; co
 #define SEED_FLAG(name, dst) {name, FLAG_SEED, dst, 0, 9007199254740992.0, NULL}
 #define CHOICE_FLAG(name, dst, choices) {name, FLAG_CHOICE, dst, 0, 0, choices}
 
-/* Parses --flag value pairs into their destinations. Returns 0, 1 after
- * --help, or 2 (usage error, message printed). positional, when non-NULL,
- * takes the first argument that is not a flag. */
+#define FLAGS_OK (-1)
+
+/* A usage error: the message, then the command's usage; exit code 2. */
+static int usage_error(const char *usage, const char *fmt, ...) {
+    va_list ap;
+    fprintf(stderr, "mlkv: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\n%s", usage);
+    return 2;
+}
+
+/* Parses --flag value pairs into their destinations. Returns FLAGS_OK, or the
+ * exit code when the command must stop here: 0 after --help, 2 for a usage
+ * error (message printed). positional, when non-NULL, takes the first
+ * argument that is not a flag. */
 static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, const char *usage,
                        const char **positional) {
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i];
-        if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) { printf("%s", usage); return 1; }
+        if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) { printf("%s", usage); return 0; }
         if (positional && arg[0] != '-' && !*positional) { *positional = arg; continue; }
         const Flag *f = NULL;
         for (int k = 0; k < n_flags && !f; k++)
             if (!strcmp(arg, flags[k].name)) f = &flags[k];
-        if (!f) { fprintf(stderr, "mlkv: unknown argument %s\n%s", arg, usage); return 2; }
+        if (!f) return usage_error(usage, "unknown argument %s", arg);
         if (f->kind == FLAG_SWITCH) { *(int *)f->dst = 1; continue; }
         if (i + 1 >= argc) { fprintf(stderr, "mlkv: %s needs a value\n", arg); return 2; }
         const char *v = argv[++i];
@@ -3173,7 +3187,7 @@ static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, co
         else if (f->kind == FLAG_SEED) *(uint64_t *)f->dst = (uint64_t)x;
         else *(double *)f->dst = x;
     }
-    return 0;
+    return FLAGS_OK;
 }
 
 static const char *const train_usage =
@@ -3226,13 +3240,11 @@ static int cmd_train(int argc, char **argv) {
         SWITCH_FLAG("--resume", &t.resume), INT_FLAG("--threads", &t.threads, 1, 4096),
         SWITCH_FLAG("--verbose", &t.verbose),
     };
-    int rc = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
-    if (rc) return rc == 1 ? 0 : 2;
+    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
+    if (parsed != FLAGS_OK) return parsed;
     t.opt.schedule = (ScheduleKind)schedule;
-    if (!t.train_path || !t.out_dir || (!t.model_dir && !t.resume)) {
-        fprintf(stderr, "mlkv train: --train, --out and --model (or --resume) are required\n%s", train_usage);
-        return 2;
-    }
+    if (!t.train_path || !t.out_dir || (!t.model_dir && !t.resume))
+        return usage_error(train_usage, "train: --train, --out and --model (or --resume) are required");
     size_t n = strlen(t.out_dir);
     while (n > 1 && t.out_dir[n - 1] == '/') ((char *)t.out_dir)[--n] = '\0';
     return run_training(&t);
@@ -3299,11 +3311,11 @@ static int cmd_convert(int argc, char **argv) {
                     STRING_FLAG("--out", &out), SWITCH_FLAG("--kv-mlp", &o.kv_mlp),
                     CHOICE_FLAG("--pool", &pool, pool_names), CHOICE_FLAG("--grow-mlp", &grow, grow_names),
                     STRING_FLAG("--kv-map", &map_text), SEED_FLAG("--seed", &o.seed)};
-    int rc = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), convert_usage, &in);
-    if (rc) return rc == 1 ? 0 : 2;
+    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), convert_usage, &in);
+    if (parsed != FLAGS_OK) return parsed;
+    int rc = 0;
     if (!in || !o.kv_heads || (!o.kv_layers && !map_text)) {
-        fprintf(stderr, "mlkv convert: PYTHIA_DIR, --kv-heads and --kv-layers (or --kv-map) are required\n%s", convert_usage);
-        return 2;
+        return usage_error(convert_usage, "convert: PYTHIA_DIR, --kv-heads and --kv-layers (or --kv-map) are required");
     }
     o.pool = (PoolKind)pool;
     o.grow = (GrowKind)grow;
@@ -3313,7 +3325,6 @@ static int cmd_convert(int argc, char **argv) {
     Model mha, converted;
     if (model_load(&mha, in_dir) != 0) return exit_code(-1);
     const Config *c = &mha.config;
-    rc = 0;
     if (c->n_head % o.kv_heads != 0 || o.kv_heads > c->n_head)
         rc = fail("--kv-heads %d: the %d attention heads must split into %d equal groups", o.kv_heads, c->n_head, o.kv_heads);
     else if (o.kv_layers > c->n_layer)
@@ -3363,11 +3374,11 @@ static int cmd_export(int argc, char **argv) {
     const char *in = NULL, *out = NULL;
     int fused = 0;
     Flag flags[] = {SWITCH_FLAG("--fused", &fused), STRING_FLAG("--out", &out)};
-    int rc = parse_flags(argc, argv, flags, 2, export_usage, &in);
-    if (rc) return rc == 1 ? 0 : 2;
+    int parsed = parse_flags(argc, argv, flags, 2, export_usage, &in);
+    if (parsed != FLAGS_OK) return parsed;
+    int rc = 0;
     if (!in || !out || !fused) {
-        fprintf(stderr, "mlkv export: DIR, --fused (the one format) and --out are required\n%s", export_usage);
-        return 2;
+        return usage_error(export_usage, "export: DIR, --fused (the one format) and --out are required");
     }
     Model m;
     if (model_load(&m, in) != 0) return exit_code(-1);
@@ -3390,9 +3401,9 @@ static const char *const encode_usage =
 static int cmd_encode(int argc, char **argv) {
     const char *path = NULL, *text = NULL;
     Flag flags[] = {STRING_FLAG("--tokenizer", &path)};
-    int rc = parse_flags(argc, argv, flags, 1, encode_usage, &text);
-    if (rc) return rc == 1 ? 0 : 2;
-    if (!path || !text) { fprintf(stderr, "mlkv encode: --tokenizer and TEXT are required\n%s", encode_usage); return 2; }
+    int parsed = parse_flags(argc, argv, flags, 1, encode_usage, &text);
+    if (parsed != FLAGS_OK) return parsed;
+    if (!path || !text) return usage_error(encode_usage, "encode: --tokenizer and TEXT are required");
     Tokenizer t;
     if (tokenizer_load(&t, path) != 0) return exit_code(-1);
     int room = (int)strlen(text) + 16, *ids = malloc(sizeof(int) * (size_t)room);
@@ -3413,9 +3424,10 @@ static int cmd_decode(int argc, char **argv) {
     Flag flags[] = {STRING_FLAG("--tokenizer", &path)};
     int first = 0;
     while (first < argc && (argv[first][0] == '-' || (first > 0 && !strcmp(argv[first - 1], "--tokenizer")))) first++;
-    int rc = parse_flags(first, argv, flags, 1, decode_usage, NULL);
-    if (rc) return rc == 1 ? 0 : 2;
-    if (!path) { fprintf(stderr, "mlkv decode: --tokenizer is required\n%s", decode_usage); return 2; }
+    int parsed = parse_flags(first, argv, flags, 1, decode_usage, NULL);
+    if (parsed != FLAGS_OK) return parsed;
+    int rc = 0;
+    if (!path) return usage_error(decode_usage, "decode: --tokenizer is required");
     Tokenizer t;
     if (tokenizer_load(&t, path) != 0) return exit_code(-1);
     Utf8Stream stream = {{0}, 0};
@@ -3475,11 +3487,11 @@ static int cmd_sample(int argc, char **argv) {
                     INT_FLAG("--top-k", &sc.top_k, 0, 1 << 30), NUMBER_FLAG("--top-p", &sc.top_p, 1e-9, 1),
                     SEED_FLAG("--seed", &seed), INT_FLAG("--batch", &batch, 1, 4096),
                     STRING_FLAG("--tokenizer", &tokenizer_path), INT_FLAG("--threads", &threads, 1, 4096)};
-    int rc = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), sample_usage, &dir);
-    if (rc) return rc == 1 ? 0 : 2;
+    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), sample_usage, &dir);
+    if (parsed != FLAGS_OK) return parsed;
+    int rc = 0;
     if (!dir || (prompt && prompt_ids)) {
-        fprintf(stderr, "mlkv sample: give DIR, and --prompt or --prompt-ids (not both)\n%s", sample_usage);
-        return 2;
+        return usage_error(sample_usage, "sample: give DIR, and --prompt or --prompt-ids (not both)");
     }
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads(threads);
@@ -3492,7 +3504,6 @@ static int cmd_sample(int argc, char **argv) {
     if (model_load(&m, dir) != 0) return exit_code(-1);
     const Config *c = &m.config;
     have_tokenizer = tokenizer_load(&tok, tokenizer_path ? tokenizer_path : dir) == 0;
-    rc = 0;
     if (!have_tokenizer && (tokenizer_path || prompt)) rc = -1; /* the load error says why */
     int room = c->max_position_embeddings;
     prompt_tokens = alloc_zeroed((size_t)room + 1, sizeof(int), "the prompt");
@@ -3698,10 +3709,11 @@ static int cmd_bench_kv(int argc, char **argv) {
                     INT_FLAG("--max-batch", &o.batch_max, 1, 1 << 20), NUMBER_FLAG("--mem-limit", &mem_mib, 1e-3, 1e9),
                     STRING_FLAG("--csv", &csv_path), SWITCH_FLAG("--theory", &theory),
                     INT_FLAG("--threads", &o.threads, 1, 4096)};
-    int rc = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), bench_usage, &dir);
-    if (rc) return rc == 1 ? 0 : 2;
+    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), bench_usage, &dir);
+    if (parsed != FLAGS_OK) return parsed;
+    int rc = 0;
     if (theory) { print_theory(); return 0; }
-    if (!dir == !config_path) { fprintf(stderr, "mlkv bench-kv: give DIR or --config (one of them)\n%s", bench_usage); return 2; }
+    if (!dir == !config_path) return usage_error(bench_usage, "bench-kv: give DIR or --config (one of them)");
 #ifdef _OPENMP
     if (o.threads > 0) omp_set_num_threads(o.threads);
     o.threads = omp_get_max_threads();
@@ -3760,9 +3772,10 @@ static int cmd_init(int argc, char **argv) {
     uint64_t seed = 1234;
     Flag flags[] = {STRING_FLAG("--config", &config_path), STRING_FLAG("--out", &out),
                     SEED_FLAG("--seed", &seed)};
-    int rc = parse_flags(argc, argv, flags, 3, init_usage, NULL);
-    if (rc) return rc == 1 ? 0 : 2;
-    if (!config_path || !out) { fprintf(stderr, "mlkv init: --config and --out are required\n%s", init_usage); return 2; }
+    int parsed = parse_flags(argc, argv, flags, 3, init_usage, NULL);
+    if (parsed != FLAGS_OK) return parsed;
+    int rc = 0;
+    if (!config_path || !out) return usage_error(init_usage, "init: --config and --out are required");
     Config c;
     Model m;
     if (config_load(&c, config_path, NULL) != 0 || check_output_dir(out) != 0 || model_init_random(&m, &c, seed) != 0)
@@ -3786,8 +3799,9 @@ static int cmd_demo(int argc, char **argv) {
     int steps = 1500, threads = 0;
     Flag flags[] = {STRING_FLAG("--out", &out), INT_FLAG("--steps", &steps, 1, 1e9),
                     INT_FLAG("--threads", &threads, 1, 4096)};
-    int rc = parse_flags(argc, argv, flags, 3, demo_usage, NULL);
-    if (rc) return rc == 1 ? 0 : 2;
+    int parsed = parse_flags(argc, argv, flags, 3, demo_usage, NULL);
+    if (parsed != FLAGS_OK) return parsed;
+    int rc = 0;
     char train_path[PATH_LEN], val_path[PATH_LEN], init_dir[PATH_LEN], model_dir[PATH_LEN];
     if (make_path(train_path, out, "/train.bin") || make_path(val_path, out, "/val.bin") ||
         make_path(init_dir, out, "/init") || make_path(model_dir, out, "/model"))
