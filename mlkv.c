@@ -1899,6 +1899,37 @@ PARALLEL_FOR
  * The softmax is computed online (running max and sum, as FlashAttention), so
  * no [T, T] matrix is stored: the backward pass recomputes probabilities from
  * the saved log-sum-exp, and memory stays linear in T. */
+/* One query q [hs] over keys and values at positions 0 .. count-1, stride
+ * floats apart: o = softmax(q k^T * scale) v, summed online in position order.
+ * With cos_t / sin_t each key is first rotated by its position (a cache of
+ * un-rotated keys). Returns the log-sum-exp of the scores. Both attention
+ * kernels use it, so a cached decode computes the same bits as a full pass. */
+static float attend_one_query(float *o, const float *q, const float *k, const float *v, size_t stride, int count,
+                              int hs, float scale, const float *cos_t, const float *sin_t, int half) {
+    float max = -INFINITY, sum = 0.0f, rotated[MAX_HEAD_SIZE];
+    for (int d = 0; d < hs; d++) o[d] = 0.0f;
+    for (int s = 0; s < count; s++) {
+        const float *ks = k + (size_t)s * stride;
+        if (cos_t) {
+            memcpy(rotated, ks, (size_t)hs * sizeof(float));
+            rotate_head(rotated, cos_t + (size_t)s * half, sin_t + (size_t)s * half, half, 1.0f);
+            ks = rotated;
+        }
+        float score = dot_product(q, ks, hs) * scale;
+        if (score > max) { /* rescale what was summed under the old max */
+            float correction = expf(max - score);
+            sum *= correction;
+            for (int d = 0; d < hs; d++) o[d] *= correction;
+            max = score;
+        }
+        float p = expf(score - max);
+        sum += p;
+        axpy(o, p, v + (size_t)s * stride, hs);
+    }
+    for (int d = 0; d < hs; d++) o[d] /= sum;
+    return max + logf(sum);
+}
+
 static void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
                               int H, int kvH, int hs) {
     int group = H / kvH;
@@ -1906,28 +1937,10 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
 PARALLEL_FOR_3
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                const float *qt = q + ((size_t)(b * T + t) * H + h) * hs;
-                float *o = out + ((size_t)(b * T + t) * H + h) * hs;
-                int kvh = h / group;
-                float max = -INFINITY, sum = 0.0f;
-                for (int d = 0; d < hs; d++) o[d] = 0.0f;
-                for (int s = 0; s <= t; s++) { /* causal: keys at positions <= t */
-                    const float *ks = k + ((size_t)(b * T + s) * kvH + kvh) * hs;
-                    const float *vs = v + ((size_t)(b * T + s) * kvH + kvh) * hs;
-                    float score = dot_product(qt, ks, hs) * scale;
-                    if (score > max) { /* rescale what was summed under the old max */
-                        float correction = expf(max - score);
-                        sum *= correction;
-                        for (int d = 0; d < hs; d++) o[d] *= correction;
-                        max = score;
-                    }
-                    float p = expf(score - max);
-                    sum += p;
-                    axpy(o, p, vs, hs);
-                }
-                for (int d = 0; d < hs; d++) o[d] /= sum;
-                lse[((size_t)b * H + h) * T + t] = max + logf(sum);
+            for (int t = 0; t < T; t++) { /* causal: keys at positions <= t */
+                size_t row = (size_t)(b * T + t) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
+                lse[((size_t)b * H + h) * T + t] = attend_one_query(out + row * hs, q + row * hs, k + kv, v + kv,
+                                                                    (size_t)kvH * hs, t + 1, hs, scale, NULL, NULL, 0);
             }
 }
 
@@ -1984,42 +1997,19 @@ PARALLEL_FOR_3
 /* Attention of n new queries per sequence over a KV cache: query i of
  * sequence b sits at position pos0 + i and sees cached positions 0 .. pos0+i
  * (its own K/V were appended first). q, out [B, n, H*hs]; k, v [B, kvH,
- * max_T, hs]. The softmax runs in the same order as attention_forward, so a
- * cached decode computes the same numbers as a full forward pass. With
- * cos_t / sin_t the cached keys are rotated as they are read (the
- * reference-compatible mode caches them un-rotated). */
+ * max_T, hs]. With cos_t / sin_t the cached keys are rotated as they are read
+ * (the reference-compatible mode caches them un-rotated). */
 static void attention_cached(float *out, const float *q, const float *k, const float *v, int B, int n, int pos0,
                              int H, int kvH, int hs, int max_T, const float *cos_t, const float *sin_t, int rd) {
-    int group = H / kvH, half = rd / 2;
+    int group = H / kvH;
     float scale = 1.0f / sqrtf((float)hs);
 PARALLEL_FOR_3
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
             for (int i = 0; i < n; i++) {
-                const float *qi = q + ((size_t)(b * n + i) * H + h) * hs;
-                float *o = out + ((size_t)(b * n + i) * H + h) * hs;
-                size_t base = ((size_t)b * kvH + h / group) * max_T * hs;
-                float max = -INFINITY, sum = 0.0f, rotated[MAX_HEAD_SIZE];
-                for (int d = 0; d < hs; d++) o[d] = 0.0f;
-                for (int s = 0; s <= pos0 + i; s++) {
-                    const float *ks = k + base + (size_t)s * hs;
-                    if (cos_t) {
-                        memcpy(rotated, ks, (size_t)hs * sizeof(float));
-                        rotate_head(rotated, cos_t + (size_t)s * half, sin_t + (size_t)s * half, half, 1.0f);
-                        ks = rotated;
-                    }
-                    float score = dot_product(qi, ks, hs) * scale;
-                    if (score > max) {
-                        float correction = expf(max - score);
-                        sum *= correction;
-                        for (int d = 0; d < hs; d++) o[d] *= correction;
-                        max = score;
-                    }
-                    float p = expf(score - max);
-                    sum += p;
-                    axpy(o, p, v + base + (size_t)s * hs, hs);
-                }
-                for (int d = 0; d < hs; d++) o[d] /= sum;
+                size_t row = (size_t)(b * n + i) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
+                attend_one_query(out + row * hs, q + row * hs, k + kv, v + kv, (size_t)hs, pos0 + i + 1, hs, scale,
+                                 cos_t, sin_t, rd / 2);
             }
 }
 
@@ -2272,9 +2262,32 @@ static void kv_projection_backward(float *dx, float *d_hidden, float *d_mlp_w, f
     matmul_backward(dx, d_mlp_w, d_mlp_b, d_hidden, x, mlp_w, N, C, kvI);
 }
 
+/* The rest of a layer after attention, on N rows: dense projection, residual,
+ * MLP. Parallel: next = x + attn + mlp(ln2 x); sequential: mid = x + attn,
+ * next = mid + mlp(ln2 mid). next may be x itself (decoding updates the
+ * residual stream in place): ln2 reads x before next is written. */
+static void layer_tail_forward(const Config *c, const LayerWeights *lw, const float *x, const float *att_out,
+                               float *mid, float *ln2, float *ln2_stats, float *fc_pre, float *fc_act, float *branch,
+                               float *next, int N) {
+    int C = c->hidden_size, I = c->intermediate_size;
+    size_t NC = (size_t)N * C;
+    matmul_forward(branch, att_out, lw->dense_w, lw->dense_b, N, C, C);
+    if (c->parallel_residual) {
+        layernorm_forward(ln2, ln2_stats, x, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
+        add_into(next, x, branch, NC);
+    } else {
+        add_into(mid, x, branch, NC);
+        layernorm_forward(ln2, ln2_stats, mid, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
+    }
+    matmul_forward(fc_pre, ln2, lw->fc_w, lw->fc_b, N, C, I);
+    gelu_forward(fc_act, fc_pre, (size_t)N * I);
+    matmul_forward(branch, fc_act, lw->proj_w, lw->proj_b, N, I, C);
+    add_into(next, c->parallel_residual ? next : mid, branch, NC);
+}
+
 float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
     const Config *c = &m->config;
-    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, I = c->intermediate_size;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
     int V = c->vocab_size, L = c->n_layer, rd = c->rotary_ndims, N = B * T, qd = H * hs, kvd = kvH * hs;
     int kvI = c->kv_intermediate_size;
     Activations *a = &m->a;
@@ -2300,15 +2313,8 @@ float model_forward(Model *m, const int *inputs, const int *targets, int B, int 
             rotary_apply(s.k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, 1.0f);
         }
         attention_forward(s.att_out, s.lse, s.q, reads_rotated_keys(c, l) ? s.k_rot : s.k_pre, s.v, B, T, H, kvH, hs);
-        matmul_forward(a->branch, s.att_out, lw->dense_w, lw->dense_b, N, C, C);
-        /* parallel: next = x + attn(ln1 x) + mlp(ln2 x); sequential: h = x + attn(ln1 x), next = h + mlp(ln2 h) */
-        float *mlp_in = c->parallel_residual ? s.x : s.resid_mid;
-        add_into(c->parallel_residual ? s.next : s.resid_mid, s.x, a->branch, (size_t)N * C);
-        layernorm_forward(s.ln2, s.ln2_stats, mlp_in, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
-        matmul_forward(s.fc_pre, s.ln2, lw->fc_w, lw->fc_b, N, C, I);
-        gelu_forward(s.fc_act, s.fc_pre, (size_t)N * I);
-        matmul_forward(a->branch, s.fc_act, lw->proj_w, lw->proj_b, N, I, C);
-        add_into(s.next, c->parallel_residual ? s.next : s.resid_mid, a->branch, (size_t)N * C);
+        layer_tail_forward(c, lw, s.x, s.att_out, s.resid_mid, s.ln2, s.ln2_stats, s.fc_pre, s.fc_act, a->branch, s.next,
+                           N);
     }
     layernorm_forward(a->lnf, a->lnf_stats, a->residual + (size_t)L * N * C, m->w.lnf_w, m->w.lnf_b, N, C,
                       c->layer_norm_eps);
@@ -2418,7 +2424,7 @@ void kv_cache_free(KVCache *c) {
 const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n) {
     const Config *cf = &m->config;
     int B = c->B, N = B * n, pos0 = c->length, C = cf->hidden_size, H = cf->n_head, hs = cf->head_size;
-    int kvH = cf->n_kv_head, kvd = kvH * hs, I = cf->intermediate_size, V = cf->vocab_size, rd = cf->rotary_ndims;
+    int kvH = cf->n_kv_head, kvd = kvH * hs, V = cf->vocab_size, rd = cf->rotary_ndims;
     int half = rd / 2, kvI = cf->kv_intermediate_size;
     if (n < 1 || n > c->chunk) { fail("%d tokens at once; the cache takes 1 to %d", n, c->chunk); return NULL; }
     if (pos0 + n > c->max_T) { fail("the KV cache holds %d positions; %d were asked", c->max_T, pos0 + n); return NULL; }
@@ -2453,15 +2459,7 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
         int rotate_on_read = !cf->shared_key_rotary && cf->kv_layer_of[l] == l;
         attention_cached(c->att, c->q, c->k + slot, c->v + slot, B, n, pos0, H, kvH, hs, c->max_T,
                          rotate_on_read ? c->rope_cos : NULL, rotate_on_read ? c->rope_sin : NULL, rd);
-        matmul_forward(c->branch, c->att, lw->dense_w, lw->dense_b, N, C, C);
-        float *mlp_in = cf->parallel_residual ? c->x : c->mid;
-        if (!cf->parallel_residual) add_into(c->mid, c->x, c->branch, (size_t)N * C);
-        layernorm_forward(c->ln, c->stats, mlp_in, lw->ln2_w, lw->ln2_b, N, C, cf->layer_norm_eps);
-        if (cf->parallel_residual) add_into(c->x, c->x, c->branch, (size_t)N * C);
-        matmul_forward(c->fc_pre, c->ln, lw->fc_w, lw->fc_b, N, C, I);
-        gelu_forward(c->fc_act, c->fc_pre, (size_t)N * I);
-        matmul_forward(c->branch, c->fc_act, lw->proj_w, lw->proj_b, N, I, C);
-        add_into(c->x, cf->parallel_residual ? c->x : c->mid, c->branch, (size_t)N * C);
+        layer_tail_forward(cf, lw, c->x, c->att, c->mid, c->ln, c->stats, c->fc_pre, c->fc_act, c->branch, c->x, N);
     }
     c->length += n;
     /* the head, on every row or on the last position of each sequence */
