@@ -1709,6 +1709,13 @@ static inline float dot_product(const float *a, const float *b, int n) {
     return s;
 }
 
+/* The index of the largest of x[0..n), the first on ties (greedy decoding). */
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) best = x[i] > x[best] ? i : best;
+    return best;
+}
+
 /* y[n] += alpha * x[n] */
 static inline void axpy(float *y, float alpha, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += alpha * x[i];
@@ -2486,8 +2493,7 @@ static int candidate_order(const void *a, const void *b) {
 }
 
 static int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng, Candidate *scratch) {
-    int best = 0;
-    for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
+    int best = argmax(logits, V);
     if (s->temperature <= 0) return best;
     double sum = 0;
     for (int i = 0; i < V; i++) {
@@ -3082,10 +3088,7 @@ static float demo_recall(Model *m, int n_docs, uint64_t seed) {
         for (int q = 0; q < DEMO_FACTS; q++) {
             int ok = 1;
             for (int p = recalls[q]; p < recalls[q] + 2; p++) { /* logits at p predict token p + 1 */
-                const float *z = m->a.logits + (size_t)p * V;
-                int best = 0;
-                for (int i = 1; i < V; i++) best = z[i] > z[best] ? i : best;
-                ok &= best == doc[p + 1];
+                ok &= argmax(m->a.logits + (size_t)p * V, V) == doc[p + 1];
             }
             right += ok;
         }
@@ -3106,9 +3109,7 @@ static void demo_show(Model *m, uint64_t seed) {
         printf("%s ", demo_words[doc[i]]);
         if (q < DEMO_FACTS && i == recalls[q] + 2) q++;
         if (q < DEMO_FACTS && (i == recalls[q] || i == recalls[q] + 1)) {
-            const float *z = m->a.logits + (size_t)i * V;
-            int best = 0;
-            for (int k = 1; k < V; k++) best = z[k] > z[best] ? k : best;
+            int best = argmax(m->a.logits + (size_t)i * V, V);
             printf("[%s] ", best < DEMO_WORDS ? demo_words[best] : "?");
         }
     }
@@ -3652,12 +3653,8 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         for (int i = 0; i < o->decode; i++) {
             const float *logits = model_cached_forward(m, &cache, tokens, 1);
             if (!logits) { kv_cache_free(&cache); free(tokens); return -1; }
-            for (int b = 0; b < B; b++) { /* greedy: the next input is each sequence's argmax */
-                const float *z = logits + (size_t)b * c->vocab_size;
-                int best = 0;
-                for (int v = 1; v < c->vocab_size; v++) best = z[v] > z[best] ? v : best;
-                tokens[b] = best;
-            }
+            for (int b = 0; b < B; b++) /* greedy: the next input is each sequence's argmax */
+                tokens[b] = argmax(logits + (size_t)b * c->vocab_size, c->vocab_size);
         }
         double t2 = now_seconds(), rss = resident_bytes();
         double formula = (double)kv_cache_bytes(c, 4) * B * T;
