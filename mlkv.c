@@ -2389,20 +2389,15 @@ void model_backward(Model *m, float loss_scale) {
  * 10. Generation: prefill and decoding with a KV cache of the owning layers
  * ======================================================================== */
 
-int kv_cache_init(KVCache *c, const Model *m, int B, int max_T, int chunk, int all_logits) {
-    const Config *cf = &m->config;
-    memset(c, 0, sizeof(*c));
-    if (B < 1 || max_T < 1 || chunk < 1) return fail("KV cache: batch %d, length %d, chunk %d must be positive", B, max_T, chunk);
+/* The cache's buffers, in one table that serves allocation and bench-kv's
+ * memory plan. Returns their count. */
+static int kv_cache_specs(KVCache *c, const Config *cf, int B, int max_T, int chunk, int all_logits, BufferSpec *specs) {
     size_t N = (size_t)B * chunk, C = (size_t)cf->hidden_size, I = (size_t)cf->intermediate_size;
     size_t kvd = (size_t)cf->n_kv_head * cf->head_size, kvI = cf->use_kv_mlp ? (size_t)cf->kv_intermediate_size : 0;
     size_t head_rows = all_logits ? N : (size_t)B, half = (size_t)cf->rotary_ndims / 2;
     size_t cache = (size_t)cf->n_kv_layer * B * max_T * kvd;
-    c->B = B;
-    c->max_T = max_T;
-    c->chunk = chunk;
-    c->all_logits = all_logits;
-    BufferSpec specs[] = {
-        {"keys", &c->k, cache}, {"values", &c->v, cache},
+    BufferSpec table[] = {
+        {"keys", &c->k, cache}, {"values", &c->v, cache}, /* first: the cache itself */
         {"x", &c->x, N * C}, {"ln", &c->ln, N * C}, {"stats", &c->stats, N * 2},
         {"q", &c->q, N * C}, {"k", &c->k_new, N * kvd}, {"v", &c->v_new, N * kvd},
         {"attention", &c->att, N * C}, {"branch", &c->branch, N * C},
@@ -2413,10 +2408,24 @@ int kv_cache_init(KVCache *c, const Model *m, int B, int max_T, int chunk, int a
         {"logits", &c->logits, head_rows * (size_t)cf->vocab_size},
         {"rotary cos", &c->rope_cos, (size_t)max_T * half + 1}, {"rotary sin", &c->rope_sin, (size_t)max_T * half + 1},
     };
+    memcpy(specs, table, sizeof(table));
+    return (int)(sizeof(table) / sizeof(table[0]));
+}
+
+int kv_cache_init(KVCache *c, const Model *m, int B, int max_T, int chunk, int all_logits) {
+    const Config *cf = &m->config;
+    BufferSpec specs[32];
     size_t total;
-    c->memory = allocate_buffers(specs, (int)(sizeof(specs) / sizeof(specs[0])), &total, "the KV cache");
+    memset(c, 0, sizeof(*c));
+    if (B < 1 || max_T < 1 || chunk < 1) return fail("KV cache: batch %d, length %d, chunk %d must be positive", B, max_T, chunk);
+    c->B = B;
+    c->max_T = max_T;
+    c->chunk = chunk;
+    c->all_logits = all_logits;
+    int n = kv_cache_specs(c, cf, B, max_T, chunk, all_logits, specs);
+    c->memory = allocate_buffers(specs, n, &total, "the KV cache");
     if (!c->memory) return -1;
-    c->cache_bytes = 2 * cache * sizeof(float);
+    c->cache_bytes = (specs[0].floats + specs[1].floats) * sizeof(float);
     c->scratch_bytes = total * sizeof(float) - c->cache_bytes;
     rotary_tables(c->rope_cos, c->rope_sin, max_T, cf->rotary_ndims, cf->rotary_base);
     return 0;
@@ -3598,11 +3607,12 @@ static double physical_memory_bytes(void) {
 
 /* What kv_cache_init will allocate for (B, max_T, chunk), last-position logits. */
 static double kv_cache_plan_bytes(const Config *c, int B, int max_T, int chunk) {
-    double N = (double)B * chunk, C = c->hidden_size, I = c->intermediate_size;
-    double kvd = (double)c->n_kv_head * c->head_size, kvI = c->use_kv_mlp ? c->kv_intermediate_size : 0;
-    double cache = 2.0 * c->n_kv_layer * B * (double)max_T * kvd;
-    double scratch = N * (6 * C + 2 + 2 * kvd + 2 * I + 2 * kvI) + B * (2 * C + 2 + c->vocab_size);
-    return 4.0 * (cache + scratch + (double)max_T * c->rotary_ndims + 2);
+    KVCache unused;
+    BufferSpec specs[32] = {{0}};
+    double floats = 0;
+    int n = kv_cache_specs(&unused, c, B, max_T, chunk, 0, specs);
+    for (int i = 0; i < n; i++) floats += (double)specs[i].floats;
+    return 4.0 * floats;
 }
 
 static void print_theory(void) {
@@ -3635,7 +3645,7 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
     for (int B = 1; B <= o->batch_max; B *= 2) {
         double need = params + kv_cache_plan_bytes(c, B, T, chunk);
         if (need > o->mem_limit) {
-            printf("| %s | %d | stop: would need %.0f MiB, over --mem-limit %.0f MiB |\n", name, B, need / 1048576.0,
+            printf("| %s | %d | stop: would need %.1f MiB, over --mem-limit %.1f MiB |\n", name, B, need / 1048576.0,
                    o->mem_limit / 1048576.0);
             break;
         }
