@@ -931,6 +931,10 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
     return 0;
 }
 
+static size_t tensor_out_numel(const TensorOut *t) {
+    return (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
+}
+
 int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json) {
     StrBuf h = {0};
     size_t offset = 0;
@@ -938,7 +942,7 @@ int safetensors_write(const char *path, const TensorOut *tensors, int n, const c
     if (metadata_json) sb_printf(&h, "\"__metadata__\":%s", metadata_json);
     for (int i = 0; i < n; i++) {
         const TensorOut *t = &tensors[i];
-        size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
+        size_t numel = tensor_out_numel(t);
         sb_printf(&h, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d", h.len > 1 ? "," : "", t->name, t->shape[0]);
         if (t->ndim == 2) sb_printf(&h, ",%d", t->shape[1]);
         sb_printf(&h, "],\"data_offsets\":[%zu,%zu]}", offset, offset + numel * 4);
@@ -954,8 +958,7 @@ int safetensors_write(const char *path, const TensorOut *tensors, int n, const c
     writer_put(&w, h.s, h.len);
     free(h.s);
     for (int i = 0; i < n; i++)
-        writer_put(&w, tensors[i].data,
-                   (size_t)tensors[i].shape[0] * (size_t)(tensors[i].ndim == 2 ? tensors[i].shape[1] : 1) * sizeof(float));
+        writer_put(&w, tensors[i].data, tensor_out_numel(&tensors[i]) * sizeof(float));
     return writer_close(&w);
 }
 
@@ -1168,11 +1171,11 @@ static int copy_file(const char *from, const char *to) {
     return rc;
 }
 
-/* optimizer_metadata: NULL saves the model alone. companion_dir: a folder whose
- * tokenizer and generation files travel with the checkpoint, or NULL. */
 static int write_fused_safetensors(const Model *m, const char *path);
 
-/* stock: plain GPT-NeoX (fused query_key_value, no MLKV keys), for MHA models. */
+/* optimizer_metadata: NULL saves the model alone. companion_dir: a folder whose
+ * tokenizer and generation files travel with the checkpoint, or NULL. stock:
+ * plain GPT-NeoX (fused query_key_value, no MLKV keys), for MHA models. */
 static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata, const char *companion_dir,
                            int stock) {
     char staging[PATH_LEN], previous[PATH_LEN], path[PATH_LEN], from[PATH_LEN];
@@ -1365,9 +1368,15 @@ static void byte_alphabet(unsigned char_of[256], int byte_of[ALPHABET_END]) {
     }
 }
 
+/* The bytes of the UTF-8 character a lead byte starts: 1 to 4, or 0 for a
+ * byte that starts none. */
+static int utf8_length(unsigned char lead) {
+    return lead < 0x80 ? 1 : (lead & 0xE0) == 0xC0 ? 2 : (lead & 0xF0) == 0xE0 ? 3 : (lead & 0xF8) == 0xF0 ? 4 : 0;
+}
+
 /* One UTF-8 character at s (n bytes left): its length, or 0 if malformed. */
 static int utf8_next(const unsigned char *s, size_t n, unsigned *cp) {
-    int len = s[0] < 0x80 ? 1 : (s[0] & 0xE0) == 0xC0 ? 2 : (s[0] & 0xF0) == 0xE0 ? 3 : (s[0] & 0xF8) == 0xF0 ? 4 : 0;
+    int len = utf8_length(s[0]);
     if (len == 0 || (size_t)len > n) return 0;
     *cp = len == 1 ? s[0] : s[0] & (0xFF >> (len + 1));
     for (int i = 1; i < len; i++) {
@@ -1670,16 +1679,13 @@ int tokenizer_encode(const Tokenizer *t, const char *text, int *ids, int max_ids
     return encode_span(t, text, strlen(text), 0, ids, max_ids);
 }
 
-static int utf8_length(unsigned char lead) {
-    return lead < 0x80 ? 1 : (lead & 0xE0) == 0xC0 ? 2 : (lead & 0xF0) == 0xE0 ? 3 : (lead & 0xF8) == 0xF0 ? 4 : 1;
-}
-
 void utf8_stream_write(Utf8Stream *s, const char *bytes, int n, FILE *out) {
     for (int i = 0; i < n; i++) {
         unsigned char c = (unsigned char)bytes[i];
         if (s->n > 0 && (c & 0xC0) != 0x80) utf8_stream_flush(s, out); /* a broken character goes out as it is */
         s->pending[s->n++] = c;
-        if (s->n == utf8_length(s->pending[0])) utf8_stream_flush(s, out);
+        int want = utf8_length(s->pending[0]);
+        if (s->n >= (want ? want : 1)) utf8_stream_flush(s, out); /* complete, or a stray byte */
     }
     fflush(out);
 }
