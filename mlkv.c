@@ -1530,6 +1530,8 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
         if (slot->key == UINT64_MAX) *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
     }
     free(sorted);
+    for (int b = 0; rc == 0 && b < 128; b++) /* encoding (ASCII) starts from each byte's own token */
+        if (t->byte_id[b] < 0) rc = fail("%s: no token for byte 0x%02x: not a byte-level vocabulary", path, b);
     return rc;
 }
 

@@ -877,6 +877,10 @@ static void test_tokenizer(void) {
     Tokenizer bad;
     CHECK(tokenizer_load(&bad, stream_path) != 0 && strstr(mlkv_error(), "merge 0 (a b) uses a token not in the vocabulary"),
           "bad merges: %s", mlkv_error());
+    write_text(stream_path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}, "
+                            "\"pre_tokenizer\": {\"type\": \"ByteLevel\"}}");
+    CHECK(tokenizer_load(&bad, stream_path) != 0 && strstr(mlkv_error(), "no token for byte 0x00"),
+          "a vocabulary without byte tokens: %s", mlkv_error());
 }
 
 /* The reference's bookkeeping, checked on the numbers MLKV-REFERENCE quotes. */
