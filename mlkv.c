@@ -47,9 +47,19 @@
  * OpenMP they run serially and compute the same bits. */
 #define PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
 #define PARALLEL_FOR_3 _Pragma("omp parallel for collapse(3) schedule(static)")
+/* A parallel region whose loops marked OMP_FOR share out their iterations */
+#define PARALLEL_REGION _Pragma("omp parallel")
+#define OMP_FOR _Pragma("omp for schedule(static)")
+#define OMP_FOR_2 _Pragma("omp for collapse(2) schedule(static)")
+/* iterations dealt out to the threads in turn, for work that grows along the loop */
+#define PARALLEL_FOR_CYCLIC _Pragma("omp parallel for schedule(static, 1)")
 #else
 #define PARALLEL_FOR
 #define PARALLEL_FOR_3
+#define PARALLEL_REGION
+#define OMP_FOR
+#define OMP_FOR_2
+#define PARALLEL_FOR_CYCLIC
 #endif
 
 #include "mlkv.h"
@@ -118,7 +128,7 @@ static int file_exists(const char *path) {
 }
 
 #define PATH_LEN 4096
-#define MAX_HEAD_SIZE 1024 /* a head's vector fits on the stack of a thread */
+#define MAX_HEAD_SIZE 256 /* attention tiles of a head fit on the stack of a thread */
 
 /* out = base + suffix ("/config.json", ".saving"); a path that does not fit
  * is an error, never a silently truncated name. out holds PATH_LEN bytes. */
@@ -1705,18 +1715,6 @@ void utf8_stream_flush(Utf8Stream *s, FILE *out) {
  *    fixed order whatever the thread count, so runs are bit-reproducible.
  * ======================================================================== */
 
-/* 8 independent accumulators: the compiler vectorizes this without fast-math,
- * and the summation order is fixed. */
-static inline float dot_product(const float *a, const float *b, int n) {
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* The index of the largest of x[0..n), the first on ties (greedy decoding). */
 static int argmax(const float *x, int n) {
     int best = 0;
@@ -1729,68 +1727,163 @@ static inline void axpy(float *y, float alpha, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
-/* --- matmul: out[N, OC] = inp[N, IC] @ weight[OC, IC]^T + bias[OC] (PyTorch
- * Linear layout). Rows are processed MM_ROWS at a time so each weight row
- * loaded from memory serves MM_ROWS dot products; the work is split in tiles
- * of rows x MM_COLS outputs, so one row (a decoding step) still uses every
- * thread. */
-#define MM_ROWS 4
-#define MM_COLS 64
+/* --- GEMM: the one matrix product behind every Linear layer, forward and
+ * backward:
+ *
+ *     C[M, N] = init + A[M, K] B[K, N]     (init: C itself, bias[N], or 0)
+ *
+ * A and B are read through strides, A(i, k) = a[i * a_row + k * a_col] and
+ * B(k, j) = b[k * b_row + j * b_col], so one routine computes a Linear
+ * layer's output (B = W^T), its input gradient (B = W) and its weight
+ * gradient (A = dout^T) without a transpose in memory (see matmul_* below).
+ *
+ * Why it is fast (the GotoBLAS / BLIS scheme, cut down to what we need):
+ * - A micro-kernel keeps a GEMM_MR x GEMM_NR block of C in registers and adds
+ *   one outer product per k: GEMM_MR numbers of A, each broadcast, times
+ *   GEMM_NR contiguous numbers of B. With AVX-512 that is 12 x 32 floats =
+ *   24 of the 32 zmm registers, 24 vector FMAs per k against 12 broadcasts
+ *   and 2 vector loads, so the FMA units, not the loads, set the pace.
+ * - For the kernel to read unit-stride memory, A and B are first *packed*:
+ *   copied into panels in which the GEMM_MR (or GEMM_NR) numbers one k step
+ *   needs are adjacent. Packing turns every stride into unit stride (so the
+ *   transposes are free) and pads ragged edges with zeros, so the kernel has
+ *   no branches. It costs one pass over A and B, against M*N*K FMAs.
+ * - K is cut into slices of GEMM_KC: a packed B panel (KC x NR, 32 KiB) then
+ *   stays in the L1 cache while the kernel walks down a strip of A panels
+ *   (GEMM_TASK_ROWS x KC, 96 KiB, L2); the packed blocks of A and B together
+ *   (GEMM_MC x KC and KC x GEMM_NC floats, 4.25 MiB) stay in L2/L3.
+ * Threads split the tiles of C, never K, and every element of C sums its
+ * products in k order whatever the tiling: results do not depend on the
+ * thread count or on M, so a one-token decoding step computes the same bits
+ * as the full forward pass. */
+#if defined(__AVX512F__)
+#define GEMM_MR 12 /* 12 x 32 accumulators: 24 zmm registers */
+#define GEMM_NR 32
+#else
+#define GEMM_MR 6 /* 6 x 16 accumulators: 12 of AVX2's 16 ymm registers */
+#define GEMM_NR 16
+#endif
+#define GEMM_KC 256
+#define GEMM_MC (192 * GEMM_MR) /* rows of A packed at once: B*T = 2048 in one block */
+#define GEMM_NC 2048            /* columns of B packed at once */
+#define GEMM_TASK_ROWS (8 * GEMM_MR) /* one thread's task: this many rows x GEMM_NR columns */
 
-static inline void matmul_rows(float *out, const float *inp, const float *weight, const float *bias, int rows,
-                               int IC, int OC, int o0, int o1) {
-    for (int o = o0; o < o1; o++) {
-        const float *w = weight + (size_t)o * IC;
-        float acc[MM_ROWS][8] = {{0}};
-        int i = 0;
-        for (; i + 8 <= IC; i += 8)
-            for (int r = 0; r < rows; r++)
-                for (int j = 0; j < 8; j++) acc[r][j] += inp[(size_t)r * IC + i + j] * w[i + j];
-        for (int r = 0; r < rows; r++) {
-            const float *a = acc[r];
-            float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-            for (int k = i; k < IC; k++) s += inp[(size_t)r * IC + k] * w[k];
-            out[(size_t)r * OC + o] = s + (bias ? bias[o] : 0.0f);
-        }
+/* Packed blocks, in static memory: no allocation, pages touched on first use. */
+static _Alignas(64) float gemm_packed_a[GEMM_MC * GEMM_KC];
+static _Alignas(64) float gemm_packed_b[GEMM_KC * GEMM_NC];
+
+/* One panel: dst[k * width + r] = X(r, k) for r < rows (zero for rows <= r <
+ * width), k < kc, where X(r, k) = x[r * r_stride + k * k_stride]. The loop
+ * runs along whichever stride is 1, so reads are sequential. */
+static void pack_panel(float *restrict dst, const float *restrict x, size_t r_stride, size_t k_stride, int rows,
+                       int kc, int width) {
+    if (k_stride == 1) {
+        for (int r = 0; r < rows; r++)
+            for (int k = 0; k < kc; k++) dst[k * width + r] = x[r * r_stride + k];
+    } else {
+        for (int k = 0; k < kc; k++)
+            for (int r = 0; r < rows; r++) dst[k * width + r] = x[r * r_stride + k * k_stride];
     }
+    for (int k = 0; k < kc; k++)
+        for (int r = rows; r < width; r++) dst[k * width + r] = 0.0f;
 }
 
-static void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IC, int OC) {
-    int row_blocks = (N + MM_ROWS - 1) / MM_ROWS, col_blocks = (OC + MM_COLS - 1) / MM_COLS;
-PARALLEL_FOR
-    for (int tile = 0; tile < row_blocks * col_blocks; tile++) {
-        int n0 = tile / col_blocks * MM_ROWS, o0 = tile % col_blocks * MM_COLS;
-        int o1 = o0 + MM_COLS < OC ? o0 + MM_COLS : OC;
-        const float *x = inp + (size_t)n0 * IC;
-        float *y = out + (size_t)n0 * OC;
-        if (N - n0 >= MM_ROWS) matmul_rows(y, x, weight, bias, MM_ROWS, IC, OC, o0, o1); /* constant: unrolled */
-        else matmul_rows(y, x, weight, bias, N - n0, IC, OC, o0, o1);
+/* c[MR, NR] (row stride ldc) = start + sum over k of a[k, :] (x) b[k, :], with
+ * start = c, or init[NR] in every row. a: packed [kc, MR], b: packed [kc, NR].
+ * The trip counts MR and NR are constants: gcc and clang unroll them, keep acc
+ * in registers and emit one vfmadd231ps per register and k with a broadcast
+ * memory operand (AVX-512; check with objdump -d). */
+static void gemm_kernel(int kc, const float *restrict a, const float *restrict b, float *restrict c, size_t ldc,
+                        const float *restrict init) {
+    float acc[GEMM_MR][GEMM_NR];
+    for (int i = 0; i < GEMM_MR; i++)
+        for (int j = 0; j < GEMM_NR; j++) acc[i][j] = init ? init[j] : c[i * ldc + j];
+    for (int k = 0; k < kc; k++)
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int j = 0; j < GEMM_NR; j++) acc[i][j] += a[k * GEMM_MR + i] * b[k * GEMM_NR + j];
+    for (int i = 0; i < GEMM_MR; i++)
+        for (int j = 0; j < GEMM_NR; j++) c[i * ldc + j] = acc[i][j];
+}
+
+/* The kernel on a tile at the edge of C (rows < MR or cols < NR): through a
+ * full-size copy, so the arithmetic is the kernel's own. */
+static void gemm_edge_tile(int kc, const float *a, const float *b, float *c, size_t ldc, const float *init, int rows,
+                           int cols) {
+    float tile[GEMM_MR * GEMM_NR], init_row[GEMM_NR];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) tile[i * GEMM_NR + j] = init ? 0.0f : c[i * ldc + j];
+    if (init) {
+        for (int j = 0; j < GEMM_NR; j++) init_row[j] = j < cols ? init[j] : 0.0f;
+        init = init_row;
     }
+    gemm_kernel(kc, a, b, tile, GEMM_NR, init);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * GEMM_NR + j];
+}
+
+void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
+          float *c, int accumulate, const float *bias) {
+    static const float zeros[GEMM_NC];
+    for (int m0 = 0; m0 < M; m0 += GEMM_MC)
+        for (int n0 = 0; n0 < N; n0 += GEMM_NC)
+            for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+                int mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC, nc = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
+                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+                int a_panels = (mc + GEMM_MR - 1) / GEMM_MR, b_panels = (nc + GEMM_NR - 1) / GEMM_NR;
+                int tasks_down = (mc + GEMM_TASK_ROWS - 1) / GEMM_TASK_ROWS;
+                /* the first slice of K starts from the bias (or zero) unless C accumulates */
+                const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zeros;
+PARALLEL_REGION
+                {
+OMP_FOR
+                    for (int p = 0; p < a_panels + b_panels; p++) {
+                        if (p < a_panels) {
+                            int r0 = m0 + p * GEMM_MR, rows = M - r0 < GEMM_MR ? M - r0 : GEMM_MR;
+                            pack_panel(gemm_packed_a + (size_t)p * GEMM_MR * kc,
+                                       a + r0 * a_row + k0 * a_col, a_row, a_col, rows, kc, GEMM_MR);
+                        } else {
+                            int j0 = n0 + (p - a_panels) * GEMM_NR, cols = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
+                            pack_panel(gemm_packed_b + (size_t)(p - a_panels) * GEMM_NR * kc,
+                                       b + k0 * b_row + j0 * b_col, b_col, b_row, cols, kc, GEMM_NR);
+                        }
+                    }
+OMP_FOR_2
+                    for (int down = 0; down < tasks_down; down++)
+                        for (int across = 0; across < b_panels; across++) {
+                            int j0 = across * GEMM_NR, cols = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR;
+                            const float *bp = gemm_packed_b + (size_t)across * GEMM_NR * kc;
+                            const float *tile_init = init ? init + j0 : NULL;
+                            int p1 = (down + 1) * GEMM_TASK_ROWS / GEMM_MR;
+                            for (int p = down * GEMM_TASK_ROWS / GEMM_MR; p < p1 && p < a_panels; p++) {
+                                int i0 = p * GEMM_MR, rows = mc - i0 < GEMM_MR ? mc - i0 : GEMM_MR;
+                                const float *ap = gemm_packed_a + (size_t)p * GEMM_MR * kc;
+                                float *ct = c + (size_t)(m0 + i0) * N + n0 + j0;
+                                if (rows == GEMM_MR && cols == GEMM_NR) gemm_kernel(kc, ap, bp, ct, N, tile_init);
+                                else gemm_edge_tile(kc, ap, bp, ct, N, tile_init, rows, cols);
+                            }
+                        }
+                }
+            }
+}
+
+/* --- matmul: a Linear layer in PyTorch's layout, on top of gemm.
+ * Forward: out[N, OC] = inp[N, IC] @ weight[OC, IC]^T + bias[OC] */
+static void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IC, int OC) {
+    gemm(N, OC, IC, inp, IC, 1, weight, 1, IC, out, 0, bias);
 }
 
 /* dinp[N, IC] += dout[N, OC] @ weight[OC, IC]   (skipped when dinp is NULL)
  * dweight[OC, IC] += dout^T @ inp,  dbias[OC] += sum_n dout[n, :] */
 static void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                             const float *weight, int N, int IC, int OC) {
-    if (dinp) {
+    if (dinp) gemm(N, IC, OC, dout, OC, 1, weight, IC, 1, dinp, 1, NULL);
+    gemm(OC, IC, N, dout, 1, OC, inp, IC, 1, dweight, 1, NULL);
+    if (!dbias) return;
 PARALLEL_FOR
+    for (int o0 = 0; o0 < OC; o0 += 64) { /* columns split across threads, rows summed in order */
+        int o1 = o0 + 64 < OC ? o0 + 64 : OC;
         for (int n = 0; n < N; n++)
-            for (int o = 0; o < OC; o++) axpy(dinp + (size_t)n * IC, dout[(size_t)n * OC + o], weight + (size_t)o * IC, IC);
-    }
-    /* MM_ROWS output rows of dweight at a time share each input row */
-    int blocks = (OC + MM_ROWS - 1) / MM_ROWS;
-PARALLEL_FOR
-    for (int blk = 0; blk < blocks; blk++) {
-        int o0 = blk * MM_ROWS, cols = OC - o0 < MM_ROWS ? OC - o0 : MM_ROWS;
-        for (int n = 0; n < N; n++)
-            for (int c = 0; c < cols; c++)
-                axpy(dweight + (size_t)(o0 + c) * IC, dout[(size_t)n * OC + o0 + c], inp + (size_t)n * IC, IC);
-        if (dbias)
-            for (int c = 0; c < cols; c++) {
-                float s = 0.0f;
-                for (int n = 0; n < N; n++) s += dout[(size_t)n * OC + o0 + c];
-                dbias[o0 + c] += s;
-            }
+            for (int o = o0; o < o1; o++) dbias[o] += dout[(size_t)n * OC + o];
     }
 }
 
@@ -1911,102 +2004,233 @@ PARALLEL_FOR
 /* --- MLKV attention. Query head h reads K/V head h / (H / kvH) (GQA groups);
  * k and v are whichever owning layer's tensors this layer reads (MLKV).
  *   q [B, T, H*hs], k, v [B, T, kvH*hs]  ->  out [B, T, H*hs], lse [B, H, T]
- * The softmax is computed online (running max and sum, as FlashAttention), so
- * no [T, T] matrix is stored: the backward pass recomputes probabilities from
- * the saved log-sum-exp, and memory stays linear in T. */
-/* One query q [hs] over keys and values at positions 0 .. count-1, stride
- * floats apart: o = softmax(q k^T * scale) v, summed online in position order.
- * With cos_t / sin_t each key is first rotated by its position (a cache of
- * un-rotated keys). Returns the log-sum-exp of the scores. Both attention
- * kernels use it, so a cached decode computes the same bits as a full pass. */
-static float attend_one_query(float *o, const float *q, const float *k, const float *v, size_t stride, int count,
-                              int hs, float scale, const float *cos_t, const float *sin_t, int half) {
-    float max = -INFINITY, sum = 0.0f, rotated[MAX_HEAD_SIZE];
-    for (int d = 0; d < hs; d++) o[d] = 0.0f;
-    for (int s = 0; s < count; s++) {
-        const float *ks = k + (size_t)s * stride;
-        if (cos_t) {
-            memcpy(rotated, ks, (size_t)hs * sizeof(float));
-            rotate_head(rotated, cos_t + (size_t)s * half, sin_t + (size_t)s * half, half, 1.0f);
-            ks = rotated;
-        }
-        float score = dot_product(q, ks, hs) * scale;
-        if (score > max) { /* rescale what was summed under the old max */
-            float correction = expf(max - score);
-            sum *= correction;
-            for (int d = 0; d < hs; d++) o[d] *= correction;
-            max = score;
-        }
-        float p = expf(score - max);
-        sum += p;
-        axpy(o, p, v + (size_t)s * stride, hs);
+ *
+ * Computed as FlashAttention does, in tiles: a block of ATT_QB queries of one
+ * head against blocks of ATT_KB keys. Each tile's products (scores q k^T, and
+ * p v) are micro-kernel calls on packed panels, exactly as in the GEMM; the
+ * softmax is kept online per query (running max m and sum l; when a block
+ * raises the max, what was summed so far is rescaled by exp(m_old - m_new)),
+ * so no [T, T] matrix is ever stored: the backward pass recomputes the
+ * probabilities from each row's saved log-sum-exp, and memory is linear in T.
+ * Key blocks start at multiples of ATT_KB and no query's arithmetic depends
+ * on the other rows of its block, so a decoding step (one query over the KV
+ * cache) computes the same bits as the full forward pass. */
+#define ATT_QB GEMM_MR /* queries per block: the micro-kernel's rows */
+#define ATT_KB GEMM_NR /* keys per block: its columns */
+#define MAX_HEAD_PANELS ((MAX_HEAD_SIZE + GEMM_NR - 1) / GEMM_NR)
+#define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR) /* hs rounded up to whole panels */
+
+/* exp(x) without a libm call or a branch, so loops of it vectorize:
+ * exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r)
+ * by its Taylor series to r^7 (relative error below 1e-7, about 1 ulp). x is
+ * clamped to [-86, 88]: below, the result (5e-38) is negligible in a softmax
+ * sum of at least 1. */
+static inline float exp_fast(float x) {
+    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    x = x < -86.0f ? -86.0f : x > 88.0f ? 88.0f : x;
+    float t = x * 1.44269504088896341f + round_magic;
+    int32_t n, bits;
+    memcpy(&n, &t, sizeof(n));
+    n -= 0x4B400000; /* the bits of round_magic: n = round(x / ln 2) */
+    t -= round_magic;
+    float r = (x - t * 0.693145751953125f) - t * 1.428606765330187e-6f; /* ln 2 in two parts */
+    float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
+                        r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    memcpy(&bits, &p, sizeof(bits));
+    bits += n * (1 << 23); /* times 2^n: add n to the exponent */
+    memcpy(&p, &bits, sizeof(p));
+    return p;
+}
+
+/* keys rows of x (row stride `stride`, positions pos0 ..) packed as a B panel
+ * [hs, ATT_KB] for scores = q x^T; with cos_t / sin_t each row is first rotated
+ * by its position (the reference-compatible cache holds un-rotated keys). */
+static void pack_keys(float *dst, const float *x, size_t stride, int keys, int hs, int pos0, const float *cos_t,
+                      const float *sin_t, int half) {
+    if (!cos_t) { pack_panel(dst, x, stride, 1, keys, hs, ATT_KB); return; }
+    float rotated[MAX_HEAD_SIZE];
+    for (int s = 0; s < keys; s++) {
+        memcpy(rotated, x + s * stride, (size_t)hs * sizeof(float));
+        rotate_head(rotated, cos_t + (size_t)(pos0 + s) * half, sin_t + (size_t)(pos0 + s) * half, half, 1.0f);
+        for (int d = 0; d < hs; d++) dst[d * ATT_KB + s] = rotated[d];
     }
-    for (int d = 0; d < hs; d++) o[d] /= sum;
-    return max + logf(sum);
+    for (int s = keys; s < ATT_KB; s++)
+        for (int d = 0; d < hs; d++) dst[d * ATT_KB + s] = 0.0f;
+}
+
+/* acc[ATT_QB, width] += a[kc, ATT_QB] (as packed A) times the rows
+ * x[0 .. kc) (row stride `stride`, hs columns), panel by panel: the
+ * probability- (or gradient-) weighted sum of value, key or query rows. */
+static void weighted_rows(float *acc, const float *a, const float *x, size_t stride, int kc, int hs) {
+    float panel[ATT_KB * GEMM_NR];
+    for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
+        pack_panel(panel, x + d0, 1, stride, hs - d0 < GEMM_NR ? hs - d0 : GEMM_NR, kc, GEMM_NR);
+        gemm_kernel(kc, a, panel, acc + d0, HEAD_WIDTH(hs), NULL);
+    }
+}
+
+/* The `rows` queries q (row stride q_stride) of one head at positions pos0 ..
+ * pos0+rows-1, each over the keys at positions 0 .. its own (causal); k and v
+ * have row stride kv_stride. out = softmax(q k^T * scale) v, lse = the
+ * log-sum-exp of each row's scores. */
+static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride, int rows, int pos0,
+                                    const float *k, const float *v, size_t kv_stride, int hs, float scale,
+                                    const float *cos_t, const float *sin_t, int half) {
+    static const float zeros[ATT_KB];
+    float qp[MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB], pp[ATT_KB * ATT_QB];
+    float o[ATT_QB * MAX_HEAD_PANELS * GEMM_NR], m[ATT_QB], l[ATT_QB];
+    int width = HEAD_WIDTH(hs), count = pos0 + rows;
+    pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
+    for (int i = 0; i < ATT_QB; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    memset(o, 0, sizeof(float) * ATT_QB * width);
+    for (int s0 = 0; s0 < count; s0 += ATT_KB) {
+        int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
+        pack_keys(kp, k + s0 * kv_stride, kv_stride, keys, hs, s0, cos_t, sin_t, half);
+        gemm_kernel(hs, qp, kp, s, ATT_KB, zeros); /* s = q k^T */
+        for (int i = 0; i < ATT_QB; i++) {
+            float max = m[i], sum = 0.0f;
+            for (int j = 0; j < ATT_KB; j++) { /* key s0+j is visible to query pos0+i when it is not later */
+                float x = j < keys && s0 + j <= pos0 + i ? s[i * ATT_KB + j] * scale : -INFINITY;
+                s[i * ATT_KB + j] = x;
+                max = x > max ? x : max;
+            }
+            float correction = exp_fast(m[i] - max); /* rescale what was summed under the old max */
+            for (int j = 0; j < ATT_KB; j++) {
+                float x = s[i * ATT_KB + j], p = x == -INFINITY ? 0.0f : exp_fast(x - max);
+                pp[j * ATT_QB + i] = p; /* transposed: the A operand of p v */
+                sum += p;
+            }
+            l[i] = l[i] * correction + sum;
+            m[i] = max;
+            for (int d = 0; d < width; d++) o[i * width + d] *= correction;
+        }
+        weighted_rows(o, pp, v + s0 * kv_stride, kv_stride, keys, hs); /* o += p v */
+    }
+    for (int i = 0; i < rows; i++) {
+        for (int d = 0; d < hs; d++) out[i * q_stride + d] = o[i * width + d] / l[i];
+        lse[i] = m[i] + logf(l[i]);
+    }
 }
 
 static void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
                               int H, int kvH, int hs) {
-    int group = H / kvH;
+    int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB;
     float scale = 1.0f / sqrtf((float)hs);
-PARALLEL_FOR_3
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) { /* causal: keys at positions <= t */
-                size_t row = (size_t)(b * T + t) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
-                lse[((size_t)b * H + h) * T + t] = attend_one_query(out + row * hs, q + row * hs, k + kv, v + kv,
-                                                                    (size_t)kvH * hs, t + 1, hs, scale, NULL, NULL, 0);
-            }
+PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in turn */
+    for (int task = 0; task < B * H * blocks; task++) {
+        int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_QB;
+        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB;
+        size_t row = (size_t)(b * T + t0) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
+        attention_block_forward(out + row * hs, lse + ((size_t)b * H + h) * T + t0, q + row * hs, (size_t)H * hs,
+                                rows, t0, k + kv, v + kv, (size_t)kvH * hs, hs, scale, NULL, NULL, 0);
+    }
 }
 
-/* With p = softmax row, dp_s = dout . v_s and D = dout . out = sum_s p_s dp_s:
+/* The backward pass. With p = softmax row, dp_s = dout . v_s and
+ * D = dout . out = sum_s p_s dp_s:
  *   ds_s = p_s (dp_s - D),  dq = scale sum_s ds_s k_s,  dk_s += scale ds_s q,
  *   dv_s += p_s dout.
- * Two passes keep threads from writing the same row: first over queries (dq),
- * then over keys (dk, dv), each key summing over the query heads of its group.
- * dq is overwritten; dk and dv accumulate (several layers may read them). */
+ * Two passes keep threads from writing the same rows: first over query
+ * blocks (dq, overwritten), then over blocks of ATT_QB keys (dk and dv
+ * accumulate, since several layers may read them), each key summing over the
+ * query heads of its group. Both recompute p from the saved log-sum-exp. */
+static void attention_backward_queries(float *dq, float *delta, const float *dout, const float *q, const float *k,
+                                       const float *v, const float *out, const float *lse, size_t q_stride, int rows,
+                                       int t0, size_t kv_stride, int hs, float scale) {
+    static const float zeros[ATT_KB];
+    float qp[MAX_HEAD_SIZE * ATT_QB], dop[MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB];
+    float vp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], dsp[ATT_KB * ATT_QB];
+    float acc[ATT_QB * MAX_HEAD_PANELS * GEMM_NR], D[ATT_QB] = {0}, L[ATT_QB] = {0};
+    int width = HEAD_WIDTH(hs), count = t0 + rows;
+    pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
+    pack_panel(dop, dout, q_stride, 1, rows, hs, ATT_QB);
+    for (int i = 0; i < rows; i++) {
+        for (int d = 0; d < hs; d++) D[i] += dout[i * q_stride + d] * out[i * q_stride + d];
+        delta[i] = D[i];
+        L[i] = lse[i];
+    }
+    memset(acc, 0, sizeof(float) * ATT_QB * width);
+    for (int s0 = 0; s0 < count; s0 += ATT_KB) {
+        int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
+        pack_panel(kp, k + s0 * kv_stride, kv_stride, 1, keys, hs, ATT_KB);
+        pack_panel(vp, v + s0 * kv_stride, kv_stride, 1, keys, hs, ATT_KB);
+        gemm_kernel(hs, qp, kp, s, ATT_KB, zeros);  /* scores */
+        gemm_kernel(hs, dop, vp, dp, ATT_KB, zeros); /* dp = dout v^T */
+        for (int i = 0; i < ATT_QB; i++)
+            for (int j = 0; j < ATT_KB; j++) {
+                int visible = i < rows && j < keys && s0 + j <= t0 + i;
+                float p = visible ? exp_fast(s[i * ATT_KB + j] * scale - L[i]) : 0.0f;
+                dsp[j * ATT_QB + i] = p * (dp[i * ATT_KB + j] - D[i]) * scale;
+            }
+        weighted_rows(acc, dsp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += scale ds k */
+    }
+    for (int i = 0; i < rows; i++)
+        for (int d = 0; d < hs; d++) dq[i * q_stride + d] = acc[i * width + d];
+}
+
+/* dk, dv of `keys` keys at positions s0 .. (rows of k, v, dk, dv; row stride
+ * kv_stride) from the queries of one head at positions s0 .. T-1. */
+static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *dout, const float *q, const float *k,
+                                    const float *v, const float *lse, const float *delta, size_t q_stride, int T,
+                                    int s0, int keys, size_t kv_stride, int hs, float scale) {
+    static const float zeros[ATT_KB];
+    float kp[MAX_HEAD_SIZE * ATT_QB], vp[MAX_HEAD_SIZE * ATT_QB], qp[MAX_HEAD_SIZE * ATT_KB];
+    float dop[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], pp[ATT_KB * ATT_QB];
+    float dsp[ATT_KB * ATT_QB];
+    pack_panel(kp, k, kv_stride, 1, keys, hs, ATT_QB);
+    pack_panel(vp, v, kv_stride, 1, keys, hs, ATT_QB);
+    for (int t0 = s0 / ATT_KB * ATT_KB; t0 < T; t0 += ATT_KB) {
+        int queries = T - t0 < ATT_KB ? T - t0 : ATT_KB;
+        pack_panel(qp, q + t0 * q_stride, q_stride, 1, queries, hs, ATT_KB);
+        pack_panel(dop, dout + t0 * q_stride, q_stride, 1, queries, hs, ATT_KB);
+        gemm_kernel(hs, kp, qp, s, ATT_KB, zeros);  /* scores, transposed: [key, query] */
+        gemm_kernel(hs, vp, dop, dp, ATT_KB, zeros); /* dp, transposed */
+        for (int i = 0; i < ATT_QB; i++)
+            for (int j = 0; j < ATT_KB; j++) {
+                int visible = i < keys && j < queries && s0 + i <= t0 + j;
+                float p = visible ? exp_fast(s[i * ATT_KB + j] * scale - lse[t0 + j]) : 0.0f;
+                pp[j * ATT_QB + i] = p;
+                dsp[j * ATT_QB + i] = visible ? p * (dp[i * ATT_KB + j] - delta[t0 + j]) * scale : 0.0f;
+            }
+        weighted_rows(dv_acc, pp, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
+        weighted_rows(dk_acc, dsp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += scale ds q */
+    }
+}
+
 static void attention_backward(float *dq, float *dk, float *dv, float *delta, const float *dout, const float *q,
                                const float *k, const float *v, const float *out, const float *lse, int B, int T,
                                int H, int kvH, int hs) {
-    int group = H / kvH;
+    int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB, width = HEAD_WIDTH(hs);
     float scale = 1.0f / sqrtf((float)hs);
-PARALLEL_FOR_3
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                size_t row = (size_t)(b * T + t) * H + h;
-                const float *qt = q + row * hs, *dot_ = dout + row * hs;
-                float *dqt = dq + row * hs;
-                float D = dot_product(dot_, out + row * hs, hs), l = lse[((size_t)b * H + h) * T + t];
-                int kvh = h / group;
-                delta[((size_t)b * H + h) * T + t] = D;
-                for (int d = 0; d < hs; d++) dqt[d] = 0.0f;
-                for (int s = 0; s <= t; s++) {
-                    const float *ks = k + ((size_t)(b * T + s) * kvH + kvh) * hs;
-                    const float *vs = v + ((size_t)(b * T + s) * kvH + kvh) * hs;
-                    float p = expf(dot_product(qt, ks, hs) * scale - l);
-                    float ds = p * (dot_product(dot_, vs, hs) - D);
-                    axpy(dqt, ds * scale, ks, hs);
-                }
+    size_t q_stride = (size_t)H * hs, kv_stride = (size_t)kvH * hs;
+PARALLEL_FOR_CYCLIC
+    for (int task = 0; task < B * H * blocks; task++) {
+        int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_QB;
+        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB;
+        size_t row = ((size_t)b * T + t0) * q_stride + (size_t)h * hs, kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs;
+        size_t stat = ((size_t)b * H + h) * T + t0;
+        attention_backward_queries(dq + row, delta + stat, dout + row, q + row, k + kv, v + kv, out + row, lse + stat,
+                                   q_stride, rows, t0, kv_stride, hs, scale);
+    }
+PARALLEL_FOR_CYCLIC
+    for (int task = 0; task < B * kvH * blocks; task++) {
+        int b = task / (kvH * blocks), kvh = task / blocks % kvH, s0 = task % blocks * ATT_QB;
+        int keys = T - s0 < ATT_QB ? T - s0 : ATT_QB;
+        float dk_acc[ATT_QB * MAX_HEAD_PANELS * GEMM_NR], dv_acc[ATT_QB * MAX_HEAD_PANELS * GEMM_NR];
+        memset(dk_acc, 0, sizeof(float) * ATT_QB * width);
+        memset(dv_acc, 0, sizeof(float) * ATT_QB * width);
+        size_t kv = ((size_t)b * T + s0) * kv_stride + (size_t)kvh * hs;
+        for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+            size_t qh = (size_t)b * T * q_stride + (size_t)h * hs, stat = ((size_t)b * H + h) * T;
+            attention_backward_keys(dk_acc, dv_acc, dout + qh, q + qh, k + kv, v + kv, lse + stat, delta + stat,
+                                    q_stride, T, s0, keys, kv_stride, hs, scale);
+        }
+        for (int i = 0; i < keys; i++)
+            for (int d = 0; d < hs; d++) {
+                dk[kv + i * kv_stride + d] += dk_acc[i * width + d];
+                dv[kv + i * kv_stride + d] += dv_acc[i * width + d];
             }
-PARALLEL_FOR_3
-    for (int b = 0; b < B; b++)
-        for (int kvh = 0; kvh < kvH; kvh++)
-            for (int s = 0; s < T; s++) {
-                size_t kv_row = (size_t)(b * T + s) * kvH + kvh;
-                const float *ks = k + kv_row * hs, *vs = v + kv_row * hs;
-                float *dks = dk + kv_row * hs, *dvs = dv + kv_row * hs;
-                for (int h = kvh * group; h < (kvh + 1) * group; h++)
-                    for (int t = s; t < T; t++) {
-                        size_t row = (size_t)(b * T + t) * H + h;
-                        const float *qt = q + row * hs, *dot_ = dout + row * hs;
-                        size_t stat = ((size_t)b * H + h) * T + t;
-                        float p = expf(dot_product(qt, ks, hs) * scale - lse[stat]);
-                        float ds = p * (dot_product(dot_, vs, hs) - delta[stat]);
-                        axpy(dvs, p, dot_, hs);
-                        axpy(dks, ds * scale, qt, hs);
-                    }
-            }
+    }
 }
 
 /* Attention of n new queries per sequence over a KV cache: query i of
@@ -2016,16 +2240,17 @@ PARALLEL_FOR_3
  * (the reference-compatible mode caches them un-rotated). */
 static void attention_cached(float *out, const float *q, const float *k, const float *v, int B, int n, int pos0,
                              int H, int kvH, int hs, int max_T, const float *cos_t, const float *sin_t, int rd) {
-    int group = H / kvH;
+    int group = H / kvH, blocks = (n + ATT_QB - 1) / ATT_QB;
     float scale = 1.0f / sqrtf((float)hs);
-PARALLEL_FOR_3
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < n; i++) {
-                size_t row = (size_t)(b * n + i) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
-                attend_one_query(out + row * hs, q + row * hs, k + kv, v + kv, (size_t)hs, pos0 + i + 1, hs, scale,
-                                 cos_t, sin_t, rd / 2);
-            }
+PARALLEL_FOR_CYCLIC
+    for (int task = 0; task < B * H * blocks; task++) {
+        int b = task / (H * blocks), h = task / blocks % H, i0 = task % blocks * ATT_QB;
+        int rows = n - i0 < ATT_QB ? n - i0 : ATT_QB;
+        size_t row = (size_t)(b * n + i0) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
+        float lse[ATT_QB];
+        attention_block_forward(out + row * hs, lse, q + row * hs, (size_t)H * hs, rows, pos0 + i0, k + kv, v + kv,
+                                (size_t)hs, hs, scale, cos_t, sin_t, rd / 2);
+    }
 }
 
 /* --- Cross-entropy of logits [N, V] against targets [N]: losses[n] =

@@ -176,6 +176,14 @@ void model_zero_grad(Model *m);
 void model_backward(Model *m, float loss_scale);
 const ParamInfo *model_param(const Model *m, const char *name);
 
+/* The matrix product behind every Linear layer: C[M, N] (row-major) =
+ * start + A[M, K] B[K, N], where A(i, k) = a[i * a_row + k * a_col],
+ * B(k, j) = b[k * b_row + j * b_col], and start is C itself when accumulate,
+ * else bias[N] in every row (zero when bias is NULL). Each element sums its
+ * products in k order: results do not depend on the thread count or on M. */
+void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
+          float *c, int accumulate, const float *bias);
+
 /* ---------------------------------------------------------------------------
  * Generation: a KV cache that holds the owning layers' K/V only,
  * 2 * kvL * kvH * head_size floats per token */

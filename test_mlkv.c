@@ -203,7 +203,7 @@ static void test_cached_decoding(void) {
         snprintf(dir, sizeof(dir), "dev/fixtures/%s", fixture_names[f]);
         Model m;
         KVCache cache;
-        int B = 2, T = 12, V, tokens[24], step[2];
+        int B = 2, T = 64, V, tokens[128], step[2]; /* 64 positions: two key blocks, six query blocks */
         CHECK(model_load(&m, dir) == 0 && model_prepare(&m, B, T, 0) == 0, "%s: %s", dir, mlkv_error());
         V = m.config.vocab_size;
         for (int i = 0; i < B * T; i++) tokens[i] = (i * 7 + 3) % V;
@@ -230,7 +230,7 @@ static void test_cached_decoding(void) {
               scale);
         size_t floats_per_token = 2 * (size_t)m.config.n_kv_layer * m.config.n_kv_head * m.config.head_size;
         CHECK(cache.cache_bytes == floats_per_token * sizeof(float) * B * T, "%s: cache bytes %zu", dir, cache.cache_bytes);
-        CHECK(model_cached_forward(&m, &cache, step, 1) == NULL && strstr(mlkv_error(), "holds 12 positions"),
+        CHECK(model_cached_forward(&m, &cache, step, 1) == NULL && strstr(mlkv_error(), "holds 64 positions"),
               "a full cache is an error: %s", mlkv_error());
         worst = fmax(worst, err / scale);
         kv_cache_free(&cache);
@@ -403,7 +403,7 @@ static char *slurp(const char *path, size_t *len) {
 }
 
 static int same_file(const char *a, const char *b) {
-    size_t la, lb;
+    size_t la = 0, lb = 0;
     char *x = slurp(a, &la), *y = slurp(b, &lb);
     int same = x && y && la == lb && memcmp(x, y, la) == 0;
     free(x);

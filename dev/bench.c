@@ -1,0 +1,202 @@
+/*
+ * dev/bench.c - `make bench`: how fast mlkv.c trains, as a fraction of what
+ * this machine's cores can do, measured in one run.
+ *
+ *   1. peak: the fp32 FMA throughput of all cores (independent FMA chains in
+ *      vector registers, nothing else), the denominator of every ratio;
+ *   2. every GEMM shape of a Pythia-160M training step (B*T = 2048 rows):
+ *      forward, input gradient and weight gradient, GFLOP/s and fraction of peak;
+ *   3. training steps (forward, backward, AdamW) of Pythia-160M, MHA and
+ *      MLKV-2, at T = 256 (B = 8) and T = 2048 (B = 1): tokens/s, MFU and
+ *      peak resident memory (each case in its own process).
+ *
+ * FLOPs of a training step per token: 6 x (matmul parameters, the LM head
+ * included) + 12 x L x C x T (attention scores and weighted sums, forward and
+ * backward, counted without the causal half, as PaLM's MFU does).
+ *
+ * usage: dev/bench [--threads N] [--steps N] [--quick]
+ */
+#include "../mlkv.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* --- 1. Peak: ACC independent chains of v = v * m + a per thread, enough to
+ * cover the FMA latency on every FMA port, in the widest vectors there are. */
+#if defined(__AVX512F__)
+#define LANES 16
+#define ACC 16
+#else
+#define LANES 8
+#define ACC 10
+#endif
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+
+static __attribute__((noinline)) float fma_chains(long iters, float mul, float add) {
+    vec acc[ACC], m, a;
+    for (int j = 0; j < LANES; j++) m[j] = mul, a[j] = add;
+    for (int i = 0; i < ACC; i++)
+        for (int j = 0; j < LANES; j++) acc[i][j] = (float)(i + j) * 1e-3f;
+    for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 16
+        for (int i = 0; i < ACC; i++) acc[i] = acc[i] * m + a;
+    }
+    float s = 0;
+    for (int i = 0; i < ACC; i++)
+        for (int j = 0; j < LANES; j++) s += acc[i][j];
+    return s;
+}
+
+static double measure_peak(void) {
+    long iters = 20000000;
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        float sink = 0;
+        double t0 = now();
+#pragma omp parallel reduction(+ : sink)
+        sink += fma_chains(iters, 0.999999f, 1e-7f);
+        double t = now() - t0, flops = 2.0 * ACC * LANES * (double)iters * threads();
+        if (flops / t > best) best = flops / t;
+        if (sink == 12345.0f) printf(" ");
+    }
+    return best / 1e9;
+}
+
+/* --- 2. GEMM shapes: a Linear layer out[N, OC] = inp[N, IC] W[OC, IC]^T */
+static void bench_gemm(double peak) {
+    struct { const char *name; int OC, IC; } shapes[] = {
+        {"QKV (each of q, k, v)", 768, 768}, {"attention output", 768, 768}, {"MLP in", 3072, 768},
+        {"MLP out", 768, 3072},          {"MLP in, MLKV-2", 3830, 768},  {"MLP out, MLKV-2", 768, 3830},
+        {"LM head", 50304, 768},
+    };
+    int N = 2048;
+    printf("\nGEMM shapes of a Pythia-160M step, N = B*T = %d rows (best of 3)\n", N);
+    printf("| product | shape (M x N x K) | GFLOP/s | of peak |\n|---|---|---|---|\n");
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int OC = shapes[s].OC, IC = shapes[s].IC;
+        float *x = malloc(sizeof(float) * N * IC), *w = malloc(sizeof(float) * OC * IC);
+        float *y = malloc(sizeof(float) * N * OC), *dx = calloc((size_t)N * IC, 4), *dw = calloc((size_t)OC * IC, 4);
+        if (!x || !w || !y || !dx || !dw) { fprintf(stderr, "bench: out of memory\n"); exit(1); }
+        for (size_t i = 0; i < (size_t)N * IC; i++) x[i] = (float)(i % 13) * 0.01f;
+        for (size_t i = 0; i < (size_t)OC * IC; i++) w[i] = (float)(i % 7) * 0.01f;
+        for (size_t i = 0; i < (size_t)N * OC; i++) y[i] = (float)(i % 5) * 0.01f;
+        const char *kinds[3] = {"forward", "input gradient", "weight gradient"};
+        for (int kind = 0; kind < 3; kind++) {
+            double best = 1e30;
+            for (int rep = 0; rep < 3; rep++) {
+                double t0 = now();
+                if (kind == 0) gemm(N, OC, IC, x, IC, 1, w, 1, IC, y, 0, NULL);
+                else if (kind == 1) gemm(N, IC, OC, y, OC, 1, w, IC, 1, dx, 1, NULL);
+                else gemm(OC, IC, N, y, 1, OC, x, IC, 1, dw, 1, NULL);
+                double t = now() - t0;
+                if (t < best) best = t;
+            }
+            int M = kind == 2 ? OC : N, NN = kind == 1 || kind == 2 ? IC : OC, K = kind == 0 ? IC : kind == 1 ? OC : N;
+            double gf = 2.0 * N * OC * IC / best / 1e9;
+            printf("| %s, %s | %d x %d x %d | %.0f | %.2f |\n", shapes[s].name, kinds[kind], M, NN, K, gf, gf / peak);
+            fflush(stdout);
+        }
+        free(x); free(w); free(y); free(dx); free(dw);
+    }
+}
+
+/* --- 3. Training steps */
+static double step_flops_per_token(const Model *m, int T) {
+    const Config *c = &m->config;
+    double matmul_params = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].ndim == 2 && strcmp(m->params[i].name, "gpt_neox.embed_in.weight") != 0)
+            matmul_params += (double)m->params[i].numel;
+    return 6.0 * matmul_params + 12.0 * c->n_layer * c->hidden_size * T;
+}
+
+static int bench_train(const char *variant, int B, int T, int steps, double peak) {
+    Config c;
+    if (config_load(&c, "dev/pythia-160m.config.json", NULL) != 0) { fprintf(stderr, "%s\n", mlkv_error()); return 1; }
+    if (strcmp(variant, "MLKV-2") == 0) { /* the converter's MLKV-2: 2 owning layers of 1 K/V head, MLP grown */
+        c.n_kv_layer = 2;
+        c.n_kv_head = 1;
+        c.intermediate_size = 3830;
+    }
+    Model m;
+    if (model_init_random(&m, &c, 1) != 0 || model_prepare(&m, B, T, 1) != 0) {
+        fprintf(stderr, "%s\n", mlkv_error());
+        return 1;
+    }
+    int *tokens = malloc(sizeof(int) * B * (T + 1));
+    uint64_t r = 12345;
+    for (int i = 0; i < B * (T + 1); i++) {
+        r = r * 6364136223846793005ULL + 1442695040888963407ULL;
+        tokens[i] = (int)((r >> 33) % (uint64_t)c.vocab_size);
+    }
+    OptimConfig o = {6e-4, 0.9, 0.95, 1e-8, 0.01, 1.0, 1, 1000, SCHEDULE_COSINE};
+    double norm, t_total = 0;
+    float loss = train_step(&m, &o, tokens, 1, 0, &norm); /* warm-up: first touch of every buffer */
+    for (int s = 1; s <= steps; s++) {
+        double t0 = now();
+        loss = train_step(&m, &o, tokens, 1, s, &norm);
+        t_total += now() - t0;
+    }
+    double tok_s = (double)B * T * steps / t_total, fpt = step_flops_per_token(&m, T);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("| %s | %d x %d | fp32 | %.1f | %.0f | %.2f | %.2f | %.1f |\n", variant, B, T, tok_s, tok_s * fpt / 1e9,
+           tok_s * fpt / 1e9 / peak, (double)ru.ru_maxrss / 1048576.0, loss);
+    free(tokens);
+    model_free(&m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    int steps = 2, quick = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
+#ifdef _OPENMP
+            omp_set_num_threads(atoi(argv[++i]));
+#else
+            i++;
+#endif
+        } else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--quick") == 0) quick = 1;
+        else if (strcmp(argv[i], "--train-case") == 0 && i + 5 < argc) /* internal: one case per process */
+            return bench_train(argv[i + 1], atoi(argv[i + 2]), atoi(argv[i + 3]), atoi(argv[i + 4]), atof(argv[i + 5]));
+        else { fprintf(stderr, "usage: dev/bench [--threads N] [--steps N] [--quick]\n"); return 2; }
+    }
+    double peak = measure_peak();
+    printf("threads: %d\nfp32 FMA peak, measured: %.0f GFLOP/s (%.1f per thread)\n", threads(), peak, peak / threads());
+    if (!quick) bench_gemm(peak);
+    printf("\nTraining steps of Pythia-160M (random weights and tokens; mean of %d steps after one warm-up)\n", steps);
+    printf("FLOPs per token = 6 x (matmul parameters, LM head included) + 12 x L x C x T\n");
+    printf("| model | B x T | precision | tokens/s | GFLOP/s | MFU | peak RSS GiB | loss |\n");
+    printf("|---|---|---|---|---|---|---|---|\n");
+    fflush(stdout);
+    const char *variants[2] = {"MHA", "MLKV-2"};
+    int shapes[2][2] = {{8, 256}, {1, 2048}};
+    for (int v = 0; v < 2; v++)
+        for (int s = 0; s < 2; s++) {
+            char cmd[512];
+            snprintf(cmd, sizeof(cmd), "%s --train-case %s %d %d %d %.3f", argv[0], variants[v], shapes[s][0],
+                     shapes[s][1], steps, peak);
+            if (system(cmd) != 0) { fprintf(stderr, "bench: %s failed\n", cmd); return 1; }
+        }
+    return 0;
+}
