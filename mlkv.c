@@ -1715,6 +1715,28 @@ void utf8_stream_flush(Utf8Stream *s, FILE *out) {
  *    fixed order whatever the thread count, so runs are bit-reproducible.
  * ======================================================================== */
 
+/* exp(x) without a libm call or a branch, so loops of it vectorize:
+ * exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r)
+ * by its Taylor series to r^7 (relative error below 1e-7, about 1 ulp). x is
+ * clamped to [-86, 88]: below, the result (5e-38) is negligible in a softmax
+ * sum of at least 1. */
+static inline float exp_fast(float x) {
+    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    x = x < -86.0f ? -86.0f : x > 88.0f ? 88.0f : x;
+    float t = x * 1.44269504088896341f + round_magic;
+    int32_t n, bits;
+    memcpy(&n, &t, sizeof(n));
+    n -= 0x4B400000; /* the bits of round_magic: n = round(x / ln 2) */
+    t -= round_magic;
+    float r = (x - t * 0.693145751953125f) - t * 1.428606765330187e-6f; /* ln 2 in two parts */
+    float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
+                        r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    memcpy(&bits, &p, sizeof(bits));
+    bits += n * (1 << 23); /* times 2^n: add n to the exponent */
+    memcpy(&p, &bits, sizeof(p));
+    return p;
+}
+
 /* The index of the largest of x[0..n), the first on ties (greedy decoding). */
 static int argmax(const float *x, int n) {
     int best = 0;
@@ -1944,10 +1966,22 @@ PARALLEL_FOR
     }
 }
 
-/* --- GELU, the exact erf form (hidden_act "gelu"): x * Phi(x) */
+/* --- GELU, the erf form (hidden_act "gelu"): x * Phi(x), Phi the standard
+ * normal CDF. Phi(x) = (1 + erf(x / sqrt 2)) / 2 with Abramowitz & Stegun's
+ * 7.1.26 for erf (absolute error below 1.5e-7, as good as float's rounding):
+ * erf(|z|) = 1 - q, q = t (a1 + t (a2 + ... a5)) exp(-z^2), t = 1 / (1 + p|z|).
+ * Phi is formed from q directly in both tails, so nothing cancels, and with
+ * exp_fast the loops vectorize (libm's erff would not). */
+static inline float normal_cdf(float x) {
+    float z = fabsf(x) * (float)INV_SQRT2, t = 1.0f / (1.0f + 0.3275911f * z);
+    float q = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) *
+              exp_fast(-z * z);
+    return x >= 0.0f ? 1.0f - 0.5f * q : 0.5f * q;
+}
+
 static void gelu_forward(float *out, const float *inp, size_t n) {
 PARALLEL_FOR
-    for (size_t i = 0; i < n; i++) out[i] = 0.5f * inp[i] * (1.0f + erff(inp[i] * (float)INV_SQRT2));
+    for (size_t i = 0; i < n; i++) out[i] = inp[i] * normal_cdf(inp[i]);
 }
 
 /* d/dx x Phi(x) = Phi(x) + x phi(x); in place on the incoming gradient */
@@ -1955,9 +1989,7 @@ static void gelu_backward(float *dinout, const float *inp, size_t n) {
 PARALLEL_FOR
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        float cdf = 0.5f * (1.0f + erff(x * (float)INV_SQRT2));
-        float pdf = expf(-0.5f * x * x) * (float)INV_SQRT_2PI;
-        dinout[i] *= cdf + x * pdf;
+        dinout[i] *= normal_cdf(x) + x * exp_fast(-0.5f * x * x) * (float)INV_SQRT_2PI;
     }
 }
 
@@ -2019,28 +2051,6 @@ PARALLEL_FOR
 #define ATT_KB GEMM_NR /* keys per block: its columns */
 #define MAX_HEAD_PANELS ((MAX_HEAD_SIZE + GEMM_NR - 1) / GEMM_NR)
 #define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR) /* hs rounded up to whole panels */
-
-/* exp(x) without a libm call or a branch, so loops of it vectorize:
- * exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r)
- * by its Taylor series to r^7 (relative error below 1e-7, about 1 ulp). x is
- * clamped to [-86, 88]: below, the result (5e-38) is negligible in a softmax
- * sum of at least 1. */
-static inline float exp_fast(float x) {
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    x = x < -86.0f ? -86.0f : x > 88.0f ? 88.0f : x;
-    float t = x * 1.44269504088896341f + round_magic;
-    int32_t n, bits;
-    memcpy(&n, &t, sizeof(n));
-    n -= 0x4B400000; /* the bits of round_magic: n = round(x / ln 2) */
-    t -= round_magic;
-    float r = (x - t * 0.693145751953125f) - t * 1.428606765330187e-6f; /* ln 2 in two parts */
-    float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
-                        r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    memcpy(&bits, &p, sizeof(bits));
-    bits += n * (1 << 23); /* times 2^n: add n to the exponent */
-    memcpy(&p, &bits, sizeof(p));
-    return p;
-}
 
 /* keys rows of x (row stride `stride`, positions pos0 ..) packed as a B panel
  * [hs, ATT_KB] for scores = q x^T; with cos_t / sin_t each row is first rotated
@@ -2253,34 +2263,39 @@ PARALLEL_FOR_CYCLIC
     }
 }
 
-/* --- Cross-entropy of logits [N, V] against targets [N]: losses[n] =
- * logsumexp(logits[n]) - logits[n, target]. Returns the mean. */
-static float crossentropy_forward(float *losses, const float *logits, const int *targets, int N, int V) {
+/* --- Cross-entropy of logits [N, V] against targets [N]:
+ * lse[n] = logsumexp(logits[n]), losses[n] = lse[n] - logits[n, target].
+ * Max and sum run in CE_LANES interleaved partial results (a fixed order, so
+ * the bits do not depend on the compiler's vector width) and vectorize. */
+#define CE_LANES 16
+static void crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V) {
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
-        float max = -INFINITY;
-        for (int i = 0; i < V; i++) max = z[i] > max ? z[i] : max;
+        float lane[CE_LANES], max = -INFINITY;
+        int i, whole = V / CE_LANES * CE_LANES;
+        for (int j = 0; j < CE_LANES; j++) lane[j] = -INFINITY;
+        for (i = 0; i < whole; i += CE_LANES)
+            for (int j = 0; j < CE_LANES; j++) lane[j] = z[i + j] > lane[j] ? z[i + j] : lane[j];
+        for (int j = 0; j < CE_LANES; j++) max = lane[j] > max ? lane[j] : max;
+        for (; i < V; i++) max = z[i] > max ? z[i] : max;
+        for (int j = 0; j < CE_LANES; j++) lane[j] = 0.0f;
+        for (i = 0; i < whole; i += CE_LANES)
+            for (int j = 0; j < CE_LANES; j++) lane[j] += exp_fast(z[i + j] - max);
         double sum = 0;
-        for (int i = 0; i < V; i++) sum += expf(z[i] - max);
-        losses[n] = (float)(max + log(sum)) - z[targets[n]];
+        for (int j = 0; j < CE_LANES; j++) sum += lane[j];
+        for (; i < V; i++) sum += exp_fast(z[i] - max);
+        lse[n] = (float)(max + log(sum));
+        losses[n] = lse[n] - z[targets[n]];
     }
-    double total = 0;
-    for (int n = 0; n < N; n++) total += losses[n];
-    return (float)(total / N);
 }
 
 /* dlogits = (softmax(logits) - onehot(target)) * dloss, in place over the logits */
-static void crossentropy_backward(float *logits, const int *targets, int N, int V, float dloss) {
+static void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V, float dloss) {
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         float *z = logits + (size_t)n * V;
-        float max = -INFINITY;
-        for (int i = 0; i < V; i++) max = z[i] > max ? z[i] : max;
-        double sum = 0;
-        for (int i = 0; i < V; i++) sum += expf(z[i] - max);
-        float inv = (float)(1.0 / sum);
-        for (int i = 0; i < V; i++) z[i] = expf(z[i] - max) * inv * dloss;
+        for (int i = 0; i < V; i++) z[i] = exp_fast(z[i] - lse[n]) * dloss;
         z[targets[n]] -= dloss;
     }
 }
@@ -2294,7 +2309,24 @@ PARALLEL_FOR
  * 9. The model: buffers, forward, backward
  * ======================================================================== */
 
+/* Whether layer l attends over rotated keys. The owner always does; a layer
+ * sharing the owner's K does too by default, or reads the owner's un-rotated
+ * keys in the reference-compatible mode (MLKV-REFERENCE section 1). */
+static int reads_rotated_keys(const Config *c, int l) { return c->kv_layer_of[l] == l || c->shared_key_rotary; }
+
+/* Whether any layer reads un-rotated keys, which must then be kept. */
+static int reads_unrotated_keys(const Config *c) {
+    for (int l = 0; l < c->n_layer; l++)
+        if (!reads_rotated_keys(c, l)) return 1;
+    return 0;
+}
+
 typedef struct { const char *name; float **ptr; size_t floats; } BufferSpec;
+
+/* Rows of logits training computes at once: [256, V] is 51 MB for Pythia's
+ * vocabulary, against 412 MB for all of B*T = 2048, and 256 rows keep the
+ * head's three GEMMs efficient. */
+#define HEAD_ROWS 256
 
 /* The activation and gradient-scratch buffers for (B, T), in one table that
  * serves allocation and the --verbose memory report. Fills acts (n_acts of them)
@@ -2305,14 +2337,17 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
     size_t I = (size_t)c->intermediate_size, V = (size_t)c->vocab_size;
     size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
     size_t stats = (size_t)B * c->n_head * T, kvI = c->use_kv_mlp ? (size_t)c->kv_intermediate_size : 0;
+    size_t head = (size_t)m->head_rows;
+    /* un-rotated keys are kept only where a layer reads them (the reference-compatible mode) */
+    size_t k_pre = reads_unrotated_keys(c) ? KVL * N * kvd : 0;
     Activations *a = &m->a;
     GradScratch *d = &m->d;
     BufferSpec act[] = {
         {"residual stream [L+1,B,T,C]", &a->residual, (L + 1) * N * C},
-        {"ln1 [L,B,T,C]", &a->ln1, L * N * C},
+        {"ln1 [B,T,C] (recomputed in the backward pass)", &a->ln1, N * C},
         {"ln1 stats [L,B,T,2]", &a->ln1_stats, L * N * 2},
         {"queries [L,B,T,H*hs]", &a->q, L * N * qd},
-        {"keys before rotary [kvL,B,T,kvH*hs]", &a->k_pre, KVL * N * kvd},
+        {"keys before rotary [kvL,B,T,kvH*hs]", &a->k_pre, k_pre},
         {"keys after rotary [kvL,B,T,kvH*hs]", &a->k_rot, KVL * N * kvd},
         {"values [kvL,B,T,kvH*hs]", &a->v, KVL * N * kvd},
         {"KV-MLP keys hidden pre-GELU [kvL,B,T,kvI]", &a->k_hidden_pre, KVL * N * kvI},
@@ -2322,15 +2357,16 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
         {"attention log-sum-exp [L,B,H,T]", &a->att_lse, L * stats},
         {"attention output [L,B,T,C]", &a->att_out, L * N * C},
         {"sequential residual [L,B,T,C]", &a->resid_mid, c->parallel_residual ? 0 : L * N * C},
-        {"ln2 [L,B,T,C]", &a->ln2, L * N * C},
+        {"ln2 [B,T,C] (recomputed)", &a->ln2, N * C},
         {"ln2 stats [L,B,T,2]", &a->ln2_stats, L * N * 2},
         {"mlp pre-GELU [L,B,T,I]", &a->fc_pre, L * N * I},
-        {"mlp post-GELU [L,B,T,I]", &a->fc_act, L * N * I},
+        {"mlp post-GELU [B,T,I] (recomputed)", &a->fc_act, N * I},
         {"final LN [B,T,C] + stats", &a->lnf, N * C},
         {"final LN stats [B,T,2]", &a->lnf_stats, N * 2},
         {"branch output [B,T,C]", &a->branch, N * C},
-        {"logits [B,T,V]", &a->logits, N * V},
+        {"logits [rows,V], rows of the head at once", &a->logits, head * V},
         {"losses [B,T]", &a->losses, N},
+        {"log-sum-exp of the logits [B,T]", &a->logits_lse, N},
     };
     BufferSpec grad[] = {
         {"d residual [B,T,C]", &d->d_residual, N * C},
@@ -2339,7 +2375,7 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
         {"d attention output [B,T,C]", &d->d_att_out, N * C},
         {"d branch [B,T,C]", &d->d_branch, N * C},
         {"d queries [B,T,H*hs]", &d->d_q, N * qd},
-        {"d keys before rotary [kvL,B,T,kvH*hs]", &d->d_k_pre, KVL * N * kvd},
+        {"d keys before rotary [kvL,B,T,kvH*hs]", &d->d_k_pre, k_pre},
         {"d keys after rotary [kvL,B,T,kvH*hs]", &d->d_k_rot, KVL * N * kvd},
         {"d values [kvL,B,T,kvH*hs]", &d->d_v, KVL * N * kvd},
         {"d mlp [B,T,I]", &d->d_fc, N * I},
@@ -2380,6 +2416,8 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
         return fail("sequence length %d exceeds the model's max_position_embeddings (%d)", T, c->max_position_embeddings);
     free_activations(m);
     BufferSpec acts[32], grads[32];
+    /* training computes the logits HEAD_ROWS rows at a time; inference keeps them all */
+    m->head_rows = with_grads && B * T > HEAD_ROWS ? HEAD_ROWS : B * T;
     int n_acts, n_grads = buffer_specs(m, B, T, acts, &n_acts, grads);
     int half = c->rotary_ndims / 2;
     m->B = B;
@@ -2435,11 +2473,6 @@ void model_free(Model *m) {
 
 void model_zero_grad(Model *m) { memset(m->grad_memory, 0, m->num_parameters * sizeof(float)); }
 
-/* Whether layer l attends over rotated keys. The owner always does; a layer
- * sharing the owner's K does too by default, or reads the owner's un-rotated
- * keys in the reference-compatible mode (MLKV-REFERENCE section 1). */
-static int reads_rotated_keys(const Config *c, int l) { return c->kv_layer_of[l] == l || c->shared_key_rotary; }
-
 /* Pointers to one layer's activations in the flat buffers. */
 typedef struct {
     float *x, *next, *ln1, *ln1_stats, *q, *k_pre, *k_rot, *v, *lse, *att_out, *resid_mid, *ln2, *ln2_stats;
@@ -2458,10 +2491,10 @@ static LayerActs layer_acts(Model *m, int l, int B, int T) {
     LayerActs s;
     s.x = a->residual + l * N * C;
     s.next = s.x + N * C;
-    s.ln1 = a->ln1 + l * N * C;
+    s.ln1 = a->ln1; /* one buffer for all layers: recomputed from x and the stats */
     s.ln1_stats = a->ln1_stats + l * N * 2;
     s.q = a->q + l * N * qd;
-    s.k_pre = a->k_pre + kv;
+    s.k_pre = a->k_pre ? a->k_pre + kv : NULL;
     s.k_rot = a->k_rot + kv;
     s.v = a->v + kv;
     s.k_hidden_pre = a->k_hidden_pre + kv_hidden;
@@ -2471,10 +2504,10 @@ static LayerActs layer_acts(Model *m, int l, int B, int T) {
     s.lse = a->att_lse + (size_t)l * B * c->n_head * T;
     s.att_out = a->att_out + l * N * C;
     s.resid_mid = c->parallel_residual ? NULL : a->resid_mid + l * N * C;
-    s.ln2 = a->ln2 + l * N * C;
+    s.ln2 = a->ln2;
     s.ln2_stats = a->ln2_stats + l * N * 2;
     s.fc_pre = a->fc_pre + l * N * I;
-    s.fc_act = a->fc_act + l * N * I;
+    s.fc_act = a->fc_act; /* gelu(fc_pre), recomputed */
     s.d_k_pre = m->d.d_k_pre ? m->d.d_k_pre + kv : NULL;
     s.d_k_rot = m->d.d_k_rot ? m->d.d_k_rot + kv : NULL;
     s.d_v = m->d.d_v ? m->d.d_v + kv : NULL;
@@ -2525,13 +2558,14 @@ static void layer_tail_forward(const Config *c, const LayerWeights *lw, const fl
     add_into(next, c->parallel_residual ? next : mid, branch, NC);
 }
 
-float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+/* Embedding, the layers and the final LayerNorm: a->lnf [N, C]. */
+static int forward_layers(Model *m, const int *inputs, const int *targets, int B, int T) {
     const Config *c = &m->config;
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
-    int V = c->vocab_size, L = c->n_layer, rd = c->rotary_ndims, N = B * T, qd = H * hs, kvd = kvH * hs;
+    int L = c->n_layer, rd = c->rotary_ndims, N = B * T, qd = H * hs, kvd = kvH * hs;
     int kvI = c->kv_intermediate_size;
     Activations *a = &m->a;
-    if (B > m->B || T > m->T) { fail("forward of %dx%d exceeds the prepared %dx%d", B, T, m->B, m->T); return NAN; }
+    if (B > m->B || T > m->T) return fail("forward of %dx%d exceeds the prepared %dx%d", B, T, m->B, m->T);
     if (inputs != m->inputs) memcpy(m->inputs, inputs, (size_t)N * sizeof(int));
     if (targets && targets != m->targets) memcpy(m->targets, targets, (size_t)N * sizeof(int));
     m->fwd_B = B;
@@ -2545,11 +2579,11 @@ float model_forward(Model *m, const int *inputs, const int *targets, int B, int 
         matmul_forward(s.q, s.ln1, lw->q_w, lw->q_b, N, C, qd);
         rotary_apply(s.q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, 1.0f);
         if (c->kv_layer_of[l] == l) { /* an owning layer projects the K/V that layers above it reuse */
-            kv_projection_forward(s.k_pre, s.k_hidden_pre, s.k_hidden, s.ln1, lw->k_mlp_w, lw->k_mlp_b, lw->k_w, lw->k_b,
-                                  N, C, kvI, kvd);
+            kv_projection_forward(s.k_pre ? s.k_pre : s.k_rot, s.k_hidden_pre, s.k_hidden, s.ln1, lw->k_mlp_w,
+                                  lw->k_mlp_b, lw->k_w, lw->k_b, N, C, kvI, kvd);
             kv_projection_forward(s.v, s.v_hidden_pre, s.v_hidden, s.ln1, lw->v_mlp_w, lw->v_mlp_b, lw->v_w, lw->v_b,
                                   N, C, kvI, kvd);
-            memcpy(s.k_rot, s.k_pre, (size_t)N * kvd * sizeof(float));
+            if (s.k_pre) memcpy(s.k_rot, s.k_pre, (size_t)N * kvd * sizeof(float));
             rotary_apply(s.k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, 1.0f);
         }
         attention_forward(s.att_out, s.lse, s.q, reads_rotated_keys(c, l) ? s.k_rot : s.k_pre, s.v, B, T, H, kvH, hs);
@@ -2558,26 +2592,64 @@ float model_forward(Model *m, const int *inputs, const int *targets, int B, int 
     }
     layernorm_forward(a->lnf, a->lnf_stats, a->residual + (size_t)L * N * C, m->w.lnf_w, m->w.lnf_b, N, C,
                       c->layer_norm_eps);
-    matmul_forward(a->logits, a->lnf, m->w.embed_out, NULL, N, C, V);
-    return targets ? crossentropy_forward(a->losses, a->logits, m->targets, N, V) : 0.0f;
+    return 0;
 }
 
-void model_backward(Model *m, float loss_scale) {
+/* The output head and the loss, m->head_rows rows at a time, so that training
+ * never holds the whole [N, V] logits (412 MB for Pythia at N = 2048) or their
+ * gradient. With dloss != 0 each chunk's gradient is taken while it is at
+ * hand (llm.c fuses its classifier the same way): dlogits = (softmax -
+ * onehot) dloss, d_lnf (into d->d_branch) = dlogits W, dW += dlogits^T lnf.
+ * Returns the mean loss. */
+static float head_forward(Model *m, int N, float dloss) {
     const Config *c = &m->config;
-    int B = m->fwd_B, T = m->fwd_T, N = B * T;
+    int C = c->hidden_size, V = c->vocab_size;
+    Activations *a = &m->a;
+    if (dloss != 0.0f) memset(m->d.d_branch, 0, (size_t)N * C * sizeof(float));
+    for (int r0 = 0; r0 < N; r0 += m->head_rows) {
+        int rows = N - r0 < m->head_rows ? N - r0 : m->head_rows;
+        const float *x = a->lnf + (size_t)r0 * C;
+        matmul_forward(a->logits, x, m->w.embed_out, NULL, rows, C, V);
+        crossentropy_forward(a->losses + r0, a->logits_lse + r0, a->logits, m->targets + r0, rows, V);
+        if (dloss == 0.0f) continue;
+        crossentropy_backward(a->logits, a->logits_lse + r0, m->targets + r0, rows, V, dloss);
+        matmul_backward(m->d.d_branch + (size_t)r0 * C, m->g.embed_out, NULL, a->logits, x, m->w.embed_out, rows, C, V);
+    }
+    double total = 0;
+    for (int n = 0; n < N; n++) total += a->losses[n];
+    return (float)(total / N);
+}
+
+float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+    const Config *c = &m->config;
+    int N = B * T;
+    if (!targets && N > m->head_rows) {
+        fail("logits of %d positions need a model prepared without gradients (this one holds %d rows)", N,
+             m->head_rows);
+        return NAN;
+    }
+    if (forward_layers(m, inputs, targets, B, T) != 0) return NAN;
+    if (targets) return head_forward(m, N, 0.0f);
+    matmul_forward(m->a.logits, m->a.lnf, m->w.embed_out, NULL, N, c->hidden_size, c->vocab_size);
+    return 0.0f;
+}
+
+float model_forward_backward(Model *m, const int *inputs, const int *targets, int B, int T, float loss_scale) {
+    const Config *c = &m->config;
+    int N = B * T;
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, I = c->intermediate_size;
-    int V = c->vocab_size, L = c->n_layer, rd = c->rotary_ndims, qd = H * hs, kvd = kvH * hs;
+    int L = c->n_layer, rd = c->rotary_ndims, qd = H * hs, kvd = kvH * hs;
     int kvI = c->kv_intermediate_size;
+    if (!m->grad_memory) { fail("the model was prepared without gradients"); return NAN; }
+    if (forward_layers(m, inputs, targets, B, T) != 0) return NAN;
+    float loss = head_forward(m, N, loss_scale / (float)N); /* d lnf is in d->d_branch */
     Activations *a = &m->a;
     GradScratch *d = &m->d;
     size_t NC = (size_t)N * C, kv_all = (size_t)c->n_kv_layer * N * kvd;
-    crossentropy_backward(a->logits, m->targets, N, V, loss_scale / (float)N);
-    memset(d->d_branch, 0, NC * sizeof(float));
-    matmul_backward(d->d_branch, m->g.embed_out, NULL, a->logits, a->lnf, m->w.embed_out, N, C, V);
     memset(d->d_residual, 0, NC * sizeof(float));
     layernorm_backward(d->d_residual, m->g.lnf_w, m->g.lnf_b, d->d_branch, a->residual + (size_t)L * NC, m->w.lnf_w,
                        a->lnf_stats, N, C);
-    memset(d->d_k_pre, 0, kv_all * sizeof(float));
+    if (d->d_k_pre) memset(d->d_k_pre, 0, kv_all * sizeof(float));
     memset(d->d_k_rot, 0, kv_all * sizeof(float));
     memset(d->d_v, 0, kv_all * sizeof(float));
     /* Top to bottom: every layer that reads an owner's K/V comes before the
@@ -2586,7 +2658,13 @@ void model_backward(Model *m, float loss_scale) {
         const LayerWeights *lw = &m->w.layer[l];
         LayerWeights *gw = &m->g.layer[l];
         LayerActs s = layer_acts(m, l, B, T);
-        /* MLP branch, from the gradient of the layer's output */
+        /* MLP branch, from the gradient of the layer's output; its inputs are
+         * recomputed from what the forward pass kept (x or mid, LN statistics,
+         * pre-GELU), which costs two cheap passes and saves 2 [L, N, C] and an
+         * [L, N, I] buffer */
+        const float *ln2_in = c->parallel_residual ? s.x : s.resid_mid;
+        layernorm_forward(s.ln2, s.ln2_stats, ln2_in, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
+        gelu_forward(s.fc_act, s.fc_pre, (size_t)N * I);
         memset(d->d_fc, 0, (size_t)N * I * sizeof(float));
         matmul_backward(d->d_fc, gw->proj_w, gw->proj_b, d->d_residual, s.fc_act, lw->proj_w, N, I, C);
         gelu_backward(d->d_fc, s.fc_pre, (size_t)N * I);
@@ -2601,12 +2679,13 @@ void model_backward(Model *m, float loss_scale) {
         attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, d->d_att_out, s.q,
                            rotated ? s.k_rot : s.k_pre, s.v, s.att_out, s.lse, B, T, H, kvH, hs);
         rotary_apply(d->d_q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, -1.0f);
+        layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
         memset(d->d_ln1, 0, NC * sizeof(float));
         matmul_backward(d->d_ln1, gw->q_w, gw->q_b, d->d_q, s.ln1, lw->q_w, N, C, qd);
         if (c->kv_layer_of[l] == l) { /* all readers are done: back through rotary into the projections */
             rotary_apply(s.d_k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, -1.0f);
-            add_into(s.d_k_pre, s.d_k_pre, s.d_k_rot, (size_t)N * kvd);
-            kv_projection_backward(d->d_ln1, d->d_kv_hidden, gw->k_mlp_w, gw->k_mlp_b, gw->k_w, gw->k_b, s.d_k_pre,
+            if (s.d_k_pre) add_into(s.d_k_rot, s.d_k_rot, s.d_k_pre, (size_t)N * kvd);
+            kv_projection_backward(d->d_ln1, d->d_kv_hidden, gw->k_mlp_w, gw->k_mlp_b, gw->k_w, gw->k_b, s.d_k_rot,
                                    s.ln1, s.k_hidden_pre, s.k_hidden, lw->k_mlp_w, lw->k_w, N, C, kvI, kvd);
             kv_projection_backward(d->d_ln1, d->d_kv_hidden, gw->v_mlp_w, gw->v_mlp_b, gw->v_w, gw->v_b, s.d_v,
                                    s.ln1, s.v_hidden_pre, s.v_hidden, lw->v_mlp_w, lw->v_w, N, C, kvI, kvd);
@@ -2616,6 +2695,7 @@ void model_backward(Model *m, float loss_scale) {
         layernorm_backward(d->d_residual, gw->ln1_w, gw->ln1_b, d->d_ln1, s.x, lw->ln1_w, s.ln1_stats, N, C);
     }
     for (int n = 0; n < N; n++) axpy(m->g.embed_in + (size_t)m->inputs[n] * C, 1.0f, d->d_residual + (size_t)n * C, C);
+    return loss;
 }
 
 /* ===========================================================================
@@ -2818,8 +2898,7 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
                 m->inputs[b * T + t] = rows[b * (T + 1) + t];
                 m->targets[b * T + t] = rows[b * (T + 1) + t + 1];
             }
-        total += model_forward(m, m->inputs, m->targets, B, T);
-        model_backward(m, 1.0f / (float)grad_accum);
+        total += model_forward_backward(m, m->inputs, m->targets, B, T, 1.0f / (float)grad_accum);
     }
     float loss = (float)(total / grad_accum);
     *grad_norm = clip_gradients(m, o->clip);

@@ -102,10 +102,11 @@ typedef struct {
 /* Activations kept from the forward pass for the backward pass, sized for (B, T). */
 typedef struct {
     float *residual;   /* [L+1, B, T, C] input of each layer; [L] feeds the final LN */
-    float *ln1;        /* [L, B, T, C] */
+    float *ln1;        /* [B, T, C] of the current layer (recomputed in the backward pass) */
     float *ln1_stats;  /* [L, B, T, 2] mean, 1/std */
     float *q;          /* [L, B, T, H*hs] rotated queries */
-    float *k_pre;      /* [kvL, B, T, kvH*hs] owners' keys before rotary */
+    float *k_pre;      /* [kvL, B, T, kvH*hs] owners' keys before rotary (NULL unless a
+                          layer reads them: the reference-compatible rotary mode) */
     float *k_rot;      /* [kvL, B, T, kvH*hs] owners' keys after rotary */
     float *v;          /* [kvL, B, T, kvH*hs] owners' values */
     float *k_hidden_pre, *k_hidden; /* [kvL, B, T, kvI] KV-MLP hidden layer, before / after GELU */
@@ -113,15 +114,16 @@ typedef struct {
     float *att_lse;    /* [L, B, H, T] log-sum-exp of each softmax row */
     float *att_out;    /* [L, B, T, C] softmax(q k^T) v, before the dense projection */
     float *resid_mid;  /* [L, B, T, C] x + attn (sequential residual only) */
-    float *ln2;        /* [L, B, T, C] */
+    float *ln2;        /* [B, T, C] of the current layer (recomputed) */
     float *ln2_stats;  /* [L, B, T, 2] */
     float *fc_pre;     /* [L, B, T, I] before GELU */
-    float *fc_act;     /* [L, B, T, I] after GELU */
+    float *fc_act;     /* [B, T, I] after GELU, of the current layer (recomputed) */
     float *lnf;        /* [B, T, C] */
     float *lnf_stats;  /* [B, T, 2] */
     float *branch;     /* [B, T, C] output of the current attention or MLP branch */
-    float *logits;     /* [B, T, V]; the backward pass turns it into dlogits */
+    float *logits;     /* [head_rows, V]; the backward pass turns it into dlogits */
     float *losses;     /* [B, T] */
+    float *logits_lse; /* [B, T] log-sum-exp of each row of logits */
 } Activations;
 
 /* Gradient scratch for the backward pass, sized for (B, T). */
@@ -132,8 +134,9 @@ typedef struct {
     float *d_att_out;  /* [B, T, C] */
     float *d_branch;   /* [B, T, C] gradient of a branch output (dense or mlp out) */
     float *d_q;        /* [B, T, H*hs] */
-    float *d_k_pre;    /* [kvL, B, T, kvH*hs] accumulated over every layer reading the owner */
-    float *d_k_rot;    /* [kvL, B, T, kvH*hs] */
+    float *d_k_pre;    /* [kvL, B, T, kvH*hs] from the layers reading un-rotated keys (or NULL) */
+    float *d_k_rot;    /* [kvL, B, T, kvH*hs] from the layers reading rotated keys; summed over
+                          every layer reading the owner, then rotated back in place */
     float *d_v;        /* [kvL, B, T, kvH*hs] */
     float *d_fc;       /* [B, T, I] */
     float *d_kv_hidden;/* [B, T, kvI] KV-MLP hidden gradient */
@@ -150,6 +153,7 @@ typedef struct {
     float *adam_m, *adam_v;            /* AdamW moments (model_prepare with grads) */
     char *config_extra;                /* config.json keys kept as they were (see config_load) */
     int B, T;                          /* activation sizes of model_prepare */
+    int head_rows;                     /* rows of logits computed at once (B*T without gradients) */
     float *act_memory;    Activations a;
     float *scratch_memory; GradScratch d;
     float *rope_cos, *rope_sin;        /* [T, rotary_ndims/2] */
@@ -169,11 +173,15 @@ void model_free(Model *m);
 /* Prints the bytes of every buffer group (parameters, gradients, optimizer, activations). */
 void model_print_memory(const Model *m);
 /* Forward pass on inputs [B, T]; with targets [B, T] returns the mean
- * cross-entropy (else 0). Logits are left in m->a.logits. */
+ * cross-entropy (else 0). Without targets all logits are left in m->a.logits
+ * [B, T, V], which needs a model prepared without gradients (or B*T <=
+ * head_rows); with targets they are computed head_rows rows at a time and
+ * m->a.logits holds the last such chunk. NaN on error. */
 float model_forward(Model *m, const int *inputs, const int *targets, int B, int T);
 void model_zero_grad(Model *m);
-/* Backward pass of the last forward; adds d(loss_scale * mean loss) to m->g. */
-void model_backward(Model *m, float loss_scale);
+/* Forward and backward pass: returns the mean loss and adds
+ * d(loss_scale * mean loss) / d(parameters) to m->g. NaN on error. */
+float model_forward_backward(Model *m, const int *inputs, const int *targets, int B, int T, float loss_scale);
 const ParamInfo *model_param(const Model *m, const char *name);
 
 /* The matrix product behind every Linear layer: C[M, N] (row-major) =

@@ -123,7 +123,8 @@ static void test_fixture(const char *name, FixtureErrors *worst) {
     CHECK(e_logits <= 1e-5, "%s: logits error %.3g > 1e-5", name, e_logits);
     CHECK(e_loss <= 1e-5, "%s: loss %.7f vs %.7f", name, loss, ref_loss[0]);
     model_zero_grad(&m);
-    model_backward(&m, 1.0f);
+    float loss2 = model_forward_backward(&m, inputs, targets, B, T, 1.0f);
+    CHECK(loss2 == loss, "%s: the training pass's loss %.9g differs from the forward's %.9g", name, loss2, loss);
     double e_grad = 0;
     for (int i = 0; i < m.n_params; i++) {
         const ParamInfo *p = &m.params[i];
@@ -245,7 +246,9 @@ static void test_cached_decoding(void) {
 static void test_finite_differences(void) {
     Model m;
     CHECK(model_load(&m, "dev/fixtures/mlkv_2x2_compat") == 0, "load: %s", mlkv_error());
-    int B = 2, T = 8, N = B * T, inputs[16], targets[16];
+    /* 320 rows: the training pass computes the head in two chunks of rows,
+     * attention spans several key and query blocks */
+    int B = 5, T = 64, N = B * T, inputs[320], targets[320];
     unsigned s = 7;
     for (int i = 0; i < N; i++) {
         s = s * 1103515245u + 12345u;
@@ -254,9 +257,18 @@ static void test_finite_differences(void) {
         targets[i] = (int)(s >> 16) % m.config.vocab_size;
     }
     model_prepare(&m, B, T, 1);
-    model_forward(&m, inputs, targets, B, T);
     model_zero_grad(&m);
-    model_backward(&m, 1.0f);
+    float loss = model_forward_backward(&m, inputs, targets, B, T, 1.0f);
+    /* the same loss from all logits at once (a model prepared without gradients) */
+    Model whole;
+    CHECK(model_load(&whole, "dev/fixtures/mlkv_2x2_compat") == 0 && model_prepare(&whole, B, T, 0) == 0 &&
+              whole.head_rows == N && m.head_rows < N,
+          "prepare: %s", mlkv_error());
+    float whole_loss = model_forward(&whole, inputs, targets, B, T);
+    CHECK(whole_loss == loss, "loss in chunks of rows %.9g, all at once %.9g", loss, whole_loss);
+    CHECK(isnan(model_forward(&m, inputs, NULL, B, T)) && strstr(mlkv_error(), "without gradients"),
+          "all logits of a training model: %s", mlkv_error());
+    model_free(&whole);
     /* shared K/V of an owner (layer 0 serves layers 0 and 1), a non-owner's query,
      * LayerNorms, MLP, embeddings and head */
     const char *names[] = {"gpt_neox.layers.0.attention.key.weight", "gpt_neox.layers.0.attention.value.bias",
