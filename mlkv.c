@@ -1810,19 +1810,23 @@ static void pack_panel(float *restrict dst, const float *restrict x, size_t r_st
         for (int r = rows; r < width; r++) dst[k * width + r] = 0.0f;
 }
 
-/* c[MR, NR] (row stride ldc) = start + sum over k of a[k, :] (x) b[k, :], with
- * start = c, or init[NR] in every row. a: packed [kc, MR], b: packed [kc, NR].
- * The trip counts MR and NR are constants: gcc and clang unroll them, keep acc
- * in registers and emit one vfmadd231ps per register and k with a broadcast
- * memory operand (AVX-512; check with objdump -d). */
-static void gemm_kernel(int kc, const float *restrict a, const float *restrict b, float *restrict c, size_t ldc,
-                        const float *restrict init) {
+/* c[MR, NR] (row stride ldc) = start + sum over k of A(:, k) (x) b[k, :],
+ * with start = c, or init[NR] in every row. A(i, k) = a[i * a_row + k * a_col]:
+ * a packed panel [kc, MR] has a_row = 1, a_col = GEMM_MR; a row-major tile
+ * [MR, kc] has a_row = its row length, a_col = 1. b: [kc, NR], rows ldb
+ * floats apart (GEMM_NR when packed).
+ * The trip counts MR and NR are constants: gcc and clang unroll them and keep
+ * acc in registers; per k the inner loop becomes (AVX-512, objdump -d) two
+ * vector loads of b, and for each of the 12 rows one vbroadcastss of A and
+ * two vfmadd231ps. */
+static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col, const float *restrict b,
+                               size_t ldb, float *restrict c, size_t ldc, const float *restrict init) {
     float acc[GEMM_MR][GEMM_NR];
     for (int i = 0; i < GEMM_MR; i++)
         for (int j = 0; j < GEMM_NR; j++) acc[i][j] = init ? init[j] : c[i * ldc + j];
     for (int k = 0; k < kc; k++)
         for (int i = 0; i < GEMM_MR; i++)
-            for (int j = 0; j < GEMM_NR; j++) acc[i][j] += a[k * GEMM_MR + i] * b[k * GEMM_NR + j];
+            for (int j = 0; j < GEMM_NR; j++) acc[i][j] += a[i * a_row + k * a_col] * b[k * ldb + j];
     for (int i = 0; i < GEMM_MR; i++)
         for (int j = 0; j < GEMM_NR; j++) c[i * ldc + j] = acc[i][j];
 }
@@ -1838,7 +1842,7 @@ static void gemm_edge_tile(int kc, const float *a, const float *b, float *c, siz
         for (int j = 0; j < GEMM_NR; j++) init_row[j] = j < cols ? init[j] : 0.0f;
         init = init_row;
     }
-    gemm_kernel(kc, a, b, tile, GEMM_NR, init);
+    gemm_kernel(kc, a, 1, GEMM_MR, b, GEMM_NR, tile, GEMM_NR, init);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * GEMM_NR + j];
 }
@@ -1880,7 +1884,7 @@ OMP_FOR_2
                                 int i0 = p * GEMM_MR, rows = mc - i0 < GEMM_MR ? mc - i0 : GEMM_MR;
                                 const float *ap = gemm_packed_a + (size_t)p * GEMM_MR * kc;
                                 float *ct = c + (size_t)(m0 + i0) * N + n0 + j0;
-                                if (rows == GEMM_MR && cols == GEMM_NR) gemm_kernel(kc, ap, bp, ct, N, tile_init);
+                                if (rows == GEMM_MR && cols == GEMM_NR) gemm_kernel(kc, ap, 1, GEMM_MR, bp, GEMM_NR, ct, N, tile_init);
                                 else gemm_edge_tile(kc, ap, bp, ct, N, tile_init, rows, cols);
                             }
                         }
@@ -2038,83 +2042,137 @@ PARALLEL_FOR
  *   q [B, T, H*hs], k, v [B, T, kvH*hs]  ->  out [B, T, H*hs], lse [B, H, T]
  *
  * Computed as FlashAttention does, in tiles: a block of ATT_QB queries of one
- * head against blocks of ATT_KB keys. Each tile's products (scores q k^T, and
- * p v) are micro-kernel calls on packed panels, exactly as in the GEMM; the
- * softmax is kept online per query (running max m and sum l; when a block
- * raises the max, what was summed so far is rescaled by exp(m_old - m_new)),
- * so no [T, T] matrix is ever stored: the backward pass recomputes the
+ * head against blocks of ATT_KB keys. A tile's two products (the scores
+ * q k^T, and p v) are micro-kernel calls, exactly as in the GEMM; the softmax
+ * is kept online per query (running max m and sum l; when a block raises the
+ * max, what was summed so far is rescaled by exp(m_old - m_new)), so no
+ * [T, T] matrix is ever stored: the backward pass recomputes the
  * probabilities from each row's saved log-sum-exp, and memory is linear in T.
  * Key blocks start at multiples of ATT_KB and no query's arithmetic depends
  * on the other rows of its block, so a decoding step (one query over the KV
- * cache) computes the same bits as the full forward pass. */
+ * cache) computes the same bits as the full forward pass.
+ * The operands that a product needs transposed (keys for q k^T; in the
+ * backward pass also values, queries and output gradients) are packed once
+ * per layer into panels of ATT_KB rows, [hs, ATT_KB] each ("head panels");
+ * the others are read in place. */
 #define ATT_QB GEMM_MR /* queries per block: the micro-kernel's rows */
 #define ATT_KB GEMM_NR /* keys per block: its columns */
-#define MAX_HEAD_PANELS ((MAX_HEAD_SIZE + GEMM_NR - 1) / GEMM_NR)
+#define MAX_HEAD_WIDTH ((MAX_HEAD_SIZE + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
 #define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR) /* hs rounded up to whole panels */
+#define PADDED_T(T) ((T + ATT_KB - 1) / ATT_KB * ATT_KB)        /* T rounded up to whole key blocks */
 
-/* keys rows of x (row stride `stride`, positions pos0 ..) packed as a B panel
- * [hs, ATT_KB] for scores = q x^T; with cos_t / sin_t each row is first rotated
- * by its position (the reference-compatible cache holds un-rotated keys). */
-static void pack_keys(float *dst, const float *x, size_t stride, int keys, int hs, int pos0, const float *cos_t,
-                      const float *sin_t, int half) {
-    if (!cos_t) { pack_panel(dst, x, stride, 1, keys, hs, ATT_KB); return; }
-    float rotated[MAX_HEAD_SIZE];
-    for (int s = 0; s < keys; s++) {
-        memcpy(rotated, x + s * stride, (size_t)hs * sizeof(float));
-        rotate_head(rotated, cos_t + (size_t)(pos0 + s) * half, sin_t + (size_t)(pos0 + s) * half, half, 1.0f);
-        for (int d = 0; d < hs; d++) dst[d * ATT_KB + s] = rotated[d];
+/* The rows x [T, hs] (row stride `stride`) of one head as head panels:
+ * dst [PADDED_T(T) / ATT_KB][hs][ATT_KB], zero past T. With cos_t / sin_t
+ * each row is first rotated by its position (the reference-compatible KV
+ * cache holds un-rotated keys). */
+static void pack_head_panels(float *dst, const float *x, size_t stride, int T, int hs, const float *cos_t,
+                             const float *sin_t, int half) {
+    for (int s0 = 0; s0 < T; s0 += ATT_KB) {
+        int rows = T - s0 < ATT_KB ? T - s0 : ATT_KB;
+        float *panel = dst + (size_t)s0 * hs;
+        pack_panel(panel, x + s0 * stride, stride, 1, rows, hs, ATT_KB);
+        for (int r = 0; cos_t && r < rows; r++) { /* rotate column r of the panel */
+            float rotated[MAX_HEAD_SIZE];
+            for (int d = 0; d < hs; d++) rotated[d] = panel[d * ATT_KB + r];
+            rotate_head(rotated, cos_t + (size_t)(s0 + r) * half, sin_t + (size_t)(s0 + r) * half, half, 1.0f);
+            for (int d = 0; d < hs; d++) panel[d * ATT_KB + r] = rotated[d];
+        }
     }
-    for (int s = keys; s < ATT_KB; s++)
-        for (int d = 0; d < hs; d++) dst[d * ATT_KB + s] = 0.0f;
 }
 
-/* acc[ATT_QB, width] += a[kc, ATT_QB] (as packed A) times the rows
- * x[0 .. kc) (row stride `stride`, hs columns), panel by panel: the
- * probability- (or gradient-) weighted sum of value, key or query rows. */
-static void weighted_rows(float *acc, const float *a, const float *x, size_t stride, int kc, int hs) {
-    float panel[ATT_KB * GEMM_NR];
+/* Every head of x [B, T, nh*hs] as head panels: dst [B, nh, PADDED_T(T) * hs]. */
+static void pack_heads(float *dst, const float *x, int B, int T, int nh, int hs) {
+PARALLEL_FOR
+    for (int bh = 0; bh < B * nh; bh++)
+        pack_head_panels(dst + (size_t)bh * PADDED_T(T) * hs, x + (size_t)bh / nh * T * nh * hs + (size_t)(bh % nh) * hs,
+                         (size_t)nh * hs, T, hs, NULL, NULL, 0);
+}
+
+/* acc[ATT_QB, HEAD_WIDTH(hs)] += w[ATT_QB, kc] (a tile, rows ATT_KB apart)
+ * times the rows x[0 .. kc) (row stride `stride`, hs columns): the
+ * probability- (or gradient-) weighted sum of value, key or query rows.
+ * Whole panels of columns are read in place; a ragged last one (hs not a
+ * multiple of GEMM_NR) through a zero-padded copy. */
+static void weighted_rows(float *acc, const float *w, const float *x, size_t stride, int kc, int hs) {
     for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
-        pack_panel(panel, x + d0, 1, stride, hs - d0 < GEMM_NR ? hs - d0 : GEMM_NR, kc, GEMM_NR);
-        gemm_kernel(kc, a, panel, acc + d0, HEAD_WIDTH(hs), NULL);
+        if (hs - d0 >= GEMM_NR) {
+            gemm_kernel(kc, w, ATT_KB, 1, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL);
+            continue;
+        }
+        float panel[ATT_KB * GEMM_NR];
+        pack_panel(panel, x + d0, 1, stride, hs - d0, kc, GEMM_NR);
+        gemm_kernel(kc, w, ATT_KB, 1, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL);
     }
 }
+
+/* The largest and the sum of a row of ATT_KB numbers, over REDUCE_LANES fixed
+ * lanes (the order is the code's, not the compiler's: loops vectorize and the
+ * bits do not depend on the vector width) */
+#define REDUCE_LANES 16
+static inline float row_max(const float *x) {
+    float lane[REDUCE_LANES], max = -INFINITY;
+    for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[j];
+    for (int j0 = REDUCE_LANES; j0 < ATT_KB; j0 += REDUCE_LANES)
+        for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[j0 + j] > lane[j] ? x[j0 + j] : lane[j];
+    for (int j = 0; j < REDUCE_LANES; j++) max = lane[j] > max ? lane[j] : max;
+    return max;
+}
+
+static inline float row_sum(const float *x) {
+    float lane[REDUCE_LANES], sum = 0.0f;
+    for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[j];
+    for (int j0 = REDUCE_LANES; j0 < ATT_KB; j0 += REDUCE_LANES)
+        for (int j = 0; j < REDUCE_LANES; j++) lane[j] += x[j0 + j];
+    for (int j = 0; j < REDUCE_LANES; j++) sum += lane[j];
+    return sum;
+}
+
+/* Keys of one head for attention_block_forward: their head panels (packed
+ * once for many query blocks), or rows k (row stride `stride`) packed block
+ * by block as they are needed (a decoding step reads each key once), rotated
+ * on the way when cos_t / sin_t are given. */
+typedef struct {
+    const float *panels, *k, *cos_t, *sin_t;
+    size_t stride;
+    int half;
+} KeySource;
 
 /* The `rows` queries q (row stride q_stride) of one head at positions pos0 ..
- * pos0+rows-1, each over the keys at positions 0 .. its own (causal); k and v
- * have row stride kv_stride. out = softmax(q k^T * scale) v, lse = the
+ * pos0+rows-1, each over the keys at positions 0 .. its own (causal); values
+ * v (row stride v_stride). out = softmax(q k^T * scale) v, lse = the
  * log-sum-exp of each row's scores. */
 static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride, int rows, int pos0,
-                                    const float *k, const float *v, size_t kv_stride, int hs, float scale,
-                                    const float *cos_t, const float *sin_t, int half) {
+                                    const KeySource *keys_from, const float *v, size_t v_stride, int hs, float scale) {
     static const float zeros[ATT_KB];
-    float qp[MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB], pp[ATT_KB * ATT_QB];
-    float o[ATT_QB * MAX_HEAD_PANELS * GEMM_NR], m[ATT_QB], l[ATT_QB];
+    float qp[MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB];
+    float o[ATT_QB * MAX_HEAD_WIDTH], m[ATT_QB], l[ATT_QB];
     int width = HEAD_WIDTH(hs), count = pos0 + rows;
     pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
     for (int i = 0; i < ATT_QB; i++) m[i] = -INFINITY, l[i] = 0.0f;
     memset(o, 0, sizeof(float) * ATT_QB * width);
     for (int s0 = 0; s0 < count; s0 += ATT_KB) {
-        int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
-        pack_keys(kp, k + s0 * kv_stride, kv_stride, keys, hs, s0, cos_t, sin_t, half);
-        gemm_kernel(hs, qp, kp, s, ATT_KB, zeros); /* s = q k^T */
-        for (int i = 0; i < ATT_QB; i++) {
-            float max = m[i], sum = 0.0f;
-            for (int j = 0; j < ATT_KB; j++) { /* key s0+j is visible to query pos0+i when it is not later */
-                float x = j < keys && s0 + j <= pos0 + i ? s[i * ATT_KB + j] * scale : -INFINITY;
-                s[i * ATT_KB + j] = x;
-                max = x > max ? x : max;
-            }
+        int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB, half = keys_from->half;
+        const float *panel = keys_from->panels ? keys_from->panels + (size_t)s0 * hs : kp;
+        if (!keys_from->panels)
+            pack_head_panels(kp, keys_from->k + s0 * keys_from->stride, keys_from->stride, keys, hs,
+                             keys_from->cos_t ? keys_from->cos_t + (size_t)s0 * half : NULL,
+                             keys_from->sin_t ? keys_from->sin_t + (size_t)s0 * half : NULL, half);
+        gemm_kernel(hs, qp, 1, ATT_QB, panel, ATT_KB, s, ATT_KB, zeros); /* s = q k^T */
+        for (int i = 0; i < ATT_QB; i++) { /* s becomes p, row by row */
+            float *si = s + i * ATT_KB;
+            int visible = pos0 + i - s0 + 1; /* keys s0 .. pos0+i of this block */
+            visible = visible < keys ? visible : keys;
+            for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? si[j] * scale : -INFINITY;
+            float max = row_max(si);
+            max = max > m[i] ? max : m[i];
             float correction = exp_fast(m[i] - max); /* rescale what was summed under the old max */
-            for (int j = 0; j < ATT_KB; j++) {
-                float x = s[i * ATT_KB + j], p = x == -INFINITY ? 0.0f : exp_fast(x - max);
-                pp[j * ATT_QB + i] = p; /* transposed: the A operand of p v */
-                sum += p;
-            }
-            l[i] = l[i] * correction + sum;
+            for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? exp_fast(si[j] - max) : 0.0f;
+            l[i] = l[i] * correction + row_sum(si);
             m[i] = max;
-            for (int d = 0; d < width; d++) o[i * width + d] *= correction;
+            if (correction != 1.0f)
+                for (int d = 0; d < width; d++) o[i * width + d] *= correction;
         }
-        weighted_rows(o, pp, v + s0 * kv_stride, kv_stride, keys, hs); /* o += p v */
+        weighted_rows(o, s, v + s0 * v_stride, v_stride, keys, hs); /* o += p v */
     }
     for (int i = 0; i < rows; i++) {
         for (int d = 0; d < hs; d++) out[i * q_stride + d] = o[i * width + d] / l[i];
@@ -2122,17 +2180,20 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
     }
 }
 
-static void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
-                              int H, int kvH, int hs) {
+/* panels: [B, kvH, PADDED_T(T) * hs] scratch for the keys' head panels */
+static void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v,
+                              int B, int T, int H, int kvH, int hs) {
     int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB;
     float scale = 1.0f / sqrtf((float)hs);
+    pack_heads(panels, k, B, T, kvH, hs);
 PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in turn */
     for (int task = 0; task < B * H * blocks; task++) {
         int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_QB;
-        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB;
+        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB, kvh = b * kvH + h / group;
         size_t row = (size_t)(b * T + t0) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
+        KeySource keys = {panels + (size_t)kvh * PADDED_T(T) * hs, NULL, NULL, NULL, 0, 0};
         attention_block_forward(out + row * hs, lse + ((size_t)b * H + h) * T + t0, q + row * hs, (size_t)H * hs,
-                                rows, t0, k + kv, v + kv, (size_t)kvH * hs, hs, scale, NULL, NULL, 0);
+                                rows, t0, &keys, v + kv, (size_t)kvH * hs, hs, scale);
     }
 }
 
@@ -2144,13 +2205,12 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
  * blocks (dq, overwritten), then over blocks of ATT_QB keys (dk and dv
  * accumulate, since several layers may read them), each key summing over the
  * query heads of its group. Both recompute p from the saved log-sum-exp. */
-static void attention_backward_queries(float *dq, float *delta, const float *dout, const float *q, const float *k,
-                                       const float *v, const float *out, const float *lse, size_t q_stride, int rows,
-                                       int t0, size_t kv_stride, int hs, float scale) {
+static void attention_backward_queries(float *dq, float *delta, const float *dout, const float *q, const float *out,
+                                       const float *lse, size_t q_stride, int rows, int t0, const float *k_panels,
+                                       const float *v_panels, const float *k, size_t kv_stride, int hs, float scale) {
     static const float zeros[ATT_KB];
-    float qp[MAX_HEAD_SIZE * ATT_QB], dop[MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB];
-    float vp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], dsp[ATT_KB * ATT_QB];
-    float acc[ATT_QB * MAX_HEAD_PANELS * GEMM_NR], D[ATT_QB] = {0}, L[ATT_QB] = {0};
+    float qp[MAX_HEAD_SIZE * ATT_QB], dop[MAX_HEAD_SIZE * ATT_QB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB];
+    float acc[ATT_QB * MAX_HEAD_WIDTH], D[ATT_QB] = {0}, L[ATT_QB] = {0};
     int width = HEAD_WIDTH(hs), count = t0 + rows;
     pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
     pack_panel(dop, dout, q_stride, 1, rows, hs, ATT_QB);
@@ -2162,78 +2222,96 @@ static void attention_backward_queries(float *dq, float *delta, const float *dou
     memset(acc, 0, sizeof(float) * ATT_QB * width);
     for (int s0 = 0; s0 < count; s0 += ATT_KB) {
         int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
-        pack_panel(kp, k + s0 * kv_stride, kv_stride, 1, keys, hs, ATT_KB);
-        pack_panel(vp, v + s0 * kv_stride, kv_stride, 1, keys, hs, ATT_KB);
-        gemm_kernel(hs, qp, kp, s, ATT_KB, zeros);  /* scores */
-        gemm_kernel(hs, dop, vp, dp, ATT_KB, zeros); /* dp = dout v^T */
-        for (int i = 0; i < ATT_QB; i++)
+        gemm_kernel(hs, qp, 1, ATT_QB, k_panels + (size_t)s0 * hs, ATT_KB, s, ATT_KB, zeros);  /* scores */
+        gemm_kernel(hs, dop, 1, ATT_QB, v_panels + (size_t)s0 * hs, ATT_KB, dp, ATT_KB, zeros); /* dp = dout v^T */
+        for (int i = 0; i < ATT_QB; i++) { /* dp becomes scale * ds */
+            int visible = i < rows ? t0 + i - s0 + 1 : 0;
+            visible = visible < keys ? visible : keys;
+            float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
             for (int j = 0; j < ATT_KB; j++) {
-                int visible = i < rows && j < keys && s0 + j <= t0 + i;
-                float p = visible ? exp_fast(s[i * ATT_KB + j] * scale - L[i]) : 0.0f;
-                dsp[j * ATT_QB + i] = p * (dp[i * ATT_KB + j] - D[i]) * scale;
+                float p = j < visible ? exp_fast(si[j] * scale - L[i]) : 0.0f;
+                dpi[j] = p * (dpi[j] - D[i]) * scale;
             }
-        weighted_rows(acc, dsp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += scale ds k */
+        }
+        weighted_rows(acc, dp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += scale ds k */
     }
     for (int i = 0; i < rows; i++)
         for (int d = 0; d < hs; d++) dq[i * q_stride + d] = acc[i * width + d];
 }
 
-/* dk, dv of `keys` keys at positions s0 .. (rows of k, v, dk, dv; row stride
- * kv_stride) from the queries of one head at positions s0 .. T-1. */
-static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *dout, const float *q, const float *k,
-                                    const float *v, const float *lse, const float *delta, size_t q_stride, int T,
-                                    int s0, int keys, size_t kv_stride, int hs, float scale) {
+/* dk, dv [ATT_QB, HEAD_WIDTH(hs)] += of the `keys` keys at positions s0 ..
+ * (rows of k, v; row stride kv_stride), from the queries of one head at
+ * positions s0 .. T-1 (their head panels, and rows of q and dout). */
+static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *dout, const float *q,
+                                    const float *q_panels, const float *dout_panels, const float *lse,
+                                    const float *delta, size_t q_stride, int T, const float *k, const float *v,
+                                    size_t kv_stride, int s0, int keys, int hs, float scale) {
     static const float zeros[ATT_KB];
-    float kp[MAX_HEAD_SIZE * ATT_QB], vp[MAX_HEAD_SIZE * ATT_QB], qp[MAX_HEAD_SIZE * ATT_KB];
-    float dop[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], pp[ATT_KB * ATT_QB];
-    float dsp[ATT_KB * ATT_QB];
+    float kp[MAX_HEAD_SIZE * ATT_QB], vp[MAX_HEAD_SIZE * ATT_QB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB];
+    float lse_j[ATT_KB], delta_j[ATT_KB];
     pack_panel(kp, k, kv_stride, 1, keys, hs, ATT_QB);
     pack_panel(vp, v, kv_stride, 1, keys, hs, ATT_QB);
     for (int t0 = s0 / ATT_KB * ATT_KB; t0 < T; t0 += ATT_KB) {
         int queries = T - t0 < ATT_KB ? T - t0 : ATT_KB;
-        pack_panel(qp, q + t0 * q_stride, q_stride, 1, queries, hs, ATT_KB);
-        pack_panel(dop, dout + t0 * q_stride, q_stride, 1, queries, hs, ATT_KB);
-        gemm_kernel(hs, kp, qp, s, ATT_KB, zeros);  /* scores, transposed: [key, query] */
-        gemm_kernel(hs, vp, dop, dp, ATT_KB, zeros); /* dp, transposed */
-        for (int i = 0; i < ATT_QB; i++)
+        gemm_kernel(hs, kp, 1, ATT_QB, q_panels + (size_t)t0 * hs, ATT_KB, s, ATT_KB, zeros);     /* scores^T */
+        gemm_kernel(hs, vp, 1, ATT_QB, dout_panels + (size_t)t0 * hs, ATT_KB, dp, ATT_KB, zeros); /* dp^T */
+        for (int j = 0; j < ATT_KB; j++) { /* the statistics of queries t0 .., finite past T */
+            lse_j[j] = j < queries ? lse[t0 + j] : 0.0f;
+            delta_j[j] = j < queries ? delta[t0 + j] : 0.0f;
+        }
+        for (int i = 0; i < ATT_QB; i++) { /* rows: keys s0+i; s becomes p^T and dp becomes scale * ds^T */
+            int first = s0 + i - t0; /* queries t0+j with j >= first see key s0+i */
+            first = i < keys ? (first > 0 ? first : 0) : ATT_KB;
+            float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
             for (int j = 0; j < ATT_KB; j++) {
-                int visible = i < keys && j < queries && s0 + i <= t0 + j;
-                float p = visible ? exp_fast(s[i * ATT_KB + j] * scale - lse[t0 + j]) : 0.0f;
-                pp[j * ATT_QB + i] = p;
-                dsp[j * ATT_QB + i] = visible ? p * (dp[i * ATT_KB + j] - delta[t0 + j]) * scale : 0.0f;
+                int visible = j >= first && j < queries;
+                float p = visible ? exp_fast(si[j] * scale - lse_j[j]) : 0.0f;
+                si[j] = p;
+                dpi[j] = p * (dpi[j] - delta_j[j]) * scale;
             }
-        weighted_rows(dv_acc, pp, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
-        weighted_rows(dk_acc, dsp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += scale ds q */
+        }
+        weighted_rows(dv_acc, s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
+        weighted_rows(dk_acc, dp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += scale ds q */
     }
 }
 
-static void attention_backward(float *dq, float *dk, float *dv, float *delta, const float *dout, const float *q,
-                               const float *k, const float *v, const float *out, const float *lse, int B, int T,
-                               int H, int kvH, int hs) {
+/* panels: [2 * B * (kvH + H) * PADDED_T(T) * hs] scratch for head panels of
+ * keys, values, queries and output gradients */
+static void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout,
+                               const float *q, const float *k, const float *v, const float *out, const float *lse,
+                               int B, int T, int H, int kvH, int hs) {
     int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB, width = HEAD_WIDTH(hs);
     float scale = 1.0f / sqrtf((float)hs);
-    size_t q_stride = (size_t)H * hs, kv_stride = (size_t)kvH * hs;
+    size_t q_stride = (size_t)H * hs, kv_stride = (size_t)kvH * hs, head = (size_t)PADDED_T(T) * hs;
+    float *k_panels = panels, *v_panels = k_panels + B * kvH * head;
+    float *q_panels = v_panels + B * kvH * head, *dout_panels = q_panels + B * H * head;
+    pack_heads(k_panels, k, B, T, kvH, hs);
+    pack_heads(v_panels, v, B, T, kvH, hs);
+    pack_heads(q_panels, q, B, T, H, hs);
+    pack_heads(dout_panels, dout, B, T, H, hs);
 PARALLEL_FOR_CYCLIC
     for (int task = 0; task < B * H * blocks; task++) {
         int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_QB;
-        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB;
-        size_t row = ((size_t)b * T + t0) * q_stride + (size_t)h * hs, kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs;
-        size_t stat = ((size_t)b * H + h) * T + t0;
-        attention_backward_queries(dq + row, delta + stat, dout + row, q + row, k + kv, v + kv, out + row, lse + stat,
-                                   q_stride, rows, t0, kv_stride, hs, scale);
+        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB, kvh = b * kvH + h / group;
+        size_t row = ((size_t)b * T + t0) * q_stride + (size_t)h * hs;
+        size_t kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs, stat = ((size_t)b * H + h) * T + t0;
+        attention_backward_queries(dq + row, delta + stat, dout + row, q + row, out + row, lse + stat, q_stride, rows,
+                                   t0, k_panels + kvh * head, v_panels + kvh * head, k + kv, kv_stride, hs, scale);
     }
 PARALLEL_FOR_CYCLIC
     for (int task = 0; task < B * kvH * blocks; task++) {
         int b = task / (kvH * blocks), kvh = task / blocks % kvH, s0 = task % blocks * ATT_QB;
         int keys = T - s0 < ATT_QB ? T - s0 : ATT_QB;
-        float dk_acc[ATT_QB * MAX_HEAD_PANELS * GEMM_NR], dv_acc[ATT_QB * MAX_HEAD_PANELS * GEMM_NR];
+        float dk_acc[ATT_QB * MAX_HEAD_WIDTH], dv_acc[ATT_QB * MAX_HEAD_WIDTH];
         memset(dk_acc, 0, sizeof(float) * ATT_QB * width);
         memset(dv_acc, 0, sizeof(float) * ATT_QB * width);
         size_t kv = ((size_t)b * T + s0) * kv_stride + (size_t)kvh * hs;
         for (int h = kvh * group; h < (kvh + 1) * group; h++) {
             size_t qh = (size_t)b * T * q_stride + (size_t)h * hs, stat = ((size_t)b * H + h) * T;
-            attention_backward_keys(dk_acc, dv_acc, dout + qh, q + qh, k + kv, v + kv, lse + stat, delta + stat,
-                                    q_stride, T, s0, keys, kv_stride, hs, scale);
+            size_t bh = (size_t)b * H + h;
+            attention_backward_keys(dk_acc, dv_acc, dout + qh, q + qh, q_panels + bh * head, dout_panels + bh * head,
+                                    lse + stat, delta + stat, q_stride, T, k + kv, v + kv, kv_stride, s0, keys, hs,
+                                    scale);
         }
         for (int i = 0; i < keys; i++)
             for (int d = 0; d < hs; d++) {
@@ -2257,9 +2335,10 @@ PARALLEL_FOR_CYCLIC
         int b = task / (H * blocks), h = task / blocks % H, i0 = task % blocks * ATT_QB;
         int rows = n - i0 < ATT_QB ? n - i0 : ATT_QB;
         size_t row = (size_t)(b * n + i0) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
+        KeySource keys = {NULL, k + kv, cos_t, sin_t, (size_t)hs, rd / 2};
         float lse[ATT_QB];
-        attention_block_forward(out + row * hs, lse, q + row * hs, (size_t)H * hs, rows, pos0 + i0, k + kv, v + kv,
-                                (size_t)hs, hs, scale, cos_t, sin_t, rd / 2);
+        attention_block_forward(out + row * hs, lse, q + row * hs, (size_t)H * hs, rows, pos0 + i0, &keys, v + kv,
+                                (size_t)hs, hs, scale);
     }
 }
 
@@ -2338,6 +2417,8 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
     size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
     size_t stats = (size_t)B * c->n_head * T, kvI = c->use_kv_mlp ? (size_t)c->kv_intermediate_size : 0;
     size_t head = (size_t)m->head_rows;
+    /* keys (forward); keys, values, queries and output gradients (backward) */
+    size_t att_panels = 2 * (size_t)B * (c->n_kv_head + c->n_head) * PADDED_T(T) * c->head_size;
     /* un-rotated keys are kept only where a layer reads them (the reference-compatible mode) */
     size_t k_pre = reads_unrotated_keys(c) ? KVL * N * kvd : 0;
     Activations *a = &m->a;
@@ -2355,6 +2436,7 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
         {"KV-MLP values hidden pre-GELU [kvL,B,T,kvI]", &a->v_hidden_pre, KVL * N * kvI},
         {"KV-MLP values hidden [kvL,B,T,kvI]", &a->v_hidden, KVL * N * kvI},
         {"attention log-sum-exp [L,B,H,T]", &a->att_lse, L * stats},
+        {"attention head panels [2,B,kvH+H,T,hs] (scratch)", &a->att_panels, att_panels},
         {"attention output [L,B,T,C]", &a->att_out, L * N * C},
         {"sequential residual [L,B,T,C]", &a->resid_mid, c->parallel_residual ? 0 : L * N * C},
         {"ln2 [B,T,C] (recomputed)", &a->ln2, N * C},
@@ -2586,7 +2668,8 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
             if (s.k_pre) memcpy(s.k_rot, s.k_pre, (size_t)N * kvd * sizeof(float));
             rotary_apply(s.k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, 1.0f);
         }
-        attention_forward(s.att_out, s.lse, s.q, reads_rotated_keys(c, l) ? s.k_rot : s.k_pre, s.v, B, T, H, kvH, hs);
+        attention_forward(s.att_out, s.lse, a->att_panels, s.q, reads_rotated_keys(c, l) ? s.k_rot : s.k_pre, s.v, B, T,
+                          H, kvH, hs);
         layer_tail_forward(c, lw, s.x, s.att_out, s.resid_mid, s.ln2, s.ln2_stats, s.fc_pre, s.fc_act, a->branch, s.next,
                            N);
     }
@@ -2676,7 +2759,7 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
         memset(d->d_att_out, 0, NC * sizeof(float));
         matmul_backward(d->d_att_out, gw->dense_w, gw->dense_b, d->d_residual, s.att_out, lw->dense_w, N, C, C);
         int rotated = reads_rotated_keys(c, l);
-        attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, d->d_att_out, s.q,
+        attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, a->att_panels, d->d_att_out, s.q,
                            rotated ? s.k_rot : s.k_pre, s.v, s.att_out, s.lse, B, T, H, kvH, hs);
         rotary_apply(d->d_q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, -1.0f);
         layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);

@@ -112,6 +112,7 @@ typedef struct {
     float *k_hidden_pre, *k_hidden; /* [kvL, B, T, kvI] KV-MLP hidden layer, before / after GELU */
     float *v_hidden_pre, *v_hidden;
     float *att_lse;    /* [L, B, H, T] log-sum-exp of each softmax row */
+    float *att_panels; /* scratch: K, V, Q and dout of a layer packed for the attention kernels */
     float *att_out;    /* [L, B, T, C] softmax(q k^T) v, before the dense projection */
     float *resid_mid;  /* [L, B, T, C] x + attn (sequential residual only) */
     float *ln2;        /* [B, T, C] of the current layer (recomputed) */
