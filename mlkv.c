@@ -1810,8 +1810,8 @@ static void pack_panel(float *restrict dst, const float *restrict x, size_t r_st
         for (int r = rows; r < width; r++) dst[k * width + r] = 0.0f;
 }
 
-/* c[MR, NR] (row stride ldc) = start + sum over k of A(:, k) (x) b[k, :],
- * with start = c, or init[NR] in every row. A(i, k) = a[i * a_row + k * a_col]:
+/* c[MR, NR] (row stride ldc) += sum over k of A(:, k) (x) b[k, :], where
+ * A(i, k) = a[i * a_row + k * a_col]:
  * a packed panel [kc, MR] has a_row = 1, a_col = GEMM_MR; a row-major tile
  * [MR, kc] has a_row = its row length, a_col = 1. b: [kc, NR], rows ldb
  * floats apart (GEMM_NR when packed).
@@ -1820,10 +1820,10 @@ static void pack_panel(float *restrict dst, const float *restrict x, size_t r_st
  * vector loads of b, and for each of the 12 rows one vbroadcastss of A and
  * two vfmadd231ps. */
 static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col, const float *restrict b,
-                               size_t ldb, float *restrict c, size_t ldc, const float *restrict init) {
+                               size_t ldb, float *restrict c, size_t ldc) {
     float acc[GEMM_MR][GEMM_NR];
     for (int i = 0; i < GEMM_MR; i++)
-        for (int j = 0; j < GEMM_NR; j++) acc[i][j] = init ? init[j] : c[i * ldc + j];
+        for (int j = 0; j < GEMM_NR; j++) acc[i][j] = c[i * ldc + j];
     for (int k = 0; k < kc; k++)
         for (int i = 0; i < GEMM_MR; i++)
             for (int j = 0; j < GEMM_NR; j++) acc[i][j] += a[i * a_row + k * a_col] * b[k * ldb + j];
@@ -1831,18 +1831,23 @@ static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, si
         for (int j = 0; j < GEMM_NR; j++) c[i * ldc + j] = acc[i][j];
 }
 
-/* The kernel on a tile at the edge of C (rows < MR or cols < NR): through a
- * full-size copy, so the arithmetic is the kernel's own. */
-static void gemm_edge_tile(int kc, const float *a, const float *b, float *c, size_t ldc, const float *init, int rows,
-                           int cols) {
-    float tile[GEMM_MR * GEMM_NR], init_row[GEMM_NR];
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < cols; j++) tile[i * GEMM_NR + j] = init ? 0.0f : c[i * ldc + j];
-    if (init) {
-        for (int j = 0; j < GEMM_NR; j++) init_row[j] = j < cols ? init[j] : 0.0f;
-        init = init_row;
+
+/* A tile of C (rows x cols at most MR x NR, row stride ldc) += A B. The
+ * first slice of K of a product that does not accumulate starts the tile
+ * from init[cols] (the bias, or zeros) in every row. A ragged tile at the
+ * edge of C goes through a full-size copy, so the arithmetic is the kernel's
+ * own. */
+static void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const float *b, float *c, size_t ldc,
+                       const float *init, int rows, int cols) {
+    if (rows == GEMM_MR && cols == GEMM_NR) {
+        for (int i = 0; init && i < GEMM_MR; i++) memcpy(c + i * ldc, init, GEMM_NR * sizeof(float));
+        gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, c, ldc);
+        return;
     }
-    gemm_kernel(kc, a, 1, GEMM_MR, b, GEMM_NR, tile, GEMM_NR, init);
+    float tile[GEMM_MR * GEMM_NR];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) tile[i * GEMM_NR + j] = init ? init[j] : c[i * ldc + j];
+    gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, tile, GEMM_NR);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * GEMM_NR + j];
 }
@@ -1850,27 +1855,34 @@ static void gemm_edge_tile(int kc, const float *a, const float *b, float *c, siz
 void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
           float *c, int accumulate, const float *bias) {
     static const float zeros[GEMM_NC];
+    /* A is read in place when its rows are contiguous (a_col = 1: forward and
+     * input gradient): the kernel broadcasts single numbers of A, from any
+     * address, and 12 rows of one k slice stay in L1. Then only a ragged last
+     * panel of A is packed (measured: in-place columns of A, and in-place B,
+     * were slower than packing them). */
+    int a_in_place = a_col == 1;
     for (int m0 = 0; m0 < M; m0 += GEMM_MC)
         for (int n0 = 0; n0 < N; n0 += GEMM_NC)
             for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
                 int mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC, nc = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
                 int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
                 int a_panels = (mc + GEMM_MR - 1) / GEMM_MR, b_panels = (nc + GEMM_NR - 1) / GEMM_NR;
+                int a_packed_from = a_in_place ? mc / GEMM_MR : 0, a_packs = a_panels - a_packed_from;
                 int tasks_down = (mc + GEMM_TASK_ROWS - 1) / GEMM_TASK_ROWS;
                 /* the first slice of K starts from the bias (or zero) unless C accumulates */
                 const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zeros;
 PARALLEL_REGION
                 {
 OMP_FOR
-                    for (int p = 0; p < a_panels + b_panels; p++) {
-                        if (p < a_panels) {
-                            int r0 = m0 + p * GEMM_MR, rows = M - r0 < GEMM_MR ? M - r0 : GEMM_MR;
-                            pack_panel(gemm_packed_a + (size_t)p * GEMM_MR * kc,
-                                       a + r0 * a_row + k0 * a_col, a_row, a_col, rows, kc, GEMM_MR);
+                    for (int q = 0; q < a_packs + b_panels; q++) {
+                        if (q < a_packs) {
+                            int p = a_packed_from + q, r0 = m0 + p * GEMM_MR, rows = M - r0 < GEMM_MR ? M - r0 : GEMM_MR;
+                            pack_panel(gemm_packed_a + (size_t)p * GEMM_MR * kc, a + r0 * a_row + k0 * a_col, a_row,
+                                       a_col, rows, kc, GEMM_MR);
                         } else {
-                            int j0 = n0 + (p - a_panels) * GEMM_NR, cols = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
-                            pack_panel(gemm_packed_b + (size_t)(p - a_panels) * GEMM_NR * kc,
-                                       b + k0 * b_row + j0 * b_col, b_col, b_row, cols, kc, GEMM_NR);
+                            int p = q - a_packs, j0 = n0 + p * GEMM_NR;
+                            pack_panel(gemm_packed_b + (size_t)p * GEMM_NR * kc, b + k0 * b_row + j0 * b_col, b_col,
+                                       b_row, N - j0 < GEMM_NR ? N - j0 : GEMM_NR, kc, GEMM_NR);
                         }
                     }
 OMP_FOR_2
@@ -1883,9 +1895,10 @@ OMP_FOR_2
                             for (int p = down * GEMM_TASK_ROWS / GEMM_MR; p < p1 && p < a_panels; p++) {
                                 int i0 = p * GEMM_MR, rows = mc - i0 < GEMM_MR ? mc - i0 : GEMM_MR;
                                 const float *ap = gemm_packed_a + (size_t)p * GEMM_MR * kc;
+                                size_t ar = 1, ac = GEMM_MR;
+                                if (p < a_packed_from) ap = a + (m0 + i0) * a_row + k0 * a_col, ar = a_row, ac = a_col;
                                 float *ct = c + (size_t)(m0 + i0) * N + n0 + j0;
-                                if (rows == GEMM_MR && cols == GEMM_NR) gemm_kernel(kc, ap, 1, GEMM_MR, bp, GEMM_NR, ct, N, tile_init);
-                                else gemm_edge_tile(kc, ap, bp, ct, N, tile_init, rows, cols);
+                                gemm_block(kc, ap, ar, ac, bp, ct, N, tile_init, rows, cols);
                             }
                         }
                 }
@@ -2096,12 +2109,12 @@ PARALLEL_FOR
 static void weighted_rows(float *acc, const float *w, const float *x, size_t stride, int kc, int hs) {
     for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
         if (hs - d0 >= GEMM_NR) {
-            gemm_kernel(kc, w, ATT_KB, 1, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL);
+            gemm_kernel(kc, w, ATT_KB, 1, x + d0, stride, acc + d0, HEAD_WIDTH(hs));
             continue;
         }
         float panel[ATT_KB * GEMM_NR];
         pack_panel(panel, x + d0, 1, stride, hs - d0, kc, GEMM_NR);
-        gemm_kernel(kc, w, ATT_KB, 1, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL);
+        gemm_kernel(kc, w, ATT_KB, 1, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs));
     }
 }
 
@@ -2143,7 +2156,6 @@ typedef struct {
  * log-sum-exp of each row's scores. */
 static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride, int rows, int pos0,
                                     const KeySource *keys_from, const float *v, size_t v_stride, int hs, float scale) {
-    static const float zeros[ATT_KB];
     float qp[MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB];
     float o[ATT_QB * MAX_HEAD_WIDTH], m[ATT_QB], l[ATT_QB];
     int width = HEAD_WIDTH(hs), count = pos0 + rows;
@@ -2157,7 +2169,8 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
             pack_head_panels(kp, keys_from->k + s0 * keys_from->stride, keys_from->stride, keys, hs,
                              keys_from->cos_t ? keys_from->cos_t + (size_t)s0 * half : NULL,
                              keys_from->sin_t ? keys_from->sin_t + (size_t)s0 * half : NULL, half);
-        gemm_kernel(hs, qp, 1, ATT_QB, panel, ATT_KB, s, ATT_KB, zeros); /* s = q k^T */
+        memset(s, 0, sizeof(s));
+        gemm_kernel(hs, qp, 1, ATT_QB, panel, ATT_KB, s, ATT_KB); /* s = q k^T */
         for (int i = 0; i < ATT_QB; i++) { /* s becomes p, row by row */
             float *si = s + i * ATT_KB;
             int visible = pos0 + i - s0 + 1; /* keys s0 .. pos0+i of this block */
@@ -2208,7 +2221,6 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
 static void attention_backward_queries(float *dq, float *delta, const float *dout, const float *q, const float *out,
                                        const float *lse, size_t q_stride, int rows, int t0, const float *k_panels,
                                        const float *v_panels, const float *k, size_t kv_stride, int hs, float scale) {
-    static const float zeros[ATT_KB];
     float qp[MAX_HEAD_SIZE * ATT_QB], dop[MAX_HEAD_SIZE * ATT_QB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB];
     float acc[ATT_QB * MAX_HEAD_WIDTH], D[ATT_QB] = {0}, L[ATT_QB] = {0};
     int width = HEAD_WIDTH(hs), count = t0 + rows;
@@ -2222,8 +2234,10 @@ static void attention_backward_queries(float *dq, float *delta, const float *dou
     memset(acc, 0, sizeof(float) * ATT_QB * width);
     for (int s0 = 0; s0 < count; s0 += ATT_KB) {
         int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
-        gemm_kernel(hs, qp, 1, ATT_QB, k_panels + (size_t)s0 * hs, ATT_KB, s, ATT_KB, zeros);  /* scores */
-        gemm_kernel(hs, dop, 1, ATT_QB, v_panels + (size_t)s0 * hs, ATT_KB, dp, ATT_KB, zeros); /* dp = dout v^T */
+        memset(s, 0, sizeof(s));
+        memset(dp, 0, sizeof(dp));
+        gemm_kernel(hs, qp, 1, ATT_QB, k_panels + (size_t)s0 * hs, ATT_KB, s, ATT_KB);  /* scores */
+        gemm_kernel(hs, dop, 1, ATT_QB, v_panels + (size_t)s0 * hs, ATT_KB, dp, ATT_KB); /* dp = dout v^T */
         for (int i = 0; i < ATT_QB; i++) { /* dp becomes scale * ds */
             int visible = i < rows ? t0 + i - s0 + 1 : 0;
             visible = visible < keys ? visible : keys;
@@ -2246,15 +2260,16 @@ static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *d
                                     const float *q_panels, const float *dout_panels, const float *lse,
                                     const float *delta, size_t q_stride, int T, const float *k, const float *v,
                                     size_t kv_stride, int s0, int keys, int hs, float scale) {
-    static const float zeros[ATT_KB];
     float kp[MAX_HEAD_SIZE * ATT_QB], vp[MAX_HEAD_SIZE * ATT_QB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB];
     float lse_j[ATT_KB], delta_j[ATT_KB];
     pack_panel(kp, k, kv_stride, 1, keys, hs, ATT_QB);
     pack_panel(vp, v, kv_stride, 1, keys, hs, ATT_QB);
     for (int t0 = s0 / ATT_KB * ATT_KB; t0 < T; t0 += ATT_KB) {
         int queries = T - t0 < ATT_KB ? T - t0 : ATT_KB;
-        gemm_kernel(hs, kp, 1, ATT_QB, q_panels + (size_t)t0 * hs, ATT_KB, s, ATT_KB, zeros);     /* scores^T */
-        gemm_kernel(hs, vp, 1, ATT_QB, dout_panels + (size_t)t0 * hs, ATT_KB, dp, ATT_KB, zeros); /* dp^T */
+        memset(s, 0, sizeof(s));
+        memset(dp, 0, sizeof(dp));
+        gemm_kernel(hs, kp, 1, ATT_QB, q_panels + (size_t)t0 * hs, ATT_KB, s, ATT_KB);     /* scores^T */
+        gemm_kernel(hs, vp, 1, ATT_QB, dout_panels + (size_t)t0 * hs, ATT_KB, dp, ATT_KB); /* dp^T */
         for (int j = 0; j < ATT_KB; j++) { /* the statistics of queries t0 .., finite past T */
             lse_j[j] = j < queries ? lse[t0 + j] : 0.0f;
             delta_j[j] = j < queries ? delta[t0 + j] : 0.0f;
