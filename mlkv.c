@@ -1831,7 +1831,6 @@ static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, si
         for (int j = 0; j < GEMM_NR; j++) c[i * ldc + j] = acc[i][j];
 }
 
-
 /* A tile of C (rows x cols at most MR x NR, row stride ldc) += A B. The
  * first slice of K of a product that does not accumulate starts the tile
  * from init[cols] (the bias, or zeros) in every row. A ragged tile at the
@@ -1844,7 +1843,7 @@ static void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const
         gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, c, ldc);
         return;
     }
-    float tile[GEMM_MR * GEMM_NR];
+    float tile[GEMM_MR * GEMM_NR] = {0};
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) tile[i * GEMM_NR + j] = init ? init[j] : c[i * ldc + j];
     gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, tile, GEMM_NR);
