@@ -29,6 +29,7 @@
  * the layers that read an owner's K/V flow back into that owner's projections.
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* syscall(), for the AMX permission request */
 #include <errno.h>
 #include <dirent.h>
 #include <math.h>
@@ -41,6 +42,11 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>       /* the AMX tile kernel of train --precision bf16 */
+#include <immintrin.h>
+#include <sys/syscall.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 /* Loops marked PARALLEL_FOR split their iterations across threads; without
@@ -1851,55 +1857,253 @@ static void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const
         for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * GEMM_NR + j];
 }
 
+/* --- bf16 matmul inputs (train --precision bf16): the operands of every
+ * GEMM are rounded to bfloat16 (fp32's sign, exponent and top 7 mantissa
+ * bits) as they are packed, and products are accumulated in fp32; the
+ * parameters, gradients and AdamW moments stay fp32 ("master weights"),
+ * as mixed-precision training does. The kernel works on 32 x 32 tiles of C
+ * and K in steps of 32, in the layouts of Intel's AMX tile instructions:
+ *   A panel (32 rows): [K/32][32 rows][32 k]            (rows of 64 bytes)
+ *   B panel (32 cols): [K/32][16 k pairs][32 cols][2 k] ("VNNI": the two
+ *                      numbers of a k pair side by side)
+ * Where the CPU has AMX (Sapphire Rapids and later Xeons), one TDPBF16PS
+ * instruction multiplies a 16 x 32 tile of A by a 32 x 16 tile of B into a
+ * 16 x 16 tile of C: 8192 multiply-adds, 16 times the fp32 FMA rate. (The
+ * AVX512-BF16 VDPBF16PS instruction, measured on the same Xeon, runs at half
+ * the fp32 FMA rate, so it is not used.) Elsewhere a portable kernel computes
+ * the same products in plain C: the same bf16 inputs, fp32 sums; AMX adds
+ * inside a tile in its own order, so the two agree to fp32 rounding, not bit
+ * for bit (the tests compare them). */
+#define BF16_TILE 32 /* rows and columns of C per kernel call, and the K step */
+
+static _Alignas(64) uint16_t gemm_bf16_a[GEMM_MC * GEMM_KC];
+static _Alignas(64) uint16_t gemm_bf16_b[GEMM_KC * GEMM_NC];
+static Precision gemm_precision = PRECISION_FP32;
+static int gemm_use_amx;
+
+/* fp32 -> bf16, rounding to nearest even; NaN stays NaN, denormals become
+ * zero (AMX treats them so). Branch-free, so packing loops vectorize. */
+static inline uint16_t bf16_from_float(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof(u));
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u, tiny = (u >> 16) & 0x8000u;
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : (u & 0x7F800000u) == 0 ? tiny : rounded);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, sizeof(x));
+    return x;
+}
+
+/* Where element (r, k) of a 32-row A panel, or (k, r) of a 32-column B panel, lives */
+static inline size_t bf16_a_index(int r, int k) { return (size_t)(k / 32) * 1024 + (size_t)r * 32 + k % 32; }
+static inline size_t bf16_b_index(int r, int k) {
+    return (size_t)(k / 32) * 1024 + (size_t)(k % 32 / 2) * 64 + (size_t)r * 2 + k % 2;
+}
+
+/* As pack_panel, into bf16 panels of 32 rows of A (or columns of B), K
+ * padded with zeros to a multiple of 32 */
+static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, size_t r_stride, size_t k_stride,
+                            int rows, int kc, int is_b) {
+    int kc32 = (kc + 31) / 32 * 32;
+    if (rows < BF16_TILE || kc < kc32) { /* ragged: element by element, zeros around */
+        memset(dst, 0, sizeof(uint16_t) * BF16_TILE * kc32);
+        for (int r = 0; r < rows; r++)
+            for (int k = 0; k < kc; k++)
+                dst[is_b ? bf16_b_index(r, k) : bf16_a_index(r, k)] = bf16_from_float(x[r * r_stride + k * k_stride]);
+        return;
+    }
+    /* whole blocks of 32 x 32, in loops whose innermost index moves through
+     * contiguous memory on at least one side, so they vectorize */
+    for (int k0 = 0; k0 < kc; k0 += 32) {
+        uint16_t *block = dst + (size_t)k0 * BF16_TILE;
+        const float *xk = x + k0 * k_stride;
+        if (!is_b && k_stride == 1) { /* A, rows of x along k: rows of the block */
+            for (int r = 0; r < BF16_TILE; r++)
+                for (int k = 0; k < 32; k++) block[r * 32 + k] = bf16_from_float(xk[r * r_stride + k]);
+        } else if (!is_b) {
+            for (int k = 0; k < 32; k++)
+                for (int r = 0; r < BF16_TILE; r++) block[r * 32 + k] = bf16_from_float(xk[r * r_stride + k * k_stride]);
+        } else if (k_stride == 1) { /* B = W^T: pairs of k side by side, columns 2 apart */
+            for (int r = 0; r < BF16_TILE; r++)
+                for (int k = 0; k < 32; k++) block[k / 2 * 64 + r * 2 + k % 2] = bf16_from_float(xk[r * r_stride + k]);
+        } else { /* B with contiguous rows: two rows of x interleave into one row of the block */
+            for (int k = 0; k < 32; k += 2)
+                for (int r = 0; r < BF16_TILE; r++) {
+                    block[k / 2 * 64 + r * 2] = bf16_from_float(xk[k * k_stride + r * r_stride]);
+                    block[k / 2 * 64 + r * 2 + 1] = bf16_from_float(xk[(k + 1) * k_stride + r * r_stride]);
+                }
+        }
+    }
+}
+
+/* c[32, 32] (row stride ldc) += A B over kc32 = K rounded up to 32, portably:
+ * 8 rows at a time, 8 x 32 accumulators */
+static void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
+    for (int i0 = 0; i0 < BF16_TILE; i0 += 8) {
+        float acc[8][BF16_TILE];
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < BF16_TILE; j++) acc[i][j] = c[(i0 + i) * ldc + j];
+        for (int k = 0; k < kc32; k++)
+            for (int i = 0; i < 8; i++) {
+                float ai = bf16_to_float(a[bf16_a_index(i0 + i, k)]);
+                for (int j = 0; j < BF16_TILE; j++) acc[i][j] += ai * bf16_to_float(b[bf16_b_index(j, k)]);
+            }
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < BF16_TILE; j++) c[(i0 + i) * ldc + j] = acc[i][j];
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* AMX: tiles 0-3 hold C (2 x 2 tiles of 16 x 16 fp32), 4-5 two 16-row tiles
+ * of A, 6-7 two 16-column tiles of B. Linux hands the tile registers to a
+ * process that asks (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), and each
+ * thread loads the tiles' shapes (LDTILECFG) before it uses them. */
+#define HAVE_AMX_KERNEL 1
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileShapes;
+
+static int amx_available(void) {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) || !(edx & (1u << 24))) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
+
+__attribute__((target("amx-tile"))) static void amx_configure(void) {
+    TileShapes shapes;
+    memset(&shapes, 0, sizeof(shapes));
+    shapes.palette = 1;
+    for (int t = 0; t < 8; t++) shapes.rows[t] = 16, shapes.bytes_per_row[t] = 64;
+    _tile_loadconfig(&shapes);
+}
+
+__attribute__((target("amx-tile"))) static void amx_release(void) { _tile_release(); }
+
+__attribute__((target("amx-tile,amx-bf16"))) static void bf16_kernel_amx(int kc32, const uint16_t *a,
+                                                                          const uint16_t *b, float *c, size_t ldc) {
+    size_t stride = ldc * sizeof(float);
+    _tile_loadd(0, c, stride);
+    _tile_loadd(1, c + 16, stride);
+    _tile_loadd(2, c + 16 * ldc, stride);
+    _tile_loadd(3, c + 16 * ldc + 16, stride);
+    for (int k = 0; k < kc32; k += 32) {
+        const uint16_t *ak = a + (size_t)k * 32, *bk = b + (size_t)k * 32;
+        _tile_loadd(4, ak, 64);        /* rows 0-15 of A */
+        _tile_loadd(5, ak + 512, 64);  /* rows 16-31 */
+        _tile_loadd(6, bk, 128);       /* columns 0-15 of B */
+        _tile_loadd(7, bk + 32, 128);  /* columns 16-31 */
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, stride);
+    _tile_stored(1, c + 16, stride);
+    _tile_stored(2, c + 16 * ldc, stride);
+    _tile_stored(3, c + 16 * ldc + 16, stride);
+}
+#else
+#define HAVE_AMX_KERNEL 0
+static int amx_available(void) { return 0; }
+static void amx_configure(void) {}
+static void amx_release(void) {}
+static void bf16_kernel_amx(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
+    bf16_kernel_portable(kc32, a, b, c, ldc);
+}
+#endif
+
+int gemm_set_precision(Precision precision, int allow_amx) {
+    gemm_precision = precision;
+    static int amx = -1;
+    if (precision == PRECISION_BF16 && allow_amx && amx < 0) amx = amx_available();
+    gemm_use_amx = precision == PRECISION_BF16 && allow_amx && amx > 0;
+    return gemm_use_amx;
+}
+
+/* A 32 x 32 block of C (rows x cols of it inside C) += A B in bf16, from
+ * init[cols] when given; ragged blocks through a full-size copy. */
+static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc, const float *init,
+                            int rows, int cols) {
+    float tile[BF16_TILE * BF16_TILE] = {0};
+    int whole = rows == BF16_TILE && cols == BF16_TILE;
+    float *t = whole ? c : tile;
+    size_t ldt = whole ? ldc : BF16_TILE;
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) t[i * ldt + j] = init ? init[j] : c[i * ldc + j];
+    if (gemm_use_amx) bf16_kernel_amx(kc32, a, b, t, ldt);
+    else bf16_kernel_portable(kc32, a, b, t, ldt);
+    for (int i = 0; !whole && i < rows; i++)
+        for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * BF16_TILE + j];
+}
+
 void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
           float *c, int accumulate, const float *bias) {
     static const float zeros[GEMM_NC];
-    /* A is read in place when its rows are contiguous (a_col = 1: forward and
-     * input gradient): the kernel broadcasts single numbers of A, from any
-     * address, and 12 rows of one k slice stay in L1. Then only a ragged last
-     * panel of A is packed (measured: in-place columns of A, and in-place B,
-     * were slower than packing them). */
-    int a_in_place = a_col == 1;
+    int bf16 = gemm_precision == PRECISION_BF16;
+    int mr = bf16 ? BF16_TILE : GEMM_MR, nr = bf16 ? BF16_TILE : GEMM_NR;
+    int task_rows = bf16 ? 2 * BF16_TILE : GEMM_TASK_ROWS;
+    /* fp32: A is read in place when its rows are contiguous (a_col = 1:
+     * forward and input gradient): the kernel broadcasts single numbers of A,
+     * from any address, and 12 rows of one k slice stay in L1. Then only a
+     * ragged last panel of A is packed (measured: in-place columns of A, and
+     * in-place B, were slower than packing them). bf16 packs everything. */
+    int a_in_place = !bf16 && a_col == 1;
     for (int m0 = 0; m0 < M; m0 += GEMM_MC)
         for (int n0 = 0; n0 < N; n0 += GEMM_NC)
             for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
                 int mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC, nc = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
-                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-                int a_panels = (mc + GEMM_MR - 1) / GEMM_MR, b_panels = (nc + GEMM_NR - 1) / GEMM_NR;
-                int a_packed_from = a_in_place ? mc / GEMM_MR : 0, a_packs = a_panels - a_packed_from;
-                int tasks_down = (mc + GEMM_TASK_ROWS - 1) / GEMM_TASK_ROWS;
+                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC, kc32 = (kc + 31) / 32 * 32;
+                int a_panels = (mc + mr - 1) / mr, b_panels = (nc + nr - 1) / nr;
+                int a_packed_from = a_in_place ? mc / mr : 0, a_packs = a_panels - a_packed_from;
+                int tasks_down = (mc + task_rows - 1) / task_rows;
                 /* the first slice of K starts from the bias (or zero) unless C accumulates */
                 const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zeros;
 PARALLEL_REGION
                 {
+                    if (bf16 && gemm_use_amx) amx_configure();
 OMP_FOR
                     for (int q = 0; q < a_packs + b_panels; q++) {
-                        if (q < a_packs) {
-                            int p = a_packed_from + q, r0 = m0 + p * GEMM_MR, rows = M - r0 < GEMM_MR ? M - r0 : GEMM_MR;
-                            pack_panel(gemm_packed_a + (size_t)p * GEMM_MR * kc, a + r0 * a_row + k0 * a_col, a_row,
-                                       a_col, rows, kc, GEMM_MR);
-                        } else {
-                            int p = q - a_packs, j0 = n0 + p * GEMM_NR;
-                            pack_panel(gemm_packed_b + (size_t)p * GEMM_NR * kc, b + k0 * b_row + j0 * b_col, b_col,
-                                       b_row, N - j0 < GEMM_NR ? N - j0 : GEMM_NR, kc, GEMM_NR);
-                        }
+                        int is_b = q >= a_packs, p = is_b ? q - a_packs : a_packed_from + q;
+                        int r0 = (is_b ? n0 : m0) + p * (is_b ? nr : mr), end = is_b ? N : M;
+                        int rows = end - r0 < (is_b ? nr : mr) ? end - r0 : (is_b ? nr : mr);
+                        const float *x = is_b ? b + k0 * b_row + r0 * b_col : a + r0 * a_row + k0 * a_col;
+                        size_t r_stride = is_b ? b_col : a_row, k_stride = is_b ? b_row : a_col;
+                        if (bf16)
+                            pack_panel_bf16((is_b ? gemm_bf16_b : gemm_bf16_a) + (size_t)p * BF16_TILE * kc32, x,
+                                            r_stride, k_stride, rows, kc, is_b);
+                        else
+                            pack_panel((is_b ? gemm_packed_b : gemm_packed_a) + (size_t)p * (is_b ? nr : mr) * kc, x,
+                                       r_stride, k_stride, rows, kc, is_b ? nr : mr);
                     }
 OMP_FOR_2
                     for (int down = 0; down < tasks_down; down++)
                         for (int across = 0; across < b_panels; across++) {
-                            int j0 = across * GEMM_NR, cols = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR;
-                            const float *bp = gemm_packed_b + (size_t)across * GEMM_NR * kc;
+                            int j0 = across * nr, cols = nc - j0 < nr ? nc - j0 : nr;
                             const float *tile_init = init ? init + j0 : NULL;
-                            int p1 = (down + 1) * GEMM_TASK_ROWS / GEMM_MR;
-                            for (int p = down * GEMM_TASK_ROWS / GEMM_MR; p < p1 && p < a_panels; p++) {
-                                int i0 = p * GEMM_MR, rows = mc - i0 < GEMM_MR ? mc - i0 : GEMM_MR;
+                            int p1 = (down + 1) * task_rows / mr;
+                            for (int p = down * task_rows / mr; p < p1 && p < a_panels; p++) {
+                                int i0 = p * mr, rows = mc - i0 < mr ? mc - i0 : mr;
+                                float *ct = c + (size_t)(m0 + i0) * N + n0 + j0;
+                                if (bf16) {
+                                    gemm_block_bf16(kc32, gemm_bf16_a + (size_t)p * BF16_TILE * kc32,
+                                                    gemm_bf16_b + (size_t)across * BF16_TILE * kc32, ct, N, tile_init,
+                                                    rows, cols);
+                                    continue;
+                                }
                                 const float *ap = gemm_packed_a + (size_t)p * GEMM_MR * kc;
                                 size_t ar = 1, ac = GEMM_MR;
                                 if (p < a_packed_from) ap = a + (m0 + i0) * a_row + k0 * a_col, ar = a_row, ac = a_col;
-                                float *ct = c + (size_t)(m0 + i0) * N + n0 + j0;
-                                gemm_block(kc, ap, ar, ac, bp, ct, N, tile_init, rows, cols);
+                                gemm_block(kc, ap, ar, ac, gemm_packed_b + (size_t)across * GEMM_NR * kc, ct, N,
+                                           tile_init, rows, cols);
                             }
                         }
+                    if (bf16 && gemm_use_amx) amx_release();
                 }
             }
 }
@@ -3205,7 +3409,7 @@ static int write_fused_safetensors(const Model *m, const char *path) {
 typedef struct {
     const char *model_dir, *train_path, *val_path, *out_dir;
     int batch, seq, grad_accum, steps, warmup_steps, eval_every, save_every, val_batches, stop_after, threads;
-    int resume, verbose;
+    int resume, verbose, precision; /* precision: a Precision */
     double epochs, warmup_ratio;
     OptimConfig opt;
     uint64_t seed;
@@ -3371,6 +3575,10 @@ static int run_training(TrainArgs *t) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
+    int amx = gemm_set_precision((Precision)t->precision, 1);
+    if (t->precision == PRECISION_BF16)
+        printf("precision: bf16 matmul inputs, fp32 sums and weights (%s)\n",
+               amx ? "AMX tile kernel" : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
     size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
     printf("model: %zu parameters, %d layers, %d heads, K/V in %d layers x %d heads (KV cache %d bytes/token fp32)\n",
            model.num_parameters, c->n_layer, c->n_head, c->n_kv_layer, c->n_kv_head,
@@ -3631,6 +3839,8 @@ static const char *const train_usage =
     "                     continue later with --resume\n"
     "  --resume           continue the run checkpointed in --out (model, AdamW state, data position)\n"
     "  --threads N        OpenMP threads (all cores)\n"
+    "  --precision P      fp32 | bf16: matmul inputs rounded to bfloat16, sums, weights and\n"
+    "                     AdamW state in fp32 (fast where the CPU has AMX) (fp32)\n"
     "  --verbose          print the bytes of every buffer\n"
     "The checkpoint in --out is an HF folder (config.json, model.safetensors) with\n"
     "optimizer.safetensors beside it; the per-step log goes to OUT.log.csv.\n";
@@ -3639,6 +3849,7 @@ static int cmd_train(int argc, char **argv) {
     TrainArgs t;
     train_defaults(&t);
     static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL}; /* ScheduleKind order */
+    static const char *const precision_names[] = {"fp32", "bf16", NULL};               /* Precision order */
     int schedule = t.opt.schedule;
     const double BIG = 2147483647.0;
     Flag flags[] = {
@@ -3655,7 +3866,7 @@ static int cmd_train(int argc, char **argv) {
         INT_FLAG("--eval-every", &t.eval_every, 0, BIG), INT_FLAG("--val-batches", &t.val_batches, 1, BIG),
         INT_FLAG("--save-every", &t.save_every, 0, BIG), INT_FLAG("--stop-after", &t.stop_after, 1, BIG),
         SWITCH_FLAG("--resume", &t.resume), INT_FLAG("--threads", &t.threads, 1, 4096),
-        SWITCH_FLAG("--verbose", &t.verbose),
+        SWITCH_FLAG("--verbose", &t.verbose), CHOICE_FLAG("--precision", &t.precision, precision_names),
     };
     int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;

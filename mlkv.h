@@ -192,6 +192,11 @@ const ParamInfo *model_param(const Model *m, const char *name);
  * products in k order: results do not depend on the thread count or on M. */
 void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
           float *c, int accumulate, const float *bias);
+/* fp32 products (the default), or bf16 inputs with fp32 sums. With bf16 the
+ * AMX tile kernel runs where the CPU has it and allow_amx is set, else a
+ * portable one. Returns 1 when the AMX kernel is in use. */
+typedef enum { PRECISION_FP32, PRECISION_BF16 } Precision;
+int gemm_set_precision(Precision precision, int allow_amx);
 
 /* ---------------------------------------------------------------------------
  * Generation: a KV cache that holds the owning layers' K/V only,

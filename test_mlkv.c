@@ -241,6 +241,105 @@ static void test_cached_decoding(void) {
            sizeof(fixture_names) / sizeof(fixture_names[0]));
 }
 
+/* --- the GEMM against a naive product ------------------------------------- */
+
+/* bf16 rounding of x, as the bf16 GEMM packs its inputs (nearest even) */
+static double bf16_round(float x) {
+    unsigned u;
+    memcpy(&u, &x, sizeof(u));
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    u &= 0xFFFF0000u;
+    float r;
+    memcpy(&r, &u, sizeof(r));
+    return r;
+}
+
+/* C = bias + A B with the three stride layouts mlkv uses (forward: B = W^T;
+ * input gradient: B = W; weight gradient: A = dout^T, accumulating into C),
+ * against a product in double. The error of each element is measured against
+ * sum_k |a_ik b_kj| (the scale of its rounding errors); fp32 must stay below
+ * 1e-6 of it, bf16 (inputs rounded, fp32 sums) below 1e-5 of the product of
+ * the rounded inputs. Returns the worst error. */
+static double gemm_case(int M, int N, int K, int layout, int bf16) {
+    float *a = malloc(sizeof(float) * M * K), *b = malloc(sizeof(float) * K * N), *c = malloc(sizeof(float) * M * N);
+    float *bias = malloc(sizeof(float) * N), *c0 = malloc(sizeof(float) * M * N);
+    unsigned s = (unsigned)(M * 131 + N * 7 + K + layout);
+    for (int i = 0; i < M * K; i++) s = s * 1103515245u + 12345u, a[i] = (float)((int)(s >> 16) % 2001 - 1000) / 997.0f;
+    for (int i = 0; i < K * N; i++) s = s * 1103515245u + 12345u, b[i] = (float)((int)(s >> 16) % 2001 - 1000) / 991.0f;
+    for (int i = 0; i < N; i++) bias[i] = (float)i / (float)N - 0.5f;
+    for (int i = 0; i < M * N; i++) c[i] = c0[i] = (float)(i % 17) / 17.0f;
+    /* logical A(i, k), B(k, j) of each layout, over the same buffers */
+    size_t ar = layout == 2 ? 1 : (size_t)K, ac = layout == 2 ? (size_t)M : 1;
+    size_t br = layout == 0 ? 1 : (size_t)N, bc = layout == 0 ? (size_t)K : 1;
+    int accumulate = layout == 2;
+    gemm(M, N, K, a, ar, ac, b, br, bc, c, accumulate, accumulate ? NULL : bias);
+    double worst = 0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double ref = accumulate ? c0[i * N + j] : bias[j], scale = fabs(ref);
+            for (int k = 0; k < K; k++) {
+                double x = a[i * ar + k * ac], y = b[k * br + j * bc];
+                if (bf16) x = bf16_round((float)x), y = bf16_round((float)y);
+                ref += x * y;
+                scale += fabs(x * y);
+            }
+            worst = fmax(worst, fabs(c[i * N + j] - ref) / scale);
+        }
+    free(a); free(b); free(c); free(bias); free(c0);
+    return worst;
+}
+
+static void test_gemm(void) {
+    const int shapes[][3] = {{1, 1, 1}, {1, 7, 33}, {7, 33, 5}, {33, 7, 257}, {13, 257, 70}, {257, 33, 300},
+                             {40, 65, 513}, {3, 50304, 768}, {2, 768, 2100}};
+    const char *layouts[3] = {"forward", "input gradient", "weight gradient"};
+    double worst[2] = {0, 0};
+    for (int bf16 = 0; bf16 <= 1; bf16++) {
+        gemm_set_precision(bf16 ? PRECISION_BF16 : PRECISION_FP32, 1);
+        for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+            for (int layout = 0; layout < 3; layout++) {
+                double e = gemm_case(shapes[s][0], shapes[s][1], shapes[s][2], layout, bf16);
+                CHECK(e < (bf16 ? 1e-5 : 1e-6), "gemm %s %dx%dx%d %s: error %.3g", bf16 ? "bf16" : "fp32", shapes[s][0],
+                      shapes[s][1], shapes[s][2], layouts[layout], e);
+                worst[bf16] = fmax(worst[bf16], e);
+            }
+    }
+    gemm_set_precision(PRECISION_FP32, 1);
+    printf("  gemm vs a naive product, %zu shapes x 3 layouts: worst fp32 %.1e, bf16 %.1e (of sum |a b|)\n",
+           sizeof(shapes) / sizeof(shapes[0]), worst[0], worst[1]);
+}
+
+/* Each row of C is computed the same way however many rows there are (so a
+ * decoding step equals the full pass), and bf16 on AMX agrees with the
+ * portable kernel. */
+static void test_gemm_rows_and_kernels(void) {
+    int M = 50, N = 70, K = 600;
+    float *a = malloc(sizeof(float) * M * K), *w = malloc(sizeof(float) * N * K);
+    float *all = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N), *portable = malloc(sizeof(float) * M * N);
+    for (int i = 0; i < M * K; i++) a[i] = sinf((float)i * 0.37f);
+    for (int i = 0; i < N * K; i++) w[i] = cosf((float)i * 0.11f);
+    int same = 1;
+    for (int bf16 = 0; bf16 <= 1; bf16++) {
+        gemm_set_precision(bf16 ? PRECISION_BF16 : PRECISION_FP32, 1);
+        gemm(M, N, K, a, K, 1, w, 1, K, all, 0, NULL);
+        for (int i = 0; i < M; i++) {
+            gemm(1, N, K, a + (size_t)i * K, K, 1, w, 1, K, one, 0, NULL);
+            same &= memcmp(one, all + (size_t)i * N, sizeof(float) * N) == 0;
+        }
+    }
+    CHECK(same, "a row of the GEMM differs when computed alone");
+    int amx = gemm_set_precision(PRECISION_BF16, 1);
+    gemm(M, N, K, a, K, 1, w, 1, K, all, 0, NULL);
+    gemm_set_precision(PRECISION_BF16, 0);
+    gemm(M, N, K, a, K, 1, w, 1, K, portable, 0, NULL);
+    gemm_set_precision(PRECISION_FP32, 1);
+    double e = scaled_error(all, portable, (size_t)M * N);
+    CHECK(e < 1e-6, "bf16: %s kernel vs portable kernel: %.3g", amx ? "AMX" : "portable", e);
+    printf("  gemm rows alone equal the whole product; bf16 %s kernel vs portable: %.1e\n",
+           amx ? "AMX" : "(no AMX here) portable", e);
+    free(a); free(w); free(all); free(one); free(portable);
+}
+
 /* --- central finite differences against the analytic gradient ------------- */
 
 static void test_finite_differences(void) {
@@ -997,6 +1096,8 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof(fixture_names) / sizeof(fixture_names[0]); i++) test_fixture(fixture_names[i], &worst);
     printf("  worst: logits %.1e, loss %.1e, grads %.1e, steps %.1e, params %.1e\n", worst.logits, worst.loss,
            worst.grad, worst.step_loss, worst.param);
+    test_gemm();
+    test_gemm_rows_and_kernels();
     test_finite_differences();
     test_cached_decoding();
     test_sample_and_bench();

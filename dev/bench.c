@@ -14,7 +14,7 @@
  * included) + 12 x L x C x T (attention scores and weighted sums, forward and
  * backward, counted without the causal half, as PaLM's MFU does).
  *
- * usage: build/bench [--threads N] [--steps N] [--quick] [--case MODEL:BxT ...]
+ * usage: build/bench [--threads N] [--steps N] [--quick] [--case MODEL:BxT[:bf16] ...]
  */
 #include "../mlkv.h"
 #include <stdio.h>
@@ -129,7 +129,7 @@ static double step_flops_per_token(const Model *m, int T) {
     return 6.0 * matmul_params + 12.0 * c->n_layer * c->hidden_size * T;
 }
 
-static int bench_train(const char *variant, int B, int T, int steps, double peak) {
+static int bench_train(const char *variant, int B, int T, const char *precision, int steps, double peak) {
     Config c;
     if (config_load(&c, "dev/pythia-160m.config.json", NULL) != 0) { fprintf(stderr, "%s\n", mlkv_error()); return 1; }
     if (strcmp(variant, "MLKV-2") == 0) { /* the converter's MLKV-2: 2 owning layers of 1 K/V head, MLP grown */
@@ -137,6 +137,7 @@ static int bench_train(const char *variant, int B, int T, int steps, double peak
         c.n_kv_head = 1;
         c.intermediate_size = 3830;
     }
+    int bf16 = strcmp(precision, "bf16") == 0, amx = gemm_set_precision(bf16 ? PRECISION_BF16 : PRECISION_FP32, 1);
     Model m;
     if (model_init_random(&m, &c, 1) != 0 || model_prepare(&m, B, T, 1) != 0) {
         fprintf(stderr, "%s\n", mlkv_error());
@@ -164,8 +165,9 @@ static int bench_train(const char *variant, int B, int T, int steps, double peak
     double tok_s = (double)B * T * steps / t_total, fpt = step_flops_per_token(&m, T);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("| %s | %d x %d | fp32 | %.1f | %.0f | %.0f | %.2f | %.2f | %.1f |\n", variant, B, T, tok_s, tok_s * fpt / 1e9,
-           peak, tok_s * fpt / 1e9 / peak, (double)ru.ru_maxrss / 1048576.0, loss);
+    printf("| %s | %d x %d | %s | %.1f | %.0f | %.0f | %.2f | %.2f | %.2f |\n", variant, B, T,
+           bf16 ? (amx ? "bf16 (AMX)" : "bf16 (portable)") : "fp32", tok_s, tok_s * fpt / 1e9, peak,
+           tok_s * fpt / 1e9 / peak, (double)ru.ru_maxrss / 1048576.0, loss);
     free(tokens);
     model_free(&m);
     return 0;
@@ -176,8 +178,9 @@ static void usage(void) {
                     "  --threads N   OpenMP threads (all cores)\n"
                     "  --steps N     timed training steps per case, after one warm-up (2)\n"
                     "  --quick       skip the GEMM table\n"
-                    "  --case C      a training case, MHA or MLKV-2 with B x T, e.g. MLKV-2:1x2048\n"
-                    "                (repeatable; default MHA and MLKV-2 at 8x256 and 1x2048)\n");
+                    "  --case C      a training case: MHA or MLKV-2, B x T, and fp32 (default) or bf16,\n"
+                    "                e.g. MLKV-2:1x2048:bf16 (repeatable; default: MHA and MLKV-2 at 8x256\n"
+                    "                and 1x2048, fp32 and bf16)\n");
 }
 
 int main(int argc, char **argv) {
@@ -188,19 +191,21 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) steps = atoi(argv[++i]);
         else if (strcmp(argv[i], "--quick") == 0) quick = 1;
         else if (strcmp(argv[i], "--case") == 0 && i + 1 < argc && n_cases < 16) cases[n_cases++] = argv[++i];
-        else if (strcmp(argv[i], "--train-case") == 0 && i + 5 < argc) { /* internal: one case per process */
+        else if (strcmp(argv[i], "--train-case") == 0 && i + 6 < argc) { /* internal: one case per process */
 #ifdef _OPENMP
             if (n_threads > 0) omp_set_num_threads(n_threads);
 #endif
-            return bench_train(argv[i + 1], atoi(argv[i + 2]), atoi(argv[i + 3]), atoi(argv[i + 4]), atof(argv[i + 5]));
+            return bench_train(argv[i + 1], atoi(argv[i + 2]), atoi(argv[i + 3]), argv[i + 4], atoi(argv[i + 5]),
+                               atof(argv[i + 6]));
         } else { usage(); return 2; }
     }
 #ifdef _OPENMP
     if (n_threads > 0) omp_set_num_threads(n_threads);
 #endif
     if (n_cases == 0) {
-        static const char *all[4] = {"MHA:8x256", "MHA:1x2048", "MLKV-2:8x256", "MLKV-2:1x2048"};
-        for (n_cases = 0; n_cases < 4; n_cases++) cases[n_cases] = all[n_cases];
+        static const char *all[8] = {"MHA:8x256",      "MHA:1x2048",      "MLKV-2:8x256",      "MLKV-2:1x2048",
+                                     "MHA:8x256:bf16", "MHA:1x2048:bf16", "MLKV-2:8x256:bf16", "MLKV-2:1x2048:bf16"};
+        for (n_cases = 0; n_cases < 8; n_cases++) cases[n_cases] = all[n_cases];
     }
     double peak = measure_peak();
     printf("threads: %d\nfp32 FMA peak, measured: %.0f GFLOP/s (%.1f per thread)\n", threads(), peak, peak / threads());
@@ -211,16 +216,17 @@ int main(int argc, char **argv) {
     printf("|---|---|---|---|---|---|---|---|---|\n");
     fflush(stdout);
     for (int i = 0; i < n_cases; i++) {
-        char model[32], cmd[1024];
+        char model[32], precision[8] = "fp32", cmd[1024];
         int B, T;
-        if (sscanf(cases[i], "%31[^:]:%dx%d", model, &B, &T) != 3 || B < 1 || T < 1 ||
-            (strcmp(model, "MHA") != 0 && strcmp(model, "MLKV-2") != 0)) {
+        int fields = sscanf(cases[i], "%31[^:]:%dx%d:%7s", model, &B, &T, precision);
+        if (fields < 3 || B < 1 || T < 1 || (strcmp(model, "MHA") != 0 && strcmp(model, "MLKV-2") != 0) ||
+            (strcmp(precision, "fp32") != 0 && strcmp(precision, "bf16") != 0)) {
             fprintf(stderr, "bench: bad case %s\n", cases[i]);
             usage();
             return 2;
         }
-        snprintf(cmd, sizeof(cmd), "%s --threads %d --train-case %s %d %d %d %.3f", argv[0], threads(), model, B, T,
-                 steps, peak);
+        snprintf(cmd, sizeof(cmd), "%s --threads %d --train-case %s %d %d %s %d %.3f", argv[0], threads(), model, B, T,
+                 precision, steps, peak);
         if (system(cmd) != 0) { fprintf(stderr, "bench: %s failed\n", cmd); return 1; }
     }
     return 0;
