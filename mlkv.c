@@ -1980,6 +1980,9 @@ __attribute__((target("amx-tile"))) static void amx_configure(void) {
     memset(&shapes, 0, sizeof(shapes));
     shapes.palette = 1;
     for (int t = 0; t < 8; t++) shapes.rows[t] = 16, shapes.bytes_per_row[t] = 64;
+    /* gcc 12's _tile_loadconfig tells the compiler it reads 8 bytes, and the
+     * stores above were dropped as dead at -O2: make them happen first */
+    __asm__ __volatile__("" : : "m"(shapes) : "memory");
     _tile_loadconfig(&shapes);
 }
 
