@@ -345,9 +345,9 @@ static void test_gemm_rows_and_kernels(void) {
 static void test_finite_differences(void) {
     Model m;
     CHECK(model_load(&m, "dev/fixtures/mlkv_2x2_compat") == 0, "load: %s", mlkv_error());
-    /* 320 rows: the training pass computes the head in two chunks of rows,
-     * attention spans several key and query blocks */
-    int B = 5, T = 64, N = B * T, inputs[320], targets[320];
+    /* 576 rows: the training pass computes the head in two chunks of rows
+     * (HEAD_ROWS = 512), attention spans several key and query blocks */
+    int B = 9, T = 64, N = B * T, inputs[576], targets[576];
     unsigned s = 7;
     for (int i = 0; i < N; i++) {
         s = s * 1103515245u + 12345u;
