@@ -2057,32 +2057,42 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
      * ragged last panel of A is packed (measured: in-place columns of A, and
      * in-place B, were slower than packing them). bf16 packs everything. */
     int a_in_place = !bf16 && a_col == 1;
-    for (int m0 = 0; m0 < M; m0 += GEMM_MC)
-        for (int n0 = 0; n0 < N; n0 += GEMM_NC)
-            for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
-                int mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC, nc = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
-                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC, kc32 = (kc + 31) / 32 * 32;
-                int a_panels = (mc + mr - 1) / mr, b_panels = (nc + nr - 1) / nr;
-                int a_packed_from = a_in_place ? mc / mr : 0, a_packs = a_panels - a_packed_from;
-                int tasks_down = (mc + task_rows - 1) / task_rows;
-                /* the first slice of K starts from the bias (or zero) unless C accumulates */
-                const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zeros;
+    /* With few rows or columns, slices of K longer than GEMM_KC (as long as
+     * the packed blocks hold) give each pass of the threads more work */
+    int rows_packed = a_in_place ? mr : ((M < GEMM_MC ? M : GEMM_MC) + mr - 1) / mr * mr;
+    int cols_packed = ((N < GEMM_NC ? N : GEMM_NC) + nr - 1) / nr * nr;
+    int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed : GEMM_NC / cols_packed;
+    int k_slice = GEMM_KC * (k_scale < 1 ? 1 : k_scale > 8 ? 8 : k_scale);
+    /* one parallel region for the whole product: every thread walks the same
+     * blocks, and the implicit barriers of the two loops keep packing and
+     * multiplying apart */
 PARALLEL_REGION
-                {
-                    if (bf16 && gemm_use_amx) amx_configure();
+    {
+        if (bf16 && gemm_use_amx) amx_configure();
+        for (int m0 = 0; m0 < M; m0 += GEMM_MC)
+            for (int n0 = 0; n0 < N; n0 += GEMM_NC)
+                for (int k0 = 0; k0 < K; k0 += k_slice) {
+                    int mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC, nc = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
+                    int kc = K - k0 < k_slice ? K - k0 : k_slice, kc32 = (kc + 31) / 32 * 32;
+                    int a_panels = (mc + mr - 1) / mr, b_panels = (nc + nr - 1) / nr;
+                    int a_packed_from = a_in_place ? mc / mr : 0, a_packs = a_panels - a_packed_from;
+                    int tasks_down = (mc + task_rows - 1) / task_rows;
+                    /* the first slice of K starts from the bias (or zero) unless C accumulates */
+                    const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zeros;
 OMP_FOR
                     for (int q = 0; q < a_packs + b_panels; q++) {
-                        int is_b = q >= a_packs, p = is_b ? q - a_packs : a_packed_from + q;
+                        /* slot: the panel's place in the packed block (A packs from a_packed_from on) */
+                        int is_b = q >= a_packs, slot = is_b ? q - a_packs : q, p = is_b ? slot : a_packed_from + q;
                         int r0 = (is_b ? n0 : m0) + p * (is_b ? nr : mr), end = is_b ? N : M;
                         int rows = end - r0 < (is_b ? nr : mr) ? end - r0 : (is_b ? nr : mr);
                         const float *x = is_b ? b + k0 * b_row + r0 * b_col : a + r0 * a_row + k0 * a_col;
                         size_t r_stride = is_b ? b_col : a_row, k_stride = is_b ? b_row : a_col;
                         if (bf16)
-                            pack_panel_bf16((is_b ? gemm_bf16_b : gemm_bf16_a) + (size_t)p * BF16_TILE * kc32, x,
+                            pack_panel_bf16((is_b ? gemm_bf16_b : gemm_bf16_a) + (size_t)slot * BF16_TILE * kc32, x,
                                             r_stride, k_stride, rows, kc, is_b);
                         else
-                            pack_panel((is_b ? gemm_packed_b : gemm_packed_a) + (size_t)p * (is_b ? nr : mr) * kc, x,
-                                       r_stride, k_stride, rows, kc, is_b ? nr : mr);
+                            pack_panel((is_b ? gemm_packed_b : gemm_packed_a) + (size_t)slot * (is_b ? nr : mr) * kc,
+                                       x, r_stride, k_stride, rows, kc, is_b ? nr : mr);
                     }
 OMP_FOR_2
                     for (int down = 0; down < tasks_down; down++)
@@ -2099,16 +2109,16 @@ OMP_FOR_2
                                                     rows, cols);
                                     continue;
                                 }
-                                const float *ap = gemm_packed_a + (size_t)p * GEMM_MR * kc;
+                                const float *ap = gemm_packed_a + (size_t)(p - a_packed_from) * GEMM_MR * kc;
                                 size_t ar = 1, ac = GEMM_MR;
                                 if (p < a_packed_from) ap = a + (m0 + i0) * a_row + k0 * a_col, ar = a_row, ac = a_col;
                                 gemm_block(kc, ap, ar, ac, gemm_packed_b + (size_t)across * GEMM_NR * kc, ct, N,
                                            tile_init, rows, cols);
                             }
                         }
-                    if (bf16 && gemm_use_amx) amx_release();
                 }
-            }
+        if (bf16 && gemm_use_amx) amx_release();
+    }
 }
 
 /* --- matmul: a Linear layer in PyTorch's layout, on top of gemm.
@@ -3170,8 +3180,22 @@ double lr_at_step(const OptimConfig *o, int step) {
 }
 
 double clip_gradients(Model *m, double clip) {
-    double sumsq = 0;
-    for (size_t i = 0; i < m->num_parameters; i++) sumsq += (double)m->grad_memory[i] * m->grad_memory[i];
+    /* sum of squares in at most 1024 chunks whose bounds depend on the
+     * parameter count alone, summed by all threads, then added in order: the
+     * same bits on any number of threads */
+    enum { MAX_CHUNKS = 1024 };
+    double partial[MAX_CHUNKS], sumsq = 0;
+    size_t n = m->num_parameters, chunk = n / MAX_CHUNKS + 1;
+    chunk = chunk < 65536 ? 65536 : chunk;
+    int chunks = (int)((n + chunk - 1) / chunk);
+PARALLEL_FOR
+    for (int c = 0; c < chunks; c++) {
+        size_t end = (size_t)(c + 1) * chunk < n ? (size_t)(c + 1) * chunk : n;
+        double s = 0;
+        for (size_t i = (size_t)c * chunk; i < end; i++) s += (double)m->grad_memory[i] * m->grad_memory[i];
+        partial[c] = s;
+    }
+    for (int c = 0; c < chunks; c++) sumsq += partial[c];
     double norm = sqrt(sumsq);
     if (clip > 0 && clip / (norm + 1e-6) < 1.0) {
         float coef = (float)(clip / (norm + 1e-6));
