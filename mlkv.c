@@ -2391,11 +2391,19 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
             float *si = s + i * ATT_KB;
             int visible = pos0 + i - s0 + 1; /* keys s0 .. pos0+i of this block */
             visible = visible < keys ? visible : keys;
-            for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? si[j] * scale : -INFINITY;
+            /* (every loop below computes all ATT_KB columns and then selects:
+             * no conditional loads, so the compiler vectorizes them) */
+            for (int j = 0; j < ATT_KB; j++) {
+                float x = si[j] * scale;
+                si[j] = j < visible ? x : -INFINITY;
+            }
             float max = row_max(si);
             max = max > m[i] ? max : m[i];
             float correction = exp_fast(m[i] - max); /* rescale what was summed under the old max */
-            for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? exp_fast(si[j] - max) : 0.0f;
+            for (int j = 0; j < ATT_KB; j++) {
+                float p = exp_fast(si[j] - max);
+                si[j] = j < visible ? p : 0.0f;
+            }
             l[i] = l[i] * correction + row_sum(si);
             m[i] = max;
             if (correction != 1.0f)
@@ -2457,10 +2465,10 @@ static void attention_backward_queries(float *dq, float *delta, const float *dou
         for (int i = 0; i < ATT_QB; i++) { /* dp becomes scale * ds */
             int visible = i < rows ? t0 + i - s0 + 1 : 0;
             visible = visible < keys ? visible : keys;
-            float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
+            float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB, lse_i = L[i], delta_i = D[i];
             for (int j = 0; j < ATT_KB; j++) {
-                float p = j < visible ? exp_fast(si[j] * scale - L[i]) : 0.0f;
-                dpi[j] = p * (dpi[j] - D[i]) * scale;
+                float p = exp_fast(si[j] * scale - lse_i);
+                dpi[j] = j < visible ? p * (dpi[j] - delta_i) * scale : 0.0f;
             }
         }
         weighted_rows(acc, dp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += scale ds k */
@@ -2496,9 +2504,9 @@ static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *d
             float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
             for (int j = 0; j < ATT_KB; j++) {
                 int visible = j >= first && j < queries;
-                float p = visible ? exp_fast(si[j] * scale - lse_j[j]) : 0.0f;
-                si[j] = p;
-                dpi[j] = p * (dpi[j] - delta_j[j]) * scale;
+                float p = exp_fast(si[j] * scale - lse_j[j]), ds = p * (dpi[j] - delta_j[j]) * scale;
+                si[j] = visible ? p : 0.0f;
+                dpi[j] = visible ? ds : 0.0f;
             }
         }
         weighted_rows(dv_acc, s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
