@@ -2045,10 +2045,44 @@ static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, floa
         for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * BF16_TILE + j];
 }
 
+/* A forward product of a few rows (a decoding step: one row per sequence),
+ * C[M, N] = start + A[M, K] W[N, K]^T with A's and W's rows contiguous,
+ * without packing: packing W^T costs more than the product when M is small.
+ * THIN_COLS outputs at a time read THIN_COLS rows of W side by side, each
+ * output summing its products in k order from its start, as the kernel does:
+ * the same bits as the packed path. */
+#define THIN_ROWS 4
+#define THIN_COLS 16
+static void gemm_thin(int M, int N, int K, const float *a, size_t a_row, const float *w, size_t w_row, float *c,
+                      int accumulate, const float *bias) {
+    int blocks = (N + THIN_COLS - 1) / THIN_COLS;
+PARALLEL_FOR
+    for (int blk = 0; blk < blocks; blk++) {
+        int j0 = blk * THIN_COLS, cols = N - j0 < THIN_COLS ? N - j0 : THIN_COLS;
+        float acc[THIN_ROWS][THIN_COLS] = {{0}};
+        const float *wj[THIN_COLS];
+        for (int j = 0; j < THIN_COLS; j++) wj[j] = w + (size_t)(j0 + (j < cols ? j : 0)) * w_row;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < cols; j++)
+                acc[i][j] = accumulate ? c[(size_t)i * N + j0 + j] : bias ? bias[j0 + j] : 0.0f;
+        for (int k = 0; k < K; k++)
+            for (int i = 0; i < THIN_ROWS; i++) {
+                float x = i < M ? a[i * a_row + k] : 0.0f;
+                for (int j = 0; j < THIN_COLS; j++) acc[i][j] += x * wj[j][k];
+            }
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < cols; j++) c[(size_t)i * N + j0 + j] = acc[i][j];
+    }
+}
+
 void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
           float *c, int accumulate, const float *bias) {
     static const float zeros[GEMM_NC];
     int bf16 = gemm_precision == PRECISION_BF16;
+    if (!bf16 && M <= THIN_ROWS && a_col == 1 && b_row == 1) {
+        gemm_thin(M, N, K, a, a_row, b, b_col, c, accumulate, bias);
+        return;
+    }
     int mr = bf16 ? BF16_TILE : GEMM_MR, nr = bf16 ? BF16_TILE : GEMM_NR;
     int task_rows = bf16 ? 2 * BF16_TILE : GEMM_TASK_ROWS;
     /* fp32: A is read in place when its rows are contiguous (a_col = 1:
