@@ -9,8 +9,9 @@
  *   5. safetensors and checkpoints
  *   6. token files and the data loader
  *   7. the tokenizer (tokenizer.json): decoding, and encoding of ASCII text
- *   8. kernels, each a *_forward / *_backward pair: matmul, layernorm, gelu,
- *      rotary, MLKV attention, cross-entropy
+ *   8. kernels: the GEMM (fp32, and bf16 inputs on AMX tiles), then
+ *      *_forward / *_backward pairs: matmul, layernorm, gelu, rotary, MLKV
+ *      attention, cross-entropy
  *   9. the model: forward and backward
  *  10. generation: prefill and decoding with a KV cache of the owning layers
  *  11. AdamW, gradient clipping, the learning-rate schedule
@@ -1771,19 +1772,24 @@ static inline void axpy(float *y, float alpha, const float *x, int n) {
  *   GEMM_NR contiguous numbers of B. With AVX-512 that is 12 x 32 floats =
  *   24 of the 32 zmm registers, 24 vector FMAs per k against 12 broadcasts
  *   and 2 vector loads, so the FMA units, not the loads, set the pace.
- * - For the kernel to read unit-stride memory, A and B are first *packed*:
- *   copied into panels in which the GEMM_MR (or GEMM_NR) numbers one k step
- *   needs are adjacent. Packing turns every stride into unit stride (so the
- *   transposes are free) and pads ragged edges with zeros, so the kernel has
- *   no branches. It costs one pass over A and B, against M*N*K FMAs.
- * - K is cut into slices of GEMM_KC: a packed B panel (KC x NR, 32 KiB) then
- *   stays in the L1 cache while the kernel walks down a strip of A panels
- *   (GEMM_TASK_ROWS x KC, 96 KiB, L2); the packed blocks of A and B together
+ * - For the kernel to read unit-stride memory, B is first *packed*: copied
+ *   into panels in which the GEMM_NR numbers one k step needs are adjacent.
+ *   Packing turns any stride into unit stride (so the transpose W^T is free)
+ *   and pads ragged edges with zeros, so the kernel has no branches. It costs
+ *   one pass over B, against M*N*K FMAs. A needs no such help when its rows
+ *   are contiguous (the broadcasts take any address); otherwise (A = dout^T)
+ *   it is packed into GEMM_MR-row panels too.
+ * - K is cut into slices of GEMM_KC (longer for thin products): a packed B
+ *   panel (KC x NR, 32 KiB) stays in the L1 cache while the kernel walks down
+ *   a strip of rows of A (GEMM_TASK_ROWS x KC, 96 KiB, L2); the packed blocks
  *   (GEMM_MC x KC and KC x GEMM_NC floats, 4.25 MiB) stay in L2/L3.
+ * - A product of at most THIN_ROWS rows (a decoding step) skips packing:
+ *   see gemm_thin.
  * Threads split the tiles of C, never K, and every element of C sums its
  * products in k order whatever the tiling: results do not depend on the
  * thread count or on M, so a one-token decoding step computes the same bits
- * as the full forward pass. */
+ * as the full forward pass. (The measurements behind these choices: make
+ * bench, README's Speed.) */
 #if defined(__AVX512F__)
 #define GEMM_MR 12 /* 12 x 32 accumulators: 24 zmm registers */
 #define GEMM_NR 32
@@ -2709,7 +2715,7 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
     GradScratch *d = &m->d;
     BufferSpec act[] = {
         {"residual stream [L+1,B,T,C]", &a->residual, (L + 1) * N * C},
-        {"ln1 [B,T,C] (recomputed in the backward pass)", &a->ln1, N * C},
+        {"ln1 [B,T,C], recomputed", &a->ln1, N * C},
         {"ln1 stats [L,B,T,2]", &a->ln1_stats, L * N * 2},
         {"queries [L,B,T,H*hs]", &a->q, L * N * qd},
         {"keys before rotary [kvL,B,T,kvH*hs]", &a->k_pre, k_pre},
@@ -2720,17 +2726,17 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
         {"KV-MLP values hidden pre-GELU [kvL,B,T,kvI]", &a->v_hidden_pre, KVL * N * kvI},
         {"KV-MLP values hidden [kvL,B,T,kvI]", &a->v_hidden, KVL * N * kvI},
         {"attention log-sum-exp [L,B,H,T]", &a->att_lse, L * stats},
-        {"attention head panels [2,B,kvH+H,T,hs] (scratch)", &a->att_panels, att_panels},
+        {"attention panels [2,B,kvH+H,T,hs]", &a->att_panels, att_panels},
         {"attention output [L,B,T,C]", &a->att_out, L * N * C},
         {"sequential residual [L,B,T,C]", &a->resid_mid, c->parallel_residual ? 0 : L * N * C},
-        {"ln2 [B,T,C] (recomputed)", &a->ln2, N * C},
+        {"ln2 [B,T,C], recomputed", &a->ln2, N * C},
         {"ln2 stats [L,B,T,2]", &a->ln2_stats, L * N * 2},
         {"mlp pre-GELU [L,B,T,I]", &a->fc_pre, L * N * I},
-        {"mlp post-GELU [B,T,I] (recomputed)", &a->fc_act, N * I},
+        {"mlp post-GELU [B,T,I], recomputed", &a->fc_act, N * I},
         {"final LN [B,T,C] + stats", &a->lnf, N * C},
         {"final LN stats [B,T,2]", &a->lnf_stats, N * 2},
         {"branch output [B,T,C]", &a->branch, N * C},
-        {"logits [rows,V], rows of the head at once", &a->logits, head * V},
+        {"logits [head rows,V]", &a->logits, head * V},
         {"losses [B,T]", &a->losses, N},
         {"log-sum-exp of the logits [B,T]", &a->logits_lse, N},
     };
@@ -2826,7 +2832,9 @@ void model_print_memory(const Model *m) {
             if (grads[i].floats) printf("  %-40s %10.1f MiB\n", grads[i].name, grads[i].floats * 4 / MiB);
         printf("  %-40s %10.1f MiB\n", "= gradient scratch", m->scratch_floats * 4 / MiB);
     }
-    double total = P * (m->grad_memory ? 4 : 1) + (double)(m->act_floats + m->scratch_floats) * 4;
+    double packs = (double)(sizeof(gemm_packed_a) + sizeof(gemm_packed_b) + sizeof(gemm_bf16_a) + sizeof(gemm_bf16_b));
+    printf("  %-40s %10.1f MiB\n", "GEMM packing blocks (static, at most)", packs / MiB);
+    double total = P * (m->grad_memory ? 4 : 1) + (double)(m->act_floats + m->scratch_floats) * 4 + packs;
     printf("  %-40s %10.1f MiB\n", "total", total / MiB);
 }
 
