@@ -2458,7 +2458,7 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
 }
 
 /* panels: [B, kvH, PADDED_T(T) * hs] scratch for the keys' head panels */
-static void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v,
+void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v,
                               int B, int T, int H, int kvH, int hs) {
     int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB;
     float scale = 1.0f / sqrtf((float)hs);
@@ -2556,7 +2556,7 @@ static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *d
 
 /* panels: [2 * B * (kvH + H) * PADDED_T(T) * hs] scratch for head panels of
  * keys, values, queries and output gradients */
-static void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout,
+void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout,
                                const float *q, const float *k, const float *v, const float *out, const float *lse,
                                int B, int T, int H, int kvH, int hs) {
     int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB, width = HEAD_WIDTH(hs);

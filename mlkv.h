@@ -198,6 +198,17 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
 typedef enum { PRECISION_FP32, PRECISION_BF16 } Precision;
 int gemm_set_precision(Precision precision, int allow_amx);
 
+/* Causal MLKV attention of one layer (query head h reads K/V head h / (H/kvH)):
+ * q [B, T, H*hs], k, v [B, T, kvH*hs] -> out [B, T, H*hs], lse [B, H, T] (the
+ * log-sum-exp of each softmax row). The backward pass overwrites dq and adds
+ * into dk, dv; delta [B, H, T] is scratch. panels: scratch of
+ * 2 * B * (kvH + H) * T32 * hs floats, T32 = T rounded up to a multiple of 32. */
+void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v, int B,
+                       int T, int H, int kvH, int hs);
+void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout, const float *q,
+                        const float *k, const float *v, const float *out, const float *lse, int B, int T, int H,
+                        int kvH, int hs);
+
 /* ---------------------------------------------------------------------------
  * Generation: a KV cache that holds the owning layers' K/V only,
  * 2 * kvL * kvH * head_size floats per token */

@@ -340,6 +340,105 @@ static void test_gemm_rows_and_kernels(void) {
     free(a); free(w); free(all); free(one); free(portable);
 }
 
+/* --- the tiled attention against the textbook one ------------------------- */
+
+/* Causal softmax attention computed the plain way, in double, with the whole
+ * [T, T] matrix of probabilities: out, lse, and for a given dout the
+ * gradients dq, dk, dv (ds = p (dp - sum_s p dp), dq = scale ds k,
+ * dk = scale ds^T q, dv = p^T dout). */
+static void attention_reference(double *out, double *lse, double *dq, double *dk, double *dv, const float *q,
+                                const float *k, const float *v, const float *dout, int B, int T, int H, int kvH,
+                                int hs) {
+    double scale = 1.0 / sqrt((double)hs), *p = malloc(sizeof(double) * T), *dp = malloc(sizeof(double) * T);
+    size_t qd = (size_t)H * hs, kvd = (size_t)kvH * hs;
+    memset(dk, 0, sizeof(double) * B * T * kvd);
+    memset(dv, 0, sizeof(double) * B * T * kvd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + ((size_t)b * T + t) * qd + h * hs, *dot = dout + ((size_t)b * T + t) * qd + h * hs;
+                size_t kv0 = (size_t)b * T * kvd + (size_t)(h / (H / kvH)) * hs;
+                double max = -INFINITY, sum = 0, D = 0;
+                for (int s = 0; s <= t; s++) {
+                    double x = 0;
+                    for (int d = 0; d < hs; d++) x += (double)qt[d] * k[kv0 + s * kvd + d];
+                    p[s] = x * scale;
+                    max = fmax(max, p[s]);
+                }
+                for (int s = 0; s <= t; s++) sum += (p[s] = exp(p[s] - max));
+                double *o = out + ((size_t)b * T + t) * qd + h * hs;
+                for (int d = 0; d < hs; d++) o[d] = 0;
+                for (int s = 0; s <= t; s++) {
+                    p[s] /= sum;
+                    for (int d = 0; d < hs; d++) o[d] += p[s] * v[kv0 + s * kvd + d];
+                }
+                lse[((size_t)b * H + h) * T + t] = max + log(sum);
+                for (int s = 0; s <= t; s++) {
+                    dp[s] = 0;
+                    for (int d = 0; d < hs; d++) dp[s] += (double)dot[d] * v[kv0 + s * kvd + d];
+                    D += p[s] * dp[s];
+                }
+                double *dqt = dq + ((size_t)b * T + t) * qd + h * hs;
+                for (int d = 0; d < hs; d++) dqt[d] = 0;
+                for (int s = 0; s <= t; s++) {
+                    double ds = p[s] * (dp[s] - D) * scale;
+                    for (int d = 0; d < hs; d++) {
+                        dqt[d] += ds * k[kv0 + s * kvd + d];
+                        dk[kv0 + s * kvd + d] += ds * qt[d];
+                        dv[kv0 + s * kvd + d] += p[s] * dot[d];
+                    }
+                }
+            }
+    free(p);
+    free(dp);
+}
+
+static double max_error(const float *x, const double *ref, size_t n) {
+    double e = 0, scale = 0;
+    for (size_t i = 0; i < n; i++) e = fmax(e, fabs(x[i] - ref[i])), scale = fmax(scale, fabs(ref[i]));
+    return scale > 0 ? e / scale : e;
+}
+
+/* T = 75 spans three key blocks and seven query blocks with ragged ends;
+ * GQA groups; head sizes 16 (half a kernel panel) and 64 (two panels). */
+static void test_attention(void) {
+    const int cases[][5] = {{2, 75, 4, 2, 16}, {1, 75, 2, 1, 64}, {1, 33, 3, 3, 8}}; /* B, T, H, kvH, hs */
+    double worst = 0;
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        int B = cases[c][0], T = cases[c][1], H = cases[c][2], kvH = cases[c][3], hs = cases[c][4];
+        size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kvH * hs, stats = (size_t)B * H * T;
+        size_t panels = 2 * (size_t)B * (kvH + H) * ((T + 31) / 32 * 32) * hs;
+        float *q = malloc(sizeof(float) * nq), *k = malloc(sizeof(float) * nkv), *v = malloc(sizeof(float) * nkv);
+        float *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats);
+        float *dq = malloc(sizeof(float) * nq), *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
+        float *delta = malloc(sizeof(float) * stats), *scratch = malloc(sizeof(float) * panels);
+        double *r_out = malloc(sizeof(double) * nq), *r_lse = malloc(sizeof(double) * stats);
+        double *r_dq = malloc(sizeof(double) * nq), *r_dk = malloc(sizeof(double) * nkv), *r_dv = malloc(sizeof(double) * nkv);
+        unsigned s = 99 + (unsigned)c;
+        for (size_t i = 0; i < nq; i++) {
+            s = s * 1103515245u + 12345u, q[i] = (float)((int)(s >> 16) % 2001 - 1000) / 250.0f;
+            s = s * 1103515245u + 12345u, dout[i] = (float)((int)(s >> 16) % 2001 - 1000) / 1000.0f;
+        }
+        for (size_t i = 0; i < nkv; i++) {
+            s = s * 1103515245u + 12345u, k[i] = (float)((int)(s >> 16) % 2001 - 1000) / 250.0f;
+            s = s * 1103515245u + 12345u, v[i] = (float)((int)(s >> 16) % 2001 - 1000) / 1000.0f;
+        }
+        attention_forward(out, lse, scratch, q, k, v, B, T, H, kvH, hs);
+        attention_backward(dq, dk, dv, delta, scratch, dout, q, k, v, out, lse, B, T, H, kvH, hs);
+        attention_reference(r_out, r_lse, r_dq, r_dk, r_dv, q, k, v, dout, B, T, H, kvH, hs);
+        double e[5] = {max_error(out, r_out, nq), max_error(lse, r_lse, stats), max_error(dq, r_dq, nq),
+                       max_error(dk, r_dk, nkv), max_error(dv, r_dv, nkv)};
+        const char *names[5] = {"out", "lse", "dq", "dk", "dv"};
+        for (int i = 0; i < 5; i++) {
+            CHECK(e[i] < 1e-5, "attention B=%d T=%d H=%d kvH=%d hs=%d: %s error %.3g", B, T, H, kvH, hs, names[i], e[i]);
+            worst = fmax(worst, e[i]);
+        }
+        free(q); free(k); free(v); free(dout); free(out); free(lse); free(dq); free(dk); free(dv); free(delta);
+        free(scratch); free(r_out); free(r_lse); free(r_dq); free(r_dk); free(r_dv);
+    }
+    printf("  tiled attention vs the textbook one in double (T up to 75, GQA, hs 8/16/64): worst %.1e\n", worst);
+}
+
 /* --- central finite differences against the analytic gradient ------------- */
 
 static void test_finite_differences(void) {
@@ -1098,6 +1197,7 @@ int main(int argc, char **argv) {
            worst.grad, worst.step_loss, worst.param);
     test_gemm();
     test_gemm_rows_and_kernels();
+    test_attention();
     test_finite_differences();
     test_cached_decoding();
     test_sample_and_bench();
