@@ -1731,15 +1731,15 @@ static inline float exp_fast(float x) {
     const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     x = x < -86.0f ? -86.0f : x > 88.0f ? 88.0f : x;
     float t = x * 1.44269504088896341f + round_magic;
-    int32_t n, bits;
+    uint32_t n, bits; /* unsigned: a NaN x gives a NaN-ish result, never undefined behaviour */
     memcpy(&n, &t, sizeof(n));
-    n -= 0x4B400000; /* the bits of round_magic: n = round(x / ln 2) */
+    n -= 0x4B400000u; /* the bits of round_magic: n = round(x / ln 2), modulo 2^32 */
     t -= round_magic;
     float r = (x - t * 0.693145751953125f) - t * 1.428606765330187e-6f; /* ln 2 in two parts */
     float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
                         r * (1.0f / 720 + r * (1.0f / 5040)))))));
     memcpy(&bits, &p, sizeof(bits));
-    bits += n * (1 << 23); /* times 2^n: add n to the exponent */
+    bits += n << 23; /* times 2^n: add n to the exponent */
     memcpy(&p, &bits, sizeof(p));
     return p;
 }
@@ -2149,9 +2149,10 @@ OMP_FOR_2
                                                     rows, cols);
                                     continue;
                                 }
-                                const float *ap = gemm_packed_a + (size_t)(p - a_packed_from) * GEMM_MR * kc;
-                                size_t ar = 1, ac = GEMM_MR;
-                                if (p < a_packed_from) ap = a + (m0 + i0) * a_row + k0 * a_col, ar = a_row, ac = a_col;
+                                int in_place = p < a_packed_from;
+                                const float *ap = in_place ? a + (m0 + i0) * a_row + k0 * a_col
+                                                           : gemm_packed_a + (size_t)(p - a_packed_from) * GEMM_MR * kc;
+                                size_t ar = in_place ? a_row : 1, ac = in_place ? a_col : GEMM_MR;
                                 gemm_block(kc, ap, ar, ac, gemm_packed_b + (size_t)across * GEMM_NR * kc, ct, N,
                                            tile_init, rows, cols);
                             }
@@ -2871,10 +2872,10 @@ static LayerActs layer_acts(Model *m, int l, int B, int T) {
     s.k_pre = a->k_pre ? a->k_pre + kv : NULL;
     s.k_rot = a->k_rot + kv;
     s.v = a->v + kv;
-    s.k_hidden_pre = a->k_hidden_pre + kv_hidden;
-    s.k_hidden = a->k_hidden + kv_hidden;
-    s.v_hidden_pre = a->v_hidden_pre + kv_hidden;
-    s.v_hidden = a->v_hidden + kv_hidden;
+    s.k_hidden_pre = c->use_kv_mlp ? a->k_hidden_pre + kv_hidden : NULL;
+    s.k_hidden = c->use_kv_mlp ? a->k_hidden + kv_hidden : NULL;
+    s.v_hidden_pre = c->use_kv_mlp ? a->v_hidden_pre + kv_hidden : NULL;
+    s.v_hidden = c->use_kv_mlp ? a->v_hidden + kv_hidden : NULL;
     s.lse = a->att_lse + (size_t)l * B * c->n_head * T;
     s.att_out = a->att_out + l * N * C;
     s.resid_mid = c->parallel_residual ? NULL : a->resid_mid + l * N * C;
