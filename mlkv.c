@@ -53,7 +53,6 @@
 /* Loops marked PARALLEL_FOR split their iterations across threads; without
  * OpenMP they run serially and compute the same bits. */
 #define PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
-#define PARALLEL_FOR_3 _Pragma("omp parallel for collapse(3) schedule(static)")
 /* A parallel region whose loops marked OMP_FOR share out their iterations */
 #define PARALLEL_REGION _Pragma("omp parallel")
 #define OMP_FOR _Pragma("omp for schedule(static)")
@@ -62,7 +61,6 @@
 #define PARALLEL_FOR_CYCLIC _Pragma("omp parallel for schedule(static, 1)")
 #else
 #define PARALLEL_FOR
-#define PARALLEL_FOR_3
 #define PARALLEL_REGION
 #define OMP_FOR
 #define OMP_FOR_2
@@ -1968,7 +1966,6 @@ static void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b,
  * of A, 6-7 two 16-column tiles of B. Linux hands the tile registers to a
  * process that asks (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), and each
  * thread loads the tiles' shapes (LDTILECFG) before it uses them. */
-#define HAVE_AMX_KERNEL 1
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t bytes_per_row[16];
@@ -2018,7 +2015,6 @@ __attribute__((target("amx-tile,amx-bf16"))) static void bf16_kernel_amx(int kc3
     _tile_stored(3, c + 16 * ldc + 16, stride);
 }
 #else
-#define HAVE_AMX_KERNEL 0
 static int amx_available(void) { return 0; }
 static void amx_configure(void) {}
 static void amx_release(void) {}
@@ -2624,25 +2620,24 @@ PARALLEL_FOR_CYCLIC
 
 /* --- Cross-entropy of logits [N, V] against targets [N]:
  * lse[n] = logsumexp(logits[n]), losses[n] = lse[n] - logits[n, target].
- * Max and sum run in CE_LANES interleaved partial results (a fixed order, so
- * the bits do not depend on the compiler's vector width) and vectorize. */
-#define CE_LANES 16
+ * Max and sum run in REDUCE_LANES interleaved partial results (a fixed order,
+ * so the bits do not depend on the compiler's vector width) and vectorize. */
 static void crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V) {
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
-        float lane[CE_LANES], max = -INFINITY;
-        int i, whole = V / CE_LANES * CE_LANES;
-        for (int j = 0; j < CE_LANES; j++) lane[j] = -INFINITY;
-        for (i = 0; i < whole; i += CE_LANES)
-            for (int j = 0; j < CE_LANES; j++) lane[j] = z[i + j] > lane[j] ? z[i + j] : lane[j];
-        for (int j = 0; j < CE_LANES; j++) max = lane[j] > max ? lane[j] : max;
+        float lane[REDUCE_LANES], max = -INFINITY;
+        int i, whole = V / REDUCE_LANES * REDUCE_LANES;
+        for (int j = 0; j < REDUCE_LANES; j++) lane[j] = -INFINITY;
+        for (i = 0; i < whole; i += REDUCE_LANES)
+            for (int j = 0; j < REDUCE_LANES; j++) lane[j] = z[i + j] > lane[j] ? z[i + j] : lane[j];
+        for (int j = 0; j < REDUCE_LANES; j++) max = lane[j] > max ? lane[j] : max;
         for (; i < V; i++) max = z[i] > max ? z[i] : max;
-        for (int j = 0; j < CE_LANES; j++) lane[j] = 0.0f;
-        for (i = 0; i < whole; i += CE_LANES)
-            for (int j = 0; j < CE_LANES; j++) lane[j] += exp_fast(z[i + j] - max);
+        for (int j = 0; j < REDUCE_LANES; j++) lane[j] = 0.0f;
+        for (i = 0; i < whole; i += REDUCE_LANES)
+            for (int j = 0; j < REDUCE_LANES; j++) lane[j] += exp_fast(z[i + j] - max);
         double sum = 0;
-        for (int j = 0; j < CE_LANES; j++) sum += lane[j];
+        for (int j = 0; j < REDUCE_LANES; j++) sum += lane[j];
         for (; i < V; i++) sum += exp_fast(z[i] - max);
         lse[n] = (float)(max + log(sum));
         losses[n] = lse[n] - z[targets[n]];
