@@ -5,7 +5,8 @@
  *   1. peak: the fp32 FMA throughput of all cores (independent FMA chains in
  *      vector registers, nothing else), the denominator of every ratio;
  *   2. every GEMM shape of a Pythia-160M training step (B*T = 2048 rows):
- *      forward, input gradient and weight gradient, GFLOP/s and fraction of peak;
+ *      forward, input gradient and weight gradient, GFLOP/s and fraction of
+ *      peak in fp32, and GFLOP/s with bf16 inputs (AMX where the CPU has it);
  *   3. training steps (forward, backward, AdamW) of Pythia-160M, MHA and
  *      MLKV-2, at T = 256 (B = 8) and T = 2048 (B = 1): tokens/s, MFU and
  *      peak resident memory (each case in its own process).
@@ -90,7 +91,7 @@ static void bench_gemm(double peak) {
         {"LM head, one chunk of 512 rows", 50304, 768, 512},
     };
     printf("\nGEMM shapes of a Pythia-160M step, B*T = 2048 rows (best of 7, after one warm-up)\n");
-    printf("| product | shape (M x N x K) | GFLOP/s | of peak |\n|---|---|---|---|\n");
+    printf("| product | shape (M x N x K) | fp32 GFLOP/s | of peak | bf16 GFLOP/s |\n|---|---|---|---|---|\n");
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         int OC = shapes[s].OC, IC = shapes[s].IC, N = shapes[s].N;
         float *x = malloc(sizeof(float) * N * IC), *w = malloc(sizeof(float) * OC * IC);
@@ -101,18 +102,24 @@ static void bench_gemm(double peak) {
         for (size_t i = 0; i < (size_t)N * OC; i++) y[i] = (float)(i % 5) * 0.01f;
         const char *kinds[3] = {"forward", "input gradient", "weight gradient"};
         for (int kind = 0; kind < 3; kind++) {
-            double best = 1e30;
-            for (int rep = 0; rep < 8; rep++) {
-                double t0 = now();
-                if (kind == 0) gemm(N, OC, IC, x, IC, 1, w, 1, IC, y, 0, NULL);
-                else if (kind == 1) gemm(N, IC, OC, y, OC, 1, w, IC, 1, dx, 1, NULL);
-                else gemm(OC, IC, N, y, 1, OC, x, IC, 1, dw, 1, NULL);
-                double t = now() - t0;
-                if (rep > 0 && t < best) best = t;
+            double gf[2];
+            for (int bf16 = 0; bf16 <= 1; bf16++) {
+                gemm_set_precision(bf16 ? PRECISION_BF16 : PRECISION_FP32, 1);
+                double best = 1e30;
+                for (int rep = 0; rep < 8; rep++) {
+                    double t0 = now();
+                    if (kind == 0) gemm(N, OC, IC, x, IC, 1, w, 1, IC, y, 0, NULL);
+                    else if (kind == 1) gemm(N, IC, OC, y, OC, 1, w, IC, 1, dx, 1, NULL);
+                    else gemm(OC, IC, N, y, 1, OC, x, IC, 1, dw, 1, NULL);
+                    double t = now() - t0;
+                    if (rep > 0 && t < best) best = t;
+                }
+                gf[bf16] = 2.0 * N * OC * IC / best / 1e9;
             }
+            gemm_set_precision(PRECISION_FP32, 1);
             int M = kind == 2 ? OC : N, NN = kind == 1 || kind == 2 ? IC : OC, K = kind == 0 ? IC : kind == 1 ? OC : N;
-            double gf = 2.0 * N * OC * IC / best / 1e9;
-            printf("| %s, %s | %d x %d x %d | %.0f | %.2f |\n", shapes[s].name, kinds[kind], M, NN, K, gf, gf / peak);
+            printf("| %s, %s | %d x %d x %d | %.0f | %.2f | %.0f |\n", shapes[s].name, kinds[kind], M, NN, K, gf[0],
+                   gf[0] / peak, gf[1]);
             fflush(stdout);
         }
         free(x); free(w); free(y); free(dx); free(dw);
