@@ -28,6 +28,11 @@
  * KV cache at inference then holds 2 * kvL * kvH * head_size numbers per token
  * instead of 2 * L * H * head_size. In the backward pass the gradients of all
  * the layers that read an owner's K/V flow back into that owner's projections.
+ *
+ * MLKV is Zuhri et al., "MLKV: Multi-Layer Key-Value Heads for Memory
+ * Efficient Transformer Decoding", Findings of NAACL 2025 (arXiv:2406.09297);
+ * its code for Pythia, which this file follows where it says "the reference",
+ * is github.com/zaydzuhri/pythia-mlkv.
  */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE /* syscall(), for the AMX permission request */
@@ -2677,7 +2682,9 @@ PARALLEL_FOR
 
 /* Whether layer l attends over rotated keys. The owner always does; a layer
  * sharing the owner's K does too by default, or reads the owner's un-rotated
- * keys in the reference-compatible mode (MLKV-REFERENCE section 1). */
+ * keys in the reference-compatible mode: the reference code hands an owner's
+ * K to the layers above it before rotary is applied, so in a full-sequence
+ * pass those layers match rotated queries against un-rotated keys. */
 static int reads_rotated_keys(const Config *c, int l) { return c->kv_layer_of[l] == l || c->shared_key_rotary; }
 
 /* Whether any layer reads un-rotated keys, which must then be kept. */
@@ -3294,9 +3301,11 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
 
 /* ===========================================================================
  * 12. The converter: a pretrained (MHA) Pythia to GQA / MQA / MLKV, step by
- *     step as the reference does it (MLKV-REFERENCE section 2), plus options
- *     it lacks. model_load has already split the fused query_key_value per
- *     head (step 1).
+ *     step as the reference code's converter does it (split the fused QKV,
+ *     mean-pool K/V heads in groups, fold non-owning layers into their owner
+ *     by a running pairwise average, grow the MLPs to keep the parameter
+ *     count), plus options it lacks. model_load has already split the fused
+ *     query_key_value per head (step 1).
  * ======================================================================== */
 
 void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate, int *kv_intermediate) {
@@ -3500,7 +3509,9 @@ typedef struct {
     uint64_t seed;
 } TrainArgs;
 
-/* The reference recipe (MLKV-REFERENCE section 3). Its global batch of 32 x 4
+/* The reference's uptraining recipe (HF Trainer, one epoch: AdamW 0.9/0.95/1e-8,
+ * lr 6e-4, decay 0.01 except biases and LayerNorms, clip 1.0, warmup ratio 0.2
+ * then cosine, sequences of 2048 tokens). Its global batch of 32 x 4
  * accumulation sequences of 2048 tokens is kept as 4 x 32, which needs far
  * less activation memory for the same update. */
 static void train_defaults(TrainArgs *t) {

@@ -278,7 +278,8 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
                  int step, double *grad_norm);
 
 /* ---------------------------------------------------------------------------
- * The converter: an MHA Pythia to GQA / MQA / MLKV (MLKV-REFERENCE section 2) */
+ * The converter: an MHA Pythia to GQA / MQA / MLKV, as the reference code's
+ * converter does it (github.com/zaydzuhri/pythia-mlkv) */
 typedef enum { POOL_PAIRWISE, POOL_UNIFORM } PoolKind;   /* across layers */
 typedef enum { GROW_COPY, GROW_ZERO, GROW_NONE } GrowKind; /* MLP growth */
 typedef struct {

@@ -501,7 +501,8 @@ static void test_finite_differences(void) {
 /* --- small pure functions ------------------------------------------------- */
 
 static void test_owner_placement(void) {
-    /* the examples of MLKV-REFERENCE section 1, and kvL not dividing L */
+    /* the reference's placement [0] + [int((i+1) * (L / kvL)) for i in range(kvL-1)]
+     * on its own examples for L = 12, and kvL not dividing L */
     struct { int L, kvL, owners[8]; } cases[] = {
         {12, 4, {0, 3, 6, 9}}, {12, 6, {0, 2, 4, 6, 8, 10}}, {12, 2, {0, 6}}, {12, 1, {0}}, {4, 3, {0, 1, 2}},
         {24, 5, {0, 4, 9, 14, 19}}};
@@ -1093,7 +1094,8 @@ static void test_tokenizer(void) {
           "a vocabulary without byte tokens: %s", mlkv_error());
 }
 
-/* The reference's bookkeeping, checked on the numbers MLKV-REFERENCE quotes. */
+/* The reference converter's bookkeeping (add = round(params_lost // L / hidden),
+ * MLP += add // 2), checked on its published sizes (Pythia-160M MLKV-2: 3830). */
 static void test_convert_sizes(void) {
     Config c = {.vocab_size = 50304, .hidden_size = 768, .n_layer = 12, .n_head = 12, .intermediate_size = 3072,
                 .max_position_embeddings = 2048, .n_kv_head = 12, .n_kv_layer = 12, .rotary_pct = 0.25,

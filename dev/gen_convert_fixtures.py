@@ -1,5 +1,7 @@
 """References for `mlkv convert` and `mlkv export`, from an independent PyTorch
-statement of MLKV-REFERENCE.md section 2. Run on a machine with torch,
+statement of the reference converter (github.com/zaydzuhri/pythia-mlkv: split
+the fused QKV, mean-pool K/V head groups, fold non-owning layers into their
+owner by a running pairwise average, grow the MLPs). Run on a machine with torch,
 transformers and safetensors (the device machine), from the repository root:
 
     python3 dev/gen_convert_fixtures.py fixture dev/fixtures/convert

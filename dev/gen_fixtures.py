@@ -19,8 +19,8 @@ For each tiny configuration it writes DIR/NAME/ with
 MHA configurations are computed by HF GPTNeoXForCausalLM itself and saved by
 save_pretrained in the stock fused layout (attention.query_key_value), which
 the C loader must also read. GQA / MQA / MLKV configurations are computed by
-mlkv_forward below, an independent PyTorch statement of MLKV-REFERENCE.md
-section 1; the script first checks that it equals HF on every MHA config.
+mlkv_forward below, an independent PyTorch statement of MLKV attention
+(Zuhri et al., arXiv:2406.09297; github.com/zaydzuhri/pythia-mlkv); the script first checks that it equals HF on every MHA config.
 Names of grad.* / final.* tensors are always the unfused ones.
 """
 import json
