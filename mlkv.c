@@ -2946,8 +2946,6 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
     if (B > m->B || T > m->T) return fail("forward of %dx%d exceeds the prepared %dx%d", B, T, m->B, m->T);
     if (inputs != m->inputs) memcpy(m->inputs, inputs, (size_t)N * sizeof(int));
     if (targets && targets != m->targets) memcpy(m->targets, targets, (size_t)N * sizeof(int));
-    m->fwd_B = B;
-    m->fwd_T = T;
     for (int n = 0; n < N; n++) /* token embedding; GPT-NeoX has no position embedding */
         memcpy(a->residual + (size_t)n * C, m->w.embed_in + (size_t)inputs[n] * C, (size_t)C * sizeof(float));
     for (int l = 0; l < L; l++) {

@@ -159,7 +159,6 @@ typedef struct {
     float *scratch_memory; GradScratch d;
     float *rope_cos, *rope_sin;        /* [T, rotary_ndims/2] */
     int *inputs, *targets;             /* [B, T] of the last forward */
-    int fwd_B, fwd_T;                  /* shape of the last forward */
     size_t act_floats, scratch_floats; /* for --verbose */
 } Model;
 
