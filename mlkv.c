@@ -2041,10 +2041,11 @@ int gemm_set_precision(Precision precision, int allow_amx) {
  * init[cols] when given; ragged blocks through a full-size copy. */
 static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc, const float *init,
                             int rows, int cols) {
-    float tile[BF16_TILE * BF16_TILE] = {0};
+    float tile[BF16_TILE * BF16_TILE];
     int whole = rows == BF16_TILE && cols == BF16_TILE;
     float *t = whole ? c : tile;
     size_t ldt = whole ? ldc : BF16_TILE;
+    if (!whole) memset(tile, 0, sizeof(tile)); /* a whole block works on C itself */
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) t[i * ldt + j] = init ? init[j] : c[i * ldc + j];
     if (gemm_use_amx) bf16_kernel_amx(kc32, a, b, t, ldt);
