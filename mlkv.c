@@ -2378,16 +2378,18 @@ static void weighted_rows(float *acc, const float *w, const float *x, size_t str
     }
 }
 
-/* The largest and the sum of a row of ATT_KB numbers, over REDUCE_LANES fixed
- * lanes (the order is the code's, not the compiler's: loops vectorize and the
- * bits do not depend on the vector width) */
+/* The largest of x[0..n), and the sum of a row of ATT_KB numbers, over
+ * REDUCE_LANES fixed lanes (the order is the code's, not the compiler's:
+ * loops vectorize and the bits do not depend on the vector width) */
 #define REDUCE_LANES 16
-static inline float row_max(const float *x) {
+static inline float row_max(const float *x, int n) {
     float lane[REDUCE_LANES], max = -INFINITY;
-    for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[j];
-    for (int j0 = REDUCE_LANES; j0 < ATT_KB; j0 += REDUCE_LANES)
-        for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[j0 + j] > lane[j] ? x[j0 + j] : lane[j];
+    int i, whole = n / REDUCE_LANES * REDUCE_LANES;
+    for (int j = 0; j < REDUCE_LANES; j++) lane[j] = -INFINITY;
+    for (i = 0; i < whole; i += REDUCE_LANES)
+        for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
     for (int j = 0; j < REDUCE_LANES; j++) max = lane[j] > max ? lane[j] : max;
+    for (; i < n; i++) max = x[i] > max ? x[i] : max;
     return max;
 }
 
@@ -2441,7 +2443,7 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
                 float x = si[j] * scale;
                 si[j] = j < visible ? x : -INFINITY;
             }
-            float max = row_max(si);
+            float max = row_max(si, ATT_KB);
             max = max > m[i] ? max : m[i];
             float correction = exp_fast(m[i] - max); /* rescale what was summed under the old max */
             for (int j = 0; j < ATT_KB; j++) {
@@ -2633,13 +2635,8 @@ static void crossentropy_forward(float *losses, float *lse, const float *logits,
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
-        float lane[REDUCE_LANES], max = -INFINITY;
+        float lane[REDUCE_LANES], max = row_max(z, V);
         int i, whole = V / REDUCE_LANES * REDUCE_LANES;
-        for (int j = 0; j < REDUCE_LANES; j++) lane[j] = -INFINITY;
-        for (i = 0; i < whole; i += REDUCE_LANES)
-            for (int j = 0; j < REDUCE_LANES; j++) lane[j] = z[i + j] > lane[j] ? z[i + j] : lane[j];
-        for (int j = 0; j < REDUCE_LANES; j++) max = lane[j] > max ? lane[j] : max;
-        for (; i < V; i++) max = z[i] > max ? z[i] : max;
         for (int j = 0; j < REDUCE_LANES; j++) lane[j] = 0.0f;
         for (i = 0; i < whole; i += REDUCE_LANES)
             for (int j = 0; j < REDUCE_LANES; j++) lane[j] += exp_fast(z[i + j] - max);
