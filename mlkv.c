@@ -2702,7 +2702,7 @@ typedef struct { const char *name; float **ptr; size_t floats; } BufferSpec;
 /* The activation and gradient-scratch buffers for (B, T), in one table that
  * serves allocation and the --verbose memory report. Fills acts (n_acts of them)
  * and grads; returns the number of grads. */
-static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, BufferSpec *grads) {
+static int buffer_specs(Model *m, int B, int T, int with_grads, BufferSpec *acts, int *n_acts, BufferSpec *grads) {
     const Config *c = &m->config;
     size_t N = (size_t)B * T, L = (size_t)c->n_layer, KVL = (size_t)c->n_kv_layer, C = (size_t)c->hidden_size;
     size_t I = (size_t)c->intermediate_size, V = (size_t)c->vocab_size;
@@ -2710,7 +2710,8 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
     size_t stats = (size_t)B * c->n_head * T, kvI = c->use_kv_mlp ? (size_t)c->kv_intermediate_size : 0;
     size_t head = (size_t)m->head_rows;
     /* keys (forward); keys, values, queries and output gradients (backward) */
-    size_t att_panels = 2 * (size_t)B * (c->n_kv_head + c->n_head) * PADDED_T(T) * c->head_size;
+    size_t att_panels = (with_grads ? 2 * (size_t)(c->n_kv_head + c->n_head) : (size_t)c->n_kv_head) * B *
+                        PADDED_T(T) * c->head_size;
     /* un-rotated keys are kept only where a layer reads them (the reference-compatible mode) */
     size_t k_pre = reads_unrotated_keys(c) ? KVL * N * kvd : 0;
     Activations *a = &m->a;
@@ -2728,7 +2729,7 @@ static int buffer_specs(Model *m, int B, int T, BufferSpec *acts, int *n_acts, B
         {"KV-MLP values hidden pre-GELU [kvL,B,T,kvI]", &a->v_hidden_pre, KVL * N * kvI},
         {"KV-MLP values hidden [kvL,B,T,kvI]", &a->v_hidden, KVL * N * kvI},
         {"attention log-sum-exp [L,B,H,T]", &a->att_lse, L * stats},
-        {"attention panels [2,B,kvH+H,T,hs]", &a->att_panels, att_panels},
+        {"attention K (V, Q, dout) panels", &a->att_panels, att_panels},
         {"attention output [L,B,T,C]", &a->att_out, L * N * C},
         {"sequential residual [L,B,T,C]", &a->resid_mid, c->parallel_residual ? 0 : L * N * C},
         {"ln2 [B,T,C], recomputed", &a->ln2, N * C},
@@ -2792,7 +2793,7 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
     BufferSpec acts[32], grads[32];
     /* training computes the logits HEAD_ROWS rows at a time; inference keeps them all */
     m->head_rows = with_grads && B * T > HEAD_ROWS ? HEAD_ROWS : B * T;
-    int n_acts, n_grads = buffer_specs(m, B, T, acts, &n_acts, grads);
+    int n_acts, n_grads = buffer_specs(m, B, T, with_grads, acts, &n_acts, grads);
     int half = c->rotary_ndims / 2;
     m->B = B;
     m->T = T;
@@ -2818,7 +2819,7 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
 
 void model_print_memory(const Model *m) {
     BufferSpec acts[32], grads[32];
-    int n_acts, n_grads = buffer_specs((Model *)m, m->B, m->T, acts, &n_acts, grads);
+    int n_acts, n_grads = buffer_specs((Model *)m, m->B, m->T, m->scratch_memory != NULL, acts, &n_acts, grads);
     double MiB = 1048576.0, P = (double)m->num_parameters * 4;
     printf("memory (fp32), B=%d T=%d:\n", m->B, m->T);
     printf("  %-40s %10.1f MiB\n", "parameters", P / MiB);
@@ -3015,7 +3016,7 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, I = c->intermediate_size;
     int L = c->n_layer, rd = c->rotary_ndims, qd = H * hs, kvd = kvH * hs;
     int kvI = c->kv_intermediate_size;
-    if (!m->grad_memory) { fail("the model was prepared without gradients"); return NAN; }
+    if (!m->scratch_memory) { fail("the model was prepared without gradients"); return NAN; }
     if (forward_layers(m, inputs, targets, B, T) != 0) return NAN;
     float loss = head_forward(m, N, loss_scale / (float)N); /* d lnf is in d->d_branch */
     Activations *a = &m->a;

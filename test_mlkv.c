@@ -464,6 +464,9 @@ static void test_finite_differences(void) {
           "prepare: %s", mlkv_error());
     float whole_loss = model_forward(&whole, inputs, targets, B, T);
     CHECK(whole_loss == loss, "loss in chunks of rows %.9g, all at once %.9g", loss, whole_loss);
+    CHECK(isnan(model_forward_backward(&whole, inputs, targets, B, T, 1.0f)) &&
+              strstr(mlkv_error(), "without gradients"),
+          "a training pass on a model prepared without gradients: %s", mlkv_error());
     CHECK(isnan(model_forward(&m, inputs, NULL, B, T)) && strstr(mlkv_error(), "without gradients"),
           "all logits of a training model: %s", mlkv_error());
     model_free(&whole);
