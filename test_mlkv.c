@@ -243,6 +243,15 @@ static void test_cached_decoding(void) {
 
 /* --- the GEMM against a naive product ------------------------------------- */
 
+/* A small seeded generator for test data: the next 16 bits of an LCG, and a
+ * number in [-1000, 1000] / divisor from it. */
+static int next_random(unsigned *s) {
+    *s = *s * 1103515245u + 12345u;
+    return (int)(*s >> 16);
+}
+
+static float random_value(unsigned *s, float divisor) { return (float)(next_random(s) % 2001 - 1000) / divisor; }
+
 /* bf16 rounding of x, as the bf16 GEMM packs its inputs (nearest even) */
 static double bf16_round(float x) {
     unsigned u;
@@ -264,8 +273,8 @@ static double gemm_case(int M, int N, int K, int layout, int bf16) {
     float *a = malloc(sizeof(float) * M * K), *b = malloc(sizeof(float) * K * N), *c = malloc(sizeof(float) * M * N);
     float *bias = malloc(sizeof(float) * N), *c0 = malloc(sizeof(float) * M * N);
     unsigned s = (unsigned)(M * 131 + N * 7 + K + layout);
-    for (int i = 0; i < M * K; i++) s = s * 1103515245u + 12345u, a[i] = (float)((int)(s >> 16) % 2001 - 1000) / 997.0f;
-    for (int i = 0; i < K * N; i++) s = s * 1103515245u + 12345u, b[i] = (float)((int)(s >> 16) % 2001 - 1000) / 991.0f;
+    for (int i = 0; i < M * K; i++) a[i] = random_value(&s, 997.0f);
+    for (int i = 0; i < K * N; i++) b[i] = random_value(&s, 991.0f);
     for (int i = 0; i < N; i++) bias[i] = (float)i / (float)N - 0.5f;
     for (int i = 0; i < M * N; i++) c[i] = c0[i] = (float)(i % 17) / 17.0f;
     /* logical A(i, k), B(k, j) of each layout, over the same buffers */
@@ -416,12 +425,12 @@ static void test_attention(void) {
         double *r_dq = malloc(sizeof(double) * nq), *r_dk = malloc(sizeof(double) * nkv), *r_dv = malloc(sizeof(double) * nkv);
         unsigned s = 99 + (unsigned)c;
         for (size_t i = 0; i < nq; i++) {
-            s = s * 1103515245u + 12345u, q[i] = (float)((int)(s >> 16) % 2001 - 1000) / 250.0f;
-            s = s * 1103515245u + 12345u, dout[i] = (float)((int)(s >> 16) % 2001 - 1000) / 1000.0f;
+            q[i] = random_value(&s, 250.0f);
+            dout[i] = random_value(&s, 1000.0f);
         }
         for (size_t i = 0; i < nkv; i++) {
-            s = s * 1103515245u + 12345u, k[i] = (float)((int)(s >> 16) % 2001 - 1000) / 250.0f;
-            s = s * 1103515245u + 12345u, v[i] = (float)((int)(s >> 16) % 2001 - 1000) / 1000.0f;
+            k[i] = random_value(&s, 250.0f);
+            v[i] = random_value(&s, 1000.0f);
         }
         attention_forward(out, lse, scratch, q, k, v, B, T, H, kvH, hs);
         attention_backward(dq, dk, dv, delta, scratch, dout, q, k, v, out, lse, B, T, H, kvH, hs);
@@ -449,10 +458,8 @@ static void test_finite_differences(void) {
     int B = 9, T = 64, N = B * T, inputs[576], targets[576];
     unsigned s = 7;
     for (int i = 0; i < N; i++) {
-        s = s * 1103515245u + 12345u;
-        inputs[i] = (int)(s >> 16) % m.config.vocab_size;
-        s = s * 1103515245u + 12345u;
-        targets[i] = (int)(s >> 16) % m.config.vocab_size;
+        inputs[i] = next_random(&s) % m.config.vocab_size;
+        targets[i] = next_random(&s) % m.config.vocab_size;
     }
     model_prepare(&m, B, T, 1);
     model_zero_grad(&m);
