@@ -1754,6 +1754,11 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
+/* x[n] *= alpha */
+static inline void scale_floats(float *x, float alpha, int n) {
+    for (int i = 0; i < n; i++) x[i] *= alpha;
+}
+
 /* y[n] += alpha * x[n] */
 static inline void axpy(float *y, float alpha, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += alpha * x[i];
@@ -2328,8 +2333,10 @@ PARALLEL_FOR
  * backward pass also values, queries and output gradients) are packed once
  * per layer into panels of ATT_KB rows, [hs, ATT_KB] each ("head panels");
  * the others are read in place. */
-#define ATT_QB GEMM_MR /* queries per block: the micro-kernel's rows */
-#define ATT_KB GEMM_NR /* keys per block: its columns */
+#define ATT_QB GEMM_MR       /* queries per block: the micro-kernel's rows */
+#define ATT_KB (2 * GEMM_NR) /* keys per block: two of its column panels, so that the p v product sums
+                                over 2 * GEMM_NR keys per call (measured: one panel, 32 keys, spent about a
+                                third of that product loading and storing its accumulators) */
 #define MAX_HEAD_WIDTH ((MAX_HEAD_SIZE + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
 #define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR) /* hs rounded up to whole panels */
 #define PADDED_T(T) ((T + ATT_KB - 1) / ATT_KB * ATT_KB)        /* T rounded up to whole key blocks */
@@ -2378,6 +2385,13 @@ static void weighted_rows(float *acc, const float *w, const float *x, size_t str
     }
 }
 
+/* s[ATT_QB, ATT_KB] = A^T B over hs: a [hs, ATT_QB] (a packed panel of
+ * ATT_QB rows), b [hs, ATT_KB] (a head panel): scores, or their gradient */
+static void tile_product(float *s, const float *a, const float *b, int hs) {
+    memset(s, 0, sizeof(float) * ATT_QB * ATT_KB);
+    for (int j0 = 0; j0 < ATT_KB; j0 += GEMM_NR) gemm_kernel(hs, a, 1, ATT_QB, b + j0, ATT_KB, s + j0, ATT_KB);
+}
+
 /* The largest of x[0..n), and the sum of a row of ATT_KB numbers, over
  * REDUCE_LANES fixed lanes (the order is the code's, not the compiler's:
  * loops vectorize and the bits do not depend on the vector width) */
@@ -2422,6 +2436,7 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
     float o[ATT_QB * MAX_HEAD_WIDTH], m[ATT_QB], l[ATT_QB];
     int width = HEAD_WIDTH(hs), count = pos0 + rows;
     pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
+    scale_floats(qp, scale, hs * ATT_QB); /* the scores' factor, applied once to q */
     for (int i = 0; i < ATT_QB; i++) m[i] = -INFINITY, l[i] = 0.0f;
     memset(o, 0, sizeof(float) * ATT_QB * width);
     for (int s0 = 0; s0 < count; s0 += ATT_KB) {
@@ -2431,18 +2446,14 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
             pack_head_panels(kp, keys_from->k + s0 * keys_from->stride, keys_from->stride, keys, hs,
                              keys_from->cos_t ? keys_from->cos_t + (size_t)s0 * half : NULL,
                              keys_from->sin_t ? keys_from->sin_t + (size_t)s0 * half : NULL, half);
-        memset(s, 0, sizeof(s));
-        gemm_kernel(hs, qp, 1, ATT_QB, panel, ATT_KB, s, ATT_KB); /* s = q k^T */
+        tile_product(s, qp, panel, hs); /* s = scale q k^T */
         for (int i = 0; i < ATT_QB; i++) { /* s becomes p, row by row */
             float *si = s + i * ATT_KB;
             int visible = pos0 + i - s0 + 1; /* keys s0 .. pos0+i of this block */
             visible = visible < keys ? visible : keys;
             /* (every loop below computes all ATT_KB columns and then selects:
              * no conditional loads, so the compiler vectorizes them) */
-            for (int j = 0; j < ATT_KB; j++) {
-                float x = si[j] * scale;
-                si[j] = j < visible ? x : -INFINITY;
-            }
+            for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? si[j] : -INFINITY;
             float max = row_max(si, ATT_KB);
             max = max > m[i] ? max : m[i];
             float correction = exp_fast(m[i] - max); /* rescale what was summed under the old max */
@@ -2461,6 +2472,11 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
         for (int d = 0; d < hs; d++) out[i * q_stride + d] = o[i * width + d] / l[i];
         lse[i] = m[i] + logf(l[i]);
     }
+}
+
+size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward) {
+    /* keys (forward); keys, values, queries and output gradients (backward) */
+    return (backward ? 2 * (size_t)(kvH + H) : (size_t)kvH) * (size_t)B * PADDED_T(T) * (size_t)hs;
 }
 
 /* panels: [B, kvH, PADDED_T(T) * hs] scratch for the keys' head panels */
@@ -2495,6 +2511,7 @@ static void attention_backward_queries(float *dq, float *delta, const float *dou
     float acc[ATT_QB * MAX_HEAD_WIDTH], D[ATT_QB] = {0}, L[ATT_QB] = {0};
     int width = HEAD_WIDTH(hs), count = t0 + rows;
     pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
+    scale_floats(qp, scale, hs * ATT_QB);
     pack_panel(dop, dout, q_stride, 1, rows, hs, ATT_QB);
     for (int i = 0; i < rows; i++) {
         for (int d = 0; d < hs; d++) D[i] += dout[i * q_stride + d] * out[i * q_stride + d];
@@ -2504,23 +2521,21 @@ static void attention_backward_queries(float *dq, float *delta, const float *dou
     memset(acc, 0, sizeof(float) * ATT_QB * width);
     for (int s0 = 0; s0 < count; s0 += ATT_KB) {
         int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
-        memset(s, 0, sizeof(s));
-        memset(dp, 0, sizeof(dp));
-        gemm_kernel(hs, qp, 1, ATT_QB, k_panels + (size_t)s0 * hs, ATT_KB, s, ATT_KB);  /* scores */
-        gemm_kernel(hs, dop, 1, ATT_QB, v_panels + (size_t)s0 * hs, ATT_KB, dp, ATT_KB); /* dp = dout v^T */
-        for (int i = 0; i < ATT_QB; i++) { /* dp becomes scale * ds */
+        tile_product(s, qp, k_panels + (size_t)s0 * hs, hs);    /* scores */
+        tile_product(dp, dop, v_panels + (size_t)s0 * hs, hs); /* dp = dout v^T */
+        for (int i = 0; i < ATT_QB; i++) { /* dp becomes ds */
             int visible = i < rows ? t0 + i - s0 + 1 : 0;
             visible = visible < keys ? visible : keys;
             float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB, lse_i = L[i], delta_i = D[i];
             for (int j = 0; j < ATT_KB; j++) {
-                float p = exp_fast(si[j] * scale - lse_i);
-                dpi[j] = j < visible ? p * (dpi[j] - delta_i) * scale : 0.0f;
+                float p = exp_fast(si[j] - lse_i);
+                dpi[j] = j < visible ? p * (dpi[j] - delta_i) : 0.0f;
             }
         }
-        weighted_rows(acc, dp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += scale ds k */
+        weighted_rows(acc, dp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += ds k */
     }
     for (int i = 0; i < rows; i++)
-        for (int d = 0; d < hs; d++) dq[i * q_stride + d] = acc[i * width + d];
+        for (int d = 0; d < hs; d++) dq[i * q_stride + d] = scale * acc[i * width + d];
 }
 
 /* dk, dv [ATT_QB, HEAD_WIDTH(hs)] += of the `keys` keys at positions s0 ..
@@ -2533,30 +2548,29 @@ static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *d
     float kp[MAX_HEAD_SIZE * ATT_QB], vp[MAX_HEAD_SIZE * ATT_QB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB];
     float lse_j[ATT_KB], delta_j[ATT_KB];
     pack_panel(kp, k, kv_stride, 1, keys, hs, ATT_QB);
+    scale_floats(kp, scale, hs * ATT_QB);
     pack_panel(vp, v, kv_stride, 1, keys, hs, ATT_QB);
     for (int t0 = s0 / ATT_KB * ATT_KB; t0 < T; t0 += ATT_KB) {
         int queries = T - t0 < ATT_KB ? T - t0 : ATT_KB;
-        memset(s, 0, sizeof(s));
-        memset(dp, 0, sizeof(dp));
-        gemm_kernel(hs, kp, 1, ATT_QB, q_panels + (size_t)t0 * hs, ATT_KB, s, ATT_KB);     /* scores^T */
-        gemm_kernel(hs, vp, 1, ATT_QB, dout_panels + (size_t)t0 * hs, ATT_KB, dp, ATT_KB); /* dp^T */
+        tile_product(s, kp, q_panels + (size_t)t0 * hs, hs);     /* scores^T */
+        tile_product(dp, vp, dout_panels + (size_t)t0 * hs, hs); /* dp^T */
         for (int j = 0; j < ATT_KB; j++) { /* the statistics of queries t0 .., finite past T */
             lse_j[j] = j < queries ? lse[t0 + j] : 0.0f;
             delta_j[j] = j < queries ? delta[t0 + j] : 0.0f;
         }
-        for (int i = 0; i < ATT_QB; i++) { /* rows: keys s0+i; s becomes p^T and dp becomes scale * ds^T */
+        for (int i = 0; i < ATT_QB; i++) { /* rows: keys s0+i; s becomes p^T and dp becomes ds^T */
             int first = s0 + i - t0; /* queries t0+j with j >= first see key s0+i */
             first = i < keys ? (first > 0 ? first : 0) : ATT_KB;
             float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
             for (int j = 0; j < ATT_KB; j++) {
                 int visible = j >= first && j < queries;
-                float p = exp_fast(si[j] * scale - lse_j[j]), ds = p * (dpi[j] - delta_j[j]) * scale;
+                float p = exp_fast(si[j] - lse_j[j]), ds = p * (dpi[j] - delta_j[j]);
                 si[j] = visible ? p : 0.0f;
                 dpi[j] = visible ? ds : 0.0f;
             }
         }
         weighted_rows(dv_acc, s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
-        weighted_rows(dk_acc, dp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += scale ds q */
+        weighted_rows(dk_acc, dp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += ds q (scaled at the end) */
     }
 }
 
@@ -2600,7 +2614,7 @@ PARALLEL_FOR_CYCLIC
         }
         for (int i = 0; i < keys; i++)
             for (int d = 0; d < hs; d++) {
-                dk[kv + i * kv_stride + d] += dk_acc[i * width + d];
+                dk[kv + i * kv_stride + d] += scale * dk_acc[i * width + d];
                 dv[kv + i * kv_stride + d] += dv_acc[i * width + d];
             }
     }
@@ -2709,9 +2723,7 @@ static int buffer_specs(Model *m, int B, int T, int with_grads, BufferSpec *acts
     size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
     size_t stats = (size_t)B * c->n_head * T, kvI = c->use_kv_mlp ? (size_t)c->kv_intermediate_size : 0;
     size_t head = (size_t)m->head_rows;
-    /* keys (forward); keys, values, queries and output gradients (backward) */
-    size_t att_panels = (with_grads ? 2 * (size_t)(c->n_kv_head + c->n_head) : (size_t)c->n_kv_head) * B *
-                        PADDED_T(T) * c->head_size;
+    size_t att_panels = attention_panel_floats(B, T, c->n_head, c->n_kv_head, c->head_size, with_grads);
     /* un-rotated keys are kept only where a layer reads them (the reference-compatible mode) */
     size_t k_pre = reads_unrotated_keys(c) ? KVL * N * kvd : 0;
     Activations *a = &m->a;

@@ -201,7 +201,9 @@ int gemm_set_precision(Precision precision, int allow_amx);
  * q [B, T, H*hs], k, v [B, T, kvH*hs] -> out [B, T, H*hs], lse [B, H, T] (the
  * log-sum-exp of each softmax row). The backward pass overwrites dq and adds
  * into dk, dv; delta [B, H, T] is scratch. panels: scratch of
- * 2 * B * (kvH + H) * T32 * hs floats, T32 = T rounded up to a multiple of 32. */
+ * attention_panel_floats(B, T, H, kvH, hs, backward) floats (backward: 1 if
+ * the same scratch serves attention_backward). */
+size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward);
 void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v, int B,
                        int T, int H, int kvH, int hs);
 void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout, const float *q,

@@ -416,7 +416,7 @@ static void test_attention(void) {
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         int B = cases[c][0], T = cases[c][1], H = cases[c][2], kvH = cases[c][3], hs = cases[c][4];
         size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kvH * hs, stats = (size_t)B * H * T;
-        size_t panels = 2 * (size_t)B * (kvH + H) * ((T + 31) / 32 * 32) * hs;
+        size_t panels = attention_panel_floats(B, T, H, kvH, hs, 1);
         float *q = malloc(sizeof(float) * nq), *k = malloc(sizeof(float) * nkv), *v = malloc(sizeof(float) * nkv);
         float *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats);
         float *dq = malloc(sizeof(float) * nq), *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
