@@ -37,6 +37,7 @@
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE /* syscall(), for the AMX permission request */
 #include <errno.h>
+#include <limits.h>
 #include <dirent.h>
 #include <math.h>
 #include <stdarg.h>
@@ -93,6 +94,23 @@ static int fail(const char *fmt, ...) {
     vsnprintf(error_message, sizeof(error_message), fmt, ap);
     va_end(ap);
     return -1;
+}
+
+/* s with every byte outside printable ASCII written as \xNN, for messages
+ * that quote names from a file (a name must not drive the terminal). The
+ * result lives in one of 4 static buffers, so a message may quote 4 names. */
+static const char *printable(const char *s) {
+    static char buffers[4][256];
+    static int next;
+    char *out = buffers[next++ % 4];
+    size_t n = 0;
+    for (; *s && n + 5 < sizeof(buffers[0]); s++) {
+        unsigned char c = (unsigned char)*s;
+        n += (size_t)(c >= 0x20 && c < 0x7f ? snprintf(out + n, 2, "%c", c) : snprintf(out + n, 5, "\\x%02x", c));
+    }
+    if (*s) snprintf(out + n, sizeof(buffers[0]) - n, "...");
+    else out[n] = '\0';
+    return out;
 }
 
 /* A command's exit code from a 0 / -1 result, printing the error of a failure. */
@@ -636,9 +654,13 @@ static int config_from_json(Config *c, const Json *j, const char *path) {
         config_number(j, "layer_norm_eps", 1e-5, 0, path, &c->layer_norm_eps) ||
         config_number(j, "initializer_range", 0.02, 0, path, &c->initializer_range))
         return -1;
-    double parallel = 1, shared_rot = 1, tied = 0, bias = 1, kv_mlp = 0;
+    /* A config with num_key_value_layers but no mlkv_shared_key_rotary was
+     * written by the reference code (mlkv always writes the key): its
+     * checkpoints were trained with non-owning layers reading the owner's
+     * un-rotated keys, so that is the function they compute. */
+    double parallel = 1, shared_rot = json_get(j, "num_key_value_layers") ? 0 : 1, tied = 0, bias = 1, kv_mlp = 0;
     if (config_number(j, "use_parallel_residual", 1, 0, path, &parallel) ||
-        config_number(j, "mlkv_shared_key_rotary", 1, 0, path, &shared_rot) ||
+        config_number(j, "mlkv_shared_key_rotary", shared_rot, 0, path, &shared_rot) ||
         config_number(j, "tie_word_embeddings", 0, 0, path, &tied) ||
         config_number(j, "attention_bias", 1, 0, path, &bias) ||
         config_number(j, "use_key_value_mlp", 0, 0, path, &kv_mlp))
@@ -951,6 +973,514 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
     return 0;
 }
 
+/* --- pytorch_model.bin: what torch.save writes, read without running it.
+ * The file is a zip archive (entries stored, not compressed) holding
+ *   PREFIX/data.pkl    the state dict, pickled (Python's pickle protocol 2)
+ *   PREFIX/data/KEY    the raw little-endian bytes of each storage
+ * A pickle is a program for a small stack machine; unpickling it in Python
+ * may call any function it names. Here only the opcodes and the few
+ * functions that a state dict of tensors needs are understood:
+ *   collections.OrderedDict()                         the dict itself
+ *   torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
+ *   torch._utils._rebuild_parameter(tensor, ...)      an nn.Parameter
+ *   torch.{Float,Half,BFloat16}Storage                storage types, named by
+ *     the persistent id ('storage', type, KEY, location, numel) of BINPERSID
+ * and anything else is refused, naming it: nothing is executed. Each tensor
+ * must be a contiguous view (any offset) into its storage; its bytes are then
+ * one span of the file, so the result is the same index a safetensors header
+ * gives (offsets counted from the file's start), and st_read serves both. */
+typedef enum {
+    PK_MARK, PK_NONE, PK_BOOL, PK_INT, PK_FLOAT, PK_TEXT, PK_TUPLE, PK_LIST, PK_DICT, PK_FUNCTION, PK_STORAGE, PK_TENSOR
+} PickleKind;
+typedef enum { FN_ORDERED_DICT, FN_REBUILD_TENSOR, FN_REBUILD_PARAMETER, FN_STORAGE_F32, FN_STORAGE_F16,
+               FN_STORAGE_BF16 } PickleFunction;
+static const struct { const char *module, *name; } pickle_functions[] = {
+    {"collections", "OrderedDict"}, {"torch._utils", "_rebuild_tensor_v2"}, {"torch._utils", "_rebuild_parameter"},
+    {"torch", "FloatStorage"},      {"torch", "HalfStorage"},               {"torch", "BFloat16Storage"}};
+
+typedef struct {
+    PickleKind kind;
+    int64_t number;   /* INT, BOOL; FUNCTION: a PickleFunction; STORAGE: elements; TENSOR: offset in elements */
+    char *text;       /* TEXT; STORAGE: its key */
+    int *items;       /* TUPLE, LIST; DICT: key, value, key, value ...; TENSOR: storage, shape (a tuple) */
+    int n_items, cap;
+    const char *dtype; /* STORAGE, TENSOR */
+} PickleValue;
+
+#define PICKLE_MAX_VALUES (1 << 22)
+typedef struct {
+    const char *path;
+    PickleValue *values; /* every value made, referred to by index */
+    int n_values, cap_values;
+    int *stack, depth, cap_stack;
+    int *memo, cap_memo, memo_size; /* memo[i]: a value index, or -1; memo_size: how many are set */
+} Pickle;
+
+static int pickle_new(Pickle *p, PickleKind kind, int64_t number) {
+    if (p->n_values == PICKLE_MAX_VALUES) return fail("%s: data.pkl holds too many values", p->path);
+    if (p->n_values == p->cap_values) {
+        int cap = p->cap_values ? 2 * p->cap_values : 256;
+        PickleValue *v = realloc(p->values, (size_t)cap * sizeof(*v));
+        if (!v) return fail("%s: out of memory reading data.pkl", p->path);
+        p->values = v;
+        p->cap_values = cap;
+    }
+    p->values[p->n_values] = (PickleValue){.kind = kind, .number = number};
+    return p->n_values++;
+}
+
+static int pickle_add_item(Pickle *p, int container, int item) {
+    PickleValue *c = &p->values[container];
+    if (c->n_items == c->cap) {
+        int cap = c->cap ? 2 * c->cap : 8;
+        int *items = realloc(c->items, (size_t)cap * sizeof(int));
+        if (!items) return fail("%s: out of memory reading data.pkl", p->path);
+        c->items = items;
+        c->cap = cap;
+    }
+    c->items[c->n_items++] = item;
+    return 0;
+}
+
+static int pickle_push(Pickle *p, int value) {
+    if (value < 0) return -1;
+    if (p->depth == p->cap_stack) {
+        int cap = p->cap_stack ? 2 * p->cap_stack : 64;
+        int *s = cap <= PICKLE_MAX_VALUES ? realloc(p->stack, (size_t)cap * sizeof(int)) : NULL;
+        if (!s) return fail("%s: data.pkl's stack is too deep", p->path);
+        p->stack = s;
+        p->cap_stack = cap;
+    }
+    p->stack[p->depth++] = value;
+    return 0;
+}
+
+/* The top value (not a mark), popped. */
+static int pickle_pop(Pickle *p) {
+    if (p->depth == 0 || p->values[p->stack[p->depth - 1]].kind == PK_MARK)
+        return fail("%s: data.pkl is malformed (a value is missing)", p->path);
+    return p->stack[--p->depth];
+}
+
+/* The values above the topmost mark, which is removed: returns their first
+ * stack slot (they stay there until the caller lowers p->depth). */
+static int pickle_since_mark(Pickle *p) {
+    for (int i = p->depth - 1; i >= 0; i--)
+        if (p->values[p->stack[i]].kind == PK_MARK) {
+            memmove(p->stack + i, p->stack + i + 1, (size_t)(p->depth - i - 1) * sizeof(int));
+            p->depth--;
+            return i;
+        }
+    return fail("%s: data.pkl is malformed (no mark)", p->path);
+}
+
+static int pickle_tuple(Pickle *p, int from) { /* the stack from slot `from` up, as a tuple */
+    int t = pickle_new(p, PK_TUPLE, 0);
+    for (int i = from; t >= 0 && i < p->depth; i++)
+        if (pickle_add_item(p, t, p->stack[i]) != 0) return -1;
+    p->depth = from;
+    return t;
+}
+
+static int pickle_is_int(const Pickle *p, int v) { return p->values[v].kind == PK_INT; }
+
+/* tensor = _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata]) */
+static int pickle_rebuild_tensor(Pickle *p, const PickleValue *args) {
+    if (args->n_items < 4 || p->values[args->items[0]].kind != PK_STORAGE || !pickle_is_int(p, args->items[1]) ||
+        p->values[args->items[2]].kind != PK_TUPLE || p->values[args->items[3]].kind != PK_TUPLE)
+        return fail("%s: data.pkl: malformed _rebuild_tensor_v2 arguments", p->path);
+    const PickleValue *storage = &p->values[args->items[0]], *size = &p->values[args->items[2]];
+    const PickleValue *stride = &p->values[args->items[3]];
+    if (size->n_items != stride->n_items || size->n_items > 8)
+        return fail("%s: data.pkl: a tensor's size and stride do not match", p->path);
+    int64_t offset = p->values[args->items[1]].number, expected = 1;
+    for (int d = size->n_items - 1; d >= 0; d--) { /* contiguous: each stride the product of the later sizes */
+        if (!pickle_is_int(p, size->items[d]) || !pickle_is_int(p, stride->items[d]))
+            return fail("%s: data.pkl: a tensor's size or stride is not an integer", p->path);
+        int64_t n = p->values[size->items[d]].number, s = p->values[stride->items[d]].number;
+        if (n < 0 || n > INT32_MAX) return fail("%s: data.pkl: a tensor dimension of %lld", p->path, (long long)n);
+        if (n > 1 && s != expected)
+            return fail("%s: data.pkl: a tensor is a non-contiguous view of its storage (stride %lld where %lld "
+                        "is contiguous); save it with .contiguous()", p->path, (long long)s, (long long)expected);
+        if (n > 0 && expected > INT64_MAX / n) return fail("%s: data.pkl: a tensor is too large", p->path);
+        expected *= n;
+    }
+    if (offset < 0 || offset > storage->number || expected > storage->number - offset)
+        return fail("%s: data.pkl: a tensor of %lld elements at offset %lld lies outside its storage %s of %lld",
+                    p->path, (long long)expected, (long long)offset, storage->text, (long long)storage->number);
+    int storage_index = args->items[0], shape_index = args->items[2];
+    const char *dtype = storage->dtype;
+    int t = pickle_new(p, PK_TENSOR, offset); /* (moves p->values: args and storage are stale from here) */
+    if (t < 0 || pickle_add_item(p, t, storage_index) != 0 || pickle_add_item(p, t, shape_index) != 0) return -1;
+    p->values[t].dtype = dtype;
+    return t;
+}
+
+/* REDUCE: function(*args), for the whitelisted functions */
+static int pickle_reduce(Pickle *p, int function, int args) {
+    const PickleValue *f = &p->values[function], *a = &p->values[args];
+    if (f->kind != PK_FUNCTION || a->kind != PK_TUPLE) return fail("%s: data.pkl: malformed REDUCE", p->path);
+    switch ((PickleFunction)f->number) {
+    case FN_ORDERED_DICT:
+        if (a->n_items != 0) return fail("%s: data.pkl: OrderedDict called with arguments", p->path);
+        return pickle_new(p, PK_DICT, 0);
+    case FN_REBUILD_TENSOR: return pickle_rebuild_tensor(p, a);
+    case FN_REBUILD_PARAMETER:
+        if (a->n_items < 1 || p->values[a->items[0]].kind != PK_TENSOR)
+            return fail("%s: data.pkl: malformed _rebuild_parameter arguments", p->path);
+        return a->items[0];
+    default: return fail("%s: data.pkl calls a storage type", p->path);
+    }
+}
+
+/* BINPERSID ('storage', type, key, location, numel): one storage of the archive */
+static int pickle_storage(Pickle *p, int pid) {
+    static const char *const dtypes[] = {[FN_STORAGE_F32] = "F32", [FN_STORAGE_F16] = "F16", [FN_STORAGE_BF16] = "BF16"};
+    const PickleValue *t = &p->values[pid];
+    if (t->kind != PK_TUPLE || t->n_items != 5 || p->values[t->items[0]].kind != PK_TEXT ||
+        strcmp(p->values[t->items[0]].text, "storage") != 0 || p->values[t->items[1]].kind != PK_FUNCTION ||
+        p->values[t->items[1]].number < FN_STORAGE_F32 || p->values[t->items[2]].kind != PK_TEXT ||
+        !pickle_is_int(p, t->items[4]) || p->values[t->items[4]].number < 0)
+        return fail("%s: data.pkl: a persistent id that is not a float32, float16 or bfloat16 storage", p->path);
+    int s = pickle_new(p, PK_STORAGE, p->values[t->items[4]].number);
+    if (s < 0) return -1;
+    t = &p->values[pid]; /* pickle_new may have moved the values */
+    p->values[s].text = p->values[t->items[2]].text;
+    p->values[s].dtype = dtypes[p->values[t->items[1]].number];
+    return s;
+}
+
+static int pickle_memo_put(Pickle *p, int64_t index) {
+    if (p->depth == 0) return fail("%s: data.pkl is malformed (memo of nothing)", p->path);
+    if (index < 0 || index >= PICKLE_MAX_VALUES) return fail("%s: data.pkl: memo index %lld", p->path, (long long)index);
+    if (index >= p->cap_memo) {
+        int cap = (int)index + 1 > 2 * p->cap_memo ? (int)index + 1 : 2 * p->cap_memo;
+        int *m = realloc(p->memo, (size_t)cap * sizeof(int));
+        if (!m) return fail("%s: out of memory reading data.pkl", p->path);
+        for (int i = p->cap_memo; i < cap; i++) m[i] = -1;
+        p->memo = m;
+        p->cap_memo = cap;
+    }
+    p->memo_size += p->memo[index] < 0;
+    p->memo[index] = p->stack[p->depth - 1];
+    return 0;
+}
+
+/* Little-endian unsigned integer of n bytes at s */
+static uint64_t read_le(const unsigned char *s, int n) {
+    uint64_t x = 0;
+    for (int i = n - 1; i >= 0; i--) x = x << 8 | s[i];
+    return x;
+}
+
+/* Runs the pickle program; returns the index of its result. */
+static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
+    size_t at = 0;
+#define NEED(n) if (len - at < (size_t)(n)) return fail("%s: data.pkl is truncated", p->path)
+    for (;;) {
+        NEED(1);
+        unsigned char op = code[at++];
+        int v = 0, w, from;
+        int64_t n;
+        switch (op) {
+        case 0x80: NEED(1); at++; break;            /* PROTO */
+        case 0x95: NEED(8); at += 8; break;          /* FRAME: a length hint */
+        case '(': v = pickle_push(p, pickle_new(p, PK_MARK, 0)); break;
+        case 'N': v = pickle_push(p, pickle_new(p, PK_NONE, 0)); break;
+        case 0x88: case 0x89: v = pickle_push(p, pickle_new(p, PK_BOOL, op == 0x88)); break;
+        case ')': v = pickle_push(p, pickle_new(p, PK_TUPLE, 0)); break;
+        case ']': v = pickle_push(p, pickle_new(p, PK_LIST, 0)); break;
+        case '}': v = pickle_push(p, pickle_new(p, PK_DICT, 0)); break;
+        case 'K': NEED(1); v = pickle_push(p, pickle_new(p, PK_INT, code[at])); at += 1; break;
+        case 'M': NEED(2); v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)read_le(code + at, 2))); at += 2; break;
+        case 'J': NEED(4); v = pickle_push(p, pickle_new(p, PK_INT, (int32_t)(uint32_t)read_le(code + at, 4))); at += 4; break;
+        case 0x8a: /* LONG1: n bytes, two's complement */
+            NEED(1);
+            n = code[at++];
+            if (n > 8) return fail("%s: data.pkl: an integer of %d bytes", p->path, (int)n);
+            NEED(n);
+            { uint64_t u = read_le(code + at, (int)n);
+              if (n > 0 && n < 8 && (code[at + n - 1] & 0x80)) u |= ~(uint64_t)0 << (8 * n); /* sign-extend */
+              v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)u)); }
+            at += (size_t)n;
+            break;
+        case 'G': NEED(8); at += 8; v = pickle_push(p, pickle_new(p, PK_FLOAT, 0)); break; /* BINFLOAT */
+        case 'X': case 0x8c: case 0x8d: { /* BINUNICODE (4-byte length), SHORT_ (1), 8 (8) */
+            int lb = op == 'X' ? 4 : op == 0x8c ? 1 : 8;
+            NEED(lb);
+            uint64_t sl = read_le(code + at, lb);
+            at += (size_t)lb;
+            NEED(sl);
+            w = pickle_new(p, PK_TEXT, 0);
+            if (w < 0 || !(p->values[w].text = malloc(sl + 1))) return w < 0 ? -1 : fail("%s: out of memory", p->path);
+            memcpy(p->values[w].text, code + at, sl);
+            p->values[w].text[sl] = '\0';
+            at += sl;
+            v = pickle_push(p, w);
+            break;
+        }
+        case 'c': case 0x93: { /* GLOBAL "module\nname\n", STACK_GLOBAL (module, name on the stack) */
+            char module[64] = "", name[64] = "";
+            if (op == 'c') {
+                for (int part = 0; part < 2; part++) {
+                    char *dst = part ? name : module;
+                    const unsigned char *nl = memchr(code + at, '\n', len - at);
+                    if (!nl || nl - (code + at) >= 63) return fail("%s: data.pkl: malformed GLOBAL", p->path);
+                    memcpy(dst, code + at, (size_t)(nl - (code + at)));
+                    at = (size_t)(nl - code) + 1;
+                }
+            } else {
+                int ni = pickle_pop(p), mi = ni < 0 ? -1 : pickle_pop(p);
+                if (mi < 0) return -1;
+                if (p->values[ni].kind != PK_TEXT || p->values[mi].kind != PK_TEXT)
+                    return fail("%s: data.pkl: malformed STACK_GLOBAL", p->path);
+                snprintf(module, sizeof(module), "%s", p->values[mi].text);
+                snprintf(name, sizeof(name), "%s", p->values[ni].text);
+            }
+            int found = -1;
+            for (int i = 0; i < (int)(sizeof(pickle_functions) / sizeof(pickle_functions[0])); i++)
+                if (!strcmp(module, pickle_functions[i].module) && !strcmp(name, pickle_functions[i].name)) found = i;
+            if (found < 0)
+                return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does not use: refused "
+                            "(nothing in the file is executed)", p->path, printable(module), printable(name));
+            v = pickle_push(p, pickle_new(p, PK_FUNCTION, found));
+            break;
+        }
+        case 'Q': /* BINPERSID */
+            if ((w = pickle_pop(p)) < 0) return -1;
+            v = pickle_push(p, pickle_storage(p, w));
+            break;
+        case 't': if ((from = pickle_since_mark(p)) < 0) return -1; v = pickle_push(p, pickle_tuple(p, from)); break;
+        case 0x85: case 0x86: case 0x87: /* TUPLE1..3 */
+            if (p->depth < op - 0x84) return fail("%s: data.pkl is malformed (a value is missing)", p->path);
+            for (int i = p->depth - (op - 0x84); i < p->depth; i++)
+                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
+            v = pickle_push(p, pickle_tuple(p, p->depth - (op - 0x84)));
+            break;
+        case 'R': /* REDUCE */
+            if ((w = pickle_pop(p)) < 0 || (v = pickle_pop(p)) < 0) return -1;
+            v = pickle_push(p, pickle_reduce(p, v, w));
+            break;
+        case 'b': /* BUILD: the state of an OrderedDict (its _metadata) is not needed */
+            if ((w = pickle_pop(p)) < 0 || p->depth == 0 || p->values[p->stack[p->depth - 1]].kind != PK_DICT)
+                return w < 0 ? -1 : fail("%s: data.pkl: BUILD of something other than a dict", p->path);
+            break;
+        case 's': case 'u': case 'a': case 'e': { /* SETITEM(S), APPEND(S) */
+            int single = op == 's' || op == 'a', is_dict = op == 's' || op == 'u';
+            from = single ? p->depth - (is_dict ? 2 : 1) : pickle_since_mark(p);
+            if (from < 1 || (is_dict && (p->depth - from) % 2 != 0))
+                return from < 0 ? -1 : fail("%s: data.pkl is malformed (SETITEMS)", p->path);
+            int target = p->stack[from - 1];
+            if (p->values[target].kind != (is_dict ? PK_DICT : PK_LIST))
+                return fail("%s: data.pkl: items added to a %s", p->path, is_dict ? "non-dict" : "non-list");
+            for (int i = from; i < p->depth; i++) {
+                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
+                if (pickle_add_item(p, target, p->stack[i]) != 0) return -1;
+            }
+            p->depth = from;
+            break;
+        }
+        case 'q': NEED(1); v = pickle_memo_put(p, code[at]); at += 1; break;
+        case 'r': NEED(4); v = pickle_memo_put(p, (int64_t)read_le(code + at, 4)); at += 4; break;
+        case 0x94: v = pickle_memo_put(p, p->memo_size); break; /* MEMOIZE: at the memo's length */
+        case 'h': case 'j': { /* BINGET, LONG_BINGET */
+            int lb = op == 'h' ? 1 : 4;
+            NEED(lb);
+            int64_t index = (int64_t)read_le(code + at, lb);
+            at += (size_t)lb;
+            if (index >= p->cap_memo || p->memo[index] < 0)
+                return fail("%s: data.pkl refers to memo %lld, never stored", p->path, (long long)index);
+            v = pickle_push(p, p->memo[index]);
+            break;
+        }
+        case '.': /* STOP */
+            if (p->depth != 1) return fail("%s: data.pkl is malformed (%d values left)", p->path, p->depth);
+            return p->stack[0];
+        default:
+            return fail("%s: data.pkl uses pickle opcode 0x%02x, which a state dict of tensors does not need: "
+                        "refused", p->path, op);
+        }
+        if (v < 0) return -1;
+    }
+#undef NEED
+}
+
+/* The zip container. Only what torch.save writes is accepted: entries
+ * stored without compression, found through the central directory at the
+ * end of the file (with its zip64 extension for files past 4 GiB). */
+typedef struct { char *name; uint64_t header_at, size; int stored; } ZipEntry;
+
+static int read_at(FILE *f, uint64_t at, void *buf, size_t n) {
+    return at <= (uint64_t)LONG_MAX && fseek(f, (long)at, SEEK_SET) == 0 && fread(buf, 1, n, f) == n ? 0 : -1;
+}
+
+static void zip_free(ZipEntry *e, int n) {
+    for (int i = 0; i < n; i++) free(e[i].name);
+    free(e);
+}
+
+static int zip_list(const char *path, FILE *f, uint64_t file_size, ZipEntry **out, int *n_out) {
+    unsigned char tail[22 + 65535], rec[56];
+    size_t tail_len = file_size < sizeof(tail) ? (size_t)file_size : sizeof(tail);
+    *out = NULL;
+    *n_out = 0;
+    if (tail_len < 22 || read_at(f, file_size - tail_len, tail, tail_len) != 0)
+        return fail("%s: not a zip archive (too short)", path);
+    size_t eocd = tail_len - 22 + 1; /* the end-of-central-directory record, searched from the end */
+    while (eocd-- > 0 && read_le(tail + eocd, 4) != 0x06054b50) {}
+    if (eocd == (size_t)-1) return fail("%s: not a zip archive (no end of central directory): truncated?", path);
+    uint64_t count = read_le(tail + eocd + 10, 2), cd_size = read_le(tail + eocd + 12, 4);
+    uint64_t cd_at = read_le(tail + eocd + 16, 4), eocd_at = file_size - tail_len + eocd;
+    if (count == 0xFFFF || cd_size == 0xFFFFFFFF || cd_at == 0xFFFFFFFF) { /* zip64: the locator sits before */
+        if (eocd_at < 20 || read_at(f, eocd_at - 20, rec, 20) != 0 || read_le(rec, 4) != 0x07064b50 ||
+            read_at(f, read_le(rec + 8, 8), rec, 56) != 0 || read_le(rec, 4) != 0x06064b50)
+            return fail("%s: malformed zip64 end of central directory", path);
+        count = read_le(rec + 32, 8), cd_size = read_le(rec + 40, 8), cd_at = read_le(rec + 48, 8);
+    }
+    if (cd_at > file_size || cd_size > file_size - cd_at || cd_size > (64u << 20) || count > cd_size / 46)
+        return fail("%s: the zip central directory (%llu entries, %llu bytes at %llu) does not fit the file", path,
+                    (unsigned long long)count, (unsigned long long)cd_size, (unsigned long long)cd_at);
+    unsigned char *cd = malloc(cd_size ? (size_t)cd_size : 1);
+    ZipEntry *e = calloc(count ? (size_t)count : 1, sizeof(ZipEntry));
+    if (!cd || !e || read_at(f, cd_at, cd, (size_t)cd_size) != 0) {
+        free(cd);
+        free(e);
+        return fail("%s: cannot read the zip central directory", path);
+    }
+    size_t at = 0;
+    int n = 0, rc = 0;
+    for (; rc == 0 && (uint64_t)n < count; n++) {
+        if (cd_size - at < 46 || read_le(cd + at, 4) != 0x02014b50) { rc = fail("%s: malformed zip directory", path); break; }
+        size_t name_len = read_le(cd + at + 28, 2), extra_len = read_le(cd + at + 30, 2);
+        size_t record = 46 + name_len + extra_len + read_le(cd + at + 32, 2);
+        if (cd_size - at < record || !(e[n].name = malloc(name_len + 1))) { rc = fail("%s: malformed zip directory", path); break; }
+        memcpy(e[n].name, cd + at + 46, name_len);
+        e[n].name[name_len] = '\0';
+        uint64_t packed = read_le(cd + at + 20, 4), size = read_le(cd + at + 24, 4), header = read_le(cd + at + 42, 4);
+        /* zip64 extra field (id 1): the 8-byte values of the fields that read 0xFFFFFFFF, in this order */
+        for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
+            size_t id = read_le(cd + x, 2), len = read_le(cd + x + 2, 2), v = x + 4;
+            if (x + 4 + len > at + 46 + name_len + extra_len) break;
+            uint64_t *fields[3] = {&size, &packed, &header};
+            for (int k = 0; id == 1 && k < 3; k++)
+                if (*fields[k] == 0xFFFFFFFF && v + 8 <= x + 4 + len) *fields[k] = read_le(cd + v, 8), v += 8;
+            x += 4 + len;
+        }
+        e[n].stored = read_le(cd + at + 10, 2) == 0 && packed == size;
+        e[n].size = size;
+        e[n].header_at = header;
+        at += record;
+    }
+    free(cd);
+    if (rc != 0) { zip_free(e, n + 1); return rc; }
+    *out = e;
+    *n_out = n;
+    return 0;
+}
+
+/* Where the bytes of an entry start in the file (after its local header). */
+static int zip_data_at(const char *path, FILE *f, uint64_t file_size, const ZipEntry *e, uint64_t *at) {
+    unsigned char h[30];
+    if (!e->stored) return fail("%s: zip entry %s is compressed (torch.save stores entries)", path, printable(e->name));
+    if (e->header_at > file_size || read_at(f, e->header_at, h, 30) != 0 || read_le(h, 4) != 0x04034b50)
+        return fail("%s: zip entry %s: malformed local header", path, printable(e->name));
+    *at = e->header_at + 30 + read_le(h + 26, 2) + read_le(h + 28, 2);
+    if (*at > file_size || e->size > file_size - *at)
+        return fail("%s: zip entry %s ends past the end of the file: truncated", path, printable(e->name));
+    return 0;
+}
+
+static int name_order(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* A pytorch_model.bin as a tensor index: st->header as a safetensors header
+ * whose data_offsets count from the start of the file (data_start 0). */
+int torch_open(SafeTensors *st, const char *path) {
+    memset(st, 0, sizeof(*st));
+    snprintf(st->path, sizeof(st->path), "%s", path);
+    st->f = fopen(path, "rb");
+    if (!st->f) return fail("%s: cannot open: %s", path, strerror(errno));
+    long size;
+    if (fseek(st->f, 0, SEEK_END) != 0 || (size = ftell(st->f)) < 0) { st_close(st); return fail("%s: cannot determine the file size", path); }
+    st->file_size = (size_t)size;
+    ZipEntry *e;
+    int n_entries, pkl = -1, rc;
+    if (zip_list(path, st->f, st->file_size, &e, &n_entries) != 0) { st_close(st); return -1; }
+    for (int i = 0; i < n_entries; i++) {
+        size_t len = strlen(e[i].name);
+        if (len >= 9 && strcmp(e[i].name + len - 9, "/data.pkl") == 0 && strchr(e[i].name, '/') == e[i].name + len - 9) {
+            if (pkl >= 0) { zip_free(e, n_entries); st_close(st); return fail("%s: two data.pkl entries", path); }
+            pkl = i;
+        }
+    }
+    uint64_t pkl_at = 0;
+    unsigned char *code = NULL;
+    rc = pkl < 0 ? fail("%s: no PREFIX/data.pkl entry: not a file written by torch.save", path)
+                 : zip_data_at(path, st->f, st->file_size, &e[pkl], &pkl_at);
+    if (rc == 0 && (e[pkl].size > (256u << 20) || !(code = malloc(e[pkl].size ? (size_t)e[pkl].size : 1))))
+        rc = fail("%s: data.pkl of %llu bytes is too large", path, (unsigned long long)e[pkl].size);
+    if (rc == 0 && read_at(st->f, pkl_at, code, (size_t)e[pkl].size) != 0) rc = fail("%s: cannot read data.pkl", path);
+    Pickle p = {.path = path};
+    int result = rc == 0 ? pickle_run(&p, code, (size_t)e[pkl].size) : -1;
+    free(code);
+    if (result >= 0 && p.values[result].kind != PK_DICT)
+        result = fail("%s: data.pkl holds no dict of tensors (a state dict was expected)", path);
+    StrBuf h = {0};
+    sb_printf(&h, "{");
+    const PickleValue *dict = result >= 0 ? &p.values[result] : NULL;
+    char **names = dict ? calloc((size_t)dict->n_items / 2 + 1, sizeof(char *)) : NULL;
+    rc = dict && !names ? fail("%s: out of memory", path) : result < 0 ? -1 : 0;
+    for (int i = 0; rc == 0 && i + 1 < dict->n_items; i += 2) {
+        const PickleValue *key = &p.values[dict->items[i]], *t = &p.values[dict->items[i + 1]];
+        if (key->kind != PK_TEXT) { rc = fail("%s: a state dict key that is not a string", path); break; }
+        if (t->kind != PK_TENSOR) { rc = fail("%s: %s is not a tensor", path, printable(key->text)); break; }
+        names[i / 2] = key->text;
+        const PickleValue *storage = &p.values[t->items[0]], *shape = &p.values[t->items[1]];
+        char entry_name[PATH_LEN];
+        snprintf(entry_name, sizeof(entry_name), "%.*s/data/%s", (int)(strlen(e[pkl].name) - 9), e[pkl].name,
+                 storage->text);
+        int found = -1;
+        for (int k = 0; k < n_entries && found < 0; k++) found = strcmp(e[k].name, entry_name) == 0 ? k : -1;
+        size_t esize = dtype_size(t->dtype);
+        uint64_t at = 0, numel = 1;
+        for (int d = 0; d < shape->n_items; d++) numel *= (uint64_t)p.values[shape->items[d]].number;
+        if (found < 0) { rc = fail("%s: tensor %s: storage %s is missing", path, printable(key->text), printable(storage->text)); break; }
+        if ((rc = zip_data_at(path, st->f, st->file_size, &e[found], &at)) != 0) break;
+        if ((uint64_t)storage->number > e[found].size / esize) {
+            rc = fail("%s: storage %s holds %llu bytes, but its tensors need %llu elements of %zu bytes: truncated",
+                      path, printable(storage->text), (unsigned long long)e[found].size,
+                      (unsigned long long)storage->number, esize);
+            break;
+        }
+        json_write_string(&h, key->text);
+        sb_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", t->dtype);
+        for (int d = 0; d < shape->n_items; d++) sb_printf(&h, "%s%lld", d ? "," : "", (long long)p.values[shape->items[d]].number);
+        uint64_t begin = at + (uint64_t)t->number * esize;
+        sb_printf(&h, "],\"data_offsets\":[%llu,%llu]},", (unsigned long long)begin, (unsigned long long)(begin + numel * esize));
+    }
+    if (rc == 0 && dict->n_items > 0) {
+        h.len--; /* the last comma */
+        qsort(names, (size_t)dict->n_items / 2, sizeof(char *), name_order);
+        for (int i = 1; rc == 0 && i < dict->n_items / 2; i++)
+            if (strcmp(names[i - 1], names[i]) == 0) rc = fail("%s: tensor %s appears twice", path, printable(names[i]));
+    }
+    sb_printf(&h, "}");
+    if (rc == 0) rc = json_parse(h.s, h.len, path, &st->header);
+    for (size_t i = 0; rc == 0 && i < st->header.length; i++)
+        rc = st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size);
+    free(h.s);
+    free(names);
+    for (int i = 0; i < p.n_values; i++) {
+        if (p.values[i].kind == PK_TEXT) free(p.values[i].text);
+        free(p.values[i].items);
+    }
+    free(p.values);
+    free(p.stack);
+    free(p.memo);
+    zip_free(e, n_entries);
+    if (rc != 0) st_close(st);
+    return rc;
+}
+
 static size_t tensor_out_numel(const TensorOut *t) {
     return (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
 }
@@ -1025,18 +1555,34 @@ static const SafeTensors *source_find(const TensorSource *src, const char *name)
     return NULL;
 }
 
-/* DIR/model.safetensors, or every file named by DIR/model.safetensors.index.json */
+/* One file of tensors: pytorch_model*.bin as torch.save wrote it, else safetensors. */
+static int tensor_file_open(SafeTensors *st, const char *path) {
+    size_t n = strlen(path);
+    return n >= 4 && strcmp(path + n - 4, ".bin") == 0 ? torch_open(st, path) : st_open(st, path);
+}
+
+/* The weights of a model folder, the first of these that exists:
+ * model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin,
+ * pytorch_model.bin.index.json (shards). safetensors first: it is what
+ * mlkv writes, and what HF writes by default. */
 static int source_open(TensorSource *src, const char *dir) {
+    static const char *const singles[] = {"/model.safetensors", NULL, "/pytorch_model.bin", NULL};
+    static const char *const indexes[] = {NULL, "/model.safetensors.index.json", NULL, "/pytorch_model.bin.index.json"};
     char path[PATH_LEN];
+    int found = -1;
     memset(src, 0, sizeof(*src));
-    if (make_path(path, dir, "/model.safetensors") != 0) return -1;
-    if (file_exists(path)) {
-        if (st_open(&src->files[0], path) != 0) return -1;
+    for (int i = 0; i < 4 && found < 0; i++) {
+        if (make_path(path, dir, singles[i] ? singles[i] : indexes[i]) != 0) return -1;
+        if (file_exists(path)) found = i;
+    }
+    if (found < 0)
+        return fail("%s: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                    "pytorch_model.bin.index.json", dir);
+    if (singles[found]) {
+        if (tensor_file_open(&src->files[0], path) != 0) return -1;
         src->n = 1;
         return 0;
     }
-    if (make_path(path, dir, "/model.safetensors.index.json") != 0) return -1;
-    if (!file_exists(path)) return fail("%s: no model.safetensors or model.safetensors.index.json", dir);
     Json index;
     if (json_load_file(path, &index) != 0) return -1;
     const Json *map = json_get(&index, "weight_map");
@@ -1051,7 +1597,7 @@ static int source_open(TensorSource *src, const char *dir) {
         for (int k = 0; k < src->n && !seen; k++) seen = strcmp(src->files[k].path, shard) == 0;
         if (seen) continue;
         if (src->n == 64) { rc = fail("%s: more than 64 shards", path); break; }
-        if (st_open(&src->files[src->n], shard) != 0) rc = -1;
+        if (tensor_file_open(&src->files[src->n], shard) != 0) rc = -1;
         else src->n++;
     }
     json_free(&index);
@@ -3369,6 +3915,7 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
     c.n_kv_layer = o->kv_layers;
     c.has_kv_map = o->has_map;
     c.use_kv_mlp = o->kv_mlp;
+    c.shared_key_rotary = !o->reference_rotary;
     c.kv_intermediate_size = 1; /* set below, once kvL is known */
     if (o->has_map) memcpy(c.kv_layer_of, o->map, sizeof(c.kv_layer_of));
     if (config_finalize(&c, "conversion") != 0) return -1;
@@ -3625,6 +4172,20 @@ static FILE *open_log(const char *path, int resume_step) {
     return f;
 }
 
+/* KV cache bytes per token: 2 (K and V) * kvL * kvH * head_size elements */
+static long kv_cache_bytes(const Config *c, int bytes_per_element) {
+    return 2L * c->n_kv_layer * c->n_kv_head * c->head_size * bytes_per_element;
+}
+
+/* How layers that read another layer's K/V see its keys: the two rotary modes */
+static const char *rotary_mode(const Config *c) {
+    int shares = 0;
+    for (int l = 0; l < c->n_layer; l++) shares |= c->kv_layer_of[l] != l;
+    return !shares ? "no layer shares K/V"
+           : c->shared_key_rotary ? "shared keys rotated (mlkv_shared_key_rotary true)"
+                                  : "shared keys un-rotated, as the reference code computes (mlkv_shared_key_rotary false)";
+}
+
 static int run_training(TrainArgs *t) {
     Model model;
     TokenFile train = {0}, val = {0};
@@ -3685,9 +4246,9 @@ static int run_training(TrainArgs *t) {
         printf("precision: bf16 matmul inputs, fp32 sums and weights (%s)\n",
                amx ? "AMX tile kernel" : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
     size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
-    printf("model: %zu parameters, %d layers, %d heads, K/V in %d layers x %d heads (KV cache %d bytes/token fp32)\n",
-           model.num_parameters, c->n_layer, c->n_head, c->n_kv_layer, c->n_kv_head,
-           2 * c->n_kv_layer * c->n_kv_head * c->head_size * 4);
+    printf("model: %zu parameters, %d layers, %d heads, K/V in %d layers x %d heads (KV cache %ld bytes/token fp32); "
+           "%s\n", model.num_parameters, c->n_layer, c->n_head, c->n_kv_layer, c->n_kv_head, kv_cache_bytes(c, 4),
+           rotary_mode(c));
     printf("train: %zu tokens (%zu sequences of %d), %d steps of %d x %d x %d = %zu tokens, warmup %d, %d threads\n",
            train.n_tokens, loader.n_seqs, t->seq, t->steps, t->batch, t->grad_accum, t->seq, tokens_per_step,
            t->opt.warmup_steps, threads);
@@ -3983,11 +4544,6 @@ static int cmd_train(int argc, char **argv) {
     return run_training(&t);
 }
 
-/* KV cache bytes per token: 2 (K and V) * kvL * kvH * head_size elements */
-static long kv_cache_bytes(const Config *c, int bytes_per_element) {
-    return 2L * c->n_kv_layer * c->n_kv_head * c->head_size * bytes_per_element;
-}
-
 static void print_model_summary(const Model *m) {
     const Config *c = &m->config;
     printf("%zu parameters: %d layers, hidden %d, %d heads of %d, intermediate %d, vocab %d\n", m->num_parameters,
@@ -3995,7 +4551,8 @@ static void print_model_summary(const Model *m) {
     printf("K/V: %d heads in each of %d owning layers (", c->n_kv_head, c->n_kv_layer);
     for (int l = 0; l < c->n_layer; l++)
         if (c->kv_layer_of[l] == l) printf("%s%d", l ? " " : "", l);
-    printf("); KV cache %ld bytes/token fp16, %ld fp32\n", kv_cache_bytes(c, 2), kv_cache_bytes(c, 4));
+    printf("); KV cache %ld bytes/token fp16, %ld fp32; %s\n", kv_cache_bytes(c, 2), kv_cache_bytes(c, 4),
+           rotary_mode(c));
 }
 
 static const char *const convert_usage =
@@ -4017,7 +4574,12 @@ static const char *const convert_usage =
     "                   kept) | none: no growth (fewer parameters)\n"
     "  --kv-map LIST    the owning layer of every layer, e.g. 0,0,2,2 (pairs) or\n"
     "                   0,0,0,3,3,3: each at or below its layer, owners read themselves\n"
-    "  --seed S         KV-MLP initialisation (0)\n";
+    "  --seed S         KV-MLP initialisation (0)\n"
+    "  --rotary R       shared (default): layers that share an owner's keys read them\n"
+    "                   rotated, one function in training, scoring and cached decoding |\n"
+    "                   reference: they read the owner's un-rotated keys, as the reference\n"
+    "                   code computes in training and scoring; choose it only to reproduce\n"
+    "                   or continue the reference's own checkpoints\n";
 
 static int parse_layer_map(const char *text, int n_layer, int *map) {
     int n = 0;
@@ -4039,8 +4601,9 @@ static int cmd_convert(int argc, char **argv) {
     static const char *const pool_names[] = {"pairwise", "uniform", NULL};   /* PoolKind order */
     static const char *const grow_names[] = {"copy", "zero", "none", NULL};  /* GrowKind order */
     ConvertOptions o = {0};
-    int pool = POOL_PAIRWISE, grow = GROW_COPY;
-    Flag flags[] = {INT_FLAG("--kv-layers", &o.kv_layers, 1, MLKV_MAX_LAYERS), INT_FLAG("--kv-heads", &o.kv_heads, 1, 1 << 20),
+    static const char *const rotary_names[] = {"shared", "reference", NULL};
+    int pool = POOL_PAIRWISE, grow = GROW_COPY, rotary = 0;
+    Flag flags[] = {CHOICE_FLAG("--rotary", &rotary, rotary_names), INT_FLAG("--kv-layers", &o.kv_layers, 1, MLKV_MAX_LAYERS), INT_FLAG("--kv-heads", &o.kv_heads, 1, 1 << 20),
                     STRING_FLAG("--out", &out), SWITCH_FLAG("--kv-mlp", &o.kv_mlp),
                     CHOICE_FLAG("--pool", &pool, pool_names), CHOICE_FLAG("--grow-mlp", &grow, grow_names),
                     STRING_FLAG("--kv-map", &map_text), SEED_FLAG("--seed", &o.seed)};
@@ -4052,6 +4615,7 @@ static int cmd_convert(int argc, char **argv) {
     }
     o.pool = (PoolKind)pool;
     o.grow = (GrowKind)grow;
+    o.reference_rotary = rotary;
     char in_dir[PATH_LEN], default_out[PATH_LEN], suffix[64];
     snprintf(in_dir, sizeof(in_dir), "%s", in);
     for (size_t n = strlen(in_dir); n > 1 && in_dir[n - 1] == '/';) in_dir[--n] = '\0';
@@ -4195,16 +4759,19 @@ static const char *const sample_usage =
     "  --tokenizer FILE    tokenizer.json (default DIR/tokenizer.json)\n"
     "  --threads N         OpenMP threads (all cores)\n";
 
-static int parse_ids(const char *text, int *ids, int max_ids, int vocab) {
+/* The integers of a list separated by commas or spaces, each in lo..hi, at
+ * most max of them: their count, or -1 (the message names flag and what). */
+static int parse_int_list(const char *flag, const char *what, const char *text, int *out, int max, int lo, int hi) {
     int n = 0;
     for (const char *p = text; *p;) {
         while (*p == ',' || *p == ' ') p++;
         if (!*p) break;
         char *end;
         long v = strtol(p, &end, 10);
-        if (end == p || v < 0 || v >= vocab) return fail("--prompt-ids: %.20s is not a token id (0..%d)", p, vocab - 1);
-        if (n == max_ids) return fail("--prompt-ids: more than %d ids", max_ids);
-        ids[n++] = (int)v;
+        if (end == p || v < lo || v > hi || (*end && *end != ',' && *end != ' '))
+            return fail("%s: %.20s is not %s (%d..%d)", flag, p, what, lo, hi);
+        if (n == max) return fail("%s: more than %d numbers", flag, max);
+        out[n++] = (int)v;
         p = end;
     }
     return n;
@@ -4242,7 +4809,8 @@ static int cmd_sample(int argc, char **argv) {
     prompt_tokens = alloc_zeroed((size_t)room + 1, sizeof(int), "the prompt");
     if (rc == 0 && !prompt_tokens) rc = -1;
     if (rc == 0 && prompt) rc = (P = tokenizer_encode(&tok, prompt, prompt_tokens, room)) < 0 ? -1 : 0;
-    else if (rc == 0 && prompt_ids) rc = (P = parse_ids(prompt_ids, prompt_tokens, room, c->vocab_size)) < 0 ? -1 : 0;
+    else if (rc == 0 && prompt_ids) rc = (P = parse_int_list("--prompt-ids", "a token id", prompt_ids, prompt_tokens, room, 0,
+                                                          c->vocab_size - 1)) < 0 ? -1 : 0;
     if (rc == 0 && P == 0) { /* no prompt: start a document */
         if (have_tokenizer && tok.eot_id >= 0) prompt_tokens[P++] = tok.eot_id;
         else rc = fail("no prompt and no <|endoftext|> to start from: give --prompt-ids");
@@ -4290,9 +4858,9 @@ static int cmd_sample(int argc, char **argv) {
         utf8_stream_flush(&stream, stdout);
     }
     if (rc == 0)
-        fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %.2f MiB]\n", batch, P,
-                batch * P / fmax(t1 - t0, 1e-9), batch, n_new, batch * n_new / fmax(t2 - t1, 1e-9),
-                cache.cache_bytes / 1048576.0);
+        fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %.2f MiB; %s]\n",
+                batch, P, batch * P / fmax(t1 - t0, 1e-9), batch, n_new, batch * n_new / fmax(t2 - t1, 1e-9),
+                cache.cache_bytes / 1048576.0, rotary_mode(c));
     for (int b = 0; generated && b < batch; b++) free(generated[b]);
     free(generated); free(rng); free(step); free(scratch); free(prompt_tokens);
     kv_cache_free(&cache);
@@ -4360,18 +4928,31 @@ static void print_theory(void) {
         }
 }
 
-typedef struct { int prefill, decode, batch_max, threads; double mem_limit; FILE *csv; } BenchOptions;
+typedef struct {
+    int prefill, decode, threads;
+    const int *batches;
+    int n_batches;
+    double mem_limit;
+    FILE *csv;
+    int reference_csv;  /* the reference's measurements.csv columns */
+    double background;  /* resident bytes before any model was loaded */
+} BenchOptions;
+
+/* The reference's decode-memory script's batch sizes (its measurements.csv) */
+static const int reference_batches[] = {8, 16, 24, 32, 40, 48, 64, 80, 100, 140, 220, 300, 380, 460, 620, 720, 940, 1100};
 
 /* One configuration: growing batch sizes until the next one would pass the limit. */
 static int bench_model(Model *m, const char *name, const BenchOptions *o) {
     const Config *c = &m->config;
     int T = o->prefill + o->decode, chunk = o->prefill < 256 ? o->prefill : 256;
-    double params = (double)m->num_parameters * 4;
-    for (int B = 1; B <= o->batch_max; B *= 2) {
+    double params = (double)m->num_parameters * 4, loaded = resident_bytes();
+    for (int i = 0; i < o->n_batches; i++) {
+        int B = o->batches[i];
         double need = params + kv_cache_plan_bytes(c, B, T, chunk);
         if (need > o->mem_limit) {
             printf("| %s | %d | stop: would need %.1f MiB, over --mem-limit %.1f MiB |\n", name, B, need / 1048576.0,
                    o->mem_limit / 1048576.0);
+            if (o->reference_csv) fprintf(o->csv, "%s,%d,%d,,,,,,,True\n", name, B, o->decode);
             break;
         }
         KVCache cache;
@@ -4397,9 +4978,14 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B, cache.cache_bytes / 1048576.0,
                formula / 1048576.0, rss / 1048576.0, prefill_rate, decode_rate);
         fflush(stdout);
-        if (o->csv)
+        if (o->reference_csv) /* MB as the reference reports them: MiB; its speed counts decode - 1 tokens */
+            fprintf(o->csv, "%s,%d,%d,%.0f,%.0f,%.4f,%.4f,%.6f,%.6f,False\n", name, B, o->decode,
+                    o->background / 1048576.0, (loaded - o->background) / 1048576.0, (rss - loaded) / 1048576.0,
+                    cache.cache_bytes / 1048576.0, t2 - t0, B * (o->decode - 1) / fmax(t2 - t0, 1e-9));
+        else
             fprintf(o->csv, "%s,%d,%d,%d,%d,%d,%zu,%.0f,%.0f,%.2f,%.3f,%d\n", name, c->n_kv_layer, c->n_kv_head, B,
                     o->prefill, o->decode, cache.cache_bytes, formula, rss, prefill_rate, decode_rate, o->threads);
+        fflush(o->csv);
         kv_cache_free(&cache);
         free(tokens);
     }
@@ -4424,8 +5010,22 @@ static const char *const bench_usage =
     "  --prefill P      prompt tokens (2000)\n"
     "  --decode N       generated tokens (48)\n"
     "  --max-batch B    largest batch size tried, doubling from 1 (1024)\n"
+    "  --batches LIST   these batch sizes instead, e.g. the reference's\n"
+    "                   8,16,24,32,40,48,64,80,100,140,220,300,380,460,620,720,940,1100\n"
     "  --mem-limit MiB  memory budget (80% of physical memory)\n"
     "  --csv FILE       CSV output (bench-kv.csv)\n"
+    "  --csv-format F   mlkv (default): the columns of the table | reference: the\n"
+    "                   reference's measurements.csv, appended to FILE, and its batch\n"
+    "                   list unless --batches is given. Its columns here, on a CPU:\n"
+    "                   model_name (grid name, or DIR), batch_size, sequence_length (the\n"
+    "                   decoded tokens), background_memory_usage (resident MiB before any\n"
+    "                   model was loaded), model_memory_usage (resident MiB the model's\n"
+    "                   weights added), memory_usage (resident MiB prefill and decoding\n"
+    "                   added: cache and activations), kv_cache_mem (KV cache MiB),\n"
+    "                   inference_time (seconds, prefill and decode), inference_speed\n"
+    "                   (batch * (decoded - 1) / inference_time, as the reference counts:\n"
+    "                   the first new token comes from the prefill), is_oom (True: the\n"
+    "                   batch would pass --mem-limit and was not run)\n"
     "  --theory         KV bytes per token and per 2048 tokens for every Pythia size\n"
     "  --threads N      OpenMP threads (all cores)\n";
 
@@ -4433,17 +5033,30 @@ static int cmd_bench_kv(int argc, char **argv) {
     const char *dir = NULL, *config_path = NULL, *only = NULL, *csv_path = "bench-kv.csv";
     int grid = 0, theory = 0;
     double mem_mib = 0.8 * physical_memory_bytes() / 1048576.0;
-    BenchOptions o = {2000, 48, 1024, 0, 0, NULL};
+    static const char *const csv_formats[] = {"mlkv", "reference", NULL};
+    const char *batch_list = NULL;
+    int batch_max = 1024, batches[64], n_batches = 0;
+    BenchOptions o = {.prefill = 2000, .decode = 48, .background = resident_bytes()};
     Flag flags[] = {STRING_FLAG("--config", &config_path), SWITCH_FLAG("--grid", &grid), STRING_FLAG("--only", &only),
                     INT_FLAG("--prefill", &o.prefill, 1, 1 << 20), INT_FLAG("--decode", &o.decode, 1, 1 << 20),
-                    INT_FLAG("--max-batch", &o.batch_max, 1, 1 << 20), NUMBER_FLAG("--mem-limit", &mem_mib, 1e-3, 1e9),
+                    INT_FLAG("--max-batch", &batch_max, 1, 1 << 20), NUMBER_FLAG("--mem-limit", &mem_mib, 1e-3, 1e9),
                     STRING_FLAG("--csv", &csv_path), SWITCH_FLAG("--theory", &theory),
-                    INT_FLAG("--threads", &o.threads, 1, 4096)};
+                    INT_FLAG("--threads", &o.threads, 1, 4096), STRING_FLAG("--batches", &batch_list),
+                    CHOICE_FLAG("--csv-format", &o.reference_csv, csv_formats)};
     int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), bench_usage, &dir);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (theory) { print_theory(); return 0; }
     if (!dir == !config_path) return usage_error(bench_usage, "bench-kv: give DIR or --config (one of them)");
+    if (batch_list) n_batches = parse_int_list("--batches", "a batch size", batch_list, batches, 64, 1, 1 << 20);
+    else if (o.reference_csv)
+        for (; n_batches < (int)(sizeof(reference_batches) / sizeof(int)); n_batches++)
+            batches[n_batches] = reference_batches[n_batches];
+    else
+        for (int B = 1; B <= batch_max; B *= 2) batches[n_batches++] = B;
+    if (n_batches <= 0) return exit_code(n_batches < 0 ? -1 : fail("--batches: no batch size given"));
+    o.batches = batches;
+    o.n_batches = n_batches;
 #ifdef _OPENMP
     if (o.threads > 0) omp_set_num_threads(o.threads);
     o.threads = omp_get_max_threads();
@@ -4455,17 +5068,21 @@ static int cmd_bench_kv(int argc, char **argv) {
     Config c;
     if (dir ? model_load(&base, dir) : config_load(&c, config_path, NULL)) return exit_code(-1);
     if (dir) c = base.config;
-    if (!(o.csv = fopen(csv_path, "w"))) {
+    if (!(o.csv = fopen(csv_path, o.reference_csv ? "a" : "w"))) {
         if (dir) model_free(&base);
         return exit_code(fail("%s: cannot create: %s", csv_path, strerror(errno)));
     }
-    fprintf(o.csv, "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,kv_cache_formula_bytes,"
-                   "resident_bytes,prefill_tok_s,decode_tok_s,threads\n");
+    if (!o.reference_csv)
+        fprintf(o.csv, "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,kv_cache_formula_bytes,"
+                       "resident_bytes,prefill_tok_s,decode_tok_s,threads\n");
+    else if (ftell(o.csv) == 0) /* appending, as the reference does: the header only in a new file */
+        fprintf(o.csv, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_usage,"
+                       "memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom\n");
     printf("prefill %d, decode %d, %d threads, memory limit %.0f MiB\n", o.prefill, o.decode, o.threads, mem_mib);
     printf("| config | batch | KV cache MiB | formula MiB | resident MiB | prefill tok/s | decode tok/s |\n");
     printf("|---|---|---|---|---|---|---|\n");
     for (int g = 0; rc == 0 && g < (grid ? GRID_SIZE : 1); g++) {
-        const char *name = grid ? reference_grid[g].name : "model";
+        const char *name = grid ? reference_grid[g].name : o.reference_csv && dir ? dir : "model";
         if (only && !strstr(only, name)) continue;
         int kvL = grid ? reference_grid[g].kv_layers : c.n_kv_layer, kvH = grid ? reference_grid[g].kv_heads : c.n_kv_head;
         if (kvL > c.n_layer || kvH > c.n_head || c.n_head % kvH != 0) {

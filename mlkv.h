@@ -48,9 +48,11 @@ typedef struct {
     int use_kv_mlp;          /* use_key_value_mlp: owners' K and V are two-layer MLPs */
     int kv_intermediate_size;/* their hidden width (kv_intermediate_size) */
     int has_kv_map;          /* kv_layer_of was given ("mlkv_kv_layer_map"), not placed */
-    int shared_key_rotary;   /* 1 (default): layers that share K read the rotated keys.
-                                0: the reference's behaviour, non-owning layers read
-                                un-rotated keys (mlkv_shared_key_rotary: false) */
+    int shared_key_rotary;   /* 1 (mlkv's default): layers that share K read the rotated
+                                keys. 0: the reference's behaviour, non-owning layers read
+                                un-rotated keys (mlkv_shared_key_rotary: false; also what a
+                                config with num_key_value_layers and without that key gets:
+                                the reference wrote it) */
     /* derived by config_finalize */
     int head_size, rotary_ndims;
     int kv_layer_of[MLKV_MAX_LAYERS];  /* the owning layer whose K/V layer l reads (<= l) */
@@ -244,6 +246,10 @@ typedef struct {
 } SafeTensors;
 /* Opens and validates every header entry against the file size. */
 int st_open(SafeTensors *st, const char *path);
+/* Opens a pytorch_model.bin (torch.save's zip of a pickled state dict) as
+ * the same index, offsets counted from the file's start; nothing in the
+ * pickle is executed: opcodes and functions outside a state dict's are refused. */
+int torch_open(SafeTensors *st, const char *path);
 void st_close(SafeTensors *st);
 const Json *st_entry(const SafeTensors *st, const char *name);
 /* Reads a tensor whose shape must be exactly shape[0..ndim), converting
@@ -290,6 +296,7 @@ typedef struct {
     PoolKind pool;
     GrowKind grow;
     uint64_t seed;                    /* KV-MLP random initialisation */
+    int reference_rotary;             /* 1: mlkv_shared_key_rotary false (see Config) */
 } ConvertOptions;
 /* The reference's parameter bookkeeping: the new intermediate_size and, for
  * KV-MLP, kv_intermediate_size, that keep the parameter count. */

@@ -90,10 +90,11 @@ static int is_key_bias(const ParamInfo *p) {
 
 static int outside_rotary(const Model *m, size_t k) { return (int)(k % m->config.head_size) >= m->config.rotary_ndims; }
 
-static void test_fixture(const char *name, FixtureErrors *worst) {
+/* The model folder dev/fixtures/NAME against dev/fixtures/REF/ref.safetensors */
+static void test_fixture(const char *name, const char *ref_name, FixtureErrors *worst) {
     char dir[512], path[600], pname[MLKV_NAME_MAX + 8];
     snprintf(dir, sizeof(dir), "dev/fixtures/%s", name);
-    snprintf(path, sizeof(path), "%s/ref.safetensors", dir);
+    snprintf(path, sizeof(path), "dev/fixtures/%s/ref.safetensors", ref_name);
     Model m;
     SafeTensors ref;
     if (model_load(&m, dir) != 0 || st_open(&ref, path) != 0) {
@@ -186,7 +187,7 @@ static void test_fixture(const char *name, FixtureErrors *worst) {
     worst->grad = fmax(worst->grad, e_grad);
     worst->step_loss = fmax(worst->step_loss, e_steps);
     worst->param = fmax(worst->param, e_param);
-    printf("  %-16s logits %.1e  loss %.1e  grads %.1e  steps %.1e  params %.1e\n", name, e_logits, e_loss, e_grad,
+    printf("  %-22s logits %.1e  loss %.1e  grads %.1e  steps %.1e  params %.1e\n", name, e_logits, e_loss, e_grad,
            e_steps, e_param);
     free(initial); free(ref_losses); free(ref_norms); free(ref_logits); free(ref_loss);
     free(inputs); free(targets); free(tokens);
@@ -1011,6 +1012,161 @@ static void test_convert(void) {
 
 /* --- the tokenizer against HF tokenizers (dev/gen_tokenizer_fixtures.py) ---- */
 
+/* --- pytorch_model.bin: the reference's checkpoints as they are ------------ */
+
+/* model_load of dev/fixtures/reference_bin/NAME (f32, f16, bf16: torch.save in
+ * that dtype) gives PyTorch's logits on its ref.safetensors tokens */
+static double bin_logits_error(const char *name) {
+    char dir[300], path[400];
+    snprintf(dir, sizeof(dir), "dev/fixtures/reference_bin/%s", name);
+    snprintf(path, sizeof(path), "%s/ref.safetensors", dir);
+    Model m;
+    SafeTensors ref;
+    if (model_load(&m, dir) != 0 || st_open(&ref, path) != 0) {
+        CHECK(0, "%s: %s", name, mlkv_error());
+        return INFINITY;
+    }
+    const Json *shape = json_get(json_get(&ref.header, "tokens"), "shape");
+    int B = (int)shape->items[0].number, T = (int)shape->items[1].number, V = m.config.vocab_size;
+    int tshape[2] = {B, T}, lshape[3] = {B, T, V}, *tokens = malloc(sizeof(int) * B * T);
+    CHECK(st_read(&ref, "tokens", 2, tshape, NULL, tokens) == 0, "%s tokens: %s", name, mlkv_error());
+    float *want = read_tensor(&ref, "logits", 3, lshape, (size_t)B * T * V);
+    CHECK(model_prepare(&m, B, T, 0) == 0, "%s: prepare", name);
+    model_forward(&m, tokens, NULL, B, T);
+    double e = scaled_error(m.a.logits, want, (size_t)B * T * V);
+    free(tokens);
+    free(want);
+    st_close(&ref);
+    model_free(&m);
+    return e;
+}
+
+static int same_parameters(const char *dir_a, const char *dir_b) {
+    Model a, b;
+    if (model_load(&a, dir_a) != 0) return 0;
+    if (model_load(&b, dir_b) != 0) { model_free(&a); return 0; }
+    int same = a.num_parameters == b.num_parameters &&
+               memcmp(a.param_memory, b.param_memory, a.num_parameters * sizeof(float)) == 0;
+    model_free(&a);
+    model_free(&b);
+    return same;
+}
+
+static void test_torch_checkpoints(void) {
+    const char *names[] = {"f32", "f16", "bf16"};
+    for (int i = 0; i < 3; i++) {
+        double e = bin_logits_error(names[i]);
+        CHECK(e <= 1e-5, "reference_bin/%s: logits error %.3g > 1e-5", names[i], e);
+        printf("  pytorch_model.bin %-4s logits vs PyTorch %.1e\n", names[i], e);
+    }
+    CHECK(same_parameters("dev/fixtures/reference_bin/f32", "dev/fixtures/mlkv_2x2_compat"),
+          "pytorch_model.bin (views at offsets, shared storages) and safetensors give other parameters");
+    CHECK(same_parameters("dev/fixtures/reference_bin/mha_hf", "dev/fixtures/mha"), "fused MHA .bin differs");
+
+    /* the rotary rule: num_key_value_layers without mlkv_shared_key_rotary is the reference's function */
+    Config c;
+    char path[600];
+    CHECK(config_load(&c, "dev/fixtures/reference_bin/f32/config.json", NULL) == 0 && c.shared_key_rotary == 0,
+          "a reference config must load with un-rotated shared keys");
+    snprintf(path, sizeof(path), "%s/rule.json", tmp_dir);
+    write_text(path, TINY_CONFIG(", \"num_key_value_layers\": 2, \"mlkv_shared_key_rotary\": true"));
+    CHECK(config_load(&c, path, NULL) == 0 && c.shared_key_rotary == 1, "an explicit key must win");
+    write_text(path, TINY_CONFIG(", \"num_key_value_heads\": 2"));
+    CHECK(config_load(&c, path, NULL) == 0 && c.shared_key_rotary == 1, "GQA without the key stays mlkv's default");
+
+    /* safetensors is preferred when both are present: a hostile .bin beside it is never read */
+    copy_model("mlkv_2x2_compat", "both", NULL);
+    CHECK(run("cp dev/fixtures/reference_bin/hostile/global_os_system.bin %s/both/pytorch_model.bin", tmp_dir) == 0, "cp");
+    snprintf(path, sizeof(path), "%s/both", tmp_dir);
+    CHECK(same_parameters(path, "dev/fixtures/mlkv_2x2_compat"), "model.safetensors must be preferred: %s", mlkv_error());
+
+    /* hostile and broken files: a clear error naming the file, never a crash */
+    struct { const char *file, *message; } hostile[] = {
+        {"global_os_system.bin", "names os.system, which a state dict of float tensors does not use: refused"},
+        {"reduce_storage.bin", "calls a storage type"},
+        {"short_storage.bin", "truncated"},
+        {"non_contiguous.bin", "non-contiguous view"},
+        {"compressed.bin", "is compressed"}};
+    Model m;
+    for (size_t i = 0; i < sizeof(hostile) / sizeof(hostile[0]); i++) {
+        CHECK(run("rm -rf %s/bad && mkdir %s/bad && cp dev/fixtures/reference_bin/f32/config.json %s/bad/ && "
+                  "cp dev/fixtures/reference_bin/hostile/%s %s/bad/pytorch_model.bin", tmp_dir, tmp_dir, tmp_dir,
+                  hostile[i].file, tmp_dir) == 0, "cp");
+        snprintf(path, sizeof(path), "%s/bad", tmp_dir);
+        CHECK(model_load(&m, path) != 0 && strstr(mlkv_error(), hostile[i].message) &&
+              strstr(mlkv_error(), "bad/pytorch_model.bin"), "%s: %s", hostile[i].file, mlkv_error());
+    }
+    /* every cut of the file at these lengths fails cleanly (the zip directory is at the end) */
+    size_t len = 0;
+    char *whole = slurp("dev/fixtures/reference_bin/f32/pytorch_model.bin", &len);
+    size_t cuts[] = {0, 1, 21, 22, 100, len / 2, len - 200, len - 23, len - 22, len - 1};
+    int clean = 0;
+    for (size_t i = 0; whole && i < sizeof(cuts) / sizeof(cuts[0]); i++) {
+        snprintf(path, sizeof(path), "%s/bad/pytorch_model.bin", tmp_dir);
+        FILE *f = fopen(path, "wb");
+        fwrite(whole, 1, cuts[i], f);
+        fclose(f);
+        snprintf(path, sizeof(path), "%s/bad", tmp_dir);
+        clean += model_load(&m, path) != 0 && strstr(mlkv_error(), "pytorch_model.bin");
+    }
+    CHECK(clean == 10, "truncated pytorch_model.bin: %d of 10 cuts refused cleanly (last: %s)", clean, mlkv_error());
+    free(whole);
+
+    /* a reference folder trains and converts, and what mlkv writes states the rotary mode */
+    CHECK(run("%s convert dev/fixtures/reference_bin/mha_hf --kv-layers 2 --kv-heads 2 --out %s/from_bin", mlkv_bin,
+              tmp_dir) == 0 && run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --out %s/from_st", mlkv_bin,
+                                   tmp_dir) == 0, "convert: %s", output());
+    char a[400], b[400];
+    snprintf(a, sizeof(a), "%s/from_bin/model.safetensors", tmp_dir);
+    snprintf(b, sizeof(b), "%s/from_st/model.safetensors", tmp_dir);
+    CHECK(same_file(a, b), "converting pytorch_model.bin and model.safetensors of one model must agree");
+    snprintf(a, sizeof(a), "%s/from_bin/config.json", tmp_dir);
+    char *text = slurp(a, &len);
+    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": true"), "convert must state the default mode: %s", text);
+    free(text);
+    CHECK(run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --rotary reference --out %s/ref_mode", mlkv_bin,
+              tmp_dir) == 0, "convert --rotary reference: %s", output());
+    snprintf(a, sizeof(a), "%s/ref_mode/config.json", tmp_dir);
+    text = slurp(a, &len);
+    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": false"), "--rotary reference: %s", text);
+    free(text);
+    snprintf(a, sizeof(a), "%s/ref_tokens.bin", tmp_dir);
+    write_tokens(a, 2000, 64, 5);
+    CHECK(run("%s train --model dev/fixtures/reference_bin/f32 --train %s --val %s --out %s/ref_trained --steps 2 "
+              "--batch 2 --seq 8 --grad-accum 1", mlkv_bin, a, a, tmp_dir) == 0 &&
+          strstr(output(), "shared keys un-rotated, as the reference code computes") && strstr(output(), "| val "),
+          "train and validate a reference checkpoint: %s", output());
+    snprintf(a, sizeof(a), "%s/ref_trained/config.json", tmp_dir);
+    text = slurp(a, &len);
+    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": false"), "a trained reference checkpoint keeps its mode");
+    free(text);
+
+    /* bench-kv writes the reference's measurements.csv: its columns, appended, a header once */
+    snprintf(a, sizeof(a), "%s/measurements.csv", tmp_dir);
+    CHECK(run("%s bench-kv dev/fixtures/reference_bin/f32 --prefill 9 --decode 4 --batches 2,3 --csv %s "
+              "--csv-format reference", mlkv_bin, a) == 0 &&
+          run("%s bench-kv dev/fixtures/reference_bin/f32 --prefill 9 --decode 4 --batches 1,200 --mem-limit 1 --csv %s "
+              "--csv-format reference", mlkv_bin, a) == 0, "bench-kv reference csv: %s", output());
+    text = slurp(a, &len);
+    int lines = 0, fields_ok = 1, headers = 0;
+    for (char *line = text ? strtok(text, "\n") : NULL; line; line = strtok(NULL, "\n"), lines++) {
+        int commas = 0;
+        for (char *q = line; *q; q++) commas += *q == ',';
+        fields_ok &= commas == 9;
+        headers += strncmp(line, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_usage,"
+                                 "memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom", 140) == 0;
+    }
+    CHECK(lines == 5 && headers == 1 && fields_ok, "measurements.csv: %d lines, %d headers, 10 fields each: %d", lines,
+          headers, fields_ok);
+    free(text);
+    text = slurp(a, &len);
+    CHECK(text && strstr(text, "dev/fixtures/reference_bin/f32,3,4,") && strstr(text, ",False\n") &&
+          strstr(text, "dev/fixtures/reference_bin/f32,200,4,,,,,,,True\n"), "measurements.csv rows:\n%s", text);
+    free(text);
+    CHECK(run("%s bench-kv dev/fixtures/mha --batches 4,0", mlkv_bin) == 1 &&
+          strstr(output(), "--batches: 0 is not a batch size"), "bad --batches: %s", output());
+}
+
 static int is_ascii(const char *s) {
     for (; *s; s++)
         if ((unsigned char)*s >= 0x80) return 0;
@@ -1145,7 +1301,8 @@ static void test_sample_and_bench(void) {
     CHECK(run("%s sample dev/fixtures/mlkv_3x2 --prompt-ids '1 2 3' -n 5 --top-k 1 2>/dev/null", mlkv_bin) == 0 &&
           !strncmp(output(), want, strlen(want)), "top-k 1 is greedy: %s", output());
     CHECK(run("%s sample dev/fixtures/mlkv_2x2_compat --prompt-ids 5 -n 6 --batch 3 --top-p 0.9 --seed 3", mlkv_bin) == 0 &&
-          strstr(output(), "--- sample 2") && strstr(output(), "decode 3 x 6"), "batch sampling: %s", output());
+          strstr(output(), "--- sample 2") && strstr(output(), "decode 3 x 6") &&
+          strstr(output(), "shared keys un-rotated, as the reference code computes"), "batch sampling: %s", output());
     CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1 -n 100", mlkv_bin) == 1 &&
           strstr(output(), "exceed max_position_embeddings (64)"), "too long: %s", output());
     CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1,64", mlkv_bin) == 1 && strstr(output(), "64 is not a token id"),
@@ -1204,7 +1361,14 @@ int main(int argc, char **argv) {
     if (!mkdtemp(tmp_dir)) { perror("mkdtemp"); return 2; }
     printf("PyTorch fixtures (error = max|ours - ref| / max|ref|):\n");
     FixtureErrors worst = {0};
-    for (size_t i = 0; i < sizeof(fixture_names) / sizeof(fixture_names[0]); i++) test_fixture(fixture_names[i], &worst);
+    for (size_t i = 0; i < sizeof(fixture_names) / sizeof(fixture_names[0]); i++)
+        test_fixture(fixture_names[i], fixture_names[i], &worst);
+    /* pytorch_model.bin as torch.save writes it, the same weights and functions:
+     * the reference's MLKV checkpoint (config without mlkv_shared_key_rotary),
+     * in one file and in two shards, and the stock MHA layout */
+    test_fixture("reference_bin/f32", "mlkv_2x2_compat", &worst);
+    test_fixture("reference_bin/sharded", "mlkv_2x2_compat", &worst);
+    test_fixture("reference_bin/mha_hf", "mha", &worst);
     printf("  worst: logits %.1e, loss %.1e, grads %.1e, steps %.1e, params %.1e\n", worst.logits, worst.loss,
            worst.grad, worst.step_loss, worst.param);
     test_gemm();
@@ -1220,6 +1384,7 @@ int main(int argc, char **argv) {
     test_init();
     test_convert_sizes();
     test_convert();
+    test_torch_checkpoints();
     test_tokenizer();
     test_resume();
     test_errors();

@@ -50,13 +50,14 @@ CONFIGS = [
     ("mha_seq", dict(use_parallel_residual=False)),
     ("gqa", dict(num_key_value_heads=2)),
     ("mqa", dict(num_key_value_heads=1)),
-    ("mlkv_3x2", dict(num_key_value_layers=3, num_key_value_heads=2)),  # 3 does not divide 4
-    ("mlkv_1x1", dict(num_key_value_layers=1, num_key_value_heads=1)),
+    ("mlkv_3x2", dict(num_key_value_layers=3, num_key_value_heads=2,  # 3 does not divide 4
+                      mlkv_shared_key_rotary=True)),
+    ("mlkv_1x1", dict(num_key_value_layers=1, num_key_value_heads=1, mlkv_shared_key_rotary=True)),
     ("mlkv_2x2_compat", dict(num_key_value_layers=2, num_key_value_heads=2,
                              mlkv_shared_key_rotary=False)),
-    ("mlkv_2x4_seq", dict(num_key_value_layers=2, use_parallel_residual=False)),
+    ("mlkv_2x4_seq", dict(num_key_value_layers=2, use_parallel_residual=False, mlkv_shared_key_rotary=True)),
     ("mlkv_kvmlp", dict(num_key_value_layers=2, num_key_value_heads=2, use_key_value_mlp=True,
-                        kv_intermediate_size=24)),
+                        kv_intermediate_size=24, mlkv_shared_key_rotary=True)),
     ("mlkv_map", dict(num_key_value_heads=2, mlkv_kv_layer_map=[0, 0, 2, 0])),  # layer 3 reads layer 0
 ]
 
@@ -147,7 +148,9 @@ def rotary(x, T, rd, base):
 def mlkv_forward(P, cfg, ids):
     C, H, L, kvH, kvL, hs, rd = dims(cfg)
     eps, base = cfg["layer_norm_eps"], cfg["rotary_emb_base"]
-    shared_rot = cfg.get("mlkv_shared_key_rotary", True)
+    # mlkv's rule: a config with num_key_value_layers and no mlkv_shared_key_rotary
+    # comes from the reference code, whose non-owning layers read un-rotated keys
+    shared_rot = cfg.get("mlkv_shared_key_rotary", "num_key_value_layers" not in cfg)
     owner = kv_layer_of(cfg)
     Bn, Tn = ids.shape
     x = P["gpt_neox.embed_in.weight"][ids]
