@@ -1007,7 +1007,7 @@ typedef struct {
     const char *dtype; /* STORAGE, TENSOR */
 } PickleValue;
 
-#define PICKLE_MAX_VALUES (1 << 22)
+#define PICKLE_MAX_VALUES (1 << 20) /* a state dict of 1000 tensors makes about 20,000 */
 typedef struct {
     const char *path;
     PickleValue *values; /* every value made, referred to by index */
