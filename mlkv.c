@@ -96,6 +96,18 @@ static int fail(const char *fmt, ...) {
     return -1;
 }
 
+/* Puts "where: " before the recorded error message; returns -1. */
+static int fail_in(const char *where) {
+    size_t n = strlen(where) + 2, len = strlen(error_message);
+    if (n >= sizeof(error_message)) return -1;
+    if (len > sizeof(error_message) - 1 - n) len = sizeof(error_message) - 1 - n;
+    memmove(error_message + n, error_message, len);
+    error_message[n + len] = '\0';
+    memcpy(error_message, where, n - 2);
+    memcpy(error_message + n - 2, ": ", 2);
+    return -1;
+}
+
 /* s with every byte outside printable ASCII written as \xNN, for messages
  * that quote names from a file (a name must not drive the terminal). The
  * result lives in one of 4 static buffers, so a message may quote 4 names. */
@@ -4085,31 +4097,53 @@ static void train_defaults(TrainArgs *t) {
                            .schedule = SCHEDULE_COSINE};
 }
 
-/* Mean loss over up to max_batches batches of the validation tokens, in order. */
-static float evaluate(Model *m, const TokenFile *val, int max_batches) {
-    int B = m->B, T = m->T;
-    size_t n_seqs = (val->n_tokens - 1) / (size_t)T;
-    double total = 0;
-    size_t rows_done = 0;
-    for (int batch = 0; batch < max_batches && rows_done < n_seqs; batch++) {
-        int rows = n_seqs - rows_done < (size_t)B ? (int)(n_seqs - rows_done) : B;
-        for (int b = 0; b < rows; b++)
-            for (int t = 0; t < T; t++) {
-                const uint16_t *src = val->tokens + (rows_done + b) * (size_t)T;
-                m->inputs[b * T + t] = src[t];
-                m->targets[b * T + t] = src[t + 1];
-            }
-        total += (double)model_forward(m, m->inputs, m->targets, rows, T) * rows;
-        rows_done += (size_t)rows;
-    }
-    return (float)(total / (double)rows_done);
-}
-
 static void format_duration(char *out, size_t n, double seconds) {
     int s = (int)(seconds + 0.5);
     if (s >= 3600) snprintf(out, n, "%dh%02dm", s / 3600, s / 60 % 60);
     else if (s >= 60) snprintf(out, n, "%dm%02ds", s / 60, s % 60);
     else snprintf(out, n, "%ds", s);
+}
+
+/* The loss of predicting every token of a token file from the ones before
+ * it, in windows of T predictions (T + 1 tokens, each window starting where
+ * the last one's predictions ended; a shorter window at the end), B windows
+ * per forward pass, at most max_predictions of them (0: all). Returns the
+ * summed loss (nats) and sets *count to the predictions made. */
+static double token_file_loss(Model *m, const TokenFile *f, int B, int T, size_t max_predictions, int progress,
+                              size_t *count) {
+    size_t total = f->n_tokens > 0 ? f->n_tokens - 1 : 0, done = 0;
+    if (max_predictions > 0 && max_predictions < total) total = max_predictions;
+    double loss = 0, t0 = now_seconds(), last_print = t0;
+    while (done < total) {
+        size_t left = total - done;
+        int rows = 0, width = left < (size_t)T ? (int)left : T; /* a short last window runs alone */
+        for (; rows < B && (size_t)(rows + 1) * width <= left; rows++)
+            for (int t = 0; t < width; t++) {
+                const uint16_t *src = f->tokens + done + (size_t)rows * width;
+                m->inputs[rows * width + t] = src[t];
+                m->targets[rows * width + t] = src[t + 1];
+            }
+        loss += (double)model_forward(m, m->inputs, m->targets, rows, width) * rows * width;
+        done += (size_t)rows * width;
+        double now = now_seconds();
+        if (progress && (now - last_print > 1 || done == total)) {
+            char eta[32];
+            format_duration(eta, sizeof(eta), (now - t0) / (double)done * (double)(total - done));
+            fprintf(stderr, "\r%zu / %zu tokens | %.0f tok/s | eta %s   ", done, total, done / fmax(now - t0, 1e-9), eta);
+            last_print = now;
+        }
+    }
+    if (progress) fprintf(stderr, "\n");
+    *count = done;
+    return loss;
+}
+
+/* The validation loss: the mean over up to max_batches batches of the
+ * validation tokens, in order. */
+static float evaluate(Model *m, const TokenFile *val, int max_batches) {
+    size_t count;
+    double loss = token_file_loss(m, val, m->B, m->T, (size_t)max_batches * m->B * m->T, 0, &count);
+    return (float)(loss / (double)count);
 }
 
 static int optimizer_metadata(StrBuf *b, const TrainArgs *t, int step, const DataLoader *dl, size_t train_tokens) {
@@ -4305,7 +4339,425 @@ done:
 }
 
 /* ===========================================================================
- * 14. The built-in demo: a corpus that needs attention to predict (facts
+ * 14. Evaluation: the loss of a token file, and the reference's zero-shot
+ *     tasks as lm-evaluation-harness scores them
+ * ======================================================================== */
+
+/* A task file (python3 tokenize.py tasks writes them): one JSON object per
+ * line, {"task", "kind", "context", "choices", "gold", "context_ids",
+ * "continuation_ids"}: a document of kind "multiple_choice" (scored by which
+ * choice's continuation is most likely) or "loglikelihood" (one continuation,
+ * lambada: its likelihood and whether greedy decoding produces it). The ids
+ * are the harness's: context, and each continuation (target delimiter
+ * included) tokenized as the harness does. */
+typedef struct {
+    int *context, n_context, n_choices, gold;
+    int **continuation, *n_continuation;
+    int *chars;          /* each choice's length in characters (code points), for acc_norm */
+} TaskDoc;
+typedef struct {
+    char name[64];
+    int loglikelihood;   /* kind: 1 lambada-style, 0 multiple choice */
+    int acc_norm;        /* whether the task reports acc_norm ("metrics" of its documents) */
+    TaskDoc *docs;
+    int n_docs, max_choices, max_context, max_continuation;
+} Task;
+
+static void task_free(Task *t) {
+    for (int d = 0; d < t->n_docs; d++) {
+        TaskDoc *doc = &t->docs[d];
+        for (int i = 0; i < doc->n_choices; i++) free(doc->continuation[i]);
+        free(doc->continuation);
+        free(doc->n_continuation);
+        free(doc->chars);
+        free(doc->context);
+    }
+    free(t->docs);
+    memset(t, 0, sizeof(*t));
+}
+
+/* ids of a JSON array: each a token id below vocab, at least min of them */
+static int json_ids(const Json *a, int vocab, int min, int **out, int *n) {
+    if (!a || a->type != JSON_ARRAY || a->length < (size_t)min || a->length > (1u << 20)) return -1;
+    *out = malloc((a->length ? a->length : 1) * sizeof(int));
+    if (!*out) return -1;
+    for (size_t i = 0; i < a->length; i++) {
+        if (!json_is_count(&a->items[i]) || a->items[i].number >= vocab) { free(*out); *out = NULL; return -1; }
+        (*out)[i] = (int)a->items[i].number;
+    }
+    *n = (int)a->length;
+    return 0;
+}
+
+static int utf8_code_points(const char *s) {
+    int n = 0;
+    for (; *s; s++) n += ((unsigned char)*s & 0xC0) != 0x80;
+    return n;
+}
+
+static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab) {
+    const Json *task = json_get(j, "task"), *kind = json_get(j, "kind"), *choices = json_get(j, "choices");
+    const Json *gold = json_get(j, "gold"), *conts = json_get(j, "continuation_ids");
+    if (j->type != JSON_OBJECT || !task || task->type != JSON_STRING || !kind || kind->type != JSON_STRING)
+        return fail("not a task object with \"task\" and \"kind\"");
+    int ll = strcmp(kind->string, "loglikelihood") == 0;
+    if (!ll && strcmp(kind->string, "multiple_choice") != 0)
+        return fail("kind \"%s\" is neither multiple_choice nor loglikelihood", printable(kind->string));
+    if (!t->name[0]) { /* the first document names the task */
+        const Json *metrics = json_get(j, "metrics");
+        snprintf(t->name, sizeof(t->name), "%s", task->string);
+        t->loglikelihood = ll;
+        for (size_t i = 0; metrics && metrics->type == JSON_ARRAY && i < metrics->length; i++)
+            t->acc_norm |= metrics->items[i].type == JSON_STRING && !strcmp(metrics->items[i].string, "acc_norm");
+    } else if (strcmp(t->name, task->string) != 0 || t->loglikelihood != ll)
+        return fail("task \"%s\" (%s) in a file of %s", printable(task->string), kind->string, printable(t->name));
+    if (!choices || choices->type != JSON_ARRAY || choices->length < 1 || choices->length > 64 ||
+        (ll && choices->length != 1))
+        return fail("\"choices\" must list 1 to 64 strings (exactly 1 for loglikelihood)");
+    if (!conts || conts->type != JSON_ARRAY || conts->length != choices->length)
+        return fail("\"continuation_ids\" must have one list per choice");
+    if (!gold || !json_is_count(gold) || gold->number >= (double)choices->length)
+        return fail("\"gold\" must be the index of a choice");
+    if (json_ids(json_get(j, "context_ids"), vocab, 1, &doc->context, &doc->n_context) != 0)
+        return fail("\"context_ids\" must be a non-empty list of token ids below the vocabulary size %d", vocab);
+    doc->n_choices = (int)choices->length;
+    doc->gold = (int)gold->number;
+    doc->continuation = calloc((size_t)doc->n_choices, sizeof(int *));
+    doc->n_continuation = calloc((size_t)doc->n_choices, sizeof(int));
+    doc->chars = calloc((size_t)doc->n_choices, sizeof(int));
+    if (!doc->continuation || !doc->n_continuation || !doc->chars) return fail("out of memory");
+    for (int i = 0; i < doc->n_choices; i++) {
+        if (choices->items[i].type != JSON_STRING) return fail("choice %d is not a string", i);
+        doc->chars[i] = utf8_code_points(choices->items[i].string);
+        if (json_ids(&conts->items[i], vocab, 1, &doc->continuation[i], &doc->n_continuation[i]) != 0)
+            return fail("continuation_ids[%d] must be a non-empty list of token ids below the vocabulary size %d", i,
+                        vocab);
+        t->max_continuation = doc->n_continuation[i] > t->max_continuation ? doc->n_continuation[i] : t->max_continuation;
+    }
+    t->max_choices = doc->n_choices > t->max_choices ? doc->n_choices : t->max_choices;
+    t->max_context = doc->n_context > t->max_context ? doc->n_context : t->max_context;
+    return 0;
+}
+
+/* Reads up to limit documents (0: all) of a task file. */
+static int task_load(Task *t, const char *path, int vocab, int limit) {
+    char *text;
+    size_t len;
+    memset(t, 0, sizeof(*t));
+    if (read_file(path, &text, &len) != 0) return -1;
+    int rc = 0, line_no = 0, cap = 0;
+    for (char *line = text, *next; rc == 0 && line < text + len && (limit == 0 || t->n_docs < limit); line = next) {
+        char *end = memchr(line, '\n', (size_t)(text + len - line));
+        next = end ? end + 1 : text + len;
+        line_no++;
+        size_t n = (size_t)((end ? end : text + len) - line);
+        while (n > 0 && (line[n - 1] == '\r' || line[n - 1] == ' ')) n--;
+        if (n == 0) continue;
+        if (t->n_docs == cap) {
+            cap = cap ? 2 * cap : 256;
+            TaskDoc *docs = realloc(t->docs, (size_t)cap * sizeof(TaskDoc));
+            if (!docs) { rc = fail("%s: out of memory", path); break; }
+            t->docs = docs;
+        }
+        TaskDoc *doc = memset(&t->docs[t->n_docs++], 0, sizeof(TaskDoc));
+        char where[PATH_LEN + 16];
+        snprintf(where, sizeof(where), "%s:%d", path, line_no);
+        Json j;
+        if (json_parse(line, n, where, &j) != 0) rc = -1;
+        else if (task_doc_parse(doc, &j, t, vocab) != 0) rc = fail_in(where);
+        json_free(&j);
+    }
+    free(text);
+    if (rc == 0 && t->n_docs == 0) rc = fail("%s: no documents", path);
+    if (rc != 0) task_free(t);
+    return rc;
+}
+
+/* Copies the first `length` cached positions of the one sequence of src into
+ * every sequence of dst (a model's caches both): a shared context is computed
+ * once and continued in several ways. */
+static void kv_cache_fork(KVCache *dst, const KVCache *src, const Config *cf, int length) {
+    size_t hs = (size_t)cf->head_size, kvH = (size_t)cf->n_kv_head;
+    for (int slot = 0; slot < cf->n_kv_layer; slot++)
+        for (int b = 0; b < dst->B; b++)
+            for (size_t h = 0; h < kvH; h++) {
+                size_t from = (((size_t)slot * kvH + h) * src->max_T) * hs;
+                size_t to = ((((size_t)slot * dst->B + b) * kvH + h) * dst->max_T) * hs;
+                memcpy(dst->k + to, src->k + from, (size_t)length * hs * sizeof(float));
+                memcpy(dst->v + to, src->v + from, (size_t)length * hs * sizeof(float));
+            }
+    dst->length = length;
+}
+
+/* log softmax(z)[target] of a row of n logits, and whether target is its
+ * argmax (the first, on ties, as torch.argmax) */
+static double log_probability(const float *z, int n, int target, int *greedy) {
+    double max = row_max(z, n), sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)z[i] - max);
+    *greedy = argmax(z, n) == target;
+    return (double)z[target] - max - log(sum);
+}
+
+/* The scoring caches: a context alone, then B continuations of it at once */
+typedef struct { KVCache context, choices; } TaskCaches;
+
+/* The loglikelihood of each continuation of a document given its context,
+ * and whether greedy decoding would produce it (harness: _loglikelihood_tokens).
+ * The input of choice i is context + continuation_i without its last token,
+ * cut from the left to the model's window (max_position_embeddings) as the
+ * harness cuts it; the logits at the last len(continuation_i) positions score
+ * the continuation. When no cut is needed the context runs once and every
+ * choice continues it from a copy of its KV cache; otherwise each choice runs
+ * alone with its own cut. */
+static int score_document(Model *m, TaskCaches *tc, const TaskDoc *doc, double *ll, int *greedy, int *scratch) {
+    int window = m->config.max_position_embeddings, V = m->config.vocab_size, longest = 0;
+    for (int i = 0; i < doc->n_choices; i++) longest = doc->n_continuation[i] > longest ? doc->n_continuation[i] : longest;
+    int shared = doc->n_context + longest - 1 <= window;
+    for (int first = 0; first < doc->n_choices; first += shared ? doc->n_choices : 1) {
+        int count = shared ? doc->n_choices : 1, n_cont = shared ? longest : doc->n_continuation[first];
+        /* this request's context: the last (window + 1 - n_cont) of context + continuation's tokens */
+        int cut = doc->n_context + n_cont - 1 > window ? doc->n_context + n_cont - 1 - window : 0;
+        int ctx_len = doc->n_context - cut;
+        if (ctx_len < 1)
+            return fail("a continuation of %d tokens does not fit the model's window of %d", n_cont, window);
+        memcpy(scratch, doc->context + cut, (size_t)ctx_len * sizeof(int)); /* a long context loses its start */
+        tc->context.length = 0;
+        const float *last = model_cached_forward(m, &tc->context, scratch, ctx_len);
+        if (!last) return -1;
+        for (int i = first; i < first + count; i++) { /* the first continuation token: from the context's end */
+            int g;
+            ll[i] = log_probability(last, V, doc->continuation[i][0], &g);
+            greedy[i] = g;
+        }
+        if (n_cont < 2) continue;
+        kv_cache_fork(&tc->choices, &tc->context, &m->config, ctx_len);
+        int width = n_cont - 1, B = tc->choices.B;
+        for (int b = 0; b < B; b++) /* rows beyond this document's choices repeat its last one */
+            for (int t = 0; t < width; t++) {
+                int i = first + (b < count ? b : count - 1);
+                scratch[b * width + t] = t + 1 < doc->n_continuation[i] ? doc->continuation[i][t] : 0;
+            }
+        const float *logits = model_cached_forward(m, &tc->choices, scratch, width);
+        if (!logits) return -1;
+        for (int b = 0; b < count; b++) {
+            int i = first + b;
+            for (int t = 1; t < doc->n_continuation[i]; t++) {
+                int g;
+                ll[i] += log_probability(logits + ((size_t)b * width + t - 1) * V, V, doc->continuation[i][t], &g);
+                greedy[i] &= g;
+            }
+        }
+    }
+    return 0;
+}
+
+/* --- the harness's metrics and their standard errors (lm_eval/api/metrics.py):
+ * mean; sample standard deviation / sqrt(n) for a mean; for perplexity,
+ * exp(-mean loglikelihood), and a bootstrap standard error. */
+static double sample_stddev(const double *x, size_t n) {
+    double mu = 0, ss = 0;
+    for (size_t i = 0; i < n; i++) mu += x[i];
+    mu /= (double)n;
+    for (size_t i = 0; i < n; i++) ss += (x[i] - mu) * (x[i] - mu);
+    return sqrt(ss / (double)(n - 1));
+}
+
+static double mean_of(const double *x, size_t n) {
+    double sum = 0;
+    for (size_t i = 0; i < n; i++) sum += x[i];
+    return sum / (double)n;
+}
+
+/* Python's random.Random(seed) for a small int seed: the Mersenne Twister
+ * MT19937 initialised by init_by_array([seed]), random() = 53 bits from two
+ * outputs. The harness draws its bootstrap resamples with it, so the same
+ * draws reproduce its standard errors. */
+typedef struct { uint32_t mt[624]; int index; } PyRandom;
+
+static void py_random_seed(PyRandom *r, uint32_t seed) {
+    uint32_t *mt = r->mt;
+    mt[0] = 19650218u;
+    for (int i = 1; i < 624; i++) mt[i] = 1812433253u * (mt[i - 1] ^ (mt[i - 1] >> 30)) + (uint32_t)i;
+    int i = 1;
+    for (int k = 624; k > 0; k--) { /* the key is one word: seed */
+        mt[i] = (mt[i] ^ ((mt[i - 1] ^ (mt[i - 1] >> 30)) * 1664525u)) + seed;
+        if (++i >= 624) { mt[0] = mt[623]; i = 1; }
+    }
+    for (int k = 623; k > 0; k--) {
+        mt[i] = (mt[i] ^ ((mt[i - 1] ^ (mt[i - 1] >> 30)) * 1566083941u)) - (uint32_t)i;
+        if (++i >= 624) { mt[0] = mt[623]; i = 1; }
+    }
+    mt[0] = 0x80000000u;
+    r->index = 624;
+}
+
+static uint32_t py_random_u32(PyRandom *r) {
+    if (r->index >= 624) {
+        for (int k = 0; k < 624; k++) {
+            uint32_t y = (r->mt[k] & 0x80000000u) | (r->mt[(k + 1) % 624] & 0x7fffffffu);
+            r->mt[k] = r->mt[(k + 397) % 624] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+        }
+        r->index = 0;
+    }
+    uint32_t y = r->mt[r->index++];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
+static double py_random(PyRandom *r) {
+    uint32_t a = py_random_u32(r) >> 5, b = py_random_u32(r) >> 6;
+    return (a * 67108864.0 + b) * (1.0 / 9007199254740992.0);
+}
+
+/* The harness's bootstrap_stderr(perplexity, lls, iters): chunk i of 1000
+ * resamples is drawn by random.Random(i).choices(lls, k=n); the result is
+ * the sample standard deviation of all resamples' perplexities. */
+#define BOOTSTRAP_ITERS 100000 /* the harness's default bootstrap_iters */
+static double bootstrap_perplexity_stderr(const double *ll, int n) {
+    int chunk = BOOTSTRAP_ITERS < 1000 ? BOOTSTRAP_ITERS : 1000, chunks = BOOTSTRAP_ITERS / chunk;
+    double *res = malloc((size_t)chunks * chunk * sizeof(double));
+    if (!res) return NAN;
+PARALLEL_FOR
+    for (int c = 0; c < chunks; c++) {
+        PyRandom r;
+        py_random_seed(&r, (uint32_t)c);
+        for (int k = 0; k < chunk; k++) {
+            double sum = 0;
+            for (int i = 0; i < n; i++) sum += ll[(int)floor(py_random(&r) * (double)n)];
+            res[(size_t)c * chunk + k] = exp(-(sum / n));
+        }
+    }
+    double se = sample_stddev(res, (size_t)chunks * chunk);
+    free(res);
+    return se;
+}
+
+/* Scores every document of a task and computes its metrics: multiple choice
+ * acc (the most likely continuation is the right one) and acc_norm (the same
+ * with each loglikelihood divided by its choice's length in characters);
+ * loglikelihood tasks perplexity and acc (greedy decoding gives the target). */
+static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_ll, int *all_greedy, size_t room) {
+    int window = m->config.max_position_embeddings, rc = 0;
+    int max_T = t->max_context + t->max_continuation < window ? t->max_context + t->max_continuation : window;
+    int chunk = t->max_continuation > 1 ? t->max_continuation - 1 : 1, B = t->max_choices;
+    TaskCaches tc;
+    double *ll = malloc(sizeof(double) * t->max_choices), *acc = malloc(sizeof(double) * t->n_docs);
+    double *acc_norm = malloc(sizeof(double) * t->n_docs), *target_ll = malloc(sizeof(double) * t->n_docs);
+    int *greedy = malloc(sizeof(int) * t->max_choices);
+    int *scratch = malloc(sizeof(int) * (size_t)(max_T + B * chunk));
+    if (!ll || !acc || !acc_norm || !target_ll || !greedy || !scratch) rc = fail("out of memory scoring %s", t->name);
+    int caches = rc == 0 && kv_cache_init(&tc.context, m, 1, max_T, max_T, 0) == 0;
+    if (caches && kv_cache_init(&tc.choices, m, B, max_T, chunk, 1) != 0) { kv_cache_free(&tc.context); caches = 0; }
+    if (!caches) rc = -1;
+    double t0 = now_seconds(), last_print = t0;
+    size_t done = 0; /* continuations stored in all_ll */
+    for (int d = 0; rc == 0 && d < t->n_docs; d++) {
+        const TaskDoc *doc = &t->docs[d];
+        if (score_document(m, &tc, doc, ll, greedy, scratch) != 0) {
+            char where[128];
+            snprintf(where, sizeof(where), "%s document %d", t->name, d + 1);
+            rc = fail_in(where);
+            break;
+        }
+        int best = 0, best_norm = 0; /* numpy's argmax: the first on ties */
+        for (int i = 1; i < doc->n_choices; i++) {
+            best = ll[i] > ll[best] ? i : best;
+            best_norm = ll[i] / doc->chars[i] > ll[best_norm] / doc->chars[best_norm] ? i : best_norm;
+        }
+        for (int i = 0; all_ll && i < doc->n_choices && done < room; i++, done++) {
+            all_ll[done] = ll[i];
+            all_greedy[done] = greedy[i];
+        }
+        acc[d] = t->loglikelihood ? greedy[0] : best == doc->gold;
+        acc_norm[d] = best_norm == doc->gold;
+        target_ll[d] = ll[doc->gold];
+        double now = now_seconds();
+        if (now - last_print > 1 || d + 1 == t->n_docs) {
+            char eta[32];
+            format_duration(eta, sizeof(eta), (now - t0) / (d + 1) * (t->n_docs - d - 1));
+            fprintf(stderr, "\r%s: %d / %d documents | %.1f docs/s | eta %s   ", t->name, d + 1, t->n_docs,
+                    (d + 1) / fmax(now - t0, 1e-9), eta);
+            last_print = now;
+        }
+    }
+    fprintf(stderr, "\n");
+    if (rc == 0) {
+        size_t n = (size_t)t->n_docs;
+        snprintf(out->task, sizeof(out->task), "%s", t->name);
+        out->n_docs = t->n_docs;
+        out->n_metrics = 0;
+        if (t->loglikelihood)
+            out->metric[out->n_metrics++] =
+                (Metric){"perplexity", exp(-mean_of(target_ll, n)), n > 1 ? bootstrap_perplexity_stderr(target_ll, t->n_docs) : NAN};
+        out->metric[out->n_metrics++] = (Metric){"acc", mean_of(acc, n), n > 1 ? sample_stddev(acc, n) / sqrt((double)n) : NAN};
+        if (!t->loglikelihood && t->acc_norm)
+            out->metric[out->n_metrics++] =
+                (Metric){"acc_norm", mean_of(acc_norm, n), n > 1 ? sample_stddev(acc_norm, n) / sqrt((double)n) : NAN};
+    }
+    if (caches) {
+        kv_cache_free(&tc.context);
+        kv_cache_free(&tc.choices);
+    }
+    free(ll); free(acc); free(acc_norm); free(target_ll); free(greedy); free(scratch);
+    return rc;
+}
+
+int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls, int *greedy, size_t room) {
+    Task t;
+    if (task_load(&t, path, m->config.vocab_size, limit) != 0) return -1;
+    int rc = evaluate_task(m, &t, out, lls, greedy, room);
+    task_free(&t);
+    return rc;
+}
+
+/* results.json in lm-evaluation-harness's shape: "results" (metric,filter
+ * keys), "n-shot", "n-samples" and "config", so tools that read its files
+ * read these; a standard error that cannot be computed (one document) is
+ * "N/A", as the harness writes it. */
+static int write_results_json(const char *path, const TaskResult *r, int n, const char *model_dir, int limit) {
+    StrBuf b = {0};
+    sb_printf(&b, "{\n  \"results\": {");
+    for (int t = 0; t < n; t++) {
+        sb_printf(&b, "%s\n    ", t ? "," : "");
+        json_write_string(&b, r[t].task);
+        sb_printf(&b, ": {\"alias\": ");
+        json_write_string(&b, r[t].task);
+        for (int k = 0; k < r[t].n_metrics; k++) {
+            sb_printf(&b, ", \"%s,none\": ", r[t].metric[k].name);
+            sb_number(&b, r[t].metric[k].value);
+            sb_printf(&b, ", \"%s_stderr,none\": ", r[t].metric[k].name);
+            if (isnan(r[t].metric[k].stderr_)) sb_printf(&b, "\"N/A\"");
+            else sb_number(&b, r[t].metric[k].stderr_);
+        }
+        sb_printf(&b, "}");
+    }
+    sb_printf(&b, "\n  },\n  \"n-shot\": {");
+    for (int t = 0; t < n; t++) {
+        sb_printf(&b, "%s", t ? ", " : "");
+        json_write_string(&b, r[t].task);
+        sb_printf(&b, ": 0");
+    }
+    sb_printf(&b, "},\n  \"n-samples\": {");
+    for (int t = 0; t < n; t++) {
+        sb_printf(&b, "%s", t ? ", " : "");
+        json_write_string(&b, r[t].task);
+        sb_printf(&b, ": {\"original\": %d, \"effective\": %d}", r[t].n_docs, r[t].n_docs);
+    }
+    sb_printf(&b, "},\n  \"config\": {\"model\": \"mlkv.c\", \"model_args\": ");
+    json_write_string(&b, model_dir);
+    sb_printf(&b, ", \"num_fewshot\": 0, \"bootstrap_iters\": %d, \"limit\": ", BOOTSTRAP_ITERS);
+    if (limit > 0) sb_printf(&b, "%d", limit);
+    else sb_printf(&b, "null");
+    sb_printf(&b, "}\n}\n");
+    int rc = write_text_file(path, b.s);
+    free(b.s);
+    return rc;
+}
+
+/* ===========================================================================
+ * 15. The built-in demo: a corpus that needs attention to predict (facts
  *     stated early in a document and asked for later), byte-level tokens, a
  *     tiny Pythia-shaped MHA model trained from scratch.
  * ======================================================================== */
@@ -4409,7 +4861,7 @@ static void demo_show(Model *m, uint64_t seed) {
 }
 
 /* ===========================================================================
- * 15. The command line
+ * 16. The command line
  * ======================================================================== */
 
 typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_SEED, FLAG_CHOICE } FlagKind;
@@ -5201,6 +5653,125 @@ static int cmd_demo(int argc, char **argv) {
     return 0;
 }
 
+static const char *const eval_usage =
+    "usage: mlkv eval DIR --data TOKENS.bin [--seq T] [--batch B] [--max-tokens N]\n"
+    "       mlkv eval DIR --task TASK.jsonl | --tasks TASKDIR [--limit N] [--out results.json]\n"
+    "Measures a model. --data: the mean loss (nats, to 6 decimals), perplexity and bits\n"
+    "per token of predicting every token of an llm.c token file from the ones before it,\n"
+    "in windows of T predictions (a file of T + 1 tokens is one window). --task / --tasks:\n"
+    "task files of python3 tokenize.py tasks, scored zero-shot as lm-evaluation-harness\n"
+    "scores them (the reference's arc_easy, lambada_openai, sciq, piqa, boolq): acc and\n"
+    "acc_norm for multiple choice, perplexity and acc for lambada, each with the harness's\n"
+    "standard error. Both may be given.\n"
+    "  --data FILE       tokens to score\n"
+    "  --seq T           tokens per window (min(2048, max_position_embeddings))\n"
+    "  --batch B         windows per forward pass (1: a window of 2048 is already a large\n"
+    "                    product, and the logits of every window are kept)\n"
+    "  --max-tokens N    score at most N predictions (all)\n"
+    "  --task FILE       a task file\n"
+    "  --tasks DIR       every .jsonl task file in DIR, in name order, one table\n"
+    "  --limit N         only the first N documents of each task (all)\n"
+    "  --out FILE        the task results as lm-evaluation-harness's results.json\n"
+    "  --threads N       OpenMP threads (all cores)\n";
+
+/* The task files of --task and --tasks DIR (*.jsonl, in name order) */
+static int task_paths(const char *task_path, const char *task_dir, char ***paths, int *n) {
+    *paths = NULL;
+    *n = 0;
+    int cap = 1;
+    if (task_dir) {
+        DIR *d = opendir(task_dir);
+        if (!d) return fail("%s: cannot open the folder: %s", task_dir, strerror(errno));
+        for (struct dirent *e; (e = readdir(d));) {
+            size_t len = strlen(e->d_name);
+            if (len < 7 || strcmp(e->d_name + len - 6, ".jsonl") != 0) continue;
+            char path[PATH_LEN], name[PATH_LEN];
+            char **grown = *n + 1 >= cap ? realloc(*paths, (size_t)(cap *= 2) * sizeof(char *)) : *paths;
+            if (!grown || make_path(name, "/", e->d_name) != 0 || make_path(path, task_dir, name) != 0) {
+                closedir(d);
+                return grown ? -1 : fail("out of memory");
+            }
+            *paths = grown;
+            if (!((*paths)[(*n)++] = strdup(path))) { closedir(d); return fail("out of memory"); }
+        }
+        closedir(d);
+        if (*n == 0) return fail("%s: no .jsonl task files", task_dir);
+        qsort(*paths, (size_t)*n, sizeof(char *), name_order);
+    }
+    if (task_path) {
+        char **grown = realloc(*paths, (size_t)(*n + 1) * sizeof(char *));
+        if (!grown || !(grown[*n] = strdup(task_path))) { free(grown ? grown : *paths); return fail("out of memory"); }
+        *paths = grown;
+        (*n)++;
+    }
+    return 0;
+}
+
+static int cmd_eval(int argc, char **argv) {
+    const char *dir = NULL, *data = NULL, *task_path = NULL, *task_dir = NULL, *out = NULL;
+    int seq = 0, batch = 1, limit = 0, threads = 0;
+    double max_tokens = 0;
+    Flag flags[] = {STRING_FLAG("--data", &data), INT_FLAG("--seq", &seq, 1, 1 << 20), INT_FLAG("--batch", &batch, 1, 4096),
+                    NUMBER_FLAG("--max-tokens", &max_tokens, 1, 1e15), STRING_FLAG("--task", &task_path),
+                    STRING_FLAG("--tasks", &task_dir), INT_FLAG("--limit", &limit, 1, INT_MAX),
+                    STRING_FLAG("--out", &out), INT_FLAG("--threads", &threads, 1, 4096)};
+    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), eval_usage, &dir);
+    if (parsed != FLAGS_OK) return parsed;
+    if (!dir || (!data && !task_path && !task_dir))
+        return usage_error(eval_usage, "eval: DIR and --data, --task or --tasks are required");
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#endif
+    Model m;
+    if (model_load(&m, dir) != 0) return exit_code(-1);
+    const Config *c = &m.config;
+    int rc = 0;
+    printf("model %s: %zu parameters, K/V in %d layers x %d heads; %s\n", dir, m.num_parameters, c->n_kv_layer,
+           c->n_kv_head, rotary_mode(c));
+    if (data) {
+        TokenFile f;
+        int T = seq ? seq : c->max_position_embeddings < 2048 ? c->max_position_embeddings : 2048;
+        if (T > c->max_position_embeddings) rc = fail("--seq %d exceeds max_position_embeddings (%d)", T, c->max_position_embeddings);
+        if (rc == 0 && tokens_load(&f, data, c->vocab_size) != 0) rc = -1;
+        else if (rc == 0) {
+            if (f.n_tokens < 2) rc = fail("%s: %zu tokens: nothing to predict", data, f.n_tokens);
+            if (rc == 0) rc = model_prepare(&m, batch, T, 0);
+            size_t count = 0;
+            double t0 = now_seconds(), loss = rc == 0 ? token_file_loss(&m, &f, batch, T, (size_t)max_tokens, 1, &count) : 0;
+            if (rc == 0)
+                printf("%s: %zu predictions in windows of %d: loss %.6f | perplexity %.4f | bits/token %.6f | %.1fs\n",
+                       data, count, T, loss / count, exp(loss / count), loss / count / log(2.0), now_seconds() - t0);
+            tokens_free(&f);
+        }
+    }
+    char **paths = NULL;
+    int n_paths = 0;
+    TaskResult *results = NULL;
+    if (rc == 0 && (task_path || task_dir)) rc = task_paths(task_path, task_dir, &paths, &n_paths);
+    if (rc == 0 && n_paths > 0 && !(results = calloc((size_t)n_paths, sizeof(TaskResult)))) rc = fail("out of memory");
+    for (int i = 0; rc == 0 && i < n_paths; i++) {
+        double t0 = now_seconds();
+        rc = evaluate_task_file(&m, paths[i], limit, &results[i], NULL, NULL, 0);
+        if (rc == 0) printf("%s: %d documents in %.1fs\n", results[i].task, results[i].n_docs, now_seconds() - t0);
+    }
+    if (rc == 0 && n_paths > 0) {
+        printf("| task | documents | metric | value | stderr |\n|---|---|---|---|---|\n");
+        for (int i = 0; i < n_paths; i++)
+            for (int k = 0; k < results[i].n_metrics; k++) {
+                char se[32] = "N/A"; /* one document has no standard error */
+                if (!isnan(results[i].metric[k].stderr_)) snprintf(se, sizeof(se), "%.4f", results[i].metric[k].stderr_);
+                printf("| %s | %d | %s | %.4f | %s |\n", results[i].task, results[i].n_docs, results[i].metric[k].name,
+                       results[i].metric[k].value, se);
+            }
+        if (out && (rc = write_results_json(out, results, n_paths, dir, limit)) == 0) printf("wrote %s\n", out);
+    }
+    for (int i = 0; i < n_paths; i++) free(paths[i]);
+    free(paths);
+    free(results);
+    model_free(&m);
+    return exit_code(rc);
+}
+
 static const char *const main_usage =
     "mlkv.c: Multi-Layer Key-Value sharing on GPT-NeoX (Pythia), trained on the CPU\n"
     "usage: mlkv <command> [options]   (mlkv <command> --help for its options)\n"
@@ -5209,6 +5780,7 @@ static const char *const main_usage =
     "  convert convert a pretrained MHA Pythia to GQA / MQA / MLKV\n"
     "  export  write an MHA model in the stock GPT-NeoX layout\n"
     "  sample  generate text with the small KV cache\n"
+    "  eval    loss of a token file; zero-shot tasks as lm-evaluation-harness scores them\n"
     "  bench-kv  KV cache memory and decoding speed across the MLKV grid\n"
     "  encode  token ids of ASCII text (tokenize.py encodes any text)\n"
     "  decode  text of token ids\n"
@@ -5221,7 +5793,7 @@ int mlkv_main(int argc, char **argv) {
     }
     static const struct { const char *name; int (*run)(int, char **); } commands[] = {
         {"init", cmd_init}, {"train", cmd_train}, {"convert", cmd_convert}, {"export", cmd_export}, {"encode", cmd_encode},
-        {"decode", cmd_decode}, {"sample", cmd_sample}, {"bench-kv", cmd_bench_kv}, {"demo", cmd_demo}};
+        {"decode", cmd_decode}, {"sample", cmd_sample}, {"eval", cmd_eval}, {"bench-kv", cmd_bench_kv}, {"demo", cmd_demo}};
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 2, argv + 2);
     fprintf(stderr, "mlkv: unknown command %s\n%s", argv[1], main_usage);

@@ -1167,6 +1167,137 @@ static void test_torch_checkpoints(void) {
           strstr(output(), "--batches: 0 is not a batch size"), "bad --batches: %s", output());
 }
 
+/* --- evaluation: lm-evaluation-harness's numbers, from HF transformers ------ */
+
+static const Json *json_path(const Json *j, const char *a, const char *b, const char *c) {
+    return json_get(json_get(json_get(j, a), b), c);
+}
+
+/* dev/fixtures/eval (dev/gen_eval_fixtures.py): every continuation's
+ * loglikelihood within 1e-5 (relative), greedy flags and accuracies exactly,
+ * standard errors of accuracies to rounding, perplexity and its bootstrap
+ * standard error within 1e-5 and 1e-4 */
+static void test_eval_tasks(void) {
+    size_t len;
+    char *text = slurp("dev/fixtures/eval/expected.json", &len);
+    Json expected;
+    Model m;
+    if (!text || json_parse(text, len, "expected.json", &expected) != 0 || model_load(&m, "dev/fixtures/eval/model") != 0) {
+        CHECK(0, "eval fixtures: %s", mlkv_error());
+        free(text);
+        return;
+    }
+    free(text);
+    const Json *tasks = json_get(&expected, "tasks");
+    double worst_ll = 0;
+    int greedy_true = 0, tasks_checked = 0;
+    for (size_t t = 0; tasks && t < tasks->length; t++) {
+        const char *name = tasks->keys[t];
+        const Json *e = &tasks->items[t], *lls = json_get(e, "loglikelihoods"), *greedy = json_get(e, "greedy");
+        char path[300];
+        snprintf(path, sizeof(path), "dev/fixtures/eval/tasks/%s.jsonl", name);
+        double ours[64];
+        int ours_greedy[64];
+        TaskResult r;
+        if (evaluate_task_file(&m, path, 0, &r, ours, ours_greedy, 64) != 0) {
+            CHECK(0, "%s: %s", name, mlkv_error());
+            continue;
+        }
+        tasks_checked++;
+        for (size_t i = 0; i < lls->length && i < 64; i++) {
+            double want = lls->items[i].number, err = fabs(ours[i] - want) / fabs(want);
+            worst_ll = fmax(worst_ll, err);
+            CHECK(err <= 1e-5, "%s continuation %zu: loglikelihood %.9g, HF %.9g", name, i, ours[i], want);
+            CHECK(ours_greedy[i] == (int)greedy->items[i].number, "%s continuation %zu: greedy %d", name, i, ours_greedy[i]);
+            greedy_true += ours_greedy[i];
+        }
+        const Json *metrics = json_get(e, "metrics");
+        CHECK((size_t)r.n_metrics == metrics->length, "%s: %d metrics, expected %zu", name, r.n_metrics, metrics->length);
+        for (int k = 0; k < r.n_metrics; k++) {
+            const Json *want = json_get(metrics, r.metric[k].name);
+            if (!want) { CHECK(0, "%s: metric %s is not the harness's", name, r.metric[k].name); continue; }
+            double v = want->items[0].number, se = want->items[1].number;
+            int is_ppl = strcmp(r.metric[k].name, "perplexity") == 0;
+            double ev = is_ppl ? fabs(r.metric[k].value - v) / v : fabs(r.metric[k].value - v);
+            double es = is_ppl ? fabs(r.metric[k].stderr_ - se) / se : fabs(r.metric[k].stderr_ - se);
+            CHECK(ev <= (is_ppl ? 1e-5 : 0) && es <= (is_ppl ? 1e-4 : 1e-12), "%s %s: %.9g +- %.9g, harness %.9g +- %.9g",
+                  name, r.metric[k].name, r.metric[k].value, r.metric[k].stderr_, v, se);
+        }
+    }
+    CHECK(tasks_checked == 5 && greedy_true >= 1, "%d tasks checked, %d greedy continuations", tasks_checked, greedy_true);
+    printf("  eval: 5 tasks vs HF transformers + the harness's formulas: loglikelihoods within %.1e\n", worst_ll);
+    model_free(&m);
+    json_free(&expected);
+
+    /* the command: a table, and results.json in the harness's shape */
+    char out[400], tokens[400], bad[400];
+    snprintf(out, sizeof(out), "%s/results.json", tmp_dir);
+    CHECK(run("%s eval dev/fixtures/eval/model --tasks dev/fixtures/eval/tasks --out %s", mlkv_bin, out) == 0 &&
+          strstr(output(), "| lambada_openai | 3 | acc | 0.3333 |"), "eval --tasks: %s", output());
+    text = slurp(out, &len);
+    Json results;
+    CHECK(text && json_parse(text, len, out, &results) == 0 &&
+          json_path(&results, "results", "arc_easy", "acc_norm,none") &&
+          json_path(&results, "results", "lambada_openai", "perplexity_stderr,none") &&
+          json_path(&results, "n-samples", "sciq", "original") && json_get(json_get(&results, "config"), "model_args"),
+          "results.json in the harness's shape: %s", text);
+    json_free(&results);
+    free(text);
+    CHECK(run("%s eval dev/fixtures/eval/model --task dev/fixtures/eval/tasks/arc_easy.jsonl --limit 1", mlkv_bin) == 0 &&
+          strstr(output(), "| arc_easy | 1 | acc |") && strstr(output(), "| N/A |"),
+          "--limit 1 (no standard error of one document): %s", output());
+
+    /* bad task files: the file and line are named */
+    snprintf(bad, sizeof(bad), "%s/bad.jsonl", tmp_dir);
+    struct { const char *line, *message; } broken[] = {
+        {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\"", "bad.jsonl:2: invalid JSON"},
+        {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": 0, "
+         "\"context_ids\": [1], \"continuation_ids\": [[320]]}", "bad.jsonl:2: continuation_ids[0] must be"},
+        {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": 1, "
+         "\"context_ids\": [1], \"continuation_ids\": [[3]]}", "bad.jsonl:2: \"gold\" must be the index of a choice"},
+        {"{\"task\": \"piqa\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": 0, "
+         "\"context_ids\": [1], \"continuation_ids\": [[3]]}", "bad.jsonl:2: task \"piqa\""},
+    };
+    for (size_t i = 0; i < sizeof(broken) / sizeof(broken[0]); i++) {
+        char body[1024];
+        snprintf(body, sizeof(body), "{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\", \"b\"], "
+                                     "\"gold\": 0, \"context_ids\": [1, 2], \"continuation_ids\": [[3], [4, 5]]}\n%s\n",
+                 broken[i].line);
+        write_text(bad, body);
+        CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 && strstr(output(), broken[i].message),
+              "bad task line %zu: %s", i, output());
+    }
+    write_text(bad, "\n\n");
+    CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 && strstr(output(), "no documents"),
+          "empty task file: %s", output());
+
+    /* --data: windows of T predictions; a file of T + 1 tokens is one window */
+    snprintf(tokens, sizeof(tokens), "%s/eval_tokens.bin", tmp_dir);
+    write_tokens(tokens, 17, 320, 9);
+    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16", mlkv_bin, tokens) == 0 &&
+          strstr(output(), ": 16 predictions in windows of 16: loss "), "one window: %s", output());
+    write_tokens(tokens, 2 * 16 + 1 + 5, 320, 9);
+    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16 --batch 3", mlkv_bin, tokens) == 0 &&
+          strstr(output(), ": 37 predictions in windows of 16: loss "), "two windows and 5 more: %s", output());
+    /* the same loss as the model's own forward pass on those windows */
+    TokenFile f;
+    Model e;
+    if (tokens_load(&f, tokens, 320) == 0 && model_load(&e, "dev/fixtures/eval/model") == 0 && model_prepare(&e, 2, 16, 0) == 0) {
+        int in[32], tg[32];
+        for (int i = 0; i < 32; i++) in[i] = f.tokens[i], tg[i] = f.tokens[i + 1];
+        double sum = (double)model_forward(&e, in, tg, 2, 16) * 32;
+        for (int i = 0; i < 5; i++) in[i] = f.tokens[32 + i], tg[i] = f.tokens[33 + i];
+        sum += (double)model_forward(&e, in, tg, 1, 5) * 5;
+        char want[64];
+        snprintf(want, sizeof(want), "loss %.6f", sum / 37);
+        CHECK(strstr(output(), want) != NULL, "eval --data %s: %s", want, output());
+        model_free(&e);
+        tokens_free(&f);
+    } else CHECK(0, "eval --data reference: %s", mlkv_error());
+    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16 --max-tokens 20", mlkv_bin, tokens) == 0 &&
+          strstr(output(), ": 20 predictions"), "--max-tokens: %s", output());
+}
+
 static int is_ascii(const char *s) {
     for (; *s; s++)
         if ((unsigned char)*s >= 0x80) return 0;
@@ -1385,6 +1516,7 @@ int main(int argc, char **argv) {
     test_convert_sizes();
     test_convert();
     test_torch_checkpoints();
+    test_eval_tasks();
     test_tokenizer();
     test_resume();
     test_errors();

@@ -4,6 +4,7 @@
     python3 tokenize.py decode --tokenizer tokenizer.json [IDS...]   text (stdin without IDS)
     python3 tokenize.py shards --tokenizer tokenizer.json --out DIR INPUTS...
     python3 tokenize.py bytes --out tokenizer.json                   a byte-level tokenizer
+    python3 tokenize.py tasks --tokenizer tokenizer.json --task arc_easy --input RAW --out TASK.jsonl
 
 It reads any Hugging Face tokenizer.json of the GPT-2 / GPT-NeoX family
 (byte-level BPE) and encodes exactly as the `tokenizers` library: added tokens
@@ -341,6 +342,123 @@ def shards(args):
     print(f"{total / 1e6:.1f} MB in {elapsed:.1f}s: {total / 1e6 / max(elapsed, 1e-9):.2f} MB/s with {args.workers} workers")
 
 
+# --- evaluation tasks ----------------------------------------------------------
+# The reference (Zuhri et al., arXiv:2406.09297; github.com/zaydzuhri/pythia-mlkv)
+# scores its models with lm-evaluation-harness, zero-shot, on five tasks. Each
+# function below is the harness's task definition (its YAML: doc_to_text,
+# doc_to_choice, doc_to_target) for the fields of both published layouts of a
+# dataset: the authors' original files and the Hugging Face hub's (as
+# `datasets` exports them with to_json). It returns the context, the choices
+# (without the target delimiter) and the index of the right one.
+
+def _arc(doc):
+    """ARC: hub {question, choices: {text, label}, answerKey}; AI2's original
+    {question: {stem, choices: [{text, label}]}, answerKey}"""
+    q = doc["question"]
+    if isinstance(q, dict):
+        texts, labels, q = [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]], q["stem"]
+    else:
+        texts, labels = doc["choices"]["text"], doc["choices"]["label"]
+    return f"Question: {q}\nAnswer:", texts, labels.index(doc["answerKey"])
+
+
+def _sciq(doc):
+    """SciQ (hub and original: the same fields); the right answer is always last"""
+    choices = [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]]
+    return f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:", choices, 3
+
+
+def _piqa(doc):
+    """PIQA: {goal, sol1, sol2, label}; the original keeps labels in a separate
+    file (valid-labels.lst, one per line: --labels)"""
+    return f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"])
+
+
+def _boolq(doc):
+    """BoolQ: hub (super_glue) {question, passage, label 0/1}; the original
+    {question, passage, answer: true/false}"""
+    gold = int(doc["label"]) if "label" in doc else int(bool(doc["answer"]))
+    return f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], gold
+
+
+def _lambada(doc):
+    """LAMBADA as OpenAI published it (lambada_test.jsonl, detokenized; the hub's
+    EleutherAI/lambada_openai is that file): the target is the last word"""
+    words = doc["text"].split(" ")
+    return " ".join(words[:-1]), [" " + words[-1]], 0
+
+
+# task -> (document to (context, choices, gold), target delimiter, kind, metrics reported)
+MULTIPLE_CHOICE = ("multiple_choice", ["acc", "acc_norm"])
+TASKS = {"arc_easy": (_arc, " ", *MULTIPLE_CHOICE), "sciq": (_sciq, " ", *MULTIPLE_CHOICE),
+         "piqa": (_piqa, " ", *MULTIPLE_CHOICE), "boolq": (_boolq, " ", "multiple_choice", ["acc"]),
+         "lambada_openai": (_lambada, "", "loglikelihood", ["perplexity", "acc"])}
+
+
+def raw_documents(path):
+    """The rows of a JSON array file or a JSONL file (one object per line)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise TokenizerError(f"{path}: not a JSON array: {e}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise TokenizerError(f"{path}:{n}: not a JSON object: {e}") from None
+    return rows
+
+
+def encode_pair(tok, context, continuation):
+    """Token ids of a request as lm-evaluation-harness forms them (_encode_pair):
+    the context's trailing spaces move to the continuation; the continuation's
+    ids are those of context + continuation after the context's own ids. An empty
+    context becomes <|endoftext|>."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    if not context:
+        eot = tok.added.get("<|endoftext|>")
+        if eot is None:
+            raise TokenizerError("an empty context needs <|endoftext|> in the tokenizer")
+        return [eot["id"]], tok.encode(continuation)
+    whole, ids = tok.encode(context + continuation), tok.encode(context)
+    return ids, whole[len(ids):]
+
+
+def task_file(args):
+    tok = Tokenizer(args.tokenizer)
+    to_request, delimiter, kind, metrics = TASKS[args.task]
+    docs = raw_documents(args.input)
+    if args.labels:
+        with open(args.labels, encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+        if len(labels) != len(docs):
+            raise TokenizerError(f"{args.labels}: {len(labels)} labels for {len(docs)} documents")
+        for doc, label in zip(docs, labels):
+            doc["label"] = label
+    if not docs:
+        raise TokenizerError(f"{args.input}: no documents")
+    with open(args.out, "w", encoding="utf-8") as out:
+        for i, doc in enumerate(docs):
+            try:
+                context, choices, gold = to_request(doc)
+            except (KeyError, TypeError, ValueError) as e:
+                raise TokenizerError(f"{args.input}: document {i + 1} lacks what {args.task} needs: "
+                                     f"{type(e).__name__} {e}") from None
+            pairs = [encode_pair(tok, context, delimiter + c) for c in choices]
+            row = {"task": args.task, "kind": kind, "metrics": metrics, "doc": i, "context": context,
+                   "choices": choices, "gold": gold, "context_ids": pairs[0][0],
+                   "continuation_ids": [p[1] for p in pairs]}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{args.out}: {len(docs)} {args.task} documents ({kind})")
+
+
 # --- command line ------------------------------------------------------------
 
 def main(argv=None):
@@ -367,6 +485,18 @@ def main(argv=None):
     p.add_argument("--separator", default=None, help="split .txt files into documents on this string")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
     p.add_argument("inputs", nargs="+", help=".txt / .jsonl files or folders")
+    p = sub.add_parser("tasks", help="an evaluation task file for mlkv eval, from a dataset's published file",
+                       description="Turns a dataset file as its authors or the Hugging Face hub publish it (a JSON "
+                                   "array or JSONL; the hub's as datasets' to_json writes it) into a task file for "
+                                   "mlkv eval: one JSON object per line with the context and choices of "
+                                   "lm-evaluation-harness's zero-shot template, the right choice, and their token ids "
+                                   "as the harness tokenizes them. Use the split the reference reports: arc_easy test, "
+                                   "lambada_openai test, sciq test, piqa validation, boolq validation.")
+    p.add_argument("--tokenizer", required=True, help="the model's tokenizer.json")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="which task's template")
+    p.add_argument("--input", required=True, help="the dataset file (JSON array or JSONL)")
+    p.add_argument("--labels", help="piqa's original labels file (valid-labels.lst), when the rows lack a label")
+    p.add_argument("--out", required=True, help="the task file to write (.jsonl)")
     p = sub.add_parser("bytes", help="write a byte-level tokenizer.json (256 bytes + <|endoftext|>)")
     p.add_argument("--out", required=True, help="the tokenizer.json to write")
     args = parser.parse_args(argv)
@@ -389,6 +519,8 @@ def main(argv=None):
             if args.workers < 1 or args.max_doc_tokens < 0:
                 raise TokenizerError("--workers must be positive and --max-doc-tokens not negative")
             shards(args)
+        elif args.command == "tasks":
+            task_file(args)
         else:
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump(byte_tokenizer_json(), f, ensure_ascii=False, indent=1)

@@ -74,7 +74,7 @@ def test_command_line():
     r = tool("encode", "--tokenizer", "/nonexistent/tokenizer.json", "x")
     check(r.returncode == 1 and b"/nonexistent/tokenizer.json" in r.stderr and b"Traceback" not in r.stderr,
           f"missing file: {r.stderr}")
-    for command in ("encode", "decode", "shards", "bytes"):
+    for command in ("encode", "decode", "shards", "bytes", "tasks"):
         r = tool(command, "--help")
         check(r.returncode == 0 and b"--" in r.stdout, f"{command} --help")
 
@@ -143,6 +143,92 @@ def test_shards(tk):
               "bytes writes the tokenizer the fixtures were made from")
 
 
+# Rows of each task in the layouts the authors and the hub publish, and the
+# request lm-evaluation-harness's template makes of each, written out by hand.
+TASK_ROWS = {
+    "arc_easy": (
+        [{"id": "1", "question": "What is H2O?", "choices": {"text": ["water", "salt"], "label": ["A", "B"]},
+          "answerKey": "A"},
+         {"id": "2", "question": {"stem": "Pick a planet", "choices": [{"text": "Mars", "label": "1"},
+                                                                       {"text": "Moon", "label": "2"}]},
+          "answerKey": "1"}],
+        None,
+        [("Question: What is H2O?\nAnswer:", ["water", "salt"], 0),
+         ("Question: Pick a planet\nAnswer:", ["Mars", "Moon"], 0)]),
+    "sciq": (
+        [{"question": "What boils?", "distractor1": "ice", "distractor2": "rock", "distractor3": "sand",
+          "correct_answer": "water", "support": "\n  Heat makes water boil. "}],
+        None,
+        [("Heat makes water boil. \nQuestion: What boils?\nAnswer:", ["ice", "rock", "sand", "water"], 3)]),
+    "piqa": (
+        [{"goal": "Cut bread", "sol1": "use a knife", "sol2": "use a spoon"},
+         {"goal": "Boil an egg", "sol1": "put it in cold oil", "sol2": "put it in boiling water", "label": 1}],
+        "0\n1\n",
+        [("Question: Cut bread\nAnswer:", ["use a knife", "use a spoon"], 0),
+         ("Question: Boil an egg\nAnswer:", ["put it in cold oil", "put it in boiling water"], 1)]),
+    "boolq": (
+        [{"question": "is ice cold", "passage": "Ice is frozen water.", "answer": True},
+         {"question": "is fire wet", "passage": "Fire is hot.", "idx": 3, "label": 0}],
+        None,
+        [("Ice is frozen water.\nQuestion: is ice cold?\nAnswer:", ["no", "yes"], 1),
+         ("Fire is hot.\nQuestion: is fire wet?\nAnswer:", ["no", "yes"], 0)]),
+    "lambada_openai": (
+        [{"text": "She poured the tea into her favourite cup"}, {"text": "Done"}],
+        None,
+        [("She poured the tea into her favourite", [" cup"], 0), ("", [" Done"], 0)]),
+}
+
+
+def test_tasks(tk):
+    tok = tk.Tokenizer(PYTHIA)
+    with tempfile.TemporaryDirectory() as d:
+        for task, (rows, labels, want) in TASK_ROWS.items():
+            raw, out = os.path.join(d, task + ".jsonl"), os.path.join(d, task + ".task.jsonl")
+            with open(raw, "w", encoding="utf-8") as f:
+                if task == "sciq":  # the original SciQ is one JSON array
+                    json.dump(rows, f)
+                else:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+            args = ["tasks", "--tokenizer", PYTHIA, "--task", task, "--input", raw, "--out", out]
+            if labels:
+                with open(os.path.join(d, "labels.lst"), "w") as f:
+                    f.write(labels)
+                args += ["--labels", os.path.join(d, "labels.lst")]
+            r = tool(*args)
+            check(r.returncode == 0, f"tasks {task}: {r.stderr}")
+            got = [json.loads(line) for line in open(out, encoding="utf-8")]
+            check([(g["context"], g["choices"], g["gold"]) for g in got] == want,
+                  f"{task}: the harness's template: {[(g['context'], g['choices'], g['gold']) for g in got]}")
+            delimiter = "" if task == "lambada_openai" else " "
+            for g in got:  # _encode_pair: context ids, then the rest of the whole string's ids
+                ctx = g["context"]
+                for choice, cont_ids in zip(g["choices"], g["continuation_ids"]):
+                    whole = ctx + delimiter + choice
+                    if ctx:
+                        check(g["context_ids"] + cont_ids == tok.encode(whole) and
+                              g["context_ids"] == tok.encode(ctx.rstrip()), f"{task}: ids of {whole!r}")
+                    else:
+                        check(g["context_ids"] == [0] and cont_ids == tok.encode(whole), f"{task}: empty context")
+        # the context's trailing spaces move into the continuation
+        ctx_ids, cont_ids = tk.encode_pair(tok, "Answer: ", "yes")
+        check(ctx_ids == tok.encode("Answer:") and cont_ids == tok.encode("Answer: yes")[len(ctx_ids):],
+              "trailing spaces move to the continuation")
+        bad = os.path.join(d, "bad.jsonl")
+        with open(bad, "w") as f:
+            f.write('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": "x"\n')
+        r = tool("tasks", "--tokenizer", PYTHIA, "--task", "piqa", "--input", bad, "--out", os.path.join(d, "o"))
+        check(r.returncode == 1 and b"bad.jsonl:2: not a JSON object" in r.stderr, f"bad line: {r.stderr}")
+        with open(bad, "w") as f:
+            f.write('{"goal": "a", "sol1": "b"}\n')
+        r = tool("tasks", "--tokenizer", PYTHIA, "--task", "piqa", "--input", bad, "--out", os.path.join(d, "o"))
+        check(r.returncode == 1 and b"document 1 lacks what piqa needs" in r.stderr, f"missing field: {r.stderr}")
+        with open(os.path.join(d, "two.lst"), "w") as f:
+            f.write("0\n1\n")
+        r = tool("tasks", "--tokenizer", PYTHIA, "--task", "piqa", "--input", bad, "--labels",
+                 os.path.join(d, "two.lst"), "--out", os.path.join(d, "o"))
+        check(r.returncode == 1 and b"two.lst: 2 labels for 1 documents" in r.stderr, f"labels: {r.stderr}")
+
+
 def main():
     tk = load_module()
     print("tokenize.py:")
@@ -150,6 +236,7 @@ def main():
     test_command_line()
     test_standard_tokenize_survives()
     test_shards(tk)
+    test_tasks(tk)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
