@@ -1173,6 +1173,54 @@ static const Json *json_path(const Json *j, const char *a, const char *b, const 
     return json_get(json_get(json_get(j, a), b), c);
 }
 
+/* On every kind of model (GQA, MLKV with 3 of 4 owners, the reference's
+ * rotary mode, KV-MLP, a layer map) a task's loglikelihoods, computed with
+ * the context run once and forked through the KV cache, equal those of full
+ * forward passes over context + continuation. */
+static void test_eval_model_kinds(void) {
+    const char *kinds[] = {"gqa", "mlkv_3x2", "mlkv_2x2_compat", "mlkv_kvmlp", "mlkv_map"};
+    const int context[] = {5, 17, 3, 44, 9, 12, 60}, conts[3][4] = {{7, 2, 9, 0}, {31, 0, 0, 0}, {8, 8, 1, 0}};
+    const int lens[3] = {3, 1, 3}, n_ctx = 7;
+    char path[400];
+    snprintf(path, sizeof(path), "%s/kinds.jsonl", tmp_dir);
+    write_text(path, "{\"task\": \"t\", \"kind\": \"multiple_choice\", \"choices\": [\"abc\", \"d\", \"efg\"], \"gold\": 2, "
+                     "\"context_ids\": [5, 17, 3, 44, 9, 12, 60], \"continuation_ids\": [[7, 2, 9], [31], [8, 8, 1]]}\n");
+    double worst = 0;
+    for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+        char dir[300];
+        snprintf(dir, sizeof(dir), "dev/fixtures/%s", kinds[k]);
+        Model m;
+        TaskResult r;
+        double ll[3];
+        int greedy[3];
+        if (model_load(&m, dir) != 0 || evaluate_task_file(&m, path, 0, &r, ll, greedy, 3) != 0 ||
+            model_prepare(&m, 1, n_ctx + 3, 0) != 0) {
+            CHECK(0, "%s: %s", kinds[k], mlkv_error());
+            continue;
+        }
+        int V = m.config.vocab_size;
+        for (int c = 0; c < 3; c++) {
+            int seq[16], n = n_ctx + lens[c] - 1;
+            memcpy(seq, context, sizeof(context));
+            memcpy(seq + n_ctx, conts[c], sizeof(int) * (size_t)(lens[c] - 1));
+            model_forward(&m, seq, NULL, 1, n);
+            double want = 0;
+            for (int t = 0; t < lens[c]; t++) {
+                const float *z = m.a.logits + (size_t)(n_ctx - 1 + t) * V;
+                double max = -INFINITY, sum = 0;
+                for (int i = 0; i < V; i++) max = fmax(max, z[i]);
+                for (int i = 0; i < V; i++) sum += exp(z[i] - max);
+                want += z[conts[c][t]] - max - log(sum);
+            }
+            worst = fmax(worst, fabs(ll[c] - want) / fabs(want));
+            CHECK(fabs(ll[c] - want) <= 1e-5 * fabs(want), "%s choice %d: forked %.9g, full forward %.9g", kinds[k], c,
+                  ll[c], want);
+        }
+        model_free(&m);
+    }
+    printf("  eval on GQA, MLKV, reference rotary, KV-MLP, layer map: forked contexts vs full forward %.1e\n", worst);
+}
+
 /* dev/fixtures/eval (dev/gen_eval_fixtures.py): every continuation's
  * loglikelihood within 1e-5 (relative), greedy flags and accuracies exactly,
  * standard errors of accuracies to rounding, perplexity and its bootstrap
@@ -1517,6 +1565,7 @@ int main(int argc, char **argv) {
     test_convert();
     test_torch_checkpoints();
     test_eval_tasks();
+    test_eval_model_kinds();
     test_tokenizer();
     test_resume();
     test_errors();
