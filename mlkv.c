@@ -5197,12 +5197,16 @@ static const char *const sample_usage =
     "usage: mlkv sample DIR [--prompt TEXT | --prompt-ids IDS] [-n N] [options]\n"
     "Generates text: the prompt is prefilled in one pass, then one token per step,\n"
     "with a KV cache that holds only the owning layers' K/V (2 * kvL * kvH *\n"
-    "head_size floats per token). Streams the text as it is generated.\n"
+    "head_size floats per token). Streams the text as it is generated, and stops at\n"
+    "<|endoftext|>, at --stop, or after N tokens. Without a prompt it starts a new\n"
+    "document (from <|endoftext|>).\n"
     "  --prompt TEXT       ASCII text, encoded with DIR/tokenizer.json (other text:\n"
     "                      python3 tokenize.py encode, then --prompt-ids)\n"
     "  --prompt-ids IDS    token ids, separated by commas or spaces\n"
     "                      (neither: start from <|endoftext|>)\n"
-    "  -n N                tokens to generate (64)\n"
+    "  -n N                tokens to generate at most (64)\n"
+    "  --stop STRING       stop when the text ends with STRING (not printed)\n"
+    "  --ignore-eos        go on past <|endoftext|>\n"
     "  --temperature T     0 = greedy (1.0)\n"
     "  --top-k K           sample among the K most likely tokens, 0 = all (0)\n"
     "  --top-p P           ... and among the fewest whose probability reaches P (1.0)\n"
@@ -5229,12 +5233,22 @@ static int parse_int_list(const char *flag, const char *what, const char *text, 
     return n;
 }
 
+/* The first place where needle (m bytes) occurs in the last `tail` bytes of
+ * s[0..n), or NULL: a stop string that the newest token completed. */
+static char *find_in_tail(char *s, size_t n, size_t tail, const char *needle, size_t m) {
+    for (size_t i = n > tail ? n - tail : 0; i + m <= n; i++)
+        if (memcmp(s + i, needle, m) == 0) return s + i;
+    return NULL;
+}
+
 static int cmd_sample(int argc, char **argv) {
     const char *dir = NULL, *prompt = NULL, *prompt_ids = NULL, *tokenizer_path = NULL;
-    int n_new = 64, batch = 1, threads = 0;
+    const char *stop = NULL;
+    int n_new = 64, batch = 1, threads = 0, ignore_eos = 0;
     uint64_t seed = 42;
     SamplingConfig sc = {1.0, 1.0, 0};
     Flag flags[] = {STRING_FLAG("--prompt", &prompt), STRING_FLAG("--prompt-ids", &prompt_ids),
+                    STRING_FLAG("--stop", &stop), SWITCH_FLAG("--ignore-eos", &ignore_eos),
                     INT_FLAG("-n", &n_new, 1, 1 << 24), NUMBER_FLAG("--temperature", &sc.temperature, 0, 1e6),
                     INT_FLAG("--top-k", &sc.top_k, 0, 1 << 30), NUMBER_FLAG("--top-p", &sc.top_p, 1e-9, 1),
                     SEED_FLAG("--seed", &seed), INT_FLAG("--batch", &batch, 1, 4096),
@@ -5243,7 +5257,8 @@ static int cmd_sample(int argc, char **argv) {
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (!dir || (prompt && prompt_ids)) {
-        return usage_error(sample_usage, "sample: give DIR, and --prompt or --prompt-ids (not both)");
+        return usage_error(sample_usage, "sample: give DIR, and at most one of --prompt and --prompt-ids");
+    if (stop && !*stop) return usage_error(sample_usage, "sample: --stop needs a non-empty string");
     }
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads(threads);
@@ -5256,7 +5271,8 @@ static int cmd_sample(int argc, char **argv) {
     if (model_load(&m, dir) != 0) return exit_code(-1);
     const Config *c = &m.config;
     have_tokenizer = tokenizer_load(&tok, tokenizer_path ? tokenizer_path : dir) == 0;
-    if (!have_tokenizer && (tokenizer_path || prompt)) rc = -1; /* the load error says why */
+    if (!have_tokenizer && (tokenizer_path || prompt || stop)) /* the load error says why, and how to give one */
+        rc = fail_in(tokenizer_path ? "--tokenizer" : "no tokenizer: give --tokenizer FILE (or put tokenizer.json in DIR)");
     int room = c->max_position_embeddings;
     prompt_tokens = alloc_zeroed((size_t)room + 1, sizeof(int), "the prompt");
     if (rc == 0 && !prompt_tokens) rc = -1;
@@ -5277,6 +5293,17 @@ static int cmd_sample(int argc, char **argv) {
         rc = -1;
     for (int b = 0; rc == 0 && b < batch; b++)
         if (!(generated[b] = alloc_zeroed((size_t)n_new, sizeof(int), "the samples"))) rc = -1;
+    /* Text is kept per sample so that --stop can be found across token
+     * boundaries; one sample streams, holding back the bytes that might still
+     * begin the stop string. Never an id the tokenizer lacks (Pythia pads its
+     * embedding to 50304 rows for 50277 tokens). */
+    int V = have_tokenizer && tok.n_ids < c->vocab_size ? tok.n_ids : c->vocab_size;
+    int eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1, running = batch, printed = 0;
+    size_t stop_len = stop ? strlen(stop) : 0, text_cap = (size_t)n_new * 16 + 16;
+    int *length = alloc_zeroed((size_t)batch, sizeof(int), "the samples");
+    char *text = have_tokenizer ? alloc_zeroed((size_t)batch * text_cap, 1, "the samples") : NULL;
+    size_t *text_len = alloc_zeroed((size_t)batch, sizeof(size_t), "the samples");
+    if (rc == 0 && (!length || !text_len || (have_tokenizer && !text))) rc = -1;
     const float *logits = NULL;
     double t0 = now_seconds();
     for (int b = 0; rc == 0 && b < batch; b++) memcpy(step + (size_t)b * P, prompt_tokens, (size_t)P * sizeof(int));
@@ -5286,35 +5313,50 @@ static int cmd_sample(int argc, char **argv) {
     uint64_t *rng = alloc_zeroed((size_t)batch, sizeof(uint64_t), "sampling");
     if (rc == 0 && !rng) rc = -1;
     for (int b = 0; rc == 0 && b < batch; b++) rng[b] = seed + 0x9E3779B97F4A7C15ull * (uint64_t)b;
-    if (rc == 0 && batch == 1 && have_tokenizer && prompt) printf("%s", prompt);
-    for (int i = 0; rc == 0 && i < n_new; i++) {
+    if (rc == 0 && batch == 1 && have_tokenizer && prompt) { printf("%s", prompt); fflush(stdout); }
+    int steps = 0;
+    for (; rc == 0 && steps < n_new && running > 0; steps++) {
         for (int b = 0; b < batch; b++) {
-            generated[b][i] = step[b] = sample_token(logits + (size_t)b * c->vocab_size, c->vocab_size, &sc, &rng[b], scratch);
-            int len;
-            const char *bytes = have_tokenizer ? tokenizer_token(&tok, step[b], &len) : NULL;
-            if (batch == 1 && bytes) utf8_stream_write(&stream, bytes, len, stdout);
-            else if (batch == 1) { printf("%s%d", i ? " " : "", step[b]); fflush(stdout); }
+            int id = sample_token(logits + (size_t)b * c->vocab_size, V, &sc, &rng[b], scratch), len;
+            step[b] = id;
+            if (length[b] < 0) continue; /* this sample has stopped; its row runs on unread */
+            if (id == eos) { length[b] = -length[b] - 1; running--; continue; }
+            generated[b][length[b]++] = id;
+            const char *bytes = have_tokenizer ? tokenizer_token(&tok, id, &len) : NULL;
+            if (!bytes) {
+                if (batch == 1) { printf("%s%d", steps ? " " : "", id); fflush(stdout); }
+                continue;
+            }
+            char *t = text + (size_t)b * text_cap;
+            if (text_len[b] + (size_t)len < text_cap) memcpy(t + text_len[b], bytes, (size_t)len), text_len[b] += (size_t)len;
+            char *found = stop ? find_in_tail(t, text_len[b], stop_len + (size_t)len - 1, stop, stop_len) : NULL;
+            if (found) { text_len[b] = (size_t)(found - t); length[b] = -length[b] - 1; running--; }
+            if (batch == 1) { /* stream what the stop string can no longer claim */
+                size_t safe = found || !stop ? text_len[b] : text_len[b] > stop_len - 1 ? text_len[b] - (stop_len - 1) : 0;
+                if (safe > (size_t)printed) utf8_stream_write(&stream, t + printed, (int)(safe - (size_t)printed), stdout);
+                printed = (int)(safe > (size_t)printed ? safe : (size_t)printed);
+            }
         }
-        if (i + 1 < n_new && !(logits = model_cached_forward(&m, &cache, step, 1))) rc = -1;
+        if (steps + 1 < n_new && running > 0 && !(logits = model_cached_forward(&m, &cache, step, 1))) rc = -1;
     }
     double t2 = now_seconds();
+    for (int b = 0; b < batch && length; b++) length[b] = length[b] < 0 ? -length[b] - 1 : length[b];
+    if (rc == 0 && batch == 1 && have_tokenizer && text_len[0] > (size_t)printed)
+        utf8_stream_write(&stream, text + printed, (int)(text_len[0] - (size_t)printed), stdout);
     utf8_stream_flush(&stream, stdout);
     for (int b = 0; rc == 0 && batch > 1 && b < batch; b++) { /* several samples: each one whole */
         printf("--- sample %d\n", b);
-        for (int i = 0; i < n_new; i++) {
-            int len;
-            const char *bytes = have_tokenizer ? tokenizer_token(&tok, generated[b][i], &len) : NULL;
-            if (bytes) utf8_stream_write(&stream, bytes, len, stdout);
-            else printf("%s%d", i ? " " : "", generated[b][i]);
-        }
+        if (have_tokenizer) utf8_stream_write(&stream, text + (size_t)b * text_cap, (int)text_len[b], stdout);
+        for (int i = 0; !have_tokenizer && i < length[b]; i++) printf("%s%d", i ? " " : "", generated[b][i]);
         utf8_stream_flush(&stream, stdout);
+        printf("\n");
     }
     if (rc == 0)
         fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %.2f MiB; %s]\n",
-                batch, P, batch * P / fmax(t1 - t0, 1e-9), batch, n_new, batch * n_new / fmax(t2 - t1, 1e-9),
+                batch, P, batch * P / fmax(t1 - t0, 1e-9), batch, steps, batch * steps / fmax(t2 - t1, 1e-9),
                 cache.cache_bytes / 1048576.0, rotary_mode(c));
     for (int b = 0; generated && b < batch; b++) free(generated[b]);
-    free(generated); free(rng); free(step); free(scratch); free(prompt_tokens);
+    free(generated); free(rng); free(step); free(scratch); free(prompt_tokens); free(length); free(text); free(text_len);
     kv_cache_free(&cache);
     if (have_tokenizer) tokenizer_free(&tok);
     model_free(&m);

@@ -1467,6 +1467,41 @@ static void greedy_by_forward(Model *m, int *seq, int prompt, int total) {
     }
 }
 
+/* sample stops at <|endoftext|> (unless --ignore-eos) and at --stop, and never
+ * samples an id the tokenizer lacks. The model: the eval fixture with a head
+ * that always prefers id 300 (past the byte tokenizer's 257), then id 256,
+ * <|endoftext|>: the final LayerNorm outputs its bias e_0 at every position,
+ * so the logits are the head's column 0. */
+static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
+
+static void test_sample_stops(void) {
+    Model m;
+    char dir[300], path[400];
+    snprintf(dir, sizeof(dir), "%s/eos_model", tmp_dir);
+    if (model_load(&m, "dev/fixtures/eval/model") != 0) { CHECK(0, "eval model: %s", mlkv_error()); return; }
+    int C = m.config.hidden_size, V = m.config.vocab_size;
+    for (int i = 0; i < C; i++) m.w.lnf_w[i] = 0.0f, m.w.lnf_b[i] = i == 0;
+    for (int v = 0; v < V; v++) m.w.embed_out[(size_t)v * C] = v == 300 ? 20.0f : v == 256 ? 10.0f : 0.0f;
+    TensorGroup params = {"", m.param_memory};
+    CHECK(run("mkdir -p %s && cp dev/fixtures/eval/model/tokenizer.json %s/", dir, dir) == 0, "mkdir");
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    int ok = config_save(&m.config, NULL, 0, path) == 0;
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    ok = ok && model_write_safetensors(&m, &params, 1, path, NULL) == 0;
+    model_free(&m);
+    CHECK(ok, "write the model: %s", mlkv_error());
+    CHECK(run("%s sample %s --prompt hi -n 5 --temperature 0 2>/dev/null", mlkv_bin, dir) == 0 && starts_with(output(), "hi\n[") && strstr(output(), "decode 1 x 1:"),
+          "stops at <|endoftext|>, never samples id 300: [%s]", output());
+    CHECK(run("%s sample %s --prompt hi -n 3 --temperature 0 --ignore-eos 2>/dev/null", mlkv_bin, dir) == 0 &&
+          starts_with(output(), "hi<|endoftext|><|endoftext|><|endoftext|>\n["), "--ignore-eos: [%s]", output());
+    CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat sat on the' -n 12 --temperature 0 2>/dev/null",
+              mlkv_bin) == 0 && starts_with(output(), "the cat sat on the mat\rmat mat\n["), "greedy text: [%s]", output());
+    CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat sat on the' -n 12 --temperature 0 --stop at "
+              "2>/dev/null", mlkv_bin) == 0 && starts_with(output(), "the cat sat on the m\n["), "--stop: [%s]", output());
+    CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1 --stop x", mlkv_bin) == 1 && strstr(output(), "--tokenizer"),
+          "--stop needs a tokenizer, and the message says how to give one: %s", output());
+}
+
 static void test_sample_and_bench(void) {
     Model m;
     int seq[8] = {1, 2, 3};
@@ -1556,6 +1591,7 @@ int main(int argc, char **argv) {
     test_finite_differences();
     test_cached_decoding();
     test_sample_and_bench();
+    test_sample_stops();
     test_owner_placement();
     test_schedule();
     test_json();
