@@ -1789,11 +1789,17 @@ static int checkpoint_save(const Model *m, const char *dir, const char *optimize
     return 0;
 }
 
-/* A folder mlkv may replace: absent, or holding only checkpoint files (so a
- * save never deletes a file that mlkv did not write). */
-static int check_output_dir(const char *dir) {
-    struct stat st;
+/* A folder mlkv may write: absent, or holding only checkpoint files (so a
+ * save never deletes a file that mlkv did not write), and none of those
+ * unless overwrite is set (so finished work is never replaced without a word;
+ * train says "or --resume"), and never the folder a command reads from
+ * (input: NULL, or that folder). */
+static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume) {
+    struct stat st, in;
     if (stat(dir, &st) != 0) return 0;
+    if (input && stat(input, &in) == 0 && in.st_dev == st.st_dev && in.st_ino == st.st_ino)
+        return fail("%s is also the input model: writing there would destroy what is being read; choose another "
+                    "output folder", dir);
     if (!S_ISDIR(st.st_mode)) return fail("%s: exists and is not a folder", dir);
     DIR *d = opendir(dir);
     if (!d) return fail("%s: cannot list: %s", dir, strerror(errno));
@@ -1804,6 +1810,9 @@ static int check_output_dir(const char *dir) {
         for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
         if (!ours)
             rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
+        else if (!overwrite && strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+            rc = fail("%s already holds a model (%s): give --overwrite to replace it%s, or choose a new output folder",
+                      dir, e->d_name, or_resume ? or_resume : "");
     }
     closedir(d);
     return rc;
@@ -4071,7 +4080,7 @@ static int write_fused_safetensors(const Model *m, const char *path) {
 typedef struct {
     const char *model_dir, *train_path, *val_path, *out_dir;
     int batch, seq, grad_accum, steps, warmup_steps, eval_every, save_every, val_batches, stop_after, threads;
-    int resume, verbose, precision; /* precision: a Precision */
+    int resume, overwrite, verbose, precision; /* precision: a Precision */
     double epochs, warmup_ratio;
     OptimConfig opt;
     uint64_t seed;
@@ -4241,7 +4250,9 @@ static int run_training(TrainArgs *t) {
                                 "rename it to %s to resume\n", previous, t->out_dir);
             return 1;
         }
-    } else if (check_output_dir(t->out_dir) != 0 || model_load(&model, t->model_dir) != 0) {
+    } else if (check_output_dir(t->out_dir, t->model_dir, t->overwrite, " (its run and log too), --resume to continue "
+                                                                      "its run") != 0 ||
+               model_load(&model, t->model_dir) != 0) {
         return exit_code(-1);
     }
     const Config *c = &model.config;
@@ -4956,6 +4967,7 @@ static const char *const train_usage =
     "  --stop-after N     stop after N steps of this run (the schedule still spans --steps);\n"
     "                     continue later with --resume\n"
     "  --resume           continue the run checkpointed in --out (model, AdamW state, data position)\n"
+    "  --overwrite        replace a model or run already in --out (never the --model folder)\n"
     "  --threads N        OpenMP threads (all cores)\n"
     "  --precision P      fp32 | bf16: matmul inputs rounded to bfloat16, sums, weights and\n"
     "                     AdamW state in fp32 (fast where the CPU has AMX) (fp32)\n"
@@ -4983,7 +4995,8 @@ static int cmd_train(int argc, char **argv) {
         NUMBER_FLAG("--eps", &t.opt.eps, 0, 1), SEED_FLAG("--seed", &t.seed),
         INT_FLAG("--eval-every", &t.eval_every, 0, BIG), INT_FLAG("--val-batches", &t.val_batches, 1, BIG),
         INT_FLAG("--save-every", &t.save_every, 0, BIG), INT_FLAG("--stop-after", &t.stop_after, 1, BIG),
-        SWITCH_FLAG("--resume", &t.resume), INT_FLAG("--threads", &t.threads, 1, 4096),
+        SWITCH_FLAG("--resume", &t.resume), SWITCH_FLAG("--overwrite", &t.overwrite),
+        INT_FLAG("--threads", &t.threads, 1, 4096),
         SWITCH_FLAG("--verbose", &t.verbose), CHOICE_FLAG("--precision", &t.precision, precision_names),
     };
     int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
@@ -5027,6 +5040,7 @@ static const char *const convert_usage =
     "  --kv-map LIST    the owning layer of every layer, e.g. 0,0,2,2 (pairs) or\n"
     "                   0,0,0,3,3,3: each at or below its layer, owners read themselves\n"
     "  --seed S         KV-MLP initialisation (0)\n"
+    "  --overwrite      replace the model already in --out\n"
     "  --rotary R       shared (default): layers that share an owner's keys read them\n"
     "                   rotated, one function in training, scoring and cached decoding |\n"
     "                   reference: they read the owner's un-rotated keys, as the reference\n"
@@ -5054,8 +5068,8 @@ static int cmd_convert(int argc, char **argv) {
     static const char *const grow_names[] = {"copy", "zero", "none", NULL};  /* GrowKind order */
     ConvertOptions o = {0};
     static const char *const rotary_names[] = {"shared", "reference", NULL};
-    int pool = POOL_PAIRWISE, grow = GROW_COPY, rotary = 0;
-    Flag flags[] = {CHOICE_FLAG("--rotary", &rotary, rotary_names), INT_FLAG("--kv-layers", &o.kv_layers, 1, MLKV_MAX_LAYERS), INT_FLAG("--kv-heads", &o.kv_heads, 1, 1 << 20),
+    int pool = POOL_PAIRWISE, grow = GROW_COPY, rotary = 0, overwrite = 0;
+    Flag flags[] = {CHOICE_FLAG("--rotary", &rotary, rotary_names), SWITCH_FLAG("--overwrite", &overwrite), INT_FLAG("--kv-layers", &o.kv_layers, 1, MLKV_MAX_LAYERS), INT_FLAG("--kv-heads", &o.kv_heads, 1, 1 << 20),
                     STRING_FLAG("--out", &out), SWITCH_FLAG("--kv-mlp", &o.kv_mlp),
                     CHOICE_FLAG("--pool", &pool, pool_names), CHOICE_FLAG("--grow-mlp", &grow, grow_names),
                     STRING_FLAG("--kv-map", &map_text), SEED_FLAG("--seed", &o.seed)};
@@ -5087,7 +5101,7 @@ static int cmd_convert(int argc, char **argv) {
     }
     snprintf(suffix, sizeof(suffix), "_mlkv_%s%d_%d", o.kv_mlp ? "mlp_" : "", kv_layers, o.kv_heads);
     if (rc == 0 && !out && (rc = make_path(default_out, in_dir, suffix)) == 0) out = default_out;
-    if (rc == 0) rc = check_output_dir(out);
+    if (rc == 0) rc = check_output_dir(out, in_dir, overwrite, NULL);
     if (rc == 0) rc = model_convert(&mha, &converted, &o);
     if (rc == 0) {
         rc = checkpoint_save(&converted, out, NULL, in_dir, 0);
@@ -5115,15 +5129,16 @@ static int cmd_convert(int argc, char **argv) {
 }
 
 static const char *const export_usage =
-    "usage: mlkv export DIR --fused --out DIR2\n"
+    "usage: mlkv export DIR --fused --out DIR2 [--overwrite]\n"
     "Writes an MHA model in the stock GPT-NeoX layout (fused query_key_value, no\n"
-    "MLKV keys in config.json), which plain HF transformers loads.\n";
+    "MLKV keys in config.json), which plain HF transformers loads. --overwrite\n"
+    "replaces a model already in DIR2.\n";
 
 static int cmd_export(int argc, char **argv) {
     const char *in = NULL, *out = NULL;
-    int fused = 0;
-    Flag flags[] = {SWITCH_FLAG("--fused", &fused), STRING_FLAG("--out", &out)};
-    int parsed = parse_flags(argc, argv, flags, 2, export_usage, &in);
+    int fused = 0, overwrite = 0;
+    Flag flags[] = {SWITCH_FLAG("--fused", &fused), STRING_FLAG("--out", &out), SWITCH_FLAG("--overwrite", &overwrite)};
+    int parsed = parse_flags(argc, argv, flags, 3, export_usage, &in);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (!in || !out || !fused) {
@@ -5135,7 +5150,7 @@ static int cmd_export(int argc, char **argv) {
     if (!is_mha(c))
         rc = fail("%s: only MHA models have the stock layout (this one has %d K/V heads in %d of %d layers%s)", in,
                   c->n_kv_head, c->n_kv_layer, c->n_layer, c->use_kv_mlp ? ", KV-MLP" : "");
-    if (rc == 0) rc = check_output_dir(out);
+    if (rc == 0) rc = check_output_dir(out, in, overwrite, NULL);
     if (rc == 0) rc = checkpoint_save(&m, out, NULL, in, 1);
     if (rc == 0) printf("wrote %s in the stock GPT-NeoX layout\n", out);
     model_free(&m);
@@ -5604,25 +5619,40 @@ static int cmd_bench_kv(int argc, char **argv) {
 }
 
 static const char *const init_usage =
-    "usage: mlkv init --config CONFIG.json --out DIR [--seed S]\n"
+    "usage: mlkv init --config CONFIG.json --out DIR [--tokenizer FILE|DIR] [--seed S] [--overwrite]\n"
     "Writes a freshly initialised model (weights normal(0, initializer_range), biases 0,\n"
-    "LayerNorms 1 / 0) as an HF folder, for pretraining small models from scratch.\n";
+    "LayerNorms 1 / 0) as an HF folder, for pretraining small models from scratch.\n"
+    "  --tokenizer T    a tokenizer.json, or a folder whose tokenizer files the model\n"
+    "                   carries (train, convert and sample then find them in DIR)\n"
+    "  --seed S         weight initialisation (1234)\n"
+    "  --overwrite      replace a model already in DIR\n";
 
 static int cmd_init(int argc, char **argv) {
-    const char *config_path = NULL, *out = NULL;
+    const char *config_path = NULL, *out = NULL, *tokenizer = NULL;
     uint64_t seed = 1234;
-    Flag flags[] = {STRING_FLAG("--config", &config_path), STRING_FLAG("--out", &out),
-                    SEED_FLAG("--seed", &seed)};
-    int parsed = parse_flags(argc, argv, flags, 3, init_usage, NULL);
+    int overwrite = 0;
+    Flag flags[] = {STRING_FLAG("--config", &config_path), STRING_FLAG("--out", &out), SEED_FLAG("--seed", &seed),
+                    STRING_FLAG("--tokenizer", &tokenizer), SWITCH_FLAG("--overwrite", &overwrite)};
+    int parsed = parse_flags(argc, argv, flags, 5, init_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (!config_path || !out) return usage_error(init_usage, "init: --config and --out are required");
     Config c;
     Model m;
-    if (config_load(&c, config_path, NULL) != 0 || check_output_dir(out) != 0 || model_init_random(&m, &c, seed) != 0)
+    if (config_load(&c, config_path, NULL) != 0 || check_output_dir(out, NULL, overwrite, NULL) != 0 ||
+        model_init_random(&m, &c, seed) != 0)
         return exit_code(-1);
-    rc = checkpoint_save(&m, out, NULL, NULL, 0);
-    if (rc == 0) { print_model_summary(&m); printf("wrote %s\n", out); }
+    /* a tokenizer travels with the model: a folder's tokenizer files, or one tokenizer.json (checked first) */
+    struct stat st;
+    int tokenizer_dir = tokenizer && stat(tokenizer, &st) == 0 && S_ISDIR(st.st_mode);
+    Tokenizer tok;
+    if (tokenizer && tokenizer_load(&tok, tokenizer) != 0) rc = fail_in("--tokenizer");
+    else if (tokenizer) tokenizer_free(&tok);
+    if (rc == 0) rc = checkpoint_save(&m, out, NULL, tokenizer_dir ? tokenizer : NULL, 0);
+    char path[PATH_LEN];
+    if (rc == 0 && tokenizer && !tokenizer_dir)
+        rc = make_path(path, out, "/tokenizer.json") == 0 ? copy_file(tokenizer, path) : -1;
+    if (rc == 0) { print_model_summary(&m); printf("wrote %s%s\n", out, tokenizer ? " (with its tokenizer)" : ""); }
     model_free(&m);
     return exit_code(rc);
 }

@@ -1472,6 +1472,42 @@ static void greedy_by_forward(Model *m, int *seq, int prompt, int total) {
  * that always prefers id 300 (past the byte tokenizer's 257), then id 256,
  * <|endoftext|>: the final LayerNorm outputs its bias e_0 at every position,
  * so the logits are the head's column 0. */
+/* Finished work is never replaced without --overwrite (train: or --resume),
+ * an input is never its own output, and a model carries its tokenizer. */
+static void test_folder_rules(void) {
+    char cfg[400], tokens[400];
+    snprintf(cfg, sizeof(cfg), "%s/rules_config.json", tmp_dir);
+    write_text(cfg, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 320, \"hidden_size\": 32, \"num_hidden_layers\": 2, "
+                    "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"max_position_embeddings\": 64}");
+    snprintf(tokens, sizeof(tokens), "%s/rules_tokens.bin", tmp_dir);
+    write_tokens(tokens, 3000, 320, 4);
+    CHECK(run("%s init --config %s --out %s/owned --tokenizer dev/fixtures/tokenizer/bytes-tokenizer.json", mlkv_bin, cfg,
+              tmp_dir) == 0 && strstr(output(), "with its tokenizer") && exists("%s/owned/tokenizer.json", tmp_dir),
+          "init --tokenizer FILE: %s", output());
+    CHECK(run("%s sample %s/owned --prompt hi -n 2", mlkv_bin, tmp_dir) == 0, "the folder's tokenizer: %s", output());
+    CHECK(run("%s init --config %s --out %s/owned", mlkv_bin, cfg, tmp_dir) == 1 &&
+          strstr(output(), "already holds a model") && strstr(output(), "--overwrite"), "init over a model: %s", output());
+    CHECK(run("%s init --config %s --out %s/owned --overwrite --tokenizer %s/owned", mlkv_bin, cfg, tmp_dir, tmp_dir) == 0 &&
+          exists("%s/owned/tokenizer.json", tmp_dir), "re-init keeping the folder's tokenizer: %s", output());
+    CHECK(run("%s init --config %s --out %s/owned2 --tokenizer %s/owned", mlkv_bin, cfg, tmp_dir, tmp_dir) == 0 &&
+          exists("%s/owned2/tokenizer.json", tmp_dir), "init --tokenizer DIR: %s", output());
+    CHECK(run("%s init --config %s --out %s/owned3 --tokenizer %s", mlkv_bin, cfg, tmp_dir, cfg) == 1 &&
+          strstr(output(), "--tokenizer: ") && !exists("%s/owned3", tmp_dir), "a bad tokenizer: %s", output());
+    CHECK(run("%s train --model %s/owned --train %s --out %s/run --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
+              tmp_dir, tokens, tmp_dir) == 0 && exists("%s/run/tokenizer.json", tmp_dir), "train carries the tokenizer: %s",
+          output());
+    CHECK(run("%s train --model %s/owned --train %s --out %s/run --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
+              tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "--overwrite") && strstr(output(), "--resume"),
+          "train over a finished run: %s", output());
+    CHECK(run("%s train --model %s/owned --train %s --out %s/run --steps 2 --batch 2 --seq 16 --grad-accum 1 --overwrite",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 0, "train --overwrite: %s", output());
+    CHECK(run("%s train --model %s/run --train %s --out %s/run/ --steps 2 --batch 2 --seq 16 --grad-accum 1 --overwrite",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "is also the input model"),
+          "train into its own input: %s", output());
+    CHECK(run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --out dev/fixtures/mha --overwrite", mlkv_bin) == 1 &&
+          strstr(output(), "is also the input model"), "convert into its own input: %s", output());
+}
+
 static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
 
 static void test_sample_stops(void) {
@@ -1592,6 +1628,7 @@ int main(int argc, char **argv) {
     test_cached_decoding();
     test_sample_and_bench();
     test_sample_stops();
+    test_folder_rules();
     test_owner_placement();
     test_schedule();
     test_json();
