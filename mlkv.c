@@ -4081,7 +4081,8 @@ typedef struct {
     const char *model_dir, *train_path, *val_path, *out_dir;
     int batch, seq, grad_accum, steps, warmup_steps, eval_every, save_every, val_batches, stop_after, threads;
     int resume, overwrite, verbose, precision; /* precision: a Precision */
-    double epochs, warmup_ratio;
+    int log_every;            /* print every N-th step (every step goes to the log file) */
+    double epochs, warmup_ratio, max_time; /* max_time: seconds, 0 = none */
     OptimConfig opt;
     uint64_t seed;
 } TrainArgs;
@@ -4101,6 +4102,7 @@ static void train_defaults(TrainArgs *t) {
     t->eval_every = 100;
     t->save_every = 500;
     t->val_batches = 20;
+    t->log_every = 1;
     t->seed = 42;
     t->opt = (OptimConfig){.lr = 6e-4, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01, .clip = 1.0,
                            .schedule = SCHEDULE_COSINE};
@@ -4229,6 +4231,8 @@ static const char *rotary_mode(const Config *c) {
                                   : "shared keys un-rotated, as the reference code computes (mlkv_shared_key_rotary false)";
 }
 
+#define MIN_PLANNED_STEPS 20 /* fewer optimizer steps from --epochs are refused */
+
 static int run_training(TrainArgs *t) {
     Model model;
     TokenFile train = {0}, val = {0};
@@ -4270,13 +4274,35 @@ static int run_training(TrainArgs *t) {
         fail("%s: %s", t->train_path, why);
         goto done;
     }
-    if (t->steps == 0) {
-        double per_step = (double)t->batch * t->grad_accum;
-        t->steps = (int)fmax(1.0, floor(t->epochs * (double)loader.n_seqs / per_step));
-    }
+    int planned = t->steps == 0; /* steps from the data: --epochs passes over it */
+    double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)loader.n_seqs;
+    if (planned) t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
     t->opt.total_steps = t->steps;
     t->opt.warmup_steps = t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
     if (model_prepare(&model, t->batch, t->seq, 1) != 0) goto done;
+    /* A plan that cannot learn is refused with one that can: too few updates
+     * (the reference's 32 x 4 sequences per step need a large corpus), or a
+     * warmup that never reaches the peak learning rate (the first update
+     * always uses lr 0). */
+    if (!t->resume && planned && t->steps < MIN_PLANNED_STEPS) {
+        int accum = (int)floor(seqs / (MIN_PLANNED_STEPS * (double)t->batch));
+        fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d sequences: too few to learn. Try "
+             "%s%d, or --epochs %.0f, or give --steps", t->train_path, loader.n_seqs, t->seq, t->steps,
+             t->steps == 1 ? "" : "s", t->batch, t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
+             accum >= 1 ? accum : 1, ceil(MIN_PLANNED_STEPS * per_step / (double)loader.n_seqs));
+        goto done;
+    }
+    if (!t->resume && t->opt.warmup_steps >= t->steps) {
+        fail("warmup of %d step%s leaves none of the %d at the full learning rate (the first update uses lr 0): give "
+             "--warmup-steps below %d or more --steps", t->opt.warmup_steps, t->opt.warmup_steps == 1 ? "" : "s",
+             t->steps, t->steps);
+        goto done;
+    }
+    if (planned && !t->resume) {
+        double unused = seqs - (double)t->steps * per_step;
+        if (unused >= 1)
+            printf("train: %.0f of %.0f sequences are not used (less than a whole step of %.0f)\n", unused, seqs, per_step);
+    }
     if (t->resume && optimizer_load(&model, t->out_dir, t, train.n_tokens, &start_step, &epoch, &next) != 0) goto done;
     loader_seek(&loader, epoch, next);
     batch_tokens = alloc_zeroed((size_t)t->grad_accum * t->batch * (t->seq + 1), sizeof(int), "the batch");
@@ -4302,7 +4328,8 @@ static int run_training(TrainArgs *t) {
 
     int last_step = t->stop_after > 0 && start_step + t->stop_after < t->steps ? start_step + t->stop_after : t->steps;
     double t_start = now_seconds();
-    for (int step = start_step; step < last_step; step++) {
+    int timed_out = 0;
+    for (int step = start_step; step < last_step && !timed_out; step++) {
         double t0 = now_seconds(), norm;
         for (int acc = 0; acc < t->grad_accum; acc++)
             loader_next(&loader, batch_tokens + (size_t)acc * t->batch * (t->seq + 1));
@@ -4315,16 +4342,19 @@ static int run_training(TrainArgs *t) {
         double dt = now_seconds() - t0, elapsed = now_seconds() - t_start;
         int done_steps = step + 1;
         float val_loss = NAN;
-        int is_last = done_steps == last_step;
+        timed_out = t->max_time > 0 && elapsed >= t->max_time && done_steps < last_step; /* --max-time: stop here */
+        int is_last = done_steps == last_step || timed_out;
         if (val.tokens && ((t->eval_every > 0 && done_steps % t->eval_every == 0) || is_last))
             val_loss = evaluate(&model, &val, t->val_batches);
         char eta[32];
         format_duration(eta, sizeof(eta), elapsed / (done_steps - start_step) * (last_step - done_steps));
-        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", done_steps, t->steps, loss,
-               lr_at_step(&t->opt, step), norm, tokens_per_step / dt, eta);
-        if (!isnan(val_loss)) printf(" | val %.4f", val_loss);
-        printf("\n");
-        fflush(stdout);
+        if (done_steps % t->log_every == 0 || is_last || !isnan(val_loss) || step == start_step) {
+            printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", done_steps, t->steps, loss,
+                   lr_at_step(&t->opt, step), norm, tokens_per_step / dt, eta);
+            if (!isnan(val_loss)) printf(" | val %.4f", val_loss);
+            printf("\n");
+            fflush(stdout);
+        }
         fprintf(log, "%d,%.9g,%.9g,%.9g,%.1f,", done_steps, loss, lr_at_step(&t->opt, step), norm, tokens_per_step / dt);
         if (!isnan(val_loss)) fprintf(log, "%.9g", val_loss);
         fprintf(log, "\n");
@@ -4338,6 +4368,8 @@ static int run_training(TrainArgs *t) {
         }
     }
     printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
+    if (timed_out)
+        printf("stopped by --max-time: continue with the same command and --resume\n");
     rc = 0;
 done:
     if (log) fclose(log);
@@ -4966,6 +4998,9 @@ static const char *const train_usage =
     "  --save-every N     checkpoint every N steps, 0 = only at the end (500)\n"
     "  --stop-after N     stop after N steps of this run (the schedule still spans --steps);\n"
     "                     continue later with --resume\n"
+    "  --max-time D       stop at the first step boundary after D (90s, 45m, 2h), with a\n"
+    "                     checkpoint; continue later with --resume\n"
+    "  --log-every N      print every N-th step (the log file gets every step) (1)\n"
     "  --resume           continue the run checkpointed in --out (model, AdamW state, data position)\n"
     "  --overwrite        replace a model or run already in --out (never the --model folder)\n"
     "  --threads N        OpenMP threads (all cores)\n"
@@ -4975,12 +5010,21 @@ static const char *const train_usage =
     "The checkpoint in --out is an HF folder (config.json, model.safetensors) with\n"
     "optimizer.safetensors beside it; the per-step log goes to OUT.log.csv.\n";
 
+/* "90", "90s", "45m", "2h", "1.5h": seconds, or -1 */
+static double parse_duration(const char *text) {
+    char *end;
+    double x = strtod(text, &end);
+    double unit = !strcmp(end, "") || !strcmp(end, "s") ? 1 : !strcmp(end, "m") ? 60 : !strcmp(end, "h") ? 3600 : -1;
+    return end == text || unit < 0 || !isfinite(x) || x <= 0 || x > 1e9 ? -1 : x * unit;
+}
+
 static int cmd_train(int argc, char **argv) {
     TrainArgs t;
     train_defaults(&t);
     static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL}; /* ScheduleKind order */
     static const char *const precision_names[] = {"fp32", "bf16", NULL};               /* Precision order */
     int schedule = t.opt.schedule;
+    const char *max_time = NULL;
     const double BIG = 2147483647.0;
     Flag flags[] = {
         STRING_FLAG("--model", &t.model_dir), STRING_FLAG("--train", &t.train_path),
@@ -4996,12 +5040,15 @@ static int cmd_train(int argc, char **argv) {
         INT_FLAG("--eval-every", &t.eval_every, 0, BIG), INT_FLAG("--val-batches", &t.val_batches, 1, BIG),
         INT_FLAG("--save-every", &t.save_every, 0, BIG), INT_FLAG("--stop-after", &t.stop_after, 1, BIG),
         SWITCH_FLAG("--resume", &t.resume), SWITCH_FLAG("--overwrite", &t.overwrite),
-        INT_FLAG("--threads", &t.threads, 1, 4096),
+        INT_FLAG("--threads", &t.threads, 1, 4096), INT_FLAG("--log-every", &t.log_every, 1, BIG),
+        STRING_FLAG("--max-time", &max_time),
         SWITCH_FLAG("--verbose", &t.verbose), CHOICE_FLAG("--precision", &t.precision, precision_names),
     };
     int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;
     t.opt.schedule = (ScheduleKind)schedule;
+    if (max_time && (t.max_time = parse_duration(max_time)) <= 0)
+        return usage_error(train_usage, "--max-time %s: give a duration such as 90s, 45m or 2h", max_time);
     if (!t.train_path || !t.out_dir || (!t.model_dir && !t.resume))
         return usage_error(train_usage, "train: --train, --out and --model (or --resume) are required");
     size_t n = strlen(t.out_dir);

@@ -1508,6 +1508,50 @@ static void test_folder_rules(void) {
           strstr(output(), "is also the input model"), "convert into its own input: %s", output());
 }
 
+/* train refuses a plan that cannot learn and proposes one that can; a time
+ * budget ends a run with a checkpoint that resumes; --log-every thins the
+ * printed steps, not the log file. */
+static void test_train_plan(void) {
+    char tokens[400];
+    snprintf(tokens, sizeof(tokens), "%s/plan_tokens.bin", tmp_dir);
+    write_tokens(tokens, 40 * 16 + 1, 64, 6); /* 40 sequences of 16 predictions */
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan --seq 16", mlkv_bin, tokens, tmp_dir) == 1 &&
+          strstr(output(), "40 sequences of 16 tokens make 0 optimizer steps of 4 x 32 sequences: too few to learn. "
+                           "Try --batch 1 --grad-accum 1, or --epochs 64"), "the default recipe on a small file: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan --seq 16 --batch 1 --grad-accum 2", mlkv_bin, tokens,
+              tmp_dir) == 0 && strstr(output(), "20 steps of 1 x 2 x 16") && !strstr(output(), "not used"),
+          "the proposed plan runs: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan2 --seq 16 --batch 1 --grad-accum 1 --epochs 0.6",
+              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "24 steps"), "a fraction of an epoch: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan3 --seq 16 --batch 3 --grad-accum 2 --epochs 3",
+              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "train: 0 of 120") == NULL &&
+          strstr(output(), "20 steps") && !strstr(output(), "not used"), "whole steps: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan4 --seq 16 --batch 7 --grad-accum 1 --epochs 4",
+              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "train: 6 of 160 sequences are not used"),
+          "unused sequences are reported: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan5 --seq 16 --steps 1", mlkv_bin, tokens,
+              tmp_dir) == 1 && strstr(output(), "warmup of 1 step leaves none of the 1 at the full learning rate"),
+          "warmup without a full-rate step: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/timed --seq 16 --batch 1 --grad-accum 1 --steps 500 "
+              "--max-time 0.001s --log-every 100", mlkv_bin, tokens, tmp_dir) == 0 &&
+          strstr(output(), "step     1/500") && strstr(output(), "stopped by --max-time") &&
+          !strstr(output(), "step     2/500"), "--max-time: %s", output());
+    CHECK(run("%s train --resume --train %s --out %s/timed --seq 16 --batch 1 --grad-accum 1 --steps 500 --log-every 100",
+              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "resuming at step 1 of 500") &&
+          strstr(output(), "step   100/500") && !strstr(output(), "step    99/500") && strstr(output(), "step   500/500"),
+          "resume after --max-time, --log-every: %s", output());
+    char log[400];
+    snprintf(log, sizeof(log), "%s/timed.log.csv", tmp_dir);
+    size_t len;
+    char *text = slurp(log, &len);
+    int lines = 0;
+    for (size_t i = 0; text && i < len; i++) lines += text[i] == '\n';
+    CHECK(lines == 501, "the log keeps every step: %d lines", lines);
+    free(text);
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --max-time soon", mlkv_bin, tokens, tmp_dir) == 2 &&
+          strstr(output(), "give a duration such as 90s"), "bad --max-time: %s", output());
+}
+
 static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
 
 static void test_sample_stops(void) {
@@ -1629,6 +1673,7 @@ int main(int argc, char **argv) {
     test_sample_and_bench();
     test_sample_stops();
     test_folder_rules();
+    test_train_plan();
     test_owner_placement();
     test_schedule();
     test_json();
