@@ -143,6 +143,18 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* "s" after a count that is not 1: "1 head", "2 heads" */
+static const char *plural(long n) { return n == 1 ? "" : "s"; }
+
+/* bytes as B, KiB, MiB or GiB, whichever reads best */
+static const char *format_bytes(char *out, size_t n, double bytes) {
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    for (; bytes >= 1024 && u < 4; u++) bytes /= 1024;
+    snprintf(out, n, u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
+    return out;
+}
+
 /* Reads a whole file, NUL-terminated. */
 static int read_file(const char *path, char **data, size_t *len) {
     FILE *f = fopen(path, "rb");
@@ -4115,6 +4127,27 @@ static void format_duration(char *out, size_t n, double seconds) {
     else snprintf(out, n, "%ds", s);
 }
 
+/* Progress of long work, on stderr: rewritten in place on a terminal at most
+ * once a second; in a file or a pipe one line every 10 seconds, so that a log
+ * keeps them readable. The last report ends the line. */
+typedef struct { const char *label, *unit; double start, last; int tty; } Progress;
+
+static Progress progress_start(const char *label, const char *unit) {
+    double now = now_seconds();
+    return (Progress){label, unit, now, now, isatty(STDERR_FILENO)};
+}
+
+static void progress_show(Progress *p, double done, double total) {
+    double now = now_seconds();
+    int final = done >= total;
+    if (!final && now - p->last < (p->tty ? 1.0 : 10.0)) return;
+    p->last = now;
+    char eta[32];
+    format_duration(eta, sizeof(eta), done > 0 ? (now - p->start) / done * (total - done) : 0);
+    fprintf(stderr, "%s%s: %.0f / %.0f %s | %.1f %s/s | eta %s%s", p->tty ? "\r" : "", p->label, done, total, p->unit,
+            done / fmax(now - p->start, 1e-9), p->unit, eta, p->tty && !final ? "   " : "\n");
+}
+
 /* The loss of predicting every token of a token file from the ones before
  * it, in windows of T predictions (T + 1 tokens, each window starting where
  * the last one's predictions ended; a shorter window at the end), B windows
@@ -4124,7 +4157,8 @@ static double token_file_loss(Model *m, const TokenFile *f, int B, int T, size_t
                               size_t *count) {
     size_t total = f->n_tokens > 0 ? f->n_tokens - 1 : 0, done = 0;
     if (max_predictions > 0 && max_predictions < total) total = max_predictions;
-    double loss = 0, t0 = now_seconds(), last_print = t0;
+    double loss = 0;
+    Progress bar = progress_start("eval", "tokens");
     while (done < total) {
         size_t left = total - done;
         int rows = 0, width = left < (size_t)T ? (int)left : T; /* a short last window runs alone */
@@ -4136,15 +4170,8 @@ static double token_file_loss(Model *m, const TokenFile *f, int B, int T, size_t
             }
         loss += (double)model_forward(m, m->inputs, m->targets, rows, width) * rows * width;
         done += (size_t)rows * width;
-        double now = now_seconds();
-        if (progress && (now - last_print > 1 || done == total)) {
-            char eta[32];
-            format_duration(eta, sizeof(eta), (now - t0) / (double)done * (double)(total - done));
-            fprintf(stderr, "\r%zu / %zu tokens | %.0f tok/s | eta %s   ", done, total, done / fmax(now - t0, 1e-9), eta);
-            last_print = now;
-        }
+        if (progress) progress_show(&bar, (double)done, (double)total);
     }
-    if (progress) fprintf(stderr, "\n");
     *count = done;
     return loss;
 }
@@ -4317,12 +4344,13 @@ static int run_training(TrainArgs *t) {
         printf("precision: bf16 matmul inputs, fp32 sums and weights (%s)\n",
                amx ? "AMX tile kernel" : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
     size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
-    printf("model: %zu parameters, %d layers, %d heads, K/V in %d layers x %d heads (KV cache %ld bytes/token fp32); "
-           "%s\n", model.num_parameters, c->n_layer, c->n_head, c->n_kv_layer, c->n_kv_head, kv_cache_bytes(c, 4),
+    printf("model: %zu parameters, %d layer%s, %d head%s, K/V in %d layer%s x %d head%s (KV cache %ld bytes/token "
+           "fp32); %s\n", model.num_parameters, c->n_layer, plural(c->n_layer), c->n_head, plural(c->n_head),
+           c->n_kv_layer, plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head), kv_cache_bytes(c, 4),
            rotary_mode(c));
-    printf("train: %zu tokens (%zu sequences of %d), %d steps of %d x %d x %d = %zu tokens, warmup %d, %d threads\n",
-           train.n_tokens, loader.n_seqs, t->seq, t->steps, t->batch, t->grad_accum, t->seq, tokens_per_step,
-           t->opt.warmup_steps, threads);
+    printf("train: %zu tokens (%zu sequences of %d), %d step%s of %d x %d x %d = %zu tokens, warmup %d, %d thread%s\n",
+           train.n_tokens, loader.n_seqs, t->seq, t->steps, plural(t->steps), t->batch, t->grad_accum, t->seq,
+           tokens_per_step, t->opt.warmup_steps, threads, plural(threads));
     if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
     if (t->verbose) model_print_memory(&model);
 
@@ -4694,7 +4722,7 @@ static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_l
     int caches = rc == 0 && kv_cache_init(&tc.context, m, 1, max_T, max_T, 0) == 0;
     if (caches && kv_cache_init(&tc.choices, m, B, max_T, chunk, 1) != 0) { kv_cache_free(&tc.context); caches = 0; }
     if (!caches) rc = -1;
-    double t0 = now_seconds(), last_print = t0;
+    Progress bar = progress_start(t->name, "documents");
     size_t done = 0; /* continuations stored in all_ll */
     for (int d = 0; rc == 0 && d < t->n_docs; d++) {
         const TaskDoc *doc = &t->docs[d];
@@ -4716,16 +4744,8 @@ static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_l
         acc[d] = t->loglikelihood ? greedy[0] : best == doc->gold;
         acc_norm[d] = best_norm == doc->gold;
         target_ll[d] = ll[doc->gold];
-        double now = now_seconds();
-        if (now - last_print > 1 || d + 1 == t->n_docs) {
-            char eta[32];
-            format_duration(eta, sizeof(eta), (now - t0) / (d + 1) * (t->n_docs - d - 1));
-            fprintf(stderr, "\r%s: %d / %d documents | %.1f docs/s | eta %s   ", t->name, d + 1, t->n_docs,
-                    (d + 1) / fmax(now - t0, 1e-9), eta);
-            last_print = now;
-        }
+        progress_show(&bar, d + 1, t->n_docs);
     }
-    fprintf(stderr, "\n");
     if (rc == 0) {
         size_t n = (size_t)t->n_docs;
         snprintf(out->task, sizeof(out->task), "%s", t->name);
@@ -4930,6 +4950,25 @@ static int usage_error(const char *usage, const char *fmt, ...) {
     return 2;
 }
 
+/* Edits (insertions, deletions, substitutions) from a to b, for "did you mean" */
+static int edit_distance(const char *a, const char *b) {
+    int n = (int)strlen(b), row[64];
+    if (n >= 64 || strlen(a) >= 64) return 64;
+    for (int j = 0; j <= n; j++) row[j] = j;
+    for (int i = 1; a[i - 1]; i++) {
+        int diagonal = row[0];
+        row[0] = i;
+        for (int j = 1; j <= n; j++) {
+            int up = row[j], best = diagonal + (a[i - 1] != b[j - 1]);
+            best = up + 1 < best ? up + 1 : best;
+            best = row[j - 1] + 1 < best ? row[j - 1] + 1 : best;
+            diagonal = up;
+            row[j] = best;
+        }
+    }
+    return row[n];
+}
+
 /* Parses --flag value pairs into their destinations. Returns FLAGS_OK, or the
  * exit code when the command must stop here: 0 after --help, 2 for a usage
  * error (message printed). positional, when non-NULL, takes the first
@@ -4943,7 +4982,15 @@ static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, co
         const Flag *f = NULL;
         for (int k = 0; k < n_flags && !f; k++)
             if (!strcmp(arg, flags[k].name)) f = &flags[k];
-        if (!f) return usage_error(usage, "unknown argument %s", arg);
+        if (!f) { /* the nearest flag, when a typo is likely */
+            int best = -1, distance = 3;
+            for (int k = 0; k < n_flags; k++) {
+                int d = edit_distance(arg, flags[k].name);
+                if (d < distance) distance = d, best = k;
+            }
+            if (best >= 0) return usage_error(usage, "unknown argument %s: did you mean %s?", arg, flags[best].name);
+            return usage_error(usage, "unknown argument %s", arg);
+        }
         if (f->kind == FLAG_SWITCH) { *(int *)f->dst = 1; continue; }
         if (i + 1 >= argc) { fprintf(stderr, "mlkv: %s needs a value\n", arg); return 2; }
         const char *v = argv[++i];
@@ -4965,7 +5012,8 @@ static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, co
         x = strtod(v, &end);
         if (end == v || *end != '\0' || !isfinite(x)) { fprintf(stderr, "mlkv: %s needs a number, not %s\n", arg, v); return 2; }
         if (x < f->min || x > f->max) {
-            fprintf(stderr, "mlkv: %s %s is out of range [%g, %g]\n", arg, v, f->min, f->max);
+            if (f->kind == FLAG_DOUBLE) fprintf(stderr, "mlkv: %s %s is out of range [%g, %g]\n", arg, v, f->min, f->max);
+            else fprintf(stderr, "mlkv: %s %s is out of range [%.0f, %.0f]\n", arg, v, f->min, f->max);
             return 2;
         }
         if (f->kind != FLAG_DOUBLE && x != floor(x)) { fprintf(stderr, "mlkv: %s needs an integer, not %s\n", arg, v); return 2; }
@@ -5060,7 +5108,8 @@ static void print_model_summary(const Model *m) {
     const Config *c = &m->config;
     printf("%zu parameters: %d layers, hidden %d, %d heads of %d, intermediate %d, vocab %d\n", m->num_parameters,
            c->n_layer, c->hidden_size, c->n_head, c->head_size, c->intermediate_size, c->vocab_size);
-    printf("K/V: %d heads in each of %d owning layers (", c->n_kv_head, c->n_kv_layer);
+    printf("K/V: %d head%s in each of %d owning layer%s (", c->n_kv_head, plural(c->n_kv_head), c->n_kv_layer,
+           plural(c->n_kv_layer));
     for (int l = 0; l < c->n_layer; l++)
         if (c->kv_layer_of[l] == l) printf("%s%d", l ? " " : "", l);
     printf("); KV cache %ld bytes/token fp16, %ld fp32; %s\n", kv_cache_bytes(c, 2), kv_cache_bytes(c, 4),
@@ -5158,14 +5207,15 @@ static int cmd_convert(int argc, char **argv) {
             printf("  K/V owners:");
             for (int l = 0; l < n->n_layer; l++)
                 if (n->kv_layer_of[l] == l) printf(" %d", l);
-            printf(" (%d layers x %d heads; was %d x %d); layer reads:", n->n_kv_layer, n->n_kv_head, c->n_layer, c->n_head);
+            printf(" (%d layer%s x %d head%s; was %d x %d); layer reads:", n->n_kv_layer, plural(n->n_kv_layer),
+                   n->n_kv_head, plural(n->n_kv_head), c->n_layer, c->n_head);
             for (int l = 0; l < n->n_layer; l++) printf(" %d", n->kv_layer_of[l]);
             printf("\n  pooling across layers: %s\n", pool_names[o.pool]);
             if (n->use_kv_mlp) printf("  KV-MLP hidden width %d; MLPs unchanged\n", n->kv_intermediate_size);
             else printf("  MLP intermediate %d -> %d (%s)\n", c->intermediate_size, n->intermediate_size,
                         o.grow == GROW_NONE ? "no growth" : o.grow == GROW_ZERO ? "new neurons output 0" : "new neurons copy the first ones");
             printf("  parameters %zu -> %zu\n", mha.num_parameters, converted.num_parameters);
-            printf("  KV cache bytes/token: fp16 %ld -> %ld, fp32 %ld -> %ld (%.1fx less)\n", kv_cache_bytes(c, 2),
+            printf("  KV cache bytes/token: fp16 %ld -> %ld, fp32 %ld -> %ld (%.1fx smaller)\n", kv_cache_bytes(c, 2),
                    kv_cache_bytes(n, 2), kv_cache_bytes(c, 4), kv_cache_bytes(n, 4),
                    (double)kv_cache_bytes(c, 2) / (double)kv_cache_bytes(n, 2));
         }
@@ -5413,10 +5463,11 @@ static int cmd_sample(int argc, char **argv) {
         utf8_stream_flush(&stream, stdout);
         printf("\n");
     }
+    char cache_text[32];
     if (rc == 0)
-        fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %.2f MiB; %s]\n",
+        fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %s; %s]\n",
                 batch, P, batch * P / fmax(t1 - t0, 1e-9), batch, steps, batch * steps / fmax(t2 - t1, 1e-9),
-                cache.cache_bytes / 1048576.0, rotary_mode(c));
+                format_bytes(cache_text, sizeof(cache_text), (double)cache.cache_bytes), rotary_mode(c));
     for (int b = 0; generated && b < batch; b++) free(generated[b]);
     free(generated); free(rng); free(step); free(scratch); free(prompt_tokens); free(length); free(text); free(text_len);
     kv_cache_free(&cache);
@@ -5845,8 +5896,8 @@ static int cmd_eval(int argc, char **argv) {
     if (model_load(&m, dir) != 0) return exit_code(-1);
     const Config *c = &m.config;
     int rc = 0;
-    printf("model %s: %zu parameters, K/V in %d layers x %d heads; %s\n", dir, m.num_parameters, c->n_kv_layer,
-           c->n_kv_head, rotary_mode(c));
+    printf("model %s: %zu parameters, K/V in %d layer%s x %d head%s; %s\n", dir, m.num_parameters, c->n_kv_layer,
+           plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head), rotary_mode(c));
     if (data) {
         TokenFile f;
         int T = seq ? seq : c->max_position_embeddings < 2048 ? c->max_position_embeddings : 2048;
@@ -5906,6 +5957,7 @@ static const char *const main_usage =
     "  demo    built-in demo: corpus, tiny model, training, validation loss\n";
 
 int mlkv_main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0); /* whole lines as they come, also into a file or pipe */
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         printf("%s", main_usage);
         return argc < 2 ? 2 : 0;

@@ -1552,6 +1552,29 @@ static void test_train_plan(void) {
           strstr(output(), "give a duration such as 90s"), "bad --max-time: %s", output());
 }
 
+/* Messages a user reads: a likely typo gets the flag meant, integer bounds
+ * print as integers, counts agree with their nouns, sizes have a unit that fits. */
+static void test_messages(void) {
+    CHECK(run("%s train --lrr 3", mlkv_bin) == 2 && strstr(output(), "unknown argument --lrr: did you mean --lr?"),
+          "did you mean: %s", output());
+    CHECK(run("%s sample x --temprature 0", mlkv_bin) == 2 && strstr(output(), "did you mean --temperature?"),
+          "did you mean: %s", output());
+    CHECK(run("%s train --frobnicate", mlkv_bin) == 2 && strstr(output(), "unknown argument --frobnicate\n"),
+          "no suggestion for a far-off flag: %s", output());
+    CHECK(run("%s train --steps 0", mlkv_bin) == 2 && strstr(output(), "--steps 0 is out of range [1, 2147483647]"),
+          "integer bounds: %s", output());
+    CHECK(run("%s convert dev/fixtures/mha --kv-layers 1 --kv-heads 1 --out %s/one_head", mlkv_bin, tmp_dir) == 0 &&
+          strstr(output(), "(1 layer x 1 head; was 4 x 4)") && strstr(output(), "x smaller)"), "plurals: %s", output());
+    CHECK(run("%s sample %s/one_head --prompt-ids 1 -n 2", mlkv_bin, tmp_dir) == 0 && strstr(output(), "KV cache 192 B;"),
+          "a small cache in bytes: %s", output());
+    /* progress into a file: whole lines, no carriage returns */
+    char tokens[400];
+    snprintf(tokens, sizeof(tokens), "%s/progress_tokens.bin", tmp_dir);
+    write_tokens(tokens, 33, 320, 2);
+    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16", mlkv_bin, tokens) == 0 &&
+          strstr(output(), "eval: 32 / 32 tokens | ") && !strchr(output(), '\r'), "progress in a file: %s", output());
+}
+
 static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
 
 static void test_sample_stops(void) {
@@ -1674,6 +1697,7 @@ int main(int argc, char **argv) {
     test_sample_stops();
     test_folder_rules();
     test_train_plan();
+    test_messages();
     test_owner_placement();
     test_schedule();
     test_json();
