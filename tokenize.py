@@ -242,13 +242,16 @@ def input_files(inputs):
     return files
 
 
-def documents(files, separator):
+def documents(files, separator, unsplit):
     """(text, bytes) of every document: a .txt file whole (or split on the
-    separator), each line of a .jsonl file (its "text" field)."""
+    separator), each line of a .jsonl file (its "text" field). .txt files in
+    which the separator does not occur are added to the list unsplit."""
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as f:
             if path.endswith(".txt"):
                 text = f.read()
+                if separator and separator not in text:
+                    unsplit.append(path)
                 for doc in (text.split(separator) if separator else [text]):
                     if doc.strip():
                         yield doc, len(doc.encode("utf-8")) + (len(separator.encode()) if separator else 0)
@@ -302,6 +305,11 @@ class TokenWriter:
         os.replace(self.path + ".tmp", self.path)
 
 
+def unescape(text):
+    """\\n, \\t, \\r and \\\\ as a shell user types them in --separator '\\n\\n'"""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
 def shards(args):
     tok = Tokenizer(args.tokenizer)
     if tok.vocab_size > 65536:
@@ -316,24 +324,33 @@ def shards(args):
                "val": TokenWriter(os.path.join(args.out, "val.bin"))}
     docs = {"train": 0, "val": 0}
     threshold = int(args.val_fraction * 2 ** 32)
-    done, t0, shown = 0, time.time(), 0.0
+    done, t0, shown, unsplit = 0, time.time(), 0.0, []
+    separator = unescape(args.separator) if args.separator else None
     with multiprocessing.Pool(args.workers, _start_worker, (tok, args.max_doc_tokens, eot)) as pool:
-        for ids, size, crc in pool.imap(_encode_document, documents(files, args.separator), chunksize=64):
+        for ids, size, crc in pool.imap(_encode_document, documents(files, separator, unsplit), chunksize=64):
             # the split depends on the text alone: the same document always lands on the same side
             part = "val" if crc < threshold else "train"
             writers[part].write(ids)
             docs[part] += 1
-            done += size
+            done = min(total, done + size)  # (a separator is counted once too often per file)
             now = time.time()
             if now - shown > 0.5 or done >= total:
                 shown = now
-                frac = min(1.0, done / max(total, 1))
+                frac = done / max(total, 1)
                 rate = done / max(now - t0, 1e-9) / 1e6
-                eta = (total - done) / 1e6 / rate if rate > 0 else 0
+                # the rate of the first fraction of a second says little: no estimate before 1 s
+                eta = f"{(total - done) / 1e6 / rate:4.0f}s" if now - t0 >= 1 and rate > 0 else "   -"
                 bar = "#" * int(frac * 30)
-                print(f"\r[{bar:<30}] {100 * frac:5.1f}% {done / 1e6:8.1f} MB {rate:6.2f} MB/s eta {eta:4.0f}s",
+                print(f"\r[{bar:<30}] {100 * frac:5.1f}% {done / 1e6:8.1f} MB {rate:6.2f} MB/s eta {eta}",
                       end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    for path in unsplit:
+        print(f"tokenize.py: warning: {path}: the separator {separator!r} does not occur: the file is one document",
+              file=sys.stderr)
+    if args.val_fraction > 0 and docs["val"] == 0:
+        print(f"tokenize.py: warning: val.bin is empty: none of the {docs['train']} documents fell in the validation "
+              f"share (--val-fraction {args.val_fraction}); give more documents (a --separator?) or a larger share",
+              file=sys.stderr)
     for w in writers.values():
         w.close()
     elapsed = time.time() - t0
@@ -482,7 +499,8 @@ def main(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents for val.bin (0.005)")
     p.add_argument("--max-doc-tokens", type=int, default=0, help="truncate each document to N tokens (0: no limit; "
                                                                   "the reference uses 2048)")
-    p.add_argument("--separator", default=None, help="split .txt files into documents on this string")
+    p.add_argument("--separator", default=None, help="split .txt files into documents on this string; \\n, \\t, "
+                                                     "\\r and \\\\ are the characters they stand for")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
     p.add_argument("inputs", nargs="+", help=".txt / .jsonl files or folders")
     p = sub.add_parser("tasks", help="an evaluation task file for mlkv eval, from a dataset's published file",

@@ -137,6 +137,17 @@ def test_shards(tk):
             json.dump(big, f)
         r = tool("shards", "--tokenizer", os.path.join(d, "big.json"), "--out", out, os.path.join(d, "in", "a.txt"))
         check(r.returncode == 1 and b"70001 tokens do not fit the uint16" in r.stderr, f"big vocabulary: {r.stderr}")
+        # --separator as typed in a shell: '\n\n' means two newlines; a file without it warns, as does an empty val.bin
+        write("paras.txt", "first paragraph\n\nsecond paragraph\n\nthird")
+        write("flat.txt", "no blank lines here")
+        r = tool("shards", "--tokenizer", PYTHIA, "--out", out, "--separator", "\\n\\n", "--val-fraction", "0.001",
+                 "--workers", "1", os.path.join(d, "in", "paras.txt"), os.path.join(d, "in", "flat.txt"))
+        check(r.returncode == 0 and b"train.bin" in r.stdout and b"from 4 documents" in r.stdout,
+              f"separator escapes: {r.stdout} {r.stderr}")
+        check(b"flat.txt: the separator '\\n\\n' does not occur: the file is one document" in r.stderr and
+              b"val.bin is empty" in r.stderr, f"warnings: {r.stderr}")
+        check(b"eta -" not in r.stderr.replace(b"eta    -", b"") and b"eta -0s" not in r.stderr,
+              f"no negative or early estimate: {r.stderr}")
         r = tool("bytes", "--out", os.path.join(d, "bytes.json"))
         check(r.returncode == 0 and json.load(open(os.path.join(d, "bytes.json"), encoding="utf-8")) ==
               json.load(open(os.path.join(FIXTURES, "bytes-tokenizer.json"), encoding="utf-8")),
