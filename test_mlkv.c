@@ -1567,6 +1567,16 @@ static void test_messages(void) {
           strstr(output(), "(1 layer x 1 head; was 4 x 4)") && strstr(output(), "x smaller)"), "plurals: %s", output());
     CHECK(run("%s sample %s/one_head --prompt-ids 1 -n 2", mlkv_bin, tmp_dir) == 0 && strstr(output(), "KV cache 192 B;"),
           "a small cache in bytes: %s", output());
+#ifdef _OPENMP
+    /* decoding waits passively (spinning threads collapse beside a busy process); training keeps spinning */
+    /* (the runtimes' own report: libgomp's spin count, LLVM libomp's block time, 0 when passive) */
+    CHECK(run("OMP_DISPLAY_ENV=verbose %s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) == 0 &&
+          (strstr(output(), "GOMP_SPINCOUNT = '0'") || strstr(output(), "KMP_BLOCKTIME='0'")),
+          "sample waits passively: %s", output());
+    CHECK(run("OMP_DISPLAY_ENV=verbose OMP_WAIT_POLICY=active %s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) == 0 &&
+          !strstr(output(), "GOMP_SPINCOUNT = '0'") && !strstr(output(), "KMP_BLOCKTIME='0'"),
+          "a user's policy wins: %s", output());
+#endif
     /* progress into a file: whole lines, no carriage returns */
     char tokens[400];
     snprintf(tokens, sizeof(tokens), "%s/progress_tokens.bin", tmp_dir);
