@@ -5484,6 +5484,33 @@ static const struct { const char *name; int kv_layers, kv_heads; } reference_gri
     {"MLKV-6", 6, 1},    {"MLKV-4", 4, 1},  {"MLKV-2", 2, 1},   {"MLKV-1", 1, 1}};
 #define GRID_SIZE ((int)(sizeof(reference_grid) / sizeof(reference_grid[0])))
 
+/* A configuration's name as the reference names them: its kind and the K/V
+ * heads its cache holds (kvL * kvH): MHA-144, GQA-48, MQA-12, MLKV-2 ... */
+static void config_name(char *out, size_t n, int L, int H, int kvL, int kvH) {
+    const char *kind = kvL < L ? "MLKV" : kvH == H ? "MHA" : kvH == 1 ? "MQA" : "GQA";
+    snprintf(out, n, "%s-%d", kind, kvL * kvH);
+}
+
+/* The reference's grid adapted to L layers of H heads: kvL capped at L, kvH
+ * the largest divisor of H not above the grid's, each configuration once and
+ * named for what it is. Returns the count. */
+typedef struct { char name[32]; int kv_layers, kv_heads; } GridEntry;
+static int adapted_grid(int L, int H, GridEntry *out) {
+    int n = 0;
+    for (int g = 0; g < GRID_SIZE; g++) {
+        int kvL = reference_grid[g].kv_layers < L ? reference_grid[g].kv_layers : L, kvH = reference_grid[g].kv_heads;
+        while (H % kvH != 0 || kvH > H) kvH--;
+        int seen = 0;
+        for (int i = 0; i < n; i++) seen |= out[i].kv_layers == kvL && out[i].kv_heads == kvH;
+        if (seen) continue;
+        out[n].kv_layers = kvL;
+        out[n].kv_heads = kvH;
+        config_name(out[n].name, sizeof(out[n].name), L, H, kvL, kvH);
+        n++;
+    }
+    return n;
+}
+
 /* Resident memory now, in bytes (Linux /proc; elsewhere the peak from getrusage). */
 static double resident_bytes(void) {
     FILE *f = fopen("/proc/self/status", "r");
@@ -5521,18 +5548,19 @@ static void print_theory(void) {
         {"1b", 2048, 16, 8}};
     printf("KV cache in bytes, 2 * kvL * kvH * head_size * bytes per element. The grid is the\n"
            "reference's (Pythia-160M); for other sizes kvL is capped at L and kvH is the largest\n"
-           "divisor of H not above the grid's.\n");
+           "divisor of H not above the grid's, each configuration once, named for what it is.\n");
     printf("| Pythia | config | kvL x kvH | per token fp16 | per token fp32 | 2048 tokens fp16 | 2048 tokens fp32 |\n");
     printf("|---|---|---|---|---|---|---|\n");
-    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++)
-        for (int g = 0; g < GRID_SIZE; g++) {
-            int L = sizes[s].layers, H = sizes[s].heads, hs = sizes[s].hidden / H;
-            int kvL = reference_grid[g].kv_layers < L ? reference_grid[g].kv_layers : L, kvH = reference_grid[g].kv_heads;
-            while (H % kvH != 0 || kvH > H) kvH--;
-            long token = 2L * kvL * kvH * hs;
-            printf("| %s | %s | %d x %d | %ld | %ld | %.2f MiB | %.2f MiB |\n", sizes[s].name, reference_grid[g].name,
-                   kvL, kvH, token * 2, token * 4, token * 2 * 2048 / 1048576.0, token * 4 * 2048 / 1048576.0);
+    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+        GridEntry grid[GRID_SIZE];
+        int n = adapted_grid(sizes[s].layers, sizes[s].heads, grid), hs = sizes[s].hidden / sizes[s].heads;
+        for (int g = 0; g < n; g++) {
+            long token = 2L * grid[g].kv_layers * grid[g].kv_heads * hs;
+            printf("| %s | %s | %d x %d | %ld | %ld | %.2f MiB | %.2f MiB |\n", sizes[s].name, grid[g].name,
+                   grid[g].kv_layers, grid[g].kv_heads, token * 2, token * 4, token * 2 * 2048 / 1048576.0,
+                   token * 4 * 2048 / 1048576.0);
         }
+    }
 }
 
 typedef struct {
@@ -5543,6 +5571,7 @@ typedef struct {
     FILE *csv;
     int reference_csv;  /* the reference's measurements.csv columns */
     double background;  /* resident bytes before any model was loaded */
+    double time_limit;  /* seconds per configuration: no larger batch is started after it */
 } BenchOptions;
 
 /* The reference's decode-memory script's batch sizes (its measurements.csv) */
@@ -5552,9 +5581,13 @@ static const int reference_batches[] = {8, 16, 24, 32, 40, 48, 64, 80, 100, 140,
 static int bench_model(Model *m, const char *name, const BenchOptions *o) {
     const Config *c = &m->config;
     int T = o->prefill + o->decode, chunk = o->prefill < 256 ? o->prefill : 256;
-    double params = (double)m->num_parameters * 4, loaded = resident_bytes();
+    double params = (double)m->num_parameters * 4, loaded = resident_bytes(), started = now_seconds();
     for (int i = 0; i < o->n_batches; i++) {
         int B = o->batches[i];
+        if (i > 0 && now_seconds() - started > o->time_limit) {
+            printf("| %s | %d | stop: --time-limit %.0f s reached |\n", name, B, o->time_limit);
+            break;
+        }
         double need = params + kv_cache_plan_bytes(c, B, T, chunk);
         if (need > o->mem_limit) {
             printf("| %s | %d | stop: would need %.1f MiB, over --mem-limit %.1f MiB |\n", name, B, need / 1048576.0,
@@ -5583,7 +5616,8 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         double formula = (double)kv_cache_bytes(c, 4) * B * T;
         double prefill_rate = B * o->prefill / fmax(t1 - t0, 1e-9), decode_rate = B * o->decode / fmax(t2 - t1, 1e-9);
         printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B, cache.cache_bytes / 1048576.0,
-               formula / 1048576.0, rss / 1048576.0, prefill_rate, decode_rate);
+               formula / 1048576.0, (params + (double)cache.cache_bytes + (double)cache.scratch_bytes) / 1048576.0,
+               prefill_rate, decode_rate);
         fflush(stdout);
         if (o->reference_csv) /* MB as the reference reports them: MiB; its speed counts decode - 1 tokens */
             fprintf(o->csv, "%s,%d,%d,%.0f,%.0f,%.4f,%.4f,%.6f,%.6f,False\n", name, B, o->decode,
@@ -5605,22 +5639,26 @@ static const char *const bench_usage =
     "The reference's decode-memory measurement: for each configuration and growing\n"
     "batch sizes, prefill P random tokens (in passes of 256, so that activations do\n"
     "not dominate the memory measured), decode N more greedily, and report the KV\n"
-    "cache (bytes allocated, and 2 * kvL * kvH * head_size * 4 * B * (P + N)), resident\n"
-    "memory after decoding, prefill and decode tokens/s. A batch that would pass\n"
-    "--mem-limit is not started. Table on stdout, one CSV row per run.\n"
+    "cache (bytes allocated, and 2 * kvL * kvH * head_size * 4 * B * (P + N)), the\n"
+    "memory of the configuration (weights + cache + scratch), prefill and decode\n"
+    "tokens/s. A batch that would pass --mem-limit is not started. Table on stdout,\n"
+    "one CSV row per run.\n"
     "  DIR              a model; with --grid every configuration is converted from it\n"
     "                   on the fly (it must be MHA)\n"
     "  --config FILE    a config.json: random weights (the grid's sizes as the converter's)\n"
-    "  --grid           the reference's grid MHA-144 .. MLKV-1 (configurations the model\n"
-    "                   cannot take are skipped); else the model's own configuration\n"
-    "  --only NAMES     grid entries to run, e.g. MHA-144,MLKV-2\n"
-    "  --prefill P      prompt tokens (2000)\n"
-    "  --decode N       generated tokens (48)\n"
+    "  --grid           the reference's grid MHA-144 .. MLKV-1, adapted to the model's\n"
+    "                   layers and heads as --theory shows (each named for what it is:\n"
+    "                   MHA, GQA, MQA or MLKV and its total K/V heads); else the model's\n"
+    "                   own configuration\n"
+    "  --only NAMES     these configurations only, by exact name, e.g. MHA-144,MLKV-2\n"
+    "  --prefill P      prompt tokens (2000, or what the window leaves after --decode)\n"
+    "  --decode N       generated tokens (48, or a quarter of a small model's window)\n"
     "  --max-batch B    largest batch size tried, doubling from 1 (1024)\n"
     "  --batches LIST   these batch sizes instead, e.g. the reference's\n"
     "                   8,16,24,32,40,48,64,80,100,140,220,300,380,460,620,720,940,1100\n"
     "  --mem-limit MiB  memory budget (80% of physical memory)\n"
-    "  --csv FILE       CSV output (bench-kv.csv)\n"
+    "  --time-limit S   no larger batch after S seconds on one configuration (60)\n"
+    "  --csv FILE       CSV output, a row per run as it ends (DIR.bench-kv.csv)\n"
     "  --csv-format F   mlkv (default): the columns of the table | reference: the\n"
     "                   reference's measurements.csv, appended to FILE, and its batch\n"
     "                   list unless --batches is given. Its columns here, on a CPU:\n"
@@ -5637,15 +5675,16 @@ static const char *const bench_usage =
     "  --threads N      OpenMP threads (all cores)\n";
 
 static int cmd_bench_kv(int argc, char **argv) {
-    const char *dir = NULL, *config_path = NULL, *only = NULL, *csv_path = "bench-kv.csv";
-    int grid = 0, theory = 0;
+    const char *dir = NULL, *config_path = NULL, *only = NULL, *csv_path = NULL;
+    int grid = 0, theory = 0, prefill = 0, decode = 0;
     double mem_mib = 0.8 * physical_memory_bytes() / 1048576.0;
     static const char *const csv_formats[] = {"mlkv", "reference", NULL};
     const char *batch_list = NULL;
     int batch_max = 1024, batches[64], n_batches = 0;
-    BenchOptions o = {.prefill = 2000, .decode = 48, .background = resident_bytes()};
+    BenchOptions o = {.background = resident_bytes(), .time_limit = 60};
     Flag flags[] = {STRING_FLAG("--config", &config_path), SWITCH_FLAG("--grid", &grid), STRING_FLAG("--only", &only),
-                    INT_FLAG("--prefill", &o.prefill, 1, 1 << 20), INT_FLAG("--decode", &o.decode, 1, 1 << 20),
+                    INT_FLAG("--prefill", &prefill, 1, 1 << 20), INT_FLAG("--decode", &decode, 1, 1 << 20),
+                    NUMBER_FLAG("--time-limit", &o.time_limit, 0, 1e9),
                     INT_FLAG("--max-batch", &batch_max, 1, 1 << 20), NUMBER_FLAG("--mem-limit", &mem_mib, 1e-3, 1e9),
                     STRING_FLAG("--csv", &csv_path), SWITCH_FLAG("--theory", &theory),
                     INT_FLAG("--threads", &o.threads, 1, 4096), STRING_FLAG("--batches", &batch_list),
@@ -5675,6 +5714,45 @@ static int cmd_bench_kv(int argc, char **argv) {
     Config c;
     if (dir ? model_load(&base, dir) : config_load(&c, config_path, NULL)) return exit_code(-1);
     if (dir) c = base.config;
+    /* the configurations: the grid adapted to this shape (--only picks by name), or the model as it is */
+    GridEntry entries[GRID_SIZE];
+    int n_entries = grid ? adapted_grid(c.n_layer, c.n_head, entries) : 1, run_entry[GRID_SIZE] = {0};
+    if (!grid) {
+        entries[0] = (GridEntry){"", c.n_kv_layer, c.n_kv_head};
+        config_name(entries[0].name, sizeof(entries[0].name), c.n_layer, c.n_head, c.n_kv_layer, c.n_kv_head);
+    }
+    for (int g = 0; g < n_entries; g++) run_entry[g] = !only;
+    for (const char *p = only; rc == 0 && p && *p;) { /* exact names, separated by commas */
+        size_t len = strcspn(p, ",");
+        int found = 0;
+        for (int g = 0; g < n_entries; g++)
+            if (strlen(entries[g].name) == len && !strncmp(entries[g].name, p, len)) run_entry[g] = found = 1;
+        if (!found) {
+            StrBuf names = {0};
+            for (int g = 0; g < n_entries; g++) sb_printf(&names, "%s%s", g ? ", " : "", entries[g].name);
+            rc = fail("--only: no configuration %.*s here (%s)", (int)len, p, names.s);
+            free(names.s);
+        }
+        p += len + (p[len] == ',');
+    }
+    /* small models: the prompt fits the window; the CSV lies beside the model (or config) */
+    int window = c.max_position_embeddings;
+    o.decode = decode ? decode : 48 < window / 2 ? 48 : window / 4 > 0 ? window / 4 : 1;
+    o.prefill = prefill ? prefill : window - o.decode < 2000 ? window - o.decode : 2000;
+    if (rc == 0 && (o.prefill < 1 || o.prefill + o.decode > c.max_position_embeddings))
+        rc = fail("--prefill %d + --decode %d exceed the model's window of %d tokens", o.prefill, o.decode,
+                  c.max_position_embeddings);
+    char default_csv[PATH_LEN];
+    if (rc == 0 && !csv_path) {
+        char base_path[PATH_LEN];
+        snprintf(base_path, sizeof(base_path), "%s", dir ? dir : config_path);
+        for (size_t n = strlen(base_path); n > 1 && base_path[n - 1] == '/';) base_path[--n] = '\0';
+        if ((rc = make_path(default_csv, base_path, ".bench-kv.csv")) == 0) csv_path = default_csv;
+    }
+    if (rc != 0) {
+        if (dir) model_free(&base);
+        return exit_code(rc);
+    }
     if (!(o.csv = fopen(csv_path, o.reference_csv ? "a" : "w"))) {
         if (dir) model_free(&base);
         return exit_code(fail("%s: cannot create: %s", csv_path, strerror(errno)));
@@ -5686,16 +5764,12 @@ static int cmd_bench_kv(int argc, char **argv) {
         fprintf(o.csv, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_usage,"
                        "memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom\n");
     printf("prefill %d, decode %d, %d threads, memory limit %.0f MiB\n", o.prefill, o.decode, o.threads, mem_mib);
-    printf("| config | batch | KV cache MiB | formula MiB | resident MiB | prefill tok/s | decode tok/s |\n");
+    printf("| config | batch | KV cache MiB | formula MiB | weights + cache + scratch MiB | prefill tok/s | decode tok/s |\n");
     printf("|---|---|---|---|---|---|---|\n");
-    for (int g = 0; rc == 0 && g < (grid ? GRID_SIZE : 1); g++) {
-        const char *name = grid ? reference_grid[g].name : o.reference_csv && dir ? dir : "model";
-        if (only && !strstr(only, name)) continue;
-        int kvL = grid ? reference_grid[g].kv_layers : c.n_kv_layer, kvH = grid ? reference_grid[g].kv_heads : c.n_kv_head;
-        if (kvL > c.n_layer || kvH > c.n_head || c.n_head % kvH != 0) {
-            printf("| %s | - | skipped: %d layers x %d heads does not fit this model |\n", name, kvL, kvH);
-            continue;
-        }
+    for (int g = 0; rc == 0 && g < n_entries; g++) {
+        if (!run_entry[g]) continue;
+        const char *name = !grid && o.reference_csv && dir ? dir : entries[g].name;
+        int kvL = entries[g].kv_layers, kvH = entries[g].kv_heads;
         Model m = {0}, *target = &m;
         ConvertOptions co = {.kv_heads = kvH, .kv_layers = kvL};
         if (dir && grid) rc = model_convert(&base, &m, &co);

@@ -1657,7 +1657,7 @@ static void test_sample_and_bench(void) {
     for (char *line = csv ? strtok(csv, "\n") : NULL; line; line = strtok(NULL, "\n")) {
         long long bytes, formula;
         int batch;
-        if (sscanf(line, "model,3,2,%d,6,3,%lld,%lld,", &batch, &bytes, &formula) == 3) {
+        if (sscanf(line, "MLKV-6,3,2,%d,6,3,%lld,%lld,", &batch, &bytes, &formula) == 3) {
             rows++;
             same &= bytes == formula && bytes == 2LL * 3 * 2 * 8 * 4 * batch * 9;
         }
@@ -1675,7 +1675,23 @@ static void test_sample_and_bench(void) {
     CHECK(run("%s bench-kv --config %s --grid --prefill 4 --decode 2 --max-batch 1 --csv %s", mlkv_bin, path, csv_path) == 0 &&
           strstr(output(), "| MLKV-1 | 1 |") && strstr(output(), "| MHA-144 | 1 | 0.03 |"), "grid: %s", output());
     CHECK(run("%s bench-kv --theory", mlkv_bin) == 0 && strstr(output(), "| 160m | MLKV-2 | 2 x 1 | 512 | 1024 |") &&
-          strstr(output(), "| 160m | MHA-144 | 12 x 12 | 36864 |"), "theory: %s", output());
+          strstr(output(), "| 160m | MHA-144 | 12 x 12 | 36864 |") && strstr(output(), "| 14m | MQA-6 | 6 x 1 |"),
+          "theory: %s", output());
+    /* another shape: the grid adapted and honestly named, exact --only, defaults that fit, the CSV beside the model */
+    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 16, \"hidden_size\": 32, \"num_hidden_layers\": 6, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 32, \"max_position_embeddings\": 32}");
+    CHECK(run("%s bench-kv --config %s --grid --max-batch 2", mlkv_bin, path) == 0 &&
+          strstr(output(), "prefill 24, decode 8,") && strstr(output(), "| MHA-24 | 1 |") &&
+          strstr(output(), "| MLKV-16 | 2 |") && strstr(output(), "| MQA-6 | 1 |") && strstr(output(), "| MLKV-1 | 2 |") &&
+          !strstr(output(), "skipped") && exists("%s.bench-kv.csv", path), "an adapted grid: %s", output());
+    CHECK(run("%s bench-kv --config %s --grid --only MLKV-1,MQA-6 --max-batch 1", mlkv_bin, path) == 0 &&
+          strstr(output(), "| MLKV-1 | 1 |") && strstr(output(), "| MQA-6 | 1 |") && !strstr(output(), "| MLKV-16 |"),
+          "--only by exact names: %s", output());
+    CHECK(run("%s bench-kv --config %s --grid --only MLKV-12", mlkv_bin, path) == 1 &&
+          strstr(output(), "--only: no configuration MLKV-12 here (MHA-24, MLKV-16, MQA-6, MLKV-8, MLKV-4, MLKV-2, MLKV-1)"),
+          "an unknown --only: %s", output());
+    CHECK(run("%s bench-kv --config %s --grid --only MLKV-1 --max-batch 64 --time-limit 0", mlkv_bin, path) == 0 &&
+          strstr(output(), "| MLKV-1 | 2 | stop: --time-limit 0 s reached |"), "a time budget: %s", output());
 }
 
 int main(int argc, char **argv) {
