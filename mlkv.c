@@ -5882,6 +5882,7 @@ static int cmd_demo(int argc, char **argv) {
     t.opt.lr = 3e-3;
     t.warmup_ratio = 0.02;
     t.eval_every = steps / 4 > 0 ? steps / 4 : 1;
+    t.log_every = steps / 15 > 0 ? steps / 15 : 1; /* 15 lines, not one per step */
     t.save_every = 0;
     t.threads = threads;
     double t0 = now_seconds();
