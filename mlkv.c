@@ -143,6 +143,19 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* A whole decimal number in 0..max (text from a file), or -1 */
+static int parse_count(const char *text, long long max, long long *out) {
+    char *end;
+    errno = 0;
+    long long v = text ? strtoll(text, &end, 10) : -1;
+    if (!text || end == text || *end || errno || v < 0 || v > max) return -1;
+    *out = v;
+    return 0;
+}
+
+/* qsort order of an array of strings */
+static int string_order(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
 /* "s" after a count that is not 1: "1 head", "2 heads" */
 static const char *plural(long n) { return n == 1 ? "" : "s"; }
 
@@ -155,22 +168,35 @@ static const char *format_bytes(char *out, size_t n, double bytes) {
     return out;
 }
 
+/* Opens a file to read, which must be a regular file (its size is known and
+ * it can be read twice; a folder, pipe or device is refused by name). */
+static FILE *open_regular(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    struct stat st;
+    if (!f) { fail("%s: cannot open: %s", path, strerror(errno)); return NULL; }
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fail("%s: %s", path, S_ISDIR(st.st_mode) ? "is a folder, not a file" : "is not a regular file (a pipe or device?)");
+        fclose(f);
+        return NULL;
+    }
+    *size = (size_t)st.st_size;
+    return f;
+}
+
 /* Reads a whole file, NUL-terminated. */
 static int read_file(const char *path, char **data, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail("%s: cannot open: %s", path, strerror(errno));
-    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return fail("%s: cannot seek", path); }
-    long size = ftell(f);
-    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) { fclose(f); return fail("%s: cannot size", path); }
-    char *buf = malloc((size_t)size + 1);
-    if (!buf) { fclose(f); return fail("%s: out of memory reading %ld bytes", path, size); }
-    if (fread(buf, 1, (size_t)size, f) != (size_t)size) {
+    size_t size;
+    FILE *f = open_regular(path, &size);
+    if (!f) return -1;
+    char *buf = size < SIZE_MAX ? malloc(size + 1) : NULL;
+    if (!buf) { fclose(f); return fail("%s: out of memory reading %zu bytes", path, size); }
+    if (fread(buf, 1, size, f) != size) {
         free(buf); fclose(f); return fail("%s: read error", path);
     }
     fclose(f);
     buf[size] = '\0';
     *data = buf;
-    *len = (size_t)size;
+    *len = size;
     return 0;
 }
 
@@ -379,6 +405,23 @@ static int json_push(JsonParser *ps, Json *container, size_t *cap, char *key) {
     return json_value(ps, slot);
 }
 
+/* An object's keys must differ: JSON leaves duplicates undefined (Python keeps
+ * the last, other readers the first), so a file that has them means two
+ * things and is refused. Sorted copies of the key pointers, neighbours compared. */
+static int json_unique_keys(JsonParser *ps, const Json *object) {
+    if (object->type != JSON_OBJECT || object->length < 2) return 0;
+    char **keys = malloc(object->length * sizeof(char *));
+    if (!keys) return fail("%s: out of memory", ps->what);
+    memcpy(keys, object->keys, object->length * sizeof(char *));
+    qsort(keys, object->length, sizeof(char *), string_order);
+    int rc = 0;
+    for (size_t i = 1; rc == 0 && i < object->length; i++)
+        if (strcmp(keys[i - 1], keys[i]) == 0) rc = fail("%s: invalid JSON: the key \"%s\" appears twice in an object",
+                                                      ps->what, printable(keys[i]));
+    free(keys);
+    return rc;
+}
+
 static int json_container(JsonParser *ps, Json *out, char close) {
     size_t cap = 0;
     out->type = close == '}' ? JSON_OBJECT : JSON_ARRAY;
@@ -400,7 +443,7 @@ static int json_container(JsonParser *ps, Json *out, char close) {
         if (json_push(ps, out, &cap, key) != 0) return -1;
         json_skip_space(ps);
         if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
-        if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return 0; }
+        if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return json_unique_keys(ps, out); }
         return json_syntax(ps, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
     }
 }
@@ -432,6 +475,7 @@ static int json_value(JsonParser *ps, Json *out) {
     char *endp;
     double v = n ? strtod(num, &endp) : 0;
     if (n == 0 || *endp != '\0') return json_syntax(ps, "unexpected character");
+    if (!isfinite(v)) return json_syntax(ps, "a number out of range"); /* 1e400: written back it would be inf, not JSON */
     out->type = JSON_NUMBER;
     out->number = v;
     ps->p += n;
@@ -694,10 +738,13 @@ static int config_from_json(Config *c, const Json *j, const char *path) {
     const Json *scaling = json_get(j, "rope_scaling");
     if (scaling && scaling->type != JSON_NULL) return fail("%s: rope_scaling is not supported", path);
     if (map) {
-        if (map->type != JSON_ARRAY || (int)map->length != c->n_layer)
+        if (c->n_layer < 1 || c->n_layer > MLKV_MAX_LAYERS) /* checked before kv_layer_of[] is filled */
+            return fail("%s: num_hidden_layers %d is outside 1..%d", path, c->n_layer, MLKV_MAX_LAYERS);
+        if (map->type != JSON_ARRAY || map->length != (size_t)c->n_layer)
             return fail("%s: mlkv_kv_layer_map must be a list of num_hidden_layers (%d) layer numbers", path, c->n_layer);
         for (int l = 0; l < c->n_layer; l++) {
-            if (!json_is_count(&map->items[l])) return fail("%s: mlkv_kv_layer_map[%d] is not a layer number", path, l);
+            if (!json_is_count(&map->items[l]) || map->items[l].number >= c->n_layer)
+                return fail("%s: mlkv_kv_layer_map[%d] is not a layer number below %d", path, l, c->n_layer);
             c->kv_layer_of[l] = (int)map->items[l].number;
         }
         c->has_kv_map = 1;
@@ -871,39 +918,60 @@ static float half_to_float(uint16_t h) {
 static int st_check_entry(const SafeTensors *st, const char *name, const Json *e, size_t data_len) {
     const Json *dtype = json_get(e, "dtype"), *shape = json_get(e, "shape"), *off = json_get(e, "data_offsets");
     if (!dtype || dtype->type != JSON_STRING || !dtype_size(dtype->string))
-        return fail("%s: tensor %s has a missing or unknown dtype", st->path, name);
+        return fail("%s: tensor %s has a missing or unknown dtype", st->path, printable(name));
     if (!shape || shape->type != JSON_ARRAY || shape->length > 8)
-        return fail("%s: tensor %s has a malformed shape", st->path, name);
+        return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
     double numel = 1;
     for (size_t i = 0; i < shape->length; i++) {
-        if (!json_is_count(&shape->items[i])) return fail("%s: tensor %s has a malformed shape", st->path, name);
+        if (!json_is_count(&shape->items[i])) return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
         numel *= shape->items[i].number;
     }
     if (!off || off->type != JSON_ARRAY || off->length != 2 || !json_is_count(&off->items[0]) ||
         !json_is_count(&off->items[1]) || off->items[0].number > off->items[1].number)
-        return fail("%s: tensor %s has malformed data_offsets", st->path, name);
+        return fail("%s: tensor %s has malformed data_offsets", st->path, printable(name));
     if (off->items[1].number > (double)data_len)
         return fail("%s: tensor %s ends at byte %.0f past the data (%zu bytes): the file is truncated", st->path,
-                    name, off->items[1].number, data_len);
+                    printable(name), off->items[1].number, data_len);
     if (off->items[1].number - off->items[0].number != numel * (double)dtype_size(dtype->string))
-        return fail("%s: tensor %s: data_offsets span %.0f bytes, but shape and dtype need %.0f", st->path, name,
+        return fail("%s: tensor %s: data_offsets span %.0f bytes, but shape and dtype need %.0f", st->path, printable(name),
                     off->items[1].number - off->items[0].number, numel * (double)dtype_size(dtype->string));
     return 0;
+}
+
+/* safetensors tensors own their bytes: no two data_offsets ranges overlap
+ * (sorted by start, each must begin at or after every earlier one's end) */
+typedef struct { double begin, end; const char *name; } Span;
+static int span_order(const void *a, const void *b) {
+    double x = ((const Span *)a)->begin, y = ((const Span *)b)->begin;
+    return x < y ? -1 : x > y;
+}
+static int st_disjoint(const SafeTensors *st) {
+    Span *spans = malloc((st->header.length + 1) * sizeof(Span));
+    size_t n = 0;
+    if (!spans) return fail("%s: out of memory", st->path);
+    for (size_t i = 0; i < st->header.length; i++) {
+        const Json *off = json_get(&st->header.items[i], "data_offsets");
+        if (strcmp(st->header.keys[i], "__metadata__") != 0)
+            spans[n++] = (Span){off->items[0].number, off->items[1].number, st->header.keys[i]};
+    }
+    qsort(spans, n, sizeof(Span), span_order);
+    int rc = 0;
+    for (size_t i = 1, reach = 0; rc == 0 && i < n; i++) { /* reach: the span that ends last so far */
+        if (spans[i - 1].end > spans[reach].end) reach = i - 1;
+        if (spans[i].begin < spans[reach].end && spans[i].end > spans[i].begin)
+            rc = fail("%s: tensors %s and %s share bytes (overlapping data_offsets)", st->path,
+                      printable(spans[reach].name), printable(spans[i].name));
+    }
+    free(spans);
+    return rc;
 }
 
 int st_open(SafeTensors *st, const char *path) {
     memset(st, 0, sizeof(*st));
     snprintf(st->path, sizeof(st->path), "%s", path);
-    st->f = fopen(path, "rb");
-    if (!st->f) return fail("%s: cannot open: %s", path, strerror(errno));
+    if (!(st->f = open_regular(path, &st->file_size))) return -1;
     unsigned char len_bytes[8];
     uint64_t header_len = 0;
-    long size;
-    if (fseek(st->f, 0, SEEK_END) != 0 || (size = ftell(st->f)) < 0 || fseek(st->f, 0, SEEK_SET) != 0) {
-        st_close(st);
-        return fail("%s: cannot determine the file size", path);
-    }
-    st->file_size = (size_t)size;
     if (st->file_size < 8 || fread(len_bytes, 1, 8, st->f) != 8) {
         st_close(st);
         return fail("%s: too short to be a safetensors file", path);
@@ -931,6 +999,7 @@ int st_open(SafeTensors *st, const char *path) {
             return -1;
         }
     }
+    if (st_disjoint(st) != 0) { st_close(st); return -1; }
     return 0;
 }
 
@@ -1414,18 +1483,12 @@ static int zip_data_at(const char *path, FILE *f, uint64_t file_size, const ZipE
     return 0;
 }
 
-static int name_order(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
-
 /* A pytorch_model.bin as a tensor index: st->header as a safetensors header
  * whose data_offsets count from the start of the file (data_start 0). */
 int torch_open(SafeTensors *st, const char *path) {
     memset(st, 0, sizeof(*st));
     snprintf(st->path, sizeof(st->path), "%s", path);
-    st->f = fopen(path, "rb");
-    if (!st->f) return fail("%s: cannot open: %s", path, strerror(errno));
-    long size;
-    if (fseek(st->f, 0, SEEK_END) != 0 || (size = ftell(st->f)) < 0) { st_close(st); return fail("%s: cannot determine the file size", path); }
-    st->file_size = (size_t)size;
+    if (!(st->f = open_regular(path, &st->file_size))) return -1;
     ZipEntry *e;
     int n_entries, pkl = -1, rc;
     if (zip_list(path, st->f, st->file_size, &e, &n_entries) != 0) { st_close(st); return -1; }
@@ -1483,7 +1546,7 @@ int torch_open(SafeTensors *st, const char *path) {
     }
     if (rc == 0 && dict->n_items > 0) {
         h.len--; /* the last comma */
-        qsort(names, (size_t)dict->n_items / 2, sizeof(char *), name_order);
+        qsort(names, (size_t)dict->n_items / 2, sizeof(char *), string_order);
         for (int i = 1; rc == 0 && i < dict->n_items / 2; i++)
             if (strcmp(names[i - 1], names[i]) == 0) rc = fail("%s: tensor %s appears twice", path, printable(names[i]));
     }
@@ -1690,7 +1753,7 @@ static int load_params_from(Model *m, const TensorSource *src) {
             if (!strcmp(name, "__metadata__") || is_skipped_buffer(name) || model_param(m, name)) continue;
             if (strstr(name, "attention.query_key_value.")) continue;
             return fail("%s: unexpected tensor %s: not a parameter of this configuration (%d K/V layers of %d heads)",
-                        src->files[f].path, name, m->config.n_kv_layer, m->config.n_kv_head);
+                        src->files[f].path, printable(name), m->config.n_kv_layer, m->config.n_kv_head);
         }
     }
     return 0;
@@ -1840,10 +1903,10 @@ static int check_output_dir(const char *dir, const char *input, int overwrite, c
 
 int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
     memset(tf, 0, sizeof(*tf));
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail("%s: cannot open: %s", path, strerror(errno));
+    size_t size;
+    FILE *f = open_regular(path, &size);
+    if (!f) return -1;
     int32_t header[TOKENS_HEADER_INTS];
-    long size = -1;
     if (fread(header, sizeof(int32_t), TOKENS_HEADER_INTS, f) != TOKENS_HEADER_INTS) {
         fclose(f);
         return fail("%s: shorter than the 1024-byte header of a token file", path);
@@ -1853,11 +1916,10 @@ int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
         return fail("%s: not a token file (magic %d version %d; expected %d version %d, llm.c's uint16 format)", path,
                     header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION);
     }
-    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
     size_t expected = TOKENS_HEADER_INTS * sizeof(int32_t) + (size_t)(uint32_t)header[2] * sizeof(uint16_t);
-    if (header[2] < 0 || size < 0 || (size_t)size != expected) {
+    if (header[2] < 0 || size != expected) {
         fclose(f);
-        return fail("%s: header says %d tokens (%zu bytes), but the file has %ld bytes", path, header[2], expected, size);
+        return fail("%s: header says %d tokens (%zu bytes), but the file has %zu bytes", path, header[2], expected, size);
     }
     tf->n_tokens = (size_t)header[2];
     tf->tokens = alloc_zeroed(tf->n_tokens + 1, sizeof(uint16_t), path);
@@ -2067,6 +2129,8 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
         const Json *id = json_get(&added->items[i], "id"), *content = json_get(&added->items[i], "content");
         if (!json_is_count(id) || id->number >= (1 << 24) || !content || content->type != JSON_STRING || !content->string[0])
             return fail("%s: added token %zu has no id or content", path, i);
+        if (strlen(content->string) != content->length) /* a C string would end at the NUL and match wrongly */
+            return fail("%s: added token %zu contains a NUL character, which mlkv does not support", path, i);
         max_id = id->number > max_id ? (int)id->number : max_id;
     }
     t->n_ids = max_id + 1;
@@ -4220,10 +4284,16 @@ static int optimizer_load(Model *m, const char *dir, const TrainArgs *t, size_t 
         snprintf(name, sizeof(name), "v.%s", p->name);
         if (rc == 0) rc = st_read(&st, name, p->ndim, p->shape, m->adam_v + p->offset, NULL);
     }
+    /* the position to resume from, checked: a step within the run, an epoch, a sequence of the data */
+    long long v_step = 0, v_epoch = 0, v_next = 0;
+    if (rc == 0 && (parse_count(s_step, t->steps, &v_step) != 0 || parse_count(s_epoch, 1 << 30, &v_epoch) != 0 ||
+                    parse_count(s_next, (long long)train_tokens, &v_next) != 0))
+        rc = fail("%s: metadata step \"%s\", epoch \"%s\", next \"%s\" are not a position in this run of %d steps over "
+                  "%zu tokens", path, printable(s_step), printable(s_epoch), printable(s_next), t->steps, train_tokens);
     if (rc == 0) {
-        *step = atoi(s_step);
-        *epoch = atoi(s_epoch);
-        *next = (size_t)strtoull(s_next, NULL, 10);
+        *step = (int)v_step;
+        *epoch = (int)v_epoch;
+        *next = (size_t)v_next;
     }
     st_close(&st);
     return rc;
@@ -4238,7 +4308,7 @@ static FILE *open_log(const char *path, int resume_step) {
     if (!f) { free(old); fail("%s: cannot create: %s", path, strerror(errno)); return NULL; }
     fprintf(f, "step,loss,lr,grad_norm,tokens_per_s,val_loss\n");
     for (char *line = old ? strtok(old, "\n") : NULL; line; line = strtok(NULL, "\n"))
-        if (line[0] >= '0' && line[0] <= '9' && atoi(line) <= resume_step) fprintf(f, "%s\n", line);
+        if (line[0] >= '0' && line[0] <= '9' && strtol(line, NULL, 10) <= resume_step) fprintf(f, "%s\n", line);
     free(old);
     fflush(f);
     return f;
@@ -5941,7 +6011,7 @@ static int task_paths(const char *task_path, const char *task_dir, char ***paths
         }
         closedir(d);
         if (*n == 0) return fail("%s: no .jsonl task files", task_dir);
-        qsort(*paths, (size_t)*n, sizeof(char *), name_order);
+        qsort(*paths, (size_t)*n, sizeof(char *), string_order);
     }
     if (task_path) {
         char **grown = realloc(*paths, (size_t)(*n + 1) * sizeof(char *));

@@ -703,6 +703,21 @@ static void test_resume(void) {
     /* a resume must keep the settings that made the checkpoint */
     CHECK(run("%s train --resume --batch 4 --seq 16 --grad-accum 2 --steps 6 --train %s --out %s/pieces", mlkv_bin,
               train, tmp_dir) == 1 && strstr(output(), "resume with the same settings"), "changed settings: %s", output());
+    /* and its position is checked, not trusted: a step past the run (same length, so the header still fits) */
+    snprintf(a, sizeof(a), "%s/pieces/optimizer.safetensors", tmp_dir);
+    size_t len;
+    char *opt = slurp(a, &len), *at = opt && len > 8 ? strstr(opt + 8, "\"step\":\"6\"") : NULL; /* past the length */
+    if (at) {
+        at[8] = '9';
+        FILE *f = fopen(a, "wb");
+        fwrite(opt, 1, len, f);
+        fclose(f);
+    }
+    CHECK(at && run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 "
+                    "--eval-every 0 --train %s --out %s/pieces", mlkv_bin, train, tmp_dir) == 1 &&
+          strstr(output(), "metadata step \"9\", epoch") && strstr(output(), "are not a position in this run of 6 steps"),
+          "a step past the run: %s", output());
+    free(opt);
 }
 
 static int exists(const char *fmt, const char *a) {
@@ -746,6 +761,14 @@ static void test_errors(void) {
         {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 30, \"num_hidden_layers\": 4, "
          "\"num_attention_heads\": 4, \"intermediate_size\": 64}",
          "hidden_size 30 is not divisible by num_attention_heads 4"},
+        /* hostile values: bounded before any array is filled, no inf written back, one meaning per key */
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 32, \"num_hidden_layers\": 300, "
+         "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"mlkv_kv_layer_map\": [0]}",
+         "num_hidden_layers 300 is outside 1..256"},
+        {TINY_CONFIG(", \"mlkv_kv_layer_map\": [0, 0, 1e12, 0]"), "mlkv_kv_layer_map[2] is not a layer number below 4"},
+        {TINY_CONFIG(", \"layer_norm_eps\": 1e400"), "a number out of range"},
+        {TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_heads\": 4"),
+         "the key \"num_key_value_heads\" appears twice"},
     };
     for (size_t i = 0; i < sizeof(configs) / sizeof(configs[0]); i++) {
         snprintf(path, sizeof(path), "%s/bad_config.json", tmp_dir);
@@ -754,6 +777,43 @@ static void test_errors(void) {
         CHECK(rc == 1 && strstr(output(), configs[i].message) && strstr(output(), "bad_config.json"),
               "config error '%s': exit %d, output: %s", configs[i].message, rc, output());
         CHECK(!exists("%s/never", tmp_dir), "no output after a config error");
+    }
+
+    /* files that are not regular files, overlapping safetensors, an added token with a NUL, raw names */
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
+          strstr(output(), "is a folder, not a file"), "a folder as a token file: %s", output());
+    snprintf(path, sizeof(path), "%s/overlap.safetensors", tmp_dir);
+    {
+        const char *header = "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+                             "\"b\\u001b[31m\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}";
+        uint64_t n = strlen(header);
+        float data[3] = {1, 2, 3};
+        FILE *f = fopen(path, "wb");
+        fwrite(&n, 8, 1, f);
+        fwrite(header, 1, n, f);
+        fwrite(data, 4, 3, f);
+        fclose(f);
+        SafeTensors st;
+        CHECK(st_open(&st, path) != 0 && strstr(mlkv_error(), "share bytes (overlapping data_offsets)") &&
+              strstr(mlkv_error(), "b\\x1b[31m") && !strchr(mlkv_error(), 0x1b),
+              "overlapping tensors, names escaped: %s", mlkv_error());
+    }
+    snprintf(path, sizeof(path), "%s/nul_tokenizer.json", tmp_dir);
+    {
+        size_t len;
+        char *text = slurp("dev/fixtures/tokenizer/bytes-tokenizer.json", &len);
+        char *eot = text ? strstr(text, "\"<|endoftext|>\"") : NULL;
+        if (eot) {
+            FILE *f = fopen(path, "wb");
+            fwrite(text, 1, (size_t)(eot - text), f);
+            fputs("\"e\\u0000x\"", f);
+            fputs(eot + strlen("\"<|endoftext|>\""), f);
+            fclose(f);
+        }
+        Tokenizer tok;
+        CHECK(eot && tokenizer_load(&tok, path) != 0 && strstr(mlkv_error(), "contains a NUL character"),
+              "an added token with a NUL: %s", mlkv_error());
+        free(text);
     }
 
     /* checkpoints: truncated, not safetensors, wrong shape, missing tensor */
