@@ -40,6 +40,7 @@
 #include <limits.h>
 #include <dirent.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -4330,12 +4331,22 @@ static const char *rotary_mode(const Config *c) {
 
 #define MIN_PLANNED_STEPS 20 /* fewer optimizer steps from --epochs are refused */
 
+/* A graceful stop: the first SIGINT or SIGTERM during training is noted and
+ * the run ends after the current step, with a checkpoint; a second one ends
+ * the process at once (the handler is then the default again). */
+static volatile sig_atomic_t stop_signal;
+
+static void note_stop_signal(int sig) {
+    stop_signal = sig;
+    signal(sig, SIG_DFL);
+}
+
 static int run_training(TrainArgs *t) {
     Model model;
     TokenFile train = {0}, val = {0};
     DataLoader loader = {0};
     FILE *log = NULL;
-    int *batch_tokens = NULL, rc = -1, start_step = 0, epoch = 0;
+    int *batch_tokens = NULL, rc = -1, start_step = 0, epoch = 0, timed_out = 0; /* timed_out: stopped early */
     size_t next = 0;
     char log_path[PATH_LEN];
 #ifdef _OPENMP
@@ -4426,7 +4437,10 @@ static int run_training(TrainArgs *t) {
 
     int last_step = t->stop_after > 0 && start_step + t->stop_after < t->steps ? start_step + t->stop_after : t->steps;
     double t_start = now_seconds();
-    int timed_out = 0;
+    int finished = start_step;
+    stop_signal = 0;
+    signal(SIGINT, note_stop_signal);
+    signal(SIGTERM, note_stop_signal);
     for (int step = start_step; step < last_step && !timed_out; step++) {
         double t0 = now_seconds(), norm;
         for (int acc = 0; acc < t->grad_accum; acc++)
@@ -4438,9 +4452,9 @@ static int run_training(TrainArgs *t) {
             goto done;
         }
         double dt = now_seconds() - t0, elapsed = now_seconds() - t_start;
-        int done_steps = step + 1;
+        int done_steps = finished = step + 1;
         float val_loss = NAN;
-        timed_out = t->max_time > 0 && elapsed >= t->max_time && done_steps < last_step; /* --max-time: stop here */
+        timed_out = (stop_signal || (t->max_time > 0 && elapsed >= t->max_time)) && done_steps < last_step;
         int is_last = done_steps == last_step || timed_out;
         if (val.tokens && ((t->eval_every > 0 && done_steps % t->eval_every == 0) || is_last))
             val_loss = evaluate(&model, &val, t->val_batches);
@@ -4467,7 +4481,8 @@ static int run_training(TrainArgs *t) {
     }
     printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
     if (timed_out)
-        printf("stopped by --max-time: continue with the same command and --resume\n");
+        printf("stopped by %s after step %d of %d: continue with the same command and --resume\n",
+               stop_signal == SIGINT ? "SIGINT" : stop_signal == SIGTERM ? "SIGTERM" : "--max-time", finished, t->steps);
     rc = 0;
 done:
     if (log) fclose(log);
@@ -4476,7 +4491,10 @@ done:
     tokens_free(&train);
     tokens_free(&val);
     model_free(&model);
-    return exit_code(rc);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    /* stopped by a signal, with a checkpoint: the shell's convention, 128 + the signal */
+    return rc == 0 && timed_out && stop_signal ? 128 + stop_signal : exit_code(rc);
 }
 
 /* ===========================================================================
@@ -5117,7 +5135,8 @@ static const char *const train_usage =
     "  --stop-after N     stop after N steps of this run (the schedule still spans --steps);\n"
     "                     continue later with --resume\n"
     "  --max-time D       stop at the first step boundary after D (90s, 45m, 2h), with a\n"
-    "                     checkpoint; continue later with --resume\n"
+    "                     checkpoint; continue later with --resume (the first Ctrl-C or\n"
+    "                     SIGTERM does the same; a second one stops at once)\n"
     "  --log-every N      print every N-th step (the log file gets every step) (1)\n"
     "  --resume           continue the run checkpointed in --out (model, AdamW state, data position)\n"
     "  --overwrite        replace a model or run already in --out (never the --model folder)\n"

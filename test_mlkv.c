@@ -1645,6 +1645,28 @@ static void test_messages(void) {
           strstr(output(), "eval: 32 / 32 tokens | ") && !strchr(output(), '\r'), "progress in a file: %s", output());
 }
 
+/* SIGTERM during training: the current step ends, a checkpoint is saved,
+ * the exit status is 128 + 15, and --resume finishes the run with the same
+ * bytes as a run that was never stopped. */
+static void test_graceful_stop(void) {
+    char tokens[400], a[400], b[400];
+    snprintf(tokens, sizeof(tokens), "%s/stop_tokens.bin", tmp_dir);
+    write_tokens(tokens, 20000, 64, 8);
+    const char *common = "--model dev/fixtures/gqa --steps 300 --batch 4 --seq 64 --grad-accum 1 --log-every 100";
+    CHECK(run("%s train %s --train %s --out %s/unstopped", mlkv_bin, common, tokens, tmp_dir) == 0, "straight: %s", output());
+    /* started in the background, stopped once its log shows two steps */
+    CHECK(run("(%s train %s --train %s --out %s/stopped & pid=$!; "
+              "while [ \"$(wc -l < %s/stopped.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; do sleep 0.01; done; "
+              "kill -TERM $pid; wait $pid; echo \"exit $?\")", mlkv_bin, common, tokens, tmp_dir, tmp_dir) == 0 &&
+          strstr(output(), "stopped by SIGTERM after step ") && strstr(output(), "exit 143") &&
+          !strstr(output(), "step   300/300"), "SIGTERM: %s", output());
+    CHECK(run("%s train --resume %s --train %s --out %s/stopped", mlkv_bin, common + strlen("--model dev/fixtures/gqa "),
+              tokens, tmp_dir) == 0 && strstr(output(), "step   300/300"), "resume after SIGTERM: %s", output());
+    snprintf(a, sizeof(a), "%s/unstopped/model.safetensors", tmp_dir);
+    snprintf(b, sizeof(b), "%s/stopped/model.safetensors", tmp_dir);
+    CHECK(same_file(a, b), "a stopped and resumed run ends with the bytes of an uninterrupted one");
+}
+
 static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
 
 static void test_sample_stops(void) {
@@ -1784,6 +1806,7 @@ int main(int argc, char **argv) {
     test_folder_rules();
     test_train_plan();
     test_messages();
+    test_graceful_stop();
     test_owner_placement();
     test_schedule();
     test_json();
