@@ -4,6 +4,7 @@
 #   make test     tokenize.py's tests, then the C tests built with gcc and clang
 #                 (those installed), native and portable builds, warnings as errors
 #   make bench    training speed and GEMM shapes against the measured fp32 peak
+#   make fuzz     libFuzzer on every file format (clang; FUZZ_SECONDS per target, 600)
 CC ?= cc
 OMP ?= 1
 # -march=native where the compiler accepts it: the binary is built where it runs.
@@ -45,6 +46,42 @@ test:
 	  echo "== $$cc, $$build: tests"; \
 	  OMP_NUM_THREADS=2 $$d/test_mlkv $$d/mlkv; \
 	done; done
+	@$(MAKE) --no-print-directory test-sanitize fuzz-smoke
+
+# The sanitizers: AddressSanitizer and UndefinedBehaviorSanitizer (leaks
+# included, any report fails), with clang where installed, else gcc.
+SAN_CC := $(or $(shell command -v clang),gcc)
+SANITIZE = -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+
+# the whole C suite under the sanitizers
+test-sanitize:
+	@mkdir -p build/sanitize
+	@echo "== $(SAN_CC), AddressSanitizer + UndefinedBehaviorSanitizer: tests"
+	@$(SAN_CC) $(SANITIZE) -Wall -Wextra -o build/sanitize/mlkv mlkv.c -lm
+	@$(SAN_CC) $(SANITIZE) -Wall -Wextra -DMLKV_NO_MAIN -o build/sanitize/test_mlkv test_mlkv.c mlkv.c -lm
+	@ASAN_OPTIONS=detect_leaks=1 build/sanitize/test_mlkv build/sanitize/mlkv
+
+# Every reader, fuzzed (dev/fuzz/fuzz.c): fuzz-smoke replays the committed seed
+# corpora under the sanitizers; fuzz runs libFuzzer from them.
+FUZZ_TARGETS := json:1 config:2 safetensors:3 torch:4 tokenizer:5 tokens:6 tasks:7
+FUZZ_SECONDS ?= 600
+fuzz-smoke:
+	@mkdir -p build/fuzz
+	@set -e; for t in $(FUZZ_TARGETS); do name=$${t%%:*}; id=$${t#*:}; \
+	  $(SAN_CC) $(SANITIZE) -DMLKV_NO_MAIN -DFUZZ_STANDALONE -DFUZZ_TARGET=$$id -I. -o build/fuzz/replay-$$name \
+	    dev/fuzz/fuzz.c mlkv.c -lm; \
+	  ASAN_OPTIONS=detect_leaks=1 build/fuzz/replay-$$name dev/fuzz/corpus/$$name/* 2>/dev/null; \
+	  echo "== fuzz-smoke $$name: seed files replayed clean: $$(ls dev/fuzz/corpus/$$name | wc -l)"; done
+
+fuzz:
+	@command -v clang >/dev/null || { echo "make fuzz needs clang (libFuzzer)"; exit 1; }
+	@mkdir -p build/fuzz
+	@set -e; for t in $(FUZZ_TARGETS); do name=$${t%%:*}; id=$${t#*:}; mkdir -p build/fuzz/$$name; \
+	  clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -DMLKV_NO_MAIN \
+	    -DFUZZ_TARGET=$$id -I. -o build/fuzz/fuzz-$$name dev/fuzz/fuzz.c mlkv.c -lm; \
+	  echo "== fuzz $$name for $(FUZZ_SECONDS) s"; \
+	  build/fuzz/fuzz-$$name -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -max_len=100000 \
+	    build/fuzz/$$name dev/fuzz/corpus/$$name; done
 
 # Training speed as a fraction of this machine's measured fp32 peak (dev/bench.c)
 bench: build/bench
@@ -56,4 +93,4 @@ build/bench: dev/bench.c mlkv.c mlkv.h
 clean:
 	rm -rf mlkv build demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-sanitize fuzz-smoke fuzz bench clean
