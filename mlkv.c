@@ -37,6 +37,7 @@
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE /* syscall(), for the AMX permission request */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <dirent.h>
 #include <math.h>
@@ -1825,6 +1826,68 @@ static int copy_file(const char *from, const char *to) {
     return rc;
 }
 
+/* A folder mlkv may write: absent, or holding only checkpoint files (so a
+ * save never deletes a file that mlkv did not write), and none of those
+ * unless overwrite is set (so finished work is never replaced without a word;
+ * train says "or --resume"), and never the folder a command reads from
+ * (input: NULL, or that folder). */
+static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume) {
+    struct stat st, in;
+    if (stat(dir, &st) != 0) return 0;
+    if (input && stat(input, &in) == 0 && in.st_dev == st.st_dev && in.st_ino == st.st_ino)
+        return fail("%s is also the input model: writing there would destroy what is being read; choose another "
+                    "output folder", dir);
+    if (!S_ISDIR(st.st_mode)) return fail("%s: exists and is not a folder", dir);
+    DIR *d = opendir(dir);
+    if (!d) return fail("%s: cannot list: %s", dir, strerror(errno));
+    struct dirent *e;
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d)) != NULL) {
+        int ours = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+        for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
+        if (!ours)
+            rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
+        else if (!overwrite && strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+            rc = fail("%s already holds a model (%s): give --overwrite to replace it%s, or choose a new output folder",
+                      dir, e->d_name, or_resume ? or_resume : "");
+    }
+    closedir(d);
+    return rc;
+}
+
+/* DIR.lock holds the process id of the run writing DIR: a second run is
+ * refused while the first lives; a lock left by a process that is gone (a
+ * crash, a kill -9) is taken over. */
+static int lock_output(const char *dir, char *lock_path) {
+    if (make_path(lock_path, dir, ".lock") != 0) return -1;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fd = open(lock_path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (fd >= 0) {
+            char pid[32];
+            int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+            int ok = write(fd, pid, (size_t)n) == n;
+            close(fd);
+            if (ok) return 0;
+            unlink(lock_path);
+            return fail("%s: cannot write the lock", lock_path);
+        }
+        if (errno != EEXIST) return fail("%s: cannot create: %s", lock_path, strerror(errno));
+        char *text = NULL;
+        size_t len;
+        long long owner = 0;
+        if (read_file(lock_path, &text, &len) == 0) {
+            text[strcspn(text, "\n")] = '\0';
+            if (parse_count(text, 1LL << 30, &owner) != 0) owner = 0;
+            free(text);
+        }
+        if (owner > 0 && kill((pid_t)owner, 0) == 0)
+            return fail("%s is being written by another mlkv run (process %lld, %s); wait for it, or stop it", dir, owner,
+                        lock_path);
+        unlink(lock_path); /* its process is gone */
+    }
+    return fail("%s: cannot take the lock", lock_path);
+}
+
 static int write_fused_safetensors(const Model *m, const char *path);
 
 /* optimizer_metadata: NULL saves the model alone. companion_dir: a folder whose
@@ -1834,6 +1897,8 @@ static int checkpoint_save(const Model *m, const char *dir, const char *optimize
                            int stock) {
     char staging[PATH_LEN], previous[PATH_LEN], path[PATH_LEN], from[PATH_LEN];
     if (make_path(staging, dir, ".saving") != 0 || make_path(previous, dir, ".previous") != 0) return -1;
+    /* the two folders beside DIR that a save replaces are checked like DIR itself */
+    if (check_output_dir(staging, NULL, 1, NULL) != 0 || check_output_dir(previous, NULL, 1, NULL) != 0) return -1;
     remove_checkpoint_dir(staging);
     if (mkdir(staging, 0755) != 0) return fail("%s: cannot create: %s", staging, strerror(errno));
     TensorGroup params = {"", m->param_memory};
@@ -1865,34 +1930,6 @@ static int checkpoint_save(const Model *m, const char *dir, const char *optimize
     return 0;
 }
 
-/* A folder mlkv may write: absent, or holding only checkpoint files (so a
- * save never deletes a file that mlkv did not write), and none of those
- * unless overwrite is set (so finished work is never replaced without a word;
- * train says "or --resume"), and never the folder a command reads from
- * (input: NULL, or that folder). */
-static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume) {
-    struct stat st, in;
-    if (stat(dir, &st) != 0) return 0;
-    if (input && stat(input, &in) == 0 && in.st_dev == st.st_dev && in.st_ino == st.st_ino)
-        return fail("%s is also the input model: writing there would destroy what is being read; choose another "
-                    "output folder", dir);
-    if (!S_ISDIR(st.st_mode)) return fail("%s: exists and is not a folder", dir);
-    DIR *d = opendir(dir);
-    if (!d) return fail("%s: cannot list: %s", dir, strerror(errno));
-    struct dirent *e;
-    int rc = 0;
-    while (rc == 0 && (e = readdir(d)) != NULL) {
-        int ours = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
-        for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
-        if (!ours)
-            rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
-        else if (!overwrite && strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
-            rc = fail("%s already holds a model (%s): give --overwrite to replace it%s, or choose a new output folder",
-                      dir, e->d_name, or_resume ? or_resume : "");
-    }
-    closedir(d);
-    return rc;
-}
 
 /* ===========================================================================
  * 6. Token files (llm.c's format) and the data loader
@@ -4348,11 +4385,11 @@ static int run_training(TrainArgs *t) {
     FILE *log = NULL;
     int *batch_tokens = NULL, rc = -1, start_step = 0, epoch = 0, timed_out = 0; /* timed_out: stopped early */
     size_t next = 0;
-    char log_path[PATH_LEN];
+    char log_path[PATH_LEN], lock_path[PATH_LEN];
 #ifdef _OPENMP
     if (t->threads > 0) omp_set_num_threads(t->threads);
 #endif
-    if (make_path(log_path, t->out_dir, ".log.csv") != 0) return exit_code(-1);
+    if (make_path(log_path, t->out_dir, ".log.csv") != 0 || lock_output(t->out_dir, lock_path) != 0) return exit_code(-1);
     if (t->resume) {
         if (model_load(&model, t->out_dir) != 0) {
             char previous[PATH_LEN];
@@ -4360,11 +4397,13 @@ static int run_training(TrainArgs *t) {
             if (make_path(previous, t->out_dir, ".previous") == 0 && file_exists(previous))
                 fprintf(stderr, "mlkv: note: %s holds the last complete checkpoint (a save was interrupted); "
                                 "rename it to %s to resume\n", previous, t->out_dir);
+            unlink(lock_path);
             return 1;
         }
     } else if (check_output_dir(t->out_dir, t->model_dir, t->overwrite, " (its run and log too), --resume to continue "
                                                                       "its run") != 0 ||
                model_load(&model, t->model_dir) != 0) {
+        unlink(lock_path);
         return exit_code(-1);
     }
     const Config *c = &model.config;
@@ -4493,6 +4532,7 @@ done:
     model_free(&model);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    unlink(lock_path);
     /* stopped by a signal, with a checkpoint: the shell's convention, 128 + the signal */
     return rc == 0 && timed_out && stop_signal ? 128 + stop_signal : exit_code(rc);
 }

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <sys/wait.h>
 
 #include "mlkv.h"
@@ -693,7 +694,7 @@ static void test_resume(void) {
     char *before = slurp(a, &before_len);
     CHECK(run("touch %s/kept.saving", tmp_dir) == 0, "block the staging folder");
     CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 --eval-every 0 "
-              "--train %s --out %s/kept", mlkv_bin, train, tmp_dir) == 1 && strstr(output(), "kept.saving: cannot create"),
+              "--train %s --out %s/kept", mlkv_bin, train, tmp_dir) == 1 && strstr(output(), "kept.saving: exists and is not a folder"),
           "a failed save: %s", output());
     char *after = slurp(a, &after_len);
     CHECK(before && after && before_len == after_len && !memcmp(before, after, before_len),
@@ -1566,6 +1567,23 @@ static void test_folder_rules(void) {
           "train into its own input: %s", output());
     CHECK(run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --out dev/fixtures/mha --overwrite", mlkv_bin) == 1 &&
           strstr(output(), "is also the input model"), "convert into its own input: %s", output());
+    /* one run writes a folder at a time: a live lock refuses, a dead one is taken over and released */
+    char lock[400];
+    snprintf(lock, sizeof(lock), "%s/locked.lock", tmp_dir);
+    char pid[32];
+    snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+    write_text(lock, pid);
+    CHECK(run("%s train --model %s/owned --train %s --out %s/locked --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
+              tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "being written by another mlkv run (process"),
+          "a live lock: %s", output());
+    write_text(lock, "999999999\n");
+    CHECK(run("%s train --model %s/owned --train %s --out %s/locked --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
+              tmp_dir, tokens, tmp_dir) == 0 && !exists("%s/locked.lock", tmp_dir), "a stale lock: %s", output());
+    /* the folders a save replaces beside OUT are checked like OUT: nothing of the user's is deleted */
+    CHECK(run("mkdir -p %s/guarded.saving && echo mine > %s/guarded.saving/notes.txt", tmp_dir, tmp_dir) == 0, "mkdir");
+    CHECK(run("%s train --model %s/owned --train %s --out %s/guarded --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
+              tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "guarded.saving: holds notes.txt, which mlkv did not write") &&
+          exists("%s/guarded.saving/notes.txt", tmp_dir), "a foreign file in OUT.saving: %s", output());
 }
 
 /* train refuses a plan that cannot learn and proposes one that can; a time
