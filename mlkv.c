@@ -4509,7 +4509,10 @@ static int run_training(TrainArgs *t) {
         fprintf(log, "%d,%.9g,%.9g,%.9g,%.1f,", done_steps, loss, lr_at_step(&t->opt, step), norm, tokens_per_step / dt);
         if (!isnan(val_loss)) fprintf(log, "%.9g", val_loss);
         fprintf(log, "\n");
-        fflush(log);
+        if (fflush(log) != 0 || ferror(log)) {
+            fail("%s: write error (%s)", log_path, strerror(errno));
+            goto done;
+        }
         if ((t->save_every > 0 && done_steps % t->save_every == 0) || is_last) {
             StrBuf meta = {0};
             optimizer_metadata(&meta, t, done_steps, &loader, train.n_tokens);
@@ -6170,7 +6173,15 @@ int mlkv_main(int argc, char **argv) {
         {"init", cmd_init}, {"train", cmd_train}, {"convert", cmd_convert}, {"export", cmd_export}, {"encode", cmd_encode},
         {"decode", cmd_decode}, {"sample", cmd_sample}, {"eval", cmd_eval}, {"bench-kv", cmd_bench_kv}, {"demo", cmd_demo}};
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 2, argv + 2);
+        if (!strcmp(argv[1], commands[i].name)) {
+            int rc = commands[i].run(argc - 2, argv + 2);
+            /* what a command printed must have arrived (a full disk, a closed pipe) */
+            if ((fflush(stdout) != 0 || ferror(stdout)) && (rc == 0 || rc >= 128)) {
+                fprintf(stderr, "mlkv: error: standard output: write error (%s)\n", strerror(errno));
+                return 1;
+            }
+            return rc;
+        }
     fprintf(stderr, "mlkv: unknown command %s\n%s", argv[1], main_usage);
     return 2;
 }

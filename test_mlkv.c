@@ -1655,6 +1655,18 @@ static void test_messages(void) {
           !strstr(output(), "GOMP_SPINCOUNT = '0'") && !strstr(output(), "KMP_BLOCKTIME='0'"),
           "a user's policy wins: %s", output());
 #endif
+    /* a full disk: output that did not arrive is an error */
+    CHECK(run("(%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 12092 50276 10186 > /dev/full)",
+              mlkv_bin) == 1 &&
+          strstr(output(), "standard output: write error"), "decode into a full disk: %s", output());
+    CHECK(run("(%s sample dev/fixtures/gqa --prompt-ids 1 -n 3 > /dev/full)", mlkv_bin) == 1 &&
+          strstr(output(), "standard output: write error"), "sample into a full disk: %s", output());
+    char full_tokens[400];
+    snprintf(full_tokens, sizeof(full_tokens), "%s/full_tokens.bin", tmp_dir);
+    write_tokens(full_tokens, 2000, 64, 3);
+    CHECK(run("ln -sf /dev/full %s/full_run.log.csv && %s train --model dev/fixtures/gqa --train %s --out %s/full_run "
+              "--steps 3 --batch 2 --seq 16 --grad-accum 1", tmp_dir, mlkv_bin, full_tokens, tmp_dir) == 1 &&
+          strstr(output(), "full_run.log.csv: write error"), "a training log on a full disk: %s", output());
     /* progress into a file: whole lines, no carriage returns */
     char tokens[400];
     snprintf(tokens, sizeof(tokens), "%s/progress_tokens.bin", tmp_dir);
