@@ -2171,6 +2171,7 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
             return fail("%s: added token %zu contains a NUL character, which mlkv does not support", path, i);
         max_id = id->number > max_id ? (int)id->number : max_id;
     }
+    if (max_id < 0) return fail("%s: the vocabulary is empty", path);
     t->n_ids = max_id + 1;
     t->bytes = alloc_zeroed((size_t)t->n_ids, sizeof(char *), "the tokenizer");
     t->length = alloc_zeroed((size_t)t->n_ids, sizeof(int), "the tokenizer");
@@ -4474,7 +4475,7 @@ static int run_training(TrainArgs *t) {
     if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
     if (t->verbose) model_print_memory(&model);
 
-    int last_step = t->stop_after > 0 && start_step + t->stop_after < t->steps ? start_step + t->stop_after : t->steps;
+    int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step ? start_step + t->stop_after : t->steps;
     double t_start = now_seconds();
     int finished = start_step;
     stop_signal = 0;
@@ -5428,7 +5429,7 @@ static int cmd_decode(int argc, char **argv) {
         char *end;
         long id = strtol(argv[i], &end, 10);
         int len;
-        const char *bytes = *end || end == argv[i] ? NULL : tokenizer_token(&t, (int)id, &len);
+        const char *bytes = *end || end == argv[i] || id < 0 || id >= t.n_ids ? NULL : tokenizer_token(&t, (int)id, &len);
         if (!bytes) rc = fail("%s: not a token id of %s (0..%d)", argv[i], path, t.n_ids - 1);
         else utf8_stream_write(&stream, bytes, len, stdout);
     }

@@ -1655,6 +1655,15 @@ static void test_messages(void) {
           !strstr(output(), "GOMP_SPINCOUNT = '0'") && !strstr(output(), "KMP_BLOCKTIME='0'"),
           "a user's policy wins: %s", output());
 #endif
+    /* counts from a user or a file, range-checked before any conversion */
+    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/bytes-tokenizer.json 65 4294967361", mlkv_bin) == 1 &&
+          strstr(output(), "4294967361: not a token id"), "an id past 2^32: %s", output());
+    char empty[400];
+    snprintf(empty, sizeof(empty), "%s/empty_tokenizer.json", tmp_dir);
+    write_text(empty, "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}, "
+                      "\"pre_tokenizer\": {\"type\": \"ByteLevel\"}, \"added_tokens\": []}");
+    CHECK(run("%s encode --tokenizer %s hi", mlkv_bin, empty) == 1 && strstr(output(), "the vocabulary is empty"),
+          "an empty vocabulary: %s", output());
     /* a full disk: output that did not arrive is an error */
     CHECK(run("(%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 12092 50276 10186 > /dev/full)",
               mlkv_bin) == 1 &&
