@@ -3171,7 +3171,7 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
     for (int task = 0; task < B * H * blocks; task++) {
         int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_QB;
         int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB, kvh = b * kvH + h / group;
-        size_t row = (size_t)(b * T + t0) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
+        size_t row = ((size_t)b * T + t0) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
         KeySource keys = {panels + (size_t)kvh * PADDED_T(T) * hs, NULL, NULL, NULL, 0, 0};
         attention_block_forward(out + row * hs, lse + ((size_t)b * H + h) * T + t0, q + row * hs, (size_t)H * hs,
                                 rows, t0, &keys, v + kv, (size_t)kvH * hs, hs, scale);
@@ -3315,7 +3315,7 @@ PARALLEL_FOR_CYCLIC
     for (int task = 0; task < B * H * blocks; task++) {
         int b = task / (H * blocks), h = task / blocks % H, i0 = task % blocks * ATT_QB;
         int rows = n - i0 < ATT_QB ? n - i0 : ATT_QB;
-        size_t row = (size_t)(b * n + i0) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
+        size_t row = ((size_t)b * n + i0) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
         KeySource keys = {NULL, k + kv, cos_t, sin_t, (size_t)hs, rd / 2};
         float lse[ATT_QB];
         attention_block_forward(out + row * hs, lse, q + row * hs, (size_t)H * hs, rows, pos0 + i0, &keys, v + kv,
@@ -3847,7 +3847,7 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
             for (int b = 0; b < B; b++)
                 for (int h = 0; h < kvH; h++)
                     for (int i = 0; i < n; i++) {
-                        size_t from = ((size_t)(b * n + i) * kvH + h) * hs;
+                        size_t from = (((size_t)b * n + i) * kvH + h) * hs;
                         size_t to = slot + (((size_t)b * kvH + h) * c->max_T + pos0 + i) * hs;
                         memcpy(c->k + to, c->k_new + from, (size_t)hs * sizeof(float));
                         memcpy(c->v + to, c->v_new + from, (size_t)hs * sizeof(float));
