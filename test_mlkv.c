@@ -560,6 +560,16 @@ static void test_json(void) {
     }
 }
 
+/* A safetensors file: the 8-byte header length, the header, the data */
+static void write_safetensors(const char *path, const char *header, const void *data, size_t bytes) {
+    uint64_t n = strlen(header);
+    FILE *f = fopen(path, "wb");
+    fwrite(&n, 8, 1, f);
+    fwrite(header, 1, n, f);
+    fwrite(data, 1, bytes, f);
+    fclose(f);
+}
+
 /* F16 and BF16 bit patterns with values fixed by IEEE 754 */
 static void test_half_precision(void) {
     char path[300];
@@ -567,12 +577,7 @@ static void test_half_precision(void) {
     const char *header = "{\"h\":{\"dtype\":\"F16\",\"shape\":[5],\"data_offsets\":[0,10]},"
                          "\"b\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[10,16]}}";
     uint16_t data[8] = {0x3C00, 0xC100, 0x7BFF, 0x0001, 0xFC00, 0x3F80, 0xC020, 0x4049};
-    uint64_t n = strlen(header);
-    FILE *f = fopen(path, "wb");
-    fwrite(&n, 8, 1, f);
-    fwrite(header, 1, n, f);
-    fwrite(data, 2, 8, f);
-    fclose(f);
+    write_safetensors(path, header, data, sizeof(data));
     SafeTensors st;
     float h[5], b[3];
     int five = 5, three = 3;
@@ -787,13 +792,8 @@ static void test_errors(void) {
     {
         const char *header = "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
                              "\"b\\u001b[31m\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}";
-        uint64_t n = strlen(header);
         float data[3] = {1, 2, 3};
-        FILE *f = fopen(path, "wb");
-        fwrite(&n, 8, 1, f);
-        fwrite(header, 1, n, f);
-        fwrite(data, 4, 3, f);
-        fclose(f);
+        write_safetensors(path, header, data, sizeof(data));
         SafeTensors st;
         CHECK(st_open(&st, path) != 0 && strstr(mlkv_error(), "share bytes (overlapping data_offsets)") &&
               strstr(mlkv_error(), "b\\x1b[31m") && !strchr(mlkv_error(), 0x1b),
