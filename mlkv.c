@@ -145,6 +145,17 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Room for element `count` of a growing array of `size`-byte elements whose
+ * allocation holds *cap of them: doubled when full. Returns the array (maybe
+ * moved), or NULL when memory runs out (the old one is then still valid). */
+static void *grow(void *items, int count, int *cap, size_t size) {
+    if (count < *cap) return items;
+    int n = *cap == 0 ? 16 : *cap <= INT_MAX / 2 ? 2 * *cap : 0; /* 0: no larger int count */
+    void *p = n > *cap ? realloc(items, (size_t)n * size) : NULL;
+    if (p) *cap = n;
+    return p;
+}
+
 /* A whole decimal number in 0..max (text from a file), or -1 */
 static int parse_count(const char *text, long long max, long long *out) {
     char *end;
@@ -418,8 +429,7 @@ static int json_unique_keys(JsonParser *ps, const Json *object) {
     qsort(keys, object->length, sizeof(char *), string_order);
     int rc = 0;
     for (size_t i = 1; rc == 0 && i < object->length; i++)
-        if (strcmp(keys[i - 1], keys[i]) == 0) rc = fail("%s: invalid JSON: the key \"%s\" appears twice in an object",
-                                                      ps->what, printable(keys[i]));
+        if (strcmp(keys[i - 1], keys[i]) == 0) rc = fail("%s: the key \"%s\" appears twice", ps->what, printable(keys[i]));
     free(keys);
     return rc;
 }
@@ -1113,39 +1123,27 @@ typedef struct {
 
 static int pickle_new(Pickle *p, PickleKind kind, int64_t number) {
     if (p->n_values == PICKLE_MAX_VALUES) return fail("%s: data.pkl holds too many values", p->path);
-    if (p->n_values == p->cap_values) {
-        int cap = p->cap_values ? 2 * p->cap_values : 256;
-        PickleValue *v = realloc(p->values, (size_t)cap * sizeof(*v));
-        if (!v) return fail("%s: out of memory reading data.pkl", p->path);
-        p->values = v;
-        p->cap_values = cap;
-    }
+    PickleValue *v = grow(p->values, p->n_values, &p->cap_values, sizeof(*v));
+    if (!v) return fail("%s: out of memory reading data.pkl", p->path);
+    p->values = v;
     p->values[p->n_values] = (PickleValue){.kind = kind, .number = number};
     return p->n_values++;
 }
 
 static int pickle_add_item(Pickle *p, int container, int item) {
     PickleValue *c = &p->values[container];
-    if (c->n_items == c->cap) {
-        int cap = c->cap ? 2 * c->cap : 8;
-        int *items = realloc(c->items, (size_t)cap * sizeof(int));
-        if (!items) return fail("%s: out of memory reading data.pkl", p->path);
-        c->items = items;
-        c->cap = cap;
-    }
+    int *items = grow(c->items, c->n_items, &c->cap, sizeof(int));
+    if (!items) return fail("%s: out of memory reading data.pkl", p->path);
+    c->items = items;
     c->items[c->n_items++] = item;
     return 0;
 }
 
 static int pickle_push(Pickle *p, int value) {
     if (value < 0) return -1;
-    if (p->depth == p->cap_stack) {
-        int cap = p->cap_stack ? 2 * p->cap_stack : 64;
-        int *s = cap <= PICKLE_MAX_VALUES ? realloc(p->stack, (size_t)cap * sizeof(int)) : NULL;
-        if (!s) return fail("%s: data.pkl's stack is too deep", p->path);
-        p->stack = s;
-        p->cap_stack = cap;
-    }
+    int *s = p->depth < PICKLE_MAX_VALUES ? grow(p->stack, p->depth, &p->cap_stack, sizeof(int)) : NULL;
+    if (!s) return fail("%s: data.pkl's stack is too deep", p->path);
+    p->stack = s;
     p->stack[p->depth++] = value;
     return 0;
 }
@@ -1516,13 +1514,11 @@ int torch_open(SafeTensors *st, const char *path) {
     StrBuf h = {0};
     sb_printf(&h, "{");
     const PickleValue *dict = result >= 0 ? &p.values[result] : NULL;
-    char **names = dict ? calloc((size_t)dict->n_items / 2 + 1, sizeof(char *)) : NULL;
-    rc = dict && !names ? fail("%s: out of memory", path) : result < 0 ? -1 : 0;
+    rc = result < 0 ? -1 : 0;
     for (int i = 0; rc == 0 && i + 1 < dict->n_items; i += 2) {
         const PickleValue *key = &p.values[dict->items[i]], *t = &p.values[dict->items[i + 1]];
         if (key->kind != PK_TEXT) { rc = fail("%s: a state dict key that is not a string", path); break; }
         if (t->kind != PK_TENSOR) { rc = fail("%s: %s is not a tensor", path, printable(key->text)); break; }
-        names[i / 2] = key->text;
         const PickleValue *storage = &p.values[t->items[0]], *shape = &p.values[t->items[1]];
         char entry_name[PATH_LEN];
         snprintf(entry_name, sizeof(entry_name), "%.*s/data/%s", (int)(strlen(e[pkl].name) - 9), e[pkl].name,
@@ -1546,18 +1542,12 @@ int torch_open(SafeTensors *st, const char *path) {
         uint64_t begin = at + (uint64_t)t->number * esize;
         sb_printf(&h, "],\"data_offsets\":[%llu,%llu]},", (unsigned long long)begin, (unsigned long long)(begin + numel * esize));
     }
-    if (rc == 0 && dict->n_items > 0) {
-        h.len--; /* the last comma */
-        qsort(names, (size_t)dict->n_items / 2, sizeof(char *), string_order);
-        for (int i = 1; rc == 0 && i < dict->n_items / 2; i++)
-            if (strcmp(names[i - 1], names[i]) == 0) rc = fail("%s: tensor %s appears twice", path, printable(names[i]));
-    }
+    if (rc == 0 && dict->n_items > 0) h.len--; /* the last comma */
     sb_printf(&h, "}");
-    if (rc == 0) rc = json_parse(h.s, h.len, path, &st->header);
+    if (rc == 0) rc = json_parse(h.s, h.len, path, &st->header); /* (which refuses a name that appears twice) */
     for (size_t i = 0; rc == 0 && i < st->header.length; i++)
         rc = st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size);
     free(h.s);
-    free(names);
     for (int i = 0; i < p.n_values; i++) {
         if (p.values[i].kind == PK_TEXT) free(p.values[i].text);
         free(p.values[i].items);
@@ -1843,11 +1833,12 @@ static int check_output_dir(const char *dir, const char *input, int overwrite, c
     struct dirent *e;
     int rc = 0;
     while (rc == 0 && (e = readdir(d)) != NULL) {
-        int ours = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        int ours = 0;
         for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
         if (!ours)
             rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
-        else if (!overwrite && strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+        else if (!overwrite)
             rc = fail("%s already holds a model (%s): give --overwrite to replace it%s, or choose a new output folder",
                       dir, e->d_name, or_resume ? or_resume : "");
     }
@@ -4656,12 +4647,9 @@ static int task_load(Task *t, const char *path, int vocab, int limit) {
         size_t n = (size_t)((end ? end : text + len) - line);
         while (n > 0 && (line[n - 1] == '\r' || line[n - 1] == ' ')) n--;
         if (n == 0) continue;
-        if (t->n_docs == cap) {
-            cap = cap ? 2 * cap : 256;
-            TaskDoc *docs = realloc(t->docs, (size_t)cap * sizeof(TaskDoc));
-            if (!docs) { rc = fail("%s: out of memory", path); break; }
-            t->docs = docs;
-        }
+        TaskDoc *docs = grow(t->docs, t->n_docs, &cap, sizeof(TaskDoc));
+        if (!docs) { rc = fail("%s: out of memory", path); break; }
+        t->docs = docs;
         TaskDoc *doc = memset(&t->docs[t->n_docs++], 0, sizeof(TaskDoc));
         char where[PATH_LEN + 16];
         snprintf(where, sizeof(where), "%s:%d", path, line_no);
@@ -6052,37 +6040,37 @@ static const char *const eval_usage =
     "  --out FILE        the task results as lm-evaluation-harness's results.json\n"
     "  --threads N       OpenMP threads (all cores)\n";
 
-/* The task files of --task and --tasks DIR (*.jsonl, in name order) */
+/* Appends a copy of path to a list of *n (room for *cap) */
+static int add_path(char ***paths, int *n, int *cap, const char *path) {
+    char **grown = grow(*paths, *n, cap, sizeof(char *));
+    if (!grown) return fail("out of memory");
+    *paths = grown;
+    if (!(grown[*n] = strdup(path))) return fail("out of memory");
+    (*n)++;
+    return 0;
+}
+
+/* The task files of --task and --tasks DIR (*.jsonl, in name order); on
+ * failure the caller frees the *n already listed */
 static int task_paths(const char *task_path, const char *task_dir, char ***paths, int *n) {
+    int cap = 0, rc = 0;
     *paths = NULL;
     *n = 0;
-    int cap = 1;
     if (task_dir) {
         DIR *d = opendir(task_dir);
         if (!d) return fail("%s: cannot open the folder: %s", task_dir, strerror(errno));
-        for (struct dirent *e; (e = readdir(d));) {
+        for (struct dirent *e; rc == 0 && (e = readdir(d));) {
             size_t len = strlen(e->d_name);
-            if (len < 7 || strcmp(e->d_name + len - 6, ".jsonl") != 0) continue;
             char path[PATH_LEN], name[PATH_LEN];
-            char **grown = *n + 1 >= cap ? realloc(*paths, (size_t)(cap *= 2) * sizeof(char *)) : *paths;
-            if (!grown || make_path(name, "/", e->d_name) != 0 || make_path(path, task_dir, name) != 0) {
-                closedir(d);
-                return grown ? -1 : fail("out of memory");
-            }
-            *paths = grown;
-            if (!((*paths)[(*n)++] = strdup(path))) { closedir(d); return fail("out of memory"); }
+            if (len < 7 || strcmp(e->d_name + len - 6, ".jsonl") != 0) continue;
+            rc = make_path(name, "/", e->d_name) == 0 && make_path(path, task_dir, name) == 0 ? add_path(paths, n, &cap, path)
+                                                                                              : -1;
         }
         closedir(d);
-        if (*n == 0) return fail("%s: no .jsonl task files", task_dir);
-        qsort(*paths, (size_t)*n, sizeof(char *), string_order);
+        if (rc == 0 && *n == 0) rc = fail("%s: no .jsonl task files", task_dir);
+        if (rc == 0) qsort(*paths, (size_t)*n, sizeof(char *), string_order);
     }
-    if (task_path) {
-        char **grown = realloc(*paths, (size_t)(*n + 1) * sizeof(char *));
-        if (!grown || !(grown[*n] = strdup(task_path))) { free(grown ? grown : *paths); return fail("out of memory"); }
-        *paths = grown;
-        (*n)++;
-    }
-    return 0;
+    return rc == 0 && task_path ? add_path(paths, n, &cap, task_path) : rc;
 }
 
 static int cmd_eval(int argc, char **argv) {
