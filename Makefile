@@ -63,13 +63,13 @@ test-sanitize:
 
 # Every reader, fuzzed (dev/fuzz/fuzz.c): fuzz-smoke replays the committed seed
 # corpora under the sanitizers; fuzz runs libFuzzer from them.
-FUZZ_TARGETS := json:1 config:2 safetensors:3 torch:4 tokenizer:5 tokens:6 tasks:7
+FUZZ_TARGETS := json:1 config:2 safetensors:3 torch:4 tokenizer:5 tokens:6 tasks:7 optimizer:8
 FUZZ_SECONDS ?= 600
 fuzz-smoke:
 	@mkdir -p build/fuzz
 	@set -e; for t in $(FUZZ_TARGETS); do name=$${t%%:*}; id=$${t#*:}; \
-	  $(SAN_CC) $(SANITIZE) -DMLKV_NO_MAIN -DFUZZ_STANDALONE -DFUZZ_TARGET=$$id -I. -o build/fuzz/replay-$$name \
-	    dev/fuzz/fuzz.c mlkv.c -lm; \
+	  $(SAN_CC) $(SANITIZE) -Wall -Wextra -DFUZZ_STANDALONE -DFUZZ_TARGET=$$id -I. -o build/fuzz/replay-$$name \
+	    dev/fuzz/fuzz.c -lm; \
 	  ASAN_OPTIONS=detect_leaks=1 build/fuzz/replay-$$name dev/fuzz/corpus/$$name/* 2>/dev/null; \
 	  echo "== fuzz-smoke $$name: seed files replayed clean: $$(ls dev/fuzz/corpus/$$name | wc -l)"; done
 
@@ -77,8 +77,8 @@ fuzz:
 	@command -v clang >/dev/null || { echo "make fuzz needs clang (libFuzzer)"; exit 1; }
 	@mkdir -p build/fuzz
 	@set -e; for t in $(FUZZ_TARGETS); do name=$${t%%:*}; id=$${t#*:}; mkdir -p build/fuzz/$$name; \
-	  clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -DMLKV_NO_MAIN \
-	    -DFUZZ_TARGET=$$id -I. -o build/fuzz/fuzz-$$name dev/fuzz/fuzz.c mlkv.c -lm; \
+	  clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	    -DFUZZ_TARGET=$$id -I. -o build/fuzz/fuzz-$$name dev/fuzz/fuzz.c -lm; \
 	  echo "== fuzz $$name for $(FUZZ_SECONDS) s"; \
 	  build/fuzz/fuzz-$$name -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -max_len=100000 \
 	    build/fuzz/$$name dev/fuzz/corpus/$$name; done
