@@ -43,6 +43,7 @@
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h> /* the graceful stop's signal flag */
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -4361,13 +4362,21 @@ static const char *rotary_mode(const Config *c) {
 #define MIN_PLANNED_STEPS 20 /* fewer optimizer steps from --epochs are refused */
 
 /* A graceful stop: the first SIGINT or SIGTERM during training is noted and
- * the run ends after the current step, with a checkpoint; a second one ends
- * the process at once (the handler is then the default again). */
-static volatile sig_atomic_t stop_signal;
+ * the run ends after the current step, with a checkpoint; a second one, of
+ * either kind, ends the process at once (a save cut short leaves the last
+ * checkpoint whole). Two signals sent together may reach two threads at
+ * the same moment, so the first is claimed with an atomic exchange: the
+ * handler that finds one already noted restores the default and re-raises. */
+static atomic_int stop_signal;
 
 static void note_stop_signal(int sig) {
-    stop_signal = sig;
-    signal(sig, SIG_DFL);
+    if (atomic_exchange(&stop_signal, sig) != 0) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
 }
 
 static int run_training(TrainArgs *t) {
@@ -4469,7 +4478,7 @@ static int run_training(TrainArgs *t) {
     int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step ? start_step + t->stop_after : t->steps;
     double t_start = now_seconds();
     int finished = start_step;
-    stop_signal = 0;
+    atomic_store(&stop_signal, 0);
     signal(SIGINT, note_stop_signal);
     signal(SIGTERM, note_stop_signal);
     for (int step = start_step; step < last_step && !timed_out; step++) {

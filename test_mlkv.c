@@ -1712,6 +1712,20 @@ static void test_graceful_stop(void) {
     snprintf(a, sizeof(a), "%s/unstopped/model.safetensors", tmp_dir);
     snprintf(b, sizeof(b), "%s/stopped/model.safetensors", tmp_dir);
     CHECK(same_file(a, b), "a stopped and resumed run ends with the bytes of an uninterrupted one");
+    /* a second signal (here SIGINT right after SIGTERM, within a step of about
+     * 0.1 s) ends the run at once: killed by one of the two (the kernel may
+     * deliver them in either order), nothing saved */
+    CHECK(run("(%s train %s --train %s --out %s/twice --batch 32 & pid=$!; "
+              "while kill -0 $pid 2>/dev/null && [ \"$(wc -l < %s/twice.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; do sleep 0.01; done; "
+              "kill -TERM $pid; kill -INT $pid; wait $pid; echo \"exit $?\")", mlkv_bin, common, tokens, tmp_dir, tmp_dir) == 0 &&
+          (strstr(output(), "exit 130") || strstr(output(), "exit 143")) && !strstr(output(), "stopped by") &&
+              !strstr(output(), "saved "),
+          "a second signal: %s", output());
+    snprintf(a, sizeof(a), "%s/twice", tmp_dir);
+    struct stat st;
+    CHECK(stat(a, &st) != 0, "no checkpoint after a second signal");
+    CHECK(run("%s train %s --train %s --out %s/twice --steps 20", mlkv_bin, common, tokens, tmp_dir) == 0 &&
+          strstr(output(), "step    20/20"), "the lock of the killed run is taken over: %s", output());
 }
 
 static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
