@@ -587,15 +587,30 @@ void kv_owner_layers(int n_layer, int n_kv_layer, int *owners) {
         owners[i + 1] = (int)((i + 1) * ((double)n_layer / (double)n_kv_layer));
 }
 
+/* Bounds on every size, far above any real model (Pythia-12B: width 5120,
+ * 40 heads), that keep the index arithmetic in range: offsets into tensors
+ * and activations are computed in size_t, and what stays in int (a row of
+ * B*T, a head, a task of B * heads * query blocks) fits it whenever a width
+ * is at most MLKV_MAX_WIDTH, heads at most MLKV_MAX_HEADS and B*T at most
+ * MLKV_MAX_TOKENS (model_prepare). */
+#define MLKV_MAX_WIDTH (1 << 20)
+#define MLKV_MAX_HEADS 4096
+#define MLKV_MAX_TOKENS (1 << 24)
+
+static int check_size(const char *what, const char *name, int value, int max) {
+    if (value < 1 || value > max) return fail("%s: %s %d must be in 1..%d", what, name, value, max);
+    return 0;
+}
+
 int config_finalize(Config *c, const char *what) {
-    if (c->vocab_size < 1 || c->vocab_size > (1 << 24)) return fail("%s: vocab_size %d is out of range", what, c->vocab_size);
-    if (c->hidden_size < 1) return fail("%s: hidden_size %d must be positive", what, c->hidden_size);
-    if (c->n_layer < 1 || c->n_layer > MLKV_MAX_LAYERS)
-        return fail("%s: num_hidden_layers %d must be in 1..%d", what, c->n_layer, MLKV_MAX_LAYERS);
-    if (c->n_head < 1 || c->hidden_size % c->n_head != 0)
+    if (check_size(what, "vocab_size", c->vocab_size, 1 << 24) || check_size(what, "hidden_size", c->hidden_size, MLKV_MAX_WIDTH) ||
+        check_size(what, "num_hidden_layers", c->n_layer, MLKV_MAX_LAYERS) ||
+        check_size(what, "num_attention_heads", c->n_head, MLKV_MAX_HEADS) ||
+        check_size(what, "intermediate_size", c->intermediate_size, MLKV_MAX_WIDTH) ||
+        check_size(what, "max_position_embeddings", c->max_position_embeddings, MLKV_MAX_TOKENS))
+        return -1;
+    if (c->hidden_size % c->n_head != 0)
         return fail("%s: hidden_size %d is not divisible by num_attention_heads %d", what, c->hidden_size, c->n_head);
-    if (c->intermediate_size < 1) return fail("%s: intermediate_size %d must be positive", what, c->intermediate_size);
-    if (c->max_position_embeddings < 1) return fail("%s: max_position_embeddings must be positive", what);
     if (c->has_kv_map) { /* an explicit map: each layer reads an owner at or below it */
         int owners = 0;
         for (int l = 0; l < c->n_layer; l++) {
@@ -613,8 +628,8 @@ int config_finalize(Config *c, const char *what) {
     }
     if (c->hidden_size / c->n_head > MAX_HEAD_SIZE)
         return fail("%s: head size %d exceeds %d", what, c->hidden_size / c->n_head, MAX_HEAD_SIZE);
-    if (c->use_kv_mlp && c->kv_intermediate_size < 1)
-        return fail("%s: use_key_value_mlp needs a positive kv_intermediate_size", what);
+    if (c->use_kv_mlp && check_size(what, "kv_intermediate_size (use_key_value_mlp)", c->kv_intermediate_size, MLKV_MAX_WIDTH))
+        return -1;
     if (c->n_kv_head < 1 || c->n_kv_head > c->n_head)
         return fail("%s: num_key_value_heads %d must be in 1..num_attention_heads (%d)", what, c->n_kv_head, c->n_head);
     if (c->n_head % c->n_kv_head != 0)
@@ -3473,6 +3488,8 @@ static void free_activations(Model *m) {
 int model_prepare(Model *m, int B, int T, int with_grads) {
     const Config *c = &m->config;
     if (B < 1 || T < 1) return fail("batch %d and sequence length %d must be positive", B, T);
+    if ((long long)B * T > MLKV_MAX_TOKENS)
+        return fail("batch %d x sequence length %d = %lld tokens at once exceeds %d", B, T, (long long)B * T, MLKV_MAX_TOKENS);
     if (T > c->max_position_embeddings)
         return fail("sequence length %d exceeds the model's max_position_embeddings (%d)", T, c->max_position_embeddings);
     free_activations(m);

@@ -208,6 +208,11 @@ static void test_cached_decoding(void) {
         KVCache cache;
         int B = 2, T = 64, V, tokens[128], step[2]; /* 64 positions: two key blocks, six query blocks */
         CHECK(model_load(&m, dir) == 0 && model_prepare(&m, B, T, 0) == 0, "%s: %s", dir, mlkv_error());
+        if (f == 0)
+            CHECK(model_prepare(&m, 1 << 20, 32, 0) != 0 &&
+                      strstr(mlkv_error(), "batch 1048576 x sequence length 32 = 33554432 tokens at once exceeds 16777216") &&
+                      model_prepare(&m, B, T, 0) == 0,
+                  "a batch too large to index: %s", mlkv_error());
         V = m.config.vocab_size;
         for (int i = 0; i < B * T; i++) tokens[i] = (i * 7 + 3) % V;
         model_forward(&m, tokens, NULL, B, T);
@@ -773,6 +778,12 @@ static void test_errors(void) {
          "num_hidden_layers 300 is outside 1..256"},
         {TINY_CONFIG(", \"mlkv_kv_layer_map\": [0, 0, 1e12, 0]"), "mlkv_kv_layer_map[2] is not a layer number below 4"},
         {TINY_CONFIG(", \"layer_norm_eps\": 1e400"), "a number out of range"},
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 2097152, \"num_hidden_layers\": 4, "
+         "\"num_attention_heads\": 4, \"intermediate_size\": 64}", "hidden_size 2097152 must be in 1..1048576"},
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 8192, \"num_hidden_layers\": 4, "
+         "\"num_attention_heads\": 8192, \"intermediate_size\": 64}", "num_attention_heads 8192 must be in 1..4096"},
+        {TINY_CONFIG(", \"use_key_value_mlp\": true, \"kv_intermediate_size\": 2000000"),
+         "kv_intermediate_size (use_key_value_mlp) 2000000 must be in 1..1048576"},
         {TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_heads\": 4"),
          "the key \"num_key_value_heads\" appears twice"},
     };
