@@ -3083,26 +3083,40 @@ static void tile_product(float *s, const float *a, const float *b, int hs) {
 
 /* The largest of x[0..n), and the sum of a row of ATT_KB numbers, over
  * REDUCE_LANES fixed lanes (the order is the code's, not the compiler's:
- * loops vectorize and the bits do not depend on the vector width) */
+ * loops vectorize and the bits do not depend on the vector width). The
+ * lanes are then folded in halves, a tree of 4 steps: a chain of 16 scalar
+ * steps made every row of an attention tile wait about 64 cycles (measured
+ * with perf on make bench's attention table). */
 #define REDUCE_LANES 16
+static inline float fold_max(float *lane) {
+    for (int w = REDUCE_LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) lane[j] = lane[j + w] > lane[j] ? lane[j + w] : lane[j];
+    return lane[0];
+}
+
+static inline float fold_sum(float *lane) {
+    for (int w = REDUCE_LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) lane[j] += lane[j + w];
+    return lane[0];
+}
+
 static inline float row_max(const float *x, int n) {
-    float lane[REDUCE_LANES], max = -INFINITY;
+    float lane[REDUCE_LANES];
     int i, whole = n / REDUCE_LANES * REDUCE_LANES;
     for (int j = 0; j < REDUCE_LANES; j++) lane[j] = -INFINITY;
     for (i = 0; i < whole; i += REDUCE_LANES)
         for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
-    for (int j = 0; j < REDUCE_LANES; j++) max = lane[j] > max ? lane[j] : max;
+    float max = fold_max(lane);
     for (; i < n; i++) max = x[i] > max ? x[i] : max;
     return max;
 }
 
 static inline float row_sum(const float *x) {
-    float lane[REDUCE_LANES], sum = 0.0f;
+    float lane[REDUCE_LANES];
     for (int j = 0; j < REDUCE_LANES; j++) lane[j] = x[j];
     for (int j0 = REDUCE_LANES; j0 < ATT_KB; j0 += REDUCE_LANES)
         for (int j = 0; j < REDUCE_LANES; j++) lane[j] += x[j0 + j];
-    for (int j = 0; j < REDUCE_LANES; j++) sum += lane[j];
-    return sum;
+    return fold_sum(lane);
 }
 
 /* Keys of one head for attention_block_forward: their head panels (packed
@@ -3115,50 +3129,71 @@ typedef struct {
     int half;
 } KeySource;
 
-/* The `rows` queries q (row stride q_stride) of one head at positions pos0 ..
- * pos0+rows-1, each over the keys at positions 0 .. its own (causal); values
- * v (row stride v_stride). out = softmax(q k^T * scale) v, lse = the
- * log-sum-exp of each row's scores. */
+/* One task's block of queries (forward, and the backward pass's first loop)
+ * or keys (the backward pass's second loop) is ATT_TILES micro-tiles of
+ * ATT_QB rows. Each block of ATT_KB keys (or queries) is loaded once per
+ * task and serves all its tiles from the L1 cache: with one tile per task,
+ * every 12 queries streamed all of a head's keys and values through the
+ * caches, and the products waited on those loads (measured with make bench's
+ * attention table: about 0.3 of the FMA peak). The tiles' state lives on the
+ * thread's stack: about 200 KiB at MAX_HEAD_SIZE. */
+#define ATT_TILES 4
+#define ATT_ROWS (ATT_TILES * ATT_QB)
+
+/* The rows of tile u of a block of `rows` (the last tile may be short) */
+static inline int tile_rows(int rows, int u) { return rows - u * ATT_QB < ATT_QB ? rows - u * ATT_QB : ATT_QB; }
+
+/* The `rows` (at most ATT_ROWS) queries q (row stride q_stride) of one head
+ * at positions pos0 .. pos0+rows-1, each over the keys at positions 0 .. its
+ * own (causal); values v (row stride v_stride). out = softmax(q k^T * scale) v,
+ * lse = the log-sum-exp of each row's scores. */
 static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride, int rows, int pos0,
                                     const KeySource *keys_from, const float *v, size_t v_stride, int hs, float scale) {
-    float qp[MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB];
-    float o[ATT_QB * MAX_HEAD_WIDTH], m[ATT_QB], l[ATT_QB];
-    int width = HEAD_WIDTH(hs), count = pos0 + rows;
-    pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
-    scale_floats(qp, scale, hs * ATT_QB); /* the scores' factor, applied once to q */
-    for (int i = 0; i < ATT_QB; i++) m[i] = -INFINITY, l[i] = 0.0f;
-    memset(o, 0, sizeof(float) * ATT_QB * width);
-    for (int s0 = 0; s0 < count; s0 += ATT_KB) {
-        int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB, half = keys_from->half;
+    float qp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB];
+    float o[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH], m[ATT_ROWS], l[ATT_ROWS];
+    int width = HEAD_WIDTH(hs), tiles = (rows + ATT_QB - 1) / ATT_QB;
+    for (int u = 0; u < tiles; u++) {
+        pack_panel(qp[u], q + (size_t)u * ATT_QB * q_stride, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
+        scale_floats(qp[u], scale, hs * ATT_QB); /* the scores' factor, applied once to q */
+        memset(o[u], 0, sizeof(float) * ATT_QB * width);
+    }
+    for (int i = 0; i < ATT_ROWS; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    for (int s0 = 0; s0 < pos0 + rows; s0 += ATT_KB) {
+        int half = keys_from->half, block_keys = pos0 + rows - s0 < ATT_KB ? pos0 + rows - s0 : ATT_KB;
         const float *panel = keys_from->panels ? keys_from->panels + (size_t)s0 * hs : kp;
         if (!keys_from->panels)
-            pack_head_panels(kp, keys_from->k + s0 * keys_from->stride, keys_from->stride, keys, hs,
+            pack_head_panels(kp, keys_from->k + s0 * keys_from->stride, keys_from->stride, block_keys, hs,
                              keys_from->cos_t ? keys_from->cos_t + (size_t)s0 * half : NULL,
                              keys_from->sin_t ? keys_from->sin_t + (size_t)s0 * half : NULL, half);
-        tile_product(s, qp, panel, hs); /* s = scale q k^T */
-        for (int i = 0; i < ATT_QB; i++) { /* s becomes p, row by row */
-            float *si = s + i * ATT_KB;
-            int visible = pos0 + i - s0 + 1; /* keys s0 .. pos0+i of this block */
-            visible = visible < keys ? visible : keys;
-            /* (every loop below computes all ATT_KB columns and then selects:
-             * no conditional loads, so the compiler vectorizes them) */
-            for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? si[j] : -INFINITY;
-            float max = row_max(si, ATT_KB);
-            max = max > m[i] ? max : m[i];
-            float correction = exp_fast(m[i] - max); /* rescale what was summed under the old max */
-            for (int j = 0; j < ATT_KB; j++) {
-                float p = exp_fast(si[j] - max);
-                si[j] = j < visible ? p : 0.0f;
+        for (int u = 0; u < tiles; u++) {
+            int tile_pos0 = pos0 + u * ATT_QB, count = tile_pos0 + tile_rows(rows, u);
+            if (s0 >= count) continue; /* the tile's queries see none of these keys */
+            int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
+            tile_product(s, qp[u], panel, hs); /* s = scale q k^T */
+            for (int i = 0; i < ATT_QB; i++) { /* s becomes p, row by row */
+                float *si = s + i * ATT_KB, *mi = m + u * ATT_QB + i, *li = l + u * ATT_QB + i;
+                int visible = tile_pos0 + i - s0 + 1; /* keys s0 .. tile_pos0+i of this block */
+                visible = visible < keys ? visible : keys;
+                /* (every loop below computes all ATT_KB columns and then selects:
+                 * no conditional loads, so the compiler vectorizes them) */
+                for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? si[j] : -INFINITY;
+                float max = row_max(si, ATT_KB);
+                max = max > *mi ? max : *mi;
+                float correction = exp_fast(*mi - max); /* rescale what was summed under the old max */
+                for (int j = 0; j < ATT_KB; j++) {
+                    float p = exp_fast(si[j] - max);
+                    si[j] = j < visible ? p : 0.0f;
+                }
+                *li = *li * correction + row_sum(si);
+                *mi = max;
+                if (correction != 1.0f)
+                    for (int d = 0; d < width; d++) o[u][i * width + d] *= correction;
             }
-            l[i] = l[i] * correction + row_sum(si);
-            m[i] = max;
-            if (correction != 1.0f)
-                for (int d = 0; d < width; d++) o[i * width + d] *= correction;
+            weighted_rows(o[u], s, v + s0 * v_stride, v_stride, keys, hs); /* o += p v */
         }
-        weighted_rows(o, s, v + s0 * v_stride, v_stride, keys, hs); /* o += p v */
     }
     for (int i = 0; i < rows; i++) {
-        for (int d = 0; d < hs; d++) out[i * q_stride + d] = o[i * width + d] / l[i];
+        for (int d = 0; d < hs; d++) out[i * q_stride + d] = o[i / ATT_QB][i % ATT_QB * width + d] / l[i];
         lse[i] = m[i] + logf(l[i]);
     }
 }
@@ -3171,13 +3206,13 @@ size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward
 /* panels: [B, kvH, PADDED_T(T) * hs] scratch for the keys' head panels */
 void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v,
                               int B, int T, int H, int kvH, int hs) {
-    int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB;
+    int group = H / kvH, blocks = (T + ATT_ROWS - 1) / ATT_ROWS;
     float scale = 1.0f / sqrtf((float)hs);
     pack_heads(panels, k, B, T, kvH, hs);
 PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in turn */
     for (int task = 0; task < B * H * blocks; task++) {
-        int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_QB;
-        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB, kvh = b * kvH + h / group;
+        int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_ROWS;
+        int rows = T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS, kvh = b * kvH + h / group;
         size_t row = ((size_t)b * T + t0) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
         KeySource keys = {panels + (size_t)kvh * PADDED_T(T) * hs, NULL, NULL, NULL, 0, 0};
         attention_block_forward(out + row * hs, lse + ((size_t)b * H + h) * T + t0, q + row * hs, (size_t)H * hs,
@@ -3190,76 +3225,93 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
  *   ds_s = p_s (dp_s - D),  dq = scale sum_s ds_s k_s,  dk_s += scale ds_s q,
  *   dv_s += p_s dout.
  * Two passes keep threads from writing the same rows: first over query
- * blocks (dq, overwritten), then over blocks of ATT_QB keys (dk and dv
- * accumulate, since several layers may read them), each key summing over the
- * query heads of its group. Both recompute p from the saved log-sum-exp. */
+ * blocks (dq, overwritten), then over blocks of keys (dk and dv accumulate,
+ * since several layers may read them), each key summing over the query heads
+ * of its group. Both recompute p from the saved log-sum-exp. */
 static void attention_backward_queries(float *dq, float *delta, const float *dout, const float *q, const float *out,
                                        const float *lse, size_t q_stride, int rows, int t0, const float *k_panels,
                                        const float *v_panels, const float *k, size_t kv_stride, int hs, float scale) {
-    float qp[MAX_HEAD_SIZE * ATT_QB], dop[MAX_HEAD_SIZE * ATT_QB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB];
-    float acc[ATT_QB * MAX_HEAD_WIDTH], D[ATT_QB] = {0}, L[ATT_QB] = {0};
-    int width = HEAD_WIDTH(hs), count = t0 + rows;
-    pack_panel(qp, q, q_stride, 1, rows, hs, ATT_QB);
-    scale_floats(qp, scale, hs * ATT_QB);
-    pack_panel(dop, dout, q_stride, 1, rows, hs, ATT_QB);
+    float qp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB], dop[ATT_TILES][MAX_HEAD_SIZE * ATT_QB];
+    float s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], acc[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH];
+    float D[ATT_ROWS] = {0}, L[ATT_ROWS] = {0};
+    int width = HEAD_WIDTH(hs), tiles = (rows + ATT_QB - 1) / ATT_QB;
+    for (int u = 0; u < tiles; u++) {
+        size_t first = (size_t)u * ATT_QB * q_stride;
+        pack_panel(qp[u], q + first, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
+        scale_floats(qp[u], scale, hs * ATT_QB);
+        pack_panel(dop[u], dout + first, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
+        memset(acc[u], 0, sizeof(float) * ATT_QB * width);
+    }
     for (int i = 0; i < rows; i++) {
         for (int d = 0; d < hs; d++) D[i] += dout[i * q_stride + d] * out[i * q_stride + d];
         delta[i] = D[i];
         L[i] = lse[i];
     }
-    memset(acc, 0, sizeof(float) * ATT_QB * width);
-    for (int s0 = 0; s0 < count; s0 += ATT_KB) {
-        int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
-        tile_product(s, qp, k_panels + (size_t)s0 * hs, hs);    /* scores */
-        tile_product(dp, dop, v_panels + (size_t)s0 * hs, hs); /* dp = dout v^T */
-        for (int i = 0; i < ATT_QB; i++) { /* dp becomes ds */
-            int visible = i < rows ? t0 + i - s0 + 1 : 0;
-            visible = visible < keys ? visible : keys;
-            float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB, lse_i = L[i], delta_i = D[i];
-            for (int j = 0; j < ATT_KB; j++) {
-                float p = exp_fast(si[j] - lse_i);
-                dpi[j] = j < visible ? p * (dpi[j] - delta_i) : 0.0f;
+    for (int s0 = 0; s0 < t0 + rows; s0 += ATT_KB) {
+        for (int u = 0; u < tiles; u++) {
+            int n = tile_rows(rows, u), tile_t0 = t0 + u * ATT_QB, count = tile_t0 + n;
+            if (s0 >= count) continue;
+            int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
+            tile_product(s, qp[u], k_panels + (size_t)s0 * hs, hs);    /* scores */
+            tile_product(dp, dop[u], v_panels + (size_t)s0 * hs, hs); /* dp = dout v^T */
+            for (int i = 0; i < ATT_QB; i++) { /* dp becomes ds */
+                int visible = i < n ? tile_t0 + i - s0 + 1 : 0;
+                visible = visible < keys ? visible : keys;
+                float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
+                float lse_i = L[u * ATT_QB + i], delta_i = D[u * ATT_QB + i];
+                for (int j = 0; j < ATT_KB; j++) {
+                    float p = exp_fast(si[j] - lse_i);
+                    dpi[j] = j < visible ? p * (dpi[j] - delta_i) : 0.0f;
+                }
             }
+            weighted_rows(acc[u], dp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += ds k */
         }
-        weighted_rows(acc, dp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += ds k */
     }
     for (int i = 0; i < rows; i++)
-        for (int d = 0; d < hs; d++) dq[i * q_stride + d] = scale * acc[i * width + d];
+        for (int d = 0; d < hs; d++) dq[i * q_stride + d] = scale * acc[i / ATT_QB][i % ATT_QB * width + d];
 }
 
-/* dk, dv [ATT_QB, HEAD_WIDTH(hs)] += of the `keys` keys at positions s0 ..
+/* dk, dv [ATT_ROWS, HEAD_WIDTH(hs)] += of the `keys` keys at positions s0 ..
  * (rows of k, v; row stride kv_stride), from the queries of one head at
  * positions s0 .. T-1 (their head panels, and rows of q and dout). */
-static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *dout, const float *q,
-                                    const float *q_panels, const float *dout_panels, const float *lse,
-                                    const float *delta, size_t q_stride, int T, const float *k, const float *v,
-                                    size_t kv_stride, int s0, int keys, int hs, float scale) {
-    float kp[MAX_HEAD_SIZE * ATT_QB], vp[MAX_HEAD_SIZE * ATT_QB], s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB];
-    float lse_j[ATT_KB], delta_j[ATT_KB];
-    pack_panel(kp, k, kv_stride, 1, keys, hs, ATT_QB);
-    scale_floats(kp, scale, hs * ATT_QB);
-    pack_panel(vp, v, kv_stride, 1, keys, hs, ATT_QB);
+static void attention_backward_keys(float (*dk_acc)[ATT_QB * MAX_HEAD_WIDTH], float (*dv_acc)[ATT_QB * MAX_HEAD_WIDTH],
+                                    const float *dout, const float *q, const float *q_panels, const float *dout_panels,
+                                    const float *lse, const float *delta, size_t q_stride, int T, const float *k,
+                                    const float *v, size_t kv_stride, int s0, int keys, int hs, float scale) {
+    float kp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB], vp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB];
+    float s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], lse_j[ATT_KB], delta_j[ATT_KB];
+    int tiles = (keys + ATT_QB - 1) / ATT_QB;
+    for (int u = 0; u < tiles; u++) {
+        size_t first = (size_t)u * ATT_QB * kv_stride;
+        pack_panel(kp[u], k + first, kv_stride, 1, tile_rows(keys, u), hs, ATT_QB);
+        scale_floats(kp[u], scale, hs * ATT_QB);
+        pack_panel(vp[u], v + first, kv_stride, 1, tile_rows(keys, u), hs, ATT_QB);
+    }
     for (int t0 = s0 / ATT_KB * ATT_KB; t0 < T; t0 += ATT_KB) {
         int queries = T - t0 < ATT_KB ? T - t0 : ATT_KB;
-        tile_product(s, kp, q_panels + (size_t)t0 * hs, hs);     /* scores^T */
-        tile_product(dp, vp, dout_panels + (size_t)t0 * hs, hs); /* dp^T */
         for (int j = 0; j < ATT_KB; j++) { /* the statistics of queries t0 .., finite past T */
             lse_j[j] = j < queries ? lse[t0 + j] : 0.0f;
             delta_j[j] = j < queries ? delta[t0 + j] : 0.0f;
         }
-        for (int i = 0; i < ATT_QB; i++) { /* rows: keys s0+i; s becomes p^T and dp becomes ds^T */
-            int first = s0 + i - t0; /* queries t0+j with j >= first see key s0+i */
-            first = i < keys ? (first > 0 ? first : 0) : ATT_KB;
-            float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
-            for (int j = 0; j < ATT_KB; j++) {
-                int visible = j >= first && j < queries;
-                float p = exp_fast(si[j] - lse_j[j]), ds = p * (dpi[j] - delta_j[j]);
-                si[j] = visible ? p : 0.0f;
-                dpi[j] = visible ? ds : 0.0f;
+        for (int u = 0; u < tiles; u++) {
+            int n = tile_rows(keys, u), tile_s0 = s0 + u * ATT_QB;
+            if (t0 < tile_s0 / ATT_KB * ATT_KB) continue; /* all these queries come before the tile's keys */
+            tile_product(s, kp[u], q_panels + (size_t)t0 * hs, hs);     /* scores^T */
+            tile_product(dp, vp[u], dout_panels + (size_t)t0 * hs, hs); /* dp^T */
+            for (int i = 0; i < ATT_QB; i++) { /* rows: keys tile_s0+i; s becomes p^T and dp becomes ds^T */
+                int first = tile_s0 + i - t0; /* queries t0+j with j >= first see key tile_s0+i */
+                first = i < n ? (first > 0 ? first : 0) : ATT_KB;
+                float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
+                for (int j = 0; j < ATT_KB; j++) {
+                    int visible = j >= first && j < queries;
+                    float p = exp_fast(si[j] - lse_j[j]), ds = p * (dpi[j] - delta_j[j]);
+                    si[j] = visible ? p : 0.0f;
+                    dpi[j] = visible ? ds : 0.0f;
+                }
             }
+            weighted_rows(dv_acc[u], s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
+            weighted_rows(dk_acc[u], dp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += ds q (scaled at the end) */
         }
-        weighted_rows(dv_acc, s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
-        weighted_rows(dk_acc, dp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += ds q (scaled at the end) */
     }
 }
 
@@ -3268,7 +3320,7 @@ static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *d
 void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout,
                                const float *q, const float *k, const float *v, const float *out, const float *lse,
                                int B, int T, int H, int kvH, int hs) {
-    int group = H / kvH, blocks = (T + ATT_QB - 1) / ATT_QB, width = HEAD_WIDTH(hs);
+    int group = H / kvH, blocks = (T + ATT_ROWS - 1) / ATT_ROWS, width = HEAD_WIDTH(hs);
     float scale = 1.0f / sqrtf((float)hs);
     size_t q_stride = (size_t)H * hs, kv_stride = (size_t)kvH * hs, head = (size_t)PADDED_T(T) * hs;
     float *k_panels = panels, *v_panels = k_panels + B * kvH * head;
@@ -3279,8 +3331,8 @@ void attention_backward(float *dq, float *dk, float *dv, float *delta, float *pa
     pack_heads(dout_panels, dout, B, T, H, hs);
 PARALLEL_FOR_CYCLIC
     for (int task = 0; task < B * H * blocks; task++) {
-        int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_QB;
-        int rows = T - t0 < ATT_QB ? T - t0 : ATT_QB, kvh = b * kvH + h / group;
+        int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_ROWS;
+        int rows = T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS, kvh = b * kvH + h / group;
         size_t row = ((size_t)b * T + t0) * q_stride + (size_t)h * hs;
         size_t kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs, stat = ((size_t)b * H + h) * T + t0;
         attention_backward_queries(dq + row, delta + stat, dout + row, q + row, out + row, lse + stat, q_stride, rows,
@@ -3288,11 +3340,11 @@ PARALLEL_FOR_CYCLIC
     }
 PARALLEL_FOR_CYCLIC
     for (int task = 0; task < B * kvH * blocks; task++) {
-        int b = task / (kvH * blocks), kvh = task / blocks % kvH, s0 = task % blocks * ATT_QB;
-        int keys = T - s0 < ATT_QB ? T - s0 : ATT_QB;
-        float dk_acc[ATT_QB * MAX_HEAD_WIDTH], dv_acc[ATT_QB * MAX_HEAD_WIDTH];
-        memset(dk_acc, 0, sizeof(float) * ATT_QB * width);
-        memset(dv_acc, 0, sizeof(float) * ATT_QB * width);
+        int b = task / (kvH * blocks), kvh = task / blocks % kvH, s0 = task % blocks * ATT_ROWS;
+        int keys = T - s0 < ATT_ROWS ? T - s0 : ATT_ROWS;
+        float dk_acc[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH], dv_acc[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH];
+        memset(dk_acc, 0, sizeof(dk_acc));
+        memset(dv_acc, 0, sizeof(dv_acc));
         size_t kv = ((size_t)b * T + s0) * kv_stride + (size_t)kvh * hs;
         for (int h = kvh * group; h < (kvh + 1) * group; h++) {
             size_t qh = (size_t)b * T * q_stride + (size_t)h * hs, stat = ((size_t)b * H + h) * T;
@@ -3303,8 +3355,8 @@ PARALLEL_FOR_CYCLIC
         }
         for (int i = 0; i < keys; i++)
             for (int d = 0; d < hs; d++) {
-                dk[kv + i * kv_stride + d] += scale * dk_acc[i * width + d];
-                dv[kv + i * kv_stride + d] += dv_acc[i * width + d];
+                dk[kv + i * kv_stride + d] += scale * dk_acc[i / ATT_QB][i % ATT_QB * width + d];
+                dv[kv + i * kv_stride + d] += dv_acc[i / ATT_QB][i % ATT_QB * width + d];
             }
     }
 }
@@ -3316,15 +3368,15 @@ PARALLEL_FOR_CYCLIC
  * (the reference-compatible mode caches them un-rotated). */
 static void attention_cached(float *out, const float *q, const float *k, const float *v, int B, int n, int pos0,
                              int H, int kvH, int hs, int max_T, const float *cos_t, const float *sin_t, int rd) {
-    int group = H / kvH, blocks = (n + ATT_QB - 1) / ATT_QB;
+    int group = H / kvH, blocks = (n + ATT_ROWS - 1) / ATT_ROWS;
     float scale = 1.0f / sqrtf((float)hs);
 PARALLEL_FOR_CYCLIC
     for (int task = 0; task < B * H * blocks; task++) {
-        int b = task / (H * blocks), h = task / blocks % H, i0 = task % blocks * ATT_QB;
-        int rows = n - i0 < ATT_QB ? n - i0 : ATT_QB;
+        int b = task / (H * blocks), h = task / blocks % H, i0 = task % blocks * ATT_ROWS;
+        int rows = n - i0 < ATT_ROWS ? n - i0 : ATT_ROWS;
         size_t row = ((size_t)b * n + i0) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
         KeySource keys = {NULL, k + kv, cos_t, sin_t, (size_t)hs, rd / 2};
-        float lse[ATT_QB];
+        float lse[ATT_ROWS];
         attention_block_forward(out + row * hs, lse, q + row * hs, (size_t)H * hs, rows, pos0 + i0, &keys, v + kv,
                                 (size_t)hs, hs, scale);
     }

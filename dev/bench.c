@@ -126,6 +126,46 @@ static void bench_gemm(double peak) {
     }
 }
 
+/* --- 2b. Attention alone (causal, Pythia-160M's 12 heads of 64): GFLOP/s of
+ * the products it needs, counted causal (half of T x T): forward q k^T and
+ * p v, 2 T^2 hs per head; backward the scores' and dp's recomputation is
+ * not counted, only dq, dk, dv and dp, 4 T^2 hs per head. */
+static void bench_attention(double peak) {
+    struct { int B, T, kvH; } cases[] = {{8, 256, 12}, {1, 2048, 12}, {1, 2048, 1}};
+    int H = 12, hs = 64;
+    printf("\nAttention of 12 heads of 64 (best of 5 after one warm-up; FLOPs counted causal, without recomputation)\n");
+    printf("| B x T | K/V heads | forward GFLOP/s | of peak | backward GFLOP/s | of peak |\n|---|---|---|---|---|---|\n");
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        int B = cases[c].B, T = cases[c].T, kvH = cases[c].kvH;
+        size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kvH * hs, nstat = (size_t)B * H * T;
+        float *q = malloc(4 * nq), *k = malloc(4 * nkv), *v = malloc(4 * nkv), *out = malloc(4 * nq), *dout = malloc(4 * nq);
+        float *dq = malloc(4 * nq), *dk = calloc(nkv, 4), *dv = calloc(nkv, 4), *lse = malloc(4 * nstat);
+        float *delta = malloc(4 * nstat), *panels = malloc(4 * attention_panel_floats(B, T, H, kvH, hs, 1));
+        if (!q || !k || !v || !out || !dout || !dq || !dk || !dv || !lse || !delta || !panels) {
+            fprintf(stderr, "bench: out of memory\n");
+            exit(1);
+        }
+        for (size_t i = 0; i < nq; i++) q[i] = (float)(i % 17) * 0.05f - 0.4f, dout[i] = (float)(i % 11) * 0.01f;
+        for (size_t i = 0; i < nkv; i++) k[i] = (float)(i % 13) * 0.05f - 0.3f, v[i] = (float)(i % 7) * 0.1f;
+        double best[2] = {1e30, 1e30};
+        for (int rep = 0; rep < 6; rep++) {
+            double t0 = now();
+            attention_forward(out, lse, panels, q, k, v, B, T, H, kvH, hs);
+            double t1 = now();
+            attention_backward(dq, dk, dv, delta, panels, dout, q, k, v, out, lse, B, T, H, kvH, hs);
+            double t2 = now();
+            if (rep > 0 && t1 - t0 < best[0]) best[0] = t1 - t0;
+            if (rep > 0 && t2 - t1 < best[1]) best[1] = t2 - t1;
+        }
+        double causal = (double)B * H * T * (T + 1) / 2 * hs * 2; /* one product's FLOPs */
+        printf("| %d x %d | %d | %.0f | %.2f | %.0f | %.2f |\n", B, T, kvH, 2 * causal / best[0] / 1e9,
+               2 * causal / best[0] / 1e9 / peak, 4 * causal / best[1] / 1e9, 4 * causal / best[1] / 1e9 / peak);
+        fflush(stdout);
+        free(q); free(k); free(v); free(out); free(dout); free(dq); free(dk); free(dv); free(lse); free(delta);
+        free(panels);
+    }
+}
+
 /* --- 3. Training steps */
 static double step_flops_per_token(const Model *m, int T) {
     const Config *c = &m->config;
@@ -184,19 +224,21 @@ static void usage(void) {
     fprintf(stderr, "usage: dev/bench [--threads N] [--steps N] [--quick] [--case MODEL:BxT ...]\n"
                     "  --threads N   OpenMP threads (all cores)\n"
                     "  --steps N     timed training steps per case, after one warm-up (2)\n"
-                    "  --quick       skip the GEMM table\n"
+                    "  --quick       skip the GEMM and attention tables\n"
+                    "  --attention   the attention table alone\n"
                     "  --case C      a training case: MHA or MLKV-2, B x T, and fp32 (default) or bf16,\n"
                     "                e.g. MLKV-2:1x2048:bf16 (repeatable; default: MHA and MLKV-2 at 8x256\n"
                     "                and 1x2048, fp32 and bf16)\n");
 }
 
 int main(int argc, char **argv) {
-    int steps = 2, quick = 0, n_cases = 0, n_threads = 0;
+    int steps = 2, quick = 0, attention_only = 0, n_cases = 0, n_threads = 0;
     const char *cases[16];
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) n_threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) steps = atoi(argv[++i]);
         else if (strcmp(argv[i], "--quick") == 0) quick = 1;
+        else if (strcmp(argv[i], "--attention") == 0) attention_only = 1;
         else if (strcmp(argv[i], "--case") == 0 && i + 1 < argc && n_cases < 16) cases[n_cases++] = argv[++i];
         else if (strcmp(argv[i], "--train-case") == 0 && i + 6 < argc) { /* internal: one case per process */
 #ifdef _OPENMP
@@ -216,7 +258,14 @@ int main(int argc, char **argv) {
     }
     double peak = measure_peak();
     printf("threads: %d\nfp32 FMA peak, measured: %.0f GFLOP/s (%.1f per thread)\n", threads(), peak, peak / threads());
-    if (!quick) bench_gemm(peak);
+    if (attention_only) {
+        bench_attention(peak);
+        return 0;
+    }
+    if (!quick) {
+        bench_gemm(peak);
+        bench_attention(peak);
+    }
     printf("\nTraining steps of Pythia-160M (random weights and tokens; mean of %d steps after one warm-up)\n", steps);
     printf("FLOPs per token = 6 x (matmul parameters, LM head included) + 12 x L x C x T\n");
     printf("| model | B x T | precision | tokens/s | GFLOP/s | peak GFLOP/s | MFU | peak RSS GiB | loss |\n");
