@@ -15,7 +15,7 @@
  * included) + 12 x L x C x T (attention scores and weighted sums, forward and
  * backward, counted without the causal half, as PaLM's MFU does).
  *
- * usage: build/bench [--threads N] [--steps N] [--quick] [--case MODEL:BxT[:bf16] ...]
+ * usage: build/bench [--threads N] [--steps N] [--quick | --gemm | --attention] [--case MODEL:BxT[:bf16] ...]
  */
 #include "../mlkv.h"
 #include <stdio.h>
@@ -221,10 +221,11 @@ static int bench_train(const char *variant, int B, int T, const char *precision,
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: dev/bench [--threads N] [--steps N] [--quick] [--case MODEL:BxT ...]\n"
+    fprintf(stderr, "usage: dev/bench [--threads N] [--steps N] [--quick | --gemm | --attention] [--case MODEL:BxT ...]\n"
                     "  --threads N   OpenMP threads (all cores)\n"
                     "  --steps N     timed training steps per case, after one warm-up (2)\n"
                     "  --quick       skip the GEMM and attention tables\n"
+                    "  --gemm        the GEMM table alone\n"
                     "  --attention   the attention table alone\n"
                     "  --case C      a training case: MHA or MLKV-2, B x T, and fp32 (default) or bf16,\n"
                     "                e.g. MLKV-2:1x2048:bf16 (repeatable; default: MHA and MLKV-2 at 8x256\n"
@@ -232,13 +233,14 @@ static void usage(void) {
 }
 
 int main(int argc, char **argv) {
-    int steps = 2, quick = 0, attention_only = 0, n_cases = 0, n_threads = 0;
+    int steps = 2, quick = 0, attention_only = 0, gemm_only = 0, n_cases = 0, n_threads = 0;
     const char *cases[16];
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) n_threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) steps = atoi(argv[++i]);
         else if (strcmp(argv[i], "--quick") == 0) quick = 1;
         else if (strcmp(argv[i], "--attention") == 0) attention_only = 1;
+        else if (strcmp(argv[i], "--gemm") == 0) gemm_only = 1;
         else if (strcmp(argv[i], "--case") == 0 && i + 1 < argc && n_cases < 16) cases[n_cases++] = argv[++i];
         else if (strcmp(argv[i], "--train-case") == 0 && i + 6 < argc) { /* internal: one case per process */
 #ifdef _OPENMP
@@ -258,8 +260,9 @@ int main(int argc, char **argv) {
     }
     double peak = measure_peak();
     printf("threads: %d\nfp32 FMA peak, measured: %.0f GFLOP/s (%.1f per thread)\n", threads(), peak, peak / threads());
-    if (attention_only) {
-        bench_attention(peak);
+    if (attention_only || gemm_only) {
+        if (gemm_only) bench_gemm(peak);
+        if (attention_only) bench_attention(peak);
         return 0;
     }
     if (!quick) {
