@@ -7,6 +7,7 @@
  *   2. every GEMM shape of a Pythia-160M training step (B*T = 2048 rows):
  *      forward, input gradient and weight gradient, GFLOP/s and fraction of
  *      peak in fp32, and GFLOP/s with bf16 inputs (AMX where the CPU has it);
+ *      then attention alone (forward and backward) at T = 256 and 2048;
  *   3. training steps (forward, backward, AdamW) of Pythia-160M, MHA and
  *      MLKV-2, at T = 256 (B = 8) and T = 2048 (B = 1): tokens/s, MFU and
  *      peak resident memory (each case in its own process).
