@@ -2866,11 +2866,12 @@ static void matmul_forward(float *out, const float *inp, const float *weight, co
 }
 
 /* dinp[N, IC] += dout[N, OC] @ weight[OC, IC]   (skipped when dinp is NULL)
- * dweight[OC, IC] += dout^T @ inp,  dbias[OC] += sum_n dout[n, :] */
+ * dweight[OC, IC] += dout^T @ inp (skipped when NULL: a frozen weight),
+ * dbias[OC] += sum_n dout[n, :] */
 static void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                             const float *weight, int N, int IC, int OC) {
     if (dinp) gemm(N, IC, OC, dout, OC, 1, weight, IC, 1, dinp, 1, NULL);
-    gemm(OC, IC, N, dout, 1, OC, inp, IC, 1, dweight, 1, NULL);
+    if (dweight) gemm(OC, IC, N, dout, 1, OC, inp, IC, 1, dweight, 1, NULL);
     if (!dbias) return;
 PARALLEL_FOR
     for (int o0 = 0; o0 < OC; o0 += 64) { /* columns split across threads, rows summed in order */
@@ -3744,7 +3745,8 @@ static float head_forward(Model *m, int N, float dloss) {
         crossentropy_forward(a->losses + r0, a->logits_lse + r0, a->logits, m->targets + r0, rows, V);
         if (dloss == 0.0f) continue;
         crossentropy_backward(a->logits, a->logits_lse + r0, m->targets + r0, rows, V, dloss);
-        matmul_backward(m->d.d_branch + (size_t)r0 * C, m->g.embed_out, NULL, a->logits, x, m->w.embed_out, rows, C, V);
+        matmul_backward(m->d.d_branch + (size_t)r0 * C, m->freeze_embeddings ? NULL : m->g.embed_out, NULL, a->logits, x,
+                        m->w.embed_out, rows, C, V);
     }
     double total = 0;
     for (int n = 0; n < N; n++) total += a->losses[n];
@@ -3825,7 +3827,8 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
             layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.x, lw->ln2_w, s.ln2_stats, N, C);
         layernorm_backward(d->d_residual, gw->ln1_w, gw->ln1_b, d->d_ln1, s.x, lw->ln1_w, s.ln1_stats, N, C);
     }
-    for (int n = 0; n < N; n++) axpy(m->g.embed_in + (size_t)m->inputs[n] * C, 1.0f, d->d_residual + (size_t)n * C, C);
+    for (int n = 0; n < N && !m->freeze_embeddings; n++)
+        axpy(m->g.embed_in + (size_t)m->inputs[n] * C, 1.0f, d->d_residual + (size_t)n * C, C);
     return loss;
 }
 
@@ -4011,6 +4014,15 @@ PARALLEL_FOR
     return norm;
 }
 
+/* With freeze_embeddings, the token embedding and the output head are not
+ * trained (as with requires_grad = False in PyTorch): the backward pass
+ * leaves their gradients zero, so the clipping norm leaves them out, and
+ * AdamW skips them (no update, no decay). */
+static int param_frozen(const Model *m, const ParamInfo *p) {
+    return m->freeze_embeddings &&
+           (p->slot == offsetof(Weights, embed_in) || p->slot == offsetof(Weights, embed_out));
+}
+
 /* torch.optim.AdamW: p *= 1 - lr*wd (decayed tensors only); m = lerp(m, g, 1-b1);
  * v = b2 v + (1-b2) g^2; p -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps) */
 void adamw_update(Model *m, const OptimConfig *o, double lr, int t) {
@@ -4019,6 +4031,7 @@ void adamw_update(Model *m, const OptimConfig *o, double lr, int t) {
     float b1 = (float)o->beta1, b2 = (float)o->beta2, eps = (float)o->eps;
     for (int k = 0; k < m->n_params; k++) {
         const ParamInfo *p = &m->params[k];
+        if (param_frozen(m, p)) continue;
         float decay = p->decayed ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
         float *x = m->param_memory + p->offset, *g = m->grad_memory + p->offset;
         float *mom = m->adam_m + p->offset, *vel = m->adam_v + p->offset;
@@ -4257,6 +4270,8 @@ typedef struct {
     const char *model_dir, *train_path, *val_path, *out_dir;
     int batch, seq, grad_accum, steps, warmup_steps, eval_every, save_every, val_batches, stop_after, threads;
     int resume, overwrite, verbose, precision; /* precision: a Precision */
+    int freeze_embeds;        /* embed_in and embed_out are not trained */
+    uint64_t max_tokens;      /* token budget: steps = max_tokens / tokens per step (0: --steps or --epochs) */
     int log_every;            /* print every N-th step (every step goes to the log file) */
     double epochs, warmup_ratio, max_time; /* max_time: seconds, 0 = none */
     OptimConfig opt;
@@ -4350,9 +4365,9 @@ static float evaluate(Model *m, const TokenFile *val, int max_batches) {
 
 static int optimizer_metadata(StrBuf *b, const TrainArgs *t, int step, const DataLoader *dl, size_t train_tokens) {
     sb_printf(b, "{\"step\":\"%d\",\"epoch\":\"%d\",\"next\":\"%zu\",\"seed\":\"%llu\",\"batch\":\"%d\",\"seq\":\"%d\","
-                 "\"grad_accum\":\"%d\",\"steps\":\"%d\",\"train_tokens\":\"%zu\"}",
+                 "\"grad_accum\":\"%d\",\"steps\":\"%d\",\"train_tokens\":\"%zu\",\"freeze_embeds\":\"%d\"}",
               step, dl->epoch, dl->next, (unsigned long long)t->seed, t->batch, t->seq, t->grad_accum,
-              t->opt.total_steps, train_tokens);
+              t->opt.total_steps, train_tokens, t->freeze_embeds);
     return 0;
 }
 
@@ -4367,9 +4382,10 @@ static int optimizer_load(Model *m, const char *dir, const TrainArgs *t, size_t 
     struct { const char *key; unsigned long long now; } same[] = {
         {"seed", t->seed}, {"batch", (unsigned long long)t->batch}, {"seq", (unsigned long long)t->seq},
         {"grad_accum", (unsigned long long)t->grad_accum}, {"steps", (unsigned long long)t->opt.total_steps},
-        {"train_tokens", train_tokens}};
+        {"train_tokens", train_tokens}, {"freeze_embeds", (unsigned long long)t->freeze_embeds}};
     for (size_t i = 0; rc == 0 && i < sizeof(same) / sizeof(same[0]); i++) {
         const char *v = st_metadata(&st, same[i].key);
+        if (!v && !strcmp(same[i].key, "freeze_embeds")) v = "0"; /* checkpoints from before the option */
         if (!v) rc = fail("%s: metadata has no \"%s\"", path, same[i].key);
         else if (strtoull(v, NULL, 10) != same[i].now)
             rc = fail("%s: the run being resumed used %s %s, this one %llu; resume with the same settings", path,
@@ -4491,12 +4507,14 @@ static int run_training(TrainArgs *t) {
         fail("%s: %s", t->train_path, why);
         goto done;
     }
-    int planned = t->steps == 0; /* steps from the data: --epochs passes over it */
+    int planned = t->steps == 0; /* steps from the data: --epochs passes over it, or --max-tokens of it */
     double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)loader.n_seqs;
+    if (t->max_tokens) seqs = floor((double)t->max_tokens / t->seq);
     if (planned) t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
     t->opt.total_steps = t->steps;
     t->opt.warmup_steps = t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
     if (model_prepare(&model, t->batch, t->seq, 1) != 0) goto done;
+    model.freeze_embeddings = t->freeze_embeds;
     /* A plan that cannot learn is refused with one that can: too few updates
      * (the reference's 32 x 4 sequences per step need a large corpus), or a
      * warmup that never reaches the peak learning rate (the first update
@@ -4541,6 +4559,7 @@ static int run_training(TrainArgs *t) {
     printf("train: %zu tokens (%zu sequences of %d), %d step%s of %d x %d x %d = %zu tokens, warmup %d, %d thread%s\n",
            train.n_tokens, loader.n_seqs, t->seq, t->steps, plural(t->steps), t->batch, t->grad_accum, t->seq,
            tokens_per_step, t->opt.warmup_steps, threads, plural(threads));
+    if (t->freeze_embeds) printf("train: the token embedding and the output head are frozen (--freeze-embeds)\n");
     if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
     if (t->verbose) model_print_memory(&model);
 
@@ -5125,14 +5144,15 @@ static void demo_show(Model *m, uint64_t seed) {
  * 16. The command line
  * ======================================================================== */
 
-typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_SEED, FLAG_CHOICE } FlagKind;
+typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_U64, FLAG_CHOICE } FlagKind;
 /* FLAG_CHOICE stores the index of the value in choices (NULL-terminated) as an int */
 typedef struct { const char *name; FlagKind kind; void *dst; double min, max; const char *const *choices; } Flag;
 #define INT_FLAG(name, dst, lo, hi) {name, FLAG_INT, dst, lo, hi, NULL}
 #define NUMBER_FLAG(name, dst, lo, hi) {name, FLAG_DOUBLE, dst, lo, hi, NULL}
 #define STRING_FLAG(name, dst) {name, FLAG_STRING, dst, 0, 0, NULL}
 #define SWITCH_FLAG(name, dst) {name, FLAG_SWITCH, dst, 0, 0, NULL}
-#define SEED_FLAG(name, dst) {name, FLAG_SEED, dst, 0, 9007199254740992.0, NULL}
+#define U64_FLAG(name, dst, lo, hi) {name, FLAG_U64, dst, lo, hi, NULL} /* an integer into a uint64_t */
+#define SEED_FLAG(name, dst) U64_FLAG(name, dst, 0, 9007199254740992.0)
 #define CHOICE_FLAG(name, dst, choices) {name, FLAG_CHOICE, dst, 0, 0, choices}
 
 #define FLAGS_OK (-1)
@@ -5216,7 +5236,7 @@ static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, co
         }
         if (f->kind != FLAG_DOUBLE && x != floor(x)) { fprintf(stderr, "mlkv: %s needs an integer, not %s\n", arg, v); return 2; }
         if (f->kind == FLAG_INT) *(int *)f->dst = (int)x;
-        else if (f->kind == FLAG_SEED) *(uint64_t *)f->dst = (uint64_t)x;
+        else if (f->kind == FLAG_U64) *(uint64_t *)f->dst = (uint64_t)x;
         else *(double *)f->dst = x;
     }
     return FLAGS_OK;
@@ -5231,6 +5251,8 @@ static const char *const train_usage =
     "  --grad-accum N     micro-batches per optimizer step (32; 4 x 32 = the reference's 32 x 4)\n"
     "  --steps N          optimizer steps (default: --epochs over the training tokens)\n"
     "  --epochs X         passes over the training tokens when --steps is not given (1)\n"
+    "  --max-tokens N     a token budget instead: N / (batch x grad-accum x seq) steps\n"
+    "  --freeze-embeds    do not train the token embedding and the output head\n"
     "  --lr X             peak learning rate (6e-4)\n"
     "  --warmup-steps N   linear warmup steps (default: --warmup-ratio)\n"
     "  --warmup-ratio X   warmup = ceil(steps * X) (0.2)\n"
@@ -5290,9 +5312,14 @@ static int cmd_train(int argc, char **argv) {
         INT_FLAG("--threads", &t.threads, 1, 4096), INT_FLAG("--log-every", &t.log_every, 1, BIG),
         STRING_FLAG("--max-time", &max_time),
         SWITCH_FLAG("--verbose", &t.verbose), CHOICE_FLAG("--precision", &t.precision, precision_names),
+        U64_FLAG("--max-tokens", &t.max_tokens, 1, 9007199254740992.0), SWITCH_FLAG("--freeze-embeds", &t.freeze_embeds),
     };
+    t.epochs = 0; /* given or not: one of --steps, --epochs and --max-tokens sets the length */
     int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;
+    if ((t.steps > 0) + (t.epochs > 0) + (t.max_tokens > 0) > 1)
+        return usage_error(train_usage, "train: give one of --steps, --epochs and --max-tokens");
+    if (t.epochs == 0) t.epochs = 1;
     t.opt.schedule = (ScheduleKind)schedule;
     if (max_time && (t.max_time = parse_duration(max_time)) <= 0)
         return usage_error(train_usage, "--max-time %s: give a duration such as 90s, 45m or 2h", max_time);

@@ -156,6 +156,7 @@ typedef struct {
     float *adam_m, *adam_v;            /* AdamW moments (model_prepare with grads) */
     char *config_extra;                /* config.json keys kept as they were (see config_load) */
     int B, T;                          /* activation sizes of model_prepare */
+    int freeze_embeddings;             /* embed_in, embed_out: no gradient, no update (train --freeze-embeds) */
     int head_rows;                     /* rows of logits computed at once (B*T without gradients) */
     float *act_memory;    Activations a;
     float *scratch_memory; GradScratch d;

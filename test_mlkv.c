@@ -1612,6 +1612,11 @@ static void test_train_plan(void) {
           "the proposed plan runs: %s", output());
     CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan2 --seq 16 --batch 1 --grad-accum 1 --epochs 0.6",
               mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "24 steps"), "a fraction of an epoch: %s", output());
+    /* a token budget: 1000 tokens are 62 sequences of 16, 31 steps of 2 */
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/budget --seq 16 --batch 2 --grad-accum 1 --max-tokens 1000",
+              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "31 steps of 2 x 1 x 16"), "--max-tokens: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never --steps 5 --max-tokens 1000", mlkv_bin, tokens,
+              tmp_dir) == 2 && strstr(output(), "give one of --steps, --epochs and --max-tokens"), "two lengths: %s", output());
     CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan3 --seq 16 --batch 3 --grad-accum 2 --epochs 3",
               mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "train: 0 of 120") == NULL &&
           strstr(output(), "20 steps") && !strstr(output(), "not used"), "whole steps: %s", output());
@@ -1701,6 +1706,56 @@ static void test_messages(void) {
     write_tokens(tokens, 33, 320, 2);
     CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16", mlkv_bin, tokens) == 0 &&
           strstr(output(), "eval: 32 / 32 tokens | ") && !strchr(output(), '\r'), "progress in a file: %s", output());
+}
+
+/* --freeze-embeds: the token embedding and the output head get no gradient,
+ * so the clipping norm is the rest's (PyTorch's with requires_grad = False:
+ * norm^2 frozen + their squared gradients = norm^2 of everything), and a
+ * training run leaves them bit for bit as they were while the rest learns. */
+static double sum_squares(const float *x, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
+static void test_freeze_embeds(void) {
+    Model m;
+    int B = 2, T = 16, inputs[32], targets[32];
+    CHECK(model_load(&m, "dev/fixtures/gqa") == 0 && model_prepare(&m, B, T, 1) == 0, "load: %s", mlkv_error());
+    for (int i = 0; i < B * T; i++) inputs[i] = (i * 5 + 1) % 64, targets[i] = (i * 11 + 3) % 64;
+    size_t embed = (size_t)m.config.vocab_size * m.config.hidden_size;
+    double norm[2], frozen_squares = 0, left = 0;
+    for (int frozen = 0; frozen <= 1; frozen++) {
+        m.freeze_embeddings = frozen;
+        model_zero_grad(&m);
+        model_forward_backward(&m, inputs, targets, B, T, 1.0f);
+        double embed_squares = sum_squares(m.g.embed_in, embed) + sum_squares(m.g.embed_out, embed);
+        if (frozen) left = embed_squares;
+        else frozen_squares = embed_squares;
+        norm[frozen] = clip_gradients(&m, 0);
+    }
+    CHECK(left == 0 && frozen_squares > 0 &&
+              fabs(norm[1] * norm[1] + frozen_squares - norm[0] * norm[0]) <= 1e-5 * norm[0] * norm[0],
+          "frozen gradients: %g left; norms %.9g and %.9g, embeddings' squares %.9g", left, norm[0], norm[1],
+          frozen_squares);
+    model_free(&m);
+
+    char tokens[400], out[400];
+    snprintf(tokens, sizeof(tokens), "%s/freeze_tokens.bin", tmp_dir);
+    write_tokens(tokens, 2000, 64, 9);
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/frozen --steps 20 --batch 2 --seq 16 --grad-accum 1 "
+              "--freeze-embeds", mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "are frozen (--freeze-embeds)"),
+          "train --freeze-embeds: %s", output());
+    snprintf(out, sizeof(out), "%s/frozen", tmp_dir);
+    Model before, after;
+    CHECK(model_load(&before, "dev/fixtures/gqa") == 0 && model_load(&after, out) == 0, "reload: %s", mlkv_error());
+    int same_embeddings = !memcmp(before.w.embed_in, after.w.embed_in, embed * sizeof(float)) &&
+                          !memcmp(before.w.embed_out, after.w.embed_out, embed * sizeof(float));
+    int rest_moved = memcmp(before.w.layer[0].fc_w, after.w.layer[0].fc_w, sizeof(float) * 16) != 0;
+    CHECK(same_embeddings && rest_moved, "frozen embeddings unchanged (%d), the rest trained (%d)", same_embeddings,
+          rest_moved);
+    model_free(&before);
+    model_free(&after);
 }
 
 /* SIGTERM during training: the current step ends, a checkpoint is saved,
@@ -1879,6 +1934,7 @@ int main(int argc, char **argv) {
     test_train_plan();
     test_messages();
     test_graceful_stop();
+    test_freeze_embeds();
     test_owner_placement();
     test_schedule();
     test_json();
