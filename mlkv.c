@@ -4272,6 +4272,7 @@ typedef struct {
     int resume, overwrite, verbose, precision; /* precision: a Precision */
     int freeze_embeds;        /* embed_in and embed_out are not trained */
     uint64_t max_tokens;      /* token budget: steps = max_tokens / tokens per step (0: --steps or --epochs) */
+    int finished;             /* set by run_training: the steps done when it returned */
     int log_every;            /* print every N-th step (every step goes to the log file) */
     double epochs, warmup_ratio, max_time; /* max_time: seconds, 0 = none */
     OptimConfig opt;
@@ -4465,6 +4466,7 @@ static void note_stop_signal(int sig) {
 }
 
 static int run_training(TrainArgs *t) {
+    t->finished = 0;
     Model model;
     TokenFile train = {0}, val = {0};
     DataLoader loader = {0};
@@ -4610,12 +4612,15 @@ static int run_training(TrainArgs *t) {
             if (saved != 0) goto done;
         }
     }
+    t->finished = finished;
     printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
     if (timed_out)
         printf("stopped by %s after step %d of %d: continue with the same command and --resume\n",
                stop_signal == SIGINT ? "SIGINT" : stop_signal == SIGTERM ? "SIGTERM" : "--max-time", finished, t->steps);
     rc = 0;
 done:
+    signal(SIGINT, SIG_DFL); /* outside training a signal ends the process at once */
+    signal(SIGTERM, SIG_DFL);
     if (log) fclose(log);
     free(batch_tokens);
     loader_free(&loader);
@@ -5287,46 +5292,66 @@ static double parse_duration(const char *text) {
     return end == text || unit < 0 || !isfinite(x) || x <= 0 || x > 1e9 ? -1 : x * unit;
 }
 
+/* The flags of train's recipe, shared with experiment; returns their count.
+ * schedule and max_time are parsed into t by finish_train_flags. */
+#define TRAIN_FLAGS 32
+static int train_flag_table(TrainArgs *t, int *schedule, const char **max_time, Flag *flags) {
+    static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL}; /* ScheduleKind order */
+    static const char *const precision_names[] = {"fp32", "bf16", NULL};               /* Precision order */
+    const double BIG = 2147483647.0;
+    Flag table[] = {
+        STRING_FLAG("--model", &t->model_dir), STRING_FLAG("--train", &t->train_path),
+        STRING_FLAG("--val", &t->val_path), STRING_FLAG("--out", &t->out_dir),
+        INT_FLAG("--batch", &t->batch, 1, 65536), INT_FLAG("--seq", &t->seq, 1, 1 << 20),
+        INT_FLAG("--grad-accum", &t->grad_accum, 1, 1 << 20), INT_FLAG("--steps", &t->steps, 1, BIG),
+        NUMBER_FLAG("--epochs", &t->epochs, 1e-9, 1e9), NUMBER_FLAG("--lr", &t->opt.lr, 0, 1e3),
+        INT_FLAG("--warmup-steps", &t->warmup_steps, 0, BIG), NUMBER_FLAG("--warmup-ratio", &t->warmup_ratio, 0, 1),
+        CHOICE_FLAG("--schedule", schedule, schedule_names),
+        NUMBER_FLAG("--weight-decay", &t->opt.weight_decay, 0, 1e3), NUMBER_FLAG("--clip", &t->opt.clip, 0, 1e30),
+        NUMBER_FLAG("--beta1", &t->opt.beta1, 0, 0.999999), NUMBER_FLAG("--beta2", &t->opt.beta2, 0, 0.999999999),
+        NUMBER_FLAG("--eps", &t->opt.eps, 0, 1), SEED_FLAG("--seed", &t->seed),
+        INT_FLAG("--eval-every", &t->eval_every, 0, BIG), INT_FLAG("--val-batches", &t->val_batches, 1, BIG),
+        INT_FLAG("--save-every", &t->save_every, 0, BIG), INT_FLAG("--stop-after", &t->stop_after, 1, BIG),
+        SWITCH_FLAG("--resume", &t->resume), SWITCH_FLAG("--overwrite", &t->overwrite),
+        INT_FLAG("--threads", &t->threads, 1, 4096), INT_FLAG("--log-every", &t->log_every, 1, BIG),
+        STRING_FLAG("--max-time", max_time),
+        SWITCH_FLAG("--verbose", &t->verbose), CHOICE_FLAG("--precision", &t->precision, precision_names),
+        U64_FLAG("--max-tokens", &t->max_tokens, 1, 9007199254740992.0), SWITCH_FLAG("--freeze-embeds", &t->freeze_embeds),
+    };
+    _Static_assert(sizeof(table) / sizeof(table[0]) == TRAIN_FLAGS, "TRAIN_FLAGS counts the table");
+    memcpy(flags, table, sizeof(table));
+    *schedule = t->opt.schedule;
+    t->epochs = 0; /* given or not: one of --steps, --epochs and --max-tokens sets the length */
+    return TRAIN_FLAGS;
+}
+
+/* After parse_flags: the choices into t, and the checks the flags share */
+static int finish_train_flags(TrainArgs *t, int schedule, const char *max_time, const char *usage) {
+    t->opt.schedule = (ScheduleKind)schedule;
+    if (max_time && (t->max_time = parse_duration(max_time)) <= 0)
+        return usage_error(usage, "--max-time %s: give a duration such as 90s, 45m or 2h", max_time);
+    if ((t->steps > 0) + (t->epochs > 0) + (t->max_tokens > 0) > 1)
+        return usage_error(usage, "give one of --steps, --epochs and --max-tokens");
+    if (t->epochs == 0) t->epochs = 1;
+    if (t->out_dir) { /* OUT/ and OUT name one folder */
+        size_t n = strlen(t->out_dir);
+        while (n > 1 && t->out_dir[n - 1] == '/') ((char *)t->out_dir)[--n] = '\0';
+    }
+    return FLAGS_OK;
+}
+
 static int cmd_train(int argc, char **argv) {
     TrainArgs t;
     train_defaults(&t);
-    static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL}; /* ScheduleKind order */
-    static const char *const precision_names[] = {"fp32", "bf16", NULL};               /* Precision order */
-    int schedule = t.opt.schedule;
+    int schedule;
     const char *max_time = NULL;
-    const double BIG = 2147483647.0;
-    Flag flags[] = {
-        STRING_FLAG("--model", &t.model_dir), STRING_FLAG("--train", &t.train_path),
-        STRING_FLAG("--val", &t.val_path), STRING_FLAG("--out", &t.out_dir),
-        INT_FLAG("--batch", &t.batch, 1, 65536), INT_FLAG("--seq", &t.seq, 1, 1 << 20),
-        INT_FLAG("--grad-accum", &t.grad_accum, 1, 1 << 20), INT_FLAG("--steps", &t.steps, 1, BIG),
-        NUMBER_FLAG("--epochs", &t.epochs, 1e-9, 1e9), NUMBER_FLAG("--lr", &t.opt.lr, 0, 1e3),
-        INT_FLAG("--warmup-steps", &t.warmup_steps, 0, BIG), NUMBER_FLAG("--warmup-ratio", &t.warmup_ratio, 0, 1),
-        CHOICE_FLAG("--schedule", &schedule, schedule_names),
-        NUMBER_FLAG("--weight-decay", &t.opt.weight_decay, 0, 1e3), NUMBER_FLAG("--clip", &t.opt.clip, 0, 1e30),
-        NUMBER_FLAG("--beta1", &t.opt.beta1, 0, 0.999999), NUMBER_FLAG("--beta2", &t.opt.beta2, 0, 0.999999999),
-        NUMBER_FLAG("--eps", &t.opt.eps, 0, 1), SEED_FLAG("--seed", &t.seed),
-        INT_FLAG("--eval-every", &t.eval_every, 0, BIG), INT_FLAG("--val-batches", &t.val_batches, 1, BIG),
-        INT_FLAG("--save-every", &t.save_every, 0, BIG), INT_FLAG("--stop-after", &t.stop_after, 1, BIG),
-        SWITCH_FLAG("--resume", &t.resume), SWITCH_FLAG("--overwrite", &t.overwrite),
-        INT_FLAG("--threads", &t.threads, 1, 4096), INT_FLAG("--log-every", &t.log_every, 1, BIG),
-        STRING_FLAG("--max-time", &max_time),
-        SWITCH_FLAG("--verbose", &t.verbose), CHOICE_FLAG("--precision", &t.precision, precision_names),
-        U64_FLAG("--max-tokens", &t.max_tokens, 1, 9007199254740992.0), SWITCH_FLAG("--freeze-embeds", &t.freeze_embeds),
-    };
-    t.epochs = 0; /* given or not: one of --steps, --epochs and --max-tokens sets the length */
-    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), train_usage, NULL);
+    Flag flags[TRAIN_FLAGS];
+    int n_flags = train_flag_table(&t, &schedule, &max_time, flags);
+    int parsed = parse_flags(argc, argv, flags, n_flags, train_usage, NULL);
+    if (parsed == FLAGS_OK) parsed = finish_train_flags(&t, schedule, max_time, train_usage);
     if (parsed != FLAGS_OK) return parsed;
-    if ((t.steps > 0) + (t.epochs > 0) + (t.max_tokens > 0) > 1)
-        return usage_error(train_usage, "train: give one of --steps, --epochs and --max-tokens");
-    if (t.epochs == 0) t.epochs = 1;
-    t.opt.schedule = (ScheduleKind)schedule;
-    if (max_time && (t.max_time = parse_duration(max_time)) <= 0)
-        return usage_error(train_usage, "--max-time %s: give a duration such as 90s, 45m or 2h", max_time);
     if (!t.train_path || !t.out_dir || (!t.model_dir && !t.resume))
         return usage_error(train_usage, "train: --train, --out and --model (or --resume) are required");
-    size_t n = strlen(t.out_dir);
-    while (n > 1 && t.out_dir[n - 1] == '/') ((char *)t.out_dir)[--n] = '\0';
     return run_training(&t);
 }
 
@@ -5798,10 +5823,17 @@ typedef struct {
     int reference_csv;  /* the reference's measurements.csv columns */
     double background;  /* resident bytes before any model was loaded */
     double time_limit;  /* seconds per configuration: no larger batch is started after it */
+    double *decode_rates, *memory_bytes; /* per batch size, when given (experiment) */
 } BenchOptions;
 
 /* The reference's decode-memory script's batch sizes (its measurements.csv) */
 static const int reference_batches[] = {8, 16, 24, 32, 40, 48, 64, 80, 100, 140, 220, 300, 380, 460, 620, 720, 940, 1100};
+
+static const char bench_table_header[] =
+    "| config | batch | KV cache MiB | formula MiB | weights + cache + scratch MiB | prefill tok/s | decode tok/s |\n"
+    "|---|---|---|---|---|---|---|\n";
+static const char bench_csv_header[] = "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,"
+                                       "kv_cache_formula_bytes,resident_bytes,prefill_tok_s,decode_tok_s,threads\n";
 
 /* One configuration: growing batch sizes until the next one would pass the limit. */
 static int bench_model(Model *m, const char *name, const BenchOptions *o) {
@@ -5841,6 +5873,8 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         double t2 = now_seconds(), rss = resident_bytes();
         double formula = (double)kv_cache_bytes(c, 4) * B * T;
         double prefill_rate = B * o->prefill / fmax(t1 - t0, 1e-9), decode_rate = B * o->decode / fmax(t2 - t1, 1e-9);
+        if (o->decode_rates) o->decode_rates[i] = decode_rate;
+        if (o->memory_bytes) o->memory_bytes[i] = params + (double)cache.cache_bytes + (double)cache.scratch_bytes;
         printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B, cache.cache_bytes / 1048576.0,
                formula / 1048576.0, (params + (double)cache.cache_bytes + (double)cache.scratch_bytes) / 1048576.0,
                prefill_rate, decode_rate);
@@ -5983,15 +6017,12 @@ static int cmd_bench_kv(int argc, char **argv) {
         if (dir) model_free(&base);
         return exit_code(fail("%s: cannot create: %s", csv_path, strerror(errno)));
     }
-    if (!o.reference_csv)
-        fprintf(o.csv, "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,kv_cache_formula_bytes,"
-                       "resident_bytes,prefill_tok_s,decode_tok_s,threads\n");
+    if (!o.reference_csv) fprintf(o.csv, "%s", bench_csv_header);
     else if (ftell(o.csv) == 0) /* appending, as the reference does: the header only in a new file */
         fprintf(o.csv, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_usage,"
                        "memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom\n");
     printf("prefill %d, decode %d, %d threads, memory limit %.0f MiB\n", o.prefill, o.decode, o.threads, mem_mib);
-    printf("| config | batch | KV cache MiB | formula MiB | weights + cache + scratch MiB | prefill tok/s | decode tok/s |\n");
-    printf("|---|---|---|---|---|---|---|\n");
+    printf("%s", bench_table_header);
     for (int g = 0; rc == 0 && g < n_entries; g++) {
         if (!run_entry[g]) continue;
         const char *name = !grid && o.reference_csv && dir ? dir : entries[g].name;
@@ -6243,6 +6274,647 @@ static int cmd_eval(int argc, char **argv) {
     return exit_code(rc);
 }
 
+/* --- Pictures: self-contained SVG, written by hand. A plot is a frame with
+ * ticked axes (linear, or logarithmic in base 10) in which series are drawn
+ * as lines or labelled dots; text is escaped for XML. */
+typedef struct {
+    StrBuf *svg;
+    double x0, x1, y0, y1;              /* the data range shown */
+    int log_x, log_y;
+    double left, top, width, height;    /* the frame, in pixels */
+} Plot;
+
+static const char *const plot_colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+                                          "#8c564b", "#e377c2", "#7f7f7f", "#17becf", "#bcbd22"};
+#define PLOT_COLORS ((int)(sizeof(plot_colors) / sizeof(plot_colors[0])))
+
+static void svg_text(StrBuf *b, double x, double y, const char *anchor, int size, const char *text) {
+    sb_printf(b, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"%s\" font-size=\"%d\">", x, y, anchor, size);
+    for (const char *p = text; *p; p++)
+        sb_printf(b, "%s", *p == '&' ? "&amp;" : *p == '<' ? "&lt;" : *p == '>' ? "&gt;" : (char[2]){*p, 0});
+    sb_printf(b, "</text>\n");
+}
+
+static void svg_begin(StrBuf *b, int width, int height) {
+    sb_printf(b, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" "
+                 "height=\"%d\" viewBox=\"0 0 %d %d\" font-family=\"sans-serif\">\n<rect width=\"%d\" height=\"%d\" "
+                 "fill=\"white\"/>\n", width, height, width, height, width, height);
+}
+
+static double plot_x(const Plot *p, double x) {
+    double f = p->log_x ? (log10(x) - log10(p->x0)) / (log10(p->x1) - log10(p->x0)) : (x - p->x0) / (p->x1 - p->x0);
+    return p->left + f * p->width;
+}
+
+static double plot_y(const Plot *p, double y) {
+    double f = p->log_y ? (log10(y) - log10(p->y0)) / (log10(p->y1) - log10(p->y0)) : (y - p->y0) / (p->y1 - p->y0);
+    return p->top + (1.0 - f) * p->height;
+}
+
+/* Tick values of one axis: on a log axis 1, 2, 5 x powers of ten (or powers
+ * of ten alone over a wide range); else, and on a log axis spanning too
+ * little for two of those, 1, 2, 5 x a power of ten apart, about 5 ticks */
+static int axis_ticks(double lo, double hi, int log_axis, double *ticks, int room) {
+    int n = 0;
+    if (log_axis) {
+        int wide = log10(hi / lo) > 3;
+        for (double decade = pow(10, floor(log10(lo))); decade <= hi && n < room; decade *= 10)
+            for (int m = 0; m < 3 && n < room; m++) {
+                double t = decade * (m == 0 ? 1 : m == 1 ? 2 : 5);
+                if ((wide && m > 0) || t < lo * (1 - 1e-9) || t > hi * (1 + 1e-9)) continue;
+                ticks[n++] = t;
+            }
+        if (n >= 2) return n;
+        n = 0;
+    }
+    double raw = (hi - lo) / 5, unit = pow(10, floor(log10(raw))), step = unit;
+    if (raw / unit > 5) step = 10 * unit;
+    else if (raw / unit > 2) step = 5 * unit;
+    else if (raw / unit > 1) step = 2 * unit;
+    for (double t = ceil(lo / step) * step; t <= hi + step * 1e-9 && n < room; t += step) ticks[n++] = fabs(t) < step * 1e-9 ? 0 : t;
+    return n;
+}
+
+/* Pads a data range [lo, hi] for drawing: 5% each side (a factor on a log axis) */
+static void pad_range(double *lo, double *hi, int log_axis) {
+    if (log_axis) {
+        double f = *hi > *lo ? pow(*hi / *lo, 0.05) : 2.0;
+        *lo /= f, *hi *= f;
+        return;
+    }
+    double d = *hi > *lo ? 0.05 * (*hi - *lo) : fmax(fabs(*lo) * 0.1, 1e-3);
+    *lo -= d, *hi += d;
+}
+
+static void plot_frame(Plot *p, StrBuf *svg, double left, double top, double width, double height, const char *title,
+                       const char *x_label, const char *y_label) {
+    p->svg = svg, p->left = left, p->top = top, p->width = width, p->height = height;
+    double ticks[64];
+    sb_printf(svg, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#444\"/>\n", left,
+              top, width, height);
+    svg_text(svg, left + width / 2, top - 12, "middle", 15, title);
+    svg_text(svg, left + width / 2, top + height + 40, "middle", 13, x_label);
+    sb_printf(svg, "<g transform=\"translate(%.1f %.1f) rotate(-90)\">", left - 52, top + height / 2);
+    svg_text(svg, 0, 0, "middle", 13, y_label);
+    sb_printf(svg, "</g>\n");
+    for (int axis = 0; axis < 2; axis++) {
+        int n = axis_ticks(axis ? p->y0 : p->x0, axis ? p->y1 : p->x1, axis ? p->log_y : p->log_x, ticks, 64);
+        for (int i = 0; i < n; i++) {
+            char label[32];
+            snprintf(label, sizeof(label), "%g", ticks[i]);
+            double at = axis ? plot_y(p, ticks[i]) : plot_x(p, ticks[i]);
+            if (axis) {
+                sb_printf(svg, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, at,
+                          left + width, at);
+                svg_text(svg, left - 6, at + 4, "end", 11, label);
+            } else {
+                sb_printf(svg, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", at, top, at,
+                          top + height);
+                svg_text(svg, at, top + height + 16, "middle", 11, label);
+            }
+        }
+    }
+}
+
+/* A line through the points (x[i], y[i]) that are inside the range */
+static void plot_line(Plot *p, const double *x, const double *y, int n, const char *color, int dashed) {
+    sb_printf(p->svg, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s points=\"", color,
+              dashed ? " stroke-dasharray=\"6 4\"" : "");
+    for (int i = 0; i < n; i++)
+        if (isfinite(x[i]) && isfinite(y[i]) && (!p->log_x || x[i] > 0) && (!p->log_y || y[i] > 0))
+            sb_printf(p->svg, "%.1f,%.1f ", plot_x(p, x[i]), plot_y(p, y[i]));
+    sb_printf(p->svg, "\"/>\n");
+}
+
+static void plot_dot(Plot *p, double x, double y, const char *color, const char *label) {
+    double px = plot_x(p, x), py = plot_y(p, y);
+    sb_printf(p->svg, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4.5\" fill=\"%s\"/>\n", px, py, color);
+    if (label) svg_text(p->svg, px + 7, py - 7, "start", 11, label);
+}
+
+/* Entry i of a legend in the frame's top right corner */
+static void plot_legend(Plot *p, int i, const char *color, const char *label) {
+    double x = p->left + p->width - 110, y = p->top + 16 + 16 * i;
+    sb_printf(p->svg, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n", x,
+              y - 4, x + 18, y - 4, color);
+    svg_text(p->svg, x + 24, y, "start", 11, label);
+}
+
+static int svg_end(StrBuf *svg, const char *path) {
+    sb_printf(svg, "</svg>\n");
+    int rc = write_text_file(path, svg->s);
+    free(svg->s);
+    *svg = (StrBuf){0};
+    return rc;
+}
+
+/* --- experiment: the reference's comparison in one command. For every
+ * configuration of a grid: convert the MHA model, evaluate it (validation
+ * loss, task files), uptrain it with one recipe and one token budget,
+ * evaluate it again, and measure decoding. RUN/NAME/stages.json records each
+ * stage as it finishes, so a rerun skips what is done and an interrupted
+ * uptraining continues from its checkpoint. Then RUN/results.csv,
+ * RUN/results.md and three pictures. */
+#define EXPERIMENT_MAX_TASKS 16
+static const int experiment_batches[] = {1, 4, 16};
+#define EXPERIMENT_BATCHES ((int)(sizeof(experiment_batches) / sizeof(experiment_batches[0])))
+
+/* One configuration's results; NAN where its stage has not run */
+typedef struct {
+    GridEntry grid;
+    char dir[PATH_LEN];                   /* RUN/NAME */
+    double parameters, kv_bytes;          /* kv_bytes: KV cache per token, fp32 */
+    double val[2];                        /* validation loss after conversion, after uptraining */
+    double task[2][EXPERIMENT_MAX_TASKS]; /* each task file's first metric, the same two times */
+    double decode[EXPERIMENT_BATCHES];    /* decode tokens/s at experiment_batches */
+    double memory[EXPERIMENT_BATCHES];    /* weights + KV cache + scratch, bytes */
+    int trained;                          /* the uptraining ran to its last step */
+} ExperimentRow;
+
+static void json_numbers(StrBuf *b, const char *key, const double *x, int n) {
+    sb_printf(b, ",\n  \"%s\": [", key);
+    for (int i = 0; i < n; i++) {
+        sb_printf(b, "%s", i ? ", " : "");
+        if (isfinite(x[i])) sb_number(b, x[i]);
+        else sb_printf(b, "null");
+    }
+    sb_printf(b, "]");
+}
+
+/* stages.json, replaced whole (written beside, then renamed) */
+static int row_save(const ExperimentRow *r, int n_tasks) {
+    char path[PATH_LEN], staging[PATH_LEN];
+    if (make_path(path, r->dir, "/stages.json") != 0 || make_path(staging, r->dir, "/stages.json.saving") != 0) return -1;
+    StrBuf b = {0};
+    sb_printf(&b, "{\n  \"config\": \"%s\", \"kv_layers\": %d, \"kv_heads\": %d, \"trained\": %d", r->grid.name,
+              r->grid.kv_layers, r->grid.kv_heads, r->trained);
+    json_numbers(&b, "parameters", &r->parameters, 1);
+    json_numbers(&b, "kv_bytes_per_token", &r->kv_bytes, 1);
+    json_numbers(&b, "val_loss", r->val, 2);
+    json_numbers(&b, "tasks_converted", r->task[0], n_tasks);
+    json_numbers(&b, "tasks_uptrained", r->task[1], n_tasks);
+    json_numbers(&b, "decode_tok_s", r->decode, EXPERIMENT_BATCHES);
+    json_numbers(&b, "memory_bytes", r->memory, EXPERIMENT_BATCHES);
+    sb_printf(&b, "\n}\n");
+    int rc = write_text_file(staging, b.s);
+    free(b.s);
+    if (rc == 0 && rename(staging, path) != 0) rc = fail("%s: cannot rename to %s: %s", staging, path, strerror(errno));
+    return rc;
+}
+
+static void read_numbers(const Json *j, const char *key, double *x, int n) {
+    const Json *a = json_get(j, key); /* null (not measured) stays NAN */
+    for (int i = 0; i < n; i++)
+        x[i] = a && a->type == JSON_ARRAY && (size_t)i < a->length && a->items[i].type == JSON_NUMBER ? a->items[i].number
+                                                                                                  : NAN;
+}
+
+/* What an earlier run of the experiment recorded for this configuration */
+static int row_load(ExperimentRow *r, int n_tasks) {
+    char path[PATH_LEN], *text = NULL;
+    size_t len;
+    double *fields[] = {&r->parameters, &r->kv_bytes, r->val, r->task[0], r->task[1], r->decode, r->memory};
+    int counts[] = {1, 1, 2, EXPERIMENT_MAX_TASKS, EXPERIMENT_MAX_TASKS, EXPERIMENT_BATCHES, EXPERIMENT_BATCHES};
+    for (int f = 0; f < 7; f++)
+        for (int i = 0; i < counts[f]; i++) fields[f][i] = NAN; /* not measured yet */
+    r->trained = 0;
+    if (make_path(path, r->dir, "/stages.json") != 0) return -1;
+    if (!file_exists(path)) return 0;
+    Json j;
+    if (read_file(path, &text, &len) != 0 || json_parse(text, len, path, &j) != 0) { free(text); return -1; }
+    free(text);
+    const Json *trained = json_get(&j, "trained");
+    r->trained = trained && trained->type == JSON_NUMBER && trained->number == 1;
+    read_numbers(&j, "parameters", &r->parameters, 1);
+    read_numbers(&j, "kv_bytes_per_token", &r->kv_bytes, 1);
+    read_numbers(&j, "val_loss", r->val, 2);
+    read_numbers(&j, "tasks_converted", r->task[0], n_tasks);
+    read_numbers(&j, "tasks_uptrained", r->task[1], n_tasks);
+    read_numbers(&j, "decode_tok_s", r->decode, EXPERIMENT_BATCHES);
+    read_numbers(&j, "memory_bytes", r->memory, EXPERIMENT_BATCHES);
+    json_free(&j);
+    return 0;
+}
+
+typedef struct {
+    TrainArgs recipe;        /* train's options: every configuration's uptraining */
+    const char *run_dir, *task_dir;
+    int task_limit, n_tasks;
+    char **task_paths;
+    char task_names[EXPERIMENT_MAX_TASKS][64];
+    TokenFile val;
+    double started;
+    int stages_done, stages_total;
+} Experiment;
+
+/* The stage line: which configuration, what it does, and the time left at
+ * the average pace of the stages run so far */
+static void experiment_progress(const Experiment *e, int index, int n, const char *name, const char *what) {
+    double elapsed = now_seconds() - e->started;
+    char spent[32], left[32] = "?";
+    format_duration(spent, sizeof(spent), elapsed);
+    if (e->stages_done > 0)
+        format_duration(left, sizeof(left), elapsed / e->stages_done * (e->stages_total - e->stages_done));
+    printf("== experiment [%d/%d] %s: %s | %s so far, about %s left\n", index + 1, n, name, what, spent, left);
+}
+
+/* Validation loss (the uptraining's validation budget) and the task files */
+static int experiment_evaluate(Experiment *e, const char *model_dir, double *val_loss, double *task_scores) {
+    Model m;
+    if (model_load(&m, model_dir) != 0) return -1;
+    const TrainArgs *t = &e->recipe;
+    int T = t->seq ? t->seq : m.config.max_position_embeddings < 2048 ? m.config.max_position_embeddings : 2048;
+    int rc = model_prepare(&m, t->batch, T, 0);
+    size_t count = 0;
+    double loss = rc == 0 ? token_file_loss(&m, &e->val, t->batch, T, (size_t)t->val_batches * t->batch * T, 0, &count) : 0;
+    if (rc == 0) *val_loss = loss / (double)(count ? count : 1);
+    for (int i = 0; rc == 0 && i < e->n_tasks; i++) {
+        TaskResult r;
+        rc = evaluate_task_file(&m, e->task_paths[i], e->task_limit, &r, NULL, NULL, 0);
+        if (rc == 0) task_scores[i] = r.metric[0].value;
+    }
+    if (rc == 0) {
+        printf("   validation loss %.4f", *val_loss);
+        for (int i = 0; i < e->n_tasks; i++) printf(" | %s %.4f", e->task_names[i], task_scores[i]);
+        printf("\n");
+    }
+    model_free(&m);
+    return rc;
+}
+
+/* Decoding after a prompt of half the window, at experiment_batches; the
+ * table goes to the terminal and RUN/NAME/decode.csv */
+static int experiment_decode(const char *model_dir, ExperimentRow *r, int threads) {
+    Model m;
+    char csv_path[PATH_LEN];
+    if (model_load(&m, model_dir) != 0) return -1;
+    if (make_path(csv_path, r->dir, "/decode.csv") != 0) { model_free(&m); return -1; }
+    int window = m.config.max_position_embeddings;
+    BenchOptions o = {.decode = window < 64 ? window / 4 : 16, .threads = threads, .batches = experiment_batches,
+                      .n_batches = EXPERIMENT_BATCHES, .mem_limit = 0.8 * physical_memory_bytes(), .time_limit = 1e9,
+                      .decode_rates = r->decode, .memory_bytes = r->memory};
+    o.prefill = window / 2 < 512 ? window / 2 : 512;
+    if (o.decode < 1) o.decode = 1;
+    int rc = 0;
+    if (!(o.csv = fopen(csv_path, "w"))) rc = fail("%s: cannot create: %s", csv_path, strerror(errno));
+    if (rc == 0) {
+        fprintf(o.csv, "%s", bench_csv_header);
+        printf("   prompt %d tokens, %d decoded\n%s", o.prefill, o.decode, bench_table_header);
+        rc = bench_model(&m, r->grid.name, &o);
+        if (fclose(o.csv) != 0 && rc == 0) rc = fail("%s: write failed: %s", csv_path, strerror(errno));
+    }
+    model_free(&m);
+    return rc;
+}
+
+/* One configuration, stage by stage, each skipped when recorded as done.
+ * Returns 0, or train's exit status when the uptraining stopped early. */
+static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, int index, int n) {
+    char converted[PATH_LEN], uptrained[PATH_LEN], state[PATH_LEN];
+    const char *name = r->grid.name;
+    if (make_path(converted, r->dir, "/converted") != 0 || make_path(uptrained, r->dir, "/uptrained") != 0 ||
+        make_path(state, uptrained, "/optimizer.safetensors") != 0)
+        return -1;
+    if (mkdir(r->dir, 0755) != 0 && errno != EEXIST) return fail("%s: cannot create: %s", r->dir, strerror(errno));
+    if (row_load(r, e->n_tasks) != 0) return -1;
+    if (!isfinite(r->parameters) || !file_exists(converted)) {
+        experiment_progress(e, index, n, name, "convert");
+        Model m;
+        ConvertOptions co = {.kv_heads = r->grid.kv_heads, .kv_layers = r->grid.kv_layers};
+        if (model_convert(mha, &m, &co) != 0) return -1;
+        int rc = checkpoint_save(&m, converted, NULL, e->recipe.model_dir, 0);
+        r->parameters = (double)m.num_parameters;
+        r->kv_bytes = (double)kv_cache_bytes(&m.config, 4);
+        model_free(&m);
+        if (rc != 0 || row_save(r, e->n_tasks) != 0) return -1;
+    }
+    e->stages_done++;
+    if (!isfinite(r->val[0])) {
+        experiment_progress(e, index, n, name, "evaluate after conversion");
+        if (experiment_evaluate(e, converted, &r->val[0], r->task[0]) != 0 || row_save(r, e->n_tasks) != 0) return -1;
+    }
+    e->stages_done++;
+    if (!r->trained) {
+        int resume = file_exists(state);
+        experiment_progress(e, index, n, name, resume ? "continue uptraining" : "uptrain");
+        TrainArgs t = e->recipe;
+        t.model_dir = converted;
+        t.out_dir = uptrained;
+        t.resume = resume;
+        int rc = run_training(&t);
+        if (rc != 0) return rc;
+        if (t.finished < t.steps) { /* --max-time, or a signal: the checkpoint is saved */
+            printf("experiment: %s stopped after step %d of %d: run the same command again to continue\n", name,
+                   t.finished, t.steps);
+            return stop_signal ? 128 + stop_signal : 0;
+        }
+        r->trained = 1;
+        if (row_save(r, e->n_tasks) != 0) return -1;
+    }
+    e->stages_done++;
+    if (!isfinite(r->val[1])) {
+        experiment_progress(e, index, n, name, "evaluate after uptraining");
+        if (experiment_evaluate(e, uptrained, &r->val[1], r->task[1]) != 0 || row_save(r, e->n_tasks) != 0) return -1;
+    }
+    e->stages_done++;
+    if (!isfinite(r->decode[EXPERIMENT_BATCHES - 1])) {
+        experiment_progress(e, index, n, name, "measure decoding");
+        if (experiment_decode(uptrained, r, e->recipe.threads) != 0 || row_save(r, e->n_tasks) != 0) return -1;
+    }
+    e->stages_done++;
+    return 0;
+}
+
+/* results.csv and results.md: one row per configuration */
+static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int n) {
+    char path[PATH_LEN];
+    StrBuf csv = {0}, md = {0};
+    sb_printf(&csv, "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,val_loss_converted,"
+                    "val_loss_uptrained");
+    sb_printf(&md, "| config | K/V layers x heads | total K/V heads | parameters | KV bytes/token | val loss converted | "
+                   "val loss uptrained |");
+    for (int i = 0; i < e->n_tasks; i++) {
+        sb_printf(&csv, ",%s_converted,%s_uptrained", e->task_names[i], e->task_names[i]);
+        sb_printf(&md, " %s converted | %s uptrained |", e->task_names[i], e->task_names[i]);
+    }
+    for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
+        sb_printf(&csv, ",decode_tok_s_batch_%d", experiment_batches[b]);
+        sb_printf(&md, " decode tok/s, batch %d |", experiment_batches[b]);
+    }
+    sb_printf(&csv, "\n");
+    sb_printf(&md, "\n|---|---|---|---|---|---|---|");
+    for (int i = 0; i < 2 * e->n_tasks + EXPERIMENT_BATCHES; i++) sb_printf(&md, "---|");
+    sb_printf(&md, "\n");
+    for (int r = 0; r < n; r++) {
+        const ExperimentRow *x = &rows[r];
+        sb_printf(&csv, "%s,%d,%d,%d,%.0f,%.0f,%.6f,%.6f", x->grid.name, x->grid.kv_layers, x->grid.kv_heads,
+                  x->grid.kv_layers * x->grid.kv_heads, x->parameters, x->kv_bytes, x->val[0], x->val[1]);
+        sb_printf(&md, "| %s | %d x %d | %d | %.0f | %.0f | %.4f | %.4f |", x->grid.name, x->grid.kv_layers,
+                  x->grid.kv_heads, x->grid.kv_layers * x->grid.kv_heads, x->parameters, x->kv_bytes, x->val[0], x->val[1]);
+        for (int i = 0; i < e->n_tasks; i++) {
+            sb_printf(&csv, ",%.6f,%.6f", x->task[0][i], x->task[1][i]);
+            sb_printf(&md, " %.4f | %.4f |", x->task[0][i], x->task[1][i]);
+        }
+        for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
+            sb_printf(&csv, ",%.2f", x->decode[b]);
+            sb_printf(&md, " %.1f |", x->decode[b]);
+        }
+        sb_printf(&csv, "\n");
+        sb_printf(&md, "\n");
+    }
+    int rc = make_path(path, e->run_dir, "/results.csv") == 0 ? write_text_file(path, csv.s) : -1;
+    if (rc == 0) rc = make_path(path, e->run_dir, "/results.md") == 0 ? write_text_file(path, md.s) : -1;
+    if (rc == 0) printf("\n%s", md.s);
+    free(csv.s);
+    free(md.s);
+    return rc;
+}
+
+/* The training loss of RUN/NAME/uptrained.log.csv, as a rolling mean over
+ * about a twentieth of the run: n points into steps and losses (caller
+ * frees), or -1 */
+static int read_loss_curve(const char *dir, double **steps, double **losses) {
+    char path[PATH_LEN], *text = NULL;
+    size_t len;
+    *steps = *losses = NULL;
+    if (make_path(path, dir, "/uptrained.log.csv") != 0 || read_file(path, &text, &len) != 0) return -1;
+    int lines = 1, n = 0;
+    for (size_t i = 0; i < len; i++) lines += text[i] == '\n';
+    double *raw = malloc(sizeof(double) * lines);
+    *steps = malloc(sizeof(double) * lines);
+    *losses = malloc(sizeof(double) * lines);
+    if (!raw || !*steps || !*losses) {
+        free(raw), free(text);
+        return fail("out of memory");
+    }
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        double step, loss;
+        if (sscanf(line, "%lf,%lf", &step, &loss) != 2 || !isfinite(loss)) continue; /* the header */
+        raw[n] = loss, (*steps)[n++] = step;
+    }
+    free(text);
+    int window = n / 20 > 1 ? n / 20 : 1;
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        sum += raw[i] - (i >= window ? raw[i - window] : 0.0);
+        (*losses)[i] = sum / (i + 1 < window ? i + 1 : window);
+    }
+    free(raw);
+    return n;
+}
+
+static double row_range(const ExperimentRow *rows, int n, size_t field, int b, double *hi) {
+    double lo = INFINITY;
+    *hi = -INFINITY;
+    for (int r = 0; r < n; r++) {
+        double x = ((const double *)((const char *)&rows[r] + field))[b];
+        if (isfinite(x)) lo = fmin(lo, x), *hi = fmax(*hi, x);
+    }
+    return lo;
+}
+
+/* The three pictures: loss against KV bytes per token, the loss curves,
+ * and decoding speed and memory against the batch size */
+static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, int n) {
+    char path[PATH_LEN];
+    StrBuf svg = {0};
+    Plot p = {0};
+    double hi;
+    /* 1. validation loss after uptraining against the KV cache per token */
+    p.x0 = row_range(rows, n, offsetof(ExperimentRow, kv_bytes), 0, &p.x1), p.log_x = 1;
+    p.y0 = row_range(rows, n, offsetof(ExperimentRow, val), 1, &p.y1);
+    pad_range(&p.x0, &p.x1, 1);
+    pad_range(&p.y0, &p.y1, 0);
+    svg_begin(&svg, 760, 480);
+    plot_frame(&p, &svg, 80, 40, 640, 370, "Validation loss after uptraining against the KV cache",
+               "KV cache bytes per token (fp32, log scale)", "validation loss");
+    int largest = 0; /* the largest cache (MHA in the grid): its level, dashed */
+    for (int r = 1; r < n; r++) largest = rows[r].kv_bytes > rows[largest].kv_bytes ? r : largest;
+    if (isfinite(rows[largest].val[1])) {
+        double x[2] = {p.x0, p.x1}, y[2] = {rows[largest].val[1], rows[largest].val[1]};
+        plot_line(&p, x, y, 2, "#999", 1);
+    }
+    for (int r = 0; r < n; r++)
+        if (isfinite(rows[r].val[1])) plot_dot(&p, rows[r].kv_bytes, rows[r].val[1], plot_colors[r % PLOT_COLORS], rows[r].grid.name);
+    int rc = make_path(path, e->run_dir, "/loss_vs_kv.svg") == 0 ? svg_end(&svg, path) : -1;
+    /* 2. training loss curves */
+    double *steps[GRID_SIZE + 32] = {0}, *losses[GRID_SIZE + 32] = {0};
+    int points[GRID_SIZE + 32] = {0};
+    p = (Plot){.x0 = INFINITY, .x1 = -INFINITY, .y0 = INFINITY, .y1 = -INFINITY, .log_y = 1};
+    for (int r = 0; rc == 0 && r < n; r++) {
+        points[r] = read_loss_curve(rows[r].dir, &steps[r], &losses[r]);
+        for (int i = 0; i < points[r]; i++)
+            p.x0 = fmin(p.x0, steps[r][i]), p.x1 = fmax(p.x1, steps[r][i]), p.y0 = fmin(p.y0, losses[r][i]),
+            p.y1 = fmax(p.y1, losses[r][i]);
+    }
+    if (rc == 0 && p.x1 >= p.x0 && p.y0 > 0) {
+        pad_range(&p.x0, &p.x1, 0);
+        pad_range(&p.y0, &p.y1, 1);
+        svg_begin(&svg, 760, 480);
+        plot_frame(&p, &svg, 80, 40, 640, 370, "Training loss while uptraining (rolling mean)", "optimizer step",
+                   "training loss (log scale)");
+        for (int r = 0; r < n; r++) {
+            plot_line(&p, steps[r], losses[r], points[r] > 0 ? points[r] : 0, plot_colors[r % PLOT_COLORS], 0);
+            plot_legend(&p, r, plot_colors[r % PLOT_COLORS], rows[r].grid.name);
+        }
+        rc = make_path(path, e->run_dir, "/loss_curves.svg") == 0 ? svg_end(&svg, path) : -1;
+    }
+    for (int r = 0; r < n; r++) free(steps[r]), free(losses[r]);
+    /* 3. decoding: tokens/s and memory against the batch size */
+    double batches[EXPERIMENT_BATCHES];
+    for (int b = 0; b < EXPERIMENT_BATCHES; b++) batches[b] = experiment_batches[b];
+    svg_begin(&svg, 1000, 480);
+    for (int panel = 0; rc == 0 && panel < 2; panel++) {
+        size_t field = panel ? offsetof(ExperimentRow, memory) : offsetof(ExperimentRow, decode);
+        double unit = panel ? 1.0 / 1048576 : 1.0; /* memory in MiB */
+        p = (Plot){.x0 = batches[0], .x1 = batches[EXPERIMENT_BATCHES - 1], .y0 = INFINITY, .y1 = -INFINITY,
+                   .log_x = 1, .log_y = 1};
+        for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
+            double lo = row_range(rows, n, field, b, &hi) * unit;
+            p.y0 = fmin(p.y0, lo), p.y1 = fmax(p.y1, hi * unit);
+        }
+        if (!(p.y0 > 0 && isfinite(p.y1))) p.y0 = 1, p.y1 = 10;
+        pad_range(&p.x0, &p.x1, 1);
+        pad_range(&p.y0, &p.y1, 1);
+        plot_frame(&p, &svg, 80 + panel * 480, 40, 400, 370, panel ? "Memory while decoding" : "Decoding speed",
+                   "batch size (sequences)", panel ? "weights + KV cache + scratch, MiB" : "decoded tokens/s");
+        for (int r = 0; r < n; r++) {
+            double y[EXPERIMENT_BATCHES];
+            for (int b = 0; b < EXPERIMENT_BATCHES; b++) y[b] = (panel ? rows[r].memory[b] : rows[r].decode[b]) * unit;
+            plot_line(&p, batches, y, EXPERIMENT_BATCHES, plot_colors[r % PLOT_COLORS], 0);
+            if (panel == 0) plot_legend(&p, r, plot_colors[r % PLOT_COLORS], rows[r].grid.name);
+        }
+    }
+    if (rc == 0) rc = make_path(path, e->run_dir, "/decode.svg") == 0 ? svg_end(&svg, path) : -1;
+    free(svg.s);
+    if (rc == 0) printf("wrote %s/results.csv, results.md, loss_vs_kv.svg, loss_curves.svg, decode.svg\n", e->run_dir);
+    return rc;
+}
+
+/* --configs NAME=kvL:kvH,...: names that can be folder names */
+static int parse_configs(const char *text, GridEntry *out, int room) {
+    int n = 0;
+    for (const char *p = text; *p;) {
+        size_t len = strcspn(p, ",");
+        char item[96];
+        int kvL, kvH, used = 0;
+        snprintf(item, sizeof(item), "%.*s", (int)(len < 95 ? len : 95), p);
+        char *eq = strchr(item, '=');
+        if (n >= room) return fail("--configs: more than %d configurations", room);
+        if (!eq || eq == item || eq - item > 31 || sscanf(eq + 1, "%d:%d%n", &kvL, &kvH, &used) != 2 ||
+            eq[1 + used] != '\0')
+            return fail("--configs: \"%s\" is not NAME=KV_LAYERS:KV_HEADS (as MLKV-2=2:1)", printable(item));
+        *eq = '\0';
+        for (const char *c = item; *c; c++)
+            if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '-' ||
+                  *c == '_' || *c == '.'))
+                return fail("--configs: the name \"%s\" may hold letters, digits, - _ and . only", printable(item));
+        snprintf(out[n].name, sizeof(out[n].name), "%.31s", item); /* at most 31 characters: checked above */
+        out[n].kv_layers = kvL, out[n].kv_heads = kvH;
+        n++;
+        p += len + (p[len] == ',');
+    }
+    return n > 0 ? n : fail("--configs: no configuration given");
+}
+
+static const char *const experiment_usage =
+    "usage: mlkv experiment --model DIR --train TRAIN.bin --val VAL.bin --out RUN\n"
+    "                       [--grid paper | --configs NAME=kvL:kvH,...] [--tasks DIR] [train options]\n"
+    "The reference's experiment in one command. For every configuration: convert the\n"
+    "MHA model in DIR, evaluate it (validation loss over --val-batches batches of\n"
+    "VAL.bin, and each task file of --tasks), uptrain it with the train options (one\n"
+    "recipe and token budget for all), evaluate it again, and measure decoding\n"
+    "(tokens/s and memory at batch sizes 1, 4 and 16). Writes RUN/NAME/ (converted and\n"
+    "uptrained models, logs, stages.json, decode.csv), RUN/results.csv, RUN/results.md\n"
+    "and the pictures RUN/loss_vs_kv.svg, RUN/loss_curves.svg and RUN/decode.svg.\n"
+    "Run the same command again to continue: finished stages are skipped and an\n"
+    "interrupted uptraining continues from its checkpoint.\n"
+    "  --grid paper       the reference's nine configurations MHA-144 .. MLKV-1, adapted\n"
+    "                     to the model's layers and heads (the default)\n"
+    "  --configs LIST     instead: NAME=KV_LAYERS:KV_HEADS,... (e.g. MHA=4:4,MLKV-2=2:1)\n"
+    "  --tasks DIR        task files (python3 tokenize.py tasks) to score each model on\n"
+    "  --task-limit N     score the first N documents of each task file (all)\n"
+    "  train options      as mlkv train --help (--batch, --seq, --grad-accum, --steps,\n"
+    "                     --epochs or --max-tokens, --lr, ..., --freeze-embeds, --max-time)\n";
+
+static int cmd_experiment(int argc, char **argv) {
+    Experiment e;
+    memset(&e, 0, sizeof(e));
+    train_defaults(&e.recipe);
+    e.recipe.log_every = 10;
+    int schedule, grid_choice = 0;
+    const char *max_time = NULL, *configs = NULL;
+    static const char *const grid_names[] = {"paper", NULL};
+    Flag flags[TRAIN_FLAGS + 4];
+    int n_flags = train_flag_table(&e.recipe, &schedule, &max_time, flags);
+    flags[n_flags++] = (Flag)CHOICE_FLAG("--grid", &grid_choice, grid_names);
+    flags[n_flags++] = (Flag)STRING_FLAG("--configs", &configs);
+    flags[n_flags++] = (Flag)STRING_FLAG("--tasks", &e.task_dir);
+    flags[n_flags++] = (Flag)INT_FLAG("--task-limit", &e.task_limit, 1, INT_MAX);
+    int parsed = parse_flags(argc, argv, flags, n_flags, experiment_usage, NULL);
+    if (parsed == FLAGS_OK) parsed = finish_train_flags(&e.recipe, schedule, max_time, experiment_usage);
+    if (parsed != FLAGS_OK) return parsed;
+    TrainArgs *t = &e.recipe;
+    if (!t->model_dir || !t->train_path || !t->val_path || !t->out_dir)
+        return usage_error(experiment_usage, "experiment: --model, --train, --val and --out are required");
+    if (t->resume || t->stop_after || t->overwrite)
+        return usage_error(experiment_usage, "experiment: --resume, --stop-after and --overwrite are train's: run the "
+                                             "same experiment command again to continue it");
+    e.run_dir = t->out_dir;
+#ifdef _OPENMP
+    if (t->threads > 0) omp_set_num_threads(t->threads);
+#endif
+    Model mha;
+    GridEntry grid[GRID_SIZE + 32];
+    char lock_path[PATH_LEN];
+    if (model_load(&mha, t->model_dir) != 0) return exit_code(-1);
+    const Config *c = &mha.config;
+    int n = configs ? parse_configs(configs, grid, GRID_SIZE + 32) : adapted_grid(c->n_layer, c->n_head, grid), rc = 0;
+    if (n < 0) rc = -1;
+    if (rc == 0 && (mkdir(e.run_dir, 0755) != 0 && errno != EEXIST))
+        rc = fail("%s: cannot create: %s", e.run_dir, strerror(errno));
+    if (rc == 0) rc = lock_output(e.run_dir, lock_path);
+    int locked = rc == 0;
+    if (rc == 0) rc = task_paths(NULL, e.task_dir, &e.task_paths, &e.n_tasks);
+    if (rc == 0 && e.n_tasks > EXPERIMENT_MAX_TASKS) rc = fail("%s: more than %d task files", e.task_dir, EXPERIMENT_MAX_TASKS);
+    for (int i = 0; rc == 0 && i < e.n_tasks; i++) { /* a task's name: its file name without .jsonl */
+        const char *base = strrchr(e.task_paths[i], '/') ? strrchr(e.task_paths[i], '/') + 1 : e.task_paths[i];
+        snprintf(e.task_names[i], sizeof(e.task_names[i]), "%.*s", (int)(strlen(base) - 6), base);
+    }
+    if (rc == 0) rc = tokens_load(&e.val, t->val_path, c->vocab_size);
+    ExperimentRow *rows = rc == 0 ? calloc((size_t)n, sizeof(ExperimentRow)) : NULL;
+    if (rc == 0 && !rows) rc = fail("out of memory");
+    if (rc == 0) {
+        printf("experiment: %d configuration%s of %s into %s:", n, plural(n), t->model_dir, e.run_dir);
+        for (int i = 0; i < n; i++) printf(" %s (%d x %d)", grid[i].name, grid[i].kv_layers, grid[i].kv_heads);
+        printf("\n");
+    }
+    e.started = now_seconds();
+    e.stages_total = 5 * n;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        rows[i].grid = grid[i];
+        char sub[PATH_LEN];
+        rc = make_path(sub, "/", grid[i].name) == 0 && make_path(rows[i].dir, e.run_dir, sub) == 0 ? 0 : -1;
+        if (rc == 0) rc = experiment_config(&e, &mha, &rows[i], i, n);
+        if (rc == 0 && stop_signal == 0 && !rows[i].trained) break; /* stopped by --max-time: nothing more to do now */
+    }
+    int finished = rc == 0 && n > 0 && rows[n - 1].trained && isfinite(rows[n - 1].decode[EXPERIMENT_BATCHES - 1]);
+    if (finished) rc = experiment_tables(&e, rows, n);
+    if (finished && rc == 0) rc = experiment_pictures(&e, rows, n);
+    if (rc == 0 && finished) {
+        char spent[32];
+        format_duration(spent, sizeof(spent), now_seconds() - e.started);
+        printf("experiment: done in %s\n", spent);
+    }
+    if (locked) unlink(lock_path);
+    for (int i = 0; i < e.n_tasks; i++) free(e.task_paths[i]);
+    free(e.task_paths);
+    free(rows);
+    tokens_free(&e.val);
+    model_free(&mha);
+    return rc > 0 ? rc : exit_code(rc);
+}
+
 static const char *const main_usage =
     "mlkv.c: Multi-Layer Key-Value sharing on GPT-NeoX (Pythia), trained on the CPU\n"
     "usage: mlkv <command> [options]   (mlkv <command> --help for its options)\n"
@@ -6253,6 +6925,7 @@ static const char *const main_usage =
     "  sample  generate text with the small KV cache\n"
     "  eval    loss of a token file; zero-shot tasks as lm-evaluation-harness scores them\n"
     "  bench-kv  KV cache memory and decoding speed across the MLKV grid\n"
+    "  experiment  the reference's experiment: convert, evaluate, uptrain, compare\n"
     "  encode  token ids of ASCII text (tokenize.py encodes any text)\n"
     "  decode  text of token ids\n"
     "  demo    built-in demo: corpus, tiny model, training, validation loss\n";
@@ -6265,7 +6938,8 @@ int mlkv_main(int argc, char **argv) {
     }
     static const struct { const char *name; int (*run)(int, char **); } commands[] = {
         {"init", cmd_init}, {"train", cmd_train}, {"convert", cmd_convert}, {"export", cmd_export}, {"encode", cmd_encode},
-        {"decode", cmd_decode}, {"sample", cmd_sample}, {"eval", cmd_eval}, {"bench-kv", cmd_bench_kv}, {"demo", cmd_demo}};
+        {"decode", cmd_decode}, {"sample", cmd_sample}, {"eval", cmd_eval}, {"bench-kv", cmd_bench_kv}, {"experiment", cmd_experiment},
+        {"demo", cmd_demo}};
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         if (!strcmp(argv[1], commands[i].name)) {
             int rc = commands[i].run(argc - 2, argv + 2);

@@ -1758,6 +1758,82 @@ static void test_freeze_embeds(void) {
     model_free(&after);
 }
 
+/* experiment on a tiny MHA model and a grid of three: every output file, the
+ * pictures well-formed XML (Python's expat parser), a rerun that skips every
+ * finished stage, and an uptraining stopped by --max-time that a rerun
+ * continues to the bytes of an uninterrupted one. */
+static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
+
+static int count_lines(const char *path) {
+    size_t len;
+    char *text = slurp(path, &len);
+    int lines = 0;
+    for (size_t i = 0; text && i < len; i++) lines += text[i] == '\n';
+    free(text);
+    return text ? lines : -1;
+}
+
+static void test_experiment(void) {
+    char train[400], val[400], a[400], b[400];
+    snprintf(train, sizeof(train), "%s/exp_train.bin", tmp_dir);
+    snprintf(val, sizeof(val), "%s/exp_val.bin", tmp_dir);
+    write_tokens(train, 3000, 320, 11);
+    write_tokens(val, 600, 320, 12);
+    char recipe[1200];
+    snprintf(recipe, sizeof(recipe), "%s experiment --model dev/fixtures/eval/model --train %s --val %s "
+             "--configs MHA-8=2:4,GQA-4=2:2,MLKV-1=1:1 --tasks dev/fixtures/eval/tasks --task-limit 3 --seq 32 "
+             "--batch 2 --grad-accum 1 --steps 24 --val-batches 2", mlkv_bin, train, val);
+    CHECK(run("%s --out %s/exp", recipe, tmp_dir) == 0 && strstr(output(), "[3/3] MLKV-1: measure decoding") &&
+          strstr(output(), "| MLKV-1 | 1 x 1 | 1 |") && strstr(output(), "experiment: done in"),
+          "experiment: %s", output());
+    snprintf(a, sizeof(a), "%s/exp/results.csv", tmp_dir);
+    size_t len;
+    char *csv = slurp(a, &len);
+    CHECK(csv && starts_with(csv, "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,"
+                                  "val_loss_converted,val_loss_uptrained,arc_easy_converted,arc_easy_uptrained,") &&
+              strstr(csv, ",decode_tok_s_batch_1,decode_tok_s_batch_4,decode_tok_s_batch_16\n") &&
+              strstr(csv, "\nGQA-4,2,2,4,") && strstr(csv, "\nMLKV-1,1,1,1,") && !strstr(csv, "nan"),
+          "results.csv: %s", csv ? csv : "(none)");
+    free(csv);
+    CHECK(count_lines(a) == 4, "results.csv: a header and 3 rows (%d lines)", count_lines(a));
+    snprintf(b, sizeof(b), "%s/exp/results.md", tmp_dir);
+    CHECK(count_lines(b) == 5, "results.md: %d lines", count_lines(b));
+    const char *files[] = {"MHA-8/stages.json", "MHA-8/decode.csv", "GQA-4/converted/model.safetensors",
+                           "MLKV-1/uptrained/model.safetensors", "MLKV-1/uptrained.log.csv"};
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        snprintf(a, sizeof(a), "%s/exp/%s", tmp_dir, files[i]);
+        CHECK(exists("%s", a), "experiment wrote %s", files[i]);
+    }
+    snprintf(a, sizeof(a), "%s/exp/results.csv", tmp_dir);
+    CHECK(!exists("%s/exp.lock", tmp_dir), "the lock is gone after the run");
+    CHECK(run("cd / && python3 -I -c \"import sys, xml.dom.minidom as x\n"
+              "for n in ('loss_vs_kv', 'loss_curves', 'decode'):\n"
+              "    d = x.parse(sys.argv[1] + '/' + n + '.svg').documentElement\n"
+              "    assert d.tagName == 'svg' and d.getElementsByTagName('text'), n\n"
+              "print('svg ok')\" %s/exp", tmp_dir) == 0 && strstr(output(), "svg ok"),
+          "the pictures are well-formed SVG: %s", output());
+    CHECK(run("cp %s %s/results_before.csv", a, tmp_dir) == 0, "copy");
+    /* a rerun: nothing to do but the tables and pictures */
+    CHECK(run("%s --out %s/exp", recipe, tmp_dir) == 0 && !strstr(output(), "== experiment [") &&
+              strstr(output(), "experiment: done in"), "a finished experiment again: %s", output());
+    snprintf(b, sizeof(b), "%s/results_before.csv", tmp_dir);
+    CHECK(same_file(a, b), "the same results from the recorded stages");
+    /* stopped by --max-time during the first uptraining, then continued */
+    CHECK(run("%s --out %s/exp2 --max-time 0.001s", recipe, tmp_dir) == 0 &&
+              strstr(output(), "MHA-8 stopped after step ") && !strstr(output(), "[2/3]"),
+          "an experiment stopped by --max-time: %s", output());
+    CHECK(run("%s --out %s/exp2", recipe, tmp_dir) == 0 && strstr(output(), "[1/3] MHA-8: continue uptraining") &&
+              !strstr(output(), "[1/3] MHA-8: convert") && strstr(output(), "experiment: done in"),
+          "the experiment continued: %s", output());
+    snprintf(a, sizeof(a), "%s/exp/MHA-8/uptrained/model.safetensors", tmp_dir);
+    snprintf(b, sizeof(b), "%s/exp2/MHA-8/uptrained/model.safetensors", tmp_dir);
+    CHECK(same_file(a, b), "an interrupted and continued uptraining ends with the bytes of an uninterrupted one");
+    CHECK(run("%s --out %s/exp3 --resume", recipe, tmp_dir) == 2 && strstr(output(), "run the same experiment command again"),
+          "--resume is train's: %s", output());
+    CHECK(run("%s --out %s/exp3 --configs X=9:1", recipe, tmp_dir) != 0 && !exists("%s/exp3/X/converted", tmp_dir),
+          "an impossible configuration: %s", output());
+}
+
 /* SIGTERM during training: the current step ends, a checkpoint is saved,
  * the exit status is 128 + 15, and --resume finishes the run with the same
  * bytes as a run that was never stopped. */
@@ -1794,7 +1870,6 @@ static void test_graceful_stop(void) {
           strstr(output(), "step    20/20"), "the lock of the killed run is taken over: %s", output());
 }
 
-static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
 
 static void test_sample_stops(void) {
     Model m;
@@ -1935,6 +2010,7 @@ int main(int argc, char **argv) {
     test_messages();
     test_graceful_stop();
     test_freeze_embeds();
+    test_experiment();
     test_owner_placement();
     test_schedule();
     test_json();
