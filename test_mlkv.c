@@ -1680,6 +1680,16 @@ static void test_messages(void) {
           "a user's policy wins: %s", output());
 #endif
     /* counts from a user or a file, range-checked before any conversion */
+    char count_tokens[400];
+    snprintf(count_tokens, sizeof(count_tokens), "%s/count_tokens.bin", tmp_dir);
+    write_tokens(count_tokens, 40 * 16 + 1, 64, 5);
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/many --seq 16 --batch 1 --grad-accum 1 --epochs 1e9 "
+              "--stop-after 1", mlkv_bin, count_tokens, tmp_dir) == 0 && strstr(output(), "2147483647 steps of 1 x 1 x 16"),
+          "huge --epochs: as many steps as an int holds: %s", output());
+    CHECK(run("%s train --resume --train %s --out %s/many --seq 16 --batch 1 --grad-accum 1 --epochs 1e9 "
+              "--stop-after 2147483647 --max-time 1s --log-every 1000000", mlkv_bin, count_tokens, tmp_dir) == 0 &&
+              strstr(output(), "resuming at step 1 of 2147483647") && strstr(output(), "stopped by --max-time"),
+          "--stop-after past the int range on resume: %s", output());
     CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/bytes-tokenizer.json 65 4294967361", mlkv_bin) == 1 &&
           strstr(output(), "4294967361: not a token id"), "an id past 2^32: %s", output());
     char empty[400];
