@@ -6431,30 +6431,36 @@ typedef struct {
     int trained;                          /* the uptraining ran to its last step */
 } ExperimentRow;
 
-static void json_numbers(StrBuf *b, const char *key, const double *x, int n) {
-    sb_printf(b, ",\n  \"%s\": [", key);
-    for (int i = 0; i < n; i++) {
-        sb_printf(b, "%s", i ? ", " : "");
-        if (isfinite(x[i])) sb_number(b, x[i]);
-        else sb_printf(b, "null");
-    }
-    sb_printf(b, "]");
+/* The numbers stages.json holds: each key, where its numbers live, how many */
+typedef struct { const char *key; double *x; int n; } RowField;
+#define ROW_FIELDS 7
+static void row_fields(ExperimentRow *r, int n_tasks, RowField *f) {
+    RowField table[ROW_FIELDS] = {
+        {"parameters", &r->parameters, 1}, {"kv_bytes_per_token", &r->kv_bytes, 1}, {"val_loss", r->val, 2},
+        {"tasks_converted", r->task[0], n_tasks}, {"tasks_uptrained", r->task[1], n_tasks},
+        {"decode_tok_s", r->decode, EXPERIMENT_BATCHES}, {"memory_bytes", r->memory, EXPERIMENT_BATCHES}};
+    memcpy(f, table, sizeof(table));
 }
 
-/* stages.json, replaced whole (written beside, then renamed) */
-static int row_save(const ExperimentRow *r, int n_tasks) {
+/* stages.json, replaced whole (written beside, then renamed); a number not
+ * measured yet is null */
+static int row_save(ExperimentRow *r, int n_tasks) {
     char path[PATH_LEN], staging[PATH_LEN];
     if (make_path(path, r->dir, "/stages.json") != 0 || make_path(staging, r->dir, "/stages.json.saving") != 0) return -1;
+    RowField fields[ROW_FIELDS];
+    row_fields(r, n_tasks, fields);
     StrBuf b = {0};
     sb_printf(&b, "{\n  \"config\": \"%s\", \"kv_layers\": %d, \"kv_heads\": %d, \"trained\": %d", r->grid.name,
               r->grid.kv_layers, r->grid.kv_heads, r->trained);
-    json_numbers(&b, "parameters", &r->parameters, 1);
-    json_numbers(&b, "kv_bytes_per_token", &r->kv_bytes, 1);
-    json_numbers(&b, "val_loss", r->val, 2);
-    json_numbers(&b, "tasks_converted", r->task[0], n_tasks);
-    json_numbers(&b, "tasks_uptrained", r->task[1], n_tasks);
-    json_numbers(&b, "decode_tok_s", r->decode, EXPERIMENT_BATCHES);
-    json_numbers(&b, "memory_bytes", r->memory, EXPERIMENT_BATCHES);
+    for (int f = 0; f < ROW_FIELDS; f++) {
+        sb_printf(&b, ",\n  \"%s\": [", fields[f].key);
+        for (int i = 0; i < fields[f].n; i++) {
+            sb_printf(&b, "%s", i ? ", " : "");
+            if (isfinite(fields[f].x[i])) sb_number(&b, fields[f].x[i]);
+            else sb_printf(&b, "null");
+        }
+        sb_printf(&b, "]");
+    }
     sb_printf(&b, "\n}\n");
     int rc = write_text_file(staging, b.s);
     free(b.s);
@@ -6462,21 +6468,14 @@ static int row_save(const ExperimentRow *r, int n_tasks) {
     return rc;
 }
 
-static void read_numbers(const Json *j, const char *key, double *x, int n) {
-    const Json *a = json_get(j, key); /* null (not measured) stays NAN */
-    for (int i = 0; i < n; i++)
-        x[i] = a && a->type == JSON_ARRAY && (size_t)i < a->length && a->items[i].type == JSON_NUMBER ? a->items[i].number
-                                                                                                  : NAN;
-}
-
 /* What an earlier run of the experiment recorded for this configuration */
 static int row_load(ExperimentRow *r, int n_tasks) {
     char path[PATH_LEN], *text = NULL;
     size_t len;
-    double *fields[] = {&r->parameters, &r->kv_bytes, r->val, r->task[0], r->task[1], r->decode, r->memory};
-    int counts[] = {1, 1, 2, EXPERIMENT_MAX_TASKS, EXPERIMENT_MAX_TASKS, EXPERIMENT_BATCHES, EXPERIMENT_BATCHES};
-    for (int f = 0; f < 7; f++)
-        for (int i = 0; i < counts[f]; i++) fields[f][i] = NAN; /* not measured yet */
+    RowField fields[ROW_FIELDS];
+    row_fields(r, n_tasks, fields);
+    for (int f = 0; f < ROW_FIELDS; f++)
+        for (int i = 0; i < fields[f].n; i++) fields[f].x[i] = NAN; /* not measured yet */
     r->trained = 0;
     if (make_path(path, r->dir, "/stages.json") != 0) return -1;
     if (!file_exists(path)) return 0;
@@ -6485,13 +6484,11 @@ static int row_load(ExperimentRow *r, int n_tasks) {
     free(text);
     const Json *trained = json_get(&j, "trained");
     r->trained = trained && trained->type == JSON_NUMBER && trained->number == 1;
-    read_numbers(&j, "parameters", &r->parameters, 1);
-    read_numbers(&j, "kv_bytes_per_token", &r->kv_bytes, 1);
-    read_numbers(&j, "val_loss", r->val, 2);
-    read_numbers(&j, "tasks_converted", r->task[0], n_tasks);
-    read_numbers(&j, "tasks_uptrained", r->task[1], n_tasks);
-    read_numbers(&j, "decode_tok_s", r->decode, EXPERIMENT_BATCHES);
-    read_numbers(&j, "memory_bytes", r->memory, EXPERIMENT_BATCHES);
+    for (int f = 0; f < ROW_FIELDS; f++) {
+        const Json *a = json_get(&j, fields[f].key); /* null stays NAN */
+        for (int i = 0; a && a->type == JSON_ARRAY && i < fields[f].n && (size_t)i < a->length; i++)
+            if (a->items[i].type == JSON_NUMBER) fields[f].x[i] = a->items[i].number;
+    }
     json_free(&j);
     return 0;
 }
