@@ -6482,8 +6482,12 @@ static int row_load(ExperimentRow *r, int n_tasks) {
     Json j;
     if (read_file(path, &text, &len) != 0 || json_parse(text, len, path, &j) != 0) { free(text); return -1; }
     free(text);
-    const Json *trained = json_get(&j, "trained");
+    const Json *trained = json_get(&j, "trained"), *kv_layers = json_get(&j, "kv_layers"), *kv_heads = json_get(&j, "kv_heads");
     r->trained = trained && trained->type == JSON_NUMBER && trained->number == 1;
+    if (kv_layers && kv_heads && kv_layers->type == JSON_NUMBER && kv_heads->type == JSON_NUMBER) { /* -1: nonsense */
+        r->grid.kv_layers = kv_layers->number >= 1 && kv_layers->number <= MLKV_MAX_LAYERS ? (int)kv_layers->number : -1;
+        r->grid.kv_heads = kv_heads->number >= 1 && kv_heads->number <= MLKV_MAX_HEADS ? (int)kv_heads->number : -1;
+    }
     for (int f = 0; f < ROW_FIELDS; f++) {
         const Json *a = json_get(&j, fields[f].key); /* null stays NAN */
         for (int i = 0; a && a->type == JSON_ARRAY && i < fields[f].n && (size_t)i < a->length; i++)
@@ -6564,6 +6568,44 @@ static int experiment_decode(const char *model_dir, ExperimentRow *r, int thread
     return rc;
 }
 
+/* RUN/experiment.json: what the results depend on (the inputs and the
+ * recipe; not --threads, --max-time or how often to log and save). A rerun
+ * with other settings would mix two experiments in one table: refused. */
+static int experiment_settings(const Experiment *e) {
+    const TrainArgs *t = &e->recipe;
+    char path[PATH_LEN];
+    StrBuf b = {0};
+    sb_printf(&b, "{\n  \"model\": ");
+    json_write_string(&b, t->model_dir);
+    sb_printf(&b, ",\n  \"train\": ");
+    json_write_string(&b, t->train_path);
+    sb_printf(&b, ",\n  \"val\": ");
+    json_write_string(&b, t->val_path);
+    sb_printf(&b, ",\n  \"tasks\": ");
+    json_write_string(&b, e->task_dir ? e->task_dir : "");
+    sb_printf(&b, ",\n  \"task_limit\": %d, \"val_batches\": %d,\n  \"recipe\": \"batch %d seq %d grad_accum %d steps %d "
+                  "epochs %.17g max_tokens %llu lr %.17g warmup_steps %d warmup_ratio %.17g schedule %d weight_decay %.17g "
+                  "clip %.17g betas %.17g %.17g eps %.17g seed %llu freeze_embeds %d precision %d\"\n}\n",
+              e->task_limit, t->val_batches, t->batch, t->seq, t->grad_accum, t->steps, t->epochs,
+              (unsigned long long)t->max_tokens, t->opt.lr, t->warmup_steps, t->warmup_ratio, (int)t->opt.schedule,
+              t->opt.weight_decay, t->opt.clip, t->opt.beta1, t->opt.beta2, t->opt.eps, (unsigned long long)t->seed,
+              t->freeze_embeds, t->precision);
+    int rc = make_path(path, e->run_dir, "/experiment.json");
+    char *old = NULL;
+    size_t len;
+    if (rc == 0 && file_exists(path)) {
+        if (read_file(path, &old, &len) != 0) rc = -1;
+        else if (len != b.len || memcmp(old, b.s, len) != 0)
+            rc = fail("%s: this run was started with other settings (inputs or training recipe; see the file): use "
+                      "a new --out, or the same settings to continue it", path);
+        free(old);
+    } else if (rc == 0) {
+        rc = write_text_file(path, b.s);
+    }
+    free(b.s);
+    return rc;
+}
+
 /* One configuration, stage by stage, each skipped when recorded as done.
  * Returns 0, or train's exit status when the uptraining stopped early. */
 static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, int index, int n) {
@@ -6573,7 +6615,11 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
         make_path(state, uptrained, "/optimizer.safetensors") != 0)
         return -1;
     if (mkdir(r->dir, 0755) != 0 && errno != EEXIST) return fail("%s: cannot create: %s", r->dir, strerror(errno));
+    GridEntry wanted = r->grid;
     if (row_load(r, e->n_tasks) != 0) return -1;
+    if (isfinite(r->parameters) && (r->grid.kv_layers != wanted.kv_layers || r->grid.kv_heads != wanted.kv_heads))
+        return fail("%s holds %s as %d K/V layers x %d heads, not %d x %d: name the configuration differently, or "
+                    "use a new --out", r->dir, name, r->grid.kv_layers, r->grid.kv_heads, wanted.kv_layers, wanted.kv_heads);
     if (!isfinite(r->parameters) || !file_exists(converted)) {
         experiment_progress(e, index, n, name, "convert");
         Model m;
@@ -6879,6 +6925,7 @@ static int cmd_experiment(int argc, char **argv) {
         snprintf(e.task_names[i], sizeof(e.task_names[i]), "%.*s", (int)(strlen(base) - 6), base);
     }
     if (rc == 0) rc = tokens_load(&e.val, t->val_path, c->vocab_size);
+    if (rc == 0) rc = experiment_settings(&e);
     ExperimentRow *rows = rc == 0 ? calloc((size_t)n, sizeof(ExperimentRow)) : NULL;
     if (rc == 0 && !rows) rc = fail("out of memory");
     if (rc == 0) {

@@ -1840,6 +1840,11 @@ static void test_experiment(void) {
     CHECK(same_file(a, b), "an interrupted and continued uptraining ends with the bytes of an uninterrupted one");
     CHECK(run("%s --out %s/exp3 --resume", recipe, tmp_dir) == 2 && strstr(output(), "run the same experiment command again"),
           "--resume is train's: %s", output());
+    CHECK(run("%s --out %s/exp --lr 1e-3", recipe, tmp_dir) == 1 && strstr(output(), "was started with other settings"),
+          "a finished experiment with another recipe: %s", output());
+    CHECK(run("%s --out %s/exp --configs MHA-8=2:2", recipe, tmp_dir) == 1 &&
+              strstr(output(), "holds MHA-8 as 2 K/V layers x 4 heads, not 2 x 2"),
+          "a configuration renamed: %s", output());
     CHECK(run("%s --out %s/exp3 --configs X=9:1", recipe, tmp_dir) != 0 && !exists("%s/exp3/X/converted", tmp_dir),
           "an impossible configuration: %s", output());
 }
