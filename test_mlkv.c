@@ -1838,6 +1838,15 @@ static void test_experiment(void) {
     snprintf(a, sizeof(a), "%s/exp/MHA-8/uptrained/model.safetensors", tmp_dir);
     snprintf(b, sizeof(b), "%s/exp2/MHA-8/uptrained/model.safetensors", tmp_dir);
     CHECK(same_file(a, b), "an interrupted and continued uptraining ends with the bytes of an uninterrupted one");
+    /* SIGTERM during an uptraining: the step ends, the checkpoint is saved, exit 143; a rerun continues */
+    CHECK(run("(%s --out %s/exp4 --configs MHA-8=2:4 --steps 200 --batch 16 --seq 64 & pid=$!; "
+              "while kill -0 $pid 2>/dev/null && [ \"$(wc -l < %s/exp4/MHA-8/uptrained.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; "
+              "do sleep 0.01; done; kill -TERM $pid; wait $pid; echo \"exit $?\")", recipe, tmp_dir, tmp_dir) == 0 &&
+              strstr(output(), "stopped by SIGTERM after step ") && strstr(output(), "exit 143") &&
+              !strstr(output(), "experiment: done"), "SIGTERM during an experiment: %s", output());
+    CHECK(run("%s --out %s/exp4 --configs MHA-8=2:4 --steps 200 --batch 16 --seq 64", recipe, tmp_dir) == 0 &&
+              strstr(output(), "MHA-8: continue uptraining") && strstr(output(), "step   200/200") &&
+              strstr(output(), "experiment: done"), "the experiment continued after SIGTERM: %s", output());
     CHECK(run("%s --out %s/exp3 --resume", recipe, tmp_dir) == 2 && strstr(output(), "run the same experiment command again"),
           "--resume is train's: %s", output());
     CHECK(run("%s --out %s/exp --lr 1e-3", recipe, tmp_dir) == 1 && strstr(output(), "was started with other settings"),
