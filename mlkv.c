@@ -6519,15 +6519,17 @@ static void experiment_progress(const Experiment *e, int index, int n, const cha
     printf("== experiment [%d/%d] %s: %s | %s so far, about %s left\n", index + 1, n, name, what, spent, left);
 }
 
-/* Validation loss (the uptraining's validation budget) and the task files */
+/* Validation loss (the uptraining's validation budget: --val-batches batches
+ * of --batch sequences, scored one sequence at a time so that the logits of
+ * a 50k vocabulary stay small) and the task files */
 static int experiment_evaluate(Experiment *e, const char *model_dir, double *val_loss, double *task_scores) {
     Model m;
     if (model_load(&m, model_dir) != 0) return -1;
     const TrainArgs *t = &e->recipe;
     int T = t->seq ? t->seq : m.config.max_position_embeddings < 2048 ? m.config.max_position_embeddings : 2048;
-    int rc = model_prepare(&m, t->batch, T, 0);
+    int rc = model_prepare(&m, 1, T, 0);
     size_t count = 0;
-    double loss = rc == 0 ? token_file_loss(&m, &e->val, t->batch, T, (size_t)t->val_batches * t->batch * T, 0, &count) : 0;
+    double loss = rc == 0 ? token_file_loss(&m, &e->val, 1, T, (size_t)t->val_batches * t->batch * T, 0, &count) : 0;
     if (rc == 0) *val_loss = loss / (double)(count ? count : 1);
     for (int i = 0; rc == 0 && i < e->n_tasks; i++) {
         TaskResult r;
