@@ -6595,6 +6595,12 @@ static int experiment_settings(const Experiment *e) {
     int rc = make_path(path, e->run_dir, "/experiment.json");
     char *old = NULL;
     size_t len;
+    DIR *d = rc == 0 && !file_exists(path) ? opendir(e->run_dir) : NULL;
+    for (struct dirent *entry; d && rc == 0 && (entry = readdir(d));) /* a new run needs a new (or empty) folder */
+        if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, ".."))
+            rc = fail("%s holds %s but no experiment.json: not an experiment's folder; choose a new --out", e->run_dir,
+                      printable(entry->d_name));
+    if (d) closedir(d);
     if (rc == 0 && file_exists(path)) {
         if (read_file(path, &old, &len) != 0) rc = -1;
         else if (len != b.len || memcmp(old, b.s, len) != 0)
@@ -6942,7 +6948,7 @@ static int cmd_experiment(int argc, char **argv) {
         char sub[PATH_LEN];
         rc = make_path(sub, "/", grid[i].name) == 0 && make_path(rows[i].dir, e.run_dir, sub) == 0 ? 0 : -1;
         if (rc == 0) rc = experiment_config(&e, &mha, &rows[i], i, n);
-        if (rc == 0 && stop_signal == 0 && !rows[i].trained) break; /* stopped by --max-time: nothing more to do now */
+        if (rc == 0 && !rows[i].trained) break; /* stopped by --max-time: nothing more to do now */
     }
     int finished = rc == 0 && n > 0 && rows[n - 1].trained && isfinite(rows[n - 1].decode[EXPERIMENT_BATCHES - 1]);
     if (finished) rc = experiment_tables(&e, rows, n);

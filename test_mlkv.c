@@ -1856,6 +1856,9 @@ static void test_experiment(void) {
           "a configuration renamed: %s", output());
     CHECK(run("%s --out %s/exp3 --configs X=9:1", recipe, tmp_dir) != 0 && !exists("%s/exp3/X/converted", tmp_dir),
           "an impossible configuration: %s", output());
+    CHECK(run("mkdir -p %s/mine && touch %s/mine/notes.txt && %s --out %s/mine", tmp_dir, tmp_dir, recipe, tmp_dir) == 1 &&
+              strstr(output(), "holds notes.txt but no experiment.json"),
+          "a folder that is not an experiment's: %s", output());
 }
 
 /* SIGTERM during training: the current step ends, a checkpoint is saved,
