@@ -6425,7 +6425,7 @@ typedef struct {
     char dir[PATH_LEN];                   /* RUN/NAME */
     double parameters, kv_bytes;          /* kv_bytes: KV cache per token, fp32 */
     double val[2];                        /* validation loss after conversion, after uptraining */
-    double task[2][EXPERIMENT_MAX_TASKS]; /* each task file's first metric, the same two times */
+    double task[2][EXPERIMENT_MAX_TASKS]; /* each task file's accuracy, the same two times */
     double decode[EXPERIMENT_BATCHES];    /* decode tokens/s at experiment_batches */
     double memory[EXPERIMENT_BATCHES];    /* weights + KV cache + scratch, bytes */
     int trained;                          /* the uptraining ran to its last step */
@@ -6534,7 +6534,8 @@ static int experiment_evaluate(Experiment *e, const char *model_dir, double *val
     for (int i = 0; rc == 0 && i < e->n_tasks; i++) {
         TaskResult r;
         rc = evaluate_task_file(&m, e->task_paths[i], e->task_limit, &r, NULL, NULL, 0);
-        if (rc == 0) task_scores[i] = r.metric[0].value;
+        for (int k = 0; rc == 0 && k < r.n_metrics; k++) /* accuracy: every task has it (lambada: greedy) */
+            if (!strcmp(r.metric[k].name, "acc")) task_scores[i] = r.metric[k].value;
     }
     if (rc == 0) {
         printf("   validation loss %.4f", *val_loss);
@@ -6685,8 +6686,8 @@ static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int
     sb_printf(&md, "| config | K/V layers x heads | total K/V heads | parameters | KV bytes/token | val loss converted | "
                    "val loss uptrained |");
     for (int i = 0; i < e->n_tasks; i++) {
-        sb_printf(&csv, ",%s_converted,%s_uptrained", e->task_names[i], e->task_names[i]);
-        sb_printf(&md, " %s converted | %s uptrained |", e->task_names[i], e->task_names[i]);
+        sb_printf(&csv, ",%s_acc_converted,%s_acc_uptrained", e->task_names[i], e->task_names[i]);
+        sb_printf(&md, " %s acc converted | %s acc uptrained |", e->task_names[i], e->task_names[i]);
     }
     for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
         sb_printf(&csv, ",decode_tok_s_batch_%d", experiment_batches[b]);
@@ -6873,8 +6874,8 @@ static const char *const experiment_usage =
     "                       [--grid paper | --configs NAME=kvL:kvH,...] [--tasks DIR] [train options]\n"
     "The reference's experiment in one command. For every configuration: convert the\n"
     "MHA model in DIR, evaluate it (validation loss over --val-batches batches of\n"
-    "VAL.bin, and each task file of --tasks), uptrain it with the train options (one\n"
-    "recipe and token budget for all), evaluate it again, and measure decoding\n"
+    "VAL.bin, and the accuracy on each task file of --tasks), uptrain it with the train\n"
+    "options (one recipe and token budget for all), evaluate it again, and measure decoding\n"
     "(tokens/s and memory at batch sizes 1, 4 and 16). Writes RUN/NAME/ (converted and\n"
     "uptrained models, logs, stages.json, decode.csv), RUN/results.csv, RUN/results.md\n"
     "and the pictures RUN/loss_vs_kv.svg, RUN/loss_curves.svg and RUN/decode.svg.\n"

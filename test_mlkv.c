@@ -1800,7 +1800,7 @@ static void test_experiment(void) {
     size_t len;
     char *csv = slurp(a, &len);
     CHECK(csv && starts_with(csv, "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,"
-                                  "val_loss_converted,val_loss_uptrained,arc_easy_converted,arc_easy_uptrained,") &&
+                                  "val_loss_converted,val_loss_uptrained,arc_easy_acc_converted,arc_easy_acc_uptrained,") &&
               strstr(csv, ",decode_tok_s_batch_1,decode_tok_s_batch_4,decode_tok_s_batch_16\n") &&
               strstr(csv, "\nGQA-4,2,2,4,") && strstr(csv, "\nMLKV-1,1,1,1,") && !strstr(csv, "nan"),
           "results.csv: %s", csv ? csv : "(none)");
