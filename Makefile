@@ -29,7 +29,9 @@ demo: mlkv
 # tokenize.py's tests, then the C tests on builds under build/: per compiler,
 # the fast native build (OpenMP, -march=native: the AVX-512 kernels where the
 # CPU has them) and the portable fallback (no -march: SSE2 on x86-64) with and
-# without OpenMP; warnings are errors.
+# without OpenMP; warnings are errors. OpenMP's threads get 128 KiB stacks,
+# the smallest default there is (musl), so that a kernel's stack frame that
+# outgrows them fails here.
 test:
 	@python3 dev/test_tokenize.py
 	@set -e; for cc in $(TEST_COMPILERS); do for build in native-omp portable-omp portable; do \
@@ -44,7 +46,7 @@ test:
 	  $$cc $$flags -o $$d/mlkv mlkv.c -lm; \
 	  $$cc $$flags -DMLKV_NO_MAIN -o $$d/test_mlkv test_mlkv.c mlkv.c -lm; \
 	  echo "== $$cc, $$build: tests"; \
-	  OMP_NUM_THREADS=2 $$d/test_mlkv $$d/mlkv; \
+	  OMP_NUM_THREADS=2 OMP_STACKSIZE=128K $$d/test_mlkv $$d/mlkv; \
 	done; done
 	@$(MAKE) --no-print-directory test-sanitize fuzz-smoke
 

@@ -3027,7 +3027,6 @@ PARALLEL_FOR
 #define ATT_KB (2 * GEMM_NR) /* keys per block: two of its column panels, so that the p v product sums
                                 over 2 * GEMM_NR keys per call (measured: one panel, 32 keys, spent about a
                                 third of that product loading and storing its accumulators) */
-#define MAX_HEAD_WIDTH ((MAX_HEAD_SIZE + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
 #define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR) /* hs rounded up to whole panels */
 #define PADDED_T(T) ((T + ATT_KB - 1) / ATT_KB * ATT_KB)        /* T rounded up to whole key blocks */
 
@@ -3137,7 +3136,9 @@ typedef struct {
  * every 12 queries streamed all of a head's keys and values through the
  * caches, and the products waited on those loads (measured with make bench's
  * attention table: about 0.3 of the FMA peak). The tiles' state lives on the
- * thread's stack: about 200 KiB at MAX_HEAD_SIZE. */
+ * thread's stack, sized by the head (variable-length arrays): about 50 KiB
+ * for heads of 64, so that it fits the smallest default thread stacks (musl's
+ * 128 KiB); 200 KiB at MAX_HEAD_SIZE. */
 #define ATT_TILES 4
 #define ATT_ROWS (ATT_TILES * ATT_QB)
 
@@ -3150,9 +3151,9 @@ static inline int tile_rows(int rows, int u) { return rows - u * ATT_QB < ATT_QB
  * lse = the log-sum-exp of each row's scores. */
 static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride, int rows, int pos0,
                                     const KeySource *keys_from, const float *v, size_t v_stride, int hs, float scale) {
-    float qp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB], kp[MAX_HEAD_SIZE * ATT_KB], s[ATT_QB * ATT_KB];
-    float o[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH], m[ATT_ROWS], l[ATT_ROWS];
     int width = HEAD_WIDTH(hs), tiles = (rows + ATT_QB - 1) / ATT_QB;
+    float qp[ATT_TILES][hs * ATT_QB], kp[hs * ATT_KB], s[ATT_QB * ATT_KB];
+    float o[ATT_TILES][ATT_QB * width], m[ATT_ROWS], l[ATT_ROWS];
     for (int u = 0; u < tiles; u++) {
         pack_panel(qp[u], q + (size_t)u * ATT_QB * q_stride, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
         scale_floats(qp[u], scale, hs * ATT_QB); /* the scores' factor, applied once to q */
@@ -3232,10 +3233,10 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
 static void attention_backward_queries(float *dq, float *delta, const float *dout, const float *q, const float *out,
                                        const float *lse, size_t q_stride, int rows, int t0, const float *k_panels,
                                        const float *v_panels, const float *k, size_t kv_stride, int hs, float scale) {
-    float qp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB], dop[ATT_TILES][MAX_HEAD_SIZE * ATT_QB];
-    float s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], acc[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH];
-    float D[ATT_ROWS] = {0}, L[ATT_ROWS] = {0};
     int width = HEAD_WIDTH(hs), tiles = (rows + ATT_QB - 1) / ATT_QB;
+    float qp[ATT_TILES][hs * ATT_QB], dop[ATT_TILES][hs * ATT_QB];
+    float s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], acc[ATT_TILES][ATT_QB * width];
+    float D[ATT_ROWS] = {0}, L[ATT_ROWS] = {0};
     for (int u = 0; u < tiles; u++) {
         size_t first = (size_t)u * ATT_QB * q_stride;
         pack_panel(qp[u], q + first, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
@@ -3272,16 +3273,16 @@ static void attention_backward_queries(float *dq, float *delta, const float *dou
         for (int d = 0; d < hs; d++) dq[i * q_stride + d] = scale * acc[i / ATT_QB][i % ATT_QB * width + d];
 }
 
-/* dk, dv [ATT_ROWS, HEAD_WIDTH(hs)] += of the `keys` keys at positions s0 ..
+/* dk_acc, dv_acc [ATT_ROWS, HEAD_WIDTH(hs)] += of the `keys` keys at positions s0 ..
  * (rows of k, v; row stride kv_stride), from the queries of one head at
  * positions s0 .. T-1 (their head panels, and rows of q and dout). */
-static void attention_backward_keys(float (*dk_acc)[ATT_QB * MAX_HEAD_WIDTH], float (*dv_acc)[ATT_QB * MAX_HEAD_WIDTH],
-                                    const float *dout, const float *q, const float *q_panels, const float *dout_panels,
-                                    const float *lse, const float *delta, size_t q_stride, int T, const float *k,
-                                    const float *v, size_t kv_stride, int s0, int keys, int hs, float scale) {
-    float kp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB], vp[ATT_TILES][MAX_HEAD_SIZE * ATT_QB];
+static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *dout, const float *q,
+                                    const float *q_panels, const float *dout_panels, const float *lse,
+                                    const float *delta, size_t q_stride, int T, const float *k, const float *v,
+                                    size_t kv_stride, int s0, int keys, int hs, float scale) {
+    int tiles = (keys + ATT_QB - 1) / ATT_QB, tile_acc = ATT_QB * HEAD_WIDTH(hs);
+    float kp[ATT_TILES][hs * ATT_QB], vp[ATT_TILES][hs * ATT_QB];
     float s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], lse_j[ATT_KB], delta_j[ATT_KB];
-    int tiles = (keys + ATT_QB - 1) / ATT_QB;
     for (int u = 0; u < tiles; u++) {
         size_t first = (size_t)u * ATT_QB * kv_stride;
         pack_panel(kp[u], k + first, kv_stride, 1, tile_rows(keys, u), hs, ATT_QB);
@@ -3310,8 +3311,8 @@ static void attention_backward_keys(float (*dk_acc)[ATT_QB * MAX_HEAD_WIDTH], fl
                     dpi[j] = visible ? ds : 0.0f;
                 }
             }
-            weighted_rows(dv_acc[u], s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
-            weighted_rows(dk_acc[u], dp, q + t0 * q_stride, q_stride, queries, hs);   /* dk += ds q (scaled at the end) */
+            weighted_rows(dv_acc + u * tile_acc, s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
+            weighted_rows(dk_acc + u * tile_acc, dp, q + t0 * q_stride, q_stride, queries, hs); /* dk += ds q (scaled at the end) */
         }
     }
 }
@@ -3343,7 +3344,7 @@ PARALLEL_FOR_CYCLIC
     for (int task = 0; task < B * kvH * blocks; task++) {
         int b = task / (kvH * blocks), kvh = task / blocks % kvH, s0 = task % blocks * ATT_ROWS;
         int keys = T - s0 < ATT_ROWS ? T - s0 : ATT_ROWS;
-        float dk_acc[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH], dv_acc[ATT_TILES][ATT_QB * MAX_HEAD_WIDTH];
+        float dk_acc[ATT_ROWS * width], dv_acc[ATT_ROWS * width];
         memset(dk_acc, 0, sizeof(dk_acc));
         memset(dv_acc, 0, sizeof(dv_acc));
         size_t kv = ((size_t)b * T + s0) * kv_stride + (size_t)kvh * hs;
@@ -3356,8 +3357,8 @@ PARALLEL_FOR_CYCLIC
         }
         for (int i = 0; i < keys; i++)
             for (int d = 0; d < hs; d++) {
-                dk[kv + i * kv_stride + d] += scale * dk_acc[i / ATT_QB][i % ATT_QB * width + d];
-                dv[kv + i * kv_stride + d] += dv_acc[i / ATT_QB][i % ATT_QB * width + d];
+                dk[kv + i * kv_stride + d] += scale * dk_acc[i * width + d];
+                dv[kv + i * kv_stride + d] += dv_acc[i * width + d];
             }
     }
 }
