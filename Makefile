@@ -1,6 +1,7 @@
 # mlkv.c
 #   make          build ./mlkv (OpenMP when the compiler has it; OMP=0 to disable)
-#   make demo     the built-in demo: corpus, tiny model, training (no download)
+#   make demo     the MLKV experiment in miniature (no download): corpus, a 12-layer
+#                 model pretrained, the paper's nine configurations converted, uptrained, compared
 #   make test     tokenize.py's tests, then the C tests built with gcc and clang
 #                 (those installed), native and portable builds, warnings as errors
 #   make bench    training speed and GEMM shapes against the measured fp32 peak

@@ -902,7 +902,7 @@ static void test_errors(void) {
           "bad number: %s", output());
     CHECK(run("%s train --help", mlkv_bin) == 0 && strstr(output(), "--grad-accum"), "train --help");
     CHECK(run("%s init --help", mlkv_bin) == 0 && strstr(output(), "--config"), "init --help");
-    CHECK(run("%s demo --help", mlkv_bin) == 0 && strstr(output(), "--steps"), "demo --help");
+    CHECK(run("%s demo --help", mlkv_bin) == 0 && strstr(output(), "--uptrain-steps"), "demo --help");
     CHECK(run("%s frobnicate", mlkv_bin) == 2, "unknown command");
 }
 
