@@ -4634,8 +4634,6 @@ done:
     tokens_free(&train);
     tokens_free(&val);
     model_free(&model);
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
     unlink(lock_path);
     /* stopped by a signal, with a checkpoint: the shell's convention, 128 + the signal */
     return rc == 0 && timed_out && stop_signal ? 128 + stop_signal : exit_code(rc);
