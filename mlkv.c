@@ -3063,9 +3063,9 @@ PARALLEL_FOR
  * times the rows x[0 .. kc) (row stride `stride`, hs columns): the
  * probability- (or gradient-) weighted sum of value, key or query rows.
  * Whole panels of columns are read in place, and so is a last half panel
- * (heads of 16 where GEMM_NR is 32: measured with make bench's attention
- * table, padding them to 32 spent half the FMAs on zeros and the copy cost
- * more); another ragged last panel goes through a zero-padded copy. */
+ * (heads of 16 where GEMM_NR is 32: padded to 32 they spent half the FMAs
+ * on zeros, and training make demo's model ran 1.2 times slower, measured
+ * old and new side by side); another ragged last panel goes through a zero-padded copy. */
 static void weighted_rows(float *acc, const float *w, const float *x, size_t stride, int kc, int hs) {
     for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
         if (hs - d0 >= GEMM_NR) {
@@ -6933,18 +6933,17 @@ static int cmd_demo(int argc, char **argv) {
                 .shared_key_rotary = 1};
     printf("demo: writing the corpus to %s (train 1M tokens, val 50k; %d words) and 200 recall probes to %s\n", out,
            DEMO_WORDS, probes);
-    if ((mkdir(out, 0755) != 0 && errno != EEXIST) || (mkdir(task_dir, 0755) != 0 && errno != EEXIST))
+    if (mkdir(out, 0755) != 0 && errno != EEXIST) return exit_code(fail("%s: cannot create: %s", out, strerror(errno)));
+    if (mkdir(task_dir, 0755) != 0 && errno != EEXIST)
         return exit_code(fail("%s: cannot create: %s", task_dir, strerror(errno)));
     if (demo_corpus(train_path, 1000000, 1) != 0 || demo_corpus(val_path, 50000, 2) != 0 || demo_probes(probes, 200, 3))
         return exit_code(-1);
-    if (!file_exists(init_dir)) {
-        Model m;
-        if (model_init_random(&m, &c, 1234) != 0) return exit_code(-1);
-        int rc = checkpoint_save(&m, init_dir, NULL, NULL, 0);
-        print_model_summary(&m);
-        model_free(&m);
-        if (rc != 0) return exit_code(rc);
-    }
+    Model m; /* written on every run, as the corpus: the same bytes each time */
+    if (model_init_random(&m, &c, 1234) != 0) return exit_code(-1);
+    int rc = checkpoint_save(&m, init_dir, NULL, NULL, 0);
+    print_model_summary(&m);
+    model_free(&m);
+    if (rc != 0) return exit_code(rc);
     double t0 = now_seconds();
     char steps[16], uptrain[16], threads_text[16];
     snprintf(steps, sizeof(steps), "%d", pretrain_steps);
@@ -6956,8 +6955,8 @@ static int cmd_demo(int argc, char **argv) {
                           "--grad-accum", "1", "--steps", steps, "--lr", "2e-3", "--schedule", "constant",
                           "--warmup-ratio", "0.02", "--eval-every", "50", "--val-batches", "5", "--log-every", "10",
                           "--save-every", "50", "--threads", threads_text};
-    int n_train = (int)(sizeof(train_argv) / sizeof(train_argv[0])) - (threads ? 0 : 2);
-    int rc = demo_run(cmd_train, train_argv, n_train);
+    int n_train = (int)(sizeof(train_argv) / sizeof(train_argv[0])) - (threads ? 0 : 2); /* --threads: last */
+    rc = demo_run(cmd_train, train_argv, n_train);
     if (rc != 0) return rc;
     /* 2. the experiment: the same recipe, a shorter run, for every configuration */
     char *experiment_argv[] = {"experiment", "--model", pretrained, "--train", train_path, "--val", val_path,
@@ -6965,7 +6964,7 @@ static int cmd_demo(int argc, char **argv) {
                                "--grad-accum", "1", "--steps", uptrain, "--lr", "1e-3", "--warmup-ratio", "0.1",
                                "--val-batches", "5", "--eval-every", "0", "--log-every", "10", "--save-every", "0",
                                "--threads", threads_text};
-    int n_experiment = (int)(sizeof(experiment_argv) / sizeof(experiment_argv[0])) - (threads ? 0 : 2);
+    int n_experiment = (int)(sizeof(experiment_argv) / sizeof(experiment_argv[0])) - (threads ? 0 : 2); /* as above */
     rc = demo_run(cmd_experiment, experiment_argv, n_experiment);
     if (rc != 0) return rc;
     printf("demo: done in %.0fs. A uniform guess over the %d words has loss %.3f; recall is the fraction of\n"
