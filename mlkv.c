@@ -4620,7 +4620,10 @@ static int run_training(TrainArgs *t) {
         }
     }
     t->finished = finished;
-    printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
+    if (finished == start_step) /* resumed at its last step (make demo run again): nothing was trained or saved */
+        printf("%s: already trained to step %d of %d; nothing to do\n", t->out_dir, finished, t->steps);
+    else
+        printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
     if (timed_out)
         printf("stopped by %s after step %d of %d: continue with the same command and --resume\n",
                stop_signal == SIGINT ? "SIGINT" : stop_signal == SIGTERM ? "SIGTERM" : "--max-time", finished, t->steps);

@@ -696,6 +696,19 @@ static void test_resume(void) {
         snprintf(b, sizeof(b), "%s/pieces/%s", tmp_dir, files[i]);
         CHECK(same_file(a, b), "%s differs between the straight and the resumed run", files[i]);
     }
+    /* resuming a finished run trains nothing and rewrites nothing */
+    snprintf(a, sizeof(a), "%s/pieces/model.safetensors", tmp_dir);
+    struct stat before_resume, after_resume;
+    CHECK(stat(a, &before_resume) == 0, "%s exists", a);
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 "
+              "--eval-every 0 --train %s --val %s --out %s/pieces", mlkv_bin, train, train, tmp_dir) == 0 &&
+              strstr(output(), "already trained to step 6 of 6; nothing to do") && !strstr(output(), "step     6/6"),
+          "resuming a finished run: %s", output());
+    CHECK(stat(a, &after_resume) == 0 && after_resume.st_mtime == before_resume.st_mtime &&
+              after_resume.st_ino == before_resume.st_ino, "a finished run's checkpoint is left as it was");
+    snprintf(b, sizeof(b), "%s/pieces.log.csv", tmp_dir);
+    log_losses(b, lb, sizeof(lb));
+    CHECK(strcmp(la, lb) == 0, "a finished run's log is left as it was:\n%s\n%s", la, lb);
     /* a save that cannot complete leaves the previous checkpoint as it was */
     CHECK(run("%s train %s --train %s --out %s/kept --stop-after 2 --verbose", mlkv_bin, common, train, tmp_dir) == 0 &&
           strstr(output(), "= activations") && strstr(output(), "AdamW moments"), "--verbose memory: %s", output());
