@@ -4438,6 +4438,12 @@ static FILE *open_log(const char *path, int resume_step) {
     return f;
 }
 
+/* The sequence length when --seq is not given: the model's window, at most
+ * the reference's 2048 */
+static int default_seq_len(const Config *c) {
+    return c->max_position_embeddings < 2048 ? c->max_position_embeddings : 2048;
+}
+
 /* KV cache bytes per token: 2 (K and V) * kvL * kvH * head_size elements */
 static long kv_cache_bytes(const Config *c, int bytes_per_element) {
     return 2L * c->n_kv_layer * c->n_kv_head * c->head_size * bytes_per_element;
@@ -4502,7 +4508,7 @@ static int run_training(TrainArgs *t) {
         return exit_code(-1);
     }
     const Config *c = &model.config;
-    if (t->seq == 0) t->seq = c->max_position_embeddings < 2048 ? c->max_position_embeddings : 2048;
+    if (t->seq == 0) t->seq = default_seq_len(c);
     if (tokens_load(&train, t->train_path, c->vocab_size) != 0 ||
         (t->val_path && tokens_load(&val, t->val_path, c->vocab_size) != 0))
         goto done;
@@ -5841,10 +5847,10 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         double formula = (double)kv_cache_bytes(c, 4) * B * T;
         double prefill_rate = B * o->prefill / fmax(t1 - t0, 1e-9), decode_rate = B * o->decode / fmax(t2 - t1, 1e-9);
         if (o->decode_rates) o->decode_rates[i] = decode_rate;
-        if (o->memory_bytes) o->memory_bytes[i] = params + (double)cache.cache_bytes + (double)cache.scratch_bytes;
+        double memory = params + (double)cache.cache_bytes + (double)cache.scratch_bytes; /* weights + cache + scratch */
+        if (o->memory_bytes) o->memory_bytes[i] = memory;
         printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B, cache.cache_bytes / 1048576.0,
-               formula / 1048576.0, (params + (double)cache.cache_bytes + (double)cache.scratch_bytes) / 1048576.0,
-               prefill_rate, decode_rate);
+               formula / 1048576.0, memory / 1048576.0, prefill_rate, decode_rate);
         fflush(stdout);
         if (o->reference_csv) /* MB as the reference reports them: MiB; its speed counts decode - 1 tokens */
             fprintf(o->csv, "%s,%d,%d,%.0f,%.0f,%.4f,%.4f,%.6f,%.6f,False\n", name, B, o->decode,
@@ -6130,7 +6136,7 @@ static int cmd_eval(int argc, char **argv) {
            plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head), rotary_mode(c));
     if (data) {
         TokenFile f;
-        int T = seq ? seq : c->max_position_embeddings < 2048 ? c->max_position_embeddings : 2048;
+        int T = seq ? seq : default_seq_len(c);
         if (T > c->max_position_embeddings) rc = fail("--seq %d exceeds max_position_embeddings (%d)", T, c->max_position_embeddings);
         if (rc == 0 && tokens_load(&f, data, c->vocab_size) != 0) rc = -1;
         else if (rc == 0) {
@@ -6424,7 +6430,7 @@ static int experiment_evaluate(Experiment *e, const char *model_dir, double *val
     Model m;
     if (model_load(&m, model_dir) != 0) return -1;
     const TrainArgs *t = &e->recipe;
-    int T = t->seq ? t->seq : m.config.max_position_embeddings < 2048 ? m.config.max_position_embeddings : 2048;
+    int T = t->seq ? t->seq : default_seq_len(&m.config);
     int rc = model_prepare(&m, 1, T, 0);
     size_t count = 0;
     double loss = rc == 0 ? token_file_loss(&m, &e->val, 1, T, (size_t)t->val_batches * t->batch * T, 0, &count) : 0;
