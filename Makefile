@@ -93,7 +93,11 @@ build/bench: dev/bench.c mlkv.c mlkv.h
 	@mkdir -p build
 	$(CC) $(CFLAGS) $(WARN) $(OMPFLAGS) -DMLKV_NO_MAIN -o $@ dev/bench.c mlkv.c -lm
 
+# the native flags, for dev/ab.sh's builds
+print-cflags:
+	@echo $(NATIVE)
+
 clean:
 	rm -rf mlkv build demo
 
-.PHONY: demo test test-sanitize fuzz-smoke fuzz bench clean
+.PHONY: demo test test-sanitize fuzz-smoke fuzz bench print-cflags clean

@@ -1,0 +1,18 @@
+#!/bin/sh
+# dev/ab.sh REV [MHA|MLKV-2] [B] [T] [PAIRS]
+# Training speed of the working tree (B) against git revision REV (A), steps
+# alternated in one process (dev/ab.c says why). Defaults: MHA 8 256 6.
+# Example: dev/ab.sh HEAD MHA 1 2048 4
+set -e
+[ $# -ge 1 ] || { echo "usage: dev/ab.sh REV [MHA|MLKV-2] [B] [T] [PAIRS]" >&2; exit 2; }
+rev=$1 model=${2:-MHA} batch=${3:-8} seq=${4:-256} pairs=${5:-6}
+cc=${CC:-cc}
+flags="-O3 $(make -s --no-print-directory print-cflags) -fopenmp -fPIC -shared -DMLKV_NO_MAIN"
+mkdir -p build/ab/a
+git show "$rev:mlkv.c" > build/ab/a/mlkv.c
+git show "$rev:mlkv.h" > build/ab/a/mlkv.h
+$cc $flags -o build/ab/a.so build/ab/a/mlkv.c -lm
+$cc $flags -o build/ab/b.so mlkv.c -lm
+$cc -O2 -Wall -Wextra -o build/ab/ab dev/ab.c -ldl
+echo "A = $rev, B = the working tree"
+build/ab/ab build/ab/a.so build/ab/b.so "$model" "$batch" "$seq" "$pairs"
