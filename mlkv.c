@@ -2448,6 +2448,17 @@ static inline void scale_floats(float *x, float alpha, int n) {
     for (int i = 0; i < n; i++) x[i] *= alpha;
 }
 
+/* x[0..n) = 0 by all threads: a single thread's memset of the 650 MB of
+ * Pythia-160M's gradients takes a good part of a step on 16 cores */
+static void zero_floats(float *x, size_t n) {
+    size_t chunks = (n + 65535) / 65536;
+PARALLEL_FOR
+    for (size_t i = 0; i < chunks; i++) {
+        size_t start = i * 65536, count = n - start < 65536 ? n - start : 65536;
+        memset(x + start, 0, count * sizeof(float));
+    }
+}
+
 /* y[n] += alpha * x[n] */
 static inline void axpy(float *y, float alpha, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += alpha * x[i];
@@ -2537,7 +2548,7 @@ static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, si
                                size_t ldb, float *restrict c, size_t ldc, const float *restrict init, int cols) {
     float acc[GEMM_MR][GEMM_NR];
     for (int i = 0; i < GEMM_MR; i++)
-        for (int j = 0; j < cols; j++) acc[i][j] = init ? init[j] : c[i * ldc + j];
+        for (int j = 0; j < GEMM_NR; j++) acc[i][j] = j >= cols ? 0.0f : init ? init[j] : c[i * ldc + j];
     for (int k = 0; k < kc; k++)
         for (int i = 0; i < GEMM_MR; i++)
             for (int j = 0; j < cols; j++) acc[i][j] += a[i * a_row + k * a_col] * b[k * ldb + j];
@@ -3061,23 +3072,25 @@ PARALLEL_FOR
                          (size_t)nh * hs, T, hs, NULL, NULL, 0);
 }
 
-/* acc[ATT_QB, HEAD_WIDTH(hs)] += w[ATT_QB, kc] (a tile, rows ATT_KB apart)
- * times the rows x[0 .. kc) (row stride `stride`, hs columns): the
- * probability- (or gradient-) weighted sum of value, key or query rows.
+/* acc[ATT_QB, HEAD_WIDTH(hs)] += W[ATT_QB, kc] times the rows x[0 .. kc)
+ * (row stride `stride`, hs columns), where W(i, s) = w[i * w_row + s * w_col]
+ * (a tile of p or ds, or one read transposed): the probability- (or
+ * gradient-) weighted sum of value, key or query rows.
  * Whole panels of columns are read in place, and so is a last half panel
  * (heads of 16 where GEMM_NR is 32: padded to 32 they spent half the FMAs
  * on zeros, and training make demo's model ran 1.2 times slower, measured
  * old and new side by side); another ragged last panel goes through a zero-padded copy. */
-static void weighted_rows(float *acc, const float *w, const float *x, size_t stride, int kc, int hs) {
+static void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col, const float *x, size_t stride,
+                          int kc, int hs) {
     for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
         if (hs - d0 >= GEMM_NR) {
-            gemm_kernel(kc, w, ATT_KB, 1, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR);
+            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR);
         } else if (hs - d0 == GEMM_NR / 2) {
-            gemm_kernel(kc, w, ATT_KB, 1, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR / 2);
+            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR / 2);
         } else {
             float panel[ATT_KB * GEMM_NR];
             pack_panel(panel, x + d0, 1, stride, hs - d0, kc, GEMM_NR);
-            gemm_kernel(kc, w, ATT_KB, 1, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR);
+            gemm_kernel(kc, w, w_row, w_col, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR);
         }
     }
 }
@@ -3138,8 +3151,7 @@ typedef struct {
     int half;
 } KeySource;
 
-/* One task's block of queries (forward, and the backward pass's first loop)
- * or keys (the backward pass's second loop) is ATT_TILES micro-tiles of
+/* A block of queries (forward) or keys (backward) is ATT_TILES micro-tiles of
  * ATT_QB rows. Each block of ATT_KB keys (or queries) is loaded once per
  * task and serves all its tiles from the L1 cache: with one tile per task,
  * every 12 queries streamed all of a head's keys and values through the
@@ -3200,7 +3212,7 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
                 if (correction != 1.0f)
                     for (int d = 0; d < width; d++) o[u][i * width + d] *= correction;
             }
-            weighted_rows(o[u], s, v + s0 * v_stride, v_stride, keys, hs); /* o += p v */
+            weighted_rows(o[u], s, ATT_KB, 1, v + s0 * v_stride, v_stride, keys, hs); /* o += p v */
         }
     }
     for (int i = 0; i < rows; i++) {
@@ -3209,10 +3221,7 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
     }
 }
 
-size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward) {
-    /* keys (forward); keys, values, queries and output gradients (backward) */
-    return (backward ? 2 * (size_t)(kvH + H) : (size_t)kvH) * (size_t)B * PADDED_T(T) * (size_t)hs;
-}
+
 
 /* panels: [B, kvH, PADDED_T(T) * hs] scratch for the keys' head panels */
 void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v,
@@ -3235,70 +3244,67 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
  * D = dout . out = sum_s p_s dp_s:
  *   ds_s = p_s (dp_s - D),  dq = scale sum_s ds_s k_s,  dk_s += scale ds_s q,
  *   dv_s += p_s dout.
- * Two passes keep threads from writing the same rows: first over query
- * blocks (dq, overwritten), then over blocks of keys (dk and dv accumulate,
- * since several layers may read them), each key summing over the query heads
- * of its group. Both recompute p from the saved log-sum-exp. */
-static void attention_backward_queries(float *dq, float *delta, const float *dout, const float *q, const float *out,
-                                       const float *lse, size_t q_stride, int rows, int t0, const float *k_panels,
-                                       const float *v_panels, const float *k, size_t kv_stride, int hs, float scale) {
-    int width = HEAD_WIDTH(hs), tiles = (rows + ATT_QB - 1) / ATT_QB;
-    float qp[ATT_TILES][hs * ATT_QB], dop[ATT_TILES][hs * ATT_QB];
-    float s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], acc[ATT_TILES][ATT_QB * width];
-    float D[ATT_ROWS] = {0}, L[ATT_ROWS] = {0};
-    for (int u = 0; u < tiles; u++) {
-        size_t first = (size_t)u * ATT_QB * q_stride;
-        pack_panel(qp[u], q + first, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
-        scale_floats(qp[u], scale, hs * ATT_QB);
-        pack_panel(dop[u], dout + first, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
-        memset(acc[u], 0, sizeof(float) * ATT_QB * width);
-    }
-    for (int i = 0; i < rows; i++) {
-        for (int d = 0; d < hs; d++) D[i] += dout[i * q_stride + d] * out[i * q_stride + d];
-        delta[i] = D[i];
-        L[i] = lse[i];
-    }
-    for (int s0 = 0; s0 < t0 + rows; s0 += ATT_KB) {
-        for (int u = 0; u < tiles; u++) {
-            int n = tile_rows(rows, u), tile_t0 = t0 + u * ATT_QB, count = tile_t0 + n;
-            if (s0 >= count) continue;
-            int keys = count - s0 < ATT_KB ? count - s0 : ATT_KB;
-            tile_product(s, qp[u], k_panels + (size_t)s0 * hs, hs);    /* scores */
-            tile_product(dp, dop[u], v_panels + (size_t)s0 * hs, hs); /* dp = dout v^T */
-            for (int i = 0; i < ATT_QB; i++) { /* dp becomes ds */
-                int visible = i < n ? tile_t0 + i - s0 + 1 : 0;
-                visible = visible < keys ? visible : keys;
-                float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
-                float lse_i = L[u * ATT_QB + i], delta_i = D[u * ATT_QB + i];
-                for (int j = 0; j < ATT_KB; j++) {
-                    float p = exp_fast(si[j] - lse_i);
-                    dpi[j] = j < visible ? p * (dpi[j] - delta_i) : 0.0f;
-                }
-            }
-            weighted_rows(acc[u], dp, k + s0 * kv_stride, kv_stride, keys, hs); /* dq += ds k */
-        }
-    }
-    for (int i = 0; i < rows; i++)
-        for (int d = 0; d < hs; d++) dq[i * q_stride + d] = scale * acc[i / ATT_QB][i % ATT_QB * width + d];
+ * One pass over blocks of keys (FlashAttention-2's order): a block's tiles
+ * of scores and dp (recomputed from the saved log-sum-exp) serve all three
+ * gradients, five products per tile where a pass for dq and another for
+ * dk, dv took seven (the second recomputed both). dk and dv of a block of
+ * keys belong to one task; dq sums over every block of keys, so a task adds
+ * into its own partial dq, and a last pass sums the partials in order
+ * (never two threads into one number, and the same bits on any number of
+ * threads). A task is a chunk of ATT_CHUNK keys of one query head: its
+ * partial covers the queries from the chunk's first on (a query sees no
+ * later key), [PADDED_T(T) / ATT_KB - first block][DQ_ROWS][HEAD_WIDTH(hs)]
+ * floats, query blocks padded to DQ_ROWS rows so that the micro-kernel's
+ * rows cover them (the padding rows are never read). dk and dv go to one
+ * buffer per query head, summed over each K/V head's group at the end
+ * (the heads of a group share a K/V head: two tasks may not add into it). */
+#define ATT_CHUNK (8 * ATT_ROWS) /* keys per task (a multiple of ATT_ROWS: whole blocks of keys) */
+#define DQ_ROWS ((ATT_KB + GEMM_MR - 1) / GEMM_MR * GEMM_MR) /* a block of queries in micro-kernel rows */
+
+/* Query blocks of the partial dq of chunks 0 .. chunk-1 of one head: the
+ * offset of chunk's partial, in blocks */
+static size_t dq_partial_blocks(int T, int chunk) {
+    size_t blocks = 0, query_blocks = (size_t)PADDED_T(T) / ATT_KB;
+    for (int c = 0; c < chunk; c++) blocks += query_blocks - (size_t)c * ATT_CHUNK / ATT_KB;
+    return blocks;
 }
 
-/* dk_acc, dv_acc [ATT_ROWS, HEAD_WIDTH(hs)] += of the `keys` keys at positions s0 ..
- * (rows of k, v; row stride kv_stride), from the queries of one head at
- * positions s0 .. T-1 (their head panels, and rows of q and dout). */
-static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *dout, const float *q,
-                                    const float *q_panels, const float *dout_panels, const float *lse,
-                                    const float *delta, size_t q_stride, int T, const float *k, const float *v,
-                                    size_t kv_stride, int s0, int keys, int hs, float scale) {
-    int tiles = (keys + ATT_QB - 1) / ATT_QB, tile_acc = ATT_QB * HEAD_WIDTH(hs);
-    float kp[ATT_TILES][hs * ATT_QB], vp[ATT_TILES][hs * ATT_QB];
-    float s[ATT_QB * ATT_KB], dp[ATT_QB * ATT_KB], lse_j[ATT_KB], delta_j[ATT_KB];
+size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward) {
+    size_t head = (size_t)PADDED_T(T) * hs, heads = (size_t)B * H;
+    if (!backward) return (size_t)B * kvH * head; /* the keys' head panels */
+    /* queries' and output gradients' head panels, dk and dv per query head, partial dq */
+    size_t partial = dq_partial_blocks(T, (T + ATT_CHUNK - 1) / ATT_CHUNK) * DQ_ROWS * HEAD_WIDTH(hs);
+    return heads * (2 * head + 2 * (size_t)T * hs + partial);
+}
+
+/* The backward pass of the `keys` keys at positions s0 .. (at most
+ * ATT_ROWS; rows of k and v, row stride kv_stride) for the queries of one
+ * head at positions s0 .. T-1 (their head panels, rows of q and dout; lse and
+ * delta of that head): dk, dv [keys, hs] (row stride q_stride... see
+ * attention_backward) are overwritten with this head's share, unscaled
+ * dk; dq_partial [query blocks from s0's on][DQ_ROWS][HEAD_WIDTH(hs)] += ds k
+ * (unscaled). */
+static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, float *dq_partial, const float *dout,
+                                     const float *q, const float *q_panels, const float *dout_panels,
+                                     const float *lse, const float *delta, size_t q_stride, int T, const float *k,
+                                     const float *v, size_t kv_stride, int s0, int keys, int hs, float scale) {
+    int tiles = (keys + ATT_QB - 1) / ATT_QB, width = HEAD_WIDTH(hs), tile_acc = ATT_QB * width;
+    float kp[ATT_TILES][hs * ATT_QB], vp[ATT_TILES][hs * ATT_QB], s[ATT_QB * ATT_KB];
+    /* ds^T of the block's keys against one block of queries, plus the rows
+     * that the padded last micro-tile of the dq product reads past them */
+    float ds[ATT_ROWS * ATT_KB + DQ_ROWS - ATT_KB], lse_j[ATT_KB], delta_j[ATT_KB];
+    float dk_acc[ATT_ROWS * width], dv_acc[ATT_ROWS * width];
+    memset(dk_acc, 0, sizeof(dk_acc));
+    memset(dv_acc, 0, sizeof(dv_acc));
+    memset(ds, 0, sizeof(ds));
     for (int u = 0; u < tiles; u++) {
         size_t first = (size_t)u * ATT_QB * kv_stride;
         pack_panel(kp[u], k + first, kv_stride, 1, tile_rows(keys, u), hs, ATT_QB);
         scale_floats(kp[u], scale, hs * ATT_QB);
         pack_panel(vp[u], v + first, kv_stride, 1, tile_rows(keys, u), hs, ATT_QB);
     }
-    for (int t0 = s0 / ATT_KB * ATT_KB; t0 < T; t0 += ATT_KB) {
+    int first_block = s0 / ATT_KB;
+    for (int t0 = first_block * ATT_KB; t0 < T; t0 += ATT_KB) {
         int queries = T - t0 < ATT_KB ? T - t0 : ATT_KB;
         for (int j = 0; j < ATT_KB; j++) { /* the statistics of queries t0 .., finite past T */
             lse_j[j] = j < queries ? lse[t0 + j] : 0.0f;
@@ -3306,69 +3312,100 @@ static void attention_backward_keys(float *dk_acc, float *dv_acc, const float *d
         }
         for (int u = 0; u < tiles; u++) {
             int n = tile_rows(keys, u), tile_s0 = s0 + u * ATT_QB;
-            if (t0 < tile_s0 / ATT_KB * ATT_KB) continue; /* all these queries come before the tile's keys */
+            float *dsu = ds + u * ATT_QB * ATT_KB;
+            if (t0 < tile_s0 / ATT_KB * ATT_KB) { /* all these queries come before the tile's keys */
+                memset(dsu, 0, sizeof(float) * ATT_QB * ATT_KB);
+                continue;
+            }
             tile_product(s, kp[u], q_panels + (size_t)t0 * hs, hs);     /* scores^T */
-            tile_product(dp, vp[u], dout_panels + (size_t)t0 * hs, hs); /* dp^T */
-            for (int i = 0; i < ATT_QB; i++) { /* rows: keys tile_s0+i; s becomes p^T and dp becomes ds^T */
+            tile_product(dsu, vp[u], dout_panels + (size_t)t0 * hs, hs); /* dp^T */
+            for (int i = 0; i < ATT_QB; i++) { /* rows: keys tile_s0+i; s becomes p^T and dp^T becomes ds^T */
                 int first = tile_s0 + i - t0; /* queries t0+j with j >= first see key tile_s0+i */
                 first = i < n ? (first > 0 ? first : 0) : ATT_KB;
-                float *si = s + i * ATT_KB, *dpi = dp + i * ATT_KB;
+                float *si = s + i * ATT_KB, *dsi = dsu + i * ATT_KB;
                 for (int j = 0; j < ATT_KB; j++) {
                     int visible = j >= first && j < queries;
-                    float p = exp_fast(si[j] - lse_j[j]), ds = p * (dpi[j] - delta_j[j]);
+                    float p = exp_fast(si[j] - lse_j[j]), ds_ij = p * (dsi[j] - delta_j[j]);
                     si[j] = visible ? p : 0.0f;
-                    dpi[j] = visible ? ds : 0.0f;
+                    dsi[j] = visible ? ds_ij : 0.0f;
                 }
             }
-            weighted_rows(dv_acc + u * tile_acc, s, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
-            weighted_rows(dk_acc + u * tile_acc, dp, q + t0 * q_stride, q_stride, queries, hs); /* dk += ds q (scaled at the end) */
+            weighted_rows(dv_acc + u * tile_acc, s, ATT_KB, 1, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
+            weighted_rows(dk_acc + u * tile_acc, dsu, ATT_KB, 1, q + t0 * q_stride, q_stride, queries, hs); /* dk += ds q */
         }
+        /* dq of these queries += ds k: rows are queries (ds read transposed),
+         * the sum runs over the block's keys */
+        float *dq_block = dq_partial + (size_t)(t0 / ATT_KB - first_block) * DQ_ROWS * width;
+        for (int j0 = 0; j0 < DQ_ROWS; j0 += GEMM_MR)
+            weighted_rows(dq_block + j0 * width, ds + j0, 1, ATT_KB, k, kv_stride, keys, hs);
     }
+    for (int i = 0; i < keys; i++)
+        for (int d = 0; d < hs; d++) {
+            dk[i * dkv_stride + d] = dk_acc[i * width + d];
+            dv[i * dkv_stride + d] = dv_acc[i * width + d];
+        }
 }
 
-/* panels: [2 * B * (kvH + H) * PADDED_T(T) * hs] scratch for head panels of
- * keys, values, queries and output gradients */
+/* panels: scratch of attention_panel_floats(B, T, H, kvH, hs, 1) floats:
+ * head panels of queries and output gradients, dk and dv per query head
+ * [B, T, H*hs] each, the partial dq of every chunk of keys */
 void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout,
                                const float *q, const float *k, const float *v, const float *out, const float *lse,
                                int B, int T, int H, int kvH, int hs) {
-    int group = H / kvH, blocks = (T + ATT_ROWS - 1) / ATT_ROWS, width = HEAD_WIDTH(hs);
+    int group = H / kvH, chunks = (T + ATT_CHUNK - 1) / ATT_CHUNK, width = HEAD_WIDTH(hs);
     float scale = 1.0f / sqrtf((float)hs);
     size_t q_stride = (size_t)H * hs, kv_stride = (size_t)kvH * hs, head = (size_t)PADDED_T(T) * hs;
-    float *k_panels = panels, *v_panels = k_panels + B * kvH * head;
-    float *q_panels = v_panels + B * kvH * head, *dout_panels = q_panels + B * H * head;
-    pack_heads(k_panels, k, B, T, kvH, hs);
-    pack_heads(v_panels, v, B, T, kvH, hs);
+    size_t partial_floats = dq_partial_blocks(T, chunks) * DQ_ROWS * width; /* one head's */
+    float *q_panels = panels, *dout_panels = q_panels + B * H * head;
+    float *dk_heads = dout_panels + B * H * head, *dv_heads = dk_heads + (size_t)B * T * q_stride;
+    float *dq_partials = dv_heads + (size_t)B * T * q_stride;
     pack_heads(q_panels, q, B, T, H, hs);
     pack_heads(dout_panels, dout, B, T, H, hs);
-PARALLEL_FOR_CYCLIC
-    for (int task = 0; task < B * H * blocks; task++) {
-        int b = task / (H * blocks), h = task / blocks % H, t0 = task % blocks * ATT_ROWS;
-        int rows = T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS, kvh = b * kvH + h / group;
-        size_t row = ((size_t)b * T + t0) * q_stride + (size_t)h * hs;
-        size_t kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs, stat = ((size_t)b * H + h) * T + t0;
-        attention_backward_queries(dq + row, delta + stat, dout + row, q + row, out + row, lse + stat, q_stride, rows,
-                                   t0, k_panels + kvh * head, v_panels + kvh * head, k + kv, kv_stride, hs, scale);
+    zero_floats(dq_partials, (size_t)B * H * partial_floats);
+PARALLEL_FOR
+    for (size_t row = 0; row < (size_t)B * T * H; row++) { /* D = dout . out, stored [B, H, T] */
+        size_t b = row / ((size_t)T * H), t = row / H % T, h = row % H;
+        float D = 0.0f;
+        for (int d = 0; d < hs; d++) D += dout[row * hs + d] * out[row * hs + d];
+        delta[(b * H + h) * T + t] = D;
     }
-PARALLEL_FOR_CYCLIC
-    for (int task = 0; task < B * kvH * blocks; task++) {
-        int b = task / (kvH * blocks), kvh = task / blocks % kvH, s0 = task % blocks * ATT_ROWS;
-        int keys = T - s0 < ATT_ROWS ? T - s0 : ATT_ROWS;
-        float dk_acc[ATT_ROWS * width], dv_acc[ATT_ROWS * width];
-        memset(dk_acc, 0, sizeof(dk_acc));
-        memset(dv_acc, 0, sizeof(dv_acc));
-        size_t kv = ((size_t)b * T + s0) * kv_stride + (size_t)kvh * hs;
-        for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-            size_t qh = (size_t)b * T * q_stride + (size_t)h * hs, stat = ((size_t)b * H + h) * T;
-            size_t bh = (size_t)b * H + h;
-            attention_backward_keys(dk_acc, dv_acc, dout + qh, q + qh, q_panels + bh * head, dout_panels + bh * head,
-                                    lse + stat, delta + stat, q_stride, T, k + kv, v + kv, kv_stride, s0, keys, hs,
-                                    scale);
+PARALLEL_FOR_CYCLIC /* the first chunks see the most queries: they go first */
+    for (int task = 0; task < chunks * B * H; task++) {
+        int c = task / (B * H), b = task / H % B, h = task % H;
+        size_t qh = (size_t)b * T * q_stride + (size_t)h * hs, stat = ((size_t)b * H + h) * T;
+        size_t kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs, bh = (size_t)b * H + h;
+        float *partial = dq_partials + bh * partial_floats + dq_partial_blocks(T, c) * DQ_ROWS * width;
+        for (int s0 = c * ATT_CHUNK; s0 < T && s0 < (c + 1) * ATT_CHUNK; s0 += ATT_ROWS) {
+            int keys = T - s0 < ATT_ROWS ? T - s0 : ATT_ROWS;
+            size_t first = (size_t)(s0 / ATT_KB - c * ATT_CHUNK / ATT_KB) * DQ_ROWS * width;
+            attention_block_backward(dk_heads + qh + s0 * q_stride, dv_heads + qh + s0 * q_stride, q_stride,
+                                     partial + first, dout + qh, q + qh, q_panels + bh * head,
+                                     dout_panels + bh * head, lse + stat, delta + stat, q_stride, T,
+                                     k + kv + s0 * kv_stride, v + kv + s0 * kv_stride, kv_stride, s0, keys, hs,
+                                     scale);
         }
-        for (int i = 0; i < keys; i++)
-            for (int d = 0; d < hs; d++) {
-                dk[kv + i * kv_stride + d] += scale * dk_acc[i * width + d];
-                dv[kv + i * kv_stride + d] += dv_acc[i * width + d];
+    }
+PARALLEL_FOR
+    for (size_t row = 0; row < (size_t)B * T; row++) { /* sum the partials: dq, then dk and dv over each group */
+        size_t b = row / T;
+        int t = (int)(row % T);
+        for (int h = 0; h < H; h++) {
+            const float *partials = dq_partials + ((size_t)b * H + h) * partial_floats;
+            float *dq_row = dq + row * q_stride + (size_t)h * hs;
+            for (int d = 0; d < hs; d++) dq_row[d] = 0.0f;
+            for (int c = 0; c * ATT_CHUNK <= t; c++) {
+                size_t block = dq_partial_blocks(T, c) + (size_t)(t / ATT_KB - c * ATT_CHUNK / ATT_KB);
+                const float *p = partials + (block * DQ_ROWS + t % ATT_KB) * width;
+                for (int d = 0; d < hs; d++) dq_row[d] += p[d];
             }
+            for (int d = 0; d < hs; d++) dq_row[d] *= scale;
+        }
+        for (int g = 0; g < kvH; g++)
+            for (int h = g * group; h < (g + 1) * group; h++)
+                for (int d = 0; d < hs; d++) {
+                    dk[row * kv_stride + (size_t)g * hs + d] += scale * dk_heads[row * q_stride + (size_t)h * hs + d];
+                    dv[row * kv_stride + (size_t)g * hs + d] += dv_heads[row * q_stride + (size_t)h * hs + d];
+                }
     }
 }
 
@@ -3421,17 +3458,6 @@ PARALLEL_FOR
         float *z = logits + (size_t)n * V;
         for (int i = 0; i < V; i++) z[i] = exp_fast(z[i] - lse[n]) * dloss;
         z[targets[n]] -= dloss;
-    }
-}
-
-/* x[0..n) = 0 by all threads: a single thread's memset of the 650 MB of
- * Pythia-160M's gradients takes a good part of a step on 16 cores */
-static void zero_floats(float *x, size_t n) {
-    size_t chunks = (n + 65535) / 65536;
-PARALLEL_FOR
-    for (size_t i = 0; i < chunks; i++) {
-        size_t start = i * 65536, count = n - start < 65536 ? n - start : 65536;
-        memset(x + start, 0, count * sizeof(float));
     }
 }
 
