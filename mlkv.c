@@ -68,14 +68,15 @@
 /* the GEMM's tiles, each handed to whichever thread is free: on a shared
  * machine one core can run slower for a while, and with a fixed split the
  * others waited for it at the barrier (perf: 5% of a step in libgomp) */
-#define OMP_FOR_2 _Pragma("omp for collapse(2) schedule(dynamic)")
+#define OMP_PRAGMA(x) _Pragma(#x)
+#define OMP_FOR_2(chunk) OMP_PRAGMA(omp for collapse(2) schedule(dynamic, chunk))
 /* iterations dealt out to the threads in turn, for work that grows along the loop */
 #define PARALLEL_FOR_CYCLIC _Pragma("omp parallel for schedule(static, 1)")
 #else
 #define PARALLEL_FOR
 #define PARALLEL_REGION
 #define OMP_FOR
-#define OMP_FOR_2
+#define OMP_FOR_2(chunk)
 #define PARALLEL_FOR_CYCLIC
 #endif
 
@@ -2836,7 +2837,7 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
     int rows_packed = a_in_place ? mr : ((M < GEMM_MC ? M : GEMM_MC) + mr - 1) / mr * mr;
     int cols_packed = ((N < GEMM_NC ? N : GEMM_NC) + nr - 1) / nr * nr;
     int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed : GEMM_NC / cols_packed;
-    int k_slice = K <= GEMM_K_WHOLE ? K : GEMM_KC * (k_scale < 1 ? 1 : k_scale > 8 ? 8 : k_scale);
+    int k_slice = !bf16 && K <= GEMM_K_WHOLE ? K : GEMM_KC * (k_scale < 1 ? 1 : k_scale > 8 ? 8 : k_scale);
     /* blocks as large as the packed buffers hold at this slice (its length
      * rounded up to the bf16 kernel's K step of 32); A read in place packs
      * one ragged panel at most */
@@ -2861,6 +2862,10 @@ PARALLEL_REGION
                     int tasks_down = (mc + task_rows - 1) / task_rows;
                     /* the first slice of K starts from the bias (or zero) unless C accumulates */
                     const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zeros;
+                    /* AMX finishes a tile in a fraction of a microsecond: a
+                     * thread takes a whole row of them at a time */
+                    int tiles_per_grab = bf16 ? b_panels : 1;
+                    (void)tiles_per_grab; /* unused without OpenMP */
 OMP_FOR
                     for (int q = 0; q < a_packs + b_panels; q++) {
                         /* slot: the panel's place in the packed block (A packs from a_packed_from on) */
@@ -2876,7 +2881,7 @@ OMP_FOR
                             pack_panel((is_b ? gemm_packed_b : gemm_packed_a) + (size_t)slot * (is_b ? nr : mr) * kc,
                                        x, r_stride, k_stride, rows, kc, is_b ? nr : mr);
                     }
-OMP_FOR_2
+OMP_FOR_2(tiles_per_grab)
                     for (int down = 0; down < tasks_down; down++)
                         for (int across = 0; across < b_panels; across++) {
                             int j0 = across * nr, cols = nc - j0 < nr ? nc - j0 : nr;
