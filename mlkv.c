@@ -3315,10 +3315,10 @@ size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward
 /* The backward pass of the `keys` keys at positions s0 .. (at most
  * ATT_ROWS; rows of k and v, row stride kv_stride) for the queries of one
  * head at positions s0 .. T-1 (their head panels, rows of q and dout; lse and
- * delta of that head): dk, dv [keys, hs] (row stride q_stride... see
- * attention_backward) are overwritten with this head's share, unscaled
- * dk; dq_partial [query blocks from s0's on][DQ_ROWS][HEAD_WIDTH(hs)] += ds k
- * (unscaled). */
+ * delta of that head): dk, dv [keys, hs] (row stride dkv_stride) are
+ * overwritten with this head's share, dk without its factor `scale`;
+ * dq_partial [query blocks from s0's on][DQ_ROWS][HEAD_WIDTH(hs)] += ds k,
+ * also without it (attention_backward applies both). */
 static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, float *dq_partial, const float *dout,
                                      const float *q, const float *q_panels, const float *dout_panels,
                                      const float *lse, const float *delta, size_t q_stride, int T, const float *k,
