@@ -2567,6 +2567,9 @@ static void pack_panel(float *restrict dst, const float *restrict x, size_t r_st
  * acc in registers; per k the inner loop becomes (AVX-512, objdump -d) two
  * vector loads of b, and for each of the 12 rows one vbroadcastss of A and
  * two vfmadd231ps. */
+/* init of the products that start from zero (any number of columns up to GEMM_NC) */
+static const float zero_row[GEMM_NC];
+
 static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col, const float *restrict b,
                                size_t ldb, float *restrict c, size_t ldc, const float *restrict init, int cols) {
     float acc[GEMM_MR][GEMM_NR];
@@ -2818,7 +2821,6 @@ PARALLEL_FOR
 
 void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
           float *c, int accumulate, const float *bias) {
-    static const float zeros[GEMM_NC];
     int bf16 = gemm_precision == PRECISION_BF16;
     if (!bf16 && M <= THIN_ROWS && a_col == 1 && b_row == 1) {
         gemm_thin(M, N, K, a, a_row, b, b_col, c, accumulate, bias);
@@ -2861,7 +2863,7 @@ PARALLEL_REGION
                     int a_packed_from = a_in_place ? mc / mr : 0, a_packs = a_panels - a_packed_from;
                     int tasks_down = (mc + task_rows - 1) / task_rows;
                     /* the first slice of K starts from the bias (or zero) unless C accumulates */
-                    const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zeros;
+                    const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zero_row;
                     /* AMX finishes a tile in a fraction of a microsecond: a
                      * thread takes a whole row of them at a time */
                     int tiles_per_grab = bf16 ? b_panels : 1;
@@ -3133,9 +3135,8 @@ static void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col
 /* s[ATT_QB, ATT_KB] = A^T B over hs: a [hs, ATT_QB] (a packed panel of
  * ATT_QB rows), b [hs, ATT_KB] (a head panel): scores, or their gradient */
 static void tile_product(float *s, const float *a, const float *b, int hs) {
-    static const float zeros[GEMM_NR];
     for (int j0 = 0; j0 < ATT_KB; j0 += GEMM_NR)
-        gemm_kernel(hs, a, 1, ATT_QB, b + j0, ATT_KB, s + j0, ATT_KB, zeros, GEMM_NR);
+        gemm_kernel(hs, a, 1, ATT_QB, b + j0, ATT_KB, s + j0, ATT_KB, zero_row, GEMM_NR);
 }
 
 /* The largest of x[0..n), and the sum of a row of ATT_KB numbers, over
@@ -3297,11 +3298,12 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
 #define DQ_ROWS ((ATT_KB + GEMM_MR - 1) / GEMM_MR * GEMM_MR) /* a block of queries in micro-kernel rows */
 
 /* Query blocks of the partial dq of chunks 0 .. chunk-1 of one head: the
- * offset of chunk's partial, in blocks */
+ * offset of chunk's partial, in blocks. Chunk c's partial has n - c m
+ * blocks (n query blocks in all, m per chunk), so the first `chunk` hold
+ * chunk n - m chunk (chunk - 1) / 2. */
 static size_t dq_partial_blocks(int T, int chunk) {
-    size_t blocks = 0, query_blocks = (size_t)PADDED_T(T) / ATT_KB;
-    for (int c = 0; c < chunk; c++) blocks += query_blocks - (size_t)c * ATT_CHUNK / ATT_KB;
-    return blocks;
+    size_t n = (size_t)PADDED_T(T) / ATT_KB, m = ATT_CHUNK / ATT_KB, c = (size_t)chunk;
+    return c * n - m * c * (c - 1) / 2;
 }
 
 size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward) {
@@ -3325,9 +3327,13 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
                                      const float *v, size_t kv_stride, int s0, int keys, int hs, float scale) {
     int tiles = (keys + ATT_QB - 1) / ATT_QB, width = HEAD_WIDTH(hs), tile_acc = ATT_QB * width;
     float kp[ATT_TILES][hs * ATT_QB], vp[ATT_TILES][hs * ATT_QB], s[ATT_QB * ATT_KB];
-    /* ds^T of the block's keys against one block of queries, plus the rows
-     * that the padded last micro-tile of the dq product reads past them */
-    float ds[ATT_ROWS * ATT_KB + DQ_ROWS - ATT_KB], lse_j[ATT_KB], delta_j[ATT_KB];
+    /* ds^T of the block's keys against one block of queries [key][query],
+     * and ds [query][key] for the dq product, whose micro-tiles of rows are
+     * queries: read from ds^T, each of the kernel's multipliers came from
+     * one vector load, and gcc spread them with shuffles (the backward ran 3
+     * times slower at heads of 16). ds has DQ_ROWS rows, the padded last
+     * micro-tile's rows past ATT_KB staying zero. */
+    float ds_t[ATT_ROWS * ATT_KB], ds[DQ_ROWS * ATT_ROWS], lse_j[ATT_KB], delta_j[ATT_KB];
     float dk_acc[ATT_ROWS * width], dv_acc[ATT_ROWS * width];
     memset(dk_acc, 0, sizeof(dk_acc));
     memset(dv_acc, 0, sizeof(dv_acc));
@@ -3347,7 +3353,7 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
         }
         for (int u = 0; u < tiles; u++) {
             int n = tile_rows(keys, u), tile_s0 = s0 + u * ATT_QB;
-            float *dsu = ds + u * ATT_QB * ATT_KB;
+            float *dsu = ds_t + u * ATT_QB * ATT_KB;
             if (t0 < tile_s0 / ATT_KB * ATT_KB) { /* all these queries come before the tile's keys */
                 memset(dsu, 0, sizeof(float) * ATT_QB * ATT_KB);
                 continue;
@@ -3368,11 +3374,12 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
             weighted_rows(dv_acc + u * tile_acc, s, ATT_KB, 1, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
             weighted_rows(dk_acc + u * tile_acc, dsu, ATT_KB, 1, q + t0 * q_stride, q_stride, queries, hs); /* dk += ds q */
         }
-        /* dq of these queries += ds k: rows are queries (ds read transposed),
-         * the sum runs over the block's keys */
+        /* dq of these queries += ds k: rows are queries, the sum runs over the block's keys */
+        for (int i = 0; i < ATT_ROWS; i++)
+            for (int j = 0; j < ATT_KB; j++) ds[j * ATT_ROWS + i] = ds_t[i * ATT_KB + j];
         float *dq_block = dq_partial + (size_t)(t0 / ATT_KB - first_block) * DQ_ROWS * width;
         for (int j0 = 0; j0 < DQ_ROWS; j0 += GEMM_MR)
-            weighted_rows(dq_block + j0 * width, ds + j0, 1, ATT_KB, k, kv_stride, keys, hs);
+            weighted_rows(dq_block + j0 * width, ds + j0 * ATT_ROWS, ATT_ROWS, 1, k, kv_stride, keys, hs);
     }
     for (int i = 0; i < keys; i++)
         for (int d = 0; d < hs; d++) {

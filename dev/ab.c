@@ -9,7 +9,7 @@
  * Each build is a shared library with its own static buffers (dlopen with
  * RTLD_LOCAL), so both models are in memory at once (2 x 3.4 GiB at 1 x 2048).
  *
- * usage: build/ab A.so B.so MHA|MLKV-2 B T PAIRS   (dev/ab.sh builds them)
+ * usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS   (dev/ab.sh builds them)
  * prints every step's seconds, A/B, then the median of the pairs' speed
  * ratios (time A / time B: above 1, B is faster) and both final losses.
  */
@@ -47,6 +47,12 @@ static void load(Build *b, const char *path, const char *variant, int B, int T) 
         c.n_kv_layer = 2;
         c.n_kv_head = 1;
         c.intermediate_size = 3830;
+    } else if (strcmp(variant, "DEMO") == 0) { /* make demo's model (cmd_demo in mlkv.c): heads of 16 */
+        c.vocab_size = 64;
+        c.hidden_size = 192;
+        c.intermediate_size = 768;
+        c.max_position_embeddings = 128;
+        c.rotary_pct = 1.0;
     }
     if (init(&b->model, &c, 1) != 0 || prepare(&b->model, B, T, 1) != 0) { fprintf(stderr, "ab: %s: no model\n", path); exit(1); }
 }
@@ -58,7 +64,7 @@ static int by_value(const void *x, const void *y) {
 
 int main(int argc, char **argv) {
     if (argc != 7 || atoi(argv[4]) < 1 || atoi(argv[5]) < 1 || atoi(argv[6]) < 1 || atoi(argv[6]) > MAX_PAIRS) {
-        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2 B T PAIRS (at most %d)\n", MAX_PAIRS);
+        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS (at most %d)\n", MAX_PAIRS);
         return 2;
     }
     int B = atoi(argv[4]), T = atoi(argv[5]), pairs = atoi(argv[6]);
@@ -85,7 +91,7 @@ int main(int argc, char **argv) {
             seconds[v][p] = now() - t0;
         }
         ratio[p] = seconds[0][p] / seconds[1][p];
-        printf(" %.2f/%.2f", seconds[0][p], seconds[1][p]);
+        printf(" %.3f/%.3f", seconds[0][p], seconds[1][p]);
         fflush(stdout);
     }
     qsort(ratio, (size_t)pairs, sizeof(double), by_value);

@@ -1,10 +1,10 @@
 #!/bin/sh
-# dev/ab.sh REV [MHA|MLKV-2] [B] [T] [PAIRS]
+# dev/ab.sh REV [MHA|MLKV-2|DEMO] [B] [T] [PAIRS]
 # Training speed of the working tree (B) against git revision REV (A), steps
 # alternated in one process (dev/ab.c says why). Defaults: MHA 8 256 6.
 # Example: dev/ab.sh HEAD MHA 1 2048 4
 set -e
-[ $# -ge 1 ] || { echo "usage: dev/ab.sh REV [MHA|MLKV-2] [B] [T] [PAIRS]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: dev/ab.sh REV [MHA|MLKV-2|DEMO] [B] [T] [PAIRS]" >&2; exit 2; }
 rev=$1 model=${2:-MHA} batch=${3:-8} seq=${4:-256} pairs=${5:-6}
 cc=${CC:-cc}
 flags="-O3 $(make -s --no-print-directory print-cflags) -fopenmp -fPIC -shared -DMLKV_NO_MAIN"
