@@ -2620,9 +2620,10 @@ static void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const
  * inside a tile in its own order, so the two agree to fp32 rounding, not bit
  * for bit (the tests compare them). */
 #define BF16_TILE 32 /* rows and columns of C per kernel call, and the K step */
+#define BF16_KC 1024 /* the longest slice of K: C is read and written once per slice */
 
-static _Alignas(64) uint16_t gemm_bf16_a[GEMM_MC * GEMM_KC];
-static _Alignas(64) uint16_t gemm_bf16_b[GEMM_KC * GEMM_NC];
+static _Alignas(64) uint16_t gemm_bf16_a[GEMM_MC * BF16_KC];
+static _Alignas(64) uint16_t gemm_bf16_b[BF16_KC * GEMM_NC];
 static Precision gemm_precision = PRECISION_FP32;
 static int gemm_use_amx;
 
@@ -2840,12 +2841,17 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
     int cols_packed = ((N < GEMM_NC ? N : GEMM_NC) + nr - 1) / nr * nr;
     int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed : GEMM_NC / cols_packed;
     int k_slice = !bf16 && K <= GEMM_K_WHOLE ? K : GEMM_KC * (k_scale < 1 ? 1 : k_scale > 8 ? 8 : k_scale);
+    if (bf16) { /* equal slices of at most BF16_KC */
+        int slices = (K + BF16_KC - 1) / BF16_KC;
+        k_slice = ((K + slices - 1) / slices + 31) / 32 * 32;
+    }
+    int kc_capacity = bf16 ? BF16_KC : GEMM_KC; /* of the packed buffers, at GEMM_MC rows and GEMM_NC columns */
     /* blocks as large as the packed buffers hold at this slice (its length
      * rounded up to the bf16 kernel's K step of 32); A read in place packs
      * one ragged panel at most */
     int k_alloc = (k_slice + 31) / 32 * 32;
-    int mc_block = a_in_place ? GEMM_MC : GEMM_MC * GEMM_KC / k_alloc / mr * mr;
-    int nc_block = GEMM_KC * GEMM_NC / k_alloc / nr * nr;
+    int mc_block = a_in_place ? GEMM_MC : GEMM_MC * kc_capacity / k_alloc / mr * mr;
+    int nc_block = kc_capacity * GEMM_NC / k_alloc / nr * nr;
     mc_block = mc_block < GEMM_MC ? mc_block : GEMM_MC;
     nc_block = nc_block < GEMM_NC ? nc_block : GEMM_NC;
     /* one parallel region for the whole product: every thread walks the same

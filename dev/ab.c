@@ -9,7 +9,9 @@
  * Each build is a shared library with its own static buffers (dlopen with
  * RTLD_LOCAL), so both models are in memory at once (2 x 3.4 GiB at 1 x 2048).
  *
- * usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS   (dev/ab.sh builds them)
+ * usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS [PRECISION_A PRECISION_B]
+ * (dev/ab.sh builds them; precisions fp32, the default, or bf16: one build
+ * against itself in both gives bf16's speed-up over fp32)
  * prints every step's seconds, A/B, then the median of the pairs' speed
  * ratios (time A / time B: above 1, B is faster) and both final losses.
  */
@@ -33,14 +35,17 @@ static double now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static void load(Build *b, const char *path, const char *variant, int B, int T) {
+static void load(Build *b, const char *path, const char *variant, int B, int T, const char *precision) {
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!lib) { fprintf(stderr, "ab: %s\n", dlerror()); exit(1); }
     int (*config_load)(Config *, const char *, char **) = (int (*)(Config *, const char *, char **))dlsym(lib, "config_load");
     int (*init)(Model *, const Config *, uint64_t) = (int (*)(Model *, const Config *, uint64_t))dlsym(lib, "model_init_random");
     int (*prepare)(Model *, int, int, int) = (int (*)(Model *, int, int, int))dlsym(lib, "model_prepare");
+    int (*set_precision)(Precision, int) = (int (*)(Precision, int))dlsym(lib, "gemm_set_precision");
     b->train_step = (float (*)(Model *, const OptimConfig *, const int *, int, int, double *))dlsym(lib, "train_step");
-    if (!config_load || !init || !prepare || !b->train_step) { fprintf(stderr, "ab: %s lacks mlkv's API\n", path); exit(1); }
+    if (!config_load || !init || !prepare || !b->train_step || !set_precision) { fprintf(stderr, "ab: %s lacks mlkv's API\n", path); exit(1); }
+    if (strcmp(precision, "bf16") == 0 && !set_precision(PRECISION_BF16, 1))
+        fprintf(stderr, "ab: %s: bf16 without AMX (the portable kernel)\n", path);
     Config c;
     if (config_load(&c, "dev/pythia-160m.config.json", NULL) != 0) { fprintf(stderr, "ab: run from the repository root\n"); exit(1); }
     if (strcmp(variant, "MLKV-2") == 0) { /* as dev/bench.c: 2 owning layers of 1 K/V head, MLP grown */
@@ -63,14 +68,16 @@ static int by_value(const void *x, const void *y) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7 || atoi(argv[4]) < 1 || atoi(argv[5]) < 1 || atoi(argv[6]) < 1 || atoi(argv[6]) > MAX_PAIRS) {
-        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS (at most %d)\n", MAX_PAIRS);
+    if ((argc != 7 && argc != 9) || atoi(argv[4]) < 1 || atoi(argv[5]) < 1 || atoi(argv[6]) < 1 || atoi(argv[6]) > MAX_PAIRS) {
+        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS (at most %d) [fp32|bf16 fp32|bf16]\n",
+                MAX_PAIRS);
         return 2;
     }
     int B = atoi(argv[4]), T = atoi(argv[5]), pairs = atoi(argv[6]);
     Build build[2];
-    load(&build[0], argv[1], argv[3], B, T);
-    load(&build[1], argv[2], argv[3], B, T);
+    const char *precision[2] = {argc == 9 ? argv[7] : "fp32", argc == 9 ? argv[8] : "fp32"};
+    load(&build[0], argv[1], argv[3], B, T, precision[0]);
+    load(&build[1], argv[2], argv[3], B, T, precision[1]);
     int *tokens = malloc(sizeof(int) * (size_t)B * (T + 1));
     if (!tokens) { fprintf(stderr, "ab: out of memory\n"); return 1; }
     uint64_t r = 12345;
@@ -82,7 +89,7 @@ int main(int argc, char **argv) {
     double norm, seconds[2][MAX_PAIRS], ratio[MAX_PAIRS];
     float loss[2];
     for (int v = 0; v < 2; v++) loss[v] = build[v].train_step(&build[v].model, &o, tokens, 1, 0, &norm); /* warm-up */
-    printf("%s %d x %d, seconds per step, A/B:", argv[3], B, T);
+    printf("%s %d x %d, %s/%s, seconds per step, A/B:", argv[3], B, T, precision[0], precision[1]);
     for (int p = 0; p < pairs; p++) {
         for (int turn = 0; turn < 2; turn++) {
             int v = p % 2 ? 1 - turn : turn; /* A B, then B A: neither always goes first */
