@@ -2502,6 +2502,12 @@ static inline void axpy(float *y, float alpha, const float *x, int n) {
  *   slices of 256-512, one product at a time in one process: the LM head's
  *   forward product 1.13-1.21 times as fast, the MLP's 1.03-1.19, the LM
  *   head's weight gradient 1.12-1.16; with K = 2048, slices of 768 were slower.
+ *   The packed buffers hold slices of 2 * GEMM_KC at GEMM_MC rows and
+ *   GEMM_NC columns (8.5 MiB), so the weight gradients (K = B*T = 2048)
+ *   take slices of 512-1024, reading and writing C 2-4 times rather than
+ *   4-8: 1.02-1.11 times as fast in 16 of 18 comparisons (make bench's
+ *   table, old and new builds alternated twice; 0.93 and 1.39 the extremes);
+ *   buffers for 4 * GEMM_KC were no faster.
  * - A product of at most THIN_ROWS rows (a decoding step) skips packing:
  *   see gemm_thin.
  * Threads split the tiles of C, never K, and every element of C sums its
@@ -2523,8 +2529,9 @@ static inline void axpy(float *y, float alpha, const float *x, int n) {
 #define GEMM_TASK_ROWS (8 * GEMM_MR) /* one thread's task: this many rows x GEMM_NR columns */
 
 /* Packed blocks, in static memory: no allocation, pages touched on first use. */
-static _Alignas(64) float gemm_packed_a[GEMM_MC * GEMM_KC];
-static _Alignas(64) float gemm_packed_b[GEMM_KC * GEMM_NC];
+#define FP32_KC_CAPACITY (2 * GEMM_KC) /* the longest slice at GEMM_MC rows or GEMM_NC columns */
+static _Alignas(64) float gemm_packed_a[GEMM_MC * FP32_KC_CAPACITY];
+static _Alignas(64) float gemm_packed_b[FP32_KC_CAPACITY * GEMM_NC];
 
 /* One panel: dst[k * width + r] = X(r, k) for r < rows (zero for rows <= r <
  * width), k < kc, where X(r, k) = x[r * r_stride + k * k_stride]. The inner
@@ -2835,17 +2842,18 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
      * ragged last panel of A is packed (measured: in-place columns of A, and
      * in-place B, were slower than packing them). bf16 packs everything. */
     int a_in_place = !bf16 && a_col == 1;
-    /* With few rows or columns, slices of K longer than GEMM_KC (as long as
-     * the packed blocks hold) give each pass of the threads more work */
+    /* With few rows or columns, slices of K longer than FP32_KC_CAPACITY (as
+     * long as the packed blocks hold) give each pass of the threads more work */
     int rows_packed = a_in_place ? mr : ((M < GEMM_MC ? M : GEMM_MC) + mr - 1) / mr * mr;
     int cols_packed = ((N < GEMM_NC ? N : GEMM_NC) + nr - 1) / nr * nr;
     int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed : GEMM_NC / cols_packed;
+    k_scale *= FP32_KC_CAPACITY / GEMM_KC;
     int k_slice = !bf16 && K <= GEMM_K_WHOLE ? K : GEMM_KC * (k_scale < 1 ? 1 : k_scale > 8 ? 8 : k_scale);
     if (bf16) { /* equal slices of at most BF16_KC */
         int slices = (K + BF16_KC - 1) / BF16_KC;
         k_slice = ((K + slices - 1) / slices + 31) / 32 * 32;
     }
-    int kc_capacity = bf16 ? BF16_KC : GEMM_KC; /* of the packed buffers, at GEMM_MC rows and GEMM_NC columns */
+    int kc_capacity = bf16 ? BF16_KC : FP32_KC_CAPACITY; /* of the packed buffers, at GEMM_MC rows and GEMM_NC columns */
     /* blocks as large as the packed buffers hold at this slice (its length
      * rounded up to the bf16 kernel's K step of 32); A read in place packs
      * one ragged panel at most */
