@@ -3,7 +3,9 @@
  * this machine's cores can do, measured in one run.
  *
  *   1. peak: the fp32 FMA throughput of all cores (independent FMA chains in
- *      vector registers, nothing else), the denominator of every ratio;
+ *      vector registers, nothing else), the denominator of every ratio; a
+ *      short one also between the repetitions of each GEMM and between
+ *      training steps, printed beside (see peak_next_to_it);
  *   2. every GEMM shape of a Pythia-160M training step (B*T = 2048 rows):
  *      forward, input gradient and weight gradient, GFLOP/s and fraction of
  *      peak in fp32, and GFLOP/s with bf16 inputs (AMX where the CPU has it);
