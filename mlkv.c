@@ -3207,9 +3207,10 @@ typedef struct {
  * every 12 queries streamed all of a head's keys and values through the
  * caches, and the products waited on those loads (measured with make bench's
  * attention table: about 0.3 of the FMA peak). The tiles' state lives on the
- * thread's stack, sized by the head (variable-length arrays): about 50 KiB
- * for heads of 64, so that it fits the smallest default thread stacks (musl's
- * 128 KiB); 200 KiB at MAX_HEAD_SIZE. */
+ * thread's stack, sized by the head (variable-length arrays): for heads of
+ * 64, 44 KiB in the forward pass and 77 KiB in the backward, so that it fits
+ * the smallest default thread stacks (musl's 128 KiB); 221 KiB in the
+ * backward at MAX_HEAD_SIZE. */
 #define ATT_TILES 4
 #define ATT_ROWS (ATT_TILES * ATT_QB)
 
@@ -3388,8 +3389,9 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
             weighted_rows(dv_acc + u * tile_acc, s, ATT_KB, 1, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
             weighted_rows(dk_acc + u * tile_acc, dsu, ATT_KB, 1, q + t0 * q_stride, q_stride, queries, hs); /* dk += ds q */
         }
-        /* dq of these queries += ds k: rows are queries, the sum runs over the block's keys */
-        for (int i = 0; i < ATT_ROWS; i++)
+        /* dq of these queries += ds k: rows are queries, the sum runs over the block's keys
+         * (those of its tiles: the rest of ds_t is never written, and never read) */
+        for (int i = 0; i < tiles * ATT_QB; i++)
             for (int j = 0; j < ATT_KB; j++) ds[j * ATT_ROWS + i] = ds_t[i * ATT_KB + j];
         float *dq_block = dq_partial + (size_t)(t0 / ATT_KB - first_block) * DQ_ROWS * width;
         for (int j0 = 0; j0 < DQ_ROWS; j0 += GEMM_MR)
