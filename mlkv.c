@@ -2842,16 +2842,18 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
      * ragged last panel of A is packed (measured: in-place columns of A, and
      * in-place B, were slower than packing them). bf16 packs everything. */
     int a_in_place = !bf16 && a_col == 1;
-    /* With few rows or columns, slices of K longer than FP32_KC_CAPACITY (as
-     * long as the packed blocks hold) give each pass of the threads more work */
-    int rows_packed = a_in_place ? mr : ((M < GEMM_MC ? M : GEMM_MC) + mr - 1) / mr * mr;
-    int cols_packed = ((N < GEMM_NC ? N : GEMM_NC) + nr - 1) / nr * nr;
-    int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed : GEMM_NC / cols_packed;
-    k_scale *= FP32_KC_CAPACITY / GEMM_KC;
-    int k_slice = !bf16 && K <= GEMM_K_WHOLE ? K : GEMM_KC * (k_scale < 1 ? 1 : k_scale > 8 ? 8 : k_scale);
+    int k_slice;
     if (bf16) { /* equal slices of at most BF16_KC */
         int slices = (K + BF16_KC - 1) / BF16_KC;
         k_slice = ((K + slices - 1) / slices + 31) / 32 * 32;
+    } else {
+        /* With few rows or columns, slices of K longer than FP32_KC_CAPACITY
+         * (as long as the packed blocks hold, up to 4 times) give each pass of
+         * the threads more work */
+        int rows_packed = a_in_place ? mr : ((M < GEMM_MC ? M : GEMM_MC) + mr - 1) / mr * mr;
+        int cols_packed = ((N < GEMM_NC ? N : GEMM_NC) + nr - 1) / nr * nr;
+        int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed : GEMM_NC / cols_packed;
+        k_slice = K <= GEMM_K_WHOLE ? K : FP32_KC_CAPACITY * (k_scale > 4 ? 4 : k_scale);
     }
     int kc_capacity = bf16 ? BF16_KC : FP32_KC_CAPACITY; /* of the packed buffers, at GEMM_MC rows and GEMM_NC columns */
     /* blocks as large as the packed buffers hold at this slice (its length
