@@ -9,7 +9,7 @@
  * Each build is a shared library with its own static buffers (dlopen with
  * RTLD_LOCAL), so both models are in memory at once (2 x 3.4 GiB at 1 x 2048).
  *
- * usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS [PRECISION_A PRECISION_B]
+ * usage: build/ab A.so B.so MHA|MLKV-2|DEMO|ATTENTION[-KVH]|GEMM B T PAIRS [PRECISION_A PRECISION_B]
  * (dev/ab.sh builds them; precisions fp32, the default, or bf16: one build
  * against itself in both gives bf16's speed-up over fp32)
  * prints every step's seconds, A/B, then the median of the pairs' speed
@@ -67,13 +67,132 @@ static int by_value(const void *x, const void *y) {
     return a < b ? -1 : a > b;
 }
 
+static double median_of(double *x, int n) {
+    qsort(x, (size_t)n, sizeof(double), by_value);
+    return (x[(n - 1) / 2] + x[n / 2]) / 2;
+}
+
+typedef void (*AttentionForward)(float *, float *, float *, const float *, const float *, const float *, int, int,
+                                 int, int, int);
+typedef void (*AttentionBackward)(float *, float *, float *, float *, float *, const float *, const float *,
+                                  const float *, const float *, const float *, const float *, int, int, int, int, int);
+
+/* ATTENTION: attention alone (Pythia-160M's 12 heads of 64, K/V heads
+ * `kv_heads`), forward and backward of both builds alternated on the same
+ * random inputs; prints the medians of the pairs' speed ratios. */
+static int ab_attention(const char *path_a, const char *path_b, int B, int T, int kv_heads, int pairs) {
+    int H = 12, hs = 64;
+    AttentionForward forward[2];
+    AttentionBackward backward[2];
+    size_t npanel = 0; /* the larger scratch of the two builds */
+    const char *path[2] = {path_a, path_b};
+    for (int v = 0; v < 2; v++) {
+        void *lib = dlopen(path[v], RTLD_NOW | RTLD_LOCAL);
+        if (!lib) { fprintf(stderr, "ab: %s\n", dlerror()); return 1; }
+        forward[v] = (AttentionForward)dlsym(lib, "attention_forward");
+        backward[v] = (AttentionBackward)dlsym(lib, "attention_backward");
+        size_t (*panel_floats)(int, int, int, int, int, int) =
+            (size_t(*)(int, int, int, int, int, int))dlsym(lib, "attention_panel_floats");
+        if (!forward[v] || !backward[v] || !panel_floats) { fprintf(stderr, "ab: %s lacks mlkv's attention\n", path[v]); return 1; }
+        for (int backward_pass = 0; backward_pass < 2; backward_pass++) {
+            size_t n = panel_floats(B, T, H, kv_heads, hs, backward_pass);
+            npanel = n > npanel ? n : npanel;
+        }
+    }
+    size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kv_heads * hs, nstat = (size_t)B * H * T;
+    float *buf = malloc(sizeof(float) * (5 * nq + 4 * nkv + 2 * nstat + npanel));
+    if (!buf) { fprintf(stderr, "ab: out of memory\n"); return 1; }
+    float *q = buf, *out = q + nq, *dout = out + nq, *dq = dout + nq, *k = dq + nq, *vv = k + nkv, *dk = vv + nkv;
+    float *dv = dk + nkv, *lse = dv + nkv, *delta = lse + nstat, *panels = delta + nstat;
+    uint64_t r = 12345;
+    for (size_t i = 0; i < 5 * nq + 4 * nkv; i++) {
+        r = r * 6364136223846793005ULL + 1442695040888963407ULL;
+        buf[i] = (float)((double)(r >> 40) / (double)(1 << 24) - 0.5);
+    }
+    double fwd[2][MAX_PAIRS], bwd[2][MAX_PAIRS], ratio_f[MAX_PAIRS], ratio_b[MAX_PAIRS];
+    for (int p = -1; p < pairs; p++) /* pair -1: warm-up */
+        for (int turn = 0; turn < 2; turn++) {
+            int v = p % 2 ? 1 - turn : turn;
+            double t0 = now();
+            forward[v](out, lse, panels, q, k, vv, B, T, H, kv_heads, hs);
+            double t1 = now();
+            memset(dk, 0, sizeof(float) * 2 * nkv);
+            backward[v](dq, dk, dv, delta, panels, dout, q, k, vv, out, lse, B, T, H, kv_heads, hs);
+            if (p >= 0) fwd[v][p] = t1 - t0, bwd[v][p] = now() - t1;
+        }
+    for (int p = 0; p < pairs; p++) ratio_f[p] = fwd[0][p] / fwd[1][p], ratio_b[p] = bwd[0][p] / bwd[1][p];
+    printf("attention %d x %d, 12 heads of 64, %d K/V heads: ms forward A %.2f B %.2f, backward A %.2f B %.2f (medians)\n",
+           B, T, kv_heads, 1e3 * median_of(fwd[0], pairs), 1e3 * median_of(fwd[1], pairs), 1e3 * median_of(bwd[0], pairs),
+           1e3 * median_of(bwd[1], pairs));
+    printf("speed of B over A, median of %d pairs: forward %.3f, backward %.3f\n", pairs, median_of(ratio_f, pairs),
+           median_of(ratio_b, pairs));
+    free(buf);
+    return 0;
+}
+
+typedef void (*Gemm)(int, int, int, const float *, size_t, size_t, const float *, size_t, size_t, float *, int,
+                     const float *);
+
+/* GEMM: the products of make bench's GEMM table (forward, input gradient,
+ * weight gradient of each Linear shape of Pythia-160M, B*T = `rows`), each
+ * timed `pairs` times in both builds alternately; the median ratio per product */
+static int ab_gemm(const char *path_a, const char *path_b, int rows, int pairs, const char *precision) {
+    struct { const char *name; int OC, IC, N; } shapes[] = {
+        {"QKV", 768, 768, rows}, {"attention output", 768, 768, rows}, {"MLP in", 3072, 768, rows},
+        {"MLP out", 768, 3072, rows}, {"LM head (512 rows)", 50304, 768, 512},
+    };
+    Gemm gemm[2];
+    const char *path[2] = {path_a, path_b};
+    for (int v = 0; v < 2; v++) {
+        void *lib = dlopen(path[v], RTLD_NOW | RTLD_LOCAL);
+        if (!lib) { fprintf(stderr, "ab: %s\n", dlerror()); return 1; }
+        gemm[v] = (Gemm)dlsym(lib, "gemm");
+        int (*set_precision)(Precision, int) = (int (*)(Precision, int))dlsym(lib, "gemm_set_precision");
+        if (!gemm[v] || !set_precision) { fprintf(stderr, "ab: %s lacks mlkv's gemm\n", path[v]); return 1; }
+        set_precision(strcmp(precision, "bf16") == 0 ? PRECISION_BF16 : PRECISION_FP32, 1);
+    }
+    printf("GEMM, %s: GFLOP/s A, B (medians), speed of B over A (median of %d pairs)\n", precision, pairs);
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int OC = shapes[s].OC, IC = shapes[s].IC, N = shapes[s].N;
+        float *x = malloc(sizeof(float) * N * IC), *w = malloc(sizeof(float) * OC * IC);
+        float *y = malloc(sizeof(float) * N * OC), *dx = calloc((size_t)N * IC, 4), *dw = calloc((size_t)OC * IC, 4);
+        if (!x || !w || !y || !dx || !dw) { fprintf(stderr, "ab: out of memory\n"); return 1; }
+        for (size_t i = 0; i < (size_t)N * IC; i++) x[i] = (float)(i % 13) * 0.01f;
+        for (size_t i = 0; i < (size_t)OC * IC; i++) w[i] = (float)(i % 7) * 0.01f;
+        for (size_t i = 0; i < (size_t)N * OC; i++) y[i] = (float)(i % 5) * 0.01f;
+        const char *kinds[3] = {"forward", "input gradient", "weight gradient"};
+        for (int kind = 0; kind < 3; kind++) {
+            double t[2][MAX_PAIRS], ratio[MAX_PAIRS];
+            for (int p = -1; p < pairs; p++)
+                for (int turn = 0; turn < 2; turn++) {
+                    int v = p % 2 ? 1 - turn : turn;
+                    double t0 = now();
+                    if (kind == 0) gemm[v](N, OC, IC, x, IC, 1, w, 1, IC, y, 0, NULL);
+                    else if (kind == 1) gemm[v](N, IC, OC, y, OC, 1, w, IC, 1, dx, 1, NULL);
+                    else gemm[v](OC, IC, N, y, 1, OC, x, IC, 1, dw, 1, NULL);
+                    if (p >= 0) t[v][p] = now() - t0;
+                }
+            for (int p = 0; p < pairs; p++) ratio[p] = t[0][p] / t[1][p];
+            double flop = 2.0 * N * OC * IC / 1e9;
+            printf("  %s, %s: %.0f %.0f  %.3f\n", shapes[s].name, kinds[kind], flop / median_of(t[0], pairs),
+                   flop / median_of(t[1], pairs), median_of(ratio, pairs));
+            fflush(stdout);
+        }
+        free(x); free(w); free(y); free(dx); free(dw);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if ((argc != 7 && argc != 9) || atoi(argv[4]) < 1 || atoi(argv[5]) < 1 || atoi(argv[6]) < 1 || atoi(argv[6]) > MAX_PAIRS) {
-        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2|DEMO B T PAIRS (at most %d) [fp32|bf16 fp32|bf16]\n",
+        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2|DEMO|ATTENTION[-KVH]|GEMM B T PAIRS (at most %d) [fp32|bf16 fp32|bf16]\n",
                 MAX_PAIRS);
         return 2;
     }
     int B = atoi(argv[4]), T = atoi(argv[5]), pairs = atoi(argv[6]);
+    if (strcmp(argv[3], "GEMM") == 0) return ab_gemm(argv[1], argv[2], B * T, pairs, argc == 9 ? argv[8] : "fp32");
+    if (strncmp(argv[3], "ATTENTION", 9) == 0) /* ATTENTION (12 K/V heads) or ATTENTION-1 (one) */
+        return ab_attention(argv[1], argv[2], B, T, argv[3][9] == '-' ? atoi(argv[3] + 10) : 12, pairs);
     Build build[2];
     const char *precision[2] = {argc == 9 ? argv[7] : "fp32", argc == 9 ? argv[8] : "fp32"};
     load(&build[0], argv[1], argv[3], B, T, precision[0]);

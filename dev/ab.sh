@@ -1,12 +1,12 @@
 #!/bin/sh
-# dev/ab.sh REV [MHA|MLKV-2|DEMO] [B] [T] [PAIRS] [PRECISION_A PRECISION_B]
+# dev/ab.sh REV [MHA|MLKV-2|DEMO|ATTENTION[-KVH]|GEMM] [B] [T] [PAIRS] [PRECISION_A PRECISION_B]
 # Training speed of the working tree (B) against git revision REV (A), steps
 # alternated in one process (dev/ab.c says why). Defaults: MHA 8 256 6.
 # Example: dev/ab.sh HEAD MHA 1 2048 4
 # bf16 against fp32, both the working tree: dev/ab.sh HEAD MHA 1 2048 4 fp32 bf16
 # (A is then HEAD: commit first, or read it as the old code's fp32)
 set -e
-[ $# -ge 1 ] || { echo "usage: dev/ab.sh REV [MHA|MLKV-2|DEMO] [B] [T] [PAIRS] [PRECISION_A PRECISION_B]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: dev/ab.sh REV [MHA|MLKV-2|DEMO|ATTENTION[-KVH]|GEMM] [B] [T] [PAIRS] [PRECISION_A PRECISION_B]" >&2; exit 2; }
 rev=$1 model=${2:-MHA} batch=${3:-8} seq=${4:-256} pairs=${5:-6} precision_a=${6:-fp32} precision_b=${7:-fp32}
 cc=${CC:-cc}
 flags="-O3 $(make -s --no-print-directory print-cflags) -fopenmp -fPIC -shared -DMLKV_NO_MAIN"
