@@ -3221,7 +3221,7 @@ typedef struct {
  * caches, and the products waited on those loads (measured with make bench's
  * attention table: about 0.3 of the FMA peak). The tiles' state lives on the
  * thread's stack, sized by the head (variable-length arrays): for heads of
- * 64, 44 KiB in the forward pass and 77 KiB in the backward, so that it fits
+ * 64, 46 KiB in the forward pass and 77 KiB in the backward, so that it fits
  * the smallest default thread stacks (musl's 128 KiB); 221 KiB in the
  * backward at MAX_HEAD_SIZE. */
 #define ATT_TILES 4
