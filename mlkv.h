@@ -48,11 +48,20 @@ typedef struct {
     int use_kv_mlp;          /* use_key_value_mlp: owners' K and V are two-layer MLPs */
     int kv_intermediate_size;/* their hidden width (kv_intermediate_size) */
     int has_kv_map;          /* kv_layer_of was given ("mlkv_kv_layer_map"), not placed */
-    int shared_key_rotary;   /* 1 (mlkv's default): layers that share K read the rotated
-                                keys. 0: the reference's behaviour, non-owning layers read
-                                un-rotated keys (mlkv_shared_key_rotary: false; also what a
-                                config with num_key_value_layers and without that key gets:
-                                the reference wrote it) */
+    /* Which keys a layer that shares an owner's K reads. 1 (mlkv's default):
+     * the rotated keys, as the owner does: one function in training, scoring
+     * and cached decoding, which is what sharing K/V across layers means.
+     * 0: the reference code's full-sequence behaviour (mlkv_shared_key_rotary:
+     * false; also what a config with num_key_value_layers and without that key
+     * gets, since the reference wrote it). The reference's owning layer hands
+     * its K to the layers above it before rotary is applied to it, so in
+     * training and evaluation those layers match rotated queries against
+     * un-rotated keys, while its cached decoding gives them the owner's cached,
+     * rotated past keys beside the current un-rotated one: training and
+     * generation disagree.
+     * mlkv's 0 keeps the full-sequence behaviour everywhere, decoding included, so
+     * that the reference's checkpoints compute what they were trained to. */
+    int shared_key_rotary;
     /* derived by config_finalize */
     int head_size, rotary_ndims;
     int kv_layer_of[MLKV_MAX_LAYERS];  /* the owning layer whose K/V layer l reads (<= l) */

@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <sys/wait.h>
@@ -45,8 +46,26 @@ static char tmp_dir[256];
         }                                                       \
     } while (0)
 
-static const char *const fixture_names[] = {"mha", "mha_seq", "gqa", "mqa", "mlkv_3x2", "mlkv_1x1",
-                                            "mlkv_2x2_compat", "mlkv_2x4_seq", "mlkv_kvmlp", "mlkv_map"};
+/* The model fixtures: every folder of dev/fixtures that holds a
+ * ref.safetensors (dev/gen_fixtures.py writes one per configuration), in
+ * name order, found at start-up rather than listed here by hand */
+#define MAX_FIXTURES 64
+static char fixture_names[MAX_FIXTURES][64];
+static size_t n_fixtures;
+
+static int by_name(const void *a, const void *b) { return strcmp((const char *)a, (const char *)b); }
+
+static void find_fixtures(void) {
+    DIR *dir = opendir("dev/fixtures");
+    for (struct dirent *e; dir && (e = readdir(dir)) != NULL && n_fixtures < MAX_FIXTURES;) {
+        char path[400];
+        snprintf(path, sizeof(path), "dev/fixtures/%s/ref.safetensors", e->d_name);
+        if (e->d_name[0] != '.' && strlen(e->d_name) < sizeof(fixture_names[0]) && access(path, R_OK) == 0)
+            strcpy(fixture_names[n_fixtures++], e->d_name);
+    }
+    if (dir) closedir(dir);
+    qsort(fixture_names, n_fixtures, sizeof(fixture_names[0]), by_name);
+}
 
 static double max_abs(const float *x, size_t n) {
     double m = 0;
@@ -201,9 +220,9 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
 
 static void test_cached_decoding(void) {
     double worst = 0;
-    for (size_t f = 0; f < sizeof(fixture_names) / sizeof(fixture_names[0]); f++) {
+    for (size_t f = 0; f < n_fixtures; f++) {
         char dir[300];
-        snprintf(dir, sizeof(dir), "dev/fixtures/%s", fixture_names[f]);
+        snprintf(dir, sizeof(dir), "dev/fixtures/%.63s", fixture_names[f]);
         Model m;
         KVCache cache;
         int B = 2, T = 64, V, tokens[128], step[2]; /* 64 positions: two key blocks, six query blocks */
@@ -245,7 +264,7 @@ static void test_cached_decoding(void) {
         model_free(&m);
     }
     printf("  cached decoding vs full forward: worst %.1e of the largest logit over %zu configurations\n", worst,
-           sizeof(fixture_names) / sizeof(fixture_names[0]));
+           n_fixtures);
 }
 
 /* --- the GEMM against a naive product ------------------------------------- */
@@ -780,7 +799,8 @@ static void copy_model(const char *fixture, const char *name, const char *config
 
 static void test_errors(void) {
     char train[300], path[400];
-    snprintf(train, sizeof(train), "%s/train.bin", tmp_dir);
+    snprintf(train, sizeof(train), "%s/errors_train.bin", tmp_dir); /* its own: no test depends on another's files */
+    write_tokens(train, 3000, 64, 99);
     struct { const char *config, *message; } configs[] = {
         {"{\"model_type\": \"llama\", \"vocab_size\": 8}", "not a GPT-NeoX config"},
         {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64,", "invalid JSON"},
@@ -2034,8 +2054,9 @@ int main(int argc, char **argv) {
     if (!mkdtemp(tmp_dir)) { perror("mkdtemp"); return 2; }
     printf("PyTorch fixtures (error = max|ours - ref| / max|ref|):\n");
     FixtureErrors worst = {0};
-    for (size_t i = 0; i < sizeof(fixture_names) / sizeof(fixture_names[0]); i++)
-        test_fixture(fixture_names[i], fixture_names[i], &worst);
+    find_fixtures();
+    CHECK(n_fixtures > 0, "no model fixtures (dev/fixtures/*/ref.safetensors): run from the repository root");
+    for (size_t i = 0; i < n_fixtures; i++) test_fixture(fixture_names[i], fixture_names[i], &worst);
     /* pytorch_model.bin as torch.save writes it, the same weights and functions:
      * the reference's MLKV checkpoint (config without mlkv_shared_key_rotary),
      * in one file and in two shards, and the stock MHA layout */
