@@ -867,29 +867,33 @@ static void test_errors(void) {
         free(text);
     }
 
-    /* checkpoints: truncated, not safetensors, wrong shape, missing tensor */
-    copy_model("gqa", "truncated", NULL);
-    CHECK(run("truncate -s -100 %s/truncated/model.safetensors", tmp_dir) == 0, "truncate");
-    CHECK(run("%s train --model %s/truncated --train %s --out %s/never --steps 1 --seq 16 --batch 1 --grad-accum 1",
-              mlkv_bin, tmp_dir, train, tmp_dir) == 1 && strstr(output(), "truncated/model.safetensors") &&
-          strstr(output(), "truncated"), "truncated checkpoint: %s", output());
-    copy_model("gqa", "garbage", NULL);
-    snprintf(path, sizeof(path), "%s/garbage/model.safetensors", tmp_dir);
-    write_text(path, "this is not a safetensors file at all");
-    CHECK(run("%s train --model %s/garbage --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
-          strstr(output(), "not safetensors"), "garbage checkpoint: %s", output());
-    copy_model("gqa", "wrong_shape", TINY_CONFIG(", \"num_key_value_heads\": 1"));
-    CHECK(run("%s train --model %s/wrong_shape --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
-          strstr(output(), "attention.key.weight has shape [16, 32], expected [8, 32]"), "shape mismatch: %s", output());
-    copy_model("mlkv_3x2", "missing", TINY_CONFIG(", \"num_key_value_heads\": 2"));
-    CHECK(run("%s train --model %s/missing --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
-          strstr(output(), "missing tensor gpt_neox.layers.3.attention.key.weight"), "missing tensor: %s", output());
-    copy_model("gqa", "extra", TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_layers\": 2"));
-    CHECK(run("%s train --model %s/extra --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
-          strstr(output(), "unexpected tensor gpt_neox.layers.1.attention.key"), "unexpected tensor: %s", output());
-    copy_model("mha", "fused_mismatch", TINY_CONFIG(", \"num_key_value_layers\": 2"));
-    CHECK(run("%s train --model %s/fused_mismatch --train %s --out %s/never --steps 1", mlkv_bin, tmp_dir, train,
-              tmp_dir) == 1 && strstr(output(), "fused query_key_value"), "fused with MLKV config: %s", output());
+    /* checkpoints: a fixture copied, then its config replaced or its weights damaged */
+    enum { INTACT, TRUNCATED, REPLACED_BY_TEXT };
+    struct {
+        const char *fixture, *name, *config;
+        int damage;
+        const char *message;
+    } checkpoints[] = {
+        {"gqa", "truncated", NULL, TRUNCATED, "the file is truncated"},
+        {"gqa", "garbage", NULL, REPLACED_BY_TEXT, "not safetensors"},
+        {"gqa", "wrong_shape", TINY_CONFIG(", \"num_key_value_heads\": 1"), INTACT,
+         "attention.key.weight has shape [16, 32], expected [8, 32]"},
+        {"mlkv_3x2", "missing", TINY_CONFIG(", \"num_key_value_heads\": 2"), INTACT,
+         "missing tensor gpt_neox.layers.3.attention.key.weight"},
+        {"gqa", "extra", TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_layers\": 2"), INTACT,
+         "unexpected tensor gpt_neox.layers.1.attention.key"},
+        {"mha", "fused_mismatch", TINY_CONFIG(", \"num_key_value_layers\": 2"), INTACT, "fused query_key_value"},
+    };
+    for (size_t i = 0; i < sizeof(checkpoints) / sizeof(checkpoints[0]); i++) {
+        copy_model(checkpoints[i].fixture, checkpoints[i].name, checkpoints[i].config);
+        snprintf(path, sizeof(path), "%s/%s/model.safetensors", tmp_dir, checkpoints[i].name);
+        if (checkpoints[i].damage == TRUNCATED) CHECK(run("truncate -s -100 %s", path) == 0, "truncate");
+        if (checkpoints[i].damage == REPLACED_BY_TEXT) write_text(path, "this is not a safetensors file at all");
+        CHECK(run("%s train --model %s/%s --train %s --out %s/never --steps 1 --seq 16 --batch 1 --grad-accum 1",
+                  mlkv_bin, tmp_dir, checkpoints[i].name, train, tmp_dir) == 1 &&
+                  strstr(output(), checkpoints[i].message) && strstr(output(), checkpoints[i].name),
+              "checkpoint %s: %s", checkpoints[i].name, output());
+    }
 
     /* token files */
     snprintf(path, sizeof(path), "%s/bad.bin", tmp_dir);
