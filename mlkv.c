@@ -3806,6 +3806,32 @@ static void layer_tail_forward(const Config *c, const LayerWeights *lw, const fl
     add_into(next, c->parallel_residual ? next : mid, branch, NC);
 }
 
+/* The backward pass of layer_tail_forward in training, from the gradient of
+ * the layer's output (d->d_residual) to that of the attention output
+ * (d->d_att_out); sequential residual: d_residual becomes the gradient of
+ * mid. The MLP's inputs are recomputed from what the forward pass kept (x or
+ * mid, LayerNorm statistics, pre-GELU), which costs two cheap passes and
+ * saves 2 [L, N, C] and an [L, N, I] buffer. Parallel residual: ln2 reads x,
+ * as ln1 does, so d->d_ln2 is left for the caller to take back through ln2
+ * once the attention branch has read d_residual. */
+static void layer_tail_backward(const Config *c, const LayerWeights *lw, LayerWeights *gw, const LayerActs *s,
+                                GradScratch *d, int N) {
+    int C = c->hidden_size, I = c->intermediate_size;
+    size_t NC = (size_t)N * C;
+    const float *ln2_in = c->parallel_residual ? s->x : s->resid_mid;
+    layernorm_forward(s->ln2, s->ln2_stats, ln2_in, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
+    gelu_forward(s->fc_act, s->fc_pre, (size_t)N * I);
+    zero_floats(d->d_fc, (size_t)N * I);
+    matmul_backward(d->d_fc, gw->proj_w, gw->proj_b, d->d_residual, s->fc_act, lw->proj_w, N, I, C);
+    gelu_backward(d->d_fc, s->fc_pre, (size_t)N * I);
+    zero_floats(d->d_ln2, NC);
+    matmul_backward(d->d_ln2, gw->fc_w, gw->fc_b, d->d_fc, s->ln2, lw->fc_w, N, C, I);
+    if (!c->parallel_residual) /* d_residual becomes the gradient of mid = x + attn */
+        layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s->resid_mid, lw->ln2_w, s->ln2_stats, N, C);
+    zero_floats(d->d_att_out, NC);
+    matmul_backward(d->d_att_out, gw->dense_w, gw->dense_b, d->d_residual, s->att_out, lw->dense_w, N, C, C);
+}
+
 /* Embedding, the layers and the final LayerNorm: a->lnf [N, C]. */
 static int forward_layers(Model *m, const int *inputs, const int *targets, int B, int T) {
     const Config *c = &m->config;
@@ -3820,11 +3846,14 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
         memcpy(a->residual + (size_t)n * C, m->w.embed_in + (size_t)inputs[n] * C, (size_t)C * sizeof(float));
     for (int l = 0; l < L; l++) {
         const LayerWeights *lw = &m->w.layer[l];
+        /* MLKV: layer l attends over the K/V of layer `owner` (itself when it
+         * owns K/V); s.k_rot, s.k_pre and s.v point at that owner's slot */
+        int owner = c->kv_layer_of[l];
         LayerActs s = layer_acts(m, l, B, T);
         layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
         matmul_forward(s.q, s.ln1, lw->q_w, lw->q_b, N, C, qd);
         rotary_apply(s.q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, 1.0f);
-        if (c->kv_layer_of[l] == l) { /* an owning layer projects the K/V that layers above it reuse */
+        if (owner == l) { /* an owning layer projects the K/V that the layers above it reuse */
             kv_projection_forward(s.k_pre ? s.k_pre : s.k_rot, s.k_hidden_pre, s.k_hidden, s.ln1, lw->k_mlp_w,
                                   lw->k_mlp_b, lw->k_w, lw->k_b, N, C, kvI, kvd);
             kv_projection_forward(s.v, s.v_hidden_pre, s.v_hidden, s.ln1, lw->v_mlp_w, lw->v_mlp_b, lw->v_w, lw->v_b,
@@ -3885,7 +3914,7 @@ float model_forward(Model *m, const int *inputs, const int *targets, int B, int 
 float model_forward_backward(Model *m, const int *inputs, const int *targets, int B, int T, float loss_scale) {
     const Config *c = &m->config;
     int N = B * T;
-    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, I = c->intermediate_size;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
     int L = c->n_layer, rd = c->rotary_ndims, qd = H * hs, kvd = kvH * hs;
     int kvI = c->kv_intermediate_size;
     if (!m->scratch_memory) { fail("the model was prepared without gradients"); return NAN; }
@@ -3901,28 +3930,20 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
     zero_floats(d->d_k_rot, kv_all);
     zero_floats(d->d_v, kv_all);
     /* Top to bottom: every layer that reads an owner's K/V comes before the
-     * owner, so the owner's accumulators are complete when it is reached. */
+     * owner, so the owner's accumulators are complete when it is reached.
+     * For example L = 4 with owners {0, 2} (layer map 0 0 2 2): layer 3's
+     * attention backward adds its dK, dV into slot 1 (owner 2's), layer 2
+     * adds its own and then, as the owner, takes the sum back through
+     * rotary and its K/V projections; layers 1 and 0 do the same with slot 0.
+     * So an owner's K/V gradient is the sum of its readers' contributions,
+     * its own included. */
     for (int l = L - 1; l >= 0; l--) {
         const LayerWeights *lw = &m->w.layer[l];
         LayerWeights *gw = &m->g.layer[l];
+        int owner = c->kv_layer_of[l]; /* whose K/V accumulators (s.d_k_rot, s.d_v) this layer adds into */
         LayerActs s = layer_acts(m, l, B, T);
-        /* MLP branch, from the gradient of the layer's output; its inputs are
-         * recomputed from what the forward pass kept (x or mid, LN statistics,
-         * pre-GELU), which costs two cheap passes and saves 2 [L, N, C] and an
-         * [L, N, I] buffer */
-        const float *ln2_in = c->parallel_residual ? s.x : s.resid_mid;
-        layernorm_forward(s.ln2, s.ln2_stats, ln2_in, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
-        gelu_forward(s.fc_act, s.fc_pre, (size_t)N * I);
-        zero_floats(d->d_fc, (size_t)N * I);
-        matmul_backward(d->d_fc, gw->proj_w, gw->proj_b, d->d_residual, s.fc_act, lw->proj_w, N, I, C);
-        gelu_backward(d->d_fc, s.fc_pre, (size_t)N * I);
-        zero_floats(d->d_ln2, NC);
-        matmul_backward(d->d_ln2, gw->fc_w, gw->fc_b, d->d_fc, s.ln2, lw->fc_w, N, C, I);
-        if (!c->parallel_residual) /* d_residual becomes the gradient of h = x + attn */
-            layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.resid_mid, lw->ln2_w, s.ln2_stats, N, C);
-        /* attention branch */
-        zero_floats(d->d_att_out, NC);
-        matmul_backward(d->d_att_out, gw->dense_w, gw->dense_b, d->d_residual, s.att_out, lw->dense_w, N, C, C);
+        layer_tail_backward(c, lw, gw, &s, d, N);
+        /* attention: the owner's K/V gradient accumulates over its readers */
         int rotated = reads_rotated_keys(c, l);
         attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, a->att_panels, d->d_att_out, s.q,
                            rotated ? s.k_rot : s.k_pre, s.v, s.att_out, s.lse, B, T, H, kvH, hs);
@@ -3930,7 +3951,7 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
         layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
         zero_floats(d->d_ln1, NC);
         matmul_backward(d->d_ln1, gw->q_w, gw->q_b, d->d_q, s.ln1, lw->q_w, N, C, qd);
-        if (c->kv_layer_of[l] == l) { /* all readers are done: back through rotary into the projections */
+        if (owner == l) { /* all readers are done: back through rotary into the projections */
             rotary_apply(s.d_k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, -1.0f);
             if (s.d_k_pre) add_into(s.d_k_rot, s.d_k_rot, s.d_k_pre, (size_t)N * kvd);
             kv_projection_backward(d->d_ln1, d->d_kv_hidden, gw->k_mlp_w, gw->k_mlp_b, gw->k_w, gw->k_b, s.d_k_rot,
