@@ -1924,12 +1924,16 @@ static void test_graceful_stop(void) {
     snprintf(a, sizeof(a), "%s/unstopped/model.safetensors", tmp_dir);
     snprintf(b, sizeof(b), "%s/stopped/model.safetensors", tmp_dir);
     CHECK(same_file(a, b), "a stopped and resumed run ends with the bytes of an uninterrupted one");
-    /* a second signal (here SIGINT right after SIGTERM, within a step of about
-     * 0.1 s) ends the run at once: killed by one of the two (the kernel may
-     * deliver them in either order), nothing saved */
+    /* a second signal (here SIGTERM and SIGINT together) ends the run at
+     * once: killed by one of the two (the kernel may deliver them in either
+     * order), nothing saved. The process is stopped while both are sent, so
+     * that they arrive together: sent one after the other to a running
+     * process, a step could end between them on a loaded machine, and the
+     * first alone would save a checkpoint. */
     CHECK(run("(%s train %s --train %s --out %s/twice --batch 32 & pid=$!; "
               "while kill -0 $pid 2>/dev/null && [ \"$(wc -l < %s/twice.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; do sleep 0.01; done; "
-              "kill -TERM $pid; kill -INT $pid; wait $pid; echo \"exit $?\")", mlkv_bin, common, tokens, tmp_dir, tmp_dir) == 0 &&
+              "kill -STOP $pid; kill -TERM $pid; kill -INT $pid; kill -CONT $pid; wait $pid; echo \"exit $?\")",
+              mlkv_bin, common, tokens, tmp_dir, tmp_dir) == 0 &&
           (strstr(output(), "exit 130") || strstr(output(), "exit 143")) && !strstr(output(), "stopped by") &&
               !strstr(output(), "saved "),
           "a second signal: %s", output());
