@@ -4260,62 +4260,72 @@ static void fill_uniform(float *x, size_t n, double bound, uint64_t *rng) {
     for (size_t i = 0; i < n; i++) x[i] = (float)((2.0 * rng_uniform(rng) - 1.0) * bound);
 }
 
-int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
-    const Config *src = &mha->config;
+/* The converted model's configuration: the options' K/V heads, owning
+ * layers (placed, or the given map), KV-MLP and rotary mode, and the MLP
+ * widths that keep the parameter count (convert_sizes). */
+static int converted_config(const Config *src, const ConvertOptions *o, Config *c) {
     if (!is_mha(src))
         return fail("the input already shares K/V (%d heads in %d layers): convert from an MHA checkpoint",
                     src->n_kv_head, src->n_kv_layer);
-    Config c = *src;
-    c.n_kv_head = o->kv_heads;
-    c.n_kv_layer = o->kv_layers;
-    c.has_kv_map = o->has_map;
-    c.use_kv_mlp = o->kv_mlp;
-    c.shared_key_rotary = !o->reference_rotary;
-    c.kv_intermediate_size = 1; /* set below, once kvL is known */
-    if (o->has_map) memcpy(c.kv_layer_of, o->map, sizeof(c.kv_layer_of));
-    if (config_finalize(&c, "conversion") != 0) return -1;
-    int intermediate;
-    convert_sizes(src, c.n_kv_head, c.n_kv_layer, c.use_kv_mlp, &intermediate, &c.kv_intermediate_size);
-    if (o->grow != GROW_NONE) c.intermediate_size = intermediate;
-    int C = c.hidden_size, H = c.n_head, hs = c.head_size, kvH = c.n_kv_head, L = c.n_layer, kvd = kvH * hs;
-    int I0 = src->intermediate_size, I = c.intermediate_size, kvI = c.kv_intermediate_size;
-    if (c.use_kv_mlp && kvI < kvd)
+    *c = *src;
+    c->n_kv_head = o->kv_heads;
+    c->n_kv_layer = o->kv_layers;
+    c->has_kv_map = o->has_map;
+    c->use_kv_mlp = o->kv_mlp;
+    c->shared_key_rotary = !o->reference_rotary;
+    c->kv_intermediate_size = 1; /* set below, once kvL is known */
+    if (o->has_map) memcpy(c->kv_layer_of, o->map, sizeof(c->kv_layer_of));
+    if (config_finalize(c, "conversion") != 0) return -1;
+    int intermediate, kvd = c->n_kv_head * c->head_size;
+    convert_sizes(src, c->n_kv_head, c->n_kv_layer, c->use_kv_mlp, &intermediate, &c->kv_intermediate_size);
+    if (o->grow != GROW_NONE) c->intermediate_size = intermediate;
+    if (c->use_kv_mlp && c->kv_intermediate_size < kvd)
         return fail("kv_intermediate_size %d is narrower than the K/V width %d: the pooled projection does not fit its "
-                    "first rows", kvI, kvd);
-    memset(out, 0, sizeof(*out));
-    out->config = c;
-    if (mha->config_extra && !(out->config_extra = strdup(mha->config_extra))) return fail("out of memory");
-    if (model_allocate_params(out) != 0) { model_free(out); return -1; }
+                    "first rows", c->kv_intermediate_size, kvd);
+    return 0;
+}
 
-    /* tensors that keep their shape are copied: embeddings, LayerNorms, queries,
-     * dense, head, and the MLP when it does not grow */
-    for (int i = 0; i < out->n_params; i++) {
-        const ParamInfo *p = &out->params[i], *q = model_param(mha, p->name);
-        if (q && q->numel == p->numel)
-            memcpy(out->param_memory + p->offset, mha->param_memory + q->offset, p->numel * sizeof(float));
-    }
-    /* step 2 in every layer, then step 3: fold each non-owning layer into its
-     * owner, in increasing layer order */
+/* Step 5, KV-MLP: Kaiming-uniform(a = sqrt(5)) weights, i.e. bound
+ * 1/sqrt(fan_in), biases uniform(-1, 1); the pooled linear K or V (pooled:
+ * [kvd, C] weights, then [kvd] bias) goes into the first kvd rows of the
+ * input layer. */
+static void init_kv_mlp(float *in_w, float *in_b, float *w, float *b, const float *pooled, int C, int kvI, int kvd,
+                        uint64_t *rng) {
     size_t wsize = (size_t)kvd * C;
-    float *pooled = alloc_zeroed((size_t)L * 2 * (wsize + kvd), sizeof(float), "pooled K/V");
-    float *sums = alloc_zeroed(2 * (wsize + kvd), sizeof(float), "pooled K/V");
-    if (!pooled || !sums) { free(pooled); free(sums); model_free(out); return -1; }
+    fill_uniform(in_w, (size_t)kvI * C, 1.0 / sqrt((double)C), rng);
+    fill_uniform(w, (size_t)kvd * kvI, 1.0 / sqrt((double)kvI), rng);
+    fill_uniform(in_b, (size_t)kvI, 1.0, rng);
+    fill_uniform(b, (size_t)kvd, 1.0, rng);
+    memcpy(in_w, pooled, wsize * sizeof(float));
+    memcpy(in_b, pooled + wsize, (size_t)kvd * sizeof(float));
+}
+
+/* Steps 2 and 3: the heads of every layer's K and V pooled (pool_heads), then
+ * each non-owning layer folded into its owner in increasing layer order: by
+ * the reference's running pairwise mean K_p = (K_i + K_p) / 2, or a uniform
+ * mean. The result becomes the owner's projection (step 5 with KV-MLP). */
+static int pool_kv_layers(const Model *mha, Model *out, const ConvertOptions *o) {
+    const Config *c = &out->config;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, L = c->n_layer, kvd = kvH * hs;
+    size_t wsize = (size_t)kvd * C, n = wsize + kvd; /* one layer's pooled K (or V): weights, then bias */
+    float *pooled = alloc_zeroed((size_t)L * 2 * n, sizeof(float), "pooled K/V");
+    float *sums = alloc_zeroed(2 * n, sizeof(float), "pooled K/V");
+    if (!pooled || !sums) { free(pooled); free(sums); return -1; }
     for (int l = 0; l < L; l++)
         for (int kv = 0; kv < 2; kv++) { /* 0 key, 1 value */
             const LayerWeights *lw = &mha->w.layer[l];
-            float *w = pooled + ((size_t)l * 2 + kv) * (wsize + kvd);
+            float *w = pooled + ((size_t)l * 2 + kv) * n;
             pool_heads(w, w + wsize, kv ? lw->v_w : lw->k_w, kv ? lw->v_b : lw->k_b, H, kvH, hs, C);
         }
     uint64_t rng = o->seed;
     for (int p = 0; p < L; p++) {
-        if (c.kv_layer_of[p] != p) continue;
+        if (c->kv_layer_of[p] != p) continue;
         for (int kv = 0; kv < 2; kv++) {
-            size_t n = wsize + kvd;
             float *acc = pooled + ((size_t)p * 2 + kv) * n;
             int members = 1;
             if (o->pool == POOL_UNIFORM) memcpy(sums, acc, n * sizeof(float));
             for (int i = p + 1; i < L; i++) {
-                if (c.kv_layer_of[i] != p) continue;
+                if (c->kv_layer_of[i] != p) continue;
                 const float *x = pooled + ((size_t)i * 2 + kv) * n;
                 if (o->pool == POOL_UNIFORM) axpy(sums, 1.0f, x, (int)n);
                 else /* the reference's running pairwise mean: K_p = (K_i + K_p) / 2 */
@@ -4326,29 +4336,26 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
                 for (size_t k = 0; k < n; k++) acc[k] = sums[k] / (float)members;
             LayerWeights *lw = &out->w.layer[p];
             float *w = kv ? lw->v_w : lw->k_w, *b = kv ? lw->v_b : lw->k_b;
-            if (!c.use_kv_mlp) {
+            if (c->use_kv_mlp) {
+                init_kv_mlp(kv ? lw->v_mlp_w : lw->k_mlp_w, kv ? lw->v_mlp_b : lw->k_mlp_b, w, b, acc, C,
+                            c->kv_intermediate_size, kvd, &rng);
+            } else {
                 memcpy(w, acc, wsize * sizeof(float));
                 memcpy(b, acc + wsize, (size_t)kvd * sizeof(float));
-                continue;
             }
-            /* step 5, KV-MLP: Kaiming-uniform(a = sqrt(5)) weights, i.e. bound
-             * 1/sqrt(fan_in), biases uniform(-1, 1); the pooled linear K/V go
-             * into the first kvH*hs rows of the input layer */
-            float *in_w = kv ? lw->v_mlp_w : lw->k_mlp_w, *in_b = kv ? lw->v_mlp_b : lw->k_mlp_b;
-            fill_uniform(in_w, (size_t)kvI * C, 1.0 / sqrt((double)C), &rng);
-            fill_uniform(w, (size_t)kvd * kvI, 1.0 / sqrt((double)kvI), &rng);
-            fill_uniform(in_b, (size_t)kvI, 1.0, &rng);
-            fill_uniform(b, (size_t)kvd, 1.0, &rng);
-            memcpy(in_w, acc, wsize * sizeof(float));
-            memcpy(in_b, acc + wsize, (size_t)kvd * sizeof(float));
         }
     }
     free(pooled);
     free(sums);
-    /* step 4: grow every MLP from I0 to I neurons. The new neurons copy the
-     * first ones (the reference); with GROW_ZERO their output columns are 0,
-     * which keeps the function. */
-    for (int l = 0; l < L && I > I0; l++) {
+    return 0;
+}
+
+/* Step 4: every MLP grown from I0 to I neurons. The new neurons copy the
+ * first ones (the reference); with GROW_ZERO their output columns are 0,
+ * which keeps the function. */
+static void grow_mlps(const Model *mha, Model *out, GrowKind grow) {
+    int C = out->config.hidden_size, I0 = mha->config.intermediate_size, I = out->config.intermediate_size;
+    for (int l = 0; l < out->config.n_layer && I > I0; l++) {
         const LayerWeights *lw = &mha->w.layer[l];
         LayerWeights *nw = &out->w.layer[l];
         for (int r = 0; r < I; r++) {
@@ -4359,9 +4366,27 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
         for (int row = 0; row < C; row++)
             for (int j = 0; j < I; j++)
                 nw->proj_w[(size_t)row * I + j] = j < I0 ? lw->proj_w[(size_t)row * I0 + j]
-                                                 : o->grow == GROW_ZERO ? 0.0f
-                                                                        : lw->proj_w[(size_t)row * I0 + (j - I0) % I0];
+                                                 : grow == GROW_ZERO ? 0.0f
+                                                                     : lw->proj_w[(size_t)row * I0 + (j - I0) % I0];
     }
+}
+
+int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
+    Config c;
+    if (converted_config(&mha->config, o, &c) != 0) return -1;
+    memset(out, 0, sizeof(*out));
+    out->config = c;
+    if (mha->config_extra && !(out->config_extra = strdup(mha->config_extra))) return fail("out of memory");
+    if (model_allocate_params(out) != 0) { model_free(out); return -1; }
+    /* tensors that keep their shape are copied: embeddings, LayerNorms, queries,
+     * dense, head, and the MLP when it does not grow */
+    for (int i = 0; i < out->n_params; i++) {
+        const ParamInfo *p = &out->params[i], *q = model_param(mha, p->name);
+        if (q && q->numel == p->numel)
+            memcpy(out->param_memory + p->offset, mha->param_memory + q->offset, p->numel * sizeof(float));
+    }
+    if (pool_kv_layers(mha, out, o) != 0) { model_free(out); return -1; }
+    grow_mlps(mha, out, o->grow);
     return 0;
 }
 
