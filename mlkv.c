@@ -5755,10 +5755,9 @@ static int cmd_sample(int argc, char **argv) {
     int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), sample_usage, &dir);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
-    if (!dir || (prompt && prompt_ids)) {
+    if (!dir || (prompt && prompt_ids))
         return usage_error(sample_usage, "sample: give DIR, and at most one of --prompt and --prompt-ids");
     if (stop && !*stop) return usage_error(sample_usage, "sample: --stop needs a non-empty string");
-    }
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads(threads);
 #endif

@@ -1969,6 +1969,9 @@ static void test_sample_stops(void) {
               mlkv_bin) == 0 && starts_with(output(), "the cat sat on the mat\rmat mat\n["), "greedy text: [%s]", output());
     CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat sat on the' -n 12 --temperature 0 --stop at "
               "2>/dev/null", mlkv_bin) == 0 && starts_with(output(), "the cat sat on the m\n["), "--stop: [%s]", output());
+    CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat' --stop ''", mlkv_bin) == 2 &&
+              strstr(output(), "--stop needs a non-empty string"),
+          "an empty --stop is refused: %s", output());
     CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1 --stop x", mlkv_bin) == 1 && strstr(output(), "--tokenizer"),
           "--stop needs a tokenizer, and the message says how to give one: %s", output());
 }
