@@ -5740,6 +5740,78 @@ static char *find_in_tail(char *s, size_t n, size_t tail, const char *needle, si
     return NULL;
 }
 
+/* `batch` continuations of one prompt, decoded together over a KV cache
+ * (a row per sample), each ending at n_new tokens, at eos or at the stop
+ * string. With a tokenizer each sample's text is kept, so that the stop
+ * string is found across token boundaries; one sample streams to stdout as
+ * it comes, holding back the bytes that might still begin the stop string
+ * (without a tokenizer it prints ids). */
+typedef struct {
+    int batch, n_new, vocab;     /* vocab: ids that may be drawn */
+    int eos;                     /* the id that ends a sample, or -1 */
+    const char *stop;            /* the string that ends a sample, or NULL */
+    const Tokenizer *tok;        /* NULL: no text */
+    SamplingConfig sc;
+    uint64_t seed;               /* sample b draws from seed + b * (golden ratio * 2^64) */
+    /* buffers of the caller: a batch of ids [batch * P], sampling scratch
+     * [vocab rows], generators [batch], and the results: tokens [batch][n_new]
+     * and their counts, text [batch][text_cap] and its lengths */
+    int *step;
+    Candidate *scratch;
+    uint64_t *rng;
+    int **tokens, *length;
+    char *text;
+    size_t *text_len, text_cap;
+    int steps;                   /* decoding steps taken */
+    double prefill_seconds, decode_seconds;
+} Samples;
+
+static int generate(Model *m, KVCache *cache, const int *prompt, int P, Samples *g) {
+    int batch = g->batch, running = batch, printed = 0, V = m->config.vocab_size;
+    size_t stop_len = g->stop ? strlen(g->stop) : 0;
+    Utf8Stream stream = {{0}, 0};
+    double t0 = now_seconds();
+    for (int b = 0; b < batch; b++) memcpy(g->step + (size_t)b * P, prompt, (size_t)P * sizeof(int));
+    const float *logits = model_cached_forward(m, cache, g->step, P); /* prefill */
+    if (!logits) return -1;
+    double t1 = now_seconds();
+    for (int b = 0; b < batch; b++) g->rng[b] = g->seed + 0x9E3779B97F4A7C15ull * (uint64_t)b;
+    int rc = 0;
+    for (g->steps = 0; rc == 0 && g->steps < g->n_new && running > 0; g->steps++) {
+        for (int b = 0; b < batch; b++) {
+            int id = sample_token(logits + (size_t)b * V, g->vocab, &g->sc, &g->rng[b], g->scratch), len;
+            g->step[b] = id;
+            if (g->length[b] < 0) continue; /* this sample has stopped; its row runs on unread */
+            if (id == g->eos) { g->length[b] = -g->length[b] - 1; running--; continue; }
+            g->tokens[b][g->length[b]++] = id;
+            const char *bytes = g->tok ? tokenizer_token(g->tok, id, &len) : NULL;
+            if (!bytes) {
+                if (batch == 1) { printf("%s%d", g->steps ? " " : "", id); fflush(stdout); }
+                continue;
+            }
+            char *t = g->text + (size_t)b * g->text_cap;
+            if (g->text_len[b] + (size_t)len < g->text_cap)
+                memcpy(t + g->text_len[b], bytes, (size_t)len), g->text_len[b] += (size_t)len;
+            char *found = g->stop ? find_in_tail(t, g->text_len[b], stop_len + (size_t)len - 1, g->stop, stop_len) : NULL;
+            if (found) { g->text_len[b] = (size_t)(found - t); g->length[b] = -g->length[b] - 1; running--; }
+            if (batch == 1) { /* stream what the stop string can no longer claim */
+                size_t n = g->text_len[b];
+                size_t safe = found || !g->stop ? n : n > stop_len - 1 ? n - (stop_len - 1) : 0;
+                if (safe > (size_t)printed) utf8_stream_write(&stream, t + printed, (int)(safe - (size_t)printed), stdout);
+                printed = (int)(safe > (size_t)printed ? safe : (size_t)printed);
+            }
+        }
+        if (g->steps + 1 < g->n_new && running > 0 && !(logits = model_cached_forward(m, cache, g->step, 1))) rc = -1;
+    }
+    g->prefill_seconds = t1 - t0;
+    g->decode_seconds = now_seconds() - t1;
+    for (int b = 0; b < batch; b++) g->length[b] = g->length[b] < 0 ? -g->length[b] - 1 : g->length[b];
+    if (rc == 0 && batch == 1 && g->tok && g->text_len[0] > (size_t)printed)
+        utf8_stream_write(&stream, g->text + printed, (int)(g->text_len[0] - (size_t)printed), stdout);
+    utf8_stream_flush(&stream, stdout);
+    return rc;
+}
+
 static int cmd_sample(int argc, char **argv) {
     const char *dir = NULL, *prompt = NULL, *prompt_ids = NULL, *tokenizer_path = NULL;
     const char *stop = NULL;
@@ -5764,8 +5836,7 @@ static int cmd_sample(int argc, char **argv) {
     Model m;
     Tokenizer tok;
     KVCache cache = {0};
-    int have_tokenizer = 0, P = 0, *prompt_tokens = NULL, *step = NULL, **generated = NULL;
-    Candidate *scratch = NULL;
+    int have_tokenizer = 0, P = 0, *prompt_tokens = NULL;
     if (model_load(&m, dir) != 0) return exit_code(-1);
     const Config *c = &m.config;
     have_tokenizer = tokenizer_load(&tok, tokenizer_path ? tokenizer_path : dir) == 0;
@@ -5784,78 +5855,42 @@ static int cmd_sample(int argc, char **argv) {
     if (rc == 0 && P + n_new > c->max_position_embeddings)
         rc = fail("%d prompt + %d new tokens exceed max_position_embeddings (%d)", P, n_new, c->max_position_embeddings);
     int chunk = P > 0 ? P : 1; /* the whole prompt in one pass */
+    /* Never an id the tokenizer lacks (Pythia pads its embedding to 50304
+     * rows for 50277 tokens) */
+    Samples g = {.batch = batch, .n_new = n_new, .sc = sc, .seed = seed, .stop = stop,
+                 .vocab = have_tokenizer && tok.n_ids < c->vocab_size ? tok.n_ids : c->vocab_size,
+                 .eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1, .tok = have_tokenizer ? &tok : NULL,
+                 .text_cap = (size_t)n_new * 16 + 16};
     if (rc == 0) rc = kv_cache_init(&cache, &m, batch, P + n_new, chunk, 0);
-    if (rc == 0 && (!(step = alloc_zeroed((size_t)batch * chunk, sizeof(int), "the batch")) ||
-                    !(scratch = alloc_zeroed((size_t)c->vocab_size, sizeof(Candidate), "sampling")) ||
-                    !(generated = alloc_zeroed((size_t)batch, sizeof(int *), "the samples"))))
+    if (rc == 0 && (!(g.step = alloc_zeroed((size_t)batch * chunk, sizeof(int), "the batch")) ||
+                    !(g.scratch = alloc_zeroed((size_t)c->vocab_size, sizeof(Candidate), "sampling")) ||
+                    !(g.rng = alloc_zeroed((size_t)batch, sizeof(uint64_t), "sampling")) ||
+                    !(g.tokens = alloc_zeroed((size_t)batch, sizeof(int *), "the samples")) ||
+                    !(g.length = alloc_zeroed((size_t)batch, sizeof(int), "the samples")) ||
+                    !(g.text_len = alloc_zeroed((size_t)batch, sizeof(size_t), "the samples")) ||
+                    (have_tokenizer && !(g.text = alloc_zeroed((size_t)batch * g.text_cap, 1, "the samples")))))
         rc = -1;
     for (int b = 0; rc == 0 && b < batch; b++)
-        if (!(generated[b] = alloc_zeroed((size_t)n_new, sizeof(int), "the samples"))) rc = -1;
-    /* Text is kept per sample so that --stop can be found across token
-     * boundaries; one sample streams, holding back the bytes that might still
-     * begin the stop string. Never an id the tokenizer lacks (Pythia pads its
-     * embedding to 50304 rows for 50277 tokens). */
-    int V = have_tokenizer && tok.n_ids < c->vocab_size ? tok.n_ids : c->vocab_size;
-    int eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1, running = batch, printed = 0;
-    size_t stop_len = stop ? strlen(stop) : 0, text_cap = (size_t)n_new * 16 + 16;
-    int *length = alloc_zeroed((size_t)batch, sizeof(int), "the samples");
-    char *text = have_tokenizer ? alloc_zeroed((size_t)batch * text_cap, 1, "the samples") : NULL;
-    size_t *text_len = alloc_zeroed((size_t)batch, sizeof(size_t), "the samples");
-    if (rc == 0 && (!length || !text_len || (have_tokenizer && !text))) rc = -1;
-    const float *logits = NULL;
-    double t0 = now_seconds();
-    for (int b = 0; rc == 0 && b < batch; b++) memcpy(step + (size_t)b * P, prompt_tokens, (size_t)P * sizeof(int));
-    if (rc == 0 && !(logits = model_cached_forward(&m, &cache, step, P))) rc = -1; /* prefill */
-    double t1 = now_seconds();
-    Utf8Stream stream = {{0}, 0};
-    uint64_t *rng = alloc_zeroed((size_t)batch, sizeof(uint64_t), "sampling");
-    if (rc == 0 && !rng) rc = -1;
-    for (int b = 0; rc == 0 && b < batch; b++) rng[b] = seed + 0x9E3779B97F4A7C15ull * (uint64_t)b;
+        if (!(g.tokens[b] = alloc_zeroed((size_t)n_new, sizeof(int), "the samples"))) rc = -1;
     if (rc == 0 && batch == 1 && have_tokenizer && prompt) { printf("%s", prompt); fflush(stdout); }
-    int steps = 0;
-    for (; rc == 0 && steps < n_new && running > 0; steps++) {
-        for (int b = 0; b < batch; b++) {
-            int id = sample_token(logits + (size_t)b * c->vocab_size, V, &sc, &rng[b], scratch), len;
-            step[b] = id;
-            if (length[b] < 0) continue; /* this sample has stopped; its row runs on unread */
-            if (id == eos) { length[b] = -length[b] - 1; running--; continue; }
-            generated[b][length[b]++] = id;
-            const char *bytes = have_tokenizer ? tokenizer_token(&tok, id, &len) : NULL;
-            if (!bytes) {
-                if (batch == 1) { printf("%s%d", steps ? " " : "", id); fflush(stdout); }
-                continue;
-            }
-            char *t = text + (size_t)b * text_cap;
-            if (text_len[b] + (size_t)len < text_cap) memcpy(t + text_len[b], bytes, (size_t)len), text_len[b] += (size_t)len;
-            char *found = stop ? find_in_tail(t, text_len[b], stop_len + (size_t)len - 1, stop, stop_len) : NULL;
-            if (found) { text_len[b] = (size_t)(found - t); length[b] = -length[b] - 1; running--; }
-            if (batch == 1) { /* stream what the stop string can no longer claim */
-                size_t safe = found || !stop ? text_len[b] : text_len[b] > stop_len - 1 ? text_len[b] - (stop_len - 1) : 0;
-                if (safe > (size_t)printed) utf8_stream_write(&stream, t + printed, (int)(safe - (size_t)printed), stdout);
-                printed = (int)(safe > (size_t)printed ? safe : (size_t)printed);
-            }
-        }
-        if (steps + 1 < n_new && running > 0 && !(logits = model_cached_forward(&m, &cache, step, 1))) rc = -1;
-    }
-    double t2 = now_seconds();
-    for (int b = 0; b < batch && length; b++) length[b] = length[b] < 0 ? -length[b] - 1 : length[b];
-    if (rc == 0 && batch == 1 && have_tokenizer && text_len[0] > (size_t)printed)
-        utf8_stream_write(&stream, text + printed, (int)(text_len[0] - (size_t)printed), stdout);
-    utf8_stream_flush(&stream, stdout);
+    if (rc == 0) rc = generate(&m, &cache, prompt_tokens, P, &g);
+    Utf8Stream stream = {{0}, 0};
     for (int b = 0; rc == 0 && batch > 1 && b < batch; b++) { /* several samples: each one whole */
         printf("--- sample %d\n", b);
-        if (have_tokenizer) utf8_stream_write(&stream, text + (size_t)b * text_cap, (int)text_len[b], stdout);
-        for (int i = 0; !have_tokenizer && i < length[b]; i++) printf("%s%d", i ? " " : "", generated[b][i]);
+        if (have_tokenizer) utf8_stream_write(&stream, g.text + (size_t)b * g.text_cap, (int)g.text_len[b], stdout);
+        for (int i = 0; !have_tokenizer && i < g.length[b]; i++) printf("%s%d", i ? " " : "", g.tokens[b][i]);
         utf8_stream_flush(&stream, stdout);
         printf("\n");
     }
     char cache_text[32];
     if (rc == 0)
         fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %s; %s]\n",
-                batch, P, batch * P / fmax(t1 - t0, 1e-9), batch, steps, batch * steps / fmax(t2 - t1, 1e-9),
+                batch, P, batch * P / fmax(g.prefill_seconds, 1e-9), batch, g.steps,
+                batch * g.steps / fmax(g.decode_seconds, 1e-9),
                 format_bytes(cache_text, sizeof(cache_text), (double)cache.cache_bytes), rotary_mode(c));
-    for (int b = 0; generated && b < batch; b++) free(generated[b]);
-    free(generated); free(rng); free(step); free(scratch); free(prompt_tokens); free(length); free(text); free(text_len);
+    for (int b = 0; g.tokens && b < batch; b++) free(g.tokens[b]);
+    free(g.tokens); free(g.rng); free(g.step); free(g.scratch); free(prompt_tokens); free(g.length); free(g.text);
+    free(g.text_len);
     kv_cache_free(&cache);
     if (have_tokenizer) tokenizer_free(&tok);
     model_free(&m);
