@@ -4641,14 +4641,116 @@ static void note_stop_signal(int sig) {
     signal(SIGTERM, SIG_DFL);
 }
 
+/* run_training's set-up: the data, the step plan (--steps, or --epochs /
+ * --max-tokens over the data) with its warmup, the activations, and on
+ * --resume the optimizer state and the data loader's place. A plan that
+ * cannot learn is refused with one that can. */
+static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenFile *val, DataLoader *loader,
+                            int *start_step) {
+    int epoch = 0;
+    size_t next = 0;
+    const Config *c = &model->config;
+    if (t->seq == 0) t->seq = default_seq_len(c);
+    if (tokens_load(train, t->train_path, c->vocab_size) != 0 ||
+        (t->val_path && tokens_load(val, t->val_path, c->vocab_size) != 0))
+        return -1;
+    if (t->val_path && val->n_tokens < (size_t)t->seq + 1) {
+        fail("%s: %zu tokens are fewer than one sequence of %d + 1", t->val_path, val->n_tokens, t->seq);
+        return -1;
+    }
+    if (loader_init(loader, train, t->batch, t->seq, t->seed, 1) != 0) {
+        char why[sizeof(error_message)];
+        snprintf(why, sizeof(why), "%s", mlkv_error());
+        fail("%s: %s", t->train_path, why);
+        return -1;
+    }
+    int planned = t->steps == 0; /* steps from the data: --epochs passes over it, or --max-tokens of it */
+    double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)loader->n_seqs;
+    if (t->max_tokens) seqs = floor((double)t->max_tokens / t->seq);
+    if (planned) t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
+    t->opt.total_steps = t->steps;
+    t->opt.warmup_steps = t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
+    if (model_prepare(model, t->batch, t->seq, 1) != 0) return -1;
+    model->freeze_embeddings = t->freeze_embeds;
+    /* A plan that cannot learn is refused with one that can: too few updates
+     * (the reference's 32 x 4 sequences per step need a large corpus), or a
+     * warmup that never reaches the peak learning rate (the first update
+     * always uses lr 0). */
+    if (!t->resume && planned && t->steps < MIN_PLANNED_STEPS) {
+        int accum = (int)floor(seqs / (MIN_PLANNED_STEPS * (double)t->batch));
+        fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d sequences: too few to learn. Try "
+             "%s%d, or --epochs %.0f, or give --steps", t->train_path, loader->n_seqs, t->seq, t->steps,
+             t->steps == 1 ? "" : "s", t->batch, t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
+             accum >= 1 ? accum : 1, ceil(MIN_PLANNED_STEPS * per_step / (double)loader->n_seqs));
+        return -1;
+    }
+    if (!t->resume && t->opt.warmup_steps >= t->steps) {
+        fail("warmup of %d step%s leaves none of the %d at the full learning rate (the first update uses lr 0): give "
+             "--warmup-steps below %d or more --steps", t->opt.warmup_steps, t->opt.warmup_steps == 1 ? "" : "s",
+             t->steps, t->steps);
+        return -1;
+    }
+    if (planned && !t->resume) {
+        double unused = seqs - (double)t->steps * per_step;
+        if (unused >= 1)
+            printf("train: %.0f of %.0f sequences are not used (less than a whole step of %.0f)\n", unused, seqs, per_step);
+    }
+    if (t->resume && optimizer_load(model, t->out_dir, t, train->n_tokens, start_step, &epoch, &next) != 0) return -1;
+    loader_seek(loader, epoch, next);
+    return 0;
+}
+
+/* What a run is about to do: precision, model, data and plan, threads. */
+static void print_training_plan(const TrainArgs *t, const Model *model, const TokenFile *train, const DataLoader *loader,
+                                int start_step, int amx) {
+    const Config *c = &model->config;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    if (t->precision == PRECISION_BF16)
+        printf("precision: bf16 matmul inputs, fp32 sums and weights (%s)\n",
+               amx ? "AMX tile kernel" : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
+    printf("model: %zu parameters, %d layer%s, %d head%s, K/V in %d layer%s x %d head%s (KV cache %ld bytes/token "
+           "fp32); %s\n", model->num_parameters, c->n_layer, plural(c->n_layer), c->n_head, plural(c->n_head),
+           c->n_kv_layer, plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head), kv_cache_bytes(c, 4),
+           rotary_mode(c));
+    printf("train: %zu tokens (%zu sequences of %d), %d step%s of %d x %d x %d = %zu tokens, warmup %d, %d thread%s\n",
+           train->n_tokens, loader->n_seqs, t->seq, t->steps, plural(t->steps), t->batch, t->grad_accum, t->seq,
+           (size_t)t->batch * t->seq * t->grad_accum, t->opt.warmup_steps, threads, plural(threads));
+    if (t->freeze_embeds) printf("train: the token embedding and the output head are frozen (--freeze-embeds)\n");
+    if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
+    if (t->verbose) model_print_memory(model);
+}
+
+/* One optimizer step in the log file (every step: step, loss, lr, gradient
+ * norm, tokens/s, validation loss or empty) and, when `printed`, on stdout. */
+static int log_step(FILE *log, const char *log_path, int printed, const TrainArgs *t, int step, float loss, double norm,
+                    double tokens_per_s, double eta_seconds, float val_loss) {
+    double lr = lr_at_step(&t->opt, step);
+    if (printed) {
+        char eta[32];
+        format_duration(eta, sizeof(eta), eta_seconds);
+        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", step + 1, t->steps, loss, lr, norm,
+               tokens_per_s, eta);
+        if (!isnan(val_loss)) printf(" | val %.4f", val_loss);
+        printf("\n");
+        fflush(stdout);
+    }
+    fprintf(log, "%d,%.9g,%.9g,%.9g,%.1f,", step + 1, loss, lr, norm, tokens_per_s);
+    if (!isnan(val_loss)) fprintf(log, "%.9g", val_loss);
+    fprintf(log, "\n");
+    if (fflush(log) != 0 || ferror(log)) return fail("%s: write error (%s)", log_path, strerror(errno));
+    return 0;
+}
+
 static int run_training(TrainArgs *t) {
     t->finished = 0;
     Model model;
     TokenFile train = {0}, val = {0};
     DataLoader loader = {0};
     FILE *log = NULL;
-    int *batch_tokens = NULL, rc = -1, start_step = 0, epoch = 0, timed_out = 0; /* timed_out: stopped early */
-    size_t next = 0;
+    int *batch_tokens = NULL, rc = -1, start_step = 0, timed_out = 0; /* timed_out: stopped early */
     char log_path[PATH_LEN], lock_path[PATH_LEN];
 #ifdef _OPENMP
     if (t->threads > 0) omp_set_num_threads(t->threads);
@@ -4670,76 +4772,13 @@ static int run_training(TrainArgs *t) {
         unlink(lock_path);
         return exit_code(-1);
     }
-    const Config *c = &model.config;
-    if (t->seq == 0) t->seq = default_seq_len(c);
-    if (tokens_load(&train, t->train_path, c->vocab_size) != 0 ||
-        (t->val_path && tokens_load(&val, t->val_path, c->vocab_size) != 0))
-        goto done;
-    if (t->val_path && val.n_tokens < (size_t)t->seq + 1) {
-        fail("%s: %zu tokens are fewer than one sequence of %d + 1", t->val_path, val.n_tokens, t->seq);
-        goto done;
-    }
-    if (loader_init(&loader, &train, t->batch, t->seq, t->seed, 1) != 0) {
-        char why[sizeof(error_message)];
-        snprintf(why, sizeof(why), "%s", mlkv_error());
-        fail("%s: %s", t->train_path, why);
-        goto done;
-    }
-    int planned = t->steps == 0; /* steps from the data: --epochs passes over it, or --max-tokens of it */
-    double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)loader.n_seqs;
-    if (t->max_tokens) seqs = floor((double)t->max_tokens / t->seq);
-    if (planned) t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
-    t->opt.total_steps = t->steps;
-    t->opt.warmup_steps = t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
-    if (model_prepare(&model, t->batch, t->seq, 1) != 0) goto done;
-    model.freeze_embeddings = t->freeze_embeds;
-    /* A plan that cannot learn is refused with one that can: too few updates
-     * (the reference's 32 x 4 sequences per step need a large corpus), or a
-     * warmup that never reaches the peak learning rate (the first update
-     * always uses lr 0). */
-    if (!t->resume && planned && t->steps < MIN_PLANNED_STEPS) {
-        int accum = (int)floor(seqs / (MIN_PLANNED_STEPS * (double)t->batch));
-        fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d sequences: too few to learn. Try "
-             "%s%d, or --epochs %.0f, or give --steps", t->train_path, loader.n_seqs, t->seq, t->steps,
-             t->steps == 1 ? "" : "s", t->batch, t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
-             accum >= 1 ? accum : 1, ceil(MIN_PLANNED_STEPS * per_step / (double)loader.n_seqs));
-        goto done;
-    }
-    if (!t->resume && t->opt.warmup_steps >= t->steps) {
-        fail("warmup of %d step%s leaves none of the %d at the full learning rate (the first update uses lr 0): give "
-             "--warmup-steps below %d or more --steps", t->opt.warmup_steps, t->opt.warmup_steps == 1 ? "" : "s",
-             t->steps, t->steps);
-        goto done;
-    }
-    if (planned && !t->resume) {
-        double unused = seqs - (double)t->steps * per_step;
-        if (unused >= 1)
-            printf("train: %.0f of %.0f sequences are not used (less than a whole step of %.0f)\n", unused, seqs, per_step);
-    }
-    if (t->resume && optimizer_load(&model, t->out_dir, t, train.n_tokens, &start_step, &epoch, &next) != 0) goto done;
-    loader_seek(&loader, epoch, next);
+    if (training_prepare(t, &model, &train, &val, &loader, &start_step) != 0) goto done;
     batch_tokens = alloc_zeroed((size_t)t->grad_accum * t->batch * (t->seq + 1), sizeof(int), "the batch");
     if (!batch_tokens || !(log = open_log(log_path, start_step))) goto done;
 
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
     int amx = gemm_set_precision((Precision)t->precision, 1);
-    if (t->precision == PRECISION_BF16)
-        printf("precision: bf16 matmul inputs, fp32 sums and weights (%s)\n",
-               amx ? "AMX tile kernel" : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
     size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
-    printf("model: %zu parameters, %d layer%s, %d head%s, K/V in %d layer%s x %d head%s (KV cache %ld bytes/token "
-           "fp32); %s\n", model.num_parameters, c->n_layer, plural(c->n_layer), c->n_head, plural(c->n_head),
-           c->n_kv_layer, plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head), kv_cache_bytes(c, 4),
-           rotary_mode(c));
-    printf("train: %zu tokens (%zu sequences of %d), %d step%s of %d x %d x %d = %zu tokens, warmup %d, %d thread%s\n",
-           train.n_tokens, loader.n_seqs, t->seq, t->steps, plural(t->steps), t->batch, t->grad_accum, t->seq,
-           tokens_per_step, t->opt.warmup_steps, threads, plural(threads));
-    if (t->freeze_embeds) printf("train: the token embedding and the output head are frozen (--freeze-embeds)\n");
-    if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
-    if (t->verbose) model_print_memory(&model);
+    print_training_plan(t, &model, &train, &loader, start_step, amx);
 
     int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step ? start_step + t->stop_after : t->steps;
     double t_start = now_seconds();
@@ -4764,22 +4803,9 @@ static int run_training(TrainArgs *t) {
         int is_last = done_steps == last_step || timed_out;
         if (val.tokens && ((t->eval_every > 0 && done_steps % t->eval_every == 0) || is_last))
             val_loss = evaluate(&model, &val, t->val_batches);
-        char eta[32];
-        format_duration(eta, sizeof(eta), elapsed / (done_steps - start_step) * (last_step - done_steps));
-        if (done_steps % t->log_every == 0 || is_last || !isnan(val_loss) || step == start_step) {
-            printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", done_steps, t->steps, loss,
-                   lr_at_step(&t->opt, step), norm, tokens_per_step / dt, eta);
-            if (!isnan(val_loss)) printf(" | val %.4f", val_loss);
-            printf("\n");
-            fflush(stdout);
-        }
-        fprintf(log, "%d,%.9g,%.9g,%.9g,%.1f,", done_steps, loss, lr_at_step(&t->opt, step), norm, tokens_per_step / dt);
-        if (!isnan(val_loss)) fprintf(log, "%.9g", val_loss);
-        fprintf(log, "\n");
-        if (fflush(log) != 0 || ferror(log)) {
-            fail("%s: write error (%s)", log_path, strerror(errno));
-            goto done;
-        }
+        double eta = elapsed / (done_steps - start_step) * (last_step - done_steps);
+        int printed = done_steps % t->log_every == 0 || is_last || !isnan(val_loss) || step == start_step;
+        if (log_step(log, log_path, printed, t, step, loss, norm, tokens_per_step / dt, eta, val_loss) != 0) goto done;
         if ((t->save_every > 0 && done_steps % t->save_every == 0) || is_last) {
             StrBuf meta = {0};
             optimizer_metadata(&meta, t, done_steps, &loader, train.n_tokens);
