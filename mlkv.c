@@ -2676,37 +2676,33 @@ static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, siz
     }
     /* whole blocks of 32 x 32, seen as 32-bit words: two neighbours in k
      * (little-endian: the lower k in the low half). A's block is a_words[r][k/2],
-     * B's is b_words[k/2][r]. Each loop reads and writes contiguous memory,
-     * but for the turns between the two layouts, which stay in L1. Per
+     * B's is b_words[k/2][r]. x is read along its contiguous side into the
+     * layout that side gives, and turned (in L1) when the panel wants the
+     * other: every loop reads and writes contiguous memory but the turns. Per
      * element, packing 32 x 768 from rows 768 floats apart on this project's
      * AVX-512 machine: 0.26-0.45 ns, where loops that wrote one bf16 number at
      * a time to places 64 bytes apart took 0.9-2.0 (W^T one number at a time,
      * unvectorized); the forward products 1.2-1.9 times as fast, the weight
      * gradients 1.1-1.5 (dev/ab.sh HEAD GEMM 8 256 7 bf16 bf16). */
     for (int k0 = 0; k0 < kc; k0 += 32) {
-        uint16_t *block = dst + (size_t)k0 * BF16_TILE;
         const float *xk = x + k0 * k_stride;
         uint32_t a_words[BF16_TILE * 16], b_words[16 * BF16_TILE];
-        if (!is_b && k_stride == 1) { /* A, rows of x along k: rows of the block */
-            for (int r = 0; r < BF16_TILE; r++)
-                for (int k = 0; k < 32; k++) block[r * 32 + k] = bf16_from_float(xk[r * r_stride + k]);
-        } else if (k_stride == 1) { /* B = W^T: pairs along each row of x, then turned to B's layout */
+        if (k_stride == 1) /* rows of x along k: pairs along each row, A's layout */
             for (int r = 0; r < BF16_TILE; r++)
                 for (int kk = 0; kk < 16; kk++)
                     a_words[r * 16 + kk] = bf16_pair(xk[r * r_stride + 2 * kk], xk[r * r_stride + 2 * kk + 1]);
-            for (int kk = 0; kk < 16; kk++)
-                for (int r = 0; r < BF16_TILE; r++) b_words[kk * 32 + r] = a_words[r * 16 + kk];
-            memcpy(block, b_words, sizeof(b_words));
-        } else { /* rows k and k+1 of x, interleaved: B's layout; A (from columns of x) turns it */
+        else /* rows k and k+1 of x interleaved, B's layout */
             for (int kk = 0; kk < 16; kk++)
                 for (int r = 0; r < BF16_TILE; r++)
                     b_words[kk * 32 + r] =
                         bf16_pair(xk[2 * kk * k_stride + r * r_stride], xk[(2 * kk + 1) * k_stride + r * r_stride]);
-            if (!is_b)
-                for (int r = 0; r < BF16_TILE; r++)
-                    for (int kk = 0; kk < 16; kk++) a_words[r * 16 + kk] = b_words[kk * 32 + r];
-            memcpy(block, is_b ? b_words : a_words, sizeof(b_words));
-        }
+        if (is_b && k_stride == 1) /* B = W^T: turned to B's layout */
+            for (int kk = 0; kk < 16; kk++)
+                for (int r = 0; r < BF16_TILE; r++) b_words[kk * 32 + r] = a_words[r * 16 + kk];
+        else if (!is_b && k_stride != 1) /* A from columns of x: turned to A's */
+            for (int r = 0; r < BF16_TILE; r++)
+                for (int kk = 0; kk < 16; kk++) a_words[r * 16 + kk] = b_words[kk * 32 + r];
+        memcpy(dst + (size_t)k0 * BF16_TILE, is_b ? b_words : a_words, sizeof(b_words));
     }
 }
 
@@ -4309,7 +4305,7 @@ static int pool_kv_layers(const Model *mha, Model *out, const ConvertOptions *o)
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, L = c->n_layer, kvd = kvH * hs;
     size_t wsize = (size_t)kvd * C, n = wsize + kvd; /* one layer's pooled K (or V): weights, then bias */
     float *pooled = alloc_zeroed((size_t)L * 2 * n, sizeof(float), "pooled K/V");
-    float *sums = alloc_zeroed(2 * n, sizeof(float), "pooled K/V");
+    float *sums = alloc_zeroed(n, sizeof(float), "pooled K/V");
     if (!pooled || !sums) { free(pooled); free(sums); return -1; }
     for (int l = 0; l < L; l++)
         for (int kv = 0; kv < 2; kv++) { /* 0 key, 1 value */
@@ -4702,7 +4698,7 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
 
 /* What a run is about to do: precision, model, data and plan, threads. */
 static void print_training_plan(const TrainArgs *t, const Model *model, const TokenFile *train, const DataLoader *loader,
-                                int start_step, int amx) {
+                                int start_step, size_t tokens_per_step, int amx) {
     const Config *c = &model->config;
     int threads = 1;
 #ifdef _OPENMP
@@ -4717,7 +4713,7 @@ static void print_training_plan(const TrainArgs *t, const Model *model, const To
            rotary_mode(c));
     printf("train: %zu tokens (%zu sequences of %d), %d step%s of %d x %d x %d = %zu tokens, warmup %d, %d thread%s\n",
            train->n_tokens, loader->n_seqs, t->seq, t->steps, plural(t->steps), t->batch, t->grad_accum, t->seq,
-           (size_t)t->batch * t->seq * t->grad_accum, t->opt.warmup_steps, threads, plural(threads));
+           tokens_per_step, t->opt.warmup_steps, threads, plural(threads));
     if (t->freeze_embeds) printf("train: the token embedding and the output head are frozen (--freeze-embeds)\n");
     if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
     if (t->verbose) model_print_memory(model);
@@ -4778,7 +4774,7 @@ static int run_training(TrainArgs *t) {
 
     int amx = gemm_set_precision((Precision)t->precision, 1);
     size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
-    print_training_plan(t, &model, &train, &loader, start_step, amx);
+    print_training_plan(t, &model, &train, &loader, start_step, tokens_per_step, amx);
 
     int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step ? start_step + t->stop_after : t->steps;
     double t_start = now_seconds();

@@ -53,16 +53,21 @@ static char tmp_dir[256];
 static char fixture_names[MAX_FIXTURES][64];
 static size_t n_fixtures;
 
+static int exists(const char *fmt, const char *a) {
+    char path[600];
+    struct stat st;
+    snprintf(path, sizeof(path), fmt, a);
+    return stat(path, &st) == 0;
+}
+
 static int by_name(const void *a, const void *b) { return strcmp((const char *)a, (const char *)b); }
 
 static void find_fixtures(void) {
     DIR *dir = opendir("dev/fixtures");
-    for (struct dirent *e; dir && (e = readdir(dir)) != NULL && n_fixtures < MAX_FIXTURES;) {
-        char path[400];
-        snprintf(path, sizeof(path), "dev/fixtures/%s/ref.safetensors", e->d_name);
-        if (e->d_name[0] != '.' && strlen(e->d_name) < sizeof(fixture_names[0]) && access(path, R_OK) == 0)
+    for (struct dirent *e; dir && (e = readdir(dir)) != NULL && n_fixtures < MAX_FIXTURES;)
+        if (e->d_name[0] != '.' && strlen(e->d_name) < sizeof(fixture_names[0]) &&
+            exists("dev/fixtures/%s/ref.safetensors", e->d_name))
             strcpy(fixture_names[n_fixtures++], e->d_name);
-    }
     if (dir) closedir(dir);
     qsort(fixture_names, n_fixtures, sizeof(fixture_names[0]), by_name);
 }
@@ -767,13 +772,6 @@ static void test_resume(void) {
           strstr(output(), "metadata step \"9\", epoch") && strstr(output(), "are not a position in this run of 6 steps"),
           "a step past the run: %s", output());
     free(opt);
-}
-
-static int exists(const char *fmt, const char *a) {
-    char path[600];
-    struct stat st;
-    snprintf(path, sizeof(path), fmt, a);
-    return stat(path, &st) == 0;
 }
 
 static void write_text(const char *path, const char *text) {
