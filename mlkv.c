@@ -1,24 +1,6 @@
 /*
  * mlkv.c - Multi-Layer Key-Value sharing (MLKV) on GPT-NeoX (Pythia), trained
- * on the CPU in plain C. Read it top to bottom:
- *
- *   1. utilities: errors, memory, files, random numbers
- *   2. JSON
- *   3. the model configuration and the MLKV owning-layer placement
- *   4. the parameter table
- *   5. safetensors and checkpoints
- *   6. token files and the data loader
- *   7. the tokenizer (tokenizer.json): decoding, and encoding of ASCII text
- *   8. kernels: the GEMM (fp32, and bf16 inputs on AMX tiles), then
- *      *_forward / *_backward pairs: matmul, layernorm, gelu, rotary, MLKV
- *      attention, cross-entropy
- *   9. the model: forward and backward
- *  10. generation: prefill and decoding with a KV cache of the owning layers
- *  11. AdamW, gradient clipping, the learning-rate schedule
- *  12. the converter: MHA Pythia to GQA / MQA / MLKV
- *  13. the training loop
- *  14. the built-in demo corpus
- *  15. the command line
+ * on the CPU in plain C.
  *
  * MLKV in one paragraph: in standard attention every layer projects its own
  * keys and values (MHA). GQA lets groups of query heads share one K/V head;
@@ -33,6 +15,38 @@
  * Efficient Transformer Decoding", Findings of NAACL 2025 (arXiv:2406.09297);
  * its code for Pythia, which this file follows where it says "the reference",
  * is github.com/zaydzuhri/pythia-mlkv.
+ *
+ * Where each MLKV mechanism lives:
+ *   - which layers own K/V, and whose K/V each layer reads:
+ *     kv_owner_layers and config_finalize (kv_layer_of[l], kv_slot_of[l]), 2
+ *   - a non-owner has no K/V parameters: build_param_table, 3
+ *   - query heads sharing a K/V head (GQA / MQA): attention_forward, 4
+ *   - a layer reading its owner's K/V: layer_acts and forward_layers, 5
+ *   - readers' K/V gradients summed into the owner: model_forward_backward, 5
+ *   - a KV cache of the owners only: kv_cache_specs, model_cached_forward, 6
+ *   - an MHA Pythia turned into GQA / MQA / MLKV: pool_kv_layers, 8
+ *
+ * Part I, the model (read it top to bottom):
+ *   1. utilities: errors, memory, files, random numbers
+ *   2. the model configuration and the MLKV owning-layer placement
+ *   3. the parameter table
+ *   4. kernels: the GEMM (fp32, and bf16 inputs on AMX tiles), then
+ *      *_forward / *_backward pairs: matmul, layernorm, gelu, rotary, MLKV
+ *      attention, cross-entropy; and their naive references
+ *   5. the model: forward and backward
+ *   6. generation: prefill and decoding with a KV cache of the owning layers
+ *   7. AdamW, gradient clipping, the learning-rate schedule
+ *   8. the converter: MHA Pythia to GQA / MQA / MLKV
+ * Part II, the machinery (a reader learning MLKV can skip it):
+ *   9. the training loop
+ *  10. evaluation: loss of a token file, zero-shot tasks
+ *  11. config.json
+ *  12. safetensors, PyTorch checkpoints and mlkv's checkpoints
+ *  13. token files and the data loader
+ *  14. JSON
+ *  15. the tokenizer (tokenizer.json): decoding, and encoding of ASCII text
+ *  16. the built-in demo corpus
+ *  17. the command line
  */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE /* syscall(), for the AMX permission request */
@@ -306,281 +320,7 @@ static double rng_normal(uint64_t *state) {
 }
 
 /* ===========================================================================
- * 2. JSON: a small recursive-descent parser into a tree, enough for
- *    config.json, safetensors headers and tokenizer.json.
- * ======================================================================== */
-
-typedef struct { const char *start, *p, *end, *what; int depth; } JsonParser;
-
-static int json_syntax(JsonParser *ps, const char *msg) {
-    return fail("%s: invalid JSON at byte %ld: %s", ps->what, (long)(ps->p - ps->start), msg);
-}
-
-static void json_skip_space(JsonParser *ps) {
-    while (ps->p < ps->end && (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\n' || *ps->p == '\r')) ps->p++;
-}
-
-static int hex_digit(char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
-static int json_hex4(JsonParser *ps, const char *s, unsigned *out) {
-    if (ps->end - s < 4) return json_syntax(ps, "short \\u escape");
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        int h = hex_digit(s[i]);
-        if (h < 0) return json_syntax(ps, "bad \\u escape");
-        v = v * 16 + (unsigned)h;
-    }
-    *out = v;
-    return 0;
-}
-
-static size_t utf8_encode(unsigned cp, char *out) {
-    if (cp < 0x80) { out[0] = (char)cp; return 1; }
-    if (cp < 0x800) { out[0] = (char)(0xC0 | (cp >> 6)); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
-    if (cp < 0x10000) {
-        out[0] = (char)(0xE0 | (cp >> 12)); out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        out[2] = (char)(0x80 | (cp & 0x3F)); return 3;
-    }
-    out[0] = (char)(0xF0 | (cp >> 18)); out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
-}
-
-/* Parses a string at ps->p (just after the opening quote). Escapes only
- * shrink text, so the raw span bounds the decoded size. */
-static int json_string(JsonParser *ps, char **out, size_t *out_len) {
-    const char *s = ps->p;
-    const char *q = s;
-    while (q < ps->end && *q != '"') q += (*q == '\\') ? 2 : 1;
-    if (q >= ps->end) return json_syntax(ps, "unterminated string");
-    char *buf = malloc((size_t)(q - s) + 1);
-    if (!buf) return fail("%s: out of memory parsing JSON", ps->what);
-    size_t n = 0;
-    while (s < q) {
-        unsigned char c = (unsigned char)*s;
-        if (c < 0x20) { free(buf); ps->p = s; return json_syntax(ps, "control character in string"); }
-        if (c != '\\') { buf[n++] = (char)c; s++; continue; }
-        char e = s[1];
-        s += 2;
-        switch (e) {
-        case '"': buf[n++] = '"'; break;
-        case '\\': buf[n++] = '\\'; break;
-        case '/': buf[n++] = '/'; break;
-        case 'b': buf[n++] = '\b'; break;
-        case 'f': buf[n++] = '\f'; break;
-        case 'n': buf[n++] = '\n'; break;
-        case 'r': buf[n++] = '\r'; break;
-        case 't': buf[n++] = '\t'; break;
-        case 'u': {
-            unsigned cp, lo;
-            ps->p = s;
-            if (json_hex4(ps, s, &cp) != 0) { free(buf); return -1; }
-            s += 4;
-            if (cp >= 0xD800 && cp < 0xDC00 && q - s >= 6 && s[0] == '\\' && s[1] == 'u' &&
-                json_hex4(ps, s + 2, &lo) == 0 && lo >= 0xDC00 && lo < 0xE000) {
-                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                s += 6;
-            } else if (cp >= 0xD800 && cp < 0xE000) {
-                cp = 0xFFFD; /* a lone surrogate has no UTF-8 form */
-            }
-            n += utf8_encode(cp, buf + n);
-            break;
-        }
-        default: free(buf); ps->p = s - 1; return json_syntax(ps, "bad escape");
-        }
-    }
-    buf[n] = '\0';
-    ps->p = q + 1;
-    *out = buf;
-    *out_len = n;
-    return 0;
-}
-
-static int json_value(JsonParser *ps, Json *out);
-
-static int json_push(JsonParser *ps, Json *container, size_t *cap, char *key) {
-    if (container->length == *cap) {
-        size_t ncap = *cap ? *cap * 2 : 4;
-        Json *items = realloc(container->items, ncap * sizeof(Json));
-        if (!items) { free(key); return fail("%s: out of memory parsing JSON", ps->what); }
-        container->items = items;
-        if (container->type == JSON_OBJECT) {
-            char **keys = realloc(container->keys, ncap * sizeof(char *));
-            if (!keys) { free(key); return fail("%s: out of memory parsing JSON", ps->what); }
-            container->keys = keys;
-        }
-        *cap = ncap;
-    }
-    Json *slot = &container->items[container->length];
-    memset(slot, 0, sizeof(*slot));
-    if (container->type == JSON_OBJECT) container->keys[container->length] = key;
-    container->length++;
-    return json_value(ps, slot);
-}
-
-/* An object's keys must differ: JSON leaves duplicates undefined (Python keeps
- * the last, other readers the first), so a file that has them means two
- * things and is refused. Sorted copies of the key pointers, neighbours compared. */
-static int json_unique_keys(JsonParser *ps, const Json *object) {
-    if (object->type != JSON_OBJECT || object->length < 2) return 0;
-    char **keys = malloc(object->length * sizeof(char *));
-    if (!keys) return fail("%s: out of memory", ps->what);
-    memcpy(keys, object->keys, object->length * sizeof(char *));
-    qsort(keys, object->length, sizeof(char *), string_order);
-    int rc = 0;
-    for (size_t i = 1; rc == 0 && i < object->length; i++)
-        if (strcmp(keys[i - 1], keys[i]) == 0) rc = fail("%s: the key \"%s\" appears twice", ps->what, printable(keys[i]));
-    free(keys);
-    return rc;
-}
-
-static int json_container(JsonParser *ps, Json *out, char close) {
-    size_t cap = 0;
-    out->type = close == '}' ? JSON_OBJECT : JSON_ARRAY;
-    if (++ps->depth > 64) return json_syntax(ps, "nested too deeply");
-    json_skip_space(ps);
-    if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return 0; }
-    for (;;) {
-        char *key = NULL;
-        json_skip_space(ps);
-        if (close == '}') {
-            size_t klen;
-            if (ps->p >= ps->end || *ps->p != '"') return json_syntax(ps, "expected a key");
-            ps->p++;
-            if (json_string(ps, &key, &klen) != 0) return -1;
-            json_skip_space(ps);
-            if (ps->p >= ps->end || *ps->p != ':') { free(key); return json_syntax(ps, "expected ':'"); }
-            ps->p++;
-        }
-        if (json_push(ps, out, &cap, key) != 0) return -1;
-        json_skip_space(ps);
-        if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
-        if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return json_unique_keys(ps, out); }
-        return json_syntax(ps, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
-    }
-}
-
-static int json_value(JsonParser *ps, Json *out) {
-    json_skip_space(ps);
-    if (ps->p >= ps->end) return json_syntax(ps, "unexpected end");
-    char c = *ps->p;
-    if (c == '{' || c == '[') { ps->p++; return json_container(ps, out, c == '{' ? '}' : ']'); }
-    if (c == '"') { ps->p++; out->type = JSON_STRING; return json_string(ps, &out->string, &out->length); }
-    static const struct { const char *word; JsonType type; double value; } words[] = {
-        {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0}};
-    for (int i = 0; i < 3; i++) {
-        size_t n = strlen(words[i].word);
-        if ((size_t)(ps->end - ps->p) >= n && memcmp(ps->p, words[i].word, n) == 0) {
-            out->type = words[i].type;
-            out->number = words[i].value;
-            ps->p += n;
-            return 0;
-        }
-    }
-    char num[64];
-    size_t n = 0;
-    while (ps->p + n < ps->end && n < sizeof(num) - 1 && strchr("+-0123456789.eE", ps->p[n])) {
-        num[n] = ps->p[n];
-        n++;
-    }
-    num[n] = '\0';
-    char *endp;
-    double v = n ? strtod(num, &endp) : 0;
-    if (n == 0 || *endp != '\0') return json_syntax(ps, "unexpected character");
-    if (!isfinite(v)) return json_syntax(ps, "a number out of range"); /* 1e400: written back it would be inf, not JSON */
-    out->type = JSON_NUMBER;
-    out->number = v;
-    ps->p += n;
-    return 0;
-}
-
-void json_free(Json *j) {
-    if (!j) return;
-    for (size_t i = 0; i < j->length && (j->type == JSON_ARRAY || j->type == JSON_OBJECT); i++) {
-        json_free(&j->items[i]);
-        if (j->type == JSON_OBJECT) free(j->keys[i]);
-    }
-    if (j->type == JSON_ARRAY || j->type == JSON_OBJECT) { free(j->items); free(j->keys); }
-    free(j->string);
-    memset(j, 0, sizeof(*j));
-}
-
-int json_parse(const char *text, size_t len, const char *what, Json *out) {
-    JsonParser ps = {text, text, text + len, what, 0};
-    memset(out, 0, sizeof(*out));
-    if (json_value(&ps, out) != 0) { json_free(out); return -1; }
-    json_skip_space(&ps);
-    if (ps.p != ps.end) { json_free(out); return json_syntax(&ps, "trailing characters"); }
-    return 0;
-}
-
-const Json *json_get(const Json *object, const char *key) {
-    if (!object || object->type != JSON_OBJECT) return NULL;
-    for (size_t i = 0; i < object->length; i++)
-        if (strcmp(object->keys[i], key) == 0) return &object->items[i];
-    return NULL;
-}
-
-static int json_load_file(const char *path, Json *out) {
-    char *text;
-    size_t len;
-    if (read_file(path, &text, &len) != 0) return -1;
-    int rc = json_parse(text, len, path, out);
-    free(text);
-    return rc;
-}
-
-static int json_is_count(const Json *v) { /* a non-negative integer */
-    return v && v->type == JSON_NUMBER && v->number >= 0 && v->number == floor(v->number) && v->number < 9e15;
-}
-
-/* The shortest decimal that reads back as the same double (0.1, not 0.1000000000000000055). */
-static void sb_number(StrBuf *b, double x) {
-    char text[32];
-    if (x == floor(x) && fabs(x) < 1e15) { sb_printf(b, "%.0f", x); return; }
-    for (int digits = 1; digits <= 17; digits++) {
-        snprintf(text, sizeof(text), "%.*g", digits, x);
-        if (strtod(text, NULL) == x) break;
-    }
-    sb_printf(b, "%s", text);
-}
-
-static void json_write_string(StrBuf *b, const char *s) {
-    sb_printf(b, "\"");
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\') sb_printf(b, "\\%c", *p);
-        else if (*p < 0x20) sb_printf(b, "\\u%04x", *p);
-        else sb_printf(b, "%c", *p);
-    }
-    sb_printf(b, "\"");
-}
-
-static void json_write(StrBuf *b, const Json *j) {
-    switch (j->type) {
-    case JSON_NULL: sb_printf(b, "null"); break;
-    case JSON_BOOL: sb_printf(b, j->number ? "true" : "false"); break;
-    case JSON_NUMBER: sb_number(b, j->number); break;
-    case JSON_STRING: json_write_string(b, j->string); break;
-    case JSON_ARRAY:
-    case JSON_OBJECT:
-        sb_printf(b, j->type == JSON_ARRAY ? "[" : "{");
-        for (size_t i = 0; i < j->length; i++) {
-            if (i) sb_printf(b, ", ");
-            if (j->type == JSON_OBJECT) { json_write_string(b, j->keys[i]); sb_printf(b, ": "); }
-            json_write(b, &j->items[i]);
-        }
-        sb_printf(b, j->type == JSON_ARRAY ? "]" : "}");
-        break;
-    }
-}
-
-/* ===========================================================================
- * 3. Configuration and the MLKV owning-layer placement
+ * 2. Configuration and the MLKV owning-layer placement
  * ======================================================================== */
 
 void kv_owner_layers(int n_layer, int n_kv_layer, int *owners) {
@@ -667,173 +407,8 @@ static int is_mha(const Config *c) {
     return c->n_kv_head == c->n_head && c->n_kv_layer == c->n_layer && !c->use_kv_mlp;
 }
 
-/* A number field: absent -> fallback (or an error when required). */
-static int config_number(const Json *j, const char *key, double fallback, int required,
-                         const char *path, double *out) {
-    const Json *v = json_get(j, key);
-    if (!v || v->type == JSON_NULL) {
-        if (required) return fail("%s: missing \"%s\"", path, key);
-        *out = fallback;
-        return 0;
-    }
-    if (v->type != JSON_NUMBER && v->type != JSON_BOOL) return fail("%s: \"%s\" must be a number", path, key);
-    *out = v->number;
-    return 0;
-}
-
-static int config_int(const Json *j, const char *key, int fallback, int required, const char *path, int *out) {
-    double v = 0;
-    if (config_number(j, key, fallback, required, path, &v) != 0) return -1;
-    if (v != floor(v) || v < -2147483647.0 || v > 2147483647.0)
-        return fail("%s: \"%s\" = %g must be an integer", path, key, v);
-    *out = (int)v;
-    return 0;
-}
-
-/* transformers 5 renames rotary_pct / rotary_emb_base and nests them in
- * rope_parameters; accept every spelling. */
-static int config_rope(const Json *j, const char *const *keys, double fallback, const char *path, double *out) {
-    const Json *nested = json_get(j, "rope_parameters");
-    for (int i = 0; keys[i]; i++) {
-        if (json_get(j, keys[i])) return config_number(j, keys[i], fallback, 1, path, out);
-        if (json_get(nested, keys[i])) return config_number(nested, keys[i], fallback, 1, path, out);
-    }
-    *out = fallback;
-    return 0;
-}
-
-static int config_string_is(const Json *j, const char *key, const char *expected) {
-    const Json *v = json_get(j, key);
-    return !v || (v->type == JSON_STRING && strcmp(v->string, expected) == 0);
-}
-
-/* The keys mlkv reads and writes itself; config_save writes every other key
- * of the input config back unchanged. */
-static const char *const managed_config_keys[] = {
-    "architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "num_key_value_layers", "intermediate_size", "hidden_act", "rotary_pct",
-    "rotary_emb_base", "partial_rotary_factor", "rope_theta", "rope_parameters", "rope_scaling", "layer_norm_eps",
-    "initializer_range", "max_position_embeddings", "use_parallel_residual", "mlkv_shared_key_rotary",
-    "tie_word_embeddings", "use_key_value_mlp", "kv_intermediate_size", "mlkv_kv_layer_map", "torch_dtype",
-    "dtype", "attention_bias", NULL};
-
-static char *config_extra_members(const Json *j) {
-    StrBuf b = {0};
-    sb_printf(&b, "%s", "");
-    for (size_t i = 0; i < j->length; i++) {
-        int managed = 0;
-        for (int k = 0; managed_config_keys[k] && !managed; k++) managed = !strcmp(j->keys[i], managed_config_keys[k]);
-        if (managed) continue;
-        sb_printf(&b, "  ");
-        json_write_string(&b, j->keys[i]);
-        sb_printf(&b, ": ");
-        json_write(&b, &j->items[i]);
-        sb_printf(&b, ",\n");
-    }
-    return b.s;
-}
-
-static int config_from_json(Config *c, const Json *j, const char *path) {
-    static const char *const pct_keys[] = {"rotary_pct", "partial_rotary_factor", NULL};
-    static const char *const base_keys[] = {"rotary_emb_base", "rope_theta", NULL};
-    memset(c, 0, sizeof(*c));
-    if (j->type != JSON_OBJECT) return fail("%s: not a JSON object", path);
-    if (!json_get(j, "model_type") || !config_string_is(j, "model_type", "gpt_neox"))
-        return fail("%s: not a GPT-NeoX config (model_type must be \"gpt_neox\")", path);
-    if (!config_string_is(j, "hidden_act", "gelu")) return fail("%s: hidden_act must be \"gelu\"", path);
-    const Json *map = json_get(j, "mlkv_kv_layer_map");
-    if (config_int(j, "vocab_size", 0, 1, path, &c->vocab_size) || config_int(j, "hidden_size", 0, 1, path, &c->hidden_size) ||
-        config_int(j, "num_hidden_layers", 0, 1, path, &c->n_layer) ||
-        config_int(j, "num_attention_heads", 0, 1, path, &c->n_head) ||
-        config_int(j, "intermediate_size", 0, 1, path, &c->intermediate_size) ||
-        config_int(j, "max_position_embeddings", 2048, 0, path, &c->max_position_embeddings) ||
-        config_int(j, "num_key_value_heads", c->n_head, 0, path, &c->n_kv_head) ||
-        config_int(j, "num_key_value_layers", map ? 0 : c->n_layer, 0, path, &c->n_kv_layer) ||
-        config_int(j, "kv_intermediate_size", 0, 0, path, &c->kv_intermediate_size) ||
-        config_rope(j, pct_keys, 0.25, path, &c->rotary_pct) || config_rope(j, base_keys, 10000, path, &c->rotary_base) ||
-        config_number(j, "layer_norm_eps", 1e-5, 0, path, &c->layer_norm_eps) ||
-        config_number(j, "initializer_range", 0.02, 0, path, &c->initializer_range))
-        return -1;
-    /* A config with num_key_value_layers but no mlkv_shared_key_rotary was
-     * written by the reference code (mlkv always writes the key): its
-     * checkpoints were trained with non-owning layers reading the owner's
-     * un-rotated keys, so that is the function they compute. */
-    double parallel = 1, shared_rot = json_get(j, "num_key_value_layers") ? 0 : 1, tied = 0, bias = 1, kv_mlp = 0;
-    if (config_number(j, "use_parallel_residual", 1, 0, path, &parallel) ||
-        config_number(j, "mlkv_shared_key_rotary", shared_rot, 0, path, &shared_rot) ||
-        config_number(j, "tie_word_embeddings", 0, 0, path, &tied) ||
-        config_number(j, "attention_bias", 1, 0, path, &bias) ||
-        config_number(j, "use_key_value_mlp", 0, 0, path, &kv_mlp))
-        return -1;
-    if (tied != 0) return fail("%s: tie_word_embeddings is not supported (Pythia's head is untied)", path);
-    if (bias == 0) return fail("%s: attention_bias false is not supported (GPT-NeoX attention has biases)", path);
-    const Json *scaling = json_get(j, "rope_scaling");
-    if (scaling && scaling->type != JSON_NULL) return fail("%s: rope_scaling is not supported", path);
-    if (map) {
-        if (c->n_layer < 1 || c->n_layer > MLKV_MAX_LAYERS) /* checked before kv_layer_of[] is filled */
-            return fail("%s: num_hidden_layers %d is outside 1..%d", path, c->n_layer, MLKV_MAX_LAYERS);
-        if (map->type != JSON_ARRAY || map->length != (size_t)c->n_layer)
-            return fail("%s: mlkv_kv_layer_map must be a list of num_hidden_layers (%d) layer numbers", path, c->n_layer);
-        for (int l = 0; l < c->n_layer; l++) {
-            if (!json_is_count(&map->items[l]) || map->items[l].number >= c->n_layer)
-                return fail("%s: mlkv_kv_layer_map[%d] is not a layer number below %d", path, l, c->n_layer);
-            c->kv_layer_of[l] = (int)map->items[l].number;
-        }
-        c->has_kv_map = 1;
-    }
-    c->parallel_residual = parallel != 0;
-    c->shared_key_rotary = shared_rot != 0;
-    c->use_kv_mlp = kv_mlp != 0;
-    return config_finalize(c, path);
-}
-
-int config_load(Config *c, const char *path, char **extra) {
-    Json j;
-    if (json_load_file(path, &j) != 0) return -1;
-    int rc = config_from_json(c, &j, path);
-    if (rc == 0 && extra) *extra = config_extra_members(&j);
-    json_free(&j);
-    return rc;
-}
-
-int config_save(const Config *c, const char *extra, int stock, const char *path) {
-    StrBuf b = {0};
-    sb_printf(&b, "{\n%s", extra ? extra : "  \"bos_token_id\": 0,\n  \"eos_token_id\": 0,\n");
-    sb_printf(&b, "  \"architectures\": [\"GPTNeoXForCausalLM\"],\n  \"model_type\": \"gpt_neox\",\n");
-    sb_printf(&b, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n", c->vocab_size,
-              c->hidden_size, c->n_layer);
-    sb_printf(&b, "  \"num_attention_heads\": %d,\n  \"intermediate_size\": %d,\n  \"hidden_act\": \"gelu\",\n",
-              c->n_head, c->intermediate_size);
-    const char *names[] = {"rotary_pct", "rotary_emb_base", "partial_rotary_factor", "rope_theta", "layer_norm_eps",
-                           "initializer_range"};
-    double values[] = {c->rotary_pct, c->rotary_base, c->rotary_pct, c->rotary_base, c->layer_norm_eps,
-                       c->initializer_range};
-    for (int i = 0; i < 6; i++) { /* rotary in both spellings: transformers 4 reads the first, 5 the second */
-        sb_printf(&b, "  \"%s\": ", names[i]);
-        sb_number(&b, values[i]);
-        sb_printf(&b, ",\n");
-    }
-    sb_printf(&b, "  \"max_position_embeddings\": %d,\n  \"use_parallel_residual\": %s,\n", c->max_position_embeddings,
-              c->parallel_residual ? "true" : "false");
-    if (!stock) {
-        sb_printf(&b, "  \"num_key_value_heads\": %d,\n  \"num_key_value_layers\": %d,\n", c->n_kv_head, c->n_kv_layer);
-        sb_printf(&b, "  \"mlkv_shared_key_rotary\": %s,\n", c->shared_key_rotary ? "true" : "false");
-        if (c->use_kv_mlp)
-            sb_printf(&b, "  \"use_key_value_mlp\": true,\n  \"kv_intermediate_size\": %d,\n", c->kv_intermediate_size);
-        if (c->has_kv_map) {
-            sb_printf(&b, "  \"mlkv_kv_layer_map\": [");
-            for (int l = 0; l < c->n_layer; l++) sb_printf(&b, "%s%d", l ? ", " : "", c->kv_layer_of[l]);
-            sb_printf(&b, "],\n");
-        }
-    }
-    sb_printf(&b, "  \"torch_dtype\": \"float32\",\n  \"tie_word_embeddings\": false\n}\n");
-    int rc = write_text_file(path, b.s);
-    free(b.s);
-    return rc;
-}
-
 /* ===========================================================================
- * 4. The parameter table. Every tensor has an HF name, a shape, an offset in
+ * 3. The parameter table. Every tensor has an HF name, a shape, an offset in
  *    one flat buffer and the place of its pointer in Weights. The same table
  *    lays out the parameters, the gradients and the AdamW moments, and drives
  *    checkpoint I/O and weight decay.
@@ -921,875 +496,12 @@ const ParamInfo *model_param(const Model *m, const char *name) {
     return NULL;
 }
 
-/* ===========================================================================
- * 5. safetensors and checkpoints
- * ======================================================================== */
-
-static size_t dtype_size(const char *dtype) {
-    static const struct { const char *name; size_t size; } sizes[] = {
-        {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"F64", 8}, {"I32", 4}, {"I64", 8}, {"I16", 2},
-        {"I8", 1}, {"U8", 1}, {"BOOL", 1}};
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
-        if (strcmp(dtype, sizes[i].name) == 0) return sizes[i].size;
-    return 0;
-}
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
-    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
-        float v = ldexpf((float)mantissa, -24);
-        return sign ? -v : v;
-    }
-    if (exponent == 31) bits = sign | 0x7F800000u | (mantissa << 13);
-    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static int st_check_entry(const SafeTensors *st, const char *name, const Json *e, size_t data_len) {
-    const Json *dtype = json_get(e, "dtype"), *shape = json_get(e, "shape"), *off = json_get(e, "data_offsets");
-    if (!dtype || dtype->type != JSON_STRING || !dtype_size(dtype->string))
-        return fail("%s: tensor %s has a missing or unknown dtype", st->path, printable(name));
-    if (!shape || shape->type != JSON_ARRAY || shape->length > 8)
-        return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
-    double numel = 1;
-    for (size_t i = 0; i < shape->length; i++) {
-        if (!json_is_count(&shape->items[i])) return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
-        numel *= shape->items[i].number;
-    }
-    if (!off || off->type != JSON_ARRAY || off->length != 2 || !json_is_count(&off->items[0]) ||
-        !json_is_count(&off->items[1]) || off->items[0].number > off->items[1].number)
-        return fail("%s: tensor %s has malformed data_offsets", st->path, printable(name));
-    if (off->items[1].number > (double)data_len)
-        return fail("%s: tensor %s ends at byte %.0f past the data (%zu bytes): the file is truncated", st->path,
-                    printable(name), off->items[1].number, data_len);
-    if (off->items[1].number - off->items[0].number != numel * (double)dtype_size(dtype->string))
-        return fail("%s: tensor %s: data_offsets span %.0f bytes, but shape and dtype need %.0f", st->path, printable(name),
-                    off->items[1].number - off->items[0].number, numel * (double)dtype_size(dtype->string));
-    return 0;
-}
-
-/* safetensors tensors own their bytes: no two data_offsets ranges overlap
- * (sorted by start, each must begin at or after every earlier one's end) */
-typedef struct { double begin, end; const char *name; } Span;
-static int span_order(const void *a, const void *b) {
-    double x = ((const Span *)a)->begin, y = ((const Span *)b)->begin;
-    return x < y ? -1 : x > y;
-}
-static int st_disjoint(const SafeTensors *st) {
-    Span *spans = malloc((st->header.length + 1) * sizeof(Span));
-    size_t n = 0;
-    if (!spans) return fail("%s: out of memory", st->path);
-    for (size_t i = 0; i < st->header.length; i++) {
-        const Json *off = json_get(&st->header.items[i], "data_offsets");
-        if (strcmp(st->header.keys[i], "__metadata__") != 0)
-            spans[n++] = (Span){off->items[0].number, off->items[1].number, st->header.keys[i]};
-    }
-    qsort(spans, n, sizeof(Span), span_order);
-    int rc = 0;
-    for (size_t i = 1, reach = 0; rc == 0 && i < n; i++) { /* reach: the span that ends last so far */
-        if (spans[i - 1].end > spans[reach].end) reach = i - 1;
-        if (spans[i].begin < spans[reach].end && spans[i].end > spans[i].begin)
-            rc = fail("%s: tensors %s and %s share bytes (overlapping data_offsets)", st->path,
-                      printable(spans[reach].name), printable(spans[i].name));
-    }
-    free(spans);
-    return rc;
-}
-
-int st_open(SafeTensors *st, const char *path) {
-    memset(st, 0, sizeof(*st));
-    snprintf(st->path, sizeof(st->path), "%s", path);
-    if (!(st->f = open_regular(path, &st->file_size))) return -1;
-    unsigned char len_bytes[8];
-    uint64_t header_len = 0;
-    if (st->file_size < 8 || fread(len_bytes, 1, 8, st->f) != 8) {
-        st_close(st);
-        return fail("%s: too short to be a safetensors file", path);
-    }
-    for (int i = 7; i >= 0; i--) header_len = header_len << 8 | len_bytes[i];
-    if (header_len < 2 || header_len > st->file_size - 8 || header_len > (100u << 20)) {
-        st_close(st);
-        return fail("%s: header length %llu does not fit the file (%zu bytes): not safetensors, or truncated",
-                    path, (unsigned long long)header_len, st->file_size);
-    }
-    char *text = malloc(header_len);
-    if (!text) { st_close(st); return fail("%s: out of memory for the header", path); }
-    if (fread(text, 1, header_len, st->f) != header_len) {
-        free(text); st_close(st); return fail("%s: cannot read the header", path);
-    }
-    int rc = json_parse(text, header_len, path, &st->header);
-    free(text);
-    if (rc != 0) { st_close(st); return -1; }
-    if (st->header.type != JSON_OBJECT) { st_close(st); return fail("%s: header is not a JSON object", path); }
-    st->data_start = 8 + header_len;
-    for (size_t i = 0; i < st->header.length; i++) {
-        if (strcmp(st->header.keys[i], "__metadata__") == 0) continue;
-        if (st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size - st->data_start) != 0) {
-            st_close(st);
-            return -1;
-        }
-    }
-    if (st_disjoint(st) != 0) { st_close(st); return -1; }
-    return 0;
-}
-
-void st_close(SafeTensors *st) {
-    if (st->f) fclose(st->f);
-    json_free(&st->header);
-    st->f = NULL;
-}
-
-const Json *st_entry(const SafeTensors *st, const char *name) {
-    return strcmp(name, "__metadata__") == 0 ? NULL : json_get(&st->header, name);
-}
-
-const char *st_metadata(const SafeTensors *st, const char *key) {
-    const Json *v = json_get(json_get(&st->header, "__metadata__"), key);
-    return v && v->type == JSON_STRING ? v->string : NULL;
-}
-
-int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst, int *idst) {
-    const Json *e = st_entry(st, name);
-    if (!e) return fail("%s: missing tensor %s", st->path, name);
-    const Json *sh = json_get(e, "shape");
-    const char *dtype = json_get(e, "dtype")->string;
-    int same = (int)sh->length == ndim;
-    for (int i = 0; same && i < ndim; i++) same = sh->items[i].number == shape[i];
-    if (!same) {
-        char want[64] = "", got[64] = "";
-        for (int i = 0; i < ndim; i++) snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? ", " : "", shape[i]);
-        for (size_t i = 0; i < sh->length; i++)
-            snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%.0f", i ? ", " : "", sh->items[i].number);
-        return fail("%s: tensor %s has shape [%s], expected [%s]", st->path, name, got, want);
-    }
-    size_t numel = 1;
-    for (int i = 0; i < ndim; i++) numel *= (size_t)shape[i];
-    int is_float = !strcmp(dtype, "F32") || !strcmp(dtype, "F16") || !strcmp(dtype, "BF16");
-    int is_int = !strcmp(dtype, "I32") || !strcmp(dtype, "I64");
-    if ((fdst && !is_float) || (idst && !is_int))
-        return fail("%s: tensor %s has dtype %s, expected %s", st->path, name, dtype, fdst ? "F32, F16 or BF16" : "I32 or I64");
-    size_t esize = dtype_size(dtype);
-    double begin = json_get(e, "data_offsets")->items[0].number;
-    if (fseek(st->f, (long)(st->data_start + (size_t)begin), SEEK_SET) != 0)
-        return fail("%s: cannot seek to tensor %s", st->path, name);
-    /* convert through a small buffer: no second copy of a large tensor */
-    unsigned char buf[1 << 16];
-    size_t per = sizeof(buf) / esize;
-    for (size_t done = 0; done < numel;) {
-        size_t n = numel - done < per ? numel - done : per;
-        if (fread(buf, esize, n, st->f) != n) return fail("%s: read error in tensor %s (truncated?)", st->path, name);
-        for (size_t i = 0; i < n; i++) {
-            const unsigned char *b = buf + i * esize;
-            uint16_t u16;
-            uint32_t u32;
-            int32_t i32;
-            int64_t i64;
-            float f;
-            if (!strcmp(dtype, "F32")) { memcpy(&f, b, 4); fdst[done + i] = f; }
-            else if (!strcmp(dtype, "F16")) { memcpy(&u16, b, 2); fdst[done + i] = half_to_float(u16); }
-            else if (!strcmp(dtype, "BF16")) { memcpy(&u16, b, 2); u32 = (uint32_t)u16 << 16; memcpy(&f, &u32, 4); fdst[done + i] = f; }
-            else if (!strcmp(dtype, "I32")) { memcpy(&i32, b, 4); idst[done + i] = i32; }
-            else { memcpy(&i64, b, 8); idst[done + i] = (int)i64; }
-        }
-        done += n;
-    }
-    return 0;
-}
-
-/* --- pytorch_model.bin: what torch.save writes, read without running it.
- * The file is a zip archive (entries stored, not compressed) holding
- *   PREFIX/data.pkl    the state dict, pickled (Python's pickle protocol 2)
- *   PREFIX/data/KEY    the raw little-endian bytes of each storage
- * A pickle is a program for a small stack machine; unpickling it in Python
- * may call any function it names. Here only the opcodes and the few
- * functions that a state dict of tensors needs are understood:
- *   collections.OrderedDict()                         the dict itself
- *   torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
- *   torch._utils._rebuild_parameter(tensor, ...)      an nn.Parameter
- *   torch.{Float,Half,BFloat16}Storage                storage types, named by
- *     the persistent id ('storage', type, KEY, location, numel) of BINPERSID
- * and anything else is refused, naming it: nothing is executed. Each tensor
- * must be a contiguous view (any offset) into its storage; its bytes are then
- * one span of the file, so the result is the same index a safetensors header
- * gives (offsets counted from the file's start), and st_read serves both. */
-typedef enum {
-    PK_MARK, PK_NONE, PK_BOOL, PK_INT, PK_FLOAT, PK_TEXT, PK_TUPLE, PK_LIST, PK_DICT, PK_FUNCTION, PK_STORAGE, PK_TENSOR
-} PickleKind;
-typedef enum { FN_ORDERED_DICT, FN_REBUILD_TENSOR, FN_REBUILD_PARAMETER, FN_STORAGE_F32, FN_STORAGE_F16,
-               FN_STORAGE_BF16 } PickleFunction;
-static const struct { const char *module, *name; } pickle_functions[] = {
-    {"collections", "OrderedDict"}, {"torch._utils", "_rebuild_tensor_v2"}, {"torch._utils", "_rebuild_parameter"},
-    {"torch", "FloatStorage"},      {"torch", "HalfStorage"},               {"torch", "BFloat16Storage"}};
-
-typedef struct {
-    PickleKind kind;
-    int64_t number;   /* INT, BOOL; FUNCTION: a PickleFunction; STORAGE: elements; TENSOR: offset in elements */
-    char *text;       /* TEXT; STORAGE: its key */
-    int *items;       /* TUPLE, LIST; DICT: key, value, key, value ...; TENSOR: storage, shape (a tuple) */
-    int n_items, cap;
-    const char *dtype; /* STORAGE, TENSOR */
-} PickleValue;
-
-#define PICKLE_MAX_VALUES (1 << 20) /* a state dict of 1000 tensors makes about 20,000 */
-typedef struct {
-    const char *path;
-    PickleValue *values; /* every value made, referred to by index */
-    int n_values, cap_values;
-    int *stack, depth, cap_stack;
-    int *memo, cap_memo, memo_size; /* memo[i]: a value index, or -1; memo_size: how many are set */
-} Pickle;
-
-static int pickle_new(Pickle *p, PickleKind kind, int64_t number) {
-    if (p->n_values == PICKLE_MAX_VALUES) return fail("%s: data.pkl holds too many values", p->path);
-    PickleValue *v = grow(p->values, p->n_values, &p->cap_values, sizeof(*v));
-    if (!v) return fail("%s: out of memory reading data.pkl", p->path);
-    p->values = v;
-    p->values[p->n_values] = (PickleValue){.kind = kind, .number = number};
-    return p->n_values++;
-}
-
-static int pickle_add_item(Pickle *p, int container, int item) {
-    PickleValue *c = &p->values[container];
-    int *items = grow(c->items, c->n_items, &c->cap, sizeof(int));
-    if (!items) return fail("%s: out of memory reading data.pkl", p->path);
-    c->items = items;
-    c->items[c->n_items++] = item;
-    return 0;
-}
-
-static int pickle_push(Pickle *p, int value) {
-    if (value < 0) return -1;
-    int *s = p->depth < PICKLE_MAX_VALUES ? grow(p->stack, p->depth, &p->cap_stack, sizeof(int)) : NULL;
-    if (!s) return fail("%s: data.pkl's stack is too deep", p->path);
-    p->stack = s;
-    p->stack[p->depth++] = value;
-    return 0;
-}
-
-/* The top value (not a mark), popped. */
-static int pickle_pop(Pickle *p) {
-    if (p->depth == 0 || p->values[p->stack[p->depth - 1]].kind == PK_MARK)
-        return fail("%s: data.pkl is malformed (a value is missing)", p->path);
-    return p->stack[--p->depth];
-}
-
-/* The values above the topmost mark, which is removed: returns their first
- * stack slot (they stay there until the caller lowers p->depth). */
-static int pickle_since_mark(Pickle *p) {
-    for (int i = p->depth - 1; i >= 0; i--)
-        if (p->values[p->stack[i]].kind == PK_MARK) {
-            memmove(p->stack + i, p->stack + i + 1, (size_t)(p->depth - i - 1) * sizeof(int));
-            p->depth--;
-            return i;
-        }
-    return fail("%s: data.pkl is malformed (no mark)", p->path);
-}
-
-static int pickle_tuple(Pickle *p, int from) { /* the stack from slot `from` up, as a tuple */
-    int t = pickle_new(p, PK_TUPLE, 0);
-    for (int i = from; t >= 0 && i < p->depth; i++)
-        if (pickle_add_item(p, t, p->stack[i]) != 0) return -1;
-    p->depth = from;
-    return t;
-}
-
-static int pickle_is_int(const Pickle *p, int v) { return p->values[v].kind == PK_INT; }
-
-/* tensor = _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata]) */
-static int pickle_rebuild_tensor(Pickle *p, const PickleValue *args) {
-    if (args->n_items < 4 || p->values[args->items[0]].kind != PK_STORAGE || !pickle_is_int(p, args->items[1]) ||
-        p->values[args->items[2]].kind != PK_TUPLE || p->values[args->items[3]].kind != PK_TUPLE)
-        return fail("%s: data.pkl: malformed _rebuild_tensor_v2 arguments", p->path);
-    const PickleValue *storage = &p->values[args->items[0]], *size = &p->values[args->items[2]];
-    const PickleValue *stride = &p->values[args->items[3]];
-    if (size->n_items != stride->n_items || size->n_items > 8)
-        return fail("%s: data.pkl: a tensor's size and stride do not match", p->path);
-    int64_t offset = p->values[args->items[1]].number, expected = 1;
-    for (int d = size->n_items - 1; d >= 0; d--) { /* contiguous: each stride the product of the later sizes */
-        if (!pickle_is_int(p, size->items[d]) || !pickle_is_int(p, stride->items[d]))
-            return fail("%s: data.pkl: a tensor's size or stride is not an integer", p->path);
-        int64_t n = p->values[size->items[d]].number, s = p->values[stride->items[d]].number;
-        if (n < 0 || n > INT32_MAX) return fail("%s: data.pkl: a tensor dimension of %lld", p->path, (long long)n);
-        if (n > 1 && s != expected)
-            return fail("%s: data.pkl: a tensor is a non-contiguous view of its storage (stride %lld where %lld "
-                        "is contiguous); save it with .contiguous()", p->path, (long long)s, (long long)expected);
-        if (n > 0 && expected > INT64_MAX / n) return fail("%s: data.pkl: a tensor is too large", p->path);
-        expected *= n;
-    }
-    if (offset < 0 || offset > storage->number || expected > storage->number - offset)
-        return fail("%s: data.pkl: a tensor of %lld elements at offset %lld lies outside its storage %s of %lld",
-                    p->path, (long long)expected, (long long)offset, storage->text, (long long)storage->number);
-    int storage_index = args->items[0], shape_index = args->items[2];
-    const char *dtype = storage->dtype;
-    int t = pickle_new(p, PK_TENSOR, offset); /* (moves p->values: args and storage are stale from here) */
-    if (t < 0 || pickle_add_item(p, t, storage_index) != 0 || pickle_add_item(p, t, shape_index) != 0) return -1;
-    p->values[t].dtype = dtype;
-    return t;
-}
-
-/* REDUCE: function(*args), for the whitelisted functions */
-static int pickle_reduce(Pickle *p, int function, int args) {
-    const PickleValue *f = &p->values[function], *a = &p->values[args];
-    if (f->kind != PK_FUNCTION || a->kind != PK_TUPLE) return fail("%s: data.pkl: malformed REDUCE", p->path);
-    switch ((PickleFunction)f->number) {
-    case FN_ORDERED_DICT:
-        if (a->n_items != 0) return fail("%s: data.pkl: OrderedDict called with arguments", p->path);
-        return pickle_new(p, PK_DICT, 0);
-    case FN_REBUILD_TENSOR: return pickle_rebuild_tensor(p, a);
-    case FN_REBUILD_PARAMETER:
-        if (a->n_items < 1 || p->values[a->items[0]].kind != PK_TENSOR)
-            return fail("%s: data.pkl: malformed _rebuild_parameter arguments", p->path);
-        return a->items[0];
-    default: return fail("%s: data.pkl calls a storage type", p->path);
-    }
-}
-
-/* BINPERSID ('storage', type, key, location, numel): one storage of the archive */
-static int pickle_storage(Pickle *p, int pid) {
-    static const char *const dtypes[] = {[FN_STORAGE_F32] = "F32", [FN_STORAGE_F16] = "F16", [FN_STORAGE_BF16] = "BF16"};
-    const PickleValue *t = &p->values[pid];
-    if (t->kind != PK_TUPLE || t->n_items != 5 || p->values[t->items[0]].kind != PK_TEXT ||
-        strcmp(p->values[t->items[0]].text, "storage") != 0 || p->values[t->items[1]].kind != PK_FUNCTION ||
-        p->values[t->items[1]].number < FN_STORAGE_F32 || p->values[t->items[2]].kind != PK_TEXT ||
-        !pickle_is_int(p, t->items[4]) || p->values[t->items[4]].number < 0)
-        return fail("%s: data.pkl: a persistent id that is not a float32, float16 or bfloat16 storage", p->path);
-    int s = pickle_new(p, PK_STORAGE, p->values[t->items[4]].number);
-    if (s < 0) return -1;
-    t = &p->values[pid]; /* pickle_new may have moved the values */
-    p->values[s].text = p->values[t->items[2]].text;
-    p->values[s].dtype = dtypes[p->values[t->items[1]].number];
-    return s;
-}
-
-static int pickle_memo_put(Pickle *p, int64_t index) {
-    if (p->depth == 0) return fail("%s: data.pkl is malformed (memo of nothing)", p->path);
-    if (index < 0 || index >= PICKLE_MAX_VALUES) return fail("%s: data.pkl: memo index %lld", p->path, (long long)index);
-    if (index >= p->cap_memo) {
-        int cap = (int)index + 1 > 2 * p->cap_memo ? (int)index + 1 : 2 * p->cap_memo;
-        int *m = realloc(p->memo, (size_t)cap * sizeof(int));
-        if (!m) return fail("%s: out of memory reading data.pkl", p->path);
-        for (int i = p->cap_memo; i < cap; i++) m[i] = -1;
-        p->memo = m;
-        p->cap_memo = cap;
-    }
-    p->memo_size += p->memo[index] < 0;
-    p->memo[index] = p->stack[p->depth - 1];
-    return 0;
-}
-
-/* Little-endian unsigned integer of n bytes at s */
-static uint64_t read_le(const unsigned char *s, int n) {
-    uint64_t x = 0;
-    for (int i = n - 1; i >= 0; i--) x = x << 8 | s[i];
-    return x;
-}
-
-/* Runs the pickle program; returns the index of its result. */
-static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
-    size_t at = 0;
-#define NEED(n) if (len - at < (size_t)(n)) return fail("%s: data.pkl is truncated", p->path)
-    for (;;) {
-        NEED(1);
-        unsigned char op = code[at++];
-        int v = 0, w, from;
-        int64_t n;
-        switch (op) {
-        case 0x80: NEED(1); at++; break;            /* PROTO */
-        case 0x95: NEED(8); at += 8; break;          /* FRAME: a length hint */
-        case '(': v = pickle_push(p, pickle_new(p, PK_MARK, 0)); break;
-        case 'N': v = pickle_push(p, pickle_new(p, PK_NONE, 0)); break;
-        case 0x88: case 0x89: v = pickle_push(p, pickle_new(p, PK_BOOL, op == 0x88)); break;
-        case ')': v = pickle_push(p, pickle_new(p, PK_TUPLE, 0)); break;
-        case ']': v = pickle_push(p, pickle_new(p, PK_LIST, 0)); break;
-        case '}': v = pickle_push(p, pickle_new(p, PK_DICT, 0)); break;
-        case 'K': NEED(1); v = pickle_push(p, pickle_new(p, PK_INT, code[at])); at += 1; break;
-        case 'M': NEED(2); v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)read_le(code + at, 2))); at += 2; break;
-        case 'J': NEED(4); v = pickle_push(p, pickle_new(p, PK_INT, (int32_t)(uint32_t)read_le(code + at, 4))); at += 4; break;
-        case 0x8a: /* LONG1: n bytes, two's complement */
-            NEED(1);
-            n = code[at++];
-            if (n > 8) return fail("%s: data.pkl: an integer of %d bytes", p->path, (int)n);
-            NEED(n);
-            { uint64_t u = read_le(code + at, (int)n);
-              if (n > 0 && n < 8 && (code[at + n - 1] & 0x80)) u |= ~(uint64_t)0 << (8 * n); /* sign-extend */
-              v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)u)); }
-            at += (size_t)n;
-            break;
-        case 'G': NEED(8); at += 8; v = pickle_push(p, pickle_new(p, PK_FLOAT, 0)); break; /* BINFLOAT */
-        case 'X': case 0x8c: case 0x8d: { /* BINUNICODE (4-byte length), SHORT_ (1), 8 (8) */
-            int lb = op == 'X' ? 4 : op == 0x8c ? 1 : 8;
-            NEED(lb);
-            uint64_t sl = read_le(code + at, lb);
-            at += (size_t)lb;
-            NEED(sl);
-            w = pickle_new(p, PK_TEXT, 0);
-            if (w < 0 || !(p->values[w].text = malloc(sl + 1))) return w < 0 ? -1 : fail("%s: out of memory", p->path);
-            memcpy(p->values[w].text, code + at, sl);
-            p->values[w].text[sl] = '\0';
-            at += sl;
-            v = pickle_push(p, w);
-            break;
-        }
-        case 'c': case 0x93: { /* GLOBAL "module\nname\n", STACK_GLOBAL (module, name on the stack) */
-            char module[64] = "", name[64] = "";
-            if (op == 'c') {
-                for (int part = 0; part < 2; part++) {
-                    char *dst = part ? name : module;
-                    const unsigned char *nl = memchr(code + at, '\n', len - at);
-                    if (!nl || nl - (code + at) >= 63) return fail("%s: data.pkl: malformed GLOBAL", p->path);
-                    memcpy(dst, code + at, (size_t)(nl - (code + at)));
-                    at = (size_t)(nl - code) + 1;
-                }
-            } else {
-                int ni = pickle_pop(p), mi = ni < 0 ? -1 : pickle_pop(p);
-                if (mi < 0) return -1;
-                if (p->values[ni].kind != PK_TEXT || p->values[mi].kind != PK_TEXT)
-                    return fail("%s: data.pkl: malformed STACK_GLOBAL", p->path);
-                snprintf(module, sizeof(module), "%s", p->values[mi].text);
-                snprintf(name, sizeof(name), "%s", p->values[ni].text);
-            }
-            int found = -1;
-            for (int i = 0; i < (int)(sizeof(pickle_functions) / sizeof(pickle_functions[0])); i++)
-                if (!strcmp(module, pickle_functions[i].module) && !strcmp(name, pickle_functions[i].name)) found = i;
-            if (found < 0)
-                return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does not use: refused "
-                            "(nothing in the file is executed)", p->path, printable(module), printable(name));
-            v = pickle_push(p, pickle_new(p, PK_FUNCTION, found));
-            break;
-        }
-        case 'Q': /* BINPERSID */
-            if ((w = pickle_pop(p)) < 0) return -1;
-            v = pickle_push(p, pickle_storage(p, w));
-            break;
-        case 't': if ((from = pickle_since_mark(p)) < 0) return -1; v = pickle_push(p, pickle_tuple(p, from)); break;
-        case 0x85: case 0x86: case 0x87: /* TUPLE1..3 */
-            if (p->depth < op - 0x84) return fail("%s: data.pkl is malformed (a value is missing)", p->path);
-            for (int i = p->depth - (op - 0x84); i < p->depth; i++)
-                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
-            v = pickle_push(p, pickle_tuple(p, p->depth - (op - 0x84)));
-            break;
-        case 'R': /* REDUCE */
-            if ((w = pickle_pop(p)) < 0 || (v = pickle_pop(p)) < 0) return -1;
-            v = pickle_push(p, pickle_reduce(p, v, w));
-            break;
-        case 'b': /* BUILD: the state of an OrderedDict (its _metadata) is not needed */
-            if ((w = pickle_pop(p)) < 0 || p->depth == 0 || p->values[p->stack[p->depth - 1]].kind != PK_DICT)
-                return w < 0 ? -1 : fail("%s: data.pkl: BUILD of something other than a dict", p->path);
-            break;
-        case 's': case 'u': case 'a': case 'e': { /* SETITEM(S), APPEND(S) */
-            int single = op == 's' || op == 'a', is_dict = op == 's' || op == 'u';
-            from = single ? p->depth - (is_dict ? 2 : 1) : pickle_since_mark(p);
-            if (from < 1 || (is_dict && (p->depth - from) % 2 != 0))
-                return from < 0 ? -1 : fail("%s: data.pkl is malformed (SETITEMS)", p->path);
-            int target = p->stack[from - 1];
-            if (p->values[target].kind != (is_dict ? PK_DICT : PK_LIST))
-                return fail("%s: data.pkl: items added to a %s", p->path, is_dict ? "non-dict" : "non-list");
-            for (int i = from; i < p->depth; i++) {
-                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
-                if (pickle_add_item(p, target, p->stack[i]) != 0) return -1;
-            }
-            p->depth = from;
-            break;
-        }
-        case 'q': NEED(1); v = pickle_memo_put(p, code[at]); at += 1; break;
-        case 'r': NEED(4); v = pickle_memo_put(p, (int64_t)read_le(code + at, 4)); at += 4; break;
-        case 0x94: v = pickle_memo_put(p, p->memo_size); break; /* MEMOIZE: at the memo's length */
-        case 'h': case 'j': { /* BINGET, LONG_BINGET */
-            int lb = op == 'h' ? 1 : 4;
-            NEED(lb);
-            int64_t index = (int64_t)read_le(code + at, lb);
-            at += (size_t)lb;
-            if (index >= p->cap_memo || p->memo[index] < 0)
-                return fail("%s: data.pkl refers to memo %lld, never stored", p->path, (long long)index);
-            v = pickle_push(p, p->memo[index]);
-            break;
-        }
-        case '.': /* STOP */
-            if (p->depth != 1) return fail("%s: data.pkl is malformed (%d values left)", p->path, p->depth);
-            return p->stack[0];
-        default:
-            return fail("%s: data.pkl uses pickle opcode 0x%02x, which a state dict of tensors does not need: "
-                        "refused", p->path, op);
-        }
-        if (v < 0) return -1;
-    }
-#undef NEED
-}
-
-/* The zip container. Only what torch.save writes is accepted: entries
- * stored without compression, found through the central directory at the
- * end of the file (with its zip64 extension for files past 4 GiB). */
-typedef struct { char *name; uint64_t header_at, size; int stored; } ZipEntry;
-
-static int read_at(FILE *f, uint64_t at, void *buf, size_t n) {
-    return at <= (uint64_t)LONG_MAX && fseek(f, (long)at, SEEK_SET) == 0 && fread(buf, 1, n, f) == n ? 0 : -1;
-}
-
-static void zip_free(ZipEntry *e, int n) {
-    for (int i = 0; i < n; i++) free(e[i].name);
-    free(e);
-}
-
-static int zip_list(const char *path, FILE *f, uint64_t file_size, ZipEntry **out, int *n_out) {
-    unsigned char tail[22 + 65535], rec[56];
-    size_t tail_len = file_size < sizeof(tail) ? (size_t)file_size : sizeof(tail);
-    *out = NULL;
-    *n_out = 0;
-    if (tail_len < 22 || read_at(f, file_size - tail_len, tail, tail_len) != 0)
-        return fail("%s: not a zip archive (too short)", path);
-    size_t eocd = tail_len - 22 + 1; /* the end-of-central-directory record, searched from the end */
-    while (eocd-- > 0 && read_le(tail + eocd, 4) != 0x06054b50) {}
-    if (eocd == (size_t)-1) return fail("%s: not a zip archive (no end of central directory): truncated?", path);
-    uint64_t count = read_le(tail + eocd + 10, 2), cd_size = read_le(tail + eocd + 12, 4);
-    uint64_t cd_at = read_le(tail + eocd + 16, 4), eocd_at = file_size - tail_len + eocd;
-    if (count == 0xFFFF || cd_size == 0xFFFFFFFF || cd_at == 0xFFFFFFFF) { /* zip64: the locator sits before */
-        if (eocd_at < 20 || read_at(f, eocd_at - 20, rec, 20) != 0 || read_le(rec, 4) != 0x07064b50 ||
-            read_at(f, read_le(rec + 8, 8), rec, 56) != 0 || read_le(rec, 4) != 0x06064b50)
-            return fail("%s: malformed zip64 end of central directory", path);
-        count = read_le(rec + 32, 8), cd_size = read_le(rec + 40, 8), cd_at = read_le(rec + 48, 8);
-    }
-    if (cd_at > file_size || cd_size > file_size - cd_at || cd_size > (64u << 20) || count > cd_size / 46)
-        return fail("%s: the zip central directory (%llu entries, %llu bytes at %llu) does not fit the file", path,
-                    (unsigned long long)count, (unsigned long long)cd_size, (unsigned long long)cd_at);
-    unsigned char *cd = malloc(cd_size ? (size_t)cd_size : 1);
-    ZipEntry *e = calloc(count ? (size_t)count : 1, sizeof(ZipEntry));
-    if (!cd || !e || read_at(f, cd_at, cd, (size_t)cd_size) != 0) {
-        free(cd);
-        free(e);
-        return fail("%s: cannot read the zip central directory", path);
-    }
-    size_t at = 0;
-    int n = 0, rc = 0;
-    for (; rc == 0 && (uint64_t)n < count; n++) {
-        if (cd_size - at < 46 || read_le(cd + at, 4) != 0x02014b50) { rc = fail("%s: malformed zip directory", path); break; }
-        size_t name_len = read_le(cd + at + 28, 2), extra_len = read_le(cd + at + 30, 2);
-        size_t record = 46 + name_len + extra_len + read_le(cd + at + 32, 2);
-        if (cd_size - at < record || !(e[n].name = malloc(name_len + 1))) { rc = fail("%s: malformed zip directory", path); break; }
-        memcpy(e[n].name, cd + at + 46, name_len);
-        e[n].name[name_len] = '\0';
-        uint64_t packed = read_le(cd + at + 20, 4), size = read_le(cd + at + 24, 4), header = read_le(cd + at + 42, 4);
-        /* zip64 extra field (id 1): the 8-byte values of the fields that read 0xFFFFFFFF, in this order */
-        for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
-            size_t id = read_le(cd + x, 2), len = read_le(cd + x + 2, 2), v = x + 4;
-            if (x + 4 + len > at + 46 + name_len + extra_len) break;
-            uint64_t *fields[3] = {&size, &packed, &header};
-            for (int k = 0; id == 1 && k < 3; k++)
-                if (*fields[k] == 0xFFFFFFFF && v + 8 <= x + 4 + len) *fields[k] = read_le(cd + v, 8), v += 8;
-            x += 4 + len;
-        }
-        e[n].stored = read_le(cd + at + 10, 2) == 0 && packed == size;
-        e[n].size = size;
-        e[n].header_at = header;
-        at += record;
-    }
-    free(cd);
-    if (rc != 0) { zip_free(e, n + 1); return rc; }
-    *out = e;
-    *n_out = n;
-    return 0;
-}
-
-/* Where the bytes of an entry start in the file (after its local header). */
-static int zip_data_at(const char *path, FILE *f, uint64_t file_size, const ZipEntry *e, uint64_t *at) {
-    unsigned char h[30];
-    if (!e->stored) return fail("%s: zip entry %s is compressed (torch.save stores entries)", path, printable(e->name));
-    if (e->header_at > file_size || read_at(f, e->header_at, h, 30) != 0 || read_le(h, 4) != 0x04034b50)
-        return fail("%s: zip entry %s: malformed local header", path, printable(e->name));
-    *at = e->header_at + 30 + read_le(h + 26, 2) + read_le(h + 28, 2);
-    if (*at > file_size || e->size > file_size - *at)
-        return fail("%s: zip entry %s ends past the end of the file: truncated", path, printable(e->name));
-    return 0;
-}
-
-/* A pytorch_model.bin as a tensor index: st->header as a safetensors header
- * whose data_offsets count from the start of the file (data_start 0). */
-int torch_open(SafeTensors *st, const char *path) {
-    memset(st, 0, sizeof(*st));
-    snprintf(st->path, sizeof(st->path), "%s", path);
-    if (!(st->f = open_regular(path, &st->file_size))) return -1;
-    ZipEntry *e;
-    int n_entries, pkl = -1, rc;
-    if (zip_list(path, st->f, st->file_size, &e, &n_entries) != 0) { st_close(st); return -1; }
-    for (int i = 0; i < n_entries; i++) {
-        size_t len = strlen(e[i].name);
-        if (len >= 9 && strcmp(e[i].name + len - 9, "/data.pkl") == 0 && strchr(e[i].name, '/') == e[i].name + len - 9) {
-            if (pkl >= 0) { zip_free(e, n_entries); st_close(st); return fail("%s: two data.pkl entries", path); }
-            pkl = i;
-        }
-    }
-    uint64_t pkl_at = 0;
-    unsigned char *code = NULL;
-    rc = pkl < 0 ? fail("%s: no PREFIX/data.pkl entry: not a file written by torch.save", path)
-                 : zip_data_at(path, st->f, st->file_size, &e[pkl], &pkl_at);
-    if (rc == 0 && (e[pkl].size > (256u << 20) || !(code = malloc(e[pkl].size ? (size_t)e[pkl].size : 1))))
-        rc = fail("%s: data.pkl of %llu bytes is too large", path, (unsigned long long)e[pkl].size);
-    if (rc == 0 && read_at(st->f, pkl_at, code, (size_t)e[pkl].size) != 0) rc = fail("%s: cannot read data.pkl", path);
-    Pickle p = {.path = path};
-    int result = rc == 0 ? pickle_run(&p, code, (size_t)e[pkl].size) : -1;
-    free(code);
-    if (result >= 0 && p.values[result].kind != PK_DICT)
-        result = fail("%s: data.pkl holds no dict of tensors (a state dict was expected)", path);
-    StrBuf h = {0};
-    sb_printf(&h, "{");
-    const PickleValue *dict = result >= 0 ? &p.values[result] : NULL;
-    rc = result < 0 ? -1 : 0;
-    for (int i = 0; rc == 0 && i + 1 < dict->n_items; i += 2) {
-        const PickleValue *key = &p.values[dict->items[i]], *t = &p.values[dict->items[i + 1]];
-        if (key->kind != PK_TEXT) { rc = fail("%s: a state dict key that is not a string", path); break; }
-        if (t->kind != PK_TENSOR) { rc = fail("%s: %s is not a tensor", path, printable(key->text)); break; }
-        const PickleValue *storage = &p.values[t->items[0]], *shape = &p.values[t->items[1]];
-        char entry_name[PATH_LEN];
-        snprintf(entry_name, sizeof(entry_name), "%.*s/data/%s", (int)(strlen(e[pkl].name) - 9), e[pkl].name,
-                 storage->text);
-        int found = -1;
-        for (int k = 0; k < n_entries && found < 0; k++) found = strcmp(e[k].name, entry_name) == 0 ? k : -1;
-        size_t esize = dtype_size(t->dtype);
-        uint64_t at = 0, numel = 1;
-        for (int d = 0; d < shape->n_items; d++) numel *= (uint64_t)p.values[shape->items[d]].number;
-        if (found < 0) { rc = fail("%s: tensor %s: storage %s is missing", path, printable(key->text), printable(storage->text)); break; }
-        if ((rc = zip_data_at(path, st->f, st->file_size, &e[found], &at)) != 0) break;
-        if ((uint64_t)storage->number > e[found].size / esize) {
-            rc = fail("%s: storage %s holds %llu bytes, but its tensors need %llu elements of %zu bytes: truncated",
-                      path, printable(storage->text), (unsigned long long)e[found].size,
-                      (unsigned long long)storage->number, esize);
-            break;
-        }
-        json_write_string(&h, key->text);
-        sb_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", t->dtype);
-        for (int d = 0; d < shape->n_items; d++) sb_printf(&h, "%s%lld", d ? "," : "", (long long)p.values[shape->items[d]].number);
-        uint64_t begin = at + (uint64_t)t->number * esize;
-        sb_printf(&h, "],\"data_offsets\":[%llu,%llu]},", (unsigned long long)begin, (unsigned long long)(begin + numel * esize));
-    }
-    if (rc == 0 && dict->n_items > 0) h.len--; /* the last comma */
-    sb_printf(&h, "}");
-    if (rc == 0) rc = json_parse(h.s, h.len, path, &st->header); /* (which refuses a name that appears twice) */
-    for (size_t i = 0; rc == 0 && i < st->header.length; i++)
-        rc = st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size);
-    free(h.s);
-    for (int i = 0; i < p.n_values; i++) {
-        if (p.values[i].kind == PK_TEXT) free(p.values[i].text);
-        free(p.values[i].items);
-    }
-    free(p.values);
-    free(p.stack);
-    free(p.memo);
-    zip_free(e, n_entries);
-    if (rc != 0) st_close(st);
-    return rc;
-}
-
-static size_t tensor_out_numel(const TensorOut *t) {
-    return (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
-}
-
-int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json) {
-    StrBuf h = {0};
-    size_t offset = 0;
-    sb_printf(&h, "{");
-    if (metadata_json) sb_printf(&h, "\"__metadata__\":%s", metadata_json);
-    for (int i = 0; i < n; i++) {
-        const TensorOut *t = &tensors[i];
-        size_t numel = tensor_out_numel(t);
-        sb_printf(&h, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d", h.len > 1 ? "," : "", t->name, t->shape[0]);
-        if (t->ndim == 2) sb_printf(&h, ",%d", t->shape[1]);
-        sb_printf(&h, "],\"data_offsets\":[%zu,%zu]}", offset, offset + numel * 4);
-        offset += numel * 4;
-    }
-    sb_printf(&h, "}");
-    while (h.len % 8) sb_printf(&h, " "); /* align the data to 8 bytes */
-    unsigned char len_bytes[8];
-    for (int i = 0; i < 8; i++) len_bytes[i] = (unsigned char)((uint64_t)h.len >> (8 * i));
-    Writer w;
-    if (writer_open(&w, path) != 0) { free(h.s); return -1; }
-    writer_put(&w, len_bytes, 8);
-    writer_put(&w, h.s, h.len);
-    free(h.s);
-    for (int i = 0; i < n; i++)
-        writer_put(&w, tensors[i].data, tensor_out_numel(&tensors[i]) * sizeof(float));
-    return writer_close(&w);
-}
-
-int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups, const char *path,
-                            const char *metadata_json) {
-    TensorOut *list = alloc_zeroed((size_t)m->n_params * n_groups, sizeof(TensorOut), "the tensor list");
-    if (!list) return -1;
-    int n = 0;
-    for (int g = 0; g < n_groups; g++)
-        for (int i = 0; i < m->n_params; i++, n++) {
-            const ParamInfo *p = &m->params[i];
-            snprintf(list[n].name, sizeof(list[n].name), "%s%s", groups[g].prefix, p->name);
-            list[n].ndim = p->ndim;
-            list[n].shape[0] = p->shape[0];
-            list[n].shape[1] = p->shape[1];
-            list[n].data = groups[g].base + p->offset;
-        }
-    int rc = safetensors_write(path, list, n, metadata_json);
-    free(list);
-    return rc;
-}
-
-/* Non-parameter buffers that some Pythia checkpoints carry. */
-static int is_skipped_buffer(const char *name) {
-    static const char *const suffixes[] = {"attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"};
-    size_t n = strlen(name);
-    for (int i = 0; i < 3; i++) {
-        size_t k = strlen(suffixes[i]);
-        if (n >= k && strcmp(name + n - k, suffixes[i]) == 0) return 1;
-    }
-    return 0;
-}
-
-typedef struct { SafeTensors files[64]; int n; } TensorSource;
-
-static void source_close(TensorSource *src) {
-    for (int i = 0; i < src->n; i++) st_close(&src->files[i]);
-    src->n = 0;
-}
-
-static const SafeTensors *source_find(const TensorSource *src, const char *name) {
-    for (int i = 0; i < src->n; i++)
-        if (st_entry(&src->files[i], name)) return &src->files[i];
-    return NULL;
-}
-
-/* One file of tensors: pytorch_model*.bin as torch.save wrote it, else safetensors. */
-static int tensor_file_open(SafeTensors *st, const char *path) {
-    size_t n = strlen(path);
-    return n >= 4 && strcmp(path + n - 4, ".bin") == 0 ? torch_open(st, path) : st_open(st, path);
-}
-
-/* The weights of a model folder, the first of these that exists:
- * model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin,
- * pytorch_model.bin.index.json (shards). safetensors first: it is what
- * mlkv writes, and what HF writes by default. */
-static int source_open(TensorSource *src, const char *dir) {
-    static const char *const singles[] = {"/model.safetensors", NULL, "/pytorch_model.bin", NULL};
-    static const char *const indexes[] = {NULL, "/model.safetensors.index.json", NULL, "/pytorch_model.bin.index.json"};
-    char path[PATH_LEN];
-    int found = -1;
-    memset(src, 0, sizeof(*src));
-    for (int i = 0; i < 4 && found < 0; i++) {
-        if (make_path(path, dir, singles[i] ? singles[i] : indexes[i]) != 0) return -1;
-        if (file_exists(path)) found = i;
-    }
-    if (found < 0)
-        return fail("%s: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
-                    "pytorch_model.bin.index.json", dir);
-    if (singles[found]) {
-        if (tensor_file_open(&src->files[0], path) != 0) return -1;
-        src->n = 1;
-        return 0;
-    }
-    Json index;
-    if (json_load_file(path, &index) != 0) return -1;
-    const Json *map = json_get(&index, "weight_map");
-    int rc = 0;
-    if (!map || map->type != JSON_OBJECT) rc = fail("%s: no \"weight_map\" object", path);
-    for (size_t i = 0; rc == 0 && i < map->length; i++) {
-        const Json *file = &map->items[i];
-        if (file->type != JSON_STRING || strchr(file->string, '/')) { rc = fail("%s: bad file name for %s", path, map->keys[i]); break; }
-        char shard[PATH_LEN], name[PATH_LEN];
-        if (make_path(name, "/", file->string) != 0 || make_path(shard, dir, name) != 0) { rc = -1; break; }
-        int seen = 0;
-        for (int k = 0; k < src->n && !seen; k++) seen = strcmp(src->files[k].path, shard) == 0;
-        if (seen) continue;
-        if (src->n == 64) { rc = fail("%s: more than 64 shards", path); break; }
-        if (tensor_file_open(&src->files[src->n], shard) != 0) rc = -1;
-        else src->n++;
-    }
-    json_free(&index);
-    if (rc != 0) source_close(src);
-    return rc;
-}
-
-/* Stock GPT-NeoX fuses q, k, v into one projection whose rows are ordered
- * [H, 3, hs]: row (h*3 + j)*hs + d is part j (0 q, 1 k, 2 v) of head h. */
-static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
-    const Config *c = &m->config;
-    int C = c->hidden_size, H = c->n_head, hs = c->head_size;
-    LayerWeights *lw = &m->w.layer[l];
-    char wname[MLKV_NAME_MAX], bname[MLKV_NAME_MAX];
-    snprintf(wname, sizeof(wname), "gpt_neox.layers.%d.attention.query_key_value.weight", l);
-    snprintf(bname, sizeof(bname), "gpt_neox.layers.%d.attention.query_key_value.bias", l);
-    const SafeTensors *st = source_find(src, wname);
-    if (!st) return fail("%s: missing tensor gpt_neox.layers.%d.attention.query.weight", src->files[0].path, l);
-    if (!is_mha(c))
-        return fail("%s: layer %d has a fused query_key_value (plain MHA), but the config asks for %d K/V heads in "
-                    "%d layers: convert the checkpoint instead", st->path, l, c->n_kv_head, c->n_kv_layer);
-    float *fused = malloc((size_t)3 * C * (C + 1) * sizeof(float));
-    if (!fused) return fail("out of memory splitting %s", wname);
-    int wshape[2] = {3 * C, C}, bshape[1] = {3 * C};
-    const SafeTensors *bst = source_find(src, bname);
-    if (st_read(st, wname, 2, wshape, fused, NULL) != 0 ||
-        (bst ? st_read(bst, bname, 1, bshape, fused + (size_t)3 * C * C, NULL) : fail("%s: missing tensor %s", st->path, bname)) != 0) {
-        free(fused);
-        return -1;
-    }
-    float *weights[3] = {lw->q_w, lw->k_w, lw->v_w}, *biases[3] = {lw->q_b, lw->k_b, lw->v_b};
-    for (int h = 0; h < H; h++)
-        for (int j = 0; j < 3; j++)
-            for (int d = 0; d < hs; d++) {
-                size_t row = (size_t)(h * 3 + j) * hs + d;
-                memcpy(weights[j] + (size_t)(h * hs + d) * C, fused + row * C, (size_t)C * sizeof(float));
-                biases[j][h * hs + d] = fused[(size_t)3 * C * C + row];
-            }
-    free(fused);
-    return 0;
-}
-
-static int load_params_from(Model *m, const TensorSource *src) {
-    for (int i = 0; i < m->n_params; i++) {
-        const ParamInfo *p = &m->params[i];
-        const SafeTensors *st = source_find(src, p->name);
-        if (st) {
-            if (st_read(st, p->name, p->ndim, p->shape, m->param_memory + p->offset, NULL) != 0) return -1;
-            continue;
-        }
-        int layer;
-        char kind[16];
-        /* a missing unfused query means a fused checkpoint; k and v come with it */
-        if (sscanf(p->name, "gpt_neox.layers.%d.attention.query.%15s", &layer, kind) == 2 && !strcmp(kind, "weight")) {
-            if (load_fused_qkv(m, src, layer) != 0) return -1;
-            i += m->config.kv_layer_of[layer] == layer ? 5 : 1; /* q, k, v weights and biases are loaded */
-            continue;
-        }
-        return fail("%s: missing tensor %s", src->files[0].path, p->name);
-    }
-    /* every tensor in the files must be a parameter of this configuration */
-    for (int f = 0; f < src->n; f++) {
-        const Json *h = &src->files[f].header;
-        for (size_t i = 0; i < h->length; i++) {
-            const char *name = h->keys[i];
-            if (!strcmp(name, "__metadata__") || is_skipped_buffer(name) || model_param(m, name)) continue;
-            if (strstr(name, "attention.query_key_value.")) continue;
-            return fail("%s: unexpected tensor %s: not a parameter of this configuration (%d K/V layers of %d heads)",
-                        src->files[f].path, printable(name), m->config.n_kv_layer, m->config.n_kv_head);
-        }
-    }
-    return 0;
-}
-
 static int model_allocate_params(Model *m) {
     if (build_param_table(m) != 0) return -1;
     m->param_memory = alloc_zeroed(m->num_parameters, sizeof(float), "the parameters");
     if (!m->param_memory) return -1;
     point_weights(m, m->param_memory, &m->w);
     return 0;
-}
-
-int model_load(Model *m, const char *dir) {
-    char path[PATH_LEN];
-    memset(m, 0, sizeof(*m));
-    if (make_path(path, dir, "/config.json") != 0 || config_load(&m->config, path, &m->config_extra) != 0 ||
-        model_allocate_params(m) != 0) { model_free(m); return -1; }
-    TensorSource src;
-    if (source_open(&src, dir) != 0) { model_free(m); return -1; }
-    int rc = load_params_from(m, &src);
-    source_close(&src);
-    if (rc != 0) model_free(m);
-    return rc;
 }
 
 int model_init_random(Model *m, const Config *c, uint64_t seed) {
@@ -1807,611 +519,8 @@ int model_init_random(Model *m, const Config *c, uint64_t seed) {
     }
     return 0;
 }
-
-/* Checkpoint folders are written whole into DIR.saving, then swapped in by
- * renames, so an interrupted save leaves the previous checkpoint intact (as
- * DIR, or as DIR.previous during the instant between the two renames). */
-static const char *const checkpoint_files[] = {
-    "config.json", "model.safetensors", "optimizer.safetensors",
-    /* companions: the tokenizer and generation files of the model a checkpoint came from */
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json",
-    "merges.txt", NULL};
-#define FIRST_COMPANION 3
-
-static void remove_checkpoint_dir(const char *dir) {
-    char path[PATH_LEN], name[PATH_LEN];
-    for (int i = 0; checkpoint_files[i]; i++)
-        if (make_path(name, "/", checkpoint_files[i]) == 0 && make_path(path, dir, name) == 0) unlink(path);
-    rmdir(dir);
-}
-
-static int copy_file(const char *from, const char *to) {
-    char *data;
-    size_t len;
-    if (read_file(from, &data, &len) != 0) return -1;
-    Writer w;
-    int rc = writer_open(&w, to);
-    if (rc == 0) { writer_put(&w, data, len); rc = writer_close(&w); }
-    free(data);
-    return rc;
-}
-
-/* A folder mlkv may write: absent, or holding only checkpoint files (so a
- * save never deletes a file that mlkv did not write), and none of those
- * unless overwrite is set (so finished work is never replaced without a word;
- * train says "or --resume"), and never the folder a command reads from
- * (input: NULL, or that folder). */
-static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume) {
-    struct stat st, in;
-    if (stat(dir, &st) != 0) return 0;
-    if (input && stat(input, &in) == 0 && in.st_dev == st.st_dev && in.st_ino == st.st_ino)
-        return fail("%s is also the input model: writing there would destroy what is being read; choose another "
-                    "output folder", dir);
-    if (!S_ISDIR(st.st_mode)) return fail("%s: exists and is not a folder", dir);
-    DIR *d = opendir(dir);
-    if (!d) return fail("%s: cannot list: %s", dir, strerror(errno));
-    struct dirent *e;
-    int rc = 0;
-    while (rc == 0 && (e = readdir(d)) != NULL) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        int ours = 0;
-        for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
-        if (!ours)
-            rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
-        else if (!overwrite)
-            rc = fail("%s already holds a model (%s): give --overwrite to replace it%s, or choose a new output folder",
-                      dir, e->d_name, or_resume ? or_resume : "");
-    }
-    closedir(d);
-    return rc;
-}
-
-/* DIR.lock holds the process id of the run writing DIR: a second run is
- * refused while the first lives; a lock left by a process that is gone (a
- * crash, a kill -9) is taken over. */
-static int lock_output(const char *dir, char *lock_path) {
-    if (make_path(lock_path, dir, ".lock") != 0) return -1;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        int fd = open(lock_path, O_WRONLY | O_CREAT | O_EXCL, 0644);
-        if (fd >= 0) {
-            char pid[32];
-            int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
-            int ok = write(fd, pid, (size_t)n) == n;
-            close(fd);
-            if (ok) return 0;
-            unlink(lock_path);
-            return fail("%s: cannot write the lock", lock_path);
-        }
-        if (errno != EEXIST) return fail("%s: cannot create: %s", lock_path, strerror(errno));
-        char *text = NULL;
-        size_t len;
-        long long owner = 0;
-        if (read_file(lock_path, &text, &len) == 0) {
-            text[strcspn(text, "\n")] = '\0';
-            if (parse_count(text, 1LL << 30, &owner) != 0) owner = 0;
-            free(text);
-        }
-        if (owner > 0 && kill((pid_t)owner, 0) == 0)
-            return fail("%s is being written by another mlkv run (process %lld, %s); wait for it, or stop it", dir, owner,
-                        lock_path);
-        unlink(lock_path); /* its process is gone */
-    }
-    return fail("%s: cannot take the lock", lock_path);
-}
-
-static int write_fused_safetensors(const Model *m, const char *path);
-
-/* optimizer_metadata: NULL saves the model alone. companion_dir: a folder whose
- * tokenizer and generation files travel with the checkpoint, or NULL. stock:
- * plain GPT-NeoX (fused query_key_value, no MLKV keys), for MHA models. */
-static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata, const char *companion_dir,
-                           int stock) {
-    char staging[PATH_LEN], previous[PATH_LEN], path[PATH_LEN], from[PATH_LEN];
-    if (make_path(staging, dir, ".saving") != 0 || make_path(previous, dir, ".previous") != 0) return -1;
-    /* the two folders beside DIR that a save replaces are checked like DIR itself */
-    if (check_output_dir(staging, NULL, 1, NULL) != 0 || check_output_dir(previous, NULL, 1, NULL) != 0) return -1;
-    remove_checkpoint_dir(staging);
-    if (mkdir(staging, 0755) != 0) return fail("%s: cannot create: %s", staging, strerror(errno));
-    TensorGroup params = {"", m->param_memory};
-    TensorGroup moments[2] = {{"m.", m->adam_m}, {"v.", m->adam_v}};
-    int rc = make_path(path, staging, "/config.json");
-    if (rc == 0) rc = config_save(&m->config, m->config_extra, stock, path);
-    if (rc == 0) rc = make_path(path, staging, "/model.safetensors");
-    if (rc == 0) rc = stock ? write_fused_safetensors(m, path) : model_write_safetensors(m, &params, 1, path, "{\"format\":\"pt\"}");
-    if (rc == 0 && optimizer_metadata) rc = make_path(path, staging, "/optimizer.safetensors");
-    if (rc == 0 && optimizer_metadata) rc = model_write_safetensors(m, moments, 2, path, optimizer_metadata);
-    for (int i = FIRST_COMPANION; rc == 0 && companion_dir && checkpoint_files[i]; i++) {
-        char name[PATH_LEN];
-        rc = make_path(name, "/", checkpoint_files[i]);
-        if (rc == 0 && make_path(from, companion_dir, name) == 0 && file_exists(from))
-            rc = make_path(path, staging, name) == 0 ? copy_file(from, path) : -1;
-    }
-    if (rc != 0) { remove_checkpoint_dir(staging); return -1; }
-    remove_checkpoint_dir(previous);
-    if (file_exists(dir) && rename(dir, previous) != 0) {
-        remove_checkpoint_dir(staging);
-        return fail("%s: cannot move the old checkpoint aside: %s", dir, strerror(errno));
-    }
-    if (rename(staging, dir) != 0) {
-        int e = errno;
-        rename(previous, dir);
-        return fail("%s: cannot move the new checkpoint in place: %s", dir, strerror(e));
-    }
-    remove_checkpoint_dir(previous);
-    return 0;
-}
-
-
 /* ===========================================================================
- * 6. Token files (llm.c's format) and the data loader
- * ======================================================================== */
-
-#define TOKENS_MAGIC 20240520
-#define TOKENS_VERSION 1
-#define TOKENS_HEADER_INTS 256
-
-int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
-    memset(tf, 0, sizeof(*tf));
-    size_t size;
-    FILE *f = open_regular(path, &size);
-    if (!f) return -1;
-    int32_t header[TOKENS_HEADER_INTS];
-    if (fread(header, sizeof(int32_t), TOKENS_HEADER_INTS, f) != TOKENS_HEADER_INTS) {
-        fclose(f);
-        return fail("%s: shorter than the 1024-byte header of a token file", path);
-    }
-    if (header[0] != TOKENS_MAGIC || header[1] != TOKENS_VERSION) {
-        fclose(f);
-        return fail("%s: not a token file (magic %d version %d; expected %d version %d, llm.c's uint16 format)", path,
-                    header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION);
-    }
-    size_t expected = TOKENS_HEADER_INTS * sizeof(int32_t) + (size_t)(uint32_t)header[2] * sizeof(uint16_t);
-    if (header[2] < 0 || size != expected) {
-        fclose(f);
-        return fail("%s: header says %d tokens (%zu bytes), but the file has %zu bytes", path, header[2], expected, size);
-    }
-    tf->n_tokens = (size_t)header[2];
-    tf->tokens = alloc_zeroed(tf->n_tokens + 1, sizeof(uint16_t), path);
-    if (!tf->tokens) { fclose(f); return -1; }
-    if (fseek(f, TOKENS_HEADER_INTS * sizeof(int32_t), SEEK_SET) != 0 ||
-        fread(tf->tokens, sizeof(uint16_t), tf->n_tokens, f) != tf->n_tokens) {
-        fclose(f);
-        tokens_free(tf);
-        return fail("%s: read error", path);
-    }
-    fclose(f);
-    for (size_t i = 0; i < tf->n_tokens; i++)
-        if (tf->tokens[i] >= vocab_size) {
-            int id = tf->tokens[i];
-            tokens_free(tf);
-            return fail("%s: token %d at position %zu is outside the model's vocabulary (vocab_size %d)", path, id, i,
-                        vocab_size);
-        }
-    return 0;
-}
-
-int tokens_save(const char *path, const uint16_t *tokens, size_t n) {
-    if (n > 2147483647u) return fail("%s: too many tokens for one file", path);
-    int32_t header[TOKENS_HEADER_INTS] = {TOKENS_MAGIC, TOKENS_VERSION, (int32_t)n};
-    Writer w;
-    if (writer_open(&w, path) != 0) return -1;
-    writer_put(&w, header, sizeof(header));
-    writer_put(&w, tokens, n * sizeof(uint16_t));
-    return writer_close(&w);
-}
-
-void tokens_free(TokenFile *tf) {
-    free(tf->tokens);
-    tf->tokens = NULL;
-    tf->n_tokens = 0;
-}
-
-/* The token stream is cut into n_seqs = (n-1) / T sequences; sequence i is
- * tokens [i*T, i*T + T] (T+1 tokens: inputs and shifted targets). Training
- * visits them in an order shuffled from (seed, epoch), as HF Trainer shuffles
- * its packed samples, so a position (epoch, next) reproduces everything. */
-static void loader_shuffle(DataLoader *dl) {
-    for (size_t i = 0; i < dl->n_seqs; i++) dl->order[i] = i;
-    if (!dl->shuffle) return;
-    uint64_t rng = dl->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(dl->epoch + 1));
-    for (size_t i = dl->n_seqs - 1; i > 0; i--) {
-        size_t j = (size_t)(rng_next(&rng) % (i + 1));
-        size_t t = dl->order[i];
-        dl->order[i] = dl->order[j];
-        dl->order[j] = t;
-    }
-}
-
-int loader_init(DataLoader *dl, const TokenFile *f, int B, int T, uint64_t seed, int shuffle) {
-    memset(dl, 0, sizeof(*dl));
-    dl->file = f;
-    dl->B = B;
-    dl->T = T;
-    dl->seed = seed;
-    dl->shuffle = shuffle;
-    dl->n_seqs = f->n_tokens > 0 ? (f->n_tokens - 1) / (size_t)T : 0;
-    if (dl->n_seqs == 0) return fail("%zu tokens are fewer than one sequence of %d + 1", f->n_tokens, T);
-    dl->order = alloc_zeroed(dl->n_seqs, sizeof(size_t), "the data order");
-    if (!dl->order) return -1;
-    loader_shuffle(dl);
-    return 0;
-}
-
-void loader_seek(DataLoader *dl, int epoch, size_t next) {
-    dl->epoch = epoch;
-    dl->next = next < dl->n_seqs ? next : 0;
-    loader_shuffle(dl);
-}
-
-void loader_next(DataLoader *dl, int *rows) {
-    for (int b = 0; b < dl->B; b++) {
-        if (dl->next == dl->n_seqs) loader_seek(dl, dl->epoch + 1, 0);
-        const uint16_t *src = dl->file->tokens + dl->order[dl->next++] * (size_t)dl->T;
-        for (int t = 0; t <= dl->T; t++) rows[b * (dl->T + 1) + t] = src[t];
-    }
-}
-
-void loader_free(DataLoader *dl) {
-    free(dl->order);
-    dl->order = NULL;
-}
-
-/* ===========================================================================
- * 7. The tokenizer: HF tokenizer.json of the byte-level BPE family (GPT-2,
- *    GPT-NeoX). Byte-level BPE spells every byte as one printable character
- *    (the byte alphabet) and merges adjacent tokens by rank. Decoding maps a
- *    token's characters back to bytes. Encoding here is exact for ASCII text;
- *    tokenize.py is exact for all text (it has Unicode's tables).
- * ======================================================================== */
-
-#define ALPHABET_END 324 /* the byte alphabet lies in code points 0..323 */
-
-/* Printable Latin-1 bytes stand for themselves; the other 68 bytes take the
- * code points from 256 up, in byte order. byte_of[cp] = the byte, or -1. */
-static void byte_alphabet(unsigned char_of[256], int byte_of[ALPHABET_END]) {
-    int extra = 0;
-    for (int cp = 0; cp < ALPHABET_END; cp++) byte_of[cp] = -1;
-    for (int b = 0; b < 256; b++) {
-        int printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-        char_of[b] = printable ? (unsigned)b : 256u + (unsigned)extra++;
-        byte_of[char_of[b]] = b;
-    }
-}
-
-/* The bytes of the UTF-8 character a lead byte starts: 1 to 4, or 0 for a
- * byte that starts none. */
-static int utf8_length(unsigned char lead) {
-    return lead < 0x80 ? 1 : (lead & 0xE0) == 0xC0 ? 2 : (lead & 0xF0) == 0xE0 ? 3 : (lead & 0xF8) == 0xF0 ? 4 : 0;
-}
-
-/* One UTF-8 character at s (n bytes left): its length, or 0 if malformed. */
-static int utf8_next(const unsigned char *s, size_t n, unsigned *cp) {
-    int len = utf8_length(s[0]);
-    if (len == 0 || (size_t)len > n) return 0;
-    *cp = len == 1 ? s[0] : s[0] & (0xFF >> (len + 1));
-    for (int i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80) return 0;
-        *cp = *cp << 6 | (s[i] & 0x3F);
-    }
-    return len;
-}
-
-/* As the ByteLevel decoder: every character through the byte alphabet, or the
- * text's own UTF-8 when a character lies outside it (added tokens like runs of
- * spaces). */
-static int token_text_to_bytes(const char *text, const int *byte_of, char **out, int *len) {
-    size_t n = strlen(text), k = 0;
-    char *b = malloc(n + 1);
-    if (!b) return fail("out of memory loading a tokenizer");
-    for (size_t i = 0; i < n;) {
-        unsigned cp;
-        int step = utf8_next((const unsigned char *)text + i, n - i, &cp);
-        if (step == 0 || cp >= ALPHABET_END || byte_of[cp] < 0) { memcpy(b, text, n); k = n; break; }
-        b[k++] = (char)byte_of[cp];
-        i += (size_t)step;
-    }
-    *out = b;
-    *len = (int)k;
-    return 0;
-}
-
-static MergeSlot *merge_slot(const Tokenizer *t, uint64_t key) {
-    size_t i = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 20) & (t->merge_capacity - 1);
-    while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key) i = (i + 1) & (t->merge_capacity - 1);
-    return &t->merges[i];
-}
-
-typedef struct { const char *text; int id; } VocabEntry;
-
-static int vocab_order(const void *a, const void *b) {
-    return strcmp(((const VocabEntry *)a)->text, ((const VocabEntry *)b)->text);
-}
-
-static int vocab_find(const VocabEntry *sorted, size_t n, const char *text) {
-    VocabEntry key = {text, 0};
-    const VocabEntry *e = bsearch(&key, sorted, n, sizeof(VocabEntry), vocab_order);
-    return e ? e->id : -1;
-}
-
-/* A merge as "left right" in buf (NUL after each part): from "a b" (classic
- * files) or ["a", "b"] (newer ones). buf holds at least the merge's text + 2. */
-static int merge_parts(const Json *m, char *buf, char **left, char **right) {
-    if (m->type == JSON_ARRAY && m->length == 2 && m->items[0].type == JSON_STRING && m->items[1].type == JSON_STRING) {
-        *left = strcpy(buf, m->items[0].string);
-        *right = strcpy(buf + strlen(buf) + 1, m->items[1].string);
-        return 0;
-    }
-    const char *space = m->type == JSON_STRING ? strchr(m->string, ' ') : NULL;
-    if (!space || strchr(space + 1, ' ')) return -1;
-    *left = strcpy(buf, m->string);
-    buf[space - m->string] = '\0';
-    *right = buf + (space - m->string) + 1;
-    return 0;
-}
-
-static size_t merge_text_length(const Json *m) {
-    if (m->type == JSON_STRING) return m->length;
-    size_t n = 0;
-    for (size_t i = 0; m->type == JSON_ARRAY && i < m->length; i++) n += m->items[i].type == JSON_STRING ? m->items[i].length : 0;
-    return n;
-}
-
-static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
-    const Json *model = json_get(j, "model"), *vocab = json_get(model, "vocab"), *merges = json_get(model, "merges");
-    const Json *pre = json_get(j, "pre_tokenizer"), *added = json_get(j, "added_tokens");
-    if (!vocab || vocab->type != JSON_OBJECT || !merges || merges->type != JSON_ARRAY)
-        return fail("%s: not a BPE tokenizer.json (no model.vocab and model.merges)", path);
-    if (!pre || !config_string_is(pre, "type", "ByteLevel") || !json_get(pre, "type"))
-        return fail("%s: the pre_tokenizer is not ByteLevel", path);
-    const Json *prefix = json_get(pre, "add_prefix_space");
-    if (prefix && prefix->number != 0) return fail("%s: add_prefix_space true is not supported", path);
-    unsigned char_of[256];
-    int byte_of[ALPHABET_END], max_id = -1;
-    byte_alphabet(char_of, byte_of);
-    size_t n_added = added && added->type == JSON_ARRAY ? added->length : 0;
-    for (size_t i = 0; i < vocab->length; i++) {
-        if (!json_is_count(&vocab->items[i]) || vocab->items[i].number >= (1 << 24))
-            return fail("%s: vocabulary entry %zu has no valid id", path, i);
-        max_id = vocab->items[i].number > max_id ? (int)vocab->items[i].number : max_id;
-    }
-    for (size_t i = 0; i < n_added; i++) {
-        const Json *id = json_get(&added->items[i], "id"), *content = json_get(&added->items[i], "content");
-        if (!json_is_count(id) || id->number >= (1 << 24) || !content || content->type != JSON_STRING || !content->string[0])
-            return fail("%s: added token %zu has no id or content", path, i);
-        if (strlen(content->string) != content->length) /* a C string would end at the NUL and match wrongly */
-            return fail("%s: added token %zu contains a NUL character, which mlkv does not support", path, i);
-        max_id = id->number > max_id ? (int)id->number : max_id;
-    }
-    if (max_id < 0) return fail("%s: the vocabulary is empty", path);
-    t->n_ids = max_id + 1;
-    t->bytes = alloc_zeroed((size_t)t->n_ids, sizeof(char *), "the tokenizer");
-    t->length = alloc_zeroed((size_t)t->n_ids, sizeof(int), "the tokenizer");
-    t->added = alloc_zeroed(n_added + 1, sizeof(char *), "the tokenizer");
-    t->added_id = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
-    t->added_normalized = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
-    VocabEntry *sorted = alloc_zeroed(vocab->length + 1, sizeof(VocabEntry), "the tokenizer");
-    if (!t->bytes || !t->length || !t->added || !t->added_id || !t->added_normalized || !sorted) { free(sorted); return -1; }
-    for (size_t i = 0; i < vocab->length; i++) {
-        int id = (int)vocab->items[i].number;
-        sorted[i] = (VocabEntry){vocab->keys[i], id};
-        if (!t->bytes[id] && token_text_to_bytes(vocab->keys[i], byte_of, &t->bytes[id], &t->length[id]) != 0) {
-            free(sorted);
-            return -1;
-        }
-    }
-    qsort(sorted, vocab->length, sizeof(VocabEntry), vocab_order);
-    t->eot_id = -1;
-    for (size_t i = 0; i < n_added; i++) {
-        const Json *tok = &added->items[i], *normalized = json_get(tok, "normalized");
-        int id = (int)json_get(tok, "id")->number;
-        t->added[t->n_added] = strdup(json_get(tok, "content")->string);
-        t->added_id[t->n_added] = id;
-        t->added_normalized[t->n_added] = !normalized || normalized->number != 0; /* HF's default: true */
-        if (!t->added[t->n_added]) { free(sorted); return fail("out of memory loading %s", path); }
-        if (!strcmp(t->added[t->n_added], "<|endoftext|>")) t->eot_id = id;
-        free(t->bytes[id]);
-        if (token_text_to_bytes(t->added[t->n_added], byte_of, &t->bytes[id], &t->length[id]) != 0) { free(sorted); return -1; }
-        t->n_added++;
-    }
-    for (int b = 0; b < 256; b++) {
-        char ch[8];
-        ch[utf8_encode(char_of[b], ch)] = '\0';
-        t->byte_id[b] = vocab_find(sorted, vocab->length, ch);
-    }
-    /* merges: (left id, right id) -> (rank, merged id), in a table at most half full */
-    for (t->merge_capacity = 16; t->merge_capacity < 2 * merges->length + 16;) t->merge_capacity *= 2;
-    t->merges = malloc(t->merge_capacity * sizeof(MergeSlot));
-    if (!t->merges) { free(sorted); return fail("out of memory loading %s", path); }
-    for (size_t i = 0; i < t->merge_capacity; i++) t->merges[i].key = UINT64_MAX;
-    int rc = 0;
-    for (size_t r = 0; r < merges->length && rc == 0; r++) {
-        size_t n = merge_text_length(&merges->items[r]);
-        char *buf = malloc(2 * n + 4), *left, *right, *both = buf + n + 2;
-        if (!buf) { rc = fail("out of memory loading %s", path); break; }
-        if (merge_parts(&merges->items[r], buf, &left, &right) != 0) {
-            free(buf);
-            rc = fail("%s: merge %zu is not a pair", path, r);
-            break;
-        }
-        snprintf(both, n + 2, "%s%s", left, right);
-        int a = vocab_find(sorted, vocab->length, left), b = vocab_find(sorted, vocab->length, right);
-        int ab = vocab_find(sorted, vocab->length, both);
-        if (a < 0 || b < 0 || ab < 0) rc = fail("%s: merge %zu (%s %s) uses a token not in the vocabulary", path, r, left, right);
-        free(buf);
-        if (rc != 0) break;
-        MergeSlot *slot = merge_slot(t, (uint64_t)a << 32 | (uint32_t)b);
-        if (slot->key == UINT64_MAX) *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
-    }
-    free(sorted);
-    for (int b = 0; rc == 0 && b < 128; b++) /* encoding (ASCII) starts from each byte's own token */
-        if (t->byte_id[b] < 0) rc = fail("%s: no token for byte 0x%02x: not a byte-level vocabulary", path, b);
-    return rc;
-}
-
-int tokenizer_load(Tokenizer *t, const char *path) {
-    Json j;
-    struct stat st;
-    char in_folder[PATH_LEN];
-    memset(t, 0, sizeof(*t));
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) { /* a model folder: its tokenizer.json */
-        if (make_path(in_folder, path, "/tokenizer.json") != 0) return -1;
-        path = in_folder;
-    }
-    if (json_load_file(path, &j) != 0) return -1;
-    int rc = tokenizer_build(t, &j, path);
-    json_free(&j);
-    if (rc != 0) tokenizer_free(t);
-    return rc;
-}
-
-void tokenizer_free(Tokenizer *t) {
-    for (int i = 0; t->bytes && i < t->n_ids; i++) free(t->bytes[i]);
-    for (int i = 0; t->added && i < t->n_added; i++) free(t->added[i]);
-    free(t->bytes); free(t->length); free(t->merges); free(t->added); free(t->added_id); free(t->added_normalized);
-    memset(t, 0, sizeof(*t));
-}
-
-const char *tokenizer_token(const Tokenizer *t, int id, int *length) {
-    if (id < 0 || id >= t->n_ids || !t->bytes[id]) return NULL;
-    *length = t->length[id];
-    return t->bytes[id];
-}
-
-/* GPT-2's split pattern on ASCII, where \p{L} is [A-Za-z], \p{N} is [0-9] and
- * \s is [\t\n\v\f\r ]:
- *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
- * Returns the length of the piece that starts at s. */
-enum { CHAR_LETTER, CHAR_DIGIT, CHAR_SPACE, CHAR_OTHER };
-
-static int ascii_class(char c) {
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return CHAR_LETTER;
-    if (c >= '0' && c <= '9') return CHAR_DIGIT;
-    if (c == ' ' || (c >= '\t' && c <= '\r')) return CHAR_SPACE;
-    return CHAR_OTHER;
-}
-
-static size_t next_piece(const char *s, size_t n) {
-    static const char *const contractions[] = {"s", "t", "re", "ve", "m", "ll", "d"};
-    if (s[0] == '\'')
-        for (int i = 0; i < 7; i++) {
-            size_t k = strlen(contractions[i]);
-            if (n > k && !strncmp(s + 1, contractions[i], k)) return k + 1;
-        }
-    size_t j = s[0] == ' ' && n > 1 ? 1 : 0; /* the optional leading space */
-    int kind = ascii_class(s[j]);
-    if (kind != CHAR_SPACE) {
-        size_t e = j + 1;
-        while (e < n && ascii_class(s[e]) == kind) e++;
-        return e;
-    }
-    size_t e = 0; /* a run of white space keeps its last character for the next word */
-    while (e < n && ascii_class(s[e]) == CHAR_SPACE) e++;
-    return e == n || e == 1 ? e : e - 1;
-}
-
-/* Byte-pair merges on one piece: start from its bytes' tokens, merge the
- * adjacent pair of lowest rank (leftmost first) until no merge applies. */
-static int bpe_piece(const Tokenizer *t, const char *s, size_t n, int *ids, int room) {
-    if ((size_t)room < n) return fail("the text has more tokens than the %d allowed", room);
-    int m = (int)n;
-    for (size_t i = 0; i < n; i++) ids[i] = t->byte_id[(unsigned char)s[i]];
-    while (m > 1) {
-        int at = -1, best_rank = 0, merged = 0;
-        for (int i = 0; i + 1 < m; i++) {
-            const MergeSlot *slot = merge_slot(t, (uint64_t)ids[i] << 32 | (uint32_t)ids[i + 1]);
-            if (slot->key != UINT64_MAX && (at < 0 || slot->rank < best_rank)) {
-                at = i;
-                best_rank = slot->rank;
-                merged = slot->merged;
-            }
-        }
-        if (at < 0) break;
-        ids[at] = merged;
-        memmove(ids + at + 1, ids + at + 2, (size_t)(m - at - 2) * sizeof(int));
-        m--;
-    }
-    return m;
-}
-
-/* The leftmost added token of the given kind in s, the longest where several
- * start there (HF matches special tokens in the raw text, the normalized ones
- * after normalization; for ASCII the two texts are the same). */
-static int find_added(const Tokenizer *t, const char *s, size_t n, int normalized, size_t *at, size_t *len) {
-    for (size_t pos = 0; pos < n; pos++) {
-        int best = -1;
-        size_t best_len = 0;
-        for (int i = 0; i < t->n_added; i++) {
-            size_t k = strlen(t->added[i]);
-            if (t->added_normalized[i] == normalized && k > best_len && k <= n - pos && !memcmp(s + pos, t->added[i], k)) {
-                best = i;
-                best_len = k;
-            }
-        }
-        if (best >= 0) {
-            *at = pos;
-            *len = best_len;
-            return t->added_id[best];
-        }
-    }
-    return -1;
-}
-
-/* phase 0: split on special (not normalized) added tokens; phase 1: on the
- * normalized ones; then pieces and merges. Returns the ids written or -1. */
-static int encode_span(const Tokenizer *t, const char *s, size_t n, int phase, int *ids, int room) {
-    int count = 0;
-    while (n > 0) {
-        size_t at = n, len = 0;
-        int id = phase < 2 ? find_added(t, s, n, phase, &at, &len) : -1;
-        size_t plain = id >= 0 ? at : n;
-        if (phase < 2) {
-            int k = encode_span(t, s, plain, phase + 1, ids + count, room - count);
-            if (k < 0) return -1;
-            count += k;
-        } else {
-            for (size_t p = 0; p < plain;) {
-                size_t piece = next_piece(s + p, plain - p);
-                int k = bpe_piece(t, s + p, piece, ids + count, room - count);
-                if (k < 0) return -1;
-                count += k;
-                p += piece;
-            }
-        }
-        if (id < 0) break;
-        if (count >= room) return fail("the text has more tokens than the %d allowed", room);
-        ids[count++] = id;
-        s += at + len;
-        n -= at + len;
-    }
-    return count;
-}
-
-int tokenizer_encode(const Tokenizer *t, const char *text, int *ids, int max_ids) {
-    for (const char *p = text; *p; p++)
-        if ((unsigned char)*p >= 0x80)
-            return fail("the text is not ASCII; mlkv encodes ASCII exactly but not other text: get the ids with "
-                        "python3 tokenize.py encode --tokenizer FILE TEXT");
-    return encode_span(t, text, strlen(text), 0, ids, max_ids);
-}
-
-void utf8_stream_write(Utf8Stream *s, const char *bytes, int n, FILE *out) {
-    for (int i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)bytes[i];
-        if (s->n > 0 && (c & 0xC0) != 0x80) utf8_stream_flush(s, out); /* a broken character goes out as it is */
-        s->pending[s->n++] = c;
-        int want = utf8_length(s->pending[0]);
-        if (s->n >= (want ? want : 1)) utf8_stream_flush(s, out); /* complete, or a stray byte */
-    }
-    fflush(out);
-}
-
-void utf8_stream_flush(Utf8Stream *s, FILE *out) {
-    if (s->n) fwrite(s->pending, 1, (size_t)s->n, out);
-    s->n = 0;
-}
-
-/* ===========================================================================
- * 8. Kernels. Shapes use N = B*T rows. Forward kernels overwrite their
+ * 4. Kernels. Shapes use N = B*T rows. Forward kernels overwrite their
  *    output; backward kernels *add* into their input gradients (dinp += ...),
  *    because a tensor may feed several consumers (the residual stream, and the
  *    K/V of an owning layer read by several layers). Every reduction runs in a
@@ -3542,7 +1651,7 @@ PARALLEL_FOR
 }
 
 /* ===========================================================================
- * 9. The model: buffers, forward, backward
+ * 5. The model: buffers, forward, backward
  * ======================================================================== */
 
 /* Whether layer l attends over rotated keys. The owner always does; a layer
@@ -3965,7 +2074,7 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
 }
 
 /* ===========================================================================
- * 10. Generation: prefill and decoding with a KV cache of the owning layers
+ * 6. Generation: prefill and decoding with a KV cache of the owning layers
  * ======================================================================== */
 
 /* The cache's buffers, in one table that serves allocation and bench-kv's
@@ -4106,7 +2215,7 @@ static int sample_token(const float *logits, int V, const SamplingConfig *s, uin
 }
 
 /* ===========================================================================
- * 11. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
+ * 7. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
  * ======================================================================== */
 
 double lr_at_step(const OptimConfig *o, int step) {
@@ -4206,7 +2315,7 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
 }
 
 /* ===========================================================================
- * 12. The converter: a pretrained (MHA) Pythia to GQA / MQA / MLKV, step by
+ * 8. The converter: a pretrained (MHA) Pythia to GQA / MQA / MLKV, step by
  *     step as the reference code's converter does it (split the fused QKV,
  *     mean-pool K/V heads in groups, fold non-owning layers into their owner
  *     by a running pairwise average, grow the MLPs to keep the parameter
@@ -4386,51 +2495,30 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
     return 0;
 }
 
-/* Stock GPT-NeoX layout of an MHA model: q, k, v fused per head into
- * query_key_value (rows ordered [H, 3, hs]), the inverse of load_fused_qkv. */
-static int write_fused_safetensors(const Model *m, const char *path) {
-    const Config *c = &m->config;
-    int C = c->hidden_size, H = c->n_head, hs = c->head_size, L = c->n_layer;
-    TensorOut *list = alloc_zeroed((size_t)m->n_params, sizeof(TensorOut), "the tensor list");
-    float *fused = alloc_zeroed((size_t)L * 3 * C * (C + 1), sizeof(float), "fused projections");
-    if (!list || !fused) { free(list); free(fused); return -1; }
-    int n = 0;
-    for (int i = 0; i < m->n_params; i++) {
-        const ParamInfo *p = &m->params[i];
-        int l;
-        char part[32];
-        if (sscanf(p->name, "gpt_neox.layers.%d.attention.%31[a-z.]", &l, part) == 2 &&
-            (!strncmp(part, "key.", 4) || !strncmp(part, "value.", 6)))
-            continue; /* written inside query_key_value */
-        TensorOut *t = &list[n++];
-        snprintf(t->name, sizeof(t->name), "%s", p->name);
-        t->ndim = p->ndim;
-        t->shape[0] = p->shape[0];
-        t->shape[1] = p->shape[1];
-        t->data = m->param_memory + p->offset;
-        if (sscanf(p->name, "gpt_neox.layers.%d.attention.%31[a-z.]", &l, part) != 2 || strncmp(part, "query.", 6)) continue;
-        int is_weight = !strcmp(part, "query.weight"), width = is_weight ? C : 1;
-        float *dst = fused + (size_t)l * 3 * C * (C + 1) + (is_weight ? 0 : (size_t)3 * C * C);
-        const LayerWeights *lw = &m->w.layer[l];
-        const float *parts[3] = {is_weight ? lw->q_w : lw->q_b, is_weight ? lw->k_w : lw->k_b, is_weight ? lw->v_w : lw->v_b};
-        for (int h = 0; h < H; h++)
-            for (int j = 0; j < 3; j++)
-                memcpy(dst + (size_t)((h * 3 + j) * hs) * width, parts[j] + (size_t)h * hs * width,
-                       (size_t)hs * width * sizeof(float));
-        snprintf(t->name, sizeof(t->name), "gpt_neox.layers.%d.attention.query_key_value.%s", l,
-                 is_weight ? "weight" : "bias");
-        t->shape[0] = 3 * C;
-        t->data = dst;
-    }
-    int rc = safetensors_write(path, list, n, "{\"format\":\"pt\"}");
-    free(list);
-    free(fused);
-    return rc;
-}
+/* ###########################################################################
+ * Part II: the machinery. Sections 1-8 are the model: what MLKV computes and
+ * how it is trained. What follows turns that into a program: the training
+ * loop with its logging, checkpoints and graceful stop; evaluation; the file
+ * formats (config.json, safetensors and PyTorch's pickle, token files, JSON,
+ * tokenizer.json); the demo corpus; the command line. A reader learning MLKV
+ * can stop here.
+ * ######################################################################## */
 
 /* ===========================================================================
- * 13. The training loop
+ * 9. The training loop
  * ======================================================================== */
+
+/* Helpers of the file formats below (sections 12 and 14) that the training
+ * loop and the evaluation call. */
+static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume);
+static int lock_output(const char *dir, char *lock_path);
+static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata,
+                           const char *companion_dir, int stock);
+static int json_load_file(const char *path, Json *out);
+static int json_is_count(const Json *v);
+static void sb_number(StrBuf *b, double x);
+static void json_write_string(StrBuf *b, const char *s);
+static void json_write(StrBuf *b, const Json *j);
 
 typedef struct {
     const char *model_dir, *train_path, *val_path, *out_dir;
@@ -4834,7 +2922,7 @@ done:
 }
 
 /* ===========================================================================
- * 14. Evaluation: the loss of a token file, and the reference's zero-shot
+ * 10. Evaluation: the loss of a token file, and the reference's zero-shot
  *     tasks as lm-evaluation-harness scores them
  * ======================================================================== */
 
@@ -5241,9 +3329,1958 @@ static int write_results_json(const char *path, const TaskResult *r, int n, cons
 }
 
 /* ===========================================================================
- * 15. The built-in demo: a corpus that needs attention to predict (facts
+ * 11. config.json: reading and writing the model configuration (HF names)
+ * ======================================================================== */
+
+/* A number field: absent -> fallback (or an error when required). */
+static int config_number(const Json *j, const char *key, double fallback, int required,
+                         const char *path, double *out) {
+    const Json *v = json_get(j, key);
+    if (!v || v->type == JSON_NULL) {
+        if (required) return fail("%s: missing \"%s\"", path, key);
+        *out = fallback;
+        return 0;
+    }
+    if (v->type != JSON_NUMBER && v->type != JSON_BOOL) return fail("%s: \"%s\" must be a number", path, key);
+    *out = v->number;
+    return 0;
+}
+
+static int config_int(const Json *j, const char *key, int fallback, int required, const char *path, int *out) {
+    double v = 0;
+    if (config_number(j, key, fallback, required, path, &v) != 0) return -1;
+    if (v != floor(v) || v < -2147483647.0 || v > 2147483647.0)
+        return fail("%s: \"%s\" = %g must be an integer", path, key, v);
+    *out = (int)v;
+    return 0;
+}
+
+/* transformers 5 renames rotary_pct / rotary_emb_base and nests them in
+ * rope_parameters; accept every spelling. */
+static int config_rope(const Json *j, const char *const *keys, double fallback, const char *path, double *out) {
+    const Json *nested = json_get(j, "rope_parameters");
+    for (int i = 0; keys[i]; i++) {
+        if (json_get(j, keys[i])) return config_number(j, keys[i], fallback, 1, path, out);
+        if (json_get(nested, keys[i])) return config_number(nested, keys[i], fallback, 1, path, out);
+    }
+    *out = fallback;
+    return 0;
+}
+
+static int config_string_is(const Json *j, const char *key, const char *expected) {
+    const Json *v = json_get(j, key);
+    return !v || (v->type == JSON_STRING && strcmp(v->string, expected) == 0);
+}
+
+/* The keys mlkv reads and writes itself; config_save writes every other key
+ * of the input config back unchanged. */
+static const char *const managed_config_keys[] = {
+    "architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "num_key_value_layers", "intermediate_size", "hidden_act", "rotary_pct",
+    "rotary_emb_base", "partial_rotary_factor", "rope_theta", "rope_parameters", "rope_scaling", "layer_norm_eps",
+    "initializer_range", "max_position_embeddings", "use_parallel_residual", "mlkv_shared_key_rotary",
+    "tie_word_embeddings", "use_key_value_mlp", "kv_intermediate_size", "mlkv_kv_layer_map", "torch_dtype",
+    "dtype", "attention_bias", NULL};
+
+static char *config_extra_members(const Json *j) {
+    StrBuf b = {0};
+    sb_printf(&b, "%s", "");
+    for (size_t i = 0; i < j->length; i++) {
+        int managed = 0;
+        for (int k = 0; managed_config_keys[k] && !managed; k++) managed = !strcmp(j->keys[i], managed_config_keys[k]);
+        if (managed) continue;
+        sb_printf(&b, "  ");
+        json_write_string(&b, j->keys[i]);
+        sb_printf(&b, ": ");
+        json_write(&b, &j->items[i]);
+        sb_printf(&b, ",\n");
+    }
+    return b.s;
+}
+
+static int config_from_json(Config *c, const Json *j, const char *path) {
+    static const char *const pct_keys[] = {"rotary_pct", "partial_rotary_factor", NULL};
+    static const char *const base_keys[] = {"rotary_emb_base", "rope_theta", NULL};
+    memset(c, 0, sizeof(*c));
+    if (j->type != JSON_OBJECT) return fail("%s: not a JSON object", path);
+    if (!json_get(j, "model_type") || !config_string_is(j, "model_type", "gpt_neox"))
+        return fail("%s: not a GPT-NeoX config (model_type must be \"gpt_neox\")", path);
+    if (!config_string_is(j, "hidden_act", "gelu")) return fail("%s: hidden_act must be \"gelu\"", path);
+    const Json *map = json_get(j, "mlkv_kv_layer_map");
+    if (config_int(j, "vocab_size", 0, 1, path, &c->vocab_size) || config_int(j, "hidden_size", 0, 1, path, &c->hidden_size) ||
+        config_int(j, "num_hidden_layers", 0, 1, path, &c->n_layer) ||
+        config_int(j, "num_attention_heads", 0, 1, path, &c->n_head) ||
+        config_int(j, "intermediate_size", 0, 1, path, &c->intermediate_size) ||
+        config_int(j, "max_position_embeddings", 2048, 0, path, &c->max_position_embeddings) ||
+        config_int(j, "num_key_value_heads", c->n_head, 0, path, &c->n_kv_head) ||
+        config_int(j, "num_key_value_layers", map ? 0 : c->n_layer, 0, path, &c->n_kv_layer) ||
+        config_int(j, "kv_intermediate_size", 0, 0, path, &c->kv_intermediate_size) ||
+        config_rope(j, pct_keys, 0.25, path, &c->rotary_pct) || config_rope(j, base_keys, 10000, path, &c->rotary_base) ||
+        config_number(j, "layer_norm_eps", 1e-5, 0, path, &c->layer_norm_eps) ||
+        config_number(j, "initializer_range", 0.02, 0, path, &c->initializer_range))
+        return -1;
+    /* A config with num_key_value_layers but no mlkv_shared_key_rotary was
+     * written by the reference code (mlkv always writes the key): its
+     * checkpoints were trained with non-owning layers reading the owner's
+     * un-rotated keys, so that is the function they compute. */
+    double parallel = 1, shared_rot = json_get(j, "num_key_value_layers") ? 0 : 1, tied = 0, bias = 1, kv_mlp = 0;
+    if (config_number(j, "use_parallel_residual", 1, 0, path, &parallel) ||
+        config_number(j, "mlkv_shared_key_rotary", shared_rot, 0, path, &shared_rot) ||
+        config_number(j, "tie_word_embeddings", 0, 0, path, &tied) ||
+        config_number(j, "attention_bias", 1, 0, path, &bias) ||
+        config_number(j, "use_key_value_mlp", 0, 0, path, &kv_mlp))
+        return -1;
+    if (tied != 0) return fail("%s: tie_word_embeddings is not supported (Pythia's head is untied)", path);
+    if (bias == 0) return fail("%s: attention_bias false is not supported (GPT-NeoX attention has biases)", path);
+    const Json *scaling = json_get(j, "rope_scaling");
+    if (scaling && scaling->type != JSON_NULL) return fail("%s: rope_scaling is not supported", path);
+    if (map) {
+        if (c->n_layer < 1 || c->n_layer > MLKV_MAX_LAYERS) /* checked before kv_layer_of[] is filled */
+            return fail("%s: num_hidden_layers %d is outside 1..%d", path, c->n_layer, MLKV_MAX_LAYERS);
+        if (map->type != JSON_ARRAY || map->length != (size_t)c->n_layer)
+            return fail("%s: mlkv_kv_layer_map must be a list of num_hidden_layers (%d) layer numbers", path, c->n_layer);
+        for (int l = 0; l < c->n_layer; l++) {
+            if (!json_is_count(&map->items[l]) || map->items[l].number >= c->n_layer)
+                return fail("%s: mlkv_kv_layer_map[%d] is not a layer number below %d", path, l, c->n_layer);
+            c->kv_layer_of[l] = (int)map->items[l].number;
+        }
+        c->has_kv_map = 1;
+    }
+    c->parallel_residual = parallel != 0;
+    c->shared_key_rotary = shared_rot != 0;
+    c->use_kv_mlp = kv_mlp != 0;
+    return config_finalize(c, path);
+}
+
+int config_load(Config *c, const char *path, char **extra) {
+    Json j;
+    if (json_load_file(path, &j) != 0) return -1;
+    int rc = config_from_json(c, &j, path);
+    if (rc == 0 && extra) *extra = config_extra_members(&j);
+    json_free(&j);
+    return rc;
+}
+
+int config_save(const Config *c, const char *extra, int stock, const char *path) {
+    StrBuf b = {0};
+    sb_printf(&b, "{\n%s", extra ? extra : "  \"bos_token_id\": 0,\n  \"eos_token_id\": 0,\n");
+    sb_printf(&b, "  \"architectures\": [\"GPTNeoXForCausalLM\"],\n  \"model_type\": \"gpt_neox\",\n");
+    sb_printf(&b, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n", c->vocab_size,
+              c->hidden_size, c->n_layer);
+    sb_printf(&b, "  \"num_attention_heads\": %d,\n  \"intermediate_size\": %d,\n  \"hidden_act\": \"gelu\",\n",
+              c->n_head, c->intermediate_size);
+    const char *names[] = {"rotary_pct", "rotary_emb_base", "partial_rotary_factor", "rope_theta", "layer_norm_eps",
+                           "initializer_range"};
+    double values[] = {c->rotary_pct, c->rotary_base, c->rotary_pct, c->rotary_base, c->layer_norm_eps,
+                       c->initializer_range};
+    for (int i = 0; i < 6; i++) { /* rotary in both spellings: transformers 4 reads the first, 5 the second */
+        sb_printf(&b, "  \"%s\": ", names[i]);
+        sb_number(&b, values[i]);
+        sb_printf(&b, ",\n");
+    }
+    sb_printf(&b, "  \"max_position_embeddings\": %d,\n  \"use_parallel_residual\": %s,\n", c->max_position_embeddings,
+              c->parallel_residual ? "true" : "false");
+    if (!stock) {
+        sb_printf(&b, "  \"num_key_value_heads\": %d,\n  \"num_key_value_layers\": %d,\n", c->n_kv_head, c->n_kv_layer);
+        sb_printf(&b, "  \"mlkv_shared_key_rotary\": %s,\n", c->shared_key_rotary ? "true" : "false");
+        if (c->use_kv_mlp)
+            sb_printf(&b, "  \"use_key_value_mlp\": true,\n  \"kv_intermediate_size\": %d,\n", c->kv_intermediate_size);
+        if (c->has_kv_map) {
+            sb_printf(&b, "  \"mlkv_kv_layer_map\": [");
+            for (int l = 0; l < c->n_layer; l++) sb_printf(&b, "%s%d", l ? ", " : "", c->kv_layer_of[l]);
+            sb_printf(&b, "],\n");
+        }
+    }
+    sb_printf(&b, "  \"torch_dtype\": \"float32\",\n  \"tie_word_embeddings\": false\n}\n");
+    int rc = write_text_file(path, b.s);
+    free(b.s);
+    return rc;
+}
+
+/* ===========================================================================
+ * 12. safetensors and checkpoints
+ * ======================================================================== */
+
+static size_t dtype_size(const char *dtype) {
+    static const struct { const char *name; size_t size; } sizes[] = {
+        {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"F64", 8}, {"I32", 4}, {"I64", 8}, {"I16", 2},
+        {"I8", 1}, {"U8", 1}, {"BOOL", 1}};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
+        if (strcmp(dtype, sizes[i].name) == 0) return sizes[i].size;
+    return 0;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        float v = ldexpf((float)mantissa, -24);
+        return sign ? -v : v;
+    }
+    if (exponent == 31) bits = sign | 0x7F800000u | (mantissa << 13);
+    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static int st_check_entry(const SafeTensors *st, const char *name, const Json *e, size_t data_len) {
+    const Json *dtype = json_get(e, "dtype"), *shape = json_get(e, "shape"), *off = json_get(e, "data_offsets");
+    if (!dtype || dtype->type != JSON_STRING || !dtype_size(dtype->string))
+        return fail("%s: tensor %s has a missing or unknown dtype", st->path, printable(name));
+    if (!shape || shape->type != JSON_ARRAY || shape->length > 8)
+        return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
+    double numel = 1;
+    for (size_t i = 0; i < shape->length; i++) {
+        if (!json_is_count(&shape->items[i])) return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
+        numel *= shape->items[i].number;
+    }
+    if (!off || off->type != JSON_ARRAY || off->length != 2 || !json_is_count(&off->items[0]) ||
+        !json_is_count(&off->items[1]) || off->items[0].number > off->items[1].number)
+        return fail("%s: tensor %s has malformed data_offsets", st->path, printable(name));
+    if (off->items[1].number > (double)data_len)
+        return fail("%s: tensor %s ends at byte %.0f past the data (%zu bytes): the file is truncated", st->path,
+                    printable(name), off->items[1].number, data_len);
+    if (off->items[1].number - off->items[0].number != numel * (double)dtype_size(dtype->string))
+        return fail("%s: tensor %s: data_offsets span %.0f bytes, but shape and dtype need %.0f", st->path, printable(name),
+                    off->items[1].number - off->items[0].number, numel * (double)dtype_size(dtype->string));
+    return 0;
+}
+
+/* safetensors tensors own their bytes: no two data_offsets ranges overlap
+ * (sorted by start, each must begin at or after every earlier one's end) */
+typedef struct { double begin, end; const char *name; } Span;
+static int span_order(const void *a, const void *b) {
+    double x = ((const Span *)a)->begin, y = ((const Span *)b)->begin;
+    return x < y ? -1 : x > y;
+}
+static int st_disjoint(const SafeTensors *st) {
+    Span *spans = malloc((st->header.length + 1) * sizeof(Span));
+    size_t n = 0;
+    if (!spans) return fail("%s: out of memory", st->path);
+    for (size_t i = 0; i < st->header.length; i++) {
+        const Json *off = json_get(&st->header.items[i], "data_offsets");
+        if (strcmp(st->header.keys[i], "__metadata__") != 0)
+            spans[n++] = (Span){off->items[0].number, off->items[1].number, st->header.keys[i]};
+    }
+    qsort(spans, n, sizeof(Span), span_order);
+    int rc = 0;
+    for (size_t i = 1, reach = 0; rc == 0 && i < n; i++) { /* reach: the span that ends last so far */
+        if (spans[i - 1].end > spans[reach].end) reach = i - 1;
+        if (spans[i].begin < spans[reach].end && spans[i].end > spans[i].begin)
+            rc = fail("%s: tensors %s and %s share bytes (overlapping data_offsets)", st->path,
+                      printable(spans[reach].name), printable(spans[i].name));
+    }
+    free(spans);
+    return rc;
+}
+
+int st_open(SafeTensors *st, const char *path) {
+    memset(st, 0, sizeof(*st));
+    snprintf(st->path, sizeof(st->path), "%s", path);
+    if (!(st->f = open_regular(path, &st->file_size))) return -1;
+    unsigned char len_bytes[8];
+    uint64_t header_len = 0;
+    if (st->file_size < 8 || fread(len_bytes, 1, 8, st->f) != 8) {
+        st_close(st);
+        return fail("%s: too short to be a safetensors file", path);
+    }
+    for (int i = 7; i >= 0; i--) header_len = header_len << 8 | len_bytes[i];
+    if (header_len < 2 || header_len > st->file_size - 8 || header_len > (100u << 20)) {
+        st_close(st);
+        return fail("%s: header length %llu does not fit the file (%zu bytes): not safetensors, or truncated",
+                    path, (unsigned long long)header_len, st->file_size);
+    }
+    char *text = malloc(header_len);
+    if (!text) { st_close(st); return fail("%s: out of memory for the header", path); }
+    if (fread(text, 1, header_len, st->f) != header_len) {
+        free(text); st_close(st); return fail("%s: cannot read the header", path);
+    }
+    int rc = json_parse(text, header_len, path, &st->header);
+    free(text);
+    if (rc != 0) { st_close(st); return -1; }
+    if (st->header.type != JSON_OBJECT) { st_close(st); return fail("%s: header is not a JSON object", path); }
+    st->data_start = 8 + header_len;
+    for (size_t i = 0; i < st->header.length; i++) {
+        if (strcmp(st->header.keys[i], "__metadata__") == 0) continue;
+        if (st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size - st->data_start) != 0) {
+            st_close(st);
+            return -1;
+        }
+    }
+    if (st_disjoint(st) != 0) { st_close(st); return -1; }
+    return 0;
+}
+
+void st_close(SafeTensors *st) {
+    if (st->f) fclose(st->f);
+    json_free(&st->header);
+    st->f = NULL;
+}
+
+const Json *st_entry(const SafeTensors *st, const char *name) {
+    return strcmp(name, "__metadata__") == 0 ? NULL : json_get(&st->header, name);
+}
+
+const char *st_metadata(const SafeTensors *st, const char *key) {
+    const Json *v = json_get(json_get(&st->header, "__metadata__"), key);
+    return v && v->type == JSON_STRING ? v->string : NULL;
+}
+
+int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst, int *idst) {
+    const Json *e = st_entry(st, name);
+    if (!e) return fail("%s: missing tensor %s", st->path, name);
+    const Json *sh = json_get(e, "shape");
+    const char *dtype = json_get(e, "dtype")->string;
+    int same = (int)sh->length == ndim;
+    for (int i = 0; same && i < ndim; i++) same = sh->items[i].number == shape[i];
+    if (!same) {
+        char want[64] = "", got[64] = "";
+        for (int i = 0; i < ndim; i++) snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? ", " : "", shape[i]);
+        for (size_t i = 0; i < sh->length; i++)
+            snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%.0f", i ? ", " : "", sh->items[i].number);
+        return fail("%s: tensor %s has shape [%s], expected [%s]", st->path, name, got, want);
+    }
+    size_t numel = 1;
+    for (int i = 0; i < ndim; i++) numel *= (size_t)shape[i];
+    int is_float = !strcmp(dtype, "F32") || !strcmp(dtype, "F16") || !strcmp(dtype, "BF16");
+    int is_int = !strcmp(dtype, "I32") || !strcmp(dtype, "I64");
+    if ((fdst && !is_float) || (idst && !is_int))
+        return fail("%s: tensor %s has dtype %s, expected %s", st->path, name, dtype, fdst ? "F32, F16 or BF16" : "I32 or I64");
+    size_t esize = dtype_size(dtype);
+    double begin = json_get(e, "data_offsets")->items[0].number;
+    if (fseek(st->f, (long)(st->data_start + (size_t)begin), SEEK_SET) != 0)
+        return fail("%s: cannot seek to tensor %s", st->path, name);
+    /* convert through a small buffer: no second copy of a large tensor */
+    unsigned char buf[1 << 16];
+    size_t per = sizeof(buf) / esize;
+    for (size_t done = 0; done < numel;) {
+        size_t n = numel - done < per ? numel - done : per;
+        if (fread(buf, esize, n, st->f) != n) return fail("%s: read error in tensor %s (truncated?)", st->path, name);
+        for (size_t i = 0; i < n; i++) {
+            const unsigned char *b = buf + i * esize;
+            uint16_t u16;
+            uint32_t u32;
+            int32_t i32;
+            int64_t i64;
+            float f;
+            if (!strcmp(dtype, "F32")) { memcpy(&f, b, 4); fdst[done + i] = f; }
+            else if (!strcmp(dtype, "F16")) { memcpy(&u16, b, 2); fdst[done + i] = half_to_float(u16); }
+            else if (!strcmp(dtype, "BF16")) { memcpy(&u16, b, 2); u32 = (uint32_t)u16 << 16; memcpy(&f, &u32, 4); fdst[done + i] = f; }
+            else if (!strcmp(dtype, "I32")) { memcpy(&i32, b, 4); idst[done + i] = i32; }
+            else { memcpy(&i64, b, 8); idst[done + i] = (int)i64; }
+        }
+        done += n;
+    }
+    return 0;
+}
+
+/* --- pytorch_model.bin: what torch.save writes, read without running it.
+ * The file is a zip archive (entries stored, not compressed) holding
+ *   PREFIX/data.pkl    the state dict, pickled (Python's pickle protocol 2)
+ *   PREFIX/data/KEY    the raw little-endian bytes of each storage
+ * A pickle is a program for a small stack machine; unpickling it in Python
+ * may call any function it names. Here only the opcodes and the few
+ * functions that a state dict of tensors needs are understood:
+ *   collections.OrderedDict()                         the dict itself
+ *   torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
+ *   torch._utils._rebuild_parameter(tensor, ...)      an nn.Parameter
+ *   torch.{Float,Half,BFloat16}Storage                storage types, named by
+ *     the persistent id ('storage', type, KEY, location, numel) of BINPERSID
+ * and anything else is refused, naming it: nothing is executed. Each tensor
+ * must be a contiguous view (any offset) into its storage; its bytes are then
+ * one span of the file, so the result is the same index a safetensors header
+ * gives (offsets counted from the file's start), and st_read serves both. */
+typedef enum {
+    PK_MARK, PK_NONE, PK_BOOL, PK_INT, PK_FLOAT, PK_TEXT, PK_TUPLE, PK_LIST, PK_DICT, PK_FUNCTION, PK_STORAGE, PK_TENSOR
+} PickleKind;
+typedef enum { FN_ORDERED_DICT, FN_REBUILD_TENSOR, FN_REBUILD_PARAMETER, FN_STORAGE_F32, FN_STORAGE_F16,
+               FN_STORAGE_BF16 } PickleFunction;
+static const struct { const char *module, *name; } pickle_functions[] = {
+    {"collections", "OrderedDict"}, {"torch._utils", "_rebuild_tensor_v2"}, {"torch._utils", "_rebuild_parameter"},
+    {"torch", "FloatStorage"},      {"torch", "HalfStorage"},               {"torch", "BFloat16Storage"}};
+
+typedef struct {
+    PickleKind kind;
+    int64_t number;   /* INT, BOOL; FUNCTION: a PickleFunction; STORAGE: elements; TENSOR: offset in elements */
+    char *text;       /* TEXT; STORAGE: its key */
+    int *items;       /* TUPLE, LIST; DICT: key, value, key, value ...; TENSOR: storage, shape (a tuple) */
+    int n_items, cap;
+    const char *dtype; /* STORAGE, TENSOR */
+} PickleValue;
+
+#define PICKLE_MAX_VALUES (1 << 20) /* a state dict of 1000 tensors makes about 20,000 */
+typedef struct {
+    const char *path;
+    PickleValue *values; /* every value made, referred to by index */
+    int n_values, cap_values;
+    int *stack, depth, cap_stack;
+    int *memo, cap_memo, memo_size; /* memo[i]: a value index, or -1; memo_size: how many are set */
+} Pickle;
+
+static int pickle_new(Pickle *p, PickleKind kind, int64_t number) {
+    if (p->n_values == PICKLE_MAX_VALUES) return fail("%s: data.pkl holds too many values", p->path);
+    PickleValue *v = grow(p->values, p->n_values, &p->cap_values, sizeof(*v));
+    if (!v) return fail("%s: out of memory reading data.pkl", p->path);
+    p->values = v;
+    p->values[p->n_values] = (PickleValue){.kind = kind, .number = number};
+    return p->n_values++;
+}
+
+static int pickle_add_item(Pickle *p, int container, int item) {
+    PickleValue *c = &p->values[container];
+    int *items = grow(c->items, c->n_items, &c->cap, sizeof(int));
+    if (!items) return fail("%s: out of memory reading data.pkl", p->path);
+    c->items = items;
+    c->items[c->n_items++] = item;
+    return 0;
+}
+
+static int pickle_push(Pickle *p, int value) {
+    if (value < 0) return -1;
+    int *s = p->depth < PICKLE_MAX_VALUES ? grow(p->stack, p->depth, &p->cap_stack, sizeof(int)) : NULL;
+    if (!s) return fail("%s: data.pkl's stack is too deep", p->path);
+    p->stack = s;
+    p->stack[p->depth++] = value;
+    return 0;
+}
+
+/* The top value (not a mark), popped. */
+static int pickle_pop(Pickle *p) {
+    if (p->depth == 0 || p->values[p->stack[p->depth - 1]].kind == PK_MARK)
+        return fail("%s: data.pkl is malformed (a value is missing)", p->path);
+    return p->stack[--p->depth];
+}
+
+/* The values above the topmost mark, which is removed: returns their first
+ * stack slot (they stay there until the caller lowers p->depth). */
+static int pickle_since_mark(Pickle *p) {
+    for (int i = p->depth - 1; i >= 0; i--)
+        if (p->values[p->stack[i]].kind == PK_MARK) {
+            memmove(p->stack + i, p->stack + i + 1, (size_t)(p->depth - i - 1) * sizeof(int));
+            p->depth--;
+            return i;
+        }
+    return fail("%s: data.pkl is malformed (no mark)", p->path);
+}
+
+static int pickle_tuple(Pickle *p, int from) { /* the stack from slot `from` up, as a tuple */
+    int t = pickle_new(p, PK_TUPLE, 0);
+    for (int i = from; t >= 0 && i < p->depth; i++)
+        if (pickle_add_item(p, t, p->stack[i]) != 0) return -1;
+    p->depth = from;
+    return t;
+}
+
+static int pickle_is_int(const Pickle *p, int v) { return p->values[v].kind == PK_INT; }
+
+/* tensor = _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata]) */
+static int pickle_rebuild_tensor(Pickle *p, const PickleValue *args) {
+    if (args->n_items < 4 || p->values[args->items[0]].kind != PK_STORAGE || !pickle_is_int(p, args->items[1]) ||
+        p->values[args->items[2]].kind != PK_TUPLE || p->values[args->items[3]].kind != PK_TUPLE)
+        return fail("%s: data.pkl: malformed _rebuild_tensor_v2 arguments", p->path);
+    const PickleValue *storage = &p->values[args->items[0]], *size = &p->values[args->items[2]];
+    const PickleValue *stride = &p->values[args->items[3]];
+    if (size->n_items != stride->n_items || size->n_items > 8)
+        return fail("%s: data.pkl: a tensor's size and stride do not match", p->path);
+    int64_t offset = p->values[args->items[1]].number, expected = 1;
+    for (int d = size->n_items - 1; d >= 0; d--) { /* contiguous: each stride the product of the later sizes */
+        if (!pickle_is_int(p, size->items[d]) || !pickle_is_int(p, stride->items[d]))
+            return fail("%s: data.pkl: a tensor's size or stride is not an integer", p->path);
+        int64_t n = p->values[size->items[d]].number, s = p->values[stride->items[d]].number;
+        if (n < 0 || n > INT32_MAX) return fail("%s: data.pkl: a tensor dimension of %lld", p->path, (long long)n);
+        if (n > 1 && s != expected)
+            return fail("%s: data.pkl: a tensor is a non-contiguous view of its storage (stride %lld where %lld "
+                        "is contiguous); save it with .contiguous()", p->path, (long long)s, (long long)expected);
+        if (n > 0 && expected > INT64_MAX / n) return fail("%s: data.pkl: a tensor is too large", p->path);
+        expected *= n;
+    }
+    if (offset < 0 || offset > storage->number || expected > storage->number - offset)
+        return fail("%s: data.pkl: a tensor of %lld elements at offset %lld lies outside its storage %s of %lld",
+                    p->path, (long long)expected, (long long)offset, storage->text, (long long)storage->number);
+    int storage_index = args->items[0], shape_index = args->items[2];
+    const char *dtype = storage->dtype;
+    int t = pickle_new(p, PK_TENSOR, offset); /* (moves p->values: args and storage are stale from here) */
+    if (t < 0 || pickle_add_item(p, t, storage_index) != 0 || pickle_add_item(p, t, shape_index) != 0) return -1;
+    p->values[t].dtype = dtype;
+    return t;
+}
+
+/* REDUCE: function(*args), for the whitelisted functions */
+static int pickle_reduce(Pickle *p, int function, int args) {
+    const PickleValue *f = &p->values[function], *a = &p->values[args];
+    if (f->kind != PK_FUNCTION || a->kind != PK_TUPLE) return fail("%s: data.pkl: malformed REDUCE", p->path);
+    switch ((PickleFunction)f->number) {
+    case FN_ORDERED_DICT:
+        if (a->n_items != 0) return fail("%s: data.pkl: OrderedDict called with arguments", p->path);
+        return pickle_new(p, PK_DICT, 0);
+    case FN_REBUILD_TENSOR: return pickle_rebuild_tensor(p, a);
+    case FN_REBUILD_PARAMETER:
+        if (a->n_items < 1 || p->values[a->items[0]].kind != PK_TENSOR)
+            return fail("%s: data.pkl: malformed _rebuild_parameter arguments", p->path);
+        return a->items[0];
+    default: return fail("%s: data.pkl calls a storage type", p->path);
+    }
+}
+
+/* BINPERSID ('storage', type, key, location, numel): one storage of the archive */
+static int pickle_storage(Pickle *p, int pid) {
+    static const char *const dtypes[] = {[FN_STORAGE_F32] = "F32", [FN_STORAGE_F16] = "F16", [FN_STORAGE_BF16] = "BF16"};
+    const PickleValue *t = &p->values[pid];
+    if (t->kind != PK_TUPLE || t->n_items != 5 || p->values[t->items[0]].kind != PK_TEXT ||
+        strcmp(p->values[t->items[0]].text, "storage") != 0 || p->values[t->items[1]].kind != PK_FUNCTION ||
+        p->values[t->items[1]].number < FN_STORAGE_F32 || p->values[t->items[2]].kind != PK_TEXT ||
+        !pickle_is_int(p, t->items[4]) || p->values[t->items[4]].number < 0)
+        return fail("%s: data.pkl: a persistent id that is not a float32, float16 or bfloat16 storage", p->path);
+    int s = pickle_new(p, PK_STORAGE, p->values[t->items[4]].number);
+    if (s < 0) return -1;
+    t = &p->values[pid]; /* pickle_new may have moved the values */
+    p->values[s].text = p->values[t->items[2]].text;
+    p->values[s].dtype = dtypes[p->values[t->items[1]].number];
+    return s;
+}
+
+static int pickle_memo_put(Pickle *p, int64_t index) {
+    if (p->depth == 0) return fail("%s: data.pkl is malformed (memo of nothing)", p->path);
+    if (index < 0 || index >= PICKLE_MAX_VALUES) return fail("%s: data.pkl: memo index %lld", p->path, (long long)index);
+    if (index >= p->cap_memo) {
+        int cap = (int)index + 1 > 2 * p->cap_memo ? (int)index + 1 : 2 * p->cap_memo;
+        int *m = realloc(p->memo, (size_t)cap * sizeof(int));
+        if (!m) return fail("%s: out of memory reading data.pkl", p->path);
+        for (int i = p->cap_memo; i < cap; i++) m[i] = -1;
+        p->memo = m;
+        p->cap_memo = cap;
+    }
+    p->memo_size += p->memo[index] < 0;
+    p->memo[index] = p->stack[p->depth - 1];
+    return 0;
+}
+
+/* Little-endian unsigned integer of n bytes at s */
+static uint64_t read_le(const unsigned char *s, int n) {
+    uint64_t x = 0;
+    for (int i = n - 1; i >= 0; i--) x = x << 8 | s[i];
+    return x;
+}
+
+/* Runs the pickle program; returns the index of its result. */
+static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
+    size_t at = 0;
+#define NEED(n) if (len - at < (size_t)(n)) return fail("%s: data.pkl is truncated", p->path)
+    for (;;) {
+        NEED(1);
+        unsigned char op = code[at++];
+        int v = 0, w, from;
+        int64_t n;
+        switch (op) {
+        case 0x80: NEED(1); at++; break;            /* PROTO */
+        case 0x95: NEED(8); at += 8; break;          /* FRAME: a length hint */
+        case '(': v = pickle_push(p, pickle_new(p, PK_MARK, 0)); break;
+        case 'N': v = pickle_push(p, pickle_new(p, PK_NONE, 0)); break;
+        case 0x88: case 0x89: v = pickle_push(p, pickle_new(p, PK_BOOL, op == 0x88)); break;
+        case ')': v = pickle_push(p, pickle_new(p, PK_TUPLE, 0)); break;
+        case ']': v = pickle_push(p, pickle_new(p, PK_LIST, 0)); break;
+        case '}': v = pickle_push(p, pickle_new(p, PK_DICT, 0)); break;
+        case 'K': NEED(1); v = pickle_push(p, pickle_new(p, PK_INT, code[at])); at += 1; break;
+        case 'M': NEED(2); v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)read_le(code + at, 2))); at += 2; break;
+        case 'J': NEED(4); v = pickle_push(p, pickle_new(p, PK_INT, (int32_t)(uint32_t)read_le(code + at, 4))); at += 4; break;
+        case 0x8a: /* LONG1: n bytes, two's complement */
+            NEED(1);
+            n = code[at++];
+            if (n > 8) return fail("%s: data.pkl: an integer of %d bytes", p->path, (int)n);
+            NEED(n);
+            { uint64_t u = read_le(code + at, (int)n);
+              if (n > 0 && n < 8 && (code[at + n - 1] & 0x80)) u |= ~(uint64_t)0 << (8 * n); /* sign-extend */
+              v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)u)); }
+            at += (size_t)n;
+            break;
+        case 'G': NEED(8); at += 8; v = pickle_push(p, pickle_new(p, PK_FLOAT, 0)); break; /* BINFLOAT */
+        case 'X': case 0x8c: case 0x8d: { /* BINUNICODE (4-byte length), SHORT_ (1), 8 (8) */
+            int lb = op == 'X' ? 4 : op == 0x8c ? 1 : 8;
+            NEED(lb);
+            uint64_t sl = read_le(code + at, lb);
+            at += (size_t)lb;
+            NEED(sl);
+            w = pickle_new(p, PK_TEXT, 0);
+            if (w < 0 || !(p->values[w].text = malloc(sl + 1))) return w < 0 ? -1 : fail("%s: out of memory", p->path);
+            memcpy(p->values[w].text, code + at, sl);
+            p->values[w].text[sl] = '\0';
+            at += sl;
+            v = pickle_push(p, w);
+            break;
+        }
+        case 'c': case 0x93: { /* GLOBAL "module\nname\n", STACK_GLOBAL (module, name on the stack) */
+            char module[64] = "", name[64] = "";
+            if (op == 'c') {
+                for (int part = 0; part < 2; part++) {
+                    char *dst = part ? name : module;
+                    const unsigned char *nl = memchr(code + at, '\n', len - at);
+                    if (!nl || nl - (code + at) >= 63) return fail("%s: data.pkl: malformed GLOBAL", p->path);
+                    memcpy(dst, code + at, (size_t)(nl - (code + at)));
+                    at = (size_t)(nl - code) + 1;
+                }
+            } else {
+                int ni = pickle_pop(p), mi = ni < 0 ? -1 : pickle_pop(p);
+                if (mi < 0) return -1;
+                if (p->values[ni].kind != PK_TEXT || p->values[mi].kind != PK_TEXT)
+                    return fail("%s: data.pkl: malformed STACK_GLOBAL", p->path);
+                snprintf(module, sizeof(module), "%s", p->values[mi].text);
+                snprintf(name, sizeof(name), "%s", p->values[ni].text);
+            }
+            int found = -1;
+            for (int i = 0; i < (int)(sizeof(pickle_functions) / sizeof(pickle_functions[0])); i++)
+                if (!strcmp(module, pickle_functions[i].module) && !strcmp(name, pickle_functions[i].name)) found = i;
+            if (found < 0)
+                return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does not use: refused "
+                            "(nothing in the file is executed)", p->path, printable(module), printable(name));
+            v = pickle_push(p, pickle_new(p, PK_FUNCTION, found));
+            break;
+        }
+        case 'Q': /* BINPERSID */
+            if ((w = pickle_pop(p)) < 0) return -1;
+            v = pickle_push(p, pickle_storage(p, w));
+            break;
+        case 't': if ((from = pickle_since_mark(p)) < 0) return -1; v = pickle_push(p, pickle_tuple(p, from)); break;
+        case 0x85: case 0x86: case 0x87: /* TUPLE1..3 */
+            if (p->depth < op - 0x84) return fail("%s: data.pkl is malformed (a value is missing)", p->path);
+            for (int i = p->depth - (op - 0x84); i < p->depth; i++)
+                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
+            v = pickle_push(p, pickle_tuple(p, p->depth - (op - 0x84)));
+            break;
+        case 'R': /* REDUCE */
+            if ((w = pickle_pop(p)) < 0 || (v = pickle_pop(p)) < 0) return -1;
+            v = pickle_push(p, pickle_reduce(p, v, w));
+            break;
+        case 'b': /* BUILD: the state of an OrderedDict (its _metadata) is not needed */
+            if ((w = pickle_pop(p)) < 0 || p->depth == 0 || p->values[p->stack[p->depth - 1]].kind != PK_DICT)
+                return w < 0 ? -1 : fail("%s: data.pkl: BUILD of something other than a dict", p->path);
+            break;
+        case 's': case 'u': case 'a': case 'e': { /* SETITEM(S), APPEND(S) */
+            int single = op == 's' || op == 'a', is_dict = op == 's' || op == 'u';
+            from = single ? p->depth - (is_dict ? 2 : 1) : pickle_since_mark(p);
+            if (from < 1 || (is_dict && (p->depth - from) % 2 != 0))
+                return from < 0 ? -1 : fail("%s: data.pkl is malformed (SETITEMS)", p->path);
+            int target = p->stack[from - 1];
+            if (p->values[target].kind != (is_dict ? PK_DICT : PK_LIST))
+                return fail("%s: data.pkl: items added to a %s", p->path, is_dict ? "non-dict" : "non-list");
+            for (int i = from; i < p->depth; i++) {
+                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
+                if (pickle_add_item(p, target, p->stack[i]) != 0) return -1;
+            }
+            p->depth = from;
+            break;
+        }
+        case 'q': NEED(1); v = pickle_memo_put(p, code[at]); at += 1; break;
+        case 'r': NEED(4); v = pickle_memo_put(p, (int64_t)read_le(code + at, 4)); at += 4; break;
+        case 0x94: v = pickle_memo_put(p, p->memo_size); break; /* MEMOIZE: at the memo's length */
+        case 'h': case 'j': { /* BINGET, LONG_BINGET */
+            int lb = op == 'h' ? 1 : 4;
+            NEED(lb);
+            int64_t index = (int64_t)read_le(code + at, lb);
+            at += (size_t)lb;
+            if (index >= p->cap_memo || p->memo[index] < 0)
+                return fail("%s: data.pkl refers to memo %lld, never stored", p->path, (long long)index);
+            v = pickle_push(p, p->memo[index]);
+            break;
+        }
+        case '.': /* STOP */
+            if (p->depth != 1) return fail("%s: data.pkl is malformed (%d values left)", p->path, p->depth);
+            return p->stack[0];
+        default:
+            return fail("%s: data.pkl uses pickle opcode 0x%02x, which a state dict of tensors does not need: "
+                        "refused", p->path, op);
+        }
+        if (v < 0) return -1;
+    }
+#undef NEED
+}
+
+/* The zip container. Only what torch.save writes is accepted: entries
+ * stored without compression, found through the central directory at the
+ * end of the file (with its zip64 extension for files past 4 GiB). */
+typedef struct { char *name; uint64_t header_at, size; int stored; } ZipEntry;
+
+static int read_at(FILE *f, uint64_t at, void *buf, size_t n) {
+    return at <= (uint64_t)LONG_MAX && fseek(f, (long)at, SEEK_SET) == 0 && fread(buf, 1, n, f) == n ? 0 : -1;
+}
+
+static void zip_free(ZipEntry *e, int n) {
+    for (int i = 0; i < n; i++) free(e[i].name);
+    free(e);
+}
+
+static int zip_list(const char *path, FILE *f, uint64_t file_size, ZipEntry **out, int *n_out) {
+    unsigned char tail[22 + 65535], rec[56];
+    size_t tail_len = file_size < sizeof(tail) ? (size_t)file_size : sizeof(tail);
+    *out = NULL;
+    *n_out = 0;
+    if (tail_len < 22 || read_at(f, file_size - tail_len, tail, tail_len) != 0)
+        return fail("%s: not a zip archive (too short)", path);
+    size_t eocd = tail_len - 22 + 1; /* the end-of-central-directory record, searched from the end */
+    while (eocd-- > 0 && read_le(tail + eocd, 4) != 0x06054b50) {}
+    if (eocd == (size_t)-1) return fail("%s: not a zip archive (no end of central directory): truncated?", path);
+    uint64_t count = read_le(tail + eocd + 10, 2), cd_size = read_le(tail + eocd + 12, 4);
+    uint64_t cd_at = read_le(tail + eocd + 16, 4), eocd_at = file_size - tail_len + eocd;
+    if (count == 0xFFFF || cd_size == 0xFFFFFFFF || cd_at == 0xFFFFFFFF) { /* zip64: the locator sits before */
+        if (eocd_at < 20 || read_at(f, eocd_at - 20, rec, 20) != 0 || read_le(rec, 4) != 0x07064b50 ||
+            read_at(f, read_le(rec + 8, 8), rec, 56) != 0 || read_le(rec, 4) != 0x06064b50)
+            return fail("%s: malformed zip64 end of central directory", path);
+        count = read_le(rec + 32, 8), cd_size = read_le(rec + 40, 8), cd_at = read_le(rec + 48, 8);
+    }
+    if (cd_at > file_size || cd_size > file_size - cd_at || cd_size > (64u << 20) || count > cd_size / 46)
+        return fail("%s: the zip central directory (%llu entries, %llu bytes at %llu) does not fit the file", path,
+                    (unsigned long long)count, (unsigned long long)cd_size, (unsigned long long)cd_at);
+    unsigned char *cd = malloc(cd_size ? (size_t)cd_size : 1);
+    ZipEntry *e = calloc(count ? (size_t)count : 1, sizeof(ZipEntry));
+    if (!cd || !e || read_at(f, cd_at, cd, (size_t)cd_size) != 0) {
+        free(cd);
+        free(e);
+        return fail("%s: cannot read the zip central directory", path);
+    }
+    size_t at = 0;
+    int n = 0, rc = 0;
+    for (; rc == 0 && (uint64_t)n < count; n++) {
+        if (cd_size - at < 46 || read_le(cd + at, 4) != 0x02014b50) { rc = fail("%s: malformed zip directory", path); break; }
+        size_t name_len = read_le(cd + at + 28, 2), extra_len = read_le(cd + at + 30, 2);
+        size_t record = 46 + name_len + extra_len + read_le(cd + at + 32, 2);
+        if (cd_size - at < record || !(e[n].name = malloc(name_len + 1))) { rc = fail("%s: malformed zip directory", path); break; }
+        memcpy(e[n].name, cd + at + 46, name_len);
+        e[n].name[name_len] = '\0';
+        uint64_t packed = read_le(cd + at + 20, 4), size = read_le(cd + at + 24, 4), header = read_le(cd + at + 42, 4);
+        /* zip64 extra field (id 1): the 8-byte values of the fields that read 0xFFFFFFFF, in this order */
+        for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
+            size_t id = read_le(cd + x, 2), len = read_le(cd + x + 2, 2), v = x + 4;
+            if (x + 4 + len > at + 46 + name_len + extra_len) break;
+            uint64_t *fields[3] = {&size, &packed, &header};
+            for (int k = 0; id == 1 && k < 3; k++)
+                if (*fields[k] == 0xFFFFFFFF && v + 8 <= x + 4 + len) *fields[k] = read_le(cd + v, 8), v += 8;
+            x += 4 + len;
+        }
+        e[n].stored = read_le(cd + at + 10, 2) == 0 && packed == size;
+        e[n].size = size;
+        e[n].header_at = header;
+        at += record;
+    }
+    free(cd);
+    if (rc != 0) { zip_free(e, n + 1); return rc; }
+    *out = e;
+    *n_out = n;
+    return 0;
+}
+
+/* Where the bytes of an entry start in the file (after its local header). */
+static int zip_data_at(const char *path, FILE *f, uint64_t file_size, const ZipEntry *e, uint64_t *at) {
+    unsigned char h[30];
+    if (!e->stored) return fail("%s: zip entry %s is compressed (torch.save stores entries)", path, printable(e->name));
+    if (e->header_at > file_size || read_at(f, e->header_at, h, 30) != 0 || read_le(h, 4) != 0x04034b50)
+        return fail("%s: zip entry %s: malformed local header", path, printable(e->name));
+    *at = e->header_at + 30 + read_le(h + 26, 2) + read_le(h + 28, 2);
+    if (*at > file_size || e->size > file_size - *at)
+        return fail("%s: zip entry %s ends past the end of the file: truncated", path, printable(e->name));
+    return 0;
+}
+
+/* A pytorch_model.bin as a tensor index: st->header as a safetensors header
+ * whose data_offsets count from the start of the file (data_start 0). */
+int torch_open(SafeTensors *st, const char *path) {
+    memset(st, 0, sizeof(*st));
+    snprintf(st->path, sizeof(st->path), "%s", path);
+    if (!(st->f = open_regular(path, &st->file_size))) return -1;
+    ZipEntry *e;
+    int n_entries, pkl = -1, rc;
+    if (zip_list(path, st->f, st->file_size, &e, &n_entries) != 0) { st_close(st); return -1; }
+    for (int i = 0; i < n_entries; i++) {
+        size_t len = strlen(e[i].name);
+        if (len >= 9 && strcmp(e[i].name + len - 9, "/data.pkl") == 0 && strchr(e[i].name, '/') == e[i].name + len - 9) {
+            if (pkl >= 0) { zip_free(e, n_entries); st_close(st); return fail("%s: two data.pkl entries", path); }
+            pkl = i;
+        }
+    }
+    uint64_t pkl_at = 0;
+    unsigned char *code = NULL;
+    rc = pkl < 0 ? fail("%s: no PREFIX/data.pkl entry: not a file written by torch.save", path)
+                 : zip_data_at(path, st->f, st->file_size, &e[pkl], &pkl_at);
+    if (rc == 0 && (e[pkl].size > (256u << 20) || !(code = malloc(e[pkl].size ? (size_t)e[pkl].size : 1))))
+        rc = fail("%s: data.pkl of %llu bytes is too large", path, (unsigned long long)e[pkl].size);
+    if (rc == 0 && read_at(st->f, pkl_at, code, (size_t)e[pkl].size) != 0) rc = fail("%s: cannot read data.pkl", path);
+    Pickle p = {.path = path};
+    int result = rc == 0 ? pickle_run(&p, code, (size_t)e[pkl].size) : -1;
+    free(code);
+    if (result >= 0 && p.values[result].kind != PK_DICT)
+        result = fail("%s: data.pkl holds no dict of tensors (a state dict was expected)", path);
+    StrBuf h = {0};
+    sb_printf(&h, "{");
+    const PickleValue *dict = result >= 0 ? &p.values[result] : NULL;
+    rc = result < 0 ? -1 : 0;
+    for (int i = 0; rc == 0 && i + 1 < dict->n_items; i += 2) {
+        const PickleValue *key = &p.values[dict->items[i]], *t = &p.values[dict->items[i + 1]];
+        if (key->kind != PK_TEXT) { rc = fail("%s: a state dict key that is not a string", path); break; }
+        if (t->kind != PK_TENSOR) { rc = fail("%s: %s is not a tensor", path, printable(key->text)); break; }
+        const PickleValue *storage = &p.values[t->items[0]], *shape = &p.values[t->items[1]];
+        char entry_name[PATH_LEN];
+        snprintf(entry_name, sizeof(entry_name), "%.*s/data/%s", (int)(strlen(e[pkl].name) - 9), e[pkl].name,
+                 storage->text);
+        int found = -1;
+        for (int k = 0; k < n_entries && found < 0; k++) found = strcmp(e[k].name, entry_name) == 0 ? k : -1;
+        size_t esize = dtype_size(t->dtype);
+        uint64_t at = 0, numel = 1;
+        for (int d = 0; d < shape->n_items; d++) numel *= (uint64_t)p.values[shape->items[d]].number;
+        if (found < 0) { rc = fail("%s: tensor %s: storage %s is missing", path, printable(key->text), printable(storage->text)); break; }
+        if ((rc = zip_data_at(path, st->f, st->file_size, &e[found], &at)) != 0) break;
+        if ((uint64_t)storage->number > e[found].size / esize) {
+            rc = fail("%s: storage %s holds %llu bytes, but its tensors need %llu elements of %zu bytes: truncated",
+                      path, printable(storage->text), (unsigned long long)e[found].size,
+                      (unsigned long long)storage->number, esize);
+            break;
+        }
+        json_write_string(&h, key->text);
+        sb_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", t->dtype);
+        for (int d = 0; d < shape->n_items; d++) sb_printf(&h, "%s%lld", d ? "," : "", (long long)p.values[shape->items[d]].number);
+        uint64_t begin = at + (uint64_t)t->number * esize;
+        sb_printf(&h, "],\"data_offsets\":[%llu,%llu]},", (unsigned long long)begin, (unsigned long long)(begin + numel * esize));
+    }
+    if (rc == 0 && dict->n_items > 0) h.len--; /* the last comma */
+    sb_printf(&h, "}");
+    if (rc == 0) rc = json_parse(h.s, h.len, path, &st->header); /* (which refuses a name that appears twice) */
+    for (size_t i = 0; rc == 0 && i < st->header.length; i++)
+        rc = st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size);
+    free(h.s);
+    for (int i = 0; i < p.n_values; i++) {
+        if (p.values[i].kind == PK_TEXT) free(p.values[i].text);
+        free(p.values[i].items);
+    }
+    free(p.values);
+    free(p.stack);
+    free(p.memo);
+    zip_free(e, n_entries);
+    if (rc != 0) st_close(st);
+    return rc;
+}
+
+static size_t tensor_out_numel(const TensorOut *t) {
+    return (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
+}
+
+int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json) {
+    StrBuf h = {0};
+    size_t offset = 0;
+    sb_printf(&h, "{");
+    if (metadata_json) sb_printf(&h, "\"__metadata__\":%s", metadata_json);
+    for (int i = 0; i < n; i++) {
+        const TensorOut *t = &tensors[i];
+        size_t numel = tensor_out_numel(t);
+        sb_printf(&h, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d", h.len > 1 ? "," : "", t->name, t->shape[0]);
+        if (t->ndim == 2) sb_printf(&h, ",%d", t->shape[1]);
+        sb_printf(&h, "],\"data_offsets\":[%zu,%zu]}", offset, offset + numel * 4);
+        offset += numel * 4;
+    }
+    sb_printf(&h, "}");
+    while (h.len % 8) sb_printf(&h, " "); /* align the data to 8 bytes */
+    unsigned char len_bytes[8];
+    for (int i = 0; i < 8; i++) len_bytes[i] = (unsigned char)((uint64_t)h.len >> (8 * i));
+    Writer w;
+    if (writer_open(&w, path) != 0) { free(h.s); return -1; }
+    writer_put(&w, len_bytes, 8);
+    writer_put(&w, h.s, h.len);
+    free(h.s);
+    for (int i = 0; i < n; i++)
+        writer_put(&w, tensors[i].data, tensor_out_numel(&tensors[i]) * sizeof(float));
+    return writer_close(&w);
+}
+
+int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups, const char *path,
+                            const char *metadata_json) {
+    TensorOut *list = alloc_zeroed((size_t)m->n_params * n_groups, sizeof(TensorOut), "the tensor list");
+    if (!list) return -1;
+    int n = 0;
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < m->n_params; i++, n++) {
+            const ParamInfo *p = &m->params[i];
+            snprintf(list[n].name, sizeof(list[n].name), "%s%s", groups[g].prefix, p->name);
+            list[n].ndim = p->ndim;
+            list[n].shape[0] = p->shape[0];
+            list[n].shape[1] = p->shape[1];
+            list[n].data = groups[g].base + p->offset;
+        }
+    int rc = safetensors_write(path, list, n, metadata_json);
+    free(list);
+    return rc;
+}
+
+/* Non-parameter buffers that some Pythia checkpoints carry. */
+static int is_skipped_buffer(const char *name) {
+    static const char *const suffixes[] = {"attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"};
+    size_t n = strlen(name);
+    for (int i = 0; i < 3; i++) {
+        size_t k = strlen(suffixes[i]);
+        if (n >= k && strcmp(name + n - k, suffixes[i]) == 0) return 1;
+    }
+    return 0;
+}
+
+typedef struct { SafeTensors files[64]; int n; } TensorSource;
+
+static void source_close(TensorSource *src) {
+    for (int i = 0; i < src->n; i++) st_close(&src->files[i]);
+    src->n = 0;
+}
+
+static const SafeTensors *source_find(const TensorSource *src, const char *name) {
+    for (int i = 0; i < src->n; i++)
+        if (st_entry(&src->files[i], name)) return &src->files[i];
+    return NULL;
+}
+
+/* One file of tensors: pytorch_model*.bin as torch.save wrote it, else safetensors. */
+static int tensor_file_open(SafeTensors *st, const char *path) {
+    size_t n = strlen(path);
+    return n >= 4 && strcmp(path + n - 4, ".bin") == 0 ? torch_open(st, path) : st_open(st, path);
+}
+
+/* The weights of a model folder, the first of these that exists:
+ * model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin,
+ * pytorch_model.bin.index.json (shards). safetensors first: it is what
+ * mlkv writes, and what HF writes by default. */
+static int source_open(TensorSource *src, const char *dir) {
+    static const char *const singles[] = {"/model.safetensors", NULL, "/pytorch_model.bin", NULL};
+    static const char *const indexes[] = {NULL, "/model.safetensors.index.json", NULL, "/pytorch_model.bin.index.json"};
+    char path[PATH_LEN];
+    int found = -1;
+    memset(src, 0, sizeof(*src));
+    for (int i = 0; i < 4 && found < 0; i++) {
+        if (make_path(path, dir, singles[i] ? singles[i] : indexes[i]) != 0) return -1;
+        if (file_exists(path)) found = i;
+    }
+    if (found < 0)
+        return fail("%s: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                    "pytorch_model.bin.index.json", dir);
+    if (singles[found]) {
+        if (tensor_file_open(&src->files[0], path) != 0) return -1;
+        src->n = 1;
+        return 0;
+    }
+    Json index;
+    if (json_load_file(path, &index) != 0) return -1;
+    const Json *map = json_get(&index, "weight_map");
+    int rc = 0;
+    if (!map || map->type != JSON_OBJECT) rc = fail("%s: no \"weight_map\" object", path);
+    for (size_t i = 0; rc == 0 && i < map->length; i++) {
+        const Json *file = &map->items[i];
+        if (file->type != JSON_STRING || strchr(file->string, '/')) { rc = fail("%s: bad file name for %s", path, map->keys[i]); break; }
+        char shard[PATH_LEN], name[PATH_LEN];
+        if (make_path(name, "/", file->string) != 0 || make_path(shard, dir, name) != 0) { rc = -1; break; }
+        int seen = 0;
+        for (int k = 0; k < src->n && !seen; k++) seen = strcmp(src->files[k].path, shard) == 0;
+        if (seen) continue;
+        if (src->n == 64) { rc = fail("%s: more than 64 shards", path); break; }
+        if (tensor_file_open(&src->files[src->n], shard) != 0) rc = -1;
+        else src->n++;
+    }
+    json_free(&index);
+    if (rc != 0) source_close(src);
+    return rc;
+}
+
+/* Stock GPT-NeoX fuses q, k, v into one projection whose rows are ordered
+ * [H, 3, hs]: row (h*3 + j)*hs + d is part j (0 q, 1 k, 2 v) of head h. */
+static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
+    const Config *c = &m->config;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size;
+    LayerWeights *lw = &m->w.layer[l];
+    char wname[MLKV_NAME_MAX], bname[MLKV_NAME_MAX];
+    snprintf(wname, sizeof(wname), "gpt_neox.layers.%d.attention.query_key_value.weight", l);
+    snprintf(bname, sizeof(bname), "gpt_neox.layers.%d.attention.query_key_value.bias", l);
+    const SafeTensors *st = source_find(src, wname);
+    if (!st) return fail("%s: missing tensor gpt_neox.layers.%d.attention.query.weight", src->files[0].path, l);
+    if (!is_mha(c))
+        return fail("%s: layer %d has a fused query_key_value (plain MHA), but the config asks for %d K/V heads in "
+                    "%d layers: convert the checkpoint instead", st->path, l, c->n_kv_head, c->n_kv_layer);
+    float *fused = malloc((size_t)3 * C * (C + 1) * sizeof(float));
+    if (!fused) return fail("out of memory splitting %s", wname);
+    int wshape[2] = {3 * C, C}, bshape[1] = {3 * C};
+    const SafeTensors *bst = source_find(src, bname);
+    if (st_read(st, wname, 2, wshape, fused, NULL) != 0 ||
+        (bst ? st_read(bst, bname, 1, bshape, fused + (size_t)3 * C * C, NULL) : fail("%s: missing tensor %s", st->path, bname)) != 0) {
+        free(fused);
+        return -1;
+    }
+    float *weights[3] = {lw->q_w, lw->k_w, lw->v_w}, *biases[3] = {lw->q_b, lw->k_b, lw->v_b};
+    for (int h = 0; h < H; h++)
+        for (int j = 0; j < 3; j++)
+            for (int d = 0; d < hs; d++) {
+                size_t row = (size_t)(h * 3 + j) * hs + d;
+                memcpy(weights[j] + (size_t)(h * hs + d) * C, fused + row * C, (size_t)C * sizeof(float));
+                biases[j][h * hs + d] = fused[(size_t)3 * C * C + row];
+            }
+    free(fused);
+    return 0;
+}
+
+static int load_params_from(Model *m, const TensorSource *src) {
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        const SafeTensors *st = source_find(src, p->name);
+        if (st) {
+            if (st_read(st, p->name, p->ndim, p->shape, m->param_memory + p->offset, NULL) != 0) return -1;
+            continue;
+        }
+        int layer;
+        char kind[16];
+        /* a missing unfused query means a fused checkpoint; k and v come with it */
+        if (sscanf(p->name, "gpt_neox.layers.%d.attention.query.%15s", &layer, kind) == 2 && !strcmp(kind, "weight")) {
+            if (load_fused_qkv(m, src, layer) != 0) return -1;
+            i += m->config.kv_layer_of[layer] == layer ? 5 : 1; /* q, k, v weights and biases are loaded */
+            continue;
+        }
+        return fail("%s: missing tensor %s", src->files[0].path, p->name);
+    }
+    /* every tensor in the files must be a parameter of this configuration */
+    for (int f = 0; f < src->n; f++) {
+        const Json *h = &src->files[f].header;
+        for (size_t i = 0; i < h->length; i++) {
+            const char *name = h->keys[i];
+            if (!strcmp(name, "__metadata__") || is_skipped_buffer(name) || model_param(m, name)) continue;
+            if (strstr(name, "attention.query_key_value.")) continue;
+            return fail("%s: unexpected tensor %s: not a parameter of this configuration (%d K/V layers of %d heads)",
+                        src->files[f].path, printable(name), m->config.n_kv_layer, m->config.n_kv_head);
+        }
+    }
+    return 0;
+}
+
+int model_load(Model *m, const char *dir) {
+    char path[PATH_LEN];
+    memset(m, 0, sizeof(*m));
+    if (make_path(path, dir, "/config.json") != 0 || config_load(&m->config, path, &m->config_extra) != 0 ||
+        model_allocate_params(m) != 0) { model_free(m); return -1; }
+    TensorSource src;
+    if (source_open(&src, dir) != 0) { model_free(m); return -1; }
+    int rc = load_params_from(m, &src);
+    source_close(&src);
+    if (rc != 0) model_free(m);
+    return rc;
+}
+
+
+/* Checkpoint folders are written whole into DIR.saving, then swapped in by
+ * renames, so an interrupted save leaves the previous checkpoint intact (as
+ * DIR, or as DIR.previous during the instant between the two renames). */
+static const char *const checkpoint_files[] = {
+    "config.json", "model.safetensors", "optimizer.safetensors",
+    /* companions: the tokenizer and generation files of the model a checkpoint came from */
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json",
+    "merges.txt", NULL};
+#define FIRST_COMPANION 3
+
+static void remove_checkpoint_dir(const char *dir) {
+    char path[PATH_LEN], name[PATH_LEN];
+    for (int i = 0; checkpoint_files[i]; i++)
+        if (make_path(name, "/", checkpoint_files[i]) == 0 && make_path(path, dir, name) == 0) unlink(path);
+    rmdir(dir);
+}
+
+static int copy_file(const char *from, const char *to) {
+    char *data;
+    size_t len;
+    if (read_file(from, &data, &len) != 0) return -1;
+    Writer w;
+    int rc = writer_open(&w, to);
+    if (rc == 0) { writer_put(&w, data, len); rc = writer_close(&w); }
+    free(data);
+    return rc;
+}
+
+/* A folder mlkv may write: absent, or holding only checkpoint files (so a
+ * save never deletes a file that mlkv did not write), and none of those
+ * unless overwrite is set (so finished work is never replaced without a word;
+ * train says "or --resume"), and never the folder a command reads from
+ * (input: NULL, or that folder). */
+static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume) {
+    struct stat st, in;
+    if (stat(dir, &st) != 0) return 0;
+    if (input && stat(input, &in) == 0 && in.st_dev == st.st_dev && in.st_ino == st.st_ino)
+        return fail("%s is also the input model: writing there would destroy what is being read; choose another "
+                    "output folder", dir);
+    if (!S_ISDIR(st.st_mode)) return fail("%s: exists and is not a folder", dir);
+    DIR *d = opendir(dir);
+    if (!d) return fail("%s: cannot list: %s", dir, strerror(errno));
+    struct dirent *e;
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d)) != NULL) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        int ours = 0;
+        for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
+        if (!ours)
+            rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
+        else if (!overwrite)
+            rc = fail("%s already holds a model (%s): give --overwrite to replace it%s, or choose a new output folder",
+                      dir, e->d_name, or_resume ? or_resume : "");
+    }
+    closedir(d);
+    return rc;
+}
+
+/* DIR.lock holds the process id of the run writing DIR: a second run is
+ * refused while the first lives; a lock left by a process that is gone (a
+ * crash, a kill -9) is taken over. */
+static int lock_output(const char *dir, char *lock_path) {
+    if (make_path(lock_path, dir, ".lock") != 0) return -1;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fd = open(lock_path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (fd >= 0) {
+            char pid[32];
+            int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+            int ok = write(fd, pid, (size_t)n) == n;
+            close(fd);
+            if (ok) return 0;
+            unlink(lock_path);
+            return fail("%s: cannot write the lock", lock_path);
+        }
+        if (errno != EEXIST) return fail("%s: cannot create: %s", lock_path, strerror(errno));
+        char *text = NULL;
+        size_t len;
+        long long owner = 0;
+        if (read_file(lock_path, &text, &len) == 0) {
+            text[strcspn(text, "\n")] = '\0';
+            if (parse_count(text, 1LL << 30, &owner) != 0) owner = 0;
+            free(text);
+        }
+        if (owner > 0 && kill((pid_t)owner, 0) == 0)
+            return fail("%s is being written by another mlkv run (process %lld, %s); wait for it, or stop it", dir, owner,
+                        lock_path);
+        unlink(lock_path); /* its process is gone */
+    }
+    return fail("%s: cannot take the lock", lock_path);
+}
+
+/* Stock GPT-NeoX layout of an MHA model: q, k, v fused per head into
+ * query_key_value (rows ordered [H, 3, hs]), the inverse of load_fused_qkv. */
+static int write_fused_safetensors(const Model *m, const char *path) {
+    const Config *c = &m->config;
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size, L = c->n_layer;
+    TensorOut *list = alloc_zeroed((size_t)m->n_params, sizeof(TensorOut), "the tensor list");
+    float *fused = alloc_zeroed((size_t)L * 3 * C * (C + 1), sizeof(float), "fused projections");
+    if (!list || !fused) { free(list); free(fused); return -1; }
+    int n = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        int l;
+        char part[32];
+        if (sscanf(p->name, "gpt_neox.layers.%d.attention.%31[a-z.]", &l, part) == 2 &&
+            (!strncmp(part, "key.", 4) || !strncmp(part, "value.", 6)))
+            continue; /* written inside query_key_value */
+        TensorOut *t = &list[n++];
+        snprintf(t->name, sizeof(t->name), "%s", p->name);
+        t->ndim = p->ndim;
+        t->shape[0] = p->shape[0];
+        t->shape[1] = p->shape[1];
+        t->data = m->param_memory + p->offset;
+        if (sscanf(p->name, "gpt_neox.layers.%d.attention.%31[a-z.]", &l, part) != 2 || strncmp(part, "query.", 6)) continue;
+        int is_weight = !strcmp(part, "query.weight"), width = is_weight ? C : 1;
+        float *dst = fused + (size_t)l * 3 * C * (C + 1) + (is_weight ? 0 : (size_t)3 * C * C);
+        const LayerWeights *lw = &m->w.layer[l];
+        const float *parts[3] = {is_weight ? lw->q_w : lw->q_b, is_weight ? lw->k_w : lw->k_b, is_weight ? lw->v_w : lw->v_b};
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < 3; j++)
+                memcpy(dst + (size_t)((h * 3 + j) * hs) * width, parts[j] + (size_t)h * hs * width,
+                       (size_t)hs * width * sizeof(float));
+        snprintf(t->name, sizeof(t->name), "gpt_neox.layers.%d.attention.query_key_value.%s", l,
+                 is_weight ? "weight" : "bias");
+        t->shape[0] = 3 * C;
+        t->data = dst;
+    }
+    int rc = safetensors_write(path, list, n, "{\"format\":\"pt\"}");
+    free(list);
+    free(fused);
+    return rc;
+}
+
+/* optimizer_metadata: NULL saves the model alone. companion_dir: a folder whose
+ * tokenizer and generation files travel with the checkpoint, or NULL. stock:
+ * plain GPT-NeoX (fused query_key_value, no MLKV keys), for MHA models. */
+static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata, const char *companion_dir,
+                           int stock) {
+    char staging[PATH_LEN], previous[PATH_LEN], path[PATH_LEN], from[PATH_LEN];
+    if (make_path(staging, dir, ".saving") != 0 || make_path(previous, dir, ".previous") != 0) return -1;
+    /* the two folders beside DIR that a save replaces are checked like DIR itself */
+    if (check_output_dir(staging, NULL, 1, NULL) != 0 || check_output_dir(previous, NULL, 1, NULL) != 0) return -1;
+    remove_checkpoint_dir(staging);
+    if (mkdir(staging, 0755) != 0) return fail("%s: cannot create: %s", staging, strerror(errno));
+    TensorGroup params = {"", m->param_memory};
+    TensorGroup moments[2] = {{"m.", m->adam_m}, {"v.", m->adam_v}};
+    int rc = make_path(path, staging, "/config.json");
+    if (rc == 0) rc = config_save(&m->config, m->config_extra, stock, path);
+    if (rc == 0) rc = make_path(path, staging, "/model.safetensors");
+    if (rc == 0) rc = stock ? write_fused_safetensors(m, path) : model_write_safetensors(m, &params, 1, path, "{\"format\":\"pt\"}");
+    if (rc == 0 && optimizer_metadata) rc = make_path(path, staging, "/optimizer.safetensors");
+    if (rc == 0 && optimizer_metadata) rc = model_write_safetensors(m, moments, 2, path, optimizer_metadata);
+    for (int i = FIRST_COMPANION; rc == 0 && companion_dir && checkpoint_files[i]; i++) {
+        char name[PATH_LEN];
+        rc = make_path(name, "/", checkpoint_files[i]);
+        if (rc == 0 && make_path(from, companion_dir, name) == 0 && file_exists(from))
+            rc = make_path(path, staging, name) == 0 ? copy_file(from, path) : -1;
+    }
+    if (rc != 0) { remove_checkpoint_dir(staging); return -1; }
+    remove_checkpoint_dir(previous);
+    if (file_exists(dir) && rename(dir, previous) != 0) {
+        remove_checkpoint_dir(staging);
+        return fail("%s: cannot move the old checkpoint aside: %s", dir, strerror(errno));
+    }
+    if (rename(staging, dir) != 0) {
+        int e = errno;
+        rename(previous, dir);
+        return fail("%s: cannot move the new checkpoint in place: %s", dir, strerror(e));
+    }
+    remove_checkpoint_dir(previous);
+    return 0;
+}
+
+
+/* ===========================================================================
+ * 13. Token files (llm.c's format) and the data loader
+ * ======================================================================== */
+
+#define TOKENS_MAGIC 20240520
+#define TOKENS_VERSION 1
+#define TOKENS_HEADER_INTS 256
+
+int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
+    memset(tf, 0, sizeof(*tf));
+    size_t size;
+    FILE *f = open_regular(path, &size);
+    if (!f) return -1;
+    int32_t header[TOKENS_HEADER_INTS];
+    if (fread(header, sizeof(int32_t), TOKENS_HEADER_INTS, f) != TOKENS_HEADER_INTS) {
+        fclose(f);
+        return fail("%s: shorter than the 1024-byte header of a token file", path);
+    }
+    if (header[0] != TOKENS_MAGIC || header[1] != TOKENS_VERSION) {
+        fclose(f);
+        return fail("%s: not a token file (magic %d version %d; expected %d version %d, llm.c's uint16 format)", path,
+                    header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION);
+    }
+    size_t expected = TOKENS_HEADER_INTS * sizeof(int32_t) + (size_t)(uint32_t)header[2] * sizeof(uint16_t);
+    if (header[2] < 0 || size != expected) {
+        fclose(f);
+        return fail("%s: header says %d tokens (%zu bytes), but the file has %zu bytes", path, header[2], expected, size);
+    }
+    tf->n_tokens = (size_t)header[2];
+    tf->tokens = alloc_zeroed(tf->n_tokens + 1, sizeof(uint16_t), path);
+    if (!tf->tokens) { fclose(f); return -1; }
+    if (fseek(f, TOKENS_HEADER_INTS * sizeof(int32_t), SEEK_SET) != 0 ||
+        fread(tf->tokens, sizeof(uint16_t), tf->n_tokens, f) != tf->n_tokens) {
+        fclose(f);
+        tokens_free(tf);
+        return fail("%s: read error", path);
+    }
+    fclose(f);
+    for (size_t i = 0; i < tf->n_tokens; i++)
+        if (tf->tokens[i] >= vocab_size) {
+            int id = tf->tokens[i];
+            tokens_free(tf);
+            return fail("%s: token %d at position %zu is outside the model's vocabulary (vocab_size %d)", path, id, i,
+                        vocab_size);
+        }
+    return 0;
+}
+
+int tokens_save(const char *path, const uint16_t *tokens, size_t n) {
+    if (n > 2147483647u) return fail("%s: too many tokens for one file", path);
+    int32_t header[TOKENS_HEADER_INTS] = {TOKENS_MAGIC, TOKENS_VERSION, (int32_t)n};
+    Writer w;
+    if (writer_open(&w, path) != 0) return -1;
+    writer_put(&w, header, sizeof(header));
+    writer_put(&w, tokens, n * sizeof(uint16_t));
+    return writer_close(&w);
+}
+
+void tokens_free(TokenFile *tf) {
+    free(tf->tokens);
+    tf->tokens = NULL;
+    tf->n_tokens = 0;
+}
+
+/* The token stream is cut into n_seqs = (n-1) / T sequences; sequence i is
+ * tokens [i*T, i*T + T] (T+1 tokens: inputs and shifted targets). Training
+ * visits them in an order shuffled from (seed, epoch), as HF Trainer shuffles
+ * its packed samples, so a position (epoch, next) reproduces everything. */
+static void loader_shuffle(DataLoader *dl) {
+    for (size_t i = 0; i < dl->n_seqs; i++) dl->order[i] = i;
+    if (!dl->shuffle) return;
+    uint64_t rng = dl->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(dl->epoch + 1));
+    for (size_t i = dl->n_seqs - 1; i > 0; i--) {
+        size_t j = (size_t)(rng_next(&rng) % (i + 1));
+        size_t t = dl->order[i];
+        dl->order[i] = dl->order[j];
+        dl->order[j] = t;
+    }
+}
+
+int loader_init(DataLoader *dl, const TokenFile *f, int B, int T, uint64_t seed, int shuffle) {
+    memset(dl, 0, sizeof(*dl));
+    dl->file = f;
+    dl->B = B;
+    dl->T = T;
+    dl->seed = seed;
+    dl->shuffle = shuffle;
+    dl->n_seqs = f->n_tokens > 0 ? (f->n_tokens - 1) / (size_t)T : 0;
+    if (dl->n_seqs == 0) return fail("%zu tokens are fewer than one sequence of %d + 1", f->n_tokens, T);
+    dl->order = alloc_zeroed(dl->n_seqs, sizeof(size_t), "the data order");
+    if (!dl->order) return -1;
+    loader_shuffle(dl);
+    return 0;
+}
+
+void loader_seek(DataLoader *dl, int epoch, size_t next) {
+    dl->epoch = epoch;
+    dl->next = next < dl->n_seqs ? next : 0;
+    loader_shuffle(dl);
+}
+
+void loader_next(DataLoader *dl, int *rows) {
+    for (int b = 0; b < dl->B; b++) {
+        if (dl->next == dl->n_seqs) loader_seek(dl, dl->epoch + 1, 0);
+        const uint16_t *src = dl->file->tokens + dl->order[dl->next++] * (size_t)dl->T;
+        for (int t = 0; t <= dl->T; t++) rows[b * (dl->T + 1) + t] = src[t];
+    }
+}
+
+void loader_free(DataLoader *dl) {
+    free(dl->order);
+    dl->order = NULL;
+}
+
+/* ===========================================================================
+ * 14. JSON: a small recursive-descent parser into a tree, enough for
+ *    config.json, safetensors headers and tokenizer.json.
+ * ======================================================================== */
+
+typedef struct { const char *start, *p, *end, *what; int depth; } JsonParser;
+
+static int json_syntax(JsonParser *ps, const char *msg) {
+    return fail("%s: invalid JSON at byte %ld: %s", ps->what, (long)(ps->p - ps->start), msg);
+}
+
+static void json_skip_space(JsonParser *ps) {
+    while (ps->p < ps->end && (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\n' || *ps->p == '\r')) ps->p++;
+}
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static int json_hex4(JsonParser *ps, const char *s, unsigned *out) {
+    if (ps->end - s < 4) return json_syntax(ps, "short \\u escape");
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        int h = hex_digit(s[i]);
+        if (h < 0) return json_syntax(ps, "bad \\u escape");
+        v = v * 16 + (unsigned)h;
+    }
+    *out = v;
+    return 0;
+}
+
+static size_t utf8_encode(unsigned cp, char *out) {
+    if (cp < 0x80) { out[0] = (char)cp; return 1; }
+    if (cp < 0x800) { out[0] = (char)(0xC0 | (cp >> 6)); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | (cp >> 12)); out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F)); return 3;
+    }
+    out[0] = (char)(0xF0 | (cp >> 18)); out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* Parses a string at ps->p (just after the opening quote). Escapes only
+ * shrink text, so the raw span bounds the decoded size. */
+static int json_string(JsonParser *ps, char **out, size_t *out_len) {
+    const char *s = ps->p;
+    const char *q = s;
+    while (q < ps->end && *q != '"') q += (*q == '\\') ? 2 : 1;
+    if (q >= ps->end) return json_syntax(ps, "unterminated string");
+    char *buf = malloc((size_t)(q - s) + 1);
+    if (!buf) return fail("%s: out of memory parsing JSON", ps->what);
+    size_t n = 0;
+    while (s < q) {
+        unsigned char c = (unsigned char)*s;
+        if (c < 0x20) { free(buf); ps->p = s; return json_syntax(ps, "control character in string"); }
+        if (c != '\\') { buf[n++] = (char)c; s++; continue; }
+        char e = s[1];
+        s += 2;
+        switch (e) {
+        case '"': buf[n++] = '"'; break;
+        case '\\': buf[n++] = '\\'; break;
+        case '/': buf[n++] = '/'; break;
+        case 'b': buf[n++] = '\b'; break;
+        case 'f': buf[n++] = '\f'; break;
+        case 'n': buf[n++] = '\n'; break;
+        case 'r': buf[n++] = '\r'; break;
+        case 't': buf[n++] = '\t'; break;
+        case 'u': {
+            unsigned cp, lo;
+            ps->p = s;
+            if (json_hex4(ps, s, &cp) != 0) { free(buf); return -1; }
+            s += 4;
+            if (cp >= 0xD800 && cp < 0xDC00 && q - s >= 6 && s[0] == '\\' && s[1] == 'u' &&
+                json_hex4(ps, s + 2, &lo) == 0 && lo >= 0xDC00 && lo < 0xE000) {
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                s += 6;
+            } else if (cp >= 0xD800 && cp < 0xE000) {
+                cp = 0xFFFD; /* a lone surrogate has no UTF-8 form */
+            }
+            n += utf8_encode(cp, buf + n);
+            break;
+        }
+        default: free(buf); ps->p = s - 1; return json_syntax(ps, "bad escape");
+        }
+    }
+    buf[n] = '\0';
+    ps->p = q + 1;
+    *out = buf;
+    *out_len = n;
+    return 0;
+}
+
+static int json_value(JsonParser *ps, Json *out);
+
+static int json_push(JsonParser *ps, Json *container, size_t *cap, char *key) {
+    if (container->length == *cap) {
+        size_t ncap = *cap ? *cap * 2 : 4;
+        Json *items = realloc(container->items, ncap * sizeof(Json));
+        if (!items) { free(key); return fail("%s: out of memory parsing JSON", ps->what); }
+        container->items = items;
+        if (container->type == JSON_OBJECT) {
+            char **keys = realloc(container->keys, ncap * sizeof(char *));
+            if (!keys) { free(key); return fail("%s: out of memory parsing JSON", ps->what); }
+            container->keys = keys;
+        }
+        *cap = ncap;
+    }
+    Json *slot = &container->items[container->length];
+    memset(slot, 0, sizeof(*slot));
+    if (container->type == JSON_OBJECT) container->keys[container->length] = key;
+    container->length++;
+    return json_value(ps, slot);
+}
+
+/* An object's keys must differ: JSON leaves duplicates undefined (Python keeps
+ * the last, other readers the first), so a file that has them means two
+ * things and is refused. Sorted copies of the key pointers, neighbours compared. */
+static int json_unique_keys(JsonParser *ps, const Json *object) {
+    if (object->type != JSON_OBJECT || object->length < 2) return 0;
+    char **keys = malloc(object->length * sizeof(char *));
+    if (!keys) return fail("%s: out of memory", ps->what);
+    memcpy(keys, object->keys, object->length * sizeof(char *));
+    qsort(keys, object->length, sizeof(char *), string_order);
+    int rc = 0;
+    for (size_t i = 1; rc == 0 && i < object->length; i++)
+        if (strcmp(keys[i - 1], keys[i]) == 0) rc = fail("%s: the key \"%s\" appears twice", ps->what, printable(keys[i]));
+    free(keys);
+    return rc;
+}
+
+static int json_container(JsonParser *ps, Json *out, char close) {
+    size_t cap = 0;
+    out->type = close == '}' ? JSON_OBJECT : JSON_ARRAY;
+    if (++ps->depth > 64) return json_syntax(ps, "nested too deeply");
+    json_skip_space(ps);
+    if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return 0; }
+    for (;;) {
+        char *key = NULL;
+        json_skip_space(ps);
+        if (close == '}') {
+            size_t klen;
+            if (ps->p >= ps->end || *ps->p != '"') return json_syntax(ps, "expected a key");
+            ps->p++;
+            if (json_string(ps, &key, &klen) != 0) return -1;
+            json_skip_space(ps);
+            if (ps->p >= ps->end || *ps->p != ':') { free(key); return json_syntax(ps, "expected ':'"); }
+            ps->p++;
+        }
+        if (json_push(ps, out, &cap, key) != 0) return -1;
+        json_skip_space(ps);
+        if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
+        if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return json_unique_keys(ps, out); }
+        return json_syntax(ps, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+}
+
+static int json_value(JsonParser *ps, Json *out) {
+    json_skip_space(ps);
+    if (ps->p >= ps->end) return json_syntax(ps, "unexpected end");
+    char c = *ps->p;
+    if (c == '{' || c == '[') { ps->p++; return json_container(ps, out, c == '{' ? '}' : ']'); }
+    if (c == '"') { ps->p++; out->type = JSON_STRING; return json_string(ps, &out->string, &out->length); }
+    static const struct { const char *word; JsonType type; double value; } words[] = {
+        {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0}};
+    for (int i = 0; i < 3; i++) {
+        size_t n = strlen(words[i].word);
+        if ((size_t)(ps->end - ps->p) >= n && memcmp(ps->p, words[i].word, n) == 0) {
+            out->type = words[i].type;
+            out->number = words[i].value;
+            ps->p += n;
+            return 0;
+        }
+    }
+    char num[64];
+    size_t n = 0;
+    while (ps->p + n < ps->end && n < sizeof(num) - 1 && strchr("+-0123456789.eE", ps->p[n])) {
+        num[n] = ps->p[n];
+        n++;
+    }
+    num[n] = '\0';
+    char *endp;
+    double v = n ? strtod(num, &endp) : 0;
+    if (n == 0 || *endp != '\0') return json_syntax(ps, "unexpected character");
+    if (!isfinite(v)) return json_syntax(ps, "a number out of range"); /* 1e400: written back it would be inf, not JSON */
+    out->type = JSON_NUMBER;
+    out->number = v;
+    ps->p += n;
+    return 0;
+}
+
+void json_free(Json *j) {
+    if (!j) return;
+    for (size_t i = 0; i < j->length && (j->type == JSON_ARRAY || j->type == JSON_OBJECT); i++) {
+        json_free(&j->items[i]);
+        if (j->type == JSON_OBJECT) free(j->keys[i]);
+    }
+    if (j->type == JSON_ARRAY || j->type == JSON_OBJECT) { free(j->items); free(j->keys); }
+    free(j->string);
+    memset(j, 0, sizeof(*j));
+}
+
+int json_parse(const char *text, size_t len, const char *what, Json *out) {
+    JsonParser ps = {text, text, text + len, what, 0};
+    memset(out, 0, sizeof(*out));
+    if (json_value(&ps, out) != 0) { json_free(out); return -1; }
+    json_skip_space(&ps);
+    if (ps.p != ps.end) { json_free(out); return json_syntax(&ps, "trailing characters"); }
+    return 0;
+}
+
+const Json *json_get(const Json *object, const char *key) {
+    if (!object || object->type != JSON_OBJECT) return NULL;
+    for (size_t i = 0; i < object->length; i++)
+        if (strcmp(object->keys[i], key) == 0) return &object->items[i];
+    return NULL;
+}
+
+static int json_load_file(const char *path, Json *out) {
+    char *text;
+    size_t len;
+    if (read_file(path, &text, &len) != 0) return -1;
+    int rc = json_parse(text, len, path, out);
+    free(text);
+    return rc;
+}
+
+static int json_is_count(const Json *v) { /* a non-negative integer */
+    return v && v->type == JSON_NUMBER && v->number >= 0 && v->number == floor(v->number) && v->number < 9e15;
+}
+
+/* The shortest decimal that reads back as the same double (0.1, not 0.1000000000000000055). */
+static void sb_number(StrBuf *b, double x) {
+    char text[32];
+    if (x == floor(x) && fabs(x) < 1e15) { sb_printf(b, "%.0f", x); return; }
+    for (int digits = 1; digits <= 17; digits++) {
+        snprintf(text, sizeof(text), "%.*g", digits, x);
+        if (strtod(text, NULL) == x) break;
+    }
+    sb_printf(b, "%s", text);
+}
+
+static void json_write_string(StrBuf *b, const char *s) {
+    sb_printf(b, "\"");
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\') sb_printf(b, "\\%c", *p);
+        else if (*p < 0x20) sb_printf(b, "\\u%04x", *p);
+        else sb_printf(b, "%c", *p);
+    }
+    sb_printf(b, "\"");
+}
+
+static void json_write(StrBuf *b, const Json *j) {
+    switch (j->type) {
+    case JSON_NULL: sb_printf(b, "null"); break;
+    case JSON_BOOL: sb_printf(b, j->number ? "true" : "false"); break;
+    case JSON_NUMBER: sb_number(b, j->number); break;
+    case JSON_STRING: json_write_string(b, j->string); break;
+    case JSON_ARRAY:
+    case JSON_OBJECT:
+        sb_printf(b, j->type == JSON_ARRAY ? "[" : "{");
+        for (size_t i = 0; i < j->length; i++) {
+            if (i) sb_printf(b, ", ");
+            if (j->type == JSON_OBJECT) { json_write_string(b, j->keys[i]); sb_printf(b, ": "); }
+            json_write(b, &j->items[i]);
+        }
+        sb_printf(b, j->type == JSON_ARRAY ? "]" : "}");
+        break;
+    }
+}
+
+/* ===========================================================================
+ * 15. The tokenizer: HF tokenizer.json of the byte-level BPE family (GPT-2,
+ *    GPT-NeoX). Byte-level BPE spells every byte as one printable character
+ *    (the byte alphabet) and merges adjacent tokens by rank. Decoding maps a
+ *    token's characters back to bytes. Encoding here is exact for ASCII text;
+ *    tokenize.py is exact for all text (it has Unicode's tables).
+ * ======================================================================== */
+
+#define ALPHABET_END 324 /* the byte alphabet lies in code points 0..323 */
+
+/* Printable Latin-1 bytes stand for themselves; the other 68 bytes take the
+ * code points from 256 up, in byte order. byte_of[cp] = the byte, or -1. */
+static void byte_alphabet(unsigned char_of[256], int byte_of[ALPHABET_END]) {
+    int extra = 0;
+    for (int cp = 0; cp < ALPHABET_END; cp++) byte_of[cp] = -1;
+    for (int b = 0; b < 256; b++) {
+        int printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+        char_of[b] = printable ? (unsigned)b : 256u + (unsigned)extra++;
+        byte_of[char_of[b]] = b;
+    }
+}
+
+/* The bytes of the UTF-8 character a lead byte starts: 1 to 4, or 0 for a
+ * byte that starts none. */
+static int utf8_length(unsigned char lead) {
+    return lead < 0x80 ? 1 : (lead & 0xE0) == 0xC0 ? 2 : (lead & 0xF0) == 0xE0 ? 3 : (lead & 0xF8) == 0xF0 ? 4 : 0;
+}
+
+/* One UTF-8 character at s (n bytes left): its length, or 0 if malformed. */
+static int utf8_next(const unsigned char *s, size_t n, unsigned *cp) {
+    int len = utf8_length(s[0]);
+    if (len == 0 || (size_t)len > n) return 0;
+    *cp = len == 1 ? s[0] : s[0] & (0xFF >> (len + 1));
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        *cp = *cp << 6 | (s[i] & 0x3F);
+    }
+    return len;
+}
+
+/* As the ByteLevel decoder: every character through the byte alphabet, or the
+ * text's own UTF-8 when a character lies outside it (added tokens like runs of
+ * spaces). */
+static int token_text_to_bytes(const char *text, const int *byte_of, char **out, int *len) {
+    size_t n = strlen(text), k = 0;
+    char *b = malloc(n + 1);
+    if (!b) return fail("out of memory loading a tokenizer");
+    for (size_t i = 0; i < n;) {
+        unsigned cp;
+        int step = utf8_next((const unsigned char *)text + i, n - i, &cp);
+        if (step == 0 || cp >= ALPHABET_END || byte_of[cp] < 0) { memcpy(b, text, n); k = n; break; }
+        b[k++] = (char)byte_of[cp];
+        i += (size_t)step;
+    }
+    *out = b;
+    *len = (int)k;
+    return 0;
+}
+
+static MergeSlot *merge_slot(const Tokenizer *t, uint64_t key) {
+    size_t i = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 20) & (t->merge_capacity - 1);
+    while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key) i = (i + 1) & (t->merge_capacity - 1);
+    return &t->merges[i];
+}
+
+typedef struct { const char *text; int id; } VocabEntry;
+
+static int vocab_order(const void *a, const void *b) {
+    return strcmp(((const VocabEntry *)a)->text, ((const VocabEntry *)b)->text);
+}
+
+static int vocab_find(const VocabEntry *sorted, size_t n, const char *text) {
+    VocabEntry key = {text, 0};
+    const VocabEntry *e = bsearch(&key, sorted, n, sizeof(VocabEntry), vocab_order);
+    return e ? e->id : -1;
+}
+
+/* A merge as "left right" in buf (NUL after each part): from "a b" (classic
+ * files) or ["a", "b"] (newer ones). buf holds at least the merge's text + 2. */
+static int merge_parts(const Json *m, char *buf, char **left, char **right) {
+    if (m->type == JSON_ARRAY && m->length == 2 && m->items[0].type == JSON_STRING && m->items[1].type == JSON_STRING) {
+        *left = strcpy(buf, m->items[0].string);
+        *right = strcpy(buf + strlen(buf) + 1, m->items[1].string);
+        return 0;
+    }
+    const char *space = m->type == JSON_STRING ? strchr(m->string, ' ') : NULL;
+    if (!space || strchr(space + 1, ' ')) return -1;
+    *left = strcpy(buf, m->string);
+    buf[space - m->string] = '\0';
+    *right = buf + (space - m->string) + 1;
+    return 0;
+}
+
+static size_t merge_text_length(const Json *m) {
+    if (m->type == JSON_STRING) return m->length;
+    size_t n = 0;
+    for (size_t i = 0; m->type == JSON_ARRAY && i < m->length; i++) n += m->items[i].type == JSON_STRING ? m->items[i].length : 0;
+    return n;
+}
+
+static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
+    const Json *model = json_get(j, "model"), *vocab = json_get(model, "vocab"), *merges = json_get(model, "merges");
+    const Json *pre = json_get(j, "pre_tokenizer"), *added = json_get(j, "added_tokens");
+    if (!vocab || vocab->type != JSON_OBJECT || !merges || merges->type != JSON_ARRAY)
+        return fail("%s: not a BPE tokenizer.json (no model.vocab and model.merges)", path);
+    if (!pre || !config_string_is(pre, "type", "ByteLevel") || !json_get(pre, "type"))
+        return fail("%s: the pre_tokenizer is not ByteLevel", path);
+    const Json *prefix = json_get(pre, "add_prefix_space");
+    if (prefix && prefix->number != 0) return fail("%s: add_prefix_space true is not supported", path);
+    unsigned char_of[256];
+    int byte_of[ALPHABET_END], max_id = -1;
+    byte_alphabet(char_of, byte_of);
+    size_t n_added = added && added->type == JSON_ARRAY ? added->length : 0;
+    for (size_t i = 0; i < vocab->length; i++) {
+        if (!json_is_count(&vocab->items[i]) || vocab->items[i].number >= (1 << 24))
+            return fail("%s: vocabulary entry %zu has no valid id", path, i);
+        max_id = vocab->items[i].number > max_id ? (int)vocab->items[i].number : max_id;
+    }
+    for (size_t i = 0; i < n_added; i++) {
+        const Json *id = json_get(&added->items[i], "id"), *content = json_get(&added->items[i], "content");
+        if (!json_is_count(id) || id->number >= (1 << 24) || !content || content->type != JSON_STRING || !content->string[0])
+            return fail("%s: added token %zu has no id or content", path, i);
+        if (strlen(content->string) != content->length) /* a C string would end at the NUL and match wrongly */
+            return fail("%s: added token %zu contains a NUL character, which mlkv does not support", path, i);
+        max_id = id->number > max_id ? (int)id->number : max_id;
+    }
+    if (max_id < 0) return fail("%s: the vocabulary is empty", path);
+    t->n_ids = max_id + 1;
+    t->bytes = alloc_zeroed((size_t)t->n_ids, sizeof(char *), "the tokenizer");
+    t->length = alloc_zeroed((size_t)t->n_ids, sizeof(int), "the tokenizer");
+    t->added = alloc_zeroed(n_added + 1, sizeof(char *), "the tokenizer");
+    t->added_id = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
+    t->added_normalized = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
+    VocabEntry *sorted = alloc_zeroed(vocab->length + 1, sizeof(VocabEntry), "the tokenizer");
+    if (!t->bytes || !t->length || !t->added || !t->added_id || !t->added_normalized || !sorted) { free(sorted); return -1; }
+    for (size_t i = 0; i < vocab->length; i++) {
+        int id = (int)vocab->items[i].number;
+        sorted[i] = (VocabEntry){vocab->keys[i], id};
+        if (!t->bytes[id] && token_text_to_bytes(vocab->keys[i], byte_of, &t->bytes[id], &t->length[id]) != 0) {
+            free(sorted);
+            return -1;
+        }
+    }
+    qsort(sorted, vocab->length, sizeof(VocabEntry), vocab_order);
+    t->eot_id = -1;
+    for (size_t i = 0; i < n_added; i++) {
+        const Json *tok = &added->items[i], *normalized = json_get(tok, "normalized");
+        int id = (int)json_get(tok, "id")->number;
+        t->added[t->n_added] = strdup(json_get(tok, "content")->string);
+        t->added_id[t->n_added] = id;
+        t->added_normalized[t->n_added] = !normalized || normalized->number != 0; /* HF's default: true */
+        if (!t->added[t->n_added]) { free(sorted); return fail("out of memory loading %s", path); }
+        if (!strcmp(t->added[t->n_added], "<|endoftext|>")) t->eot_id = id;
+        free(t->bytes[id]);
+        if (token_text_to_bytes(t->added[t->n_added], byte_of, &t->bytes[id], &t->length[id]) != 0) { free(sorted); return -1; }
+        t->n_added++;
+    }
+    for (int b = 0; b < 256; b++) {
+        char ch[8];
+        ch[utf8_encode(char_of[b], ch)] = '\0';
+        t->byte_id[b] = vocab_find(sorted, vocab->length, ch);
+    }
+    /* merges: (left id, right id) -> (rank, merged id), in a table at most half full */
+    for (t->merge_capacity = 16; t->merge_capacity < 2 * merges->length + 16;) t->merge_capacity *= 2;
+    t->merges = malloc(t->merge_capacity * sizeof(MergeSlot));
+    if (!t->merges) { free(sorted); return fail("out of memory loading %s", path); }
+    for (size_t i = 0; i < t->merge_capacity; i++) t->merges[i].key = UINT64_MAX;
+    int rc = 0;
+    for (size_t r = 0; r < merges->length && rc == 0; r++) {
+        size_t n = merge_text_length(&merges->items[r]);
+        char *buf = malloc(2 * n + 4), *left, *right, *both = buf + n + 2;
+        if (!buf) { rc = fail("out of memory loading %s", path); break; }
+        if (merge_parts(&merges->items[r], buf, &left, &right) != 0) {
+            free(buf);
+            rc = fail("%s: merge %zu is not a pair", path, r);
+            break;
+        }
+        snprintf(both, n + 2, "%s%s", left, right);
+        int a = vocab_find(sorted, vocab->length, left), b = vocab_find(sorted, vocab->length, right);
+        int ab = vocab_find(sorted, vocab->length, both);
+        if (a < 0 || b < 0 || ab < 0) rc = fail("%s: merge %zu (%s %s) uses a token not in the vocabulary", path, r, left, right);
+        free(buf);
+        if (rc != 0) break;
+        MergeSlot *slot = merge_slot(t, (uint64_t)a << 32 | (uint32_t)b);
+        if (slot->key == UINT64_MAX) *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
+    }
+    free(sorted);
+    for (int b = 0; rc == 0 && b < 128; b++) /* encoding (ASCII) starts from each byte's own token */
+        if (t->byte_id[b] < 0) rc = fail("%s: no token for byte 0x%02x: not a byte-level vocabulary", path, b);
+    return rc;
+}
+
+int tokenizer_load(Tokenizer *t, const char *path) {
+    Json j;
+    struct stat st;
+    char in_folder[PATH_LEN];
+    memset(t, 0, sizeof(*t));
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) { /* a model folder: its tokenizer.json */
+        if (make_path(in_folder, path, "/tokenizer.json") != 0) return -1;
+        path = in_folder;
+    }
+    if (json_load_file(path, &j) != 0) return -1;
+    int rc = tokenizer_build(t, &j, path);
+    json_free(&j);
+    if (rc != 0) tokenizer_free(t);
+    return rc;
+}
+
+void tokenizer_free(Tokenizer *t) {
+    for (int i = 0; t->bytes && i < t->n_ids; i++) free(t->bytes[i]);
+    for (int i = 0; t->added && i < t->n_added; i++) free(t->added[i]);
+    free(t->bytes); free(t->length); free(t->merges); free(t->added); free(t->added_id); free(t->added_normalized);
+    memset(t, 0, sizeof(*t));
+}
+
+const char *tokenizer_token(const Tokenizer *t, int id, int *length) {
+    if (id < 0 || id >= t->n_ids || !t->bytes[id]) return NULL;
+    *length = t->length[id];
+    return t->bytes[id];
+}
+
+/* GPT-2's split pattern on ASCII, where \p{L} is [A-Za-z], \p{N} is [0-9] and
+ * \s is [\t\n\v\f\r ]:
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ * Returns the length of the piece that starts at s. */
+enum { CHAR_LETTER, CHAR_DIGIT, CHAR_SPACE, CHAR_OTHER };
+
+static int ascii_class(char c) {
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return CHAR_LETTER;
+    if (c >= '0' && c <= '9') return CHAR_DIGIT;
+    if (c == ' ' || (c >= '\t' && c <= '\r')) return CHAR_SPACE;
+    return CHAR_OTHER;
+}
+
+static size_t next_piece(const char *s, size_t n) {
+    static const char *const contractions[] = {"s", "t", "re", "ve", "m", "ll", "d"};
+    if (s[0] == '\'')
+        for (int i = 0; i < 7; i++) {
+            size_t k = strlen(contractions[i]);
+            if (n > k && !strncmp(s + 1, contractions[i], k)) return k + 1;
+        }
+    size_t j = s[0] == ' ' && n > 1 ? 1 : 0; /* the optional leading space */
+    int kind = ascii_class(s[j]);
+    if (kind != CHAR_SPACE) {
+        size_t e = j + 1;
+        while (e < n && ascii_class(s[e]) == kind) e++;
+        return e;
+    }
+    size_t e = 0; /* a run of white space keeps its last character for the next word */
+    while (e < n && ascii_class(s[e]) == CHAR_SPACE) e++;
+    return e == n || e == 1 ? e : e - 1;
+}
+
+/* Byte-pair merges on one piece: start from its bytes' tokens, merge the
+ * adjacent pair of lowest rank (leftmost first) until no merge applies. */
+static int bpe_piece(const Tokenizer *t, const char *s, size_t n, int *ids, int room) {
+    if ((size_t)room < n) return fail("the text has more tokens than the %d allowed", room);
+    int m = (int)n;
+    for (size_t i = 0; i < n; i++) ids[i] = t->byte_id[(unsigned char)s[i]];
+    while (m > 1) {
+        int at = -1, best_rank = 0, merged = 0;
+        for (int i = 0; i + 1 < m; i++) {
+            const MergeSlot *slot = merge_slot(t, (uint64_t)ids[i] << 32 | (uint32_t)ids[i + 1]);
+            if (slot->key != UINT64_MAX && (at < 0 || slot->rank < best_rank)) {
+                at = i;
+                best_rank = slot->rank;
+                merged = slot->merged;
+            }
+        }
+        if (at < 0) break;
+        ids[at] = merged;
+        memmove(ids + at + 1, ids + at + 2, (size_t)(m - at - 2) * sizeof(int));
+        m--;
+    }
+    return m;
+}
+
+/* The leftmost added token of the given kind in s, the longest where several
+ * start there (HF matches special tokens in the raw text, the normalized ones
+ * after normalization; for ASCII the two texts are the same). */
+static int find_added(const Tokenizer *t, const char *s, size_t n, int normalized, size_t *at, size_t *len) {
+    for (size_t pos = 0; pos < n; pos++) {
+        int best = -1;
+        size_t best_len = 0;
+        for (int i = 0; i < t->n_added; i++) {
+            size_t k = strlen(t->added[i]);
+            if (t->added_normalized[i] == normalized && k > best_len && k <= n - pos && !memcmp(s + pos, t->added[i], k)) {
+                best = i;
+                best_len = k;
+            }
+        }
+        if (best >= 0) {
+            *at = pos;
+            *len = best_len;
+            return t->added_id[best];
+        }
+    }
+    return -1;
+}
+
+/* phase 0: split on special (not normalized) added tokens; phase 1: on the
+ * normalized ones; then pieces and merges. Returns the ids written or -1. */
+static int encode_span(const Tokenizer *t, const char *s, size_t n, int phase, int *ids, int room) {
+    int count = 0;
+    while (n > 0) {
+        size_t at = n, len = 0;
+        int id = phase < 2 ? find_added(t, s, n, phase, &at, &len) : -1;
+        size_t plain = id >= 0 ? at : n;
+        if (phase < 2) {
+            int k = encode_span(t, s, plain, phase + 1, ids + count, room - count);
+            if (k < 0) return -1;
+            count += k;
+        } else {
+            for (size_t p = 0; p < plain;) {
+                size_t piece = next_piece(s + p, plain - p);
+                int k = bpe_piece(t, s + p, piece, ids + count, room - count);
+                if (k < 0) return -1;
+                count += k;
+                p += piece;
+            }
+        }
+        if (id < 0) break;
+        if (count >= room) return fail("the text has more tokens than the %d allowed", room);
+        ids[count++] = id;
+        s += at + len;
+        n -= at + len;
+    }
+    return count;
+}
+
+int tokenizer_encode(const Tokenizer *t, const char *text, int *ids, int max_ids) {
+    for (const char *p = text; *p; p++)
+        if ((unsigned char)*p >= 0x80)
+            return fail("the text is not ASCII; mlkv encodes ASCII exactly but not other text: get the ids with "
+                        "python3 tokenize.py encode --tokenizer FILE TEXT");
+    return encode_span(t, text, strlen(text), 0, ids, max_ids);
+}
+
+void utf8_stream_write(Utf8Stream *s, const char *bytes, int n, FILE *out) {
+    for (int i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)bytes[i];
+        if (s->n > 0 && (c & 0xC0) != 0x80) utf8_stream_flush(s, out); /* a broken character goes out as it is */
+        s->pending[s->n++] = c;
+        int want = utf8_length(s->pending[0]);
+        if (s->n >= (want ? want : 1)) utf8_stream_flush(s, out); /* complete, or a stray byte */
+    }
+    fflush(out);
+}
+
+void utf8_stream_flush(Utf8Stream *s, FILE *out) {
+    if (s->n) fwrite(s->pending, 1, (size_t)s->n, out);
+    s->n = 0;
+}
+
+/* ===========================================================================
+ * 16. The built-in demo: a corpus that needs attention to predict (facts
  *     stated early in a document and asked for later), word tokens, and
- *     recall probes; the demo command (section 16) pretrains a 12-layer
+ *     recall probes; the demo command (section 17) pretrains a 12-layer
  *     Pythia-shaped model on it and runs the experiment.
  * ======================================================================== */
 
@@ -5304,7 +5341,7 @@ static int demo_corpus(const char *path, size_t n_tokens, uint64_t seed) {
 }
 
 /* ===========================================================================
- * 16. The command line
+ * 17. The command line
  * ======================================================================== */
 
 typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_U64, FLAG_CHOICE } FlagKind;
