@@ -519,6 +519,7 @@ int model_init_random(Model *m, const Config *c, uint64_t seed) {
     }
     return 0;
 }
+
 /* ===========================================================================
  * 4. Kernels. Shapes use N = B*T rows. Forward kernels overwrite their
  *    output; backward kernels *add* into their input gradients (dinp += ...),
@@ -1401,8 +1402,9 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
 
 
 /* panels: [B, kvH, PADDED_T(T) * hs] scratch for the keys' head panels */
-void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v,
-                              int B, int T, int H, int kvH, int hs) {
+void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k,
+                       const float *v, AttentionShape shape) {
+    int B = shape.B, T = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
     int group = H / kvH, blocks = (T + ATT_ROWS - 1) / ATT_ROWS;
     float scale = 1.0f / sqrtf((float)hs);
     pack_heads(panels, k, B, T, kvH, hs);
@@ -1447,7 +1449,8 @@ static size_t dq_partial_blocks(int T, int chunk) {
     return c * n - m * c * (c - 1) / 2;
 }
 
-size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward) {
+size_t attention_panel_floats(AttentionShape shape, int backward) {
+    int B = shape.B, T = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
     size_t head = (size_t)PADDED_T(T) * hs, heads = (size_t)B * H;
     if (!backward) return (size_t)B * kvH * head; /* the keys' head panels */
     /* queries' and output gradients' head panels, dk and dv per query head, partial dq */
@@ -1455,17 +1458,37 @@ size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward
     return heads * (2 * head + 2 * (size_t)T * hs + partial);
 }
 
-/* The backward pass of the `keys` keys at positions s0 .. (at most
- * ATT_ROWS; rows of k and v, row stride kv_stride) for the queries of one
- * head at positions s0 .. T-1 (their head panels, rows of q and dout; lse and
- * delta of that head): dk, dv [keys, hs] (row stride dkv_stride) are
- * overwritten with this head's share, dk without its factor `scale`;
- * dq_partial [query blocks from s0's on][DQ_ROWS][HEAD_WIDTH(hs)] += ds k,
- * also without it (attention_backward applies both). */
-static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, float *dq_partial, const float *dout,
-                                     const float *q, const float *q_panels, const float *dout_panels,
-                                     const float *lse, const float *delta, size_t q_stride, int T, const float *k,
-                                     const float *v, size_t kv_stride, int s0, int keys, int hs, float scale) {
+/* The T queries of one head for attention_block_backward: rows of q and
+ * dout (row stride `stride`), the same as head panels, and each query's lse
+ * and delta. */
+typedef struct {
+    const float *q, *dout, *q_panels, *dout_panels, *lse, *delta;
+    size_t stride;
+    int T;
+} QueryRows;
+
+/* n keys at positions s0 .. s0+n-1 (at most ATT_ROWS): rows of k and v, row
+ * stride `stride` */
+typedef struct {
+    const float *k, *v;
+    size_t stride;
+    int s0, n;
+} KeyBlock;
+
+/* The backward pass of a block of keys for the queries of one head at
+ * positions s0 .. T-1 (the queries before s0 see none of these keys):
+ * dk, dv [keys, hs] (row stride dkv_stride) are overwritten with this head's
+ * share, dk without its factor `scale`; dq_partial [query blocks from s0's
+ * on][DQ_ROWS][HEAD_WIDTH(hs)] += ds k, also without it (attention_backward
+ * applies both). */
+static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, float *dq_partial,
+                                     const QueryRows *queries, const KeyBlock *block, int hs,
+                                     float scale) {
+    const float *q = queries->q, *dout = queries->dout, *lse = queries->lse;
+    const float *q_panels = queries->q_panels, *dout_panels = queries->dout_panels;
+    const float *delta = queries->delta, *k = block->k, *v = block->v;
+    size_t q_stride = queries->stride, kv_stride = block->stride;
+    int T = queries->T, s0 = block->s0, keys = block->n;
     int tiles = (keys + ATT_QB - 1) / ATT_QB, width = HEAD_WIDTH(hs), tile_acc = ATT_QB * width;
     float kp[ATT_TILES][hs * ATT_QB], vp[ATT_TILES][hs * ATT_QB], s[ATT_QB * ATT_KB];
     /* ds^T of the block's keys against one block of queries [key][query],
@@ -1530,12 +1553,13 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
         }
 }
 
-/* panels: scratch of attention_panel_floats(B, T, H, kvH, hs, 1) floats:
+/* panels: scratch of attention_panel_floats(shape, 1) floats:
  * head panels of queries and output gradients, dk and dv per query head
  * [B, T, H*hs] each, the partial dq of every chunk of keys */
-void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout,
-                               const float *q, const float *k, const float *v, const float *out, const float *lse,
-                               int B, int T, int H, int kvH, int hs) {
+void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels,
+                        const float *dout, const float *q, const float *k, const float *v,
+                        const float *out, const float *lse, AttentionShape shape) {
+    int B = shape.B, T = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
     int group = H / kvH, chunks = (T + ATT_CHUNK - 1) / ATT_CHUNK, width = HEAD_WIDTH(hs);
     float scale = 1.0f / sqrtf((float)hs);
     size_t q_stride = (size_t)H * hs, kv_stride = (size_t)kvH * hs, head = (size_t)PADDED_T(T) * hs;
@@ -1559,14 +1583,15 @@ PARALLEL_FOR_CYCLIC /* the first chunks see the most queries: they go first */
         size_t qh = (size_t)b * T * q_stride + (size_t)h * hs, stat = ((size_t)b * H + h) * T;
         size_t kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs, bh = (size_t)b * H + h;
         float *partial = dq_partials + bh * partial_floats + dq_partial_blocks(T, c) * DQ_ROWS * width;
+        QueryRows queries = {q + qh, dout + qh, q_panels + bh * head, dout_panels + bh * head,
+                             lse + stat, delta + stat, q_stride, T};
         for (int s0 = c * ATT_CHUNK; s0 < T && s0 < (c + 1) * ATT_CHUNK; s0 += ATT_ROWS) {
             int keys = T - s0 < ATT_ROWS ? T - s0 : ATT_ROWS;
             size_t first = (size_t)(s0 / ATT_KB - c * ATT_CHUNK / ATT_KB) * DQ_ROWS * width;
-            attention_block_backward(dk_heads + qh + s0 * q_stride, dv_heads + qh + s0 * q_stride, q_stride,
-                                     partial + first, dout + qh, q + qh, q_panels + bh * head,
-                                     dout_panels + bh * head, lse + stat, delta + stat, q_stride, T,
-                                     k + kv + s0 * kv_stride, v + kv + s0 * kv_stride, kv_stride, s0, keys, hs,
-                                     scale);
+            size_t at = s0 * q_stride;
+            KeyBlock block = {k + kv + s0 * kv_stride, v + kv + s0 * kv_stride, kv_stride, s0, keys};
+            attention_block_backward(dk_heads + qh + at, dv_heads + qh + at, q_stride, partial + first,
+                                     &queries, &block, hs, scale);
         }
     }
 PARALLEL_FOR
@@ -1593,13 +1618,15 @@ PARALLEL_FOR
     }
 }
 
-/* Attention of n new queries per sequence over a KV cache: query i of
- * sequence b sits at position pos0 + i and sees cached positions 0 .. pos0+i
- * (its own K/V were appended first). q, out [B, n, H*hs]; k, v [B, kvH,
- * max_T, hs]. With cos_t / sin_t the cached keys are rotated as they are read
- * (the reference-compatible mode caches them un-rotated). */
-static void attention_cached(float *out, const float *q, const float *k, const float *v, int B, int n, int pos0,
-                             int H, int kvH, int hs, int max_T, const float *cos_t, const float *sin_t, int rd) {
+/* Attention of n = shape.T new queries per sequence over a KV cache: query
+ * i of sequence b sits at position pos0 + i and sees cached positions
+ * 0 .. pos0+i (its own K/V were appended first). q, out [B, n, H*hs]; k, v
+ * [B, kvH, max_T, hs]. With cos_t / sin_t the cached keys are rotated as they
+ * are read (the reference-compatible mode caches them un-rotated). */
+static void attention_cached(float *out, const float *q, const float *k, const float *v,
+                             AttentionShape shape, int pos0, int max_T, const float *cos_t,
+                             const float *sin_t, int rd) {
+    int B = shape.B, n = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
     int group = H / kvH, blocks = (n + ATT_ROWS - 1) / ATT_ROWS;
     float scale = 1.0f / sqrtf((float)hs);
 PARALLEL_FOR_CYCLIC
@@ -1668,6 +1695,10 @@ static int reads_unrotated_keys(const Config *c) {
     return 0;
 }
 
+static AttentionShape attention_shape(const Config *c, int B, int T) {
+    return (AttentionShape){B, T, c->n_head, c->n_kv_head, c->head_size};
+}
+
 typedef struct { const char *name; float **ptr; size_t floats; } BufferSpec;
 
 /* Rows of logits training computes at once: [512, V] is 103 MB for Pythia's
@@ -1685,7 +1716,7 @@ static int buffer_specs(Model *m, int B, int T, int with_grads, BufferSpec *acts
     size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
     size_t stats = (size_t)B * c->n_head * T, kvI = c->use_kv_mlp ? (size_t)c->kv_intermediate_size : 0;
     size_t head = (size_t)m->head_rows;
-    size_t att_panels = attention_panel_floats(B, T, c->n_head, c->n_kv_head, c->head_size, with_grads);
+    size_t att_panels = attention_panel_floats(attention_shape(c, B, T), with_grads);
     /* un-rotated keys are kept only where a layer reads them (the reference-compatible mode) */
     size_t k_pre = reads_unrotated_keys(c) ? KVL * N * kvd : 0;
     Activations *a = &m->a;
@@ -1867,36 +1898,62 @@ static LayerActs layer_acts(Model *m, int l, int B, int T) {
     return s;
 }
 
-/* An owner's K or V projection of x = ln1 [N, C] into out [N, kvd]: linear, or
- * with use_key_value_mlp out = W gelu(W_in x + b_in) + b through a hidden
- * layer [N, kvI] (mlp_w NULL means linear). */
-static void kv_projection_forward(float *out, float *hidden_pre, float *hidden, const float *x, const float *mlp_w,
-                                  const float *mlp_b, const float *w, const float *b, int N, int C, int kvI, int kvd) {
-    if (!mlp_w) { matmul_forward(out, x, w, b, N, C, kvd); return; }
-    matmul_forward(hidden_pre, x, mlp_w, mlp_b, N, C, kvI);
-    gelu_forward(hidden, hidden_pre, (size_t)N * kvI);
-    matmul_forward(out, hidden, w, b, N, kvI, kvd);
+/* An owner's K or V projection (weights, or their gradients): w [kvd, C] and
+ * b [kvd]; with use_key_value_mlp a hidden layer mlp_w [kvI, C], mlp_b [kvI]
+ * before it and w [kvd, kvI] (mlp_w NULL means linear). */
+typedef struct { float *mlp_w, *mlp_b, *w, *b; } KVProjection;
+static KVProjection key_projection(const LayerWeights *lw) {
+    return (KVProjection){lw->k_mlp_w, lw->k_mlp_b, lw->k_w, lw->k_b};
+}
+static KVProjection value_projection(const LayerWeights *lw) {
+    return (KVProjection){lw->v_mlp_w, lw->v_mlp_b, lw->v_w, lw->v_b};
 }
 
-static void kv_projection_backward(float *dx, float *d_hidden, float *d_mlp_w, float *d_mlp_b, float *dw, float *db,
-                                   const float *dout, const float *x, const float *hidden_pre, const float *hidden,
-                                   const float *mlp_w, const float *w, int N, int C, int kvI, int kvd) {
-    if (!mlp_w) { matmul_backward(dx, dw, db, dout, x, w, N, C, kvd); return; }
-    zero_floats(d_hidden, (size_t)N * kvI);
-    matmul_backward(d_hidden, dw, db, dout, hidden, w, N, kvI, kvd);
-    gelu_backward(d_hidden, hidden_pre, (size_t)N * kvI);
-    matmul_backward(dx, d_mlp_w, d_mlp_b, d_hidden, x, mlp_w, N, C, kvI);
+/* x = ln1 [N, C] -> out [N, kvd]: out = W x + b, or with use_key_value_mlp
+ * out = W gelu(W_in x + b_in) + b through hidden_pre, hidden [N, kvI]. */
+static void kv_projection_forward(const Config *c, KVProjection p, float *out, float *hidden_pre,
+                                  float *hidden, const float *x, int N) {
+    int C = c->hidden_size, kvI = c->kv_intermediate_size, kvd = c->n_kv_head * c->head_size;
+    if (!p.mlp_w) {
+        matmul_forward(out, x, p.w, p.b, N, C, kvd);
+        return;
+    }
+    matmul_forward(hidden_pre, x, p.mlp_w, p.mlp_b, N, C, kvI);
+    gelu_forward(hidden, hidden_pre, (size_t)N * kvI);
+    matmul_forward(out, hidden, p.w, p.b, N, kvI, kvd);
 }
+
+/* dx += d(out)/dx dout, and the projection's gradients into g; d_hidden
+ * [N, kvI] is scratch. */
+static void kv_projection_backward(const Config *c, KVProjection p, KVProjection g, float *dx,
+                                   float *d_hidden, const float *dout, const float *x,
+                                   const float *hidden_pre, const float *hidden, int N) {
+    int C = c->hidden_size, kvI = c->kv_intermediate_size, kvd = c->n_kv_head * c->head_size;
+    if (!p.mlp_w) {
+        matmul_backward(dx, g.w, g.b, dout, x, p.w, N, C, kvd);
+        return;
+    }
+    zero_floats(d_hidden, (size_t)N * kvI);
+    matmul_backward(d_hidden, g.w, g.b, dout, hidden, p.w, N, kvI, kvd);
+    gelu_backward(d_hidden, hidden_pre, (size_t)N * kvI);
+    matmul_backward(dx, g.mlp_w, g.mlp_b, d_hidden, x, p.mlp_w, N, C, kvI);
+}
+
+/* What layer_tail_forward writes on the way, [N, C] but for ln2_stats [N, 2]
+ * and fc_pre, fc_act [N, I]; mid: the sequential residual's x + attn (unused
+ * with the parallel residual); branch: the current branch's output. */
+typedef struct { float *mid, *ln2, *ln2_stats, *fc_pre, *fc_act, *branch; } TailBuffers;
 
 /* The rest of a layer after attention, on N rows: dense projection, residual,
  * MLP. Parallel: next = x + attn + mlp(ln2 x); sequential: mid = x + attn,
  * next = mid + mlp(ln2 mid). next may be x itself (decoding updates the
  * residual stream in place): ln2 reads x before next is written. */
-static void layer_tail_forward(const Config *c, const LayerWeights *lw, const float *x, const float *att_out,
-                               float *mid, float *ln2, float *ln2_stats, float *fc_pre, float *fc_act, float *branch,
-                               float *next, int N) {
+static void layer_tail_forward(const Config *c, const LayerWeights *lw, const float *x,
+                               const float *att_out, const TailBuffers *t, float *next, int N) {
     int C = c->hidden_size, I = c->intermediate_size;
     size_t NC = (size_t)N * C;
+    float *mid = t->mid, *ln2 = t->ln2, *ln2_stats = t->ln2_stats, *fc_pre = t->fc_pre;
+    float *fc_act = t->fc_act, *branch = t->branch;
     matmul_forward(branch, att_out, lw->dense_w, lw->dense_b, N, C, C);
     if (c->parallel_residual) {
         layernorm_forward(ln2, ln2_stats, x, lw->ln2_w, lw->ln2_b, N, C, c->layer_norm_eps);
@@ -1942,7 +1999,6 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
     const Config *c = &m->config;
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
     int L = c->n_layer, rd = c->rotary_ndims, N = B * T, qd = H * hs, kvd = kvH * hs;
-    int kvI = c->kv_intermediate_size;
     Activations *a = &m->a;
     if (B > m->B || T > m->T) return fail("forward of %dx%d exceeds the prepared %dx%d", B, T, m->B, m->T);
     if (inputs != m->inputs) memcpy(m->inputs, inputs, (size_t)N * sizeof(int));
@@ -1959,17 +2015,17 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
         matmul_forward(s.q, s.ln1, lw->q_w, lw->q_b, N, C, qd);
         rotary_apply(s.q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, 1.0f);
         if (owner == l) { /* an owning layer projects the K/V that the layers above it reuse */
-            kv_projection_forward(s.k_pre ? s.k_pre : s.k_rot, s.k_hidden_pre, s.k_hidden, s.ln1, lw->k_mlp_w,
-                                  lw->k_mlp_b, lw->k_w, lw->k_b, N, C, kvI, kvd);
-            kv_projection_forward(s.v, s.v_hidden_pre, s.v_hidden, s.ln1, lw->v_mlp_w, lw->v_mlp_b, lw->v_w, lw->v_b,
-                                  N, C, kvI, kvd);
+            kv_projection_forward(c, key_projection(lw), s.k_pre ? s.k_pre : s.k_rot,
+                                  s.k_hidden_pre, s.k_hidden, s.ln1, N);
+            kv_projection_forward(c, value_projection(lw), s.v, s.v_hidden_pre, s.v_hidden, s.ln1,
+                                  N);
             if (s.k_pre) memcpy(s.k_rot, s.k_pre, (size_t)N * kvd * sizeof(float));
             rotary_apply(s.k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, 1.0f);
         }
-        attention_forward(s.att_out, s.lse, a->att_panels, s.q, reads_rotated_keys(c, l) ? s.k_rot : s.k_pre, s.v, B, T,
-                          H, kvH, hs);
-        layer_tail_forward(c, lw, s.x, s.att_out, s.resid_mid, s.ln2, s.ln2_stats, s.fc_pre, s.fc_act, a->branch, s.next,
-                           N);
+        const float *keys = reads_rotated_keys(c, l) ? s.k_rot : s.k_pre;
+        attention_forward(s.att_out, s.lse, a->att_panels, s.q, keys, s.v, attention_shape(c, B, T));
+        TailBuffers tail = {s.resid_mid, s.ln2, s.ln2_stats, s.fc_pre, s.fc_act, a->branch};
+        layer_tail_forward(c, lw, s.x, s.att_out, &tail, s.next, N);
     }
     layernorm_forward(a->lnf, a->lnf_stats, a->residual + (size_t)L * N * C, m->w.lnf_w, m->w.lnf_b, N, C,
                       c->layer_norm_eps);
@@ -2021,7 +2077,6 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
     int N = B * T;
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
     int L = c->n_layer, rd = c->rotary_ndims, qd = H * hs, kvd = kvH * hs;
-    int kvI = c->kv_intermediate_size;
     if (!m->scratch_memory) { fail("the model was prepared without gradients"); return NAN; }
     if (forward_layers(m, inputs, targets, B, T) != 0) return NAN;
     float loss = head_forward(m, N, loss_scale / (float)N); /* d lnf is in d->d_branch */
@@ -2050,8 +2105,9 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
         layer_tail_backward(c, lw, gw, &s, d, N);
         /* attention: the owner's K/V gradient accumulates over its readers */
         int rotated = reads_rotated_keys(c, l);
-        attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, a->att_panels, d->d_att_out, s.q,
-                           rotated ? s.k_rot : s.k_pre, s.v, s.att_out, s.lse, B, T, H, kvH, hs);
+        attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, a->att_panels,
+                           d->d_att_out, s.q, rotated ? s.k_rot : s.k_pre, s.v, s.att_out, s.lse,
+                           attention_shape(c, B, T));
         rotary_apply(d->d_q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, -1.0f);
         layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
         zero_floats(d->d_ln1, NC);
@@ -2059,10 +2115,10 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
         if (owner == l) { /* all readers are done: back through rotary into the projections */
             rotary_apply(s.d_k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, -1.0f);
             if (s.d_k_pre) add_into(s.d_k_rot, s.d_k_rot, s.d_k_pre, (size_t)N * kvd);
-            kv_projection_backward(d->d_ln1, d->d_kv_hidden, gw->k_mlp_w, gw->k_mlp_b, gw->k_w, gw->k_b, s.d_k_rot,
-                                   s.ln1, s.k_hidden_pre, s.k_hidden, lw->k_mlp_w, lw->k_w, N, C, kvI, kvd);
-            kv_projection_backward(d->d_ln1, d->d_kv_hidden, gw->v_mlp_w, gw->v_mlp_b, gw->v_w, gw->v_b, s.d_v,
-                                   s.ln1, s.v_hidden_pre, s.v_hidden, lw->v_mlp_w, lw->v_w, N, C, kvI, kvd);
+            kv_projection_backward(c, key_projection(lw), key_projection(gw), d->d_ln1,
+                                   d->d_kv_hidden, s.d_k_rot, s.ln1, s.k_hidden_pre, s.k_hidden, N);
+            kv_projection_backward(c, value_projection(lw), value_projection(gw), d->d_ln1,
+                                   d->d_kv_hidden, s.d_v, s.ln1, s.v_hidden_pre, s.v_hidden, N);
         }
         if (c->parallel_residual) /* both branches read x: add their LayerNorm gradients last */
             layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.x, lw->ln2_w, s.ln2_stats, N, C);
@@ -2128,8 +2184,7 @@ void kv_cache_free(KVCache *c) {
 const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n) {
     const Config *cf = &m->config;
     int B = c->B, N = B * n, pos0 = c->length, C = cf->hidden_size, H = cf->n_head, hs = cf->head_size;
-    int kvH = cf->n_kv_head, kvd = kvH * hs, V = cf->vocab_size, rd = cf->rotary_ndims;
-    int half = rd / 2, kvI = cf->kv_intermediate_size;
+    int kvH = cf->n_kv_head, V = cf->vocab_size, rd = cf->rotary_ndims, half = rd / 2;
     if (n < 1 || n > c->chunk) { fail("%d tokens at once; the cache takes 1 to %d", n, c->chunk); return NULL; }
     if (pos0 + n > c->max_T) { fail("the KV cache holds %d positions; %d were asked", c->max_T, pos0 + n); return NULL; }
     for (int r = 0; r < N; r++) {
@@ -2144,10 +2199,10 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
         matmul_forward(c->q, c->ln, lw->q_w, lw->q_b, N, C, H * hs);
         rotary_apply(c->q, cos_t, sin_t, B, n, H, hs, rd, 1.0f);
         if (cf->kv_layer_of[l] == l) { /* an owner appends its new K/V to the cache */
-            kv_projection_forward(c->k_new, c->kv_hidden_pre, c->kv_hidden, c->ln, lw->k_mlp_w, lw->k_mlp_b, lw->k_w,
-                                  lw->k_b, N, C, kvI, kvd);
-            kv_projection_forward(c->v_new, c->kv_hidden_pre, c->kv_hidden, c->ln, lw->v_mlp_w, lw->v_mlp_b, lw->v_w,
-                                  lw->v_b, N, C, kvI, kvd);
+            kv_projection_forward(cf, key_projection(lw), c->k_new, c->kv_hidden_pre, c->kv_hidden,
+                                  c->ln, N);
+            kv_projection_forward(cf, value_projection(lw), c->v_new, c->kv_hidden_pre,
+                                  c->kv_hidden, c->ln, N);
             if (cf->shared_key_rotary) rotary_apply(c->k_new, cos_t, sin_t, B, n, kvH, hs, rd, 1.0f);
             for (int b = 0; b < B; b++)
                 for (int h = 0; h < kvH; h++)
@@ -2161,9 +2216,11 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
         /* the reference-compatible cache holds un-rotated keys: the owner rotates
          * them as it reads, the layers sharing them read them as they are */
         int rotate_on_read = !cf->shared_key_rotary && cf->kv_layer_of[l] == l;
-        attention_cached(c->att, c->q, c->k + slot, c->v + slot, B, n, pos0, H, kvH, hs, c->max_T,
-                         rotate_on_read ? c->rope_cos : NULL, rotate_on_read ? c->rope_sin : NULL, rd);
-        layer_tail_forward(cf, lw, c->x, c->att, c->mid, c->ln, c->stats, c->fc_pre, c->fc_act, c->branch, c->x, N);
+        attention_cached(c->att, c->q, c->k + slot, c->v + slot, attention_shape(cf, B, n), pos0,
+                         c->max_T, rotate_on_read ? c->rope_cos : NULL,
+                         rotate_on_read ? c->rope_sin : NULL, rd);
+        TailBuffers tail = {c->mid, c->ln, c->stats, c->fc_pre, c->fc_act, c->branch};
+        layer_tail_forward(cf, lw, c->x, c->att, &tail, c->x, N);
     }
     c->length += n;
     /* the head, on every row or on the last position of each sequence */

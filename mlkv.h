@@ -213,14 +213,19 @@ int gemm_set_precision(Precision precision, int allow_amx);
  * q [B, T, H*hs], k, v [B, T, kvH*hs] -> out [B, T, H*hs], lse [B, H, T] (the
  * log-sum-exp of each softmax row). The backward pass overwrites dq and adds
  * into dk, dv; delta [B, H, T] is scratch. panels: scratch of
- * attention_panel_floats(B, T, H, kvH, hs, backward) floats (backward: 1 if
+ * attention_panel_floats(shape, backward) floats (backward: 1 if
  * the same scratch serves attention_backward). */
-size_t attention_panel_floats(int B, int T, int H, int kvH, int hs, int backward);
-void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k, const float *v, int B,
-                       int T, int H, int kvH, int hs);
-void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels, const float *dout, const float *q,
-                        const float *k, const float *v, const float *out, const float *lse, int B, int T, int H,
-                        int kvH, int hs);
+typedef struct {
+    int B, T;  /* sequences, tokens each */
+    int H, kvH; /* query heads, K/V heads (each serves H / kvH query heads) */
+    int hs;     /* numbers per head */
+} AttentionShape;
+size_t attention_panel_floats(AttentionShape s, int backward);
+void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k,
+                       const float *v, AttentionShape s);
+void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels,
+                        const float *dout, const float *q, const float *k, const float *v,
+                        const float *out, const float *lse, AttentionShape s);
 
 /* ---------------------------------------------------------------------------
  * Generation: a KV cache that holds the owning layers' K/V only,

@@ -453,7 +453,8 @@ static void test_attention(void) {
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         int B = cases[c][0], T = cases[c][1], H = cases[c][2], kvH = cases[c][3], hs = cases[c][4];
         size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kvH * hs, stats = (size_t)B * H * T;
-        size_t panels = attention_panel_floats(B, T, H, kvH, hs, 1);
+        AttentionShape shape = {B, T, H, kvH, hs};
+        size_t panels = attention_panel_floats(shape, 1);
         float *q = malloc(sizeof(float) * nq), *k = malloc(sizeof(float) * nkv), *v = malloc(sizeof(float) * nkv);
         float *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats);
         float *dq = malloc(sizeof(float) * nq), *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
@@ -469,8 +470,8 @@ static void test_attention(void) {
             k[i] = random_value(&s, 250.0f);
             v[i] = random_value(&s, 1000.0f);
         }
-        attention_forward(out, lse, scratch, q, k, v, B, T, H, kvH, hs);
-        attention_backward(dq, dk, dv, delta, scratch, dout, q, k, v, out, lse, B, T, H, kvH, hs);
+        attention_forward(out, lse, scratch, q, k, v, shape);
+        attention_backward(dq, dk, dv, delta, scratch, dout, q, k, v, out, lse, shape);
         attention_reference(r_out, r_lse, r_dq, r_dk, r_dv, q, k, v, dout, B, T, H, kvH, hs);
         double e[5] = {max_error(out, r_out, nq), max_error(lse, r_lse, stats), max_error(dq, r_dq, nq),
                        max_error(dk, r_dk, nkv), max_error(dv, r_dv, nkv)};

@@ -72,16 +72,18 @@ static double median_of(double *x, int n) {
     return (x[(n - 1) / 2] + x[n / 2]) / 2;
 }
 
-typedef void (*AttentionForward)(float *, float *, float *, const float *, const float *, const float *, int, int,
-                                 int, int, int);
+/* (both revisions must take an AttentionShape: 2026-11-27 on) */
+typedef void (*AttentionForward)(float *, float *, float *, const float *, const float *, const float *,
+                                 AttentionShape);
 typedef void (*AttentionBackward)(float *, float *, float *, float *, float *, const float *, const float *,
-                                  const float *, const float *, const float *, const float *, int, int, int, int, int);
+                                  const float *, const float *, const float *, const float *, AttentionShape);
 
 /* ATTENTION: attention alone (Pythia-160M's 12 heads of 64, K/V heads
  * `kv_heads`), forward and backward of both builds alternated on the same
  * random inputs; prints the medians of the pairs' speed ratios. */
 static int ab_attention(const char *path_a, const char *path_b, int B, int T, int kv_heads, int pairs) {
     int H = 12, hs = 64;
+    AttentionShape shape = {B, T, H, kv_heads, hs};
     AttentionForward forward[2];
     AttentionBackward backward[2];
     size_t npanel = 0; /* the larger scratch of the two builds */
@@ -91,11 +93,11 @@ static int ab_attention(const char *path_a, const char *path_b, int B, int T, in
         if (!lib) { fprintf(stderr, "ab: %s\n", dlerror()); return 1; }
         forward[v] = (AttentionForward)dlsym(lib, "attention_forward");
         backward[v] = (AttentionBackward)dlsym(lib, "attention_backward");
-        size_t (*panel_floats)(int, int, int, int, int, int) =
-            (size_t(*)(int, int, int, int, int, int))dlsym(lib, "attention_panel_floats");
+        size_t (*panel_floats)(AttentionShape, int) =
+            (size_t(*)(AttentionShape, int))dlsym(lib, "attention_panel_floats");
         if (!forward[v] || !backward[v] || !panel_floats) { fprintf(stderr, "ab: %s lacks mlkv's attention\n", path[v]); return 1; }
         for (int backward_pass = 0; backward_pass < 2; backward_pass++) {
-            size_t n = panel_floats(B, T, H, kv_heads, hs, backward_pass);
+            size_t n = panel_floats(shape, backward_pass);
             npanel = n > npanel ? n : npanel;
         }
     }
@@ -114,10 +116,10 @@ static int ab_attention(const char *path_a, const char *path_b, int B, int T, in
         for (int turn = 0; turn < 2; turn++) {
             int v = p % 2 ? 1 - turn : turn;
             double t0 = now();
-            forward[v](out, lse, panels, q, k, vv, B, T, H, kv_heads, hs);
+            forward[v](out, lse, panels, q, k, vv, shape);
             double t1 = now();
             memset(dk, 0, sizeof(float) * 2 * nkv);
-            backward[v](dq, dk, dv, delta, panels, dout, q, k, vv, out, lse, B, T, H, kv_heads, hs);
+            backward[v](dq, dk, dv, delta, panels, dout, q, k, vv, out, lse, shape);
             if (p >= 0) fwd[v][p] = t1 - t0, bwd[v][p] = now() - t1;
         }
     for (int p = 0; p < pairs; p++) ratio_f[p] = fwd[0][p] / fwd[1][p], ratio_b[p] = bwd[0][p] / bwd[1][p];

@@ -155,10 +155,11 @@ static void bench_attention(double peak) {
     printf("| B x T | K/V heads | forward GFLOP/s | of peak | backward GFLOP/s | of peak |\n|---|---|---|---|---|---|\n");
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         int B = cases[c].B, T = cases[c].T, kvH = cases[c].kvH;
+        AttentionShape shape = {B, T, H, kvH, hs};
         size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kvH * hs, nstat = (size_t)B * H * T;
         float *q = malloc(4 * nq), *k = malloc(4 * nkv), *v = malloc(4 * nkv), *out = malloc(4 * nq), *dout = malloc(4 * nq);
         float *dq = malloc(4 * nq), *dk = calloc(nkv, 4), *dv = calloc(nkv, 4), *lse = malloc(4 * nstat);
-        float *delta = malloc(4 * nstat), *panels = malloc(4 * attention_panel_floats(B, T, H, kvH, hs, 1));
+        float *delta = malloc(4 * nstat), *panels = malloc(4 * attention_panel_floats(shape, 1));
         if (!q || !k || !v || !out || !dout || !dq || !dk || !dv || !lse || !delta || !panels) {
             fprintf(stderr, "bench: out of memory\n");
             exit(1);
@@ -168,9 +169,9 @@ static void bench_attention(double peak) {
         double best[2] = {1e30, 1e30};
         for (int rep = 0; rep < 6; rep++) {
             double t0 = now();
-            attention_forward(out, lse, panels, q, k, v, B, T, H, kvH, hs);
+            attention_forward(out, lse, panels, q, k, v, shape);
             double t1 = now();
-            attention_backward(dq, dk, dv, delta, panels, dout, q, k, v, out, lse, B, T, H, kvH, hs);
+            attention_backward(dq, dk, dv, delta, panels, dout, q, k, v, out, lse, shape);
             double t2 = now();
             if (rep > 0 && t1 - t0 < best[0]) best[0] = t1 - t0;
             if (rep > 0 && t2 - t1 < best[1]) best[1] = t2 - t1;
