@@ -526,7 +526,154 @@ int model_init_random(Model *m, const Config *c, uint64_t seed) {
  *    because a tensor may feed several consumers (the residual stream, and the
  *    K/V of an owning layer read by several layers). Every reduction runs in a
  *    fixed order whatever the thread count, so runs are bit-reproducible.
+ *    The section opens with the naive references: the math of the two
+ *    kernels that matter most, the matrix product and the attention, as
+ *    plainly as it can be written. The fast versions that follow compute the
+ *    same; the tests check them against these.
  * ======================================================================== */
+
+/* --- Naive references. Not used in training; sums run in double, so that
+ * their own rounding stays far below the tests' tolerances. */
+
+/* C[M, N] = start + A[M, K] B[K, N], with gemm()'s strides (mlkv.h): A(i, k)
+ * = a[i * a_row + k * a_col], B(k, j) = b[k * b_row + j * b_col]; start is C
+ * itself when accumulate, else the bias (or zero). A Linear layer's forward
+ * pass is out = inp W^T + bias (B = W^T: b_row = 1, b_col = C), its input
+ * gradient dinp = dout W, its weight gradient dW += dout^T inp. */
+void gemm_naive(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
+                size_t b_row, size_t b_col, float *c, int accumulate, const float *bias) {
+    for (int i = 0; i < M; i++) {
+        for (int j = 0; j < N; j++) {
+            float *cij = c + (size_t)i * N + j;
+            double sum = accumulate ? *cij : bias ? bias[j] : 0.0;
+            /* the dot product of row i of A with column j of B */
+            for (int k = 0; k < K; k++) {
+                sum += (double)a[i * a_row + k * a_col] * b[k * b_row + j * b_col];
+            }
+            *cij = (float)sum;
+        }
+    }
+}
+
+/* Causal attention, the textbook way, keeping the whole matrix of
+ * probabilities att [B, H, T, T]. For query head h at position t:
+ *   score_s = q_t . k_s / sqrt(hs) for every key s <= t (causal),
+ *   att_ts = exp(score_s) / sum_s' exp(score_s')  (softmax; 0 for s > t),
+ *   out_t = sum_s att_ts v_s,   lse_t = log sum_s exp(score_s).
+ * k and v are those of K/V head h / (H / kvH): that division is all GQA and
+ * MQA add. MLKV's sharing across layers is not in here: the model hands a
+ * layer its owner's k and v (section 5). q, out [B, T, H*hs]; k, v
+ * [B, T, kvH*hs]; lse [B, H, T]. */
+void attention_forward_naive(float *out, float *lse, float *att, const float *q, const float *k,
+                             const float *v, AttentionShape shape) {
+    int B = shape.B, T = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
+    size_t q_row = (size_t)H * hs, kv_row = (size_t)kvH * hs;
+    double scale = 1.0 / sqrt((double)hs);
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < H; h++) {
+                const float *query = q + ((size_t)b * T + t) * q_row + (size_t)h * hs;
+                /* key and value s of this head: keys[s * kv_row + d], values[...] */
+                size_t kv_head = (size_t)(h / (H / kvH)) * hs;
+                const float *keys = k + (size_t)b * T * kv_row + kv_head;
+                const float *values = v + (size_t)b * T * kv_row + kv_head;
+                float *att_row = att + (((size_t)b * H + h) * T + t) * T;
+
+                /* pass 1: the scores, and their maximum (subtracted before
+                 * exp, which then never overflows) */
+                double max = -INFINITY;
+                for (int s = 0; s <= t; s++) {
+                    double dot = 0.0;
+                    for (int d = 0; d < hs; d++) {
+                        dot += (double)query[d] * keys[s * kv_row + d];
+                    }
+                    att_row[s] = (float)(dot * scale);
+                    if (att_row[s] > max) max = att_row[s];
+                }
+
+                /* pass 2: exp, and the softmax's normalizer */
+                double sum = 0.0;
+                for (int s = 0; s <= t; s++) {
+                    double e = exp(att_row[s] - max);
+                    att_row[s] = (float)e;
+                    sum += e;
+                }
+                lse[((size_t)b * H + h) * T + t] = (float)(max + log(sum));
+
+                /* pass 3: normalize; the future gets probability 0 */
+                for (int s = 0; s < T; s++) {
+                    att_row[s] = s <= t ? (float)(att_row[s] / sum) : 0.0f;
+                }
+
+                /* pass 4: the probability-weighted sum of the values */
+                float *out_t = out + ((size_t)b * T + t) * q_row + (size_t)h * hs;
+                for (int d = 0; d < hs; d++) {
+                    double acc = 0.0;
+                    for (int s = 0; s <= t; s++) {
+                        acc += (double)att_row[s] * values[s * kv_row + d];
+                    }
+                    out_t[d] = (float)acc;
+                }
+            }
+        }
+    }
+}
+
+/* The backward pass of attention_forward_naive, from its att. With
+ * dp_s = dout_t . v_s and D = sum_s att_ts dp_s (= dout_t . out_t):
+ *   dv_s += att_ts dout_t,   ds_s = att_ts (dp_s - D)  (softmax's backward),
+ *   dq_t = sum_s ds_s k_s / sqrt(hs),   dk_s += ds_s q_t / sqrt(hs).
+ * dq is overwritten; dk and dv are added into, as attention_backward does:
+ * the query heads of a group add into their one K/V head, and in MLKV the
+ * layers reading an owner's K/V add into its one buffer. */
+void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout, const float *att,
+                              const float *q, const float *k, const float *v, AttentionShape shape) {
+    int B = shape.B, T = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
+    size_t q_row = (size_t)H * hs, kv_row = (size_t)kvH * hs;
+    double scale = 1.0 / sqrt((double)hs);
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < H; h++) {
+                size_t at = ((size_t)b * T + t) * q_row + (size_t)h * hs;
+                const float *query = q + at, *dout_t = dout + at;
+                size_t kv_head = (size_t)b * T * kv_row + (size_t)(h / (H / kvH)) * hs;
+                const float *att_row = att + (((size_t)b * H + h) * T + t) * T;
+
+                /* D = sum_s att_ts dp_s */
+                double D = 0.0;
+                for (int s = 0; s <= t; s++) {
+                    double dp = 0.0;
+                    for (int d = 0; d < hs; d++) {
+                        dp += (double)dout_t[d] * v[kv_head + s * kv_row + d];
+                    }
+                    D += att_row[s] * dp;
+                }
+
+                /* each key: ds, then its share of dq, dk and dv */
+                double dq_t[MAX_HEAD_SIZE] = {0};
+                for (int s = 0; s <= t; s++) {
+                    const float *key = k + kv_head + s * kv_row;
+                    float *dkey = dk + kv_head + s * kv_row, *dvalue = dv + kv_head + s * kv_row;
+                    double dp = 0.0;
+                    for (int d = 0; d < hs; d++) {
+                        dp += (double)dout_t[d] * v[kv_head + s * kv_row + d];
+                    }
+                    double ds = att_row[s] * (dp - D) * scale;
+                    for (int d = 0; d < hs; d++) {
+                        dq_t[d] += ds * key[d];
+                        dkey[d] += (float)(ds * query[d]);
+                        dvalue[d] += att_row[s] * dout_t[d];
+                    }
+                }
+                for (int d = 0; d < hs; d++) {
+                    dq[at + d] = (float)dq_t[d];
+                }
+            }
+        }
+    }
+}
+
+/* --- The fast kernels */
 
 /* exp(x) without a libm call or a branch, so loops of it vectorize:
  * exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r)

@@ -208,6 +208,9 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
  * portable one. Returns 1 when the AMX kernel is in use. */
 typedef enum { PRECISION_FP32, PRECISION_BF16 } Precision;
 int gemm_set_precision(Precision precision, int allow_amx);
+/* The same product by its definition, summed in double: the tests' reference. */
+void gemm_naive(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
+                size_t b_row, size_t b_col, float *c, int accumulate, const float *bias);
 
 /* Causal MLKV attention of one layer (query head h reads K/V head h / (H/kvH)):
  * q [B, T, H*hs], k, v [B, T, kvH*hs] -> out [B, T, H*hs], lse [B, H, T] (the
@@ -226,6 +229,12 @@ void attention_forward(float *out, float *lse, float *panels, const float *q, co
 void attention_backward(float *dq, float *dk, float *dv, float *delta, float *panels,
                         const float *dout, const float *q, const float *k, const float *v,
                         const float *out, const float *lse, AttentionShape s);
+/* The same by the textbook, keeping the probabilities att [B, H, T, T]
+ * (summed in double): the tests' reference. */
+void attention_forward_naive(float *out, float *lse, float *att, const float *q, const float *k,
+                             const float *v, AttentionShape s);
+void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout, const float *att,
+                              const float *q, const float *k, const float *v, AttentionShape s);
 
 /* ---------------------------------------------------------------------------
  * Generation: a KV cache that holds the owning layers' K/V only,

@@ -296,36 +296,39 @@ static double bf16_round(float x) {
 
 /* C = bias + A B with the three stride layouts mlkv uses (forward: B = W^T;
  * input gradient: B = W; weight gradient: A = dout^T, accumulating into C),
- * against a product in double. The error of each element is measured against
- * sum_k |a_ik b_kj| (the scale of its rounding errors); fp32 must stay below
- * 1e-6 of it, bf16 (inputs rounded, fp32 sums) below 1e-5 of the product of
- * the rounded inputs. Returns the worst error. */
+ * against gemm_naive. The error of each element is measured against
+ * |start| + sum_k |a_ik b_kj| (the scale of its rounding errors: gemm_naive
+ * of the absolute values); fp32 must stay below 1e-6 of it, bf16 (inputs
+ * rounded, fp32 sums) below 1e-5, against the naive product of the rounded
+ * inputs. Returns the worst error. */
 static double gemm_case(int M, int N, int K, int layout, int bf16) {
-    float *a = malloc(sizeof(float) * M * K), *b = malloc(sizeof(float) * K * N), *c = malloc(sizeof(float) * M * N);
-    float *bias = malloc(sizeof(float) * N), *c0 = malloc(sizeof(float) * M * N);
+    size_t na = (size_t)M * K, nb = (size_t)K * N, nc = (size_t)M * N;
+    float *a = malloc(sizeof(float) * na), *b = malloc(sizeof(float) * nb), *c = malloc(sizeof(float) * nc);
+    float *bias = malloc(sizeof(float) * N), *ref = malloc(sizeof(float) * nc), *scale = malloc(sizeof(float) * nc);
+    float *abs_a = malloc(sizeof(float) * na), *abs_b = malloc(sizeof(float) * nb), *abs_bias = malloc(sizeof(float) * N);
     unsigned s = (unsigned)(M * 131 + N * 7 + K + layout);
-    for (int i = 0; i < M * K; i++) a[i] = random_value(&s, 997.0f);
-    for (int i = 0; i < K * N; i++) b[i] = random_value(&s, 991.0f);
+    for (size_t i = 0; i < na; i++) a[i] = random_value(&s, 997.0f);
+    for (size_t i = 0; i < nb; i++) b[i] = random_value(&s, 991.0f);
     for (int i = 0; i < N; i++) bias[i] = (float)i / (float)N - 0.5f;
-    for (int i = 0; i < M * N; i++) c[i] = c0[i] = (float)(i % 17) / 17.0f;
+    for (size_t i = 0; i < nc; i++) c[i] = ref[i] = (float)(i % 17) / 17.0f;
     /* logical A(i, k), B(k, j) of each layout, over the same buffers */
     size_t ar = layout == 2 ? 1 : (size_t)K, ac = layout == 2 ? (size_t)M : 1;
     size_t br = layout == 0 ? 1 : (size_t)N, bc = layout == 0 ? (size_t)K : 1;
     int accumulate = layout == 2;
     gemm(M, N, K, a, ar, ac, b, br, bc, c, accumulate, accumulate ? NULL : bias);
+    if (bf16) { /* the reference multiplies what the bf16 kernel multiplies */
+        for (size_t i = 0; i < na; i++) a[i] = (float)bf16_round(a[i]);
+        for (size_t i = 0; i < nb; i++) b[i] = (float)bf16_round(b[i]);
+    }
+    for (size_t i = 0; i < na; i++) abs_a[i] = fabsf(a[i]);
+    for (size_t i = 0; i < nb; i++) abs_b[i] = fabsf(b[i]);
+    for (int i = 0; i < N; i++) abs_bias[i] = fabsf(bias[i]);
+    for (size_t i = 0; i < nc; i++) scale[i] = fabsf(ref[i]);
+    gemm_naive(M, N, K, a, ar, ac, b, br, bc, ref, accumulate, accumulate ? NULL : bias);
+    gemm_naive(M, N, K, abs_a, ar, ac, abs_b, br, bc, scale, accumulate, accumulate ? NULL : abs_bias);
     double worst = 0;
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            double ref = accumulate ? c0[i * N + j] : bias[j], scale = fabs(ref);
-            for (int k = 0; k < K; k++) {
-                double x = a[i * ar + k * ac], y = b[k * br + j * bc];
-                if (bf16) x = bf16_round((float)x), y = bf16_round((float)y);
-                ref += x * y;
-                scale += fabs(x * y);
-            }
-            worst = fmax(worst, fabs(c[i * N + j] - ref) / scale);
-        }
-    free(a); free(b); free(c); free(bias); free(c0);
+    for (size_t i = 0; i < nc; i++) worst = fmax(worst, fabs(c[i] - ref[i]) / scale[i]);
+    free(a); free(b); free(c); free(bias); free(ref); free(scale); free(abs_a); free(abs_b); free(abs_bias);
     return worst;
 }
 
@@ -384,58 +387,8 @@ static void test_gemm_rows_and_kernels(void) {
 
 /* --- the tiled attention against the textbook one ------------------------- */
 
-/* Causal softmax attention computed the plain way, in double, with the whole
- * [T, T] matrix of probabilities: out, lse, and for a given dout the
- * gradients dq, dk, dv (ds = p (dp - sum_s p dp), dq = scale ds k,
- * dk = scale ds^T q, dv = p^T dout). */
-static void attention_reference(double *out, double *lse, double *dq, double *dk, double *dv, const float *q,
-                                const float *k, const float *v, const float *dout, int B, int T, int H, int kvH,
-                                int hs) {
-    double scale = 1.0 / sqrt((double)hs), *p = malloc(sizeof(double) * T), *dp = malloc(sizeof(double) * T);
-    size_t qd = (size_t)H * hs, kvd = (size_t)kvH * hs;
-    memset(dk, 0, sizeof(double) * B * T * kvd);
-    memset(dv, 0, sizeof(double) * B * T * kvd);
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                const float *qt = q + ((size_t)b * T + t) * qd + h * hs, *dot = dout + ((size_t)b * T + t) * qd + h * hs;
-                size_t kv0 = (size_t)b * T * kvd + (size_t)(h / (H / kvH)) * hs;
-                double max = -INFINITY, sum = 0, D = 0;
-                for (int s = 0; s <= t; s++) {
-                    double x = 0;
-                    for (int d = 0; d < hs; d++) x += (double)qt[d] * k[kv0 + s * kvd + d];
-                    p[s] = x * scale;
-                    max = fmax(max, p[s]);
-                }
-                for (int s = 0; s <= t; s++) sum += (p[s] = exp(p[s] - max));
-                double *o = out + ((size_t)b * T + t) * qd + h * hs;
-                for (int d = 0; d < hs; d++) o[d] = 0;
-                for (int s = 0; s <= t; s++) {
-                    p[s] /= sum;
-                    for (int d = 0; d < hs; d++) o[d] += p[s] * v[kv0 + s * kvd + d];
-                }
-                lse[((size_t)b * H + h) * T + t] = max + log(sum);
-                for (int s = 0; s <= t; s++) {
-                    dp[s] = 0;
-                    for (int d = 0; d < hs; d++) dp[s] += (double)dot[d] * v[kv0 + s * kvd + d];
-                    D += p[s] * dp[s];
-                }
-                double *dqt = dq + ((size_t)b * T + t) * qd + h * hs;
-                for (int d = 0; d < hs; d++) dqt[d] = 0;
-                for (int s = 0; s <= t; s++) {
-                    double ds = p[s] * (dp[s] - D) * scale;
-                    for (int d = 0; d < hs; d++) {
-                        dqt[d] += ds * k[kv0 + s * kvd + d];
-                        dk[kv0 + s * kvd + d] += ds * qt[d];
-                        dv[kv0 + s * kvd + d] += p[s] * dot[d];
-                    }
-                }
-            }
-    free(p);
-    free(dp);
-}
-
-static double max_error(const float *x, const double *ref, size_t n) {
+/* The largest difference, relative to the largest magnitude of the reference */
+static double max_error(const float *x, const float *ref, size_t n) {
     double e = 0, scale = 0;
     for (size_t i = 0; i < n; i++) e = fmax(e, fabs(x[i] - ref[i])), scale = fmax(scale, fabs(ref[i]));
     return scale > 0 ? e / scale : e;
@@ -459,8 +412,10 @@ static void test_attention(void) {
         float *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats);
         float *dq = malloc(sizeof(float) * nq), *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
         float *delta = malloc(sizeof(float) * stats), *scratch = malloc(sizeof(float) * panels);
-        double *r_out = malloc(sizeof(double) * nq), *r_lse = malloc(sizeof(double) * stats);
-        double *r_dq = malloc(sizeof(double) * nq), *r_dk = malloc(sizeof(double) * nkv), *r_dv = malloc(sizeof(double) * nkv);
+        /* the naive attention's outputs, and its probabilities [B, H, T, T] */
+        float *r_out = malloc(sizeof(float) * nq), *r_lse = malloc(sizeof(float) * stats);
+        float *r_dq = malloc(sizeof(float) * nq), *r_dk = calloc(nkv, sizeof(float)), *r_dv = calloc(nkv, sizeof(float));
+        float *att = malloc(sizeof(float) * stats * T);
         unsigned s = 99 + (unsigned)c;
         for (size_t i = 0; i < nq; i++) {
             q[i] = random_value(&s, 250.0f);
@@ -472,7 +427,8 @@ static void test_attention(void) {
         }
         attention_forward(out, lse, scratch, q, k, v, shape);
         attention_backward(dq, dk, dv, delta, scratch, dout, q, k, v, out, lse, shape);
-        attention_reference(r_out, r_lse, r_dq, r_dk, r_dv, q, k, v, dout, B, T, H, kvH, hs);
+        attention_forward_naive(r_out, r_lse, att, q, k, v, shape);
+        attention_backward_naive(r_dq, r_dk, r_dv, dout, att, q, k, v, shape);
         double e[5] = {max_error(out, r_out, nq), max_error(lse, r_lse, stats), max_error(dq, r_dq, nq),
                        max_error(dk, r_dk, nkv), max_error(dv, r_dv, nkv)};
         const char *names[5] = {"out", "lse", "dq", "dk", "dv"};
@@ -481,9 +437,9 @@ static void test_attention(void) {
             worst = fmax(worst, e[i]);
         }
         free(q); free(k); free(v); free(dout); free(out); free(lse); free(dq); free(dk); free(dv); free(delta);
-        free(scratch); free(r_out); free(r_lse); free(r_dq); free(r_dk); free(r_dv);
+        free(scratch); free(r_out); free(r_lse); free(r_dq); free(r_dk); free(r_dv); free(att);
     }
-    printf("  tiled attention vs the textbook one in double (T up to 450, GQA, hs 8/16/64): worst %.1e\n", worst);
+    printf("  tiled attention vs attention_*_naive (T up to 450, GQA, hs 8/16/64): worst %.1e\n", worst);
 }
 
 /* --- central finite differences against the analytic gradient ------------- */
