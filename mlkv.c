@@ -2731,6 +2731,7 @@ typedef struct {
     int freeze_embeds;        /* embed_in and embed_out are not trained */
     uint64_t max_tokens;      /* token budget: steps = max_tokens / tokens per step (0: --steps or --epochs) */
     int finished;             /* set by run_training: the steps done when it returned */
+    int stopped_by;           /* set by run_training: the signal that stopped it early, or 0 */
     int log_every;            /* print every N-th step (every step goes to the log file) */
     double epochs, warmup_ratio, max_time; /* max_time: seconds, 0 = none */
     OptimConfig opt;
@@ -3032,8 +3033,12 @@ static int log_step(FILE *log, const char *log_path, int printed, const TrainArg
     return 0;
 }
 
+/* Trains as t says; 0, or -1 with the error recorded. A stop by --max-time or a
+ * signal saves a checkpoint and returns 0 with t->finished < t->steps and
+ * t->stopped_by the signal (0 for --max-time). */
 static int run_training(TrainArgs *t) {
     t->finished = 0;
+    t->stopped_by = 0;
     Model model;
     TokenFile train = {0}, val = {0};
     DataLoader loader = {0};
@@ -3043,22 +3048,24 @@ static int run_training(TrainArgs *t) {
 #ifdef _OPENMP
     if (t->threads > 0) omp_set_num_threads(t->threads);
 #endif
-    if (make_path(log_path, t->out_dir, ".log.csv") != 0 || lock_output(t->out_dir, lock_path) != 0) return exit_code(-1);
+    if (make_path(log_path, t->out_dir, ".log.csv") != 0 || lock_output(t->out_dir, lock_path) != 0)
+        return -1;
     if (t->resume) {
         if (model_load(&model, t->out_dir) != 0) {
-            char previous[PATH_LEN];
-            exit_code(-1);
-            if (make_path(previous, t->out_dir, ".previous") == 0 && file_exists(previous))
-                fprintf(stderr, "mlkv: note: %s holds the last complete checkpoint (a save was interrupted); "
-                                "rename it to %s to resume\n", previous, t->out_dir);
+            char previous[PATH_LEN], error[sizeof(error_message)];
+            if (make_path(previous, t->out_dir, ".previous") == 0 && file_exists(previous)) {
+                snprintf(error, sizeof(error), "%s", mlkv_error());
+                fail("%s\nmlkv: note: %s holds the last complete checkpoint (a save was "
+                     "interrupted); rename it to %s to resume", error, previous, t->out_dir);
+            }
             unlink(lock_path);
-            return 1;
+            return -1;
         }
-    } else if (check_output_dir(t->out_dir, t->model_dir, t->overwrite, " (its run and log too), --resume to continue "
-                                                                      "its run") != 0 ||
+    } else if (check_output_dir(t->out_dir, t->model_dir, t->overwrite,
+                                " (its run and log too), --resume to continue its run") != 0 ||
                model_load(&model, t->model_dir) != 0) {
         unlink(lock_path);
-        return exit_code(-1);
+        return -1;
     }
     if (training_prepare(t, &model, &train, &val, &loader, &start_step) != 0) goto done;
     batch_tokens = alloc_zeroed((size_t)t->grad_accum * t->batch * (t->seq + 1), sizeof(int), "the batch");
@@ -3107,9 +3114,12 @@ static int run_training(TrainArgs *t) {
         printf("%s: already trained to step %d of %d; nothing to do\n", t->out_dir, finished, t->steps);
     else
         printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
-    if (timed_out)
+    if (timed_out) {
+        t->stopped_by = stop_signal;
         printf("stopped by %s after step %d of %d: continue with the same command and --resume\n",
-               stop_signal == SIGINT ? "SIGINT" : stop_signal == SIGTERM ? "SIGTERM" : "--max-time", finished, t->steps);
+               stop_signal == SIGINT ? "SIGINT" : stop_signal == SIGTERM ? "SIGTERM" : "--max-time",
+               finished, t->steps);
+    }
     rc = 0;
 done:
     signal(SIGINT, SIG_DFL); /* outside training a signal ends the process at once */
@@ -3121,8 +3131,7 @@ done:
     tokens_free(&val);
     model_free(&model);
     unlink(lock_path);
-    /* stopped by a signal, with a checkpoint: the shell's convention, 128 + the signal */
-    return rc == 0 && timed_out && stop_signal ? 128 + stop_signal : exit_code(rc);
+    return rc;
 }
 
 /* ===========================================================================
@@ -5751,7 +5760,9 @@ static int cmd_train(int argc, char **argv) {
     if (parsed != FLAGS_OK) return parsed;
     if (!t.train_path || !t.out_dir || (!t.model_dir && !t.resume))
         return usage_error(train_usage, "train: --train, --out and --model (or --resume) are required");
-    return run_training(&t);
+    if (run_training(&t) != 0) return exit_code(-1);
+    /* stopped by a signal, with a checkpoint: the shell's convention, 128 + the signal */
+    return t.stopped_by ? 128 + t.stopped_by : 0;
 }
 
 static void print_model_summary(const Model *m) {
@@ -7017,12 +7028,11 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
         t.model_dir = converted;
         t.out_dir = uptrained;
         t.resume = resume;
-        int rc = run_training(&t);
-        if (rc != 0) return rc;
+        if (run_training(&t) != 0) return -1;
         if (t.finished < t.steps) { /* --max-time, or a signal: the checkpoint is saved */
-            printf("experiment: %s stopped after step %d of %d: run the same command again to continue\n", name,
-                   t.finished, t.steps);
-            return stop_signal ? 128 + stop_signal : 0;
+            printf("experiment: %s stopped after step %d of %d: run the same command again to "
+                   "continue\n", name, t.finished, t.steps);
+            return t.stopped_by ? 128 + t.stopped_by : 0;
         }
         r->trained = 1;
         if (row_save(r, e->n_tasks) != 0) return -1;

@@ -711,6 +711,13 @@ static void test_resume(void) {
           "the previous checkpoint is intact after a failed save");
     free(before);
     free(after);
+    /* a save interrupted between its two renames leaves the checkpoint as DIR.previous: resume says so */
+    CHECK(run("rm -f %s/kept.saving && mv %s/kept %s/kept.previous && mkdir %s/kept", tmp_dir, tmp_dir, tmp_dir,
+              tmp_dir) == 0, "move the checkpoint aside");
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --train %s --out %s/kept", mlkv_bin,
+              train, tmp_dir) == 1 && strstr(output(), "mlkv: error: ") && strstr(output(), "kept/config.json") &&
+              strstr(output(), "\nmlkv: note: ") && strstr(output(), "kept.previous holds the last complete checkpoint"),
+          "resume beside DIR.previous: %s", output());
     /* a resume must keep the settings that made the checkpoint */
     CHECK(run("%s train --resume --batch 4 --seq 16 --grad-accum 2 --steps 6 --train %s --out %s/pieces", mlkv_bin,
               train, tmp_dir) == 1 && strstr(output(), "resume with the same settings"), "changed settings: %s", output());
