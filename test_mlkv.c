@@ -525,6 +525,84 @@ static void test_owner_placement(void) {
     for (int l = 0; l < 12; l++) CHECK(cfg.kv_layer_of[l] == want[l], "layer %d reads %d", l, cfg.kv_layer_of[l]);
 }
 
+/* --- MLKV's properties, stated directly ----------------------------------- */
+
+/* In every model fixture: each layer reads the K/V of an owner at or below
+ * it, an owner reads its own, there are num_key_value_layers owners, and only
+ * owners have K/V parameters (a reader has none to train). The cache's
+ * 2 * kvL * kvH * hs floats per token: test_cached_decoding. */
+static void test_mlkv_layers(void) {
+    for (size_t f = 0; f < n_fixtures; f++) {
+        char dir[96], key[MLKV_NAME_MAX], value[MLKV_NAME_MAX];
+        snprintf(dir, sizeof(dir), "dev/fixtures/%.63s", fixture_names[f]);
+        Model m;
+        if (model_load(&m, dir) != 0) {
+            CHECK(0, "load %s: %s", dir, mlkv_error());
+            continue;
+        }
+        const Config *c = &m.config;
+        const char *projection = c->use_kv_mlp ? ".dense_out" : "";
+        int owners = 0;
+        for (int l = 0; l < c->n_layer; l++) {
+            int owner = c->kv_layer_of[l], is_owner = owner == l;
+            CHECK(owner >= 0 && owner <= l && c->kv_layer_of[owner] == owner,
+                  "%s: layer %d reads layer %d, which is no owner at or below it", dir, l, owner);
+            owners += is_owner;
+            snprintf(key, sizeof(key), "gpt_neox.layers.%d.attention.key%s.weight", l, projection);
+            snprintf(value, sizeof(value), "gpt_neox.layers.%d.attention.value%s.weight", l, projection);
+            CHECK((model_param(&m, key) != NULL) == is_owner && (model_param(&m, value) != NULL) == is_owner,
+                  "%s: layer %d (%s) %s K/V parameters", dir, l, is_owner ? "an owner" : "a reader",
+                  is_owner ? "lacks" : "has");
+        }
+        CHECK(owners == c->n_kv_layer, "%s: %d owners, num_key_value_layers %d", dir, owners, c->n_kv_layer);
+        model_free(&m);
+    }
+}
+
+/* An owner's K/V gradient is the sum of its readers' contributions. Two
+ * layers read one owner's k, v, each with its own queries and output
+ * gradient; the model runs both attention backward passes into the owner's
+ * one dk, dv. That must equal the two readers' gradients computed apart
+ * (by the naive attention) and added. */
+static void test_readers_add_into_owner(void) {
+    AttentionShape shape = {1, 40, 4, 2, 16};
+    size_t nq = (size_t)shape.B * shape.T * shape.H * shape.hs, nkv = nq / 2, stats = (size_t)shape.H * shape.T;
+    float *k = malloc(sizeof(float) * nkv), *v = malloc(sizeof(float) * nkv);
+    float *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
+    float *dk_apart[2] = {calloc(nkv, sizeof(float)), calloc(nkv, sizeof(float))};
+    float *dv_apart[2] = {calloc(nkv, sizeof(float)), calloc(nkv, sizeof(float))};
+    float *q = malloc(sizeof(float) * nq), *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq);
+    float *dq = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats), *delta = malloc(sizeof(float) * stats);
+    float *att = malloc(sizeof(float) * stats * shape.T);
+    float *panels = malloc(sizeof(float) * attention_panel_floats(shape, 1));
+    unsigned s = 5;
+    for (size_t i = 0; i < nkv; i++) {
+        k[i] = random_value(&s, 250.0f);
+        v[i] = random_value(&s, 1000.0f);
+    }
+    for (int reader = 0; reader < 2; reader++) {
+        for (size_t i = 0; i < nq; i++) {
+            q[i] = random_value(&s, 250.0f);
+            dout[i] = random_value(&s, 1000.0f);
+        }
+        attention_forward(out, lse, panels, q, k, v, shape);
+        attention_backward(dq, dk, dv, delta, panels, dout, q, k, v, out, lse, shape); /* into the owner's */
+        attention_forward_naive(out, lse, att, q, k, v, shape);
+        attention_backward_naive(dq, dk_apart[reader], dv_apart[reader], dout, att, q, k, v, shape);
+    }
+    for (size_t i = 0; i < nkv; i++) {
+        dk_apart[0][i] += dk_apart[1][i];
+        dv_apart[0][i] += dv_apart[1][i];
+    }
+    double ek = max_error(dk, dk_apart[0], nkv), ev = max_error(dv, dv_apart[0], nkv);
+    double second = max_abs(dk_apart[1], nkv) / max_abs(dk_apart[0], nkv);
+    CHECK(ek < 1e-5 && ev < 1e-5, "the owner's dk, dv differ from the sum of its readers' by %.3g, %.3g", ek, ev);
+    CHECK(second > 0.1, "the second reader's share is too small to tell (%.3g)", second);
+    printf("  two readers of one owner: its dk, dv = the sum of theirs apart, within %.1e, %.1e\n", ek, ev);
+    free(k); free(v); free(dk); free(dv); free(dk_apart[0]); free(dk_apart[1]); free(dv_apart[0]);
+    free(dv_apart[1]); free(q); free(dout); free(out); free(dq); free(lse); free(delta); free(att); free(panels);
+}
+
 static void test_schedule(void) {
     OptimConfig o = {.lr = 1.0, .warmup_steps = 2, .total_steps = 10, .schedule = SCHEDULE_COSINE};
     CHECK(lr_at_step(&o, 0) == 0.0, "the first update uses lr 0");
@@ -2052,6 +2130,8 @@ int main(int argc, char **argv) {
     test_freeze_embeds();
     test_experiment();
     test_owner_placement();
+    test_mlkv_layers();
+    test_readers_add_into_owner();
     test_schedule();
     test_json();
     test_half_precision();
