@@ -139,7 +139,8 @@ static const char *printable(const char *s) {
     size_t n = 0;
     for (; *s && n + 5 < sizeof(buffers[0]); s++) {
         unsigned char c = (unsigned char)*s;
-        n += (size_t)(c >= 0x20 && c < 0x7f ? snprintf(out + n, 2, "%c", c) : snprintf(out + n, 5, "\\x%02x", c));
+        n += (size_t)(c >= 0x20 && c < 0x7f ? snprintf(out + n, 2, "%c", c)
+                                            : snprintf(out + n, 5, "\\x%02x", c));
     }
     if (*s) snprintf(out + n, sizeof(buffers[0]) - n, "...");
     else out[n] = '\0';
@@ -186,7 +187,9 @@ static int parse_count(const char *text, long long max, long long *out) {
 }
 
 /* qsort order of an array of strings */
-static int string_order(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+static int string_order(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
 
 /* "s" after a count that is not 1: "1 head", "2 heads" */
 static const char *plural(long n) { return n == 1 ? "" : "s"; }
@@ -207,7 +210,9 @@ static FILE *open_regular(const char *path, size_t *size) {
     struct stat st;
     if (!f) { fail("%s: cannot open: %s", path, strerror(errno)); return NULL; }
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fail("%s: %s", path, S_ISDIR(st.st_mode) ? "is a folder, not a file" : "is not a regular file (a pipe or device?)");
+        fail("%s: %s", path,
+             S_ISDIR(st.st_mode) ? "is a folder, not a file"
+                                 : "is not a regular file (a pipe or device?)");
         fclose(f);
         return NULL;
     }
@@ -347,46 +352,57 @@ static int check_size(const char *what, const char *name, int value, int max) {
 }
 
 int config_finalize(Config *c, const char *what) {
-    if (check_size(what, "vocab_size", c->vocab_size, 1 << 24) || check_size(what, "hidden_size", c->hidden_size, MLKV_MAX_WIDTH) ||
+    if (check_size(what, "vocab_size", c->vocab_size, 1 << 24) ||
+        check_size(what, "hidden_size", c->hidden_size, MLKV_MAX_WIDTH) ||
         check_size(what, "num_hidden_layers", c->n_layer, MLKV_MAX_LAYERS) ||
         check_size(what, "num_attention_heads", c->n_head, MLKV_MAX_HEADS) ||
         check_size(what, "intermediate_size", c->intermediate_size, MLKV_MAX_WIDTH) ||
         check_size(what, "max_position_embeddings", c->max_position_embeddings, MLKV_MAX_TOKENS))
         return -1;
     if (c->hidden_size % c->n_head != 0)
-        return fail("%s: hidden_size %d is not divisible by num_attention_heads %d", what, c->hidden_size, c->n_head);
+        return fail("%s: hidden_size %d is not divisible by num_attention_heads %d", what,
+                    c->hidden_size, c->n_head);
     if (c->has_kv_map) { /* an explicit map: each layer reads an owner at or below it */
         int owners = 0;
         for (int l = 0; l < c->n_layer; l++) {
             int p = c->kv_layer_of[l];
-            if (p < 0 || p > l) return fail("%s: mlkv_kv_layer_map[%d] = %d must be in 0..%d", what, l, p, l);
+            if (p < 0 || p > l)
+                return fail("%s: mlkv_kv_layer_map[%d] = %d must be in 0..%d", what, l, p, l);
             if (c->kv_layer_of[p] != p)
-                return fail("%s: mlkv_kv_layer_map[%d] = %d, but layer %d does not own K/V (it reads %d)", what, l, p,
-                            p, c->kv_layer_of[p]);
+                return fail(
+                    "%s: mlkv_kv_layer_map[%d] = %d, but layer %d does not own K/V (it reads %d)",
+                    what, l, p, p, c->kv_layer_of[p]);
             owners += p == l;
         }
         if (c->n_kv_layer != 0 && c->n_kv_layer != owners)
-            return fail("%s: num_key_value_layers %d disagrees with mlkv_kv_layer_map (%d owning layers)", what,
-                        c->n_kv_layer, owners);
+            return fail(
+                "%s: num_key_value_layers %d disagrees with mlkv_kv_layer_map (%d owning layers)",
+                what, c->n_kv_layer, owners);
         c->n_kv_layer = owners;
     }
     if (c->hidden_size / c->n_head > MAX_HEAD_SIZE)
         return fail("%s: head size %d exceeds %d", what, c->hidden_size / c->n_head, MAX_HEAD_SIZE);
-    if (c->use_kv_mlp && check_size(what, "kv_intermediate_size (use_key_value_mlp)", c->kv_intermediate_size, MLKV_MAX_WIDTH))
+    if (c->use_kv_mlp && check_size(what, "kv_intermediate_size (use_key_value_mlp)",
+                                    c->kv_intermediate_size, MLKV_MAX_WIDTH))
         return -1;
     if (c->n_kv_head < 1 || c->n_kv_head > c->n_head)
-        return fail("%s: num_key_value_heads %d must be in 1..num_attention_heads (%d)", what, c->n_kv_head, c->n_head);
+        return fail("%s: num_key_value_heads %d must be in 1..num_attention_heads (%d)", what,
+                    c->n_kv_head, c->n_head);
     if (c->n_head % c->n_kv_head != 0)
-        return fail("%s: num_attention_heads %d is not divisible by num_key_value_heads %d", what, c->n_head, c->n_kv_head);
+        return fail("%s: num_attention_heads %d is not divisible by num_key_value_heads %d", what,
+                    c->n_head, c->n_kv_head);
     if (c->n_kv_layer < 1 || c->n_kv_layer > c->n_layer)
-        return fail("%s: num_key_value_layers %d must be in 1..num_hidden_layers (%d)", what, c->n_kv_layer, c->n_layer);
+        return fail("%s: num_key_value_layers %d must be in 1..num_hidden_layers (%d)", what,
+                    c->n_kv_layer, c->n_layer);
     if (!(c->layer_norm_eps > 0)) return fail("%s: layer_norm_eps must be positive", what);
-    if (!(c->rotary_pct >= 0 && c->rotary_pct <= 1)) return fail("%s: rotary_pct %g must be in [0, 1]", what, c->rotary_pct);
+    if (!(c->rotary_pct >= 0 && c->rotary_pct <= 1))
+        return fail("%s: rotary_pct %g must be in [0, 1]", what, c->rotary_pct);
     if (!(c->rotary_base > 0)) return fail("%s: rotary_emb_base must be positive", what);
     c->head_size = c->hidden_size / c->n_head;
     c->rotary_ndims = (int)(c->head_size * c->rotary_pct);
     if (c->rotary_ndims % 2 != 0)
-        return fail("%s: rotary dims int(head_size * rotary_pct) = %d must be even", what, c->rotary_ndims);
+        return fail("%s: rotary dims int(head_size * rotary_pct) = %d must be even", what,
+                    c->rotary_ndims);
     if (!c->has_kv_map) { /* the reference's placement: each layer reads the nearest owner below */
         int owners[MLKV_MAX_LAYERS];
         kv_owner_layers(c->n_layer, c->n_kv_layer, owners);
@@ -435,7 +451,8 @@ static void table_add(TableBuilder *tb, size_t slot, const char *name, int rows,
 static int build_param_table(Model *m) {
     const Config *c = &m->config;
     int C = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
-    int qdim = c->n_head * c->head_size, kvdim = c->n_kv_head * c->head_size, kvI = c->kv_intermediate_size;
+    int qdim = c->n_head * c->head_size, kvdim = c->n_kv_head * c->head_size,
+        kvI = c->kv_intermediate_size;
     TableBuilder tb = {m, 0};
     char name[MLKV_NAME_MAX];
     m->params = alloc_zeroed((size_t)c->n_layer * 20 + 8, sizeof(ParamInfo), "the parameter table");
@@ -453,7 +470,8 @@ static int build_param_table(Model *m) {
         LAYER_PARAM(ln2_b, "post_attention_layernorm.bias", C, 0);
         LAYER_PARAM(q_w, "attention.query.weight", qdim, C);
         LAYER_PARAM(q_b, "attention.query.bias", qdim, 0);
-        if (c->kv_layer_of[l] == l && !c->use_kv_mlp) { /* only owning layers have K/V projections */
+        if (c->kv_layer_of[l] == l && !c->use_kv_mlp) {
+            /* only owning layers have K/V projections */
             LAYER_PARAM(k_w, "attention.key.weight", kvdim, C);
             LAYER_PARAM(k_b, "attention.key.bias", kvdim, 0);
             LAYER_PARAM(v_w, "attention.value.weight", kvdim, C);
@@ -507,15 +525,20 @@ static int model_allocate_params(Model *m) {
 int model_init_random(Model *m, const Config *c, uint64_t seed) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
-    if (config_finalize(&m->config, "config") != 0 || model_allocate_params(m) != 0) { model_free(m); return -1; }
+    if (config_finalize(&m->config, "config") != 0 || model_allocate_params(m) != 0) {
+        model_free(m);
+        return -1;
+    }
     /* HF's GPT-NeoX init: weights normal(0, initializer_range), biases 0, LayerNorm 1 / 0 */
     uint64_t rng = seed;
     for (int i = 0; i < m->n_params; i++) {
         const ParamInfo *p = &m->params[i];
         float *x = m->param_memory + p->offset;
-        int is_ln_weight = strstr(p->name, "layernorm.weight") || strstr(p->name, "layer_norm.weight");
+        int is_ln_weight =
+            strstr(p->name, "layernorm.weight") || strstr(p->name, "layer_norm.weight");
         for (size_t k = 0; k < p->numel; k++)
-            x[k] = p->ndim == 2 ? (float)(rng_normal(&rng) * c->initializer_range) : (is_ln_weight ? 1.0f : 0.0f);
+            x[k] = p->ndim == 2 ? (float)(rng_normal(&rng) * c->initializer_range)
+                                : (is_ln_weight ? 1.0f : 0.0f);
     }
     return 0;
 }
@@ -627,7 +650,8 @@ void attention_forward_naive(float *out, float *lse, float *att, const float *q,
  * the query heads of a group add into their one K/V head, and in MLKV the
  * layers reading an owner's K/V add into its one buffer. */
 void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout, const float *att,
-                              const float *q, const float *k, const float *v, AttentionShape shape) {
+                              const float *q, const float *k, const float *v,
+                              AttentionShape shape) {
     int B = shape.B, T = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
     size_t q_row = (size_t)H * hs, kv_row = (size_t)kvH * hs;
     double scale = 1.0 / sqrt((double)hs);
@@ -798,15 +822,16 @@ static _Alignas(64) float gemm_packed_b[FP32_KC_CAPACITY * GEMM_NC];
  * other loop order, whose single-float stores to rows 128 bytes apart made
  * packing W^T a sixth of the LM head's forward product (measured with perf,
  * one thread). */
-static void pack_panel(float *restrict dst, const float *restrict x, size_t r_stride, size_t k_stride, int rows,
-                       int kc, int width) {
+static void pack_panel(float *restrict dst, const float *restrict x, size_t r_stride,
+                       size_t k_stride, int rows, int kc, int width) {
     if (r_stride == 1 && rows == width && (width == GEMM_NR || width == GEMM_MR)) {
         /* a whole panel from contiguous rows: copies of constant size, which
          * the compiler inlines (of the loop below, gcc makes a call of
          * memmove per row of the panel: 4% of a training step, measured
          * with perf) */
         for (int k = 0; k < kc; k++) {
-            if (width == GEMM_NR) memcpy(dst + k * GEMM_NR, x + k * k_stride, GEMM_NR * sizeof(float));
+            if (width == GEMM_NR)
+                memcpy(dst + k * GEMM_NR, x + k * k_stride, GEMM_NR * sizeof(float));
             else memcpy(dst + k * GEMM_MR, x + k * k_stride, GEMM_MR * sizeof(float));
         }
         return;
@@ -834,11 +859,13 @@ static void pack_panel(float *restrict dst, const float *restrict x, size_t r_st
 /* init of the products that start from zero (any number of columns up to GEMM_NC) */
 static const float zero_row[GEMM_NC];
 
-static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col, const float *restrict b,
-                               size_t ldb, float *restrict c, size_t ldc, const float *restrict init, int cols) {
+static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col,
+                               const float *restrict b, size_t ldb, float *restrict c, size_t ldc,
+                               const float *restrict init, int cols) {
     float acc[GEMM_MR][GEMM_NR];
     for (int i = 0; i < GEMM_MR; i++)
-        for (int j = 0; j < GEMM_NR; j++) acc[i][j] = j >= cols ? 0.0f : init ? init[j] : c[i * ldc + j];
+        for (int j = 0; j < GEMM_NR; j++)
+            acc[i][j] = j >= cols ? 0.0f : init ? init[j] : c[i * ldc + j];
     for (int k = 0; k < kc; k++)
         for (int i = 0; i < GEMM_MR; i++)
             for (int j = 0; j < cols; j++) acc[i][j] += a[i * a_row + k * a_col] * b[k * ldb + j];
@@ -851,8 +878,8 @@ static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, si
  * from init[cols] (the bias, or zeros) in every row. A ragged tile at the
  * edge of C goes through a full-size copy, so the arithmetic is the kernel's
  * own. */
-static void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const float *b, float *c, size_t ldc,
-                       const float *init, int rows, int cols) {
+static void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const float *b, float *c,
+                       size_t ldc, const float *init, int rows, int cols) {
     if (rows == GEMM_MR && cols == GEMM_NR) {
         gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, c, ldc, init, GEMM_NR);
         return;
@@ -898,7 +925,9 @@ static inline uint16_t bf16_from_float(float x) {
     memcpy(&u, &x, sizeof(u));
     uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     uint32_t nan = (u >> 16) | 0x40u, tiny = (u >> 16) & 0x8000u;
-    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : (u & 0x7F800000u) == 0 ? tiny : rounded);
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? nan
+                      : (u & 0x7F800000u) == 0        ? tiny
+                                                      : rounded);
 }
 
 static inline float bf16_to_float(uint16_t h) {
@@ -914,21 +943,24 @@ static inline uint32_t bf16_pair(float lo, float hi) {
 }
 
 /* Where element (r, k) of a 32-row A panel, or (k, r) of a 32-column B panel, lives */
-static inline size_t bf16_a_index(int r, int k) { return (size_t)(k / 32) * 1024 + (size_t)r * 32 + k % 32; }
+static inline size_t bf16_a_index(int r, int k) {
+    return (size_t)(k / 32) * 1024 + (size_t)r * 32 + k % 32;
+}
 static inline size_t bf16_b_index(int r, int k) {
     return (size_t)(k / 32) * 1024 + (size_t)(k % 32 / 2) * 64 + (size_t)r * 2 + k % 2;
 }
 
 /* As pack_panel, into bf16 panels of 32 rows of A (or columns of B), K
  * padded with zeros to a multiple of 32 */
-static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, size_t r_stride, size_t k_stride,
-                            int rows, int kc, int is_b) {
+static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, size_t r_stride,
+                            size_t k_stride, int rows, int kc, int is_b) {
     int kc32 = (kc + 31) / 32 * 32;
     if (rows < BF16_TILE || kc < kc32) { /* ragged: element by element, zeros around */
         memset(dst, 0, sizeof(uint16_t) * BF16_TILE * kc32);
         for (int r = 0; r < rows; r++)
             for (int k = 0; k < kc; k++)
-                dst[is_b ? bf16_b_index(r, k) : bf16_a_index(r, k)] = bf16_from_float(x[r * r_stride + k * k_stride]);
+                dst[is_b ? bf16_b_index(r, k) : bf16_a_index(r, k)] =
+                    bf16_from_float(x[r * r_stride + k * k_stride]);
         return;
     }
     /* whole blocks of 32 x 32, seen as 32-bit words: two neighbours in k
@@ -947,12 +979,13 @@ static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, siz
         if (k_stride == 1) /* rows of x along k: pairs along each row, A's layout */
             for (int r = 0; r < BF16_TILE; r++)
                 for (int kk = 0; kk < 16; kk++)
-                    a_words[r * 16 + kk] = bf16_pair(xk[r * r_stride + 2 * kk], xk[r * r_stride + 2 * kk + 1]);
+                    a_words[r * 16 + kk] =
+                        bf16_pair(xk[r * r_stride + 2 * kk], xk[r * r_stride + 2 * kk + 1]);
         else /* rows k and k+1 of x interleaved, B's layout */
             for (int kk = 0; kk < 16; kk++)
                 for (int r = 0; r < BF16_TILE; r++)
-                    b_words[kk * 32 + r] =
-                        bf16_pair(xk[2 * kk * k_stride + r * r_stride], xk[(2 * kk + 1) * k_stride + r * r_stride]);
+                    b_words[kk * 32 + r] = bf16_pair(xk[2 * kk * k_stride + r * r_stride],
+                                                     xk[(2 * kk + 1) * k_stride + r * r_stride]);
         if (is_b && k_stride == 1) /* B = W^T: turned to B's layout */
             for (int kk = 0; kk < 16; kk++)
                 for (int r = 0; r < BF16_TILE; r++) b_words[kk * 32 + r] = a_words[r * 16 + kk];
@@ -965,7 +998,8 @@ static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, siz
 
 /* c[32, 32] (row stride ldc) += A B over kc32 = K rounded up to 32, portably:
  * 8 rows at a time, 8 x 32 accumulators */
-static void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
+static void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b, float *c,
+                                 size_t ldc) {
     for (int i0 = 0; i0 < BF16_TILE; i0 += 8) {
         float acc[8][BF16_TILE];
         for (int i = 0; i < 8; i++)
@@ -973,7 +1007,8 @@ static void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b,
         for (int k = 0; k < kc32; k++)
             for (int i = 0; i < 8; i++) {
                 float ai = bf16_to_float(a[bf16_a_index(i0 + i, k)]);
-                for (int j = 0; j < BF16_TILE; j++) acc[i][j] += ai * bf16_to_float(b[bf16_b_index(j, k)]);
+                for (int j = 0; j < BF16_TILE; j++)
+                    acc[i][j] += ai * bf16_to_float(b[bf16_b_index(j, k)]);
             }
         for (int i = 0; i < 8; i++)
             for (int j = 0; j < BF16_TILE; j++) c[(i0 + i) * ldc + j] = acc[i][j];
@@ -993,7 +1028,9 @@ typedef struct {
 
 static int amx_available(void) {
     unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) || !(edx & (1u << 24))) return 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) ||
+        !(edx & (1u << 24)))
+        return 0;
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
 }
 
@@ -1010,8 +1047,8 @@ __attribute__((target("amx-tile"))) static void amx_configure(void) {
 
 __attribute__((target("amx-tile"))) static void amx_release(void) { _tile_release(); }
 
-__attribute__((target("amx-tile,amx-bf16"))) static void bf16_kernel_amx(int kc32, const uint16_t *a,
-                                                                          const uint16_t *b, float *c, size_t ldc) {
+__attribute__((target("amx-tile,amx-bf16"))) static void
+bf16_kernel_amx(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
     size_t stride = ldc * sizeof(float);
     _tile_loadd(0, c, stride);
     _tile_loadd(1, c + 16, stride);
@@ -1052,8 +1089,8 @@ int gemm_set_precision(Precision precision, int allow_amx) {
 
 /* A 32 x 32 block of C (rows x cols of it inside C) += A B in bf16, from
  * init[cols] when given; ragged blocks through a full-size copy. */
-static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc, const float *init,
-                            int rows, int cols) {
+static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc,
+                            const float *init, int rows, int cols) {
     float tile[BF16_TILE * BF16_TILE];
     int whole = rows == BF16_TILE && cols == BF16_TILE;
     float *t = whole ? c : tile;
@@ -1075,8 +1112,8 @@ static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, floa
  * the same bits as the packed path. */
 #define THIN_ROWS 4
 #define THIN_COLS 16
-static void gemm_thin(int M, int N, int K, const float *a, size_t a_row, const float *w, size_t w_row, float *c,
-                      int accumulate, const float *bias) {
+static void gemm_thin(int M, int N, int K, const float *a, size_t a_row, const float *w,
+                      size_t w_row, float *c, int accumulate, const float *bias) {
     int blocks = (N + THIN_COLS - 1) / THIN_COLS;
 PARALLEL_FOR
     for (int blk = 0; blk < blocks; blk++) {
@@ -1097,8 +1134,8 @@ PARALLEL_FOR
     }
 }
 
-void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
-          float *c, int accumulate, const float *bias) {
+void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
+          size_t b_row, size_t b_col, float *c, int accumulate, const float *bias) {
     int bf16 = gemm_precision == PRECISION_BF16;
     if (!bf16 && M <= THIN_ROWS && a_col == 1 && b_row == 1) {
         gemm_thin(M, N, K, a, a_row, b, b_col, c, accumulate, bias);
@@ -1122,10 +1159,12 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
          * the threads more work */
         int rows_packed = a_in_place ? mr : ((M < GEMM_MC ? M : GEMM_MC) + mr - 1) / mr * mr;
         int cols_packed = ((N < GEMM_NC ? N : GEMM_NC) + nr - 1) / nr * nr;
-        int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed : GEMM_NC / cols_packed;
+        int k_scale = GEMM_MC / rows_packed < GEMM_NC / cols_packed ? GEMM_MC / rows_packed
+                                                                    : GEMM_NC / cols_packed;
         k_slice = K <= GEMM_K_WHOLE ? K : FP32_KC_CAPACITY * (k_scale > 4 ? 4 : k_scale);
     }
-    int kc_capacity = bf16 ? BF16_KC : FP32_KC_CAPACITY; /* of the packed buffers, at GEMM_MC rows and GEMM_NC columns */
+    /* of the packed buffers, at GEMM_MC rows and GEMM_NC columns */
+    int kc_capacity = bf16 ? BF16_KC : FP32_KC_CAPACITY;
     /* blocks as large as the packed buffers hold at this slice (its length
      * rounded up to the bf16 kernel's K step of 32); A read in place packs
      * one ragged panel at most */
@@ -1143,10 +1182,12 @@ PARALLEL_REGION
         for (int m0 = 0; m0 < M; m0 += mc_block)
             for (int n0 = 0; n0 < N; n0 += nc_block)
                 for (int k0 = 0; k0 < K; k0 += k_slice) {
-                    int mc = M - m0 < mc_block ? M - m0 : mc_block, nc = N - n0 < nc_block ? N - n0 : nc_block;
+                    int mc = M - m0 < mc_block ? M - m0 : mc_block,
+                        nc = N - n0 < nc_block ? N - n0 : nc_block;
                     int kc = K - k0 < k_slice ? K - k0 : k_slice, kc32 = (kc + 31) / 32 * 32;
                     int a_panels = (mc + mr - 1) / mr, b_panels = (nc + nr - 1) / nr;
-                    int a_packed_from = a_in_place ? mc / mr : 0, a_packs = a_panels - a_packed_from;
+                    int a_packed_from = a_in_place ? mc / mr : 0,
+                        a_packs = a_panels - a_packed_from;
                     int tasks_down = (mc + task_rows - 1) / task_rows;
                     /* the first slice of K starts from the bias (or zero) unless C accumulates */
                     const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zero_row;
@@ -1156,17 +1197,21 @@ PARALLEL_REGION
                     (void)tiles_per_grab; /* unused without OpenMP */
 OMP_FOR
                     for (int q = 0; q < a_packs + b_panels; q++) {
-                        /* slot: the panel's place in the packed block (A packs from a_packed_from on) */
-                        int is_b = q >= a_packs, slot = is_b ? q - a_packs : q, p = is_b ? slot : a_packed_from + q;
+                        /* slot: the panel's place in the packed block (A's from a_packed_from) */
+                        int is_b = q >= a_packs, slot = is_b ? q - a_packs : q,
+                            p = is_b ? slot : a_packed_from + q;
                         int r0 = (is_b ? n0 : m0) + p * (is_b ? nr : mr), end = is_b ? N : M;
                         int rows = end - r0 < (is_b ? nr : mr) ? end - r0 : (is_b ? nr : mr);
-                        const float *x = is_b ? b + k0 * b_row + r0 * b_col : a + r0 * a_row + k0 * a_col;
+                        const float *x =
+                            is_b ? b + k0 * b_row + r0 * b_col : a + r0 * a_row + k0 * a_col;
                         size_t r_stride = is_b ? b_col : a_row, k_stride = is_b ? b_row : a_col;
                         if (bf16)
-                            pack_panel_bf16((is_b ? gemm_bf16_b : gemm_bf16_a) + (size_t)slot * BF16_TILE * kc32, x,
-                                            r_stride, k_stride, rows, kc, is_b);
+                            pack_panel_bf16((is_b ? gemm_bf16_b : gemm_bf16_a) +
+                                                (size_t)slot * BF16_TILE * kc32,
+                                            x, r_stride, k_stride, rows, kc, is_b);
                         else
-                            pack_panel((is_b ? gemm_packed_b : gemm_packed_a) + (size_t)slot * (is_b ? nr : mr) * kc,
+                            pack_panel((is_b ? gemm_packed_b : gemm_packed_a) +
+                                           (size_t)slot * (is_b ? nr : mr) * kc,
                                        x, r_stride, k_stride, rows, kc, is_b ? nr : mr);
                     }
 OMP_FOR_2(tiles_per_grab)
@@ -1179,16 +1224,20 @@ OMP_FOR_2(tiles_per_grab)
                                 int i0 = p * mr, rows = mc - i0 < mr ? mc - i0 : mr;
                                 float *ct = c + (size_t)(m0 + i0) * N + n0 + j0;
                                 if (bf16) {
-                                    gemm_block_bf16(kc32, gemm_bf16_a + (size_t)p * BF16_TILE * kc32,
-                                                    gemm_bf16_b + (size_t)across * BF16_TILE * kc32, ct, N, tile_init,
-                                                    rows, cols);
+                                    gemm_block_bf16(kc32,
+                                                    gemm_bf16_a + (size_t)p * BF16_TILE * kc32,
+                                                    gemm_bf16_b + (size_t)across * BF16_TILE * kc32,
+                                                    ct, N, tile_init, rows, cols);
                                     continue;
                                 }
                                 int in_place = p < a_packed_from;
-                                const float *ap = in_place ? a + (m0 + i0) * a_row + k0 * a_col
-                                                           : gemm_packed_a + (size_t)(p - a_packed_from) * GEMM_MR * kc;
+                                const float *ap =
+                                    in_place ? a + (m0 + i0) * a_row + k0 * a_col
+                                             : gemm_packed_a +
+                                                   (size_t)(p - a_packed_from) * GEMM_MR * kc;
                                 size_t ar = in_place ? a_row : 1, ac = in_place ? a_col : GEMM_MR;
-                                gemm_block(kc, ap, ar, ac, gemm_packed_b + (size_t)across * GEMM_NR * kc, ct, N,
+                                gemm_block(kc, ap, ar, ac,
+                                           gemm_packed_b + (size_t)across * GEMM_NR * kc, ct, N,
                                            tile_init, rows, cols);
                             }
                         }
@@ -1199,15 +1248,16 @@ OMP_FOR_2(tiles_per_grab)
 
 /* --- matmul: a Linear layer in PyTorch's layout, on top of gemm.
  * Forward: out[N, OC] = inp[N, IC] @ weight[OC, IC]^T + bias[OC] */
-static void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IC, int OC) {
+static void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                           int N, int IC, int OC) {
     gemm(N, OC, IC, inp, IC, 1, weight, 1, IC, out, 0, bias);
 }
 
 /* dinp[N, IC] += dout[N, OC] @ weight[OC, IC]   (skipped when dinp is NULL)
  * dweight[OC, IC] += dout^T @ inp (skipped when NULL: a frozen weight),
  * dbias[OC] += sum_n dout[n, :] */
-static void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                            const float *weight, int N, int IC, int OC) {
+static void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                            const float *inp, const float *weight, int N, int IC, int OC) {
     if (dinp) gemm(N, IC, OC, dout, OC, 1, weight, IC, 1, dinp, 1, NULL);
     if (dweight) gemm(OC, IC, N, dout, 1, OC, inp, IC, 1, dweight, 1, NULL);
     if (!dbias) return;
@@ -1221,8 +1271,8 @@ PARALLEL_FOR
 
 /* --- LayerNorm over C channels: out = (x - mean) / sqrt(var + eps) * w + b.
  * stats[N, 2] keeps mean and 1/std for the backward pass. */
-static void layernorm_forward(float *out, float *stats, const float *inp, const float *w, const float *b, int N, int C,
-                              double eps) {
+static void layernorm_forward(float *out, float *stats, const float *inp, const float *w,
+                              const float *b, int N, int C, double eps) {
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
@@ -1241,8 +1291,8 @@ PARALLEL_FOR
 
 /* With xhat = (x - mean) * rstd and g = dout * w:
  *   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw += dout * xhat,  db += dout */
-static void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
-                               const float *stats, int N, int C) {
+static void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *stats, int N, int C) {
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
@@ -1284,8 +1334,12 @@ PARALLEL_FOR
  * exp_fast the loops vectorize (libm's erff would not). */
 static inline float normal_cdf(float x) {
     float z = fabsf(x) * (float)INV_SQRT2, t = 1.0f / (1.0f + 0.3275911f * z);
-    float q = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) *
-              exp_fast(-z * z);
+    float poly = 1.061405429f; /* a5, then a4 + t poly ... a1 + t poly (Horner) */
+    poly = -1.453152027f + t * poly;
+    poly = 1.421413741f + t * poly;
+    poly = -0.284496736f + t * poly;
+    poly = 0.254829592f + t * poly;
+    float q = t * poly * exp_fast(-z * z);
     return x >= 0.0f ? 1.0f - 0.5f * q : 0.5f * q;
 }
 
@@ -1331,15 +1385,16 @@ static inline void rotate_head(float *v, const float *c, const float *s, int hal
 }
 
 /* x [B, T, nh, hs] rotated in place, row t at position t of the tables. */
-static void rotary_apply(float *x, const float *cos_t, const float *sin_t, int B, int T, int nh, int hs, int rd,
-                         float sign) {
+static void rotary_apply(float *x, const float *cos_t, const float *sin_t, int B, int T, int nh,
+                         int hs, int rd, float sign) {
     int half = rd / 2;
     if (half == 0) return;
 PARALLEL_FOR
     for (int bt = 0; bt < B * T; bt++) {
         int t = bt % T;
         for (int h = 0; h < nh; h++)
-            rotate_head(x + ((size_t)bt * nh + h) * hs, cos_t + (size_t)t * half, sin_t + (size_t)t * half, half, sign);
+            rotate_head(x + ((size_t)bt * nh + h) * hs, cos_t + (size_t)t * half,
+                        sin_t + (size_t)t * half, half, sign);
     }
 }
 
@@ -1361,19 +1416,22 @@ PARALLEL_FOR
  * backward pass also values, queries and output gradients) are packed once
  * per layer into panels of ATT_KB rows, [hs, ATT_KB] each ("head panels");
  * the others are read in place. */
-#define ATT_QB GEMM_MR       /* queries per block: the micro-kernel's rows */
-#define ATT_KB (2 * GEMM_NR) /* keys per block: two of its column panels, so that the p v product sums
-                                over 2 * GEMM_NR keys per call (measured: one panel, 32 keys, spent about a
-                                third of that product loading and storing its accumulators) */
-#define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR) /* hs rounded up to whole panels */
-#define PADDED_T(T) ((T + ATT_KB - 1) / ATT_KB * ATT_KB)        /* T rounded up to whole key blocks */
+/* queries per block: the micro-kernel's rows */
+#define ATT_QB GEMM_MR
+/* keys per block: two of its column panels, so that the p v product sums over
+ * 2 * GEMM_NR keys per call (measured: one panel, 32 keys, spent about a third
+ * of that product loading and storing its accumulators) */
+#define ATT_KB (2 * GEMM_NR)
+/* hs rounded up to whole panels; T rounded up to whole key blocks */
+#define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
+#define PADDED_T(T) ((T + ATT_KB - 1) / ATT_KB * ATT_KB)
 
 /* The rows x [T, hs] (row stride `stride`) of one head as head panels:
  * dst [PADDED_T(T) / ATT_KB][hs][ATT_KB], zero past T. With cos_t / sin_t
  * each row is first rotated by its position (the reference-compatible KV
  * cache holds un-rotated keys). */
-static void pack_head_panels(float *dst, const float *x, size_t stride, int T, int hs, const float *cos_t,
-                             const float *sin_t, int half) {
+static void pack_head_panels(float *dst, const float *x, size_t stride, int T, int hs,
+                             const float *cos_t, const float *sin_t, int half) {
     for (int s0 = 0; s0 < T; s0 += ATT_KB) {
         int rows = T - s0 < ATT_KB ? T - s0 : ATT_KB;
         float *panel = dst + (size_t)s0 * hs;
@@ -1381,7 +1439,8 @@ static void pack_head_panels(float *dst, const float *x, size_t stride, int T, i
         for (int r = 0; cos_t && r < rows; r++) { /* rotate column r of the panel */
             float rotated[MAX_HEAD_SIZE];
             for (int d = 0; d < hs; d++) rotated[d] = panel[d * ATT_KB + r];
-            rotate_head(rotated, cos_t + (size_t)(s0 + r) * half, sin_t + (size_t)(s0 + r) * half, half, 1.0f);
+            rotate_head(rotated, cos_t + (size_t)(s0 + r) * half, sin_t + (size_t)(s0 + r) * half,
+                        half, 1.0f);
             for (int d = 0; d < hs; d++) panel[d * ATT_KB + r] = rotated[d];
         }
     }
@@ -1391,7 +1450,8 @@ static void pack_head_panels(float *dst, const float *x, size_t stride, int T, i
 static void pack_heads(float *dst, const float *x, int B, int T, int nh, int hs) {
 PARALLEL_FOR
     for (int bh = 0; bh < B * nh; bh++)
-        pack_head_panels(dst + (size_t)bh * PADDED_T(T) * hs, x + (size_t)bh / nh * T * nh * hs + (size_t)(bh % nh) * hs,
+        pack_head_panels(dst + (size_t)bh * PADDED_T(T) * hs,
+                         x + (size_t)bh / nh * T * nh * hs + (size_t)(bh % nh) * hs,
                          (size_t)nh * hs, T, hs, NULL, NULL, 0);
 }
 
@@ -1403,17 +1463,20 @@ PARALLEL_FOR
  * (heads of 16 where GEMM_NR is 32: padded to 32 they spent half the FMAs
  * on zeros, and training make demo's model ran 1.2 times slower, measured
  * old and new side by side); another ragged last panel goes through a zero-padded copy. */
-static void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col, const float *x, size_t stride,
-                          int kc, int hs) {
+static void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col, const float *x,
+                          size_t stride, int kc, int hs) {
     for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
         if (hs - d0 >= GEMM_NR) {
-            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR);
+            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL,
+                        GEMM_NR);
         } else if (hs - d0 == GEMM_NR / 2) {
-            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR / 2);
+            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL,
+                        GEMM_NR / 2);
         } else {
             float panel[ATT_KB * GEMM_NR];
             pack_panel(panel, x + d0, 1, stride, hs - d0, kc, GEMM_NR);
-            gemm_kernel(kc, w, w_row, w_col, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL, GEMM_NR);
+            gemm_kernel(kc, w, w_row, w_col, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL,
+                        GEMM_NR);
         }
     }
 }
@@ -1481,19 +1544,24 @@ typedef struct {
 #define ATT_ROWS (ATT_TILES * ATT_QB)
 
 /* The rows of tile u of a block of `rows` (the last tile may be short) */
-static inline int tile_rows(int rows, int u) { return rows - u * ATT_QB < ATT_QB ? rows - u * ATT_QB : ATT_QB; }
+static inline int tile_rows(int rows, int u) {
+    return rows - u * ATT_QB < ATT_QB ? rows - u * ATT_QB : ATT_QB;
+}
 
 /* The `rows` (at most ATT_ROWS) queries q (row stride q_stride) of one head
  * at positions pos0 .. pos0+rows-1, each over the keys at positions 0 .. its
  * own (causal); values v (row stride v_stride). out = softmax(q k^T * scale) v,
  * lse = the log-sum-exp of each row's scores. */
-static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride, int rows, int pos0,
-                                    const KeySource *keys_from, const float *v, size_t v_stride, int hs, float scale) {
+static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride,
+                                    int rows, int pos0, const KeySource *keys_from, const float *v,
+                                    size_t v_stride, int hs, float scale) {
     int width = HEAD_WIDTH(hs), tiles = (rows + ATT_QB - 1) / ATT_QB;
     float qp[ATT_TILES][hs * ATT_QB], kp[hs * ATT_KB], s[ATT_QB * ATT_KB];
-    float o[ATT_TILES][ATT_QB * width], m[ATT_ROWS], l[ATT_ROWS][REDUCE_LANES]; /* l: each row's sum in lanes */
+    /* l: each row's sum in lanes */
+    float o[ATT_TILES][ATT_QB * width], m[ATT_ROWS], l[ATT_ROWS][REDUCE_LANES];
     for (int u = 0; u < tiles; u++) {
-        pack_panel(qp[u], q + (size_t)u * ATT_QB * q_stride, q_stride, 1, tile_rows(rows, u), hs, ATT_QB);
+        pack_panel(qp[u], q + (size_t)u * ATT_QB * q_stride, q_stride, 1, tile_rows(rows, u), hs,
+                   ATT_QB);
         scale_floats(qp[u], scale, hs * ATT_QB); /* the scores' factor, applied once to q */
         memset(o[u], 0, sizeof(float) * ATT_QB * width);
     }
@@ -1502,10 +1570,12 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
         for (int j = 0; j < REDUCE_LANES; j++) l[i][j] = 0.0f;
     }
     for (int s0 = 0; s0 < pos0 + rows; s0 += ATT_KB) {
-        int half = keys_from->half, block_keys = pos0 + rows - s0 < ATT_KB ? pos0 + rows - s0 : ATT_KB;
+        int half = keys_from->half,
+            block_keys = pos0 + rows - s0 < ATT_KB ? pos0 + rows - s0 : ATT_KB;
         const float *panel = keys_from->panels ? keys_from->panels + (size_t)s0 * hs : kp;
         if (!keys_from->panels)
-            pack_head_panels(kp, keys_from->k + s0 * keys_from->stride, keys_from->stride, block_keys, hs,
+            pack_head_panels(kp, keys_from->k + s0 * keys_from->stride, keys_from->stride,
+                             block_keys, hs,
                              keys_from->cos_t ? keys_from->cos_t + (size_t)s0 * half : NULL,
                              keys_from->sin_t ? keys_from->sin_t + (size_t)s0 * half : NULL, half);
         for (int u = 0; u < tiles; u++) {
@@ -1524,7 +1594,8 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
                     for (int j = 0; j < ATT_KB; j++) si[j] = j < visible ? si[j] : -INFINITY;
                 float max = row_max(si, ATT_KB);
                 max = max > *mi ? max : *mi;
-                float correction = exp_fast(*mi - max); /* rescale what was summed under the old max */
+                /* rescale what was summed under the old max */
+                float correction = exp_fast(*mi - max);
                 for (int j = 0; j < ATT_KB; j++) {
                     float p = exp_fast(si[j] - max);
                     si[j] = j < visible ? p : 0.0f;
@@ -1541,12 +1612,11 @@ static void attention_block_forward(float *out, float *lse, const float *q, size
     }
     for (int i = 0; i < rows; i++) {
         float sum = fold_sum(l[i]);
-        for (int d = 0; d < hs; d++) out[i * q_stride + d] = o[i / ATT_QB][i % ATT_QB * width + d] / sum;
+        for (int d = 0; d < hs; d++)
+            out[i * q_stride + d] = o[i / ATT_QB][i % ATT_QB * width + d] / sum;
         lse[i] = m[i] + logf(sum);
     }
 }
-
-
 
 /* panels: [B, kvH, PADDED_T(T) * hs] scratch for the keys' head panels */
 void attention_forward(float *out, float *lse, float *panels, const float *q, const float *k,
@@ -1561,8 +1631,9 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
         int rows = T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS, kvh = b * kvH + h / group;
         size_t row = ((size_t)b * T + t0) * H + h, kv = ((size_t)b * T * kvH + h / group) * hs;
         KeySource keys = {panels + (size_t)kvh * PADDED_T(T) * hs, NULL, NULL, NULL, 0, 0};
-        attention_block_forward(out + row * hs, lse + ((size_t)b * H + h) * T + t0, q + row * hs, (size_t)H * hs,
-                                rows, t0, &keys, v + kv, (size_t)kvH * hs, hs, scale);
+        attention_block_forward(out + row * hs, lse + ((size_t)b * H + h) * T + t0, q + row * hs,
+                                (size_t)H * hs, rows, t0, &keys, v + kv, (size_t)kvH * hs, hs,
+                                scale);
     }
 }
 
@@ -1585,7 +1656,8 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
  * buffer per query head, summed over each K/V head's group at the end
  * (the heads of a group share a K/V head: two tasks may not add into it). */
 #define ATT_CHUNK (8 * ATT_ROWS) /* keys per task (a multiple of ATT_ROWS: whole blocks of keys) */
-#define DQ_ROWS ((ATT_KB + GEMM_MR - 1) / GEMM_MR * GEMM_MR) /* a block of queries in micro-kernel rows */
+/* a block of queries in micro-kernel rows */
+#define DQ_ROWS ((ATT_KB + GEMM_MR - 1) / GEMM_MR * GEMM_MR)
 
 /* Query blocks of the partial dq of chunks 0 .. chunk-1 of one head: the
  * offset of chunk's partial, in blocks. Chunk c's partial has n - c m
@@ -1601,7 +1673,8 @@ size_t attention_panel_floats(AttentionShape shape, int backward) {
     size_t head = (size_t)PADDED_T(T) * hs, heads = (size_t)B * H;
     if (!backward) return (size_t)B * kvH * head; /* the keys' head panels */
     /* queries' and output gradients' head panels, dk and dv per query head, partial dq */
-    size_t partial = dq_partial_blocks(T, (T + ATT_CHUNK - 1) / ATT_CHUNK) * DQ_ROWS * HEAD_WIDTH(hs);
+    size_t partial =
+        dq_partial_blocks(T, (T + ATT_CHUNK - 1) / ATT_CHUNK) * DQ_ROWS * HEAD_WIDTH(hs);
     return heads * (2 * head + 2 * (size_t)T * hs + partial);
 }
 
@@ -1665,13 +1738,15 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
         for (int u = 0; u < tiles; u++) {
             int n = tile_rows(keys, u), tile_s0 = s0 + u * ATT_QB;
             float *dsu = ds_t + u * ATT_QB * ATT_KB;
-            if (t0 < tile_s0 / ATT_KB * ATT_KB) { /* all these queries come before the tile's keys */
+            if (t0 < tile_s0 / ATT_KB * ATT_KB) {
+                /* all these queries come before the tile's keys */
                 memset(dsu, 0, sizeof(float) * ATT_QB * ATT_KB);
                 continue;
             }
             tile_product(s, kp[u], q_panels + (size_t)t0 * hs, hs);     /* scores^T */
             tile_product(dsu, vp[u], dout_panels + (size_t)t0 * hs, hs); /* dp^T */
-            for (int i = 0; i < ATT_QB; i++) { /* rows: keys tile_s0+i; s becomes p^T and dp^T becomes ds^T */
+            for (int i = 0; i < ATT_QB; i++) {
+                /* rows: keys tile_s0+i; s becomes p^T and dp^T becomes ds^T */
                 int first = tile_s0 + i - t0; /* queries t0+j with j >= first see key tile_s0+i */
                 first = i < n ? (first > 0 ? first : 0) : ATT_KB;
                 float *si = s + i * ATT_KB, *dsi = dsu + i * ATT_KB;
@@ -1682,8 +1757,12 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
                     dsi[j] = visible ? ds_ij : 0.0f;
                 }
             }
-            weighted_rows(dv_acc + u * tile_acc, s, ATT_KB, 1, dout + t0 * q_stride, q_stride, queries, hs); /* dv += p dout */
-            weighted_rows(dk_acc + u * tile_acc, dsu, ATT_KB, 1, q + t0 * q_stride, q_stride, queries, hs); /* dk += ds q */
+            /* dv += p dout */
+            weighted_rows(dv_acc + u * tile_acc, s, ATT_KB, 1, dout + t0 * q_stride, q_stride,
+                          queries, hs);
+            /* dk += ds q */
+            weighted_rows(dk_acc + u * tile_acc, dsu, ATT_KB, 1, q + t0 * q_stride, q_stride,
+                          queries, hs);
         }
         /* dq of these queries += ds k: rows are queries, the sum runs over the block's keys
          * (those of its tiles: the rest of ds_t is never written, and never read) */
@@ -1691,7 +1770,8 @@ static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, fl
             for (int j = 0; j < ATT_KB; j++) ds[j * ATT_ROWS + i] = ds_t[i * ATT_KB + j];
         float *dq_block = dq_partial + (size_t)(t0 / ATT_KB - first_block) * DQ_ROWS * width;
         for (int j0 = 0; j0 < DQ_ROWS; j0 += GEMM_MR)
-            weighted_rows(dq_block + j0 * width, ds + j0 * ATT_ROWS, ATT_ROWS, 1, k, kv_stride, keys, hs);
+            weighted_rows(dq_block + j0 * width, ds + j0 * ATT_ROWS, ATT_ROWS, 1, k, kv_stride,
+                          keys, hs);
     }
     for (int i = 0; i < keys; i++)
         for (int d = 0; d < hs; d++) {
@@ -1729,20 +1809,23 @@ PARALLEL_FOR_CYCLIC /* the first chunks see the most queries: they go first */
         int c = task / (B * H), b = task / H % B, h = task % H;
         size_t qh = (size_t)b * T * q_stride + (size_t)h * hs, stat = ((size_t)b * H + h) * T;
         size_t kv = (size_t)b * T * kv_stride + (size_t)(h / group) * hs, bh = (size_t)b * H + h;
-        float *partial = dq_partials + bh * partial_floats + dq_partial_blocks(T, c) * DQ_ROWS * width;
+        float *partial =
+            dq_partials + bh * partial_floats + dq_partial_blocks(T, c) * DQ_ROWS * width;
         QueryRows queries = {q + qh, dout + qh, q_panels + bh * head, dout_panels + bh * head,
                              lse + stat, delta + stat, q_stride, T};
         for (int s0 = c * ATT_CHUNK; s0 < T && s0 < (c + 1) * ATT_CHUNK; s0 += ATT_ROWS) {
             int keys = T - s0 < ATT_ROWS ? T - s0 : ATT_ROWS;
             size_t first = (size_t)(s0 / ATT_KB - c * ATT_CHUNK / ATT_KB) * DQ_ROWS * width;
             size_t at = s0 * q_stride;
-            KeyBlock block = {k + kv + s0 * kv_stride, v + kv + s0 * kv_stride, kv_stride, s0, keys};
-            attention_block_backward(dk_heads + qh + at, dv_heads + qh + at, q_stride, partial + first,
-                                     &queries, &block, hs, scale);
+            KeyBlock block = {k + kv + s0 * kv_stride, v + kv + s0 * kv_stride, kv_stride, s0,
+                              keys};
+            attention_block_backward(dk_heads + qh + at, dv_heads + qh + at, q_stride,
+                                     partial + first, &queries, &block, hs, scale);
         }
     }
 PARALLEL_FOR
-    for (size_t row = 0; row < (size_t)B * T; row++) { /* sum the partials: dq, then dk and dv over each group */
+    for (size_t row = 0; row < (size_t)B * T; row++) {
+        /* sum the partials: dq, then dk and dv over each group */
         size_t b = row / T;
         int t = (int)(row % T);
         for (int h = 0; h < H; h++) {
@@ -1750,7 +1833,8 @@ PARALLEL_FOR
             float *dq_row = dq + row * q_stride + (size_t)h * hs;
             for (int d = 0; d < hs; d++) dq_row[d] = 0.0f;
             for (int c = 0; c * ATT_CHUNK <= t; c++) {
-                size_t block = dq_partial_blocks(T, c) + (size_t)(t / ATT_KB - c * ATT_CHUNK / ATT_KB);
+                size_t block =
+                    dq_partial_blocks(T, c) + (size_t)(t / ATT_KB - c * ATT_CHUNK / ATT_KB);
                 const float *p = partials + (block * DQ_ROWS + t % ATT_KB) * width;
                 for (int d = 0; d < hs; d++) dq_row[d] += p[d];
             }
@@ -1759,8 +1843,10 @@ PARALLEL_FOR
         for (int g = 0; g < kvH; g++)
             for (int h = g * group; h < (g + 1) * group; h++)
                 for (int d = 0; d < hs; d++) {
-                    dk[row * kv_stride + (size_t)g * hs + d] += scale * dk_heads[row * q_stride + (size_t)h * hs + d];
-                    dv[row * kv_stride + (size_t)g * hs + d] += dv_heads[row * q_stride + (size_t)h * hs + d];
+                    dk[row * kv_stride + (size_t)g * hs + d] +=
+                        scale * dk_heads[row * q_stride + (size_t)h * hs + d];
+                    dv[row * kv_stride + (size_t)g * hs + d] +=
+                        dv_heads[row * q_stride + (size_t)h * hs + d];
                 }
     }
 }
@@ -1783,8 +1869,8 @@ PARALLEL_FOR_CYCLIC
         size_t row = ((size_t)b * n + i0) * H + h, kv = ((size_t)b * kvH + h / group) * max_T * hs;
         KeySource keys = {NULL, k + kv, cos_t, sin_t, (size_t)hs, rd / 2};
         float lse[ATT_ROWS];
-        attention_block_forward(out + row * hs, lse, q + row * hs, (size_t)H * hs, rows, pos0 + i0, &keys, v + kv,
-                                (size_t)hs, hs, scale);
+        attention_block_forward(out + row * hs, lse, q + row * hs, (size_t)H * hs, rows, pos0 + i0,
+                                &keys, v + kv, (size_t)hs, hs, scale);
     }
 }
 
@@ -1792,7 +1878,8 @@ PARALLEL_FOR_CYCLIC
  * lse[n] = logsumexp(logits[n]), losses[n] = lse[n] - logits[n, target].
  * Max and sum run in REDUCE_LANES interleaved partial results (a fixed order,
  * so the bits do not depend on the compiler's vector width) and vectorize. */
-static void crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V) {
+static void crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets,
+                                 int N, int V) {
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
@@ -1810,7 +1897,8 @@ PARALLEL_FOR
 }
 
 /* dlogits = (softmax(logits) - onehot(target)) * dloss, in place over the logits */
-static void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V, float dloss) {
+static void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V,
+                                  float dloss) {
 PARALLEL_FOR
     for (int n = 0; n < N; n++) {
         float *z = logits + (size_t)n * V;
@@ -1833,7 +1921,9 @@ PARALLEL_FOR
  * keys in the reference-compatible mode: the reference code hands an owner's
  * K to the layers above it before rotary is applied, so in a full-sequence
  * pass those layers match rotated queries against un-rotated keys. */
-static int reads_rotated_keys(const Config *c, int l) { return c->kv_layer_of[l] == l || c->shared_key_rotary; }
+static int reads_rotated_keys(const Config *c, int l) {
+    return c->kv_layer_of[l] == l || c->shared_key_rotary;
+}
 
 /* Whether any layer reads un-rotated keys, which must then be kept. */
 static int reads_unrotated_keys(const Config *c) {
@@ -1856,12 +1946,15 @@ typedef struct { const char *name; float **ptr; size_t floats; } BufferSpec;
 /* The activation and gradient-scratch buffers for (B, T), in one table that
  * serves allocation and the --verbose memory report. Fills acts (n_acts of them)
  * and grads; returns the number of grads. */
-static int buffer_specs(Model *m, int B, int T, int with_grads, BufferSpec *acts, int *n_acts, BufferSpec *grads) {
+static int buffer_specs(Model *m, int B, int T, int with_grads, BufferSpec *acts, int *n_acts,
+                        BufferSpec *grads) {
     const Config *c = &m->config;
-    size_t N = (size_t)B * T, L = (size_t)c->n_layer, KVL = (size_t)c->n_kv_layer, C = (size_t)c->hidden_size;
+    size_t N = (size_t)B * T, L = (size_t)c->n_layer, KVL = (size_t)c->n_kv_layer,
+           C = (size_t)c->hidden_size;
     size_t I = (size_t)c->intermediate_size, V = (size_t)c->vocab_size;
     size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
-    size_t stats = (size_t)B * c->n_head * T, kvI = c->use_kv_mlp ? (size_t)c->kv_intermediate_size : 0;
+    size_t stats = (size_t)B * c->n_head * T,
+           kvI = c->use_kv_mlp ? (size_t)c->kv_intermediate_size : 0;
     size_t head = (size_t)m->head_rows;
     size_t att_panels = attention_panel_floats(attention_shape(c, B, T), with_grads);
     /* un-rotated keys are kept only where a layer reads them (the reference-compatible mode) */
@@ -1940,9 +2033,11 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
     const Config *c = &m->config;
     if (B < 1 || T < 1) return fail("batch %d and sequence length %d must be positive", B, T);
     if ((long long)B * T > MLKV_MAX_TOKENS)
-        return fail("batch %d x sequence length %d = %lld tokens at once exceeds %d", B, T, (long long)B * T, MLKV_MAX_TOKENS);
+        return fail("batch %d x sequence length %d = %lld tokens at once exceeds %d", B, T,
+                    (long long)B * T, MLKV_MAX_TOKENS);
     if (T > c->max_position_embeddings)
-        return fail("sequence length %d exceeds the model's max_position_embeddings (%d)", T, c->max_position_embeddings);
+        return fail("sequence length %d exceeds the model's max_position_embeddings (%d)", T,
+                    c->max_position_embeddings);
     free_activations(m);
     BufferSpec acts[32], grads[32];
     /* training computes the logits HEAD_ROWS rows at a time; inference keeps them all */
@@ -1956,7 +2051,10 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
     m->rope_sin = alloc_zeroed((size_t)T * half + 1, sizeof(float), "rotary tables");
     m->inputs = alloc_zeroed((size_t)B * T, sizeof(int), "inputs");
     m->targets = alloc_zeroed((size_t)B * T, sizeof(int), "targets");
-    if (!m->act_memory || !m->rope_cos || !m->rope_sin || !m->inputs || !m->targets) { free_activations(m); return -1; }
+    if (!m->act_memory || !m->rope_cos || !m->rope_sin || !m->inputs || !m->targets) {
+        free_activations(m);
+        return -1;
+    }
     rotary_tables(m->rope_cos, m->rope_sin, T, c->rotary_ndims, c->rotary_base);
     if (!with_grads) return 0;
     m->scratch_memory = allocate_buffers(grads, n_grads, &m->scratch_floats, "gradient scratch");
@@ -1973,7 +2071,8 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
 
 void model_print_memory(const Model *m) {
     BufferSpec acts[32], grads[32];
-    int n_acts, n_grads = buffer_specs((Model *)m, m->B, m->T, m->scratch_memory != NULL, acts, &n_acts, grads);
+    int n_acts, n_grads = buffer_specs((Model *)m, m->B, m->T, m->scratch_memory != NULL, acts,
+                                       &n_acts, grads);
     double MiB = 1048576.0, P = (double)m->num_parameters * 4;
     printf("memory (fp32), B=%d T=%d:\n", m->B, m->T);
     printf("  %-40s %10.1f MiB\n", "parameters", P / MiB);
@@ -1986,12 +2085,15 @@ void model_print_memory(const Model *m) {
     printf("  %-40s %10.1f MiB\n", "= activations", m->act_floats * 4 / MiB);
     if (m->scratch_memory) {
         for (int i = 0; i < n_grads; i++)
-            if (grads[i].floats) printf("  %-40s %10.1f MiB\n", grads[i].name, grads[i].floats * 4 / MiB);
+            if (grads[i].floats)
+                printf("  %-40s %10.1f MiB\n", grads[i].name, grads[i].floats * 4 / MiB);
         printf("  %-40s %10.1f MiB\n", "= gradient scratch", m->scratch_floats * 4 / MiB);
     }
-    double packs = (double)(sizeof(gemm_packed_a) + sizeof(gemm_packed_b) + sizeof(gemm_bf16_a) + sizeof(gemm_bf16_b));
+    double packs = (double)(sizeof(gemm_packed_a) + sizeof(gemm_packed_b) + sizeof(gemm_bf16_a) +
+                            sizeof(gemm_bf16_b));
     printf("  %-40s %10.1f MiB\n", "GEMM packing blocks (static, at most)", packs / MiB);
-    double total = P * (m->grad_memory ? 4 : 1) + (double)(m->act_floats + m->scratch_floats) * 4 + packs;
+    double total =
+        P * (m->grad_memory ? 4 : 1) + (double)(m->act_floats + m->scratch_floats) * 4 + packs;
     printf("  %-40s %10.1f MiB\n", "total", total / MiB);
 }
 
@@ -2006,7 +2108,8 @@ void model_zero_grad(Model *m) { zero_floats(m->grad_memory, m->num_parameters);
 
 /* Pointers to one layer's activations in the flat buffers. */
 typedef struct {
-    float *x, *next, *ln1, *ln1_stats, *q, *k_pre, *k_rot, *v, *lse, *att_out, *resid_mid, *ln2, *ln2_stats;
+    float *x, *next, *ln1, *ln1_stats, *q, *k_pre, *k_rot, *v, *lse, *att_out, *resid_mid, *ln2,
+        *ln2_stats;
     float *k_hidden_pre, *k_hidden, *v_hidden_pre, *v_hidden; /* the owner's KV-MLP hidden layers */
     float *fc_pre, *fc_act;
     float *d_k_pre, *d_k_rot, *d_v; /* the owner's K/V gradient accumulators */
@@ -2123,8 +2226,8 @@ static void layer_tail_forward(const Config *c, const LayerWeights *lw, const fl
  * saves 2 [L, N, C] and an [L, N, I] buffer. Parallel residual: ln2 reads x,
  * as ln1 does, so d->d_ln2 is left for the caller to take back through ln2
  * once the attention branch has read d_residual. */
-static void layer_tail_backward(const Config *c, const LayerWeights *lw, LayerWeights *gw, const LayerActs *s,
-                                GradScratch *d, int N) {
+static void layer_tail_backward(const Config *c, const LayerWeights *lw, LayerWeights *gw,
+                                const LayerActs *s, GradScratch *d, int N) {
     int C = c->hidden_size, I = c->intermediate_size;
     size_t NC = (size_t)N * C;
     const float *ln2_in = c->parallel_residual ? s->x : s->resid_mid;
@@ -2136,9 +2239,11 @@ static void layer_tail_backward(const Config *c, const LayerWeights *lw, LayerWe
     zero_floats(d->d_ln2, NC);
     matmul_backward(d->d_ln2, gw->fc_w, gw->fc_b, d->d_fc, s->ln2, lw->fc_w, N, C, I);
     if (!c->parallel_residual) /* d_residual becomes the gradient of mid = x + attn */
-        layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s->resid_mid, lw->ln2_w, s->ln2_stats, N, C);
+        layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s->resid_mid, lw->ln2_w,
+                           s->ln2_stats, N, C);
     zero_floats(d->d_att_out, NC);
-    matmul_backward(d->d_att_out, gw->dense_w, gw->dense_b, d->d_residual, s->att_out, lw->dense_w, N, C, C);
+    matmul_backward(d->d_att_out, gw->dense_w, gw->dense_b, d->d_residual, s->att_out, lw->dense_w,
+                    N, C, C);
 }
 
 /* Embedding, the layers and the final LayerNorm: a->lnf [N, C]. */
@@ -2147,11 +2252,13 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
     int L = c->n_layer, rd = c->rotary_ndims, N = B * T, qd = H * hs, kvd = kvH * hs;
     Activations *a = &m->a;
-    if (B > m->B || T > m->T) return fail("forward of %dx%d exceeds the prepared %dx%d", B, T, m->B, m->T);
+    if (B > m->B || T > m->T)
+        return fail("forward of %dx%d exceeds the prepared %dx%d", B, T, m->B, m->T);
     if (inputs != m->inputs) memcpy(m->inputs, inputs, (size_t)N * sizeof(int));
     if (targets && targets != m->targets) memcpy(m->targets, targets, (size_t)N * sizeof(int));
     for (int n = 0; n < N; n++) /* token embedding; GPT-NeoX has no position embedding */
-        memcpy(a->residual + (size_t)n * C, m->w.embed_in + (size_t)inputs[n] * C, (size_t)C * sizeof(float));
+        memcpy(a->residual + (size_t)n * C, m->w.embed_in + (size_t)inputs[n] * C,
+               (size_t)C * sizeof(float));
     for (int l = 0; l < L; l++) {
         const LayerWeights *lw = &m->w.layer[l];
         /* MLKV: layer l attends over the K/V of layer `owner` (itself when it
@@ -2170,12 +2277,13 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
             rotary_apply(s.k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, 1.0f);
         }
         const float *keys = reads_rotated_keys(c, l) ? s.k_rot : s.k_pre;
-        attention_forward(s.att_out, s.lse, a->att_panels, s.q, keys, s.v, attention_shape(c, B, T));
+        attention_forward(s.att_out, s.lse, a->att_panels, s.q, keys, s.v,
+                          attention_shape(c, B, T));
         TailBuffers tail = {s.resid_mid, s.ln2, s.ln2_stats, s.fc_pre, s.fc_act, a->branch};
         layer_tail_forward(c, lw, s.x, s.att_out, &tail, s.next, N);
     }
-    layernorm_forward(a->lnf, a->lnf_stats, a->residual + (size_t)L * N * C, m->w.lnf_w, m->w.lnf_b, N, C,
-                      c->layer_norm_eps);
+    layernorm_forward(a->lnf, a->lnf_stats, a->residual + (size_t)L * N * C, m->w.lnf_w, m->w.lnf_b,
+                      N, C, c->layer_norm_eps);
     return 0;
 }
 
@@ -2194,10 +2302,12 @@ static float head_forward(Model *m, int N, float dloss) {
         int rows = N - r0 < m->head_rows ? N - r0 : m->head_rows;
         const float *x = a->lnf + (size_t)r0 * C;
         matmul_forward(a->logits, x, m->w.embed_out, NULL, rows, C, V);
-        crossentropy_forward(a->losses + r0, a->logits_lse + r0, a->logits, m->targets + r0, rows, V);
+        crossentropy_forward(a->losses + r0, a->logits_lse + r0, a->logits, m->targets + r0, rows,
+                             V);
         if (dloss == 0.0f) continue;
         crossentropy_backward(a->logits, a->logits_lse + r0, m->targets + r0, rows, V, dloss);
-        matmul_backward(m->d.d_branch + (size_t)r0 * C, m->freeze_embeddings ? NULL : m->g.embed_out, NULL, a->logits, x,
+        matmul_backward(m->d.d_branch + (size_t)r0 * C,
+                        m->freeze_embeddings ? NULL : m->g.embed_out, NULL, a->logits, x,
                         m->w.embed_out, rows, C, V);
     }
     double total = 0;
@@ -2209,8 +2319,8 @@ float model_forward(Model *m, const int *inputs, const int *targets, int B, int 
     const Config *c = &m->config;
     int N = B * T;
     if (!targets && N > m->head_rows) {
-        fail("logits of %d positions need a model prepared without gradients (this one holds %d rows)", N,
-             m->head_rows);
+        fail("logits of %d positions need a model prepared "
+             "without gradients (this one holds %d rows)", N, m->head_rows);
         return NAN;
     }
     if (forward_layers(m, inputs, targets, B, T) != 0) return NAN;
@@ -2219,7 +2329,8 @@ float model_forward(Model *m, const int *inputs, const int *targets, int B, int 
     return 0.0f;
 }
 
-float model_forward_backward(Model *m, const int *inputs, const int *targets, int B, int T, float loss_scale) {
+float model_forward_backward(Model *m, const int *inputs, const int *targets, int B, int T,
+                             float loss_scale) {
     const Config *c = &m->config;
     int N = B * T;
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
@@ -2231,8 +2342,8 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
     GradScratch *d = &m->d;
     size_t NC = (size_t)N * C, kv_all = (size_t)c->n_kv_layer * N * kvd;
     zero_floats(d->d_residual, NC);
-    layernorm_backward(d->d_residual, m->g.lnf_w, m->g.lnf_b, d->d_branch, a->residual + (size_t)L * NC, m->w.lnf_w,
-                       a->lnf_stats, N, C);
+    layernorm_backward(d->d_residual, m->g.lnf_w, m->g.lnf_b, d->d_branch,
+                       a->residual + (size_t)L * NC, m->w.lnf_w, a->lnf_stats, N, C);
     if (d->d_k_pre) zero_floats(d->d_k_pre, kv_all);
     zero_floats(d->d_k_rot, kv_all);
     zero_floats(d->d_v, kv_all);
@@ -2247,14 +2358,15 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
     for (int l = L - 1; l >= 0; l--) {
         const LayerWeights *lw = &m->w.layer[l];
         LayerWeights *gw = &m->g.layer[l];
-        int owner = c->kv_layer_of[l]; /* whose K/V accumulators (s.d_k_rot, s.d_v) this layer adds into */
+        /* whose K/V accumulators (s.d_k_rot, s.d_v) this layer adds into */
+        int owner = c->kv_layer_of[l];
         LayerActs s = layer_acts(m, l, B, T);
         layer_tail_backward(c, lw, gw, &s, d, N);
         /* attention: the owner's K/V gradient accumulates over its readers */
         int rotated = reads_rotated_keys(c, l);
-        attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta, a->att_panels,
-                           d->d_att_out, s.q, rotated ? s.k_rot : s.k_pre, s.v, s.att_out, s.lse,
-                           attention_shape(c, B, T));
+        attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta,
+                           a->att_panels, d->d_att_out, s.q, rotated ? s.k_rot : s.k_pre, s.v,
+                           s.att_out, s.lse, attention_shape(c, B, T));
         rotary_apply(d->d_q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, -1.0f);
         layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
         zero_floats(d->d_ln1, NC);
@@ -2268,8 +2380,10 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
                                    d->d_kv_hidden, s.d_v, s.ln1, s.v_hidden_pre, s.v_hidden, N);
         }
         if (c->parallel_residual) /* both branches read x: add their LayerNorm gradients last */
-            layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.x, lw->ln2_w, s.ln2_stats, N, C);
-        layernorm_backward(d->d_residual, gw->ln1_w, gw->ln1_b, d->d_ln1, s.x, lw->ln1_w, s.ln1_stats, N, C);
+            layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.x, lw->ln2_w,
+                               s.ln2_stats, N, C);
+        layernorm_backward(d->d_residual, gw->ln1_w, gw->ln1_b, d->d_ln1, s.x, lw->ln1_w,
+                           s.ln1_stats, N, C);
     }
     for (int n = 0; n < N && !m->freeze_embeddings; n++)
         axpy(m->g.embed_in + (size_t)m->inputs[n] * C, 1.0f, d->d_residual + (size_t)n * C, C);
@@ -2282,22 +2396,33 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
 
 /* The cache's buffers, in one table that serves allocation and bench-kv's
  * memory plan. Returns their count. */
-static int kv_cache_specs(KVCache *c, const Config *cf, int B, int max_T, int chunk, int all_logits, BufferSpec *specs) {
+static int kv_cache_specs(KVCache *c, const Config *cf, int B, int max_T, int chunk, int all_logits,
+                          BufferSpec *specs) {
     size_t N = (size_t)B * chunk, C = (size_t)cf->hidden_size, I = (size_t)cf->intermediate_size;
-    size_t kvd = (size_t)cf->n_kv_head * cf->head_size, kvI = cf->use_kv_mlp ? (size_t)cf->kv_intermediate_size : 0;
+    size_t kvd = (size_t)cf->n_kv_head * cf->head_size,
+           kvI = cf->use_kv_mlp ? (size_t)cf->kv_intermediate_size : 0;
     size_t head_rows = all_logits ? N : (size_t)B, half = (size_t)cf->rotary_ndims / 2;
     size_t cache = (size_t)cf->n_kv_layer * B * max_T * kvd;
     BufferSpec table[] = {
-        {"keys", &c->k, cache}, {"values", &c->v, cache}, /* first: the cache itself */
-        {"x", &c->x, N * C}, {"ln", &c->ln, N * C}, {"stats", &c->stats, N * 2},
-        {"q", &c->q, N * C}, {"k", &c->k_new, N * kvd}, {"v", &c->v_new, N * kvd},
-        {"attention", &c->att, N * C}, {"branch", &c->branch, N * C},
+        {"keys", &c->k, cache},
+        {"values", &c->v, cache}, /* first: the cache itself */
+        {"x", &c->x, N * C},
+        {"ln", &c->ln, N * C},
+        {"stats", &c->stats, N * 2},
+        {"q", &c->q, N * C},
+        {"k", &c->k_new, N * kvd},
+        {"v", &c->v_new, N * kvd},
+        {"attention", &c->att, N * C},
+        {"branch", &c->branch, N * C},
         {"mid", &c->mid, cf->parallel_residual ? 0 : N * C},
-        {"mlp", &c->fc_pre, N * I}, {"mlp act", &c->fc_act, N * I},
-        {"kv mlp", &c->kv_hidden_pre, N * kvI}, {"kv mlp act", &c->kv_hidden, N * kvI},
+        {"mlp", &c->fc_pre, N * I},
+        {"mlp act", &c->fc_act, N * I},
+        {"kv mlp", &c->kv_hidden_pre, N * kvI},
+        {"kv mlp act", &c->kv_hidden, N * kvI},
         {"head input", &c->head_in, head_rows * (2 * C + 2)}, /* rows, normalized rows, stats */
         {"logits", &c->logits, head_rows * (size_t)cf->vocab_size},
-        {"rotary cos", &c->rope_cos, (size_t)max_T * half + 1}, {"rotary sin", &c->rope_sin, (size_t)max_T * half + 1},
+        {"rotary cos", &c->rope_cos, (size_t)max_T * half + 1},
+        {"rotary sin", &c->rope_sin, (size_t)max_T * half + 1},
     };
     memcpy(specs, table, sizeof(table));
     return (int)(sizeof(table) / sizeof(table[0]));
@@ -2308,7 +2433,8 @@ int kv_cache_init(KVCache *c, const Model *m, int B, int max_T, int chunk, int a
     BufferSpec specs[32];
     size_t total;
     memset(c, 0, sizeof(*c));
-    if (B < 1 || max_T < 1 || chunk < 1) return fail("KV cache: batch %d, length %d, chunk %d must be positive", B, max_T, chunk);
+    if (B < 1 || max_T < 1 || chunk < 1)
+        return fail("KV cache: batch %d, length %d, chunk %d must be positive", B, max_T, chunk);
     c->B = B;
     c->max_T = max_T;
     c->chunk = chunk;
@@ -2330,15 +2456,27 @@ void kv_cache_free(KVCache *c) {
 /* The same layers as model_forward, on the rows of the new tokens only. */
 const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n) {
     const Config *cf = &m->config;
-    int B = c->B, N = B * n, pos0 = c->length, C = cf->hidden_size, H = cf->n_head, hs = cf->head_size;
+    int B = c->B, N = B * n, pos0 = c->length, C = cf->hidden_size, H = cf->n_head,
+        hs = cf->head_size;
     int kvH = cf->n_kv_head, V = cf->vocab_size, rd = cf->rotary_ndims, half = rd / 2;
-    if (n < 1 || n > c->chunk) { fail("%d tokens at once; the cache takes 1 to %d", n, c->chunk); return NULL; }
-    if (pos0 + n > c->max_T) { fail("the KV cache holds %d positions; %d were asked", c->max_T, pos0 + n); return NULL; }
-    for (int r = 0; r < N; r++) {
-        if (tokens[r] < 0 || tokens[r] >= V) { fail("token %d is outside the vocabulary (%d)", tokens[r], V); return NULL; }
-        memcpy(c->x + (size_t)r * C, m->w.embed_in + (size_t)tokens[r] * C, (size_t)C * sizeof(float));
+    if (n < 1 || n > c->chunk) {
+        fail("%d tokens at once; the cache takes 1 to %d", n, c->chunk);
+        return NULL;
     }
-    const float *cos_t = c->rope_cos + (size_t)pos0 * half, *sin_t = c->rope_sin + (size_t)pos0 * half;
+    if (pos0 + n > c->max_T) {
+        fail("the KV cache holds %d positions; %d were asked", c->max_T, pos0 + n);
+        return NULL;
+    }
+    for (int r = 0; r < N; r++) {
+        if (tokens[r] < 0 || tokens[r] >= V) {
+            fail("token %d is outside the vocabulary (%d)", tokens[r], V);
+            return NULL;
+        }
+        memcpy(c->x + (size_t)r * C, m->w.embed_in + (size_t)tokens[r] * C,
+               (size_t)C * sizeof(float));
+    }
+    const float *cos_t = c->rope_cos + (size_t)pos0 * half,
+                *sin_t = c->rope_sin + (size_t)pos0 * half;
     for (int l = 0; l < cf->n_layer; l++) {
         const LayerWeights *lw = &m->w.layer[l];
         size_t slot = (size_t)cf->kv_slot_of[l] * B * kvH * c->max_T * hs;
@@ -2350,7 +2488,8 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
                                   c->ln, N);
             kv_projection_forward(cf, value_projection(lw), c->v_new, c->kv_hidden_pre,
                                   c->kv_hidden, c->ln, N);
-            if (cf->shared_key_rotary) rotary_apply(c->k_new, cos_t, sin_t, B, n, kvH, hs, rd, 1.0f);
+            if (cf->shared_key_rotary)
+                rotary_apply(c->k_new, cos_t, sin_t, B, n, kvH, hs, rd, 1.0f);
             for (int b = 0; b < B; b++)
                 for (int h = 0; h < kvH; h++)
                     for (int i = 0; i < n; i++) {
@@ -2377,7 +2516,8 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
         memcpy(c->head_in + (size_t)r * C, c->x + (size_t)from * C, (size_t)C * sizeof(float));
     }
     float *normed = c->head_in + (size_t)rows * C, *stats = normed + (size_t)rows * C;
-    layernorm_forward(normed, stats, c->head_in, m->w.lnf_w, m->w.lnf_b, rows, C, cf->layer_norm_eps);
+    layernorm_forward(normed, stats, c->head_in, m->w.lnf_w, m->w.lnf_b, rows, C,
+                      cf->layer_norm_eps);
     matmul_forward(c->logits, normed, m->w.embed_out, NULL, rows, C, V);
     return c->logits;
 }
@@ -2393,7 +2533,8 @@ static int candidate_order(const void *a, const void *b) {
     return x < y ? 1 : x > y ? -1 : ((const Candidate *)a)->id - ((const Candidate *)b)->id;
 }
 
-static int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng, Candidate *scratch) {
+static int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng,
+                        Candidate *scratch) {
     int best = argmax(logits, V);
     if (s->temperature <= 0) return best;
     double sum = 0;
@@ -2428,7 +2569,8 @@ double lr_at_step(const OptimConfig *o, int step) {
     double progress = (double)(step - W) / (double)(S - W > 1 ? S - W : 1);
     switch (o->schedule) {
     case SCHEDULE_COSINE: return o->lr * fmax(0.0, 0.5 * (1.0 + cos(PI * progress)));
-    case SCHEDULE_LINEAR: return o->lr * fmax(0.0, (double)(S - step) / (double)(S - W > 1 ? S - W : 1));
+    case SCHEDULE_LINEAR:
+        return o->lr * fmax(0.0, (double)(S - step) / (double)(S - W > 1 ? S - W : 1));
     default: return o->lr;
     }
 }
@@ -2499,7 +2641,8 @@ PARALLEL_FOR
     }
 }
 
-float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_accum, int step, double *grad_norm) {
+float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_accum, int step,
+                 double *grad_norm) {
     int B = m->B, T = m->T;
     double total = 0;
     model_zero_grad(m);
@@ -2527,7 +2670,8 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
  *     query_key_value per head (step 1).
  * ======================================================================== */
 
-void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate, int *kv_intermediate) {
+void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate,
+                   int *kv_intermediate) {
     long long H = mha->n_head, L = mha->n_layer, C = mha->hidden_size, hs = mha->head_size;
     long long heads_lost = H * L - (long long)kv_heads * kv_layers;
     long long params_lost = heads_lost * (2 * C * hs + 2 * hs); /* K and V weights and biases */
@@ -2548,7 +2692,8 @@ void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, i
 
 /* Step 2: K or V of one layer, [H*hs, C] and [H*hs], averaged over groups of
  * g = H / kvH consecutive heads into [kvH*hs, C] and [kvH*hs]. */
-static void pool_heads(float *w_out, float *b_out, const float *w, const float *b, int H, int kvH, int hs, int C) {
+static void pool_heads(float *w_out, float *b_out, const float *w, const float *b, int H, int kvH,
+                       int hs, int C) {
     int g = H / kvH;
     for (int j = 0; j < kvH; j++)
         for (int d = 0; d < hs; d++) {
@@ -2574,8 +2719,9 @@ static void fill_uniform(float *x, size_t n, double bound, uint64_t *rng) {
  * widths that keep the parameter count (convert_sizes). */
 static int converted_config(const Config *src, const ConvertOptions *o, Config *c) {
     if (!is_mha(src))
-        return fail("the input already shares K/V (%d heads in %d layers): convert from an MHA checkpoint",
-                    src->n_kv_head, src->n_kv_layer);
+        return fail(
+            "the input already shares K/V (%d heads in %d layers): convert from an MHA checkpoint",
+            src->n_kv_head, src->n_kv_layer);
     *c = *src;
     c->n_kv_head = o->kv_heads;
     c->n_kv_layer = o->kv_layers;
@@ -2586,11 +2732,13 @@ static int converted_config(const Config *src, const ConvertOptions *o, Config *
     if (o->has_map) memcpy(c->kv_layer_of, o->map, sizeof(c->kv_layer_of));
     if (config_finalize(c, "conversion") != 0) return -1;
     int intermediate, kvd = c->n_kv_head * c->head_size;
-    convert_sizes(src, c->n_kv_head, c->n_kv_layer, c->use_kv_mlp, &intermediate, &c->kv_intermediate_size);
+    convert_sizes(src, c->n_kv_head, c->n_kv_layer, c->use_kv_mlp, &intermediate,
+                  &c->kv_intermediate_size);
     if (o->grow != GROW_NONE) c->intermediate_size = intermediate;
     if (c->use_kv_mlp && c->kv_intermediate_size < kvd)
-        return fail("kv_intermediate_size %d is narrower than the K/V width %d: the pooled projection does not fit its "
-                    "first rows", c->kv_intermediate_size, kvd);
+        return fail("kv_intermediate_size %d is narrower than the K/V width %d: the pooled "
+                    "projection does not fit its first rows",
+                    c->kv_intermediate_size, kvd);
     return 0;
 }
 
@@ -2598,8 +2746,8 @@ static int converted_config(const Config *src, const ConvertOptions *o, Config *
  * 1/sqrt(fan_in), biases uniform(-1, 1); the pooled linear K or V (pooled:
  * [kvd, C] weights, then [kvd] bias) goes into the first kvd rows of the
  * input layer. */
-static void init_kv_mlp(float *in_w, float *in_b, float *w, float *b, const float *pooled, int C, int kvI, int kvd,
-                        uint64_t *rng) {
+static void init_kv_mlp(float *in_w, float *in_b, float *w, float *b, const float *pooled, int C,
+                        int kvI, int kvd, uint64_t *rng) {
     size_t wsize = (size_t)kvd * C;
     fill_uniform(in_w, (size_t)kvI * C, 1.0 / sqrt((double)C), rng);
     fill_uniform(w, (size_t)kvd * kvI, 1.0 / sqrt((double)kvI), rng);
@@ -2615,8 +2763,10 @@ static void init_kv_mlp(float *in_w, float *in_b, float *w, float *b, const floa
  * mean. The result becomes the owner's projection (step 5 with KV-MLP). */
 static int pool_kv_layers(const Model *mha, Model *out, const ConvertOptions *o) {
     const Config *c = &out->config;
-    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, L = c->n_layer, kvd = kvH * hs;
-    size_t wsize = (size_t)kvd * C, n = wsize + kvd; /* one layer's pooled K (or V): weights, then bias */
+    int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head, L = c->n_layer,
+        kvd = kvH * hs;
+    /* one layer's pooled K (or V): weights, then bias */
+    size_t wsize = (size_t)kvd * C, n = wsize + kvd;
     float *pooled = alloc_zeroed((size_t)L * 2 * n, sizeof(float), "pooled K/V");
     float *sums = alloc_zeroed(n, sizeof(float), "pooled K/V");
     if (!pooled || !sums) { free(pooled); free(sums); return -1; }
@@ -2646,8 +2796,8 @@ static int pool_kv_layers(const Model *mha, Model *out, const ConvertOptions *o)
             LayerWeights *lw = &out->w.layer[p];
             float *w = kv ? lw->v_w : lw->k_w, *b = kv ? lw->v_b : lw->k_b;
             if (c->use_kv_mlp) {
-                init_kv_mlp(kv ? lw->v_mlp_w : lw->k_mlp_w, kv ? lw->v_mlp_b : lw->k_mlp_b, w, b, acc, C,
-                            c->kv_intermediate_size, kvd, &rng);
+                init_kv_mlp(kv ? lw->v_mlp_w : lw->k_mlp_w, kv ? lw->v_mlp_b : lw->k_mlp_b, w, b,
+                            acc, C, c->kv_intermediate_size, kvd, &rng);
             } else {
                 memcpy(w, acc, wsize * sizeof(float));
                 memcpy(b, acc + wsize, (size_t)kvd * sizeof(float));
@@ -2663,20 +2813,23 @@ static int pool_kv_layers(const Model *mha, Model *out, const ConvertOptions *o)
  * first ones (the reference); with GROW_ZERO their output columns are 0,
  * which keeps the function. */
 static void grow_mlps(const Model *mha, Model *out, GrowKind grow) {
-    int C = out->config.hidden_size, I0 = mha->config.intermediate_size, I = out->config.intermediate_size;
+    int C = out->config.hidden_size, I0 = mha->config.intermediate_size,
+        I = out->config.intermediate_size;
     for (int l = 0; l < out->config.n_layer && I > I0; l++) {
         const LayerWeights *lw = &mha->w.layer[l];
         LayerWeights *nw = &out->w.layer[l];
         for (int r = 0; r < I; r++) {
             int from = r < I0 ? r : (r - I0) % I0;
-            memcpy(nw->fc_w + (size_t)r * C, lw->fc_w + (size_t)from * C, (size_t)C * sizeof(float));
+            memcpy(nw->fc_w + (size_t)r * C, lw->fc_w + (size_t)from * C,
+                   (size_t)C * sizeof(float));
             nw->fc_b[r] = lw->fc_b[from];
         }
         for (int row = 0; row < C; row++)
             for (int j = 0; j < I; j++)
-                nw->proj_w[(size_t)row * I + j] = j < I0 ? lw->proj_w[(size_t)row * I0 + j]
-                                                 : grow == GROW_ZERO ? 0.0f
-                                                                     : lw->proj_w[(size_t)row * I0 + (j - I0) % I0];
+                nw->proj_w[(size_t)row * I + j] =
+                    j < I0              ? lw->proj_w[(size_t)row * I0 + j]
+                    : grow == GROW_ZERO ? 0.0f
+                                        : lw->proj_w[(size_t)row * I0 + (j - I0) % I0];
     }
 }
 
@@ -2685,14 +2838,16 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
     if (converted_config(&mha->config, o, &c) != 0) return -1;
     memset(out, 0, sizeof(*out));
     out->config = c;
-    if (mha->config_extra && !(out->config_extra = strdup(mha->config_extra))) return fail("out of memory");
+    if (mha->config_extra && !(out->config_extra = strdup(mha->config_extra)))
+        return fail("out of memory");
     if (model_allocate_params(out) != 0) { model_free(out); return -1; }
     /* tensors that keep their shape are copied: embeddings, LayerNorms, queries,
      * dense, head, and the MLP when it does not grow */
     for (int i = 0; i < out->n_params; i++) {
         const ParamInfo *p = &out->params[i], *q = model_param(mha, p->name);
         if (q && q->numel == p->numel)
-            memcpy(out->param_memory + p->offset, mha->param_memory + q->offset, p->numel * sizeof(float));
+            memcpy(out->param_memory + p->offset, mha->param_memory + q->offset,
+                   p->numel * sizeof(float));
     }
     if (pool_kv_layers(mha, out, o) != 0) { model_free(out); return -1; }
     grow_mlps(mha, out, o->grow);
@@ -2714,7 +2869,8 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
 
 /* Helpers of the file formats below (sections 12 and 14) that the training
  * loop and the evaluation call. */
-static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume);
+static int check_output_dir(const char *dir, const char *input, int overwrite,
+                            const char *or_resume);
 static int lock_output(const char *dir, char *lock_path);
 static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata,
                            const char *companion_dir, int stock);
@@ -2726,10 +2882,12 @@ static void json_write(StrBuf *b, const Json *j);
 
 typedef struct {
     const char *model_dir, *train_path, *val_path, *out_dir;
-    int batch, seq, grad_accum, steps, warmup_steps, eval_every, save_every, val_batches, stop_after, threads;
+    int batch, seq, grad_accum, steps, warmup_steps, eval_every, save_every, val_batches,
+        stop_after, threads;
     int resume, overwrite, verbose, precision; /* precision: a Precision */
     int freeze_embeds;        /* embed_in and embed_out are not trained */
-    uint64_t max_tokens;      /* token budget: steps = max_tokens / tokens per step (0: --steps or --epochs) */
+    /* token budget: steps = max_tokens / tokens per step (0: --steps or --epochs) */
+    uint64_t max_tokens;
     int finished;             /* set by run_training: the steps done when it returned */
     int stopped_by;           /* set by run_training: the signal that stopped it early, or 0 */
     int log_every;            /* print every N-th step (every step goes to the log file) */
@@ -2755,7 +2913,12 @@ static void train_defaults(TrainArgs *t) {
     t->val_batches = 20;
     t->log_every = 1;
     t->seed = 42;
-    t->opt = (OptimConfig){.lr = 6e-4, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01, .clip = 1.0,
+    t->opt = (OptimConfig){.lr = 6e-4,
+                           .beta1 = 0.9,
+                           .beta2 = 0.95,
+                           .eps = 1e-8,
+                           .weight_decay = 0.01,
+                           .clip = 1.0,
                            .schedule = SCHEDULE_COSINE};
 }
 
@@ -2783,8 +2946,9 @@ static void progress_show(Progress *p, double done, double total) {
     p->last = now;
     char eta[32];
     format_duration(eta, sizeof(eta), done > 0 ? (now - p->start) / done * (total - done) : 0);
-    fprintf(stderr, "%s%s: %.0f / %.0f %s | %.1f %s/s | eta %s%s", p->tty ? "\r" : "", p->label, done, total, p->unit,
-            done / fmax(now - p->start, 1e-9), p->unit, eta, p->tty && !final ? "   " : "\n");
+    fprintf(stderr, "%s%s: %.0f / %.0f %s | %.1f %s/s | eta %s%s", p->tty ? "\r" : "", p->label,
+            done, total, p->unit, done / fmax(now - p->start, 1e-9), p->unit, eta,
+            p->tty && !final ? "   " : "\n");
 }
 
 /* The loss of predicting every token of a token file from the ones before
@@ -2792,8 +2956,8 @@ static void progress_show(Progress *p, double done, double total) {
  * the last one's predictions ended; a shorter window at the end), B windows
  * per forward pass, at most max_predictions of them (0: all). Returns the
  * summed loss (nats) and sets *count to the predictions made. */
-static double token_file_loss(Model *m, const TokenFile *f, int B, int T, size_t max_predictions, int progress,
-                              size_t *count) {
+static double token_file_loss(Model *m, const TokenFile *f, int B, int T, size_t max_predictions,
+                              int progress, size_t *count) {
     size_t total = f->n_tokens > 0 ? f->n_tokens - 1 : 0, done = 0;
     if (max_predictions > 0 && max_predictions < total) total = max_predictions;
     double loss = 0;
@@ -2823,36 +2987,46 @@ static float evaluate(Model *m, const TokenFile *val, int max_batches) {
     return (float)(loss / (double)count);
 }
 
-static int optimizer_metadata(StrBuf *b, const TrainArgs *t, int step, const DataLoader *dl, size_t train_tokens) {
-    sb_printf(b, "{\"step\":\"%d\",\"epoch\":\"%d\",\"next\":\"%zu\",\"seed\":\"%llu\",\"batch\":\"%d\",\"seq\":\"%d\","
-                 "\"grad_accum\":\"%d\",\"steps\":\"%d\",\"train_tokens\":\"%zu\",\"freeze_embeds\":\"%d\"}",
-              step, dl->epoch, dl->next, (unsigned long long)t->seed, t->batch, t->seq, t->grad_accum,
-              t->opt.total_steps, train_tokens, t->freeze_embeds);
+static int optimizer_metadata(StrBuf *b, const TrainArgs *t, int step, const DataLoader *dl,
+                              size_t train_tokens) {
+    sb_printf(b,
+              "{\"step\":\"%d\",\"epoch\":\"%d\",\"next\":\"%zu\",\"seed\":\"%llu\",\"batch\":\"%"
+              "d\",\"seq\":\"%d\",\"grad_accum\":\"%d\",\"steps\":\"%d\",\"train_tokens\":\"%zu\","
+              "\"freeze_embeds\":\"%d\"}",
+              step, dl->epoch, dl->next, (unsigned long long)t->seed, t->batch, t->seq,
+              t->grad_accum, t->opt.total_steps, train_tokens, t->freeze_embeds);
     return 0;
 }
 
 /* Restores AdamW moments and the data position saved beside a checkpoint, and
  * checks that the run continues with the settings that produced it. */
-static int optimizer_load(Model *m, const char *dir, const TrainArgs *t, size_t train_tokens, int *step, int *epoch,
-                          size_t *next) {
+static int optimizer_load(Model *m, const char *dir, const TrainArgs *t, size_t train_tokens,
+                          int *step, int *epoch, size_t *next) {
     char path[PATH_LEN], name[MLKV_NAME_MAX + 4];
     SafeTensors st;
     if (make_path(path, dir, "/optimizer.safetensors") != 0 || st_open(&st, path) != 0) return -1;
     int rc = 0;
-    struct { const char *key; unsigned long long now; } same[] = {
-        {"seed", t->seed}, {"batch", (unsigned long long)t->batch}, {"seq", (unsigned long long)t->seq},
-        {"grad_accum", (unsigned long long)t->grad_accum}, {"steps", (unsigned long long)t->opt.total_steps},
-        {"train_tokens", train_tokens}, {"freeze_embeds", (unsigned long long)t->freeze_embeds}};
+    struct { const char *key; unsigned long long now;
+    } same[] = {{"seed", t->seed},
+                {"batch", (unsigned long long)t->batch},
+                {"seq", (unsigned long long)t->seq},
+                {"grad_accum", (unsigned long long)t->grad_accum},
+                {"steps", (unsigned long long)t->opt.total_steps},
+                {"train_tokens", train_tokens},
+                {"freeze_embeds", (unsigned long long)t->freeze_embeds}};
     for (size_t i = 0; rc == 0 && i < sizeof(same) / sizeof(same[0]); i++) {
         const char *v = st_metadata(&st, same[i].key);
-        if (!v && !strcmp(same[i].key, "freeze_embeds")) v = "0"; /* checkpoints from before the option */
+        /* checkpoints from before the option */
+        if (!v && !strcmp(same[i].key, "freeze_embeds")) v = "0";
         if (!v) rc = fail("%s: metadata has no \"%s\"", path, same[i].key);
         else if (strtoull(v, NULL, 10) != same[i].now)
-            rc = fail("%s: the run being resumed used %s %s, this one %llu; resume with the same settings", path,
-                      same[i].key, v, same[i].now);
+            rc = fail("%s: the run being resumed used %s %s, this "
+                      "one %llu; resume with the same settings", path, same[i].key, v, same[i].now);
     }
-    const char *s_step = st_metadata(&st, "step"), *s_epoch = st_metadata(&st, "epoch"), *s_next = st_metadata(&st, "next");
-    if (rc == 0 && (!s_step || !s_epoch || !s_next)) rc = fail("%s: metadata lacks step, epoch or next", path);
+    const char *s_step = st_metadata(&st, "step"), *s_epoch = st_metadata(&st, "epoch"),
+               *s_next = st_metadata(&st, "next");
+    if (rc == 0 && (!s_step || !s_epoch || !s_next))
+        rc = fail("%s: metadata lacks step, epoch or next", path);
     for (int i = 0; rc == 0 && i < m->n_params; i++) {
         const ParamInfo *p = &m->params[i];
         snprintf(name, sizeof(name), "m.%s", p->name);
@@ -2860,12 +3034,16 @@ static int optimizer_load(Model *m, const char *dir, const TrainArgs *t, size_t 
         snprintf(name, sizeof(name), "v.%s", p->name);
         if (rc == 0) rc = st_read(&st, name, p->ndim, p->shape, m->adam_v + p->offset, NULL);
     }
-    /* the position to resume from, checked: a step within the run, an epoch, a sequence of the data */
+    /* the position to resume from, checked: a step within the run, an epoch, a sequence of the data
+     */
     long long v_step = 0, v_epoch = 0, v_next = 0;
-    if (rc == 0 && (parse_count(s_step, t->steps, &v_step) != 0 || parse_count(s_epoch, 1 << 30, &v_epoch) != 0 ||
+    if (rc == 0 && (parse_count(s_step, t->steps, &v_step) != 0 ||
+                    parse_count(s_epoch, 1 << 30, &v_epoch) != 0 ||
                     parse_count(s_next, (long long)train_tokens, &v_next) != 0))
-        rc = fail("%s: metadata step \"%s\", epoch \"%s\", next \"%s\" are not a position in this run of %d steps over "
-                  "%zu tokens", path, printable(s_step), printable(s_epoch), printable(s_next), t->steps, train_tokens);
+        rc = fail("%s: metadata step \"%s\", epoch \"%s\", next \"%s\" are not a position in this "
+                  "run of %d steps over %zu tokens",
+                  path, printable(s_step), printable(s_epoch), printable(s_next), t->steps,
+                  train_tokens);
     if (rc == 0) {
         *step = (int)v_step;
         *epoch = (int)v_epoch;
@@ -2884,7 +3062,8 @@ static FILE *open_log(const char *path, int resume_step) {
     if (!f) { free(old); fail("%s: cannot create: %s", path, strerror(errno)); return NULL; }
     fprintf(f, "step,loss,lr,grad_norm,tokens_per_s,val_loss\n");
     for (char *line = old ? strtok(old, "\n") : NULL; line; line = strtok(NULL, "\n"))
-        if (line[0] >= '0' && line[0] <= '9' && strtol(line, NULL, 10) <= resume_step) fprintf(f, "%s\n", line);
+        if (line[0] >= '0' && line[0] <= '9' && strtol(line, NULL, 10) <= resume_step)
+            fprintf(f, "%s\n", line);
     free(old);
     fflush(f);
     return f;
@@ -2905,9 +3084,10 @@ static long kv_cache_bytes(const Config *c, int bytes_per_element) {
 static const char *rotary_mode(const Config *c) {
     int shares = 0;
     for (int l = 0; l < c->n_layer; l++) shares |= c->kv_layer_of[l] != l;
-    return !shares ? "no layer shares K/V"
+    return !shares                ? "no layer shares K/V"
            : c->shared_key_rotary ? "shared keys rotated (mlkv_shared_key_rotary true)"
-                                  : "shared keys un-rotated, as the reference code computes (mlkv_shared_key_rotary false)";
+                                  : "shared keys un-rotated, as the reference code computes "
+                                    "(mlkv_shared_key_rotary false)";
 }
 
 #define MIN_PLANNED_STEPS 20 /* fewer optimizer steps from --epochs are refused */
@@ -2934,8 +3114,8 @@ static void note_stop_signal(int sig) {
  * --max-tokens over the data) with its warmup, the activations, and on
  * --resume the optimizer state and the data loader's place. A plan that
  * cannot learn is refused with one that can. */
-static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenFile *val, DataLoader *loader,
-                            int *start_step) {
+static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenFile *val,
+                            DataLoader *loader, int *start_step) {
     int epoch = 0;
     size_t next = 0;
     const Config *c = &model->config;
@@ -2944,7 +3124,8 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
         (t->val_path && tokens_load(val, t->val_path, c->vocab_size) != 0))
         return -1;
     if (t->val_path && val->n_tokens < (size_t)t->seq + 1) {
-        fail("%s: %zu tokens are fewer than one sequence of %d + 1", t->val_path, val->n_tokens, t->seq);
+        fail("%s: %zu tokens are fewer than one sequence of %d + 1", t->val_path, val->n_tokens,
+             t->seq);
         return -1;
     }
     if (loader_init(loader, train, t->batch, t->seq, t->seed, 1) != 0) {
@@ -2953,12 +3134,15 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
         fail("%s: %s", t->train_path, why);
         return -1;
     }
-    int planned = t->steps == 0; /* steps from the data: --epochs passes over it, or --max-tokens of it */
+    /* steps from the data: --epochs passes over it, or --max-tokens of it */
+    int planned = t->steps == 0;
     double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)loader->n_seqs;
     if (t->max_tokens) seqs = floor((double)t->max_tokens / t->seq);
-    if (planned) t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
+    if (planned)
+        t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
     t->opt.total_steps = t->steps;
-    t->opt.warmup_steps = t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
+    t->opt.warmup_steps =
+        t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
     if (model_prepare(model, t->batch, t->seq, 1) != 0) return -1;
     model->freeze_embeddings = t->freeze_embeds;
     /* A plan that cannot learn is refused with one that can: too few updates
@@ -2967,31 +3151,36 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
      * always uses lr 0). */
     if (!t->resume && planned && t->steps < MIN_PLANNED_STEPS) {
         int accum = (int)floor(seqs / (MIN_PLANNED_STEPS * (double)t->batch));
-        fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d sequences: too few to learn. Try "
-             "%s%d, or --epochs %.0f, or give --steps", t->train_path, loader->n_seqs, t->seq, t->steps,
-             t->steps == 1 ? "" : "s", t->batch, t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
+        fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d sequences: too "
+             "few to learn. Try %s%d, or --epochs %.0f, or give --steps",
+             t->train_path, loader->n_seqs, t->seq, t->steps, t->steps == 1 ? "" : "s", t->batch,
+             t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
              accum >= 1 ? accum : 1, ceil(MIN_PLANNED_STEPS * per_step / (double)loader->n_seqs));
         return -1;
     }
     if (!t->resume && t->opt.warmup_steps >= t->steps) {
-        fail("warmup of %d step%s leaves none of the %d at the full learning rate (the first update uses lr 0): give "
-             "--warmup-steps below %d or more --steps", t->opt.warmup_steps, t->opt.warmup_steps == 1 ? "" : "s",
-             t->steps, t->steps);
+        fail("warmup of %d step%s leaves none of the %d at the full learning rate (the first "
+             "update uses lr 0): give --warmup-steps below %d or more --steps",
+             t->opt.warmup_steps, t->opt.warmup_steps == 1 ? "" : "s", t->steps, t->steps);
         return -1;
     }
     if (planned && !t->resume) {
         double unused = seqs - (double)t->steps * per_step;
         if (unused >= 1)
-            printf("train: %.0f of %.0f sequences are not used (less than a whole step of %.0f)\n", unused, seqs, per_step);
+            printf("train: %.0f of %.0f sequences are not used (less than a whole step of %.0f)\n",
+                   unused, seqs, per_step);
     }
-    if (t->resume && optimizer_load(model, t->out_dir, t, train->n_tokens, start_step, &epoch, &next) != 0) return -1;
+    if (t->resume &&
+        optimizer_load(model, t->out_dir, t, train->n_tokens, start_step, &epoch, &next) != 0)
+        return -1;
     loader_seek(loader, epoch, next);
     return 0;
 }
 
 /* What a run is about to do: precision, model, data and plan, threads. */
-static void print_training_plan(const TrainArgs *t, const Model *model, const TokenFile *train, const DataLoader *loader,
-                                int start_step, size_t tokens_per_step, int amx) {
+static void print_training_plan(const TrainArgs *t, const Model *model, const TokenFile *train,
+                                const DataLoader *loader, int start_step, size_t tokens_per_step,
+                                int amx) {
     const Config *c = &model->config;
     int threads = 1;
 #ifdef _OPENMP
@@ -2999,29 +3188,34 @@ static void print_training_plan(const TrainArgs *t, const Model *model, const To
 #endif
     if (t->precision == PRECISION_BF16)
         printf("precision: bf16 matmul inputs, fp32 sums and weights (%s)\n",
-               amx ? "AMX tile kernel" : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
-    printf("model: %zu parameters, %d layer%s, %d head%s, K/V in %d layer%s x %d head%s (KV cache %ld bytes/token "
-           "fp32); %s\n", model->num_parameters, c->n_layer, plural(c->n_layer), c->n_head, plural(c->n_head),
-           c->n_kv_layer, plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head), kv_cache_bytes(c, 4),
-           rotary_mode(c));
-    printf("train: %zu tokens (%zu sequences of %d), %d step%s of %d x %d x %d = %zu tokens, warmup %d, %d thread%s\n",
-           train->n_tokens, loader->n_seqs, t->seq, t->steps, plural(t->steps), t->batch, t->grad_accum, t->seq,
-           tokens_per_step, t->opt.warmup_steps, threads, plural(threads));
-    if (t->freeze_embeds) printf("train: the token embedding and the output head are frozen (--freeze-embeds)\n");
+               amx ? "AMX tile kernel"
+                   : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
+    printf("model: %zu parameters, %d layer%s, %d head%s, K/V in %d layer%s x %d head%s (KV cache "
+           "%ld bytes/token fp32); %s\n",
+           model->num_parameters, c->n_layer, plural(c->n_layer), c->n_head, plural(c->n_head),
+           c->n_kv_layer, plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head),
+           kv_cache_bytes(c, 4), rotary_mode(c));
+    printf("train: %zu tokens (%zu sequences of %d), %d step%s of "
+           "%d x %d x %d = %zu tokens, warmup %d, %d thread%s\n",
+           train->n_tokens, loader->n_seqs, t->seq, t->steps, plural(t->steps), t->batch,
+           t->grad_accum, t->seq, tokens_per_step, t->opt.warmup_steps, threads, plural(threads));
+    if (t->freeze_embeds)
+        printf("train: the token embedding and the output head are frozen (--freeze-embeds)\n");
     if (t->resume) printf("resuming at step %d of %d from %s\n", start_step, t->steps, t->out_dir);
     if (t->verbose) model_print_memory(model);
 }
 
 /* One optimizer step in the log file (every step: step, loss, lr, gradient
  * norm, tokens/s, validation loss or empty) and, when `printed`, on stdout. */
-static int log_step(FILE *log, const char *log_path, int printed, const TrainArgs *t, int step, float loss, double norm,
-                    double tokens_per_s, double eta_seconds, float val_loss) {
+static int log_step(FILE *log, const char *log_path, int printed, const TrainArgs *t, int step,
+                    float loss, double norm, double tokens_per_s, double eta_seconds,
+                    float val_loss) {
     double lr = lr_at_step(&t->opt, step);
     if (printed) {
         char eta[32];
         format_duration(eta, sizeof(eta), eta_seconds);
-        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", step + 1, t->steps, loss, lr, norm,
-               tokens_per_s, eta);
+        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", step + 1,
+               t->steps, loss, lr, norm, tokens_per_s, eta);
         if (!isnan(val_loss)) printf(" | val %.4f", val_loss);
         printf("\n");
         fflush(stdout);
@@ -3029,7 +3223,8 @@ static int log_step(FILE *log, const char *log_path, int printed, const TrainArg
     fprintf(log, "%d,%.9g,%.9g,%.9g,%.1f,", step + 1, loss, lr, norm, tokens_per_s);
     if (!isnan(val_loss)) fprintf(log, "%.9g", val_loss);
     fprintf(log, "\n");
-    if (fflush(log) != 0 || ferror(log)) return fail("%s: write error (%s)", log_path, strerror(errno));
+    if (fflush(log) != 0 || ferror(log))
+        return fail("%s: write error (%s)", log_path, strerror(errno));
     return 0;
 }
 
@@ -3068,14 +3263,17 @@ static int run_training(TrainArgs *t) {
         return -1;
     }
     if (training_prepare(t, &model, &train, &val, &loader, &start_step) != 0) goto done;
-    batch_tokens = alloc_zeroed((size_t)t->grad_accum * t->batch * (t->seq + 1), sizeof(int), "the batch");
+    batch_tokens =
+        alloc_zeroed((size_t)t->grad_accum * t->batch * (t->seq + 1), sizeof(int), "the batch");
     if (!batch_tokens || !(log = open_log(log_path, start_step))) goto done;
 
     int amx = gemm_set_precision((Precision)t->precision, 1);
     size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
     print_training_plan(t, &model, &train, &loader, start_step, tokens_per_step, amx);
 
-    int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step ? start_step + t->stop_after : t->steps;
+    int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step
+                        ? start_step + t->stop_after
+                        : t->steps;
     double t_start = now_seconds();
     int finished = start_step;
     atomic_store(&stop_signal, 0);
@@ -3087,31 +3285,39 @@ static int run_training(TrainArgs *t) {
             loader_next(&loader, batch_tokens + (size_t)acc * t->batch * (t->seq + 1));
         float loss = train_step(&model, &t->opt, batch_tokens, t->grad_accum, step, &norm);
         if (!isfinite(loss) || !isfinite(norm)) {
-            fail("training diverged: loss %g, gradient norm %g at step %d; the parameters were not updated and no "
-                 "checkpoint was written (lower --lr or check the data)", loss, norm, step + 1);
+            fail("training diverged: loss %g, gradient norm %g at step %d; the parameters were not "
+                 "updated and no checkpoint was written (lower --lr or check the data)",
+                 loss, norm, step + 1);
             goto done;
         }
         double dt = now_seconds() - t0, elapsed = now_seconds() - t_start;
         int done_steps = finished = step + 1;
         float val_loss = NAN;
-        timed_out = (stop_signal || (t->max_time > 0 && elapsed >= t->max_time)) && done_steps < last_step;
+        timed_out =
+            (stop_signal || (t->max_time > 0 && elapsed >= t->max_time)) && done_steps < last_step;
         int is_last = done_steps == last_step || timed_out;
         if (val.tokens && ((t->eval_every > 0 && done_steps % t->eval_every == 0) || is_last))
             val_loss = evaluate(&model, &val, t->val_batches);
         double eta = elapsed / (done_steps - start_step) * (last_step - done_steps);
-        int printed = done_steps % t->log_every == 0 || is_last || !isnan(val_loss) || step == start_step;
-        if (log_step(log, log_path, printed, t, step, loss, norm, tokens_per_step / dt, eta, val_loss) != 0) goto done;
+        int printed =
+            done_steps % t->log_every == 0 || is_last || !isnan(val_loss) || step == start_step;
+        if (log_step(log, log_path, printed, t, step, loss, norm, tokens_per_step / dt, eta,
+                     val_loss) != 0)
+            goto done;
         if ((t->save_every > 0 && done_steps % t->save_every == 0) || is_last) {
             StrBuf meta = {0};
             optimizer_metadata(&meta, t, done_steps, &loader, train.n_tokens);
-            int saved = checkpoint_save(&model, t->out_dir, meta.s, t->resume ? t->out_dir : t->model_dir, 0);
+            int saved = checkpoint_save(&model, t->out_dir, meta.s,
+                                        t->resume ? t->out_dir : t->model_dir, 0);
             free(meta.s);
             if (saved != 0) goto done;
         }
     }
     t->finished = finished;
-    if (finished == start_step) /* resumed at its last step (make demo run again): nothing was trained or saved */
-        printf("%s: already trained to step %d of %d; nothing to do\n", t->out_dir, finished, t->steps);
+    /* resumed at its last step (make demo run again): nothing was trained or saved */
+    if (finished == start_step)
+        printf("%s: already trained to step %d of %d; nothing to do\n", t->out_dir, finished,
+               t->steps);
     else
         printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
     if (timed_out) {
@@ -3178,7 +3384,11 @@ static int json_ids(const Json *a, int vocab, int min, int **out, int *n) {
     *out = malloc((a->length ? a->length : 1) * sizeof(int));
     if (!*out) return -1;
     for (size_t i = 0; i < a->length; i++) {
-        if (!json_is_count(&a->items[i]) || a->items[i].number >= vocab) { free(*out); *out = NULL; return -1; }
+        if (!json_is_count(&a->items[i]) || a->items[i].number >= vocab) {
+            free(*out);
+            *out = NULL;
+            return -1;
+        }
         (*out)[i] = (int)a->items[i].number;
     }
     *n = (int)a->length;
@@ -3192,21 +3402,26 @@ static int utf8_code_points(const char *s) {
 }
 
 static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab) {
-    const Json *task = json_get(j, "task"), *kind = json_get(j, "kind"), *choices = json_get(j, "choices");
+    const Json *task = json_get(j, "task"), *kind = json_get(j, "kind"),
+               *choices = json_get(j, "choices");
     const Json *gold = json_get(j, "gold"), *conts = json_get(j, "continuation_ids");
-    if (j->type != JSON_OBJECT || !task || task->type != JSON_STRING || !kind || kind->type != JSON_STRING)
+    if (j->type != JSON_OBJECT || !task || task->type != JSON_STRING || !kind ||
+        kind->type != JSON_STRING)
         return fail("not a task object with \"task\" and \"kind\"");
     int ll = strcmp(kind->string, "loglikelihood") == 0;
     if (!ll && strcmp(kind->string, "multiple_choice") != 0)
-        return fail("kind \"%s\" is neither multiple_choice nor loglikelihood", printable(kind->string));
+        return fail("kind \"%s\" is neither multiple_choice nor loglikelihood",
+                    printable(kind->string));
     if (!t->name[0]) { /* the first document names the task */
         const Json *metrics = json_get(j, "metrics");
         snprintf(t->name, sizeof(t->name), "%s", task->string);
         t->loglikelihood = ll;
         for (size_t i = 0; metrics && metrics->type == JSON_ARRAY && i < metrics->length; i++)
-            t->acc_norm |= metrics->items[i].type == JSON_STRING && !strcmp(metrics->items[i].string, "acc_norm");
+            t->acc_norm |= metrics->items[i].type == JSON_STRING &&
+                           !strcmp(metrics->items[i].string, "acc_norm");
     } else if (strcmp(t->name, task->string) != 0 || t->loglikelihood != ll)
-        return fail("task \"%s\" (%s) in a file of %s", printable(task->string), kind->string, printable(t->name));
+        return fail("task \"%s\" (%s) in a file of %s", printable(task->string), kind->string,
+                    printable(t->name));
     if (!choices || choices->type != JSON_ARRAY || choices->length < 1 || choices->length > 64 ||
         (ll && choices->length != 1))
         return fail("\"choices\" must list 1 to 64 strings (exactly 1 for loglikelihood)");
@@ -3215,7 +3430,9 @@ static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab) {
     if (!gold || !json_is_count(gold) || gold->number >= (double)choices->length)
         return fail("\"gold\" must be the index of a choice");
     if (json_ids(json_get(j, "context_ids"), vocab, 1, &doc->context, &doc->n_context) != 0)
-        return fail("\"context_ids\" must be a non-empty list of token ids below the vocabulary size %d", vocab);
+        return fail(
+            "\"context_ids\" must be a non-empty list of token ids below the vocabulary size %d",
+            vocab);
     doc->n_choices = (int)choices->length;
     doc->gold = (int)gold->number;
     doc->continuation = calloc((size_t)doc->n_choices, sizeof(int *));
@@ -3225,10 +3442,12 @@ static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab) {
     for (int i = 0; i < doc->n_choices; i++) {
         if (choices->items[i].type != JSON_STRING) return fail("choice %d is not a string", i);
         doc->chars[i] = utf8_code_points(choices->items[i].string);
-        if (json_ids(&conts->items[i], vocab, 1, &doc->continuation[i], &doc->n_continuation[i]) != 0)
-            return fail("continuation_ids[%d] must be a non-empty list of token ids below the vocabulary size %d", i,
-                        vocab);
-        t->max_continuation = doc->n_continuation[i] > t->max_continuation ? doc->n_continuation[i] : t->max_continuation;
+        if (json_ids(&conts->items[i], vocab, 1, &doc->continuation[i], &doc->n_continuation[i]) !=
+            0)
+            return fail("continuation_ids[%d] must be a non-empty list "
+                        "of token ids below the vocabulary size %d", i, vocab);
+        t->max_continuation = doc->n_continuation[i] > t->max_continuation ? doc->n_continuation[i]
+                                                                           : t->max_continuation;
     }
     t->max_choices = doc->n_choices > t->max_choices ? doc->n_choices : t->max_choices;
     t->max_context = doc->n_context > t->max_context ? doc->n_context : t->max_context;
@@ -3242,7 +3461,8 @@ static int task_load(Task *t, const char *path, int vocab, int limit) {
     memset(t, 0, sizeof(*t));
     if (read_file(path, &text, &len) != 0) return -1;
     int rc = 0, line_no = 0, cap = 0;
-    for (char *line = text, *next; rc == 0 && line < text + len && (limit == 0 || t->n_docs < limit); line = next) {
+    for (char *line = text, *next;
+         rc == 0 && line < text + len && (limit == 0 || t->n_docs < limit); line = next) {
         char *end = memchr(line, '\n', (size_t)(text + len - line));
         next = end ? end + 1 : text + len;
         line_no++;
@@ -3302,22 +3522,29 @@ typedef struct { KVCache context, choices; } TaskCaches;
  * the continuation. When no cut is needed the context runs once and every
  * choice continues it from a copy of its KV cache; otherwise each choice runs
  * alone with its own cut. */
-static int score_document(Model *m, TaskCaches *tc, const TaskDoc *doc, double *ll, int *greedy, int *scratch) {
+static int score_document(Model *m, TaskCaches *tc, const TaskDoc *doc, double *ll, int *greedy,
+                          int *scratch) {
     int window = m->config.max_position_embeddings, V = m->config.vocab_size, longest = 0;
-    for (int i = 0; i < doc->n_choices; i++) longest = doc->n_continuation[i] > longest ? doc->n_continuation[i] : longest;
+    for (int i = 0; i < doc->n_choices; i++)
+        longest = doc->n_continuation[i] > longest ? doc->n_continuation[i] : longest;
     int shared = doc->n_context + longest - 1 <= window;
     for (int first = 0; first < doc->n_choices; first += shared ? doc->n_choices : 1) {
-        int count = shared ? doc->n_choices : 1, n_cont = shared ? longest : doc->n_continuation[first];
-        /* this request's context: the last (window + 1 - n_cont) of context + continuation's tokens */
+        int count = shared ? doc->n_choices : 1,
+            n_cont = shared ? longest : doc->n_continuation[first];
+        /* this request's context: the last (window + 1 - n_cont) of context + continuation's tokens
+         */
         int cut = doc->n_context + n_cont - 1 > window ? doc->n_context + n_cont - 1 - window : 0;
         int ctx_len = doc->n_context - cut;
         if (ctx_len < 1)
-            return fail("a continuation of %d tokens does not fit the model's window of %d", n_cont, window);
-        memcpy(scratch, doc->context + cut, (size_t)ctx_len * sizeof(int)); /* a long context loses its start */
+            return fail("a continuation of %d tokens does not fit the model's window of %d", n_cont,
+                        window);
+        /* a long context loses its start */
+        memcpy(scratch, doc->context + cut, (size_t)ctx_len * sizeof(int));
         tc->context.length = 0;
         const float *last = model_cached_forward(m, &tc->context, scratch, ctx_len);
         if (!last) return -1;
-        for (int i = first; i < first + count; i++) { /* the first continuation token: from the context's end */
+        for (int i = first; i < first + count; i++) {
+            /* the first continuation token: from the context's end */
             int g;
             ll[i] = log_probability(last, V, doc->continuation[i][0], &g);
             greedy[i] = g;
@@ -3328,7 +3555,8 @@ static int score_document(Model *m, TaskCaches *tc, const TaskDoc *doc, double *
         for (int b = 0; b < B; b++) /* rows beyond this document's choices repeat its last one */
             for (int t = 0; t < width; t++) {
                 int i = first + (b < count ? b : count - 1);
-                scratch[b * width + t] = t + 1 < doc->n_continuation[i] ? doc->continuation[i][t] : 0;
+                scratch[b * width + t] =
+                    t + 1 < doc->n_continuation[i] ? doc->continuation[i][t] : 0;
             }
         const float *logits = model_cached_forward(m, &tc->choices, scratch, width);
         if (!logits) return -1;
@@ -3336,7 +3564,8 @@ static int score_document(Model *m, TaskCaches *tc, const TaskDoc *doc, double *
             int i = first + b;
             for (int t = 1; t < doc->n_continuation[i]; t++) {
                 int g;
-                ll[i] += log_probability(logits + ((size_t)b * width + t - 1) * V, V, doc->continuation[i][t], &g);
+                ll[i] += log_probability(logits + ((size_t)b * width + t - 1) * V, V,
+                                         doc->continuation[i][t], &g);
                 greedy[i] &= g;
             }
         }
@@ -3370,7 +3599,8 @@ typedef struct { uint32_t mt[624]; int index; } PyRandom;
 static void py_random_seed(PyRandom *r, uint32_t seed) {
     uint32_t *mt = r->mt;
     mt[0] = 19650218u;
-    for (int i = 1; i < 624; i++) mt[i] = 1812433253u * (mt[i - 1] ^ (mt[i - 1] >> 30)) + (uint32_t)i;
+    for (int i = 1; i < 624; i++)
+        mt[i] = 1812433253u * (mt[i - 1] ^ (mt[i - 1] >> 30)) + (uint32_t)i;
     int i = 1;
     for (int k = 624; k > 0; k--) { /* the key is one word: seed */
         mt[i] = (mt[i] ^ ((mt[i - 1] ^ (mt[i - 1] >> 30)) * 1664525u)) + seed;
@@ -3431,18 +3661,25 @@ PARALLEL_FOR
  * acc (the most likely continuation is the right one) and acc_norm (the same
  * with each loglikelihood divided by its choice's length in characters);
  * loglikelihood tasks perplexity and acc (greedy decoding gives the target). */
-static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_ll, int *all_greedy, size_t room) {
+static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_ll, int *all_greedy,
+                         size_t room) {
     int window = m->config.max_position_embeddings, rc = 0;
-    int max_T = t->max_context + t->max_continuation < window ? t->max_context + t->max_continuation : window;
+    int max_T = t->max_context + t->max_continuation < window ? t->max_context + t->max_continuation
+                                                              : window;
     int chunk = t->max_continuation > 1 ? t->max_continuation - 1 : 1, B = t->max_choices;
     TaskCaches tc;
     double *ll = malloc(sizeof(double) * t->max_choices), *acc = malloc(sizeof(double) * t->n_docs);
-    double *acc_norm = malloc(sizeof(double) * t->n_docs), *target_ll = malloc(sizeof(double) * t->n_docs);
+    double *acc_norm = malloc(sizeof(double) * t->n_docs),
+           *target_ll = malloc(sizeof(double) * t->n_docs);
     int *greedy = malloc(sizeof(int) * t->max_choices);
     int *scratch = malloc(sizeof(int) * (size_t)(max_T + B * chunk));
-    if (!ll || !acc || !acc_norm || !target_ll || !greedy || !scratch) rc = fail("out of memory scoring %s", t->name);
+    if (!ll || !acc || !acc_norm || !target_ll || !greedy || !scratch)
+        rc = fail("out of memory scoring %s", t->name);
     int caches = rc == 0 && kv_cache_init(&tc.context, m, 1, max_T, max_T, 0) == 0;
-    if (caches && kv_cache_init(&tc.choices, m, B, max_T, chunk, 1) != 0) { kv_cache_free(&tc.context); caches = 0; }
+    if (caches && kv_cache_init(&tc.choices, m, B, max_T, chunk, 1) != 0) {
+        kv_cache_free(&tc.context);
+        caches = 0;
+    }
     if (!caches) rc = -1;
     Progress bar = progress_start(t->name, "documents");
     size_t done = 0; /* continuations stored in all_ll */
@@ -3457,7 +3694,8 @@ static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_l
         int best = 0, best_norm = 0; /* numpy's argmax: the first on ties */
         for (int i = 1; i < doc->n_choices; i++) {
             best = ll[i] > ll[best] ? i : best;
-            best_norm = ll[i] / doc->chars[i] > ll[best_norm] / doc->chars[best_norm] ? i : best_norm;
+            best_norm =
+                ll[i] / doc->chars[i] > ll[best_norm] / doc->chars[best_norm] ? i : best_norm;
         }
         for (int i = 0; all_ll && i < doc->n_choices && done < room; i++, done++) {
             all_ll[done] = ll[i];
@@ -3475,11 +3713,14 @@ static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_l
         out->n_metrics = 0;
         if (t->loglikelihood)
             out->metric[out->n_metrics++] =
-                (Metric){"perplexity", exp(-mean_of(target_ll, n)), n > 1 ? bootstrap_perplexity_stderr(target_ll, t->n_docs) : NAN};
-        out->metric[out->n_metrics++] = (Metric){"acc", mean_of(acc, n), n > 1 ? sample_stddev(acc, n) / sqrt((double)n) : NAN};
+                (Metric){"perplexity", exp(-mean_of(target_ll, n)),
+                         n > 1 ? bootstrap_perplexity_stderr(target_ll, t->n_docs) : NAN};
+        out->metric[out->n_metrics++] =
+            (Metric){"acc", mean_of(acc, n), n > 1 ? sample_stddev(acc, n) / sqrt((double)n) : NAN};
         if (!t->loglikelihood && t->acc_norm)
             out->metric[out->n_metrics++] =
-                (Metric){"acc_norm", mean_of(acc_norm, n), n > 1 ? sample_stddev(acc_norm, n) / sqrt((double)n) : NAN};
+                (Metric){"acc_norm", mean_of(acc_norm, n),
+                         n > 1 ? sample_stddev(acc_norm, n) / sqrt((double)n) : NAN};
     }
     if (caches) {
         kv_cache_free(&tc.context);
@@ -3489,7 +3730,8 @@ static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_l
     return rc;
 }
 
-int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls, int *greedy, size_t room) {
+int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls,
+                       int *greedy, size_t room) {
     Task t;
     if (task_load(&t, path, m->config.vocab_size, limit) != 0) return -1;
     int rc = evaluate_task(m, &t, out, lls, greedy, room);
@@ -3501,7 +3743,8 @@ int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, d
  * keys), "n-shot", "n-samples" and "config", so tools that read its files
  * read these; a standard error that cannot be computed (one document) is
  * "N/A", as the harness writes it. */
-static int write_results_json(const char *path, const TaskResult *r, int n, const char *model_dir, int limit) {
+static int write_results_json(const char *path, const TaskResult *r, int n, const char *model_dir,
+                              int limit) {
     StrBuf b = {0};
     sb_printf(&b, "{\n  \"results\": {");
     for (int t = 0; t < n; t++) {
@@ -3554,12 +3797,14 @@ static int config_number(const Json *j, const char *key, double fallback, int re
         *out = fallback;
         return 0;
     }
-    if (v->type != JSON_NUMBER && v->type != JSON_BOOL) return fail("%s: \"%s\" must be a number", path, key);
+    if (v->type != JSON_NUMBER && v->type != JSON_BOOL)
+        return fail("%s: \"%s\" must be a number", path, key);
     *out = v->number;
     return 0;
 }
 
-static int config_int(const Json *j, const char *key, int fallback, int required, const char *path, int *out) {
+static int config_int(const Json *j, const char *key, int fallback, int required, const char *path,
+                      int *out) {
     double v = 0;
     if (config_number(j, key, fallback, required, path, &v) != 0) return -1;
     if (v != floor(v) || v < -2147483647.0 || v > 2147483647.0)
@@ -3570,11 +3815,13 @@ static int config_int(const Json *j, const char *key, int fallback, int required
 
 /* transformers 5 renames rotary_pct / rotary_emb_base and nests them in
  * rope_parameters; accept every spelling. */
-static int config_rope(const Json *j, const char *const *keys, double fallback, const char *path, double *out) {
+static int config_rope(const Json *j, const char *const *keys, double fallback, const char *path,
+                       double *out) {
     const Json *nested = json_get(j, "rope_parameters");
     for (int i = 0; keys[i]; i++) {
         if (json_get(j, keys[i])) return config_number(j, keys[i], fallback, 1, path, out);
-        if (json_get(nested, keys[i])) return config_number(nested, keys[i], fallback, 1, path, out);
+        if (json_get(nested, keys[i]))
+            return config_number(nested, keys[i], fallback, 1, path, out);
     }
     *out = fallback;
     return 0;
@@ -3588,19 +3835,21 @@ static int config_string_is(const Json *j, const char *key, const char *expected
 /* The keys mlkv reads and writes itself; config_save writes every other key
  * of the input config back unchanged. */
 static const char *const managed_config_keys[] = {
-    "architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "num_key_value_layers", "intermediate_size", "hidden_act", "rotary_pct",
-    "rotary_emb_base", "partial_rotary_factor", "rope_theta", "rope_parameters", "rope_scaling", "layer_norm_eps",
-    "initializer_range", "max_position_embeddings", "use_parallel_residual", "mlkv_shared_key_rotary",
-    "tie_word_embeddings", "use_key_value_mlp", "kv_intermediate_size", "mlkv_kv_layer_map", "torch_dtype",
-    "dtype", "attention_bias", NULL};
+    "architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "num_key_value_layers", "intermediate_size",
+    "hidden_act", "rotary_pct", "rotary_emb_base", "partial_rotary_factor", "rope_theta",
+    "rope_parameters", "rope_scaling", "layer_norm_eps", "initializer_range",
+    "max_position_embeddings", "use_parallel_residual", "mlkv_shared_key_rotary",
+    "tie_word_embeddings", "use_key_value_mlp", "kv_intermediate_size", "mlkv_kv_layer_map",
+    "torch_dtype", "dtype", "attention_bias", NULL};
 
 static char *config_extra_members(const Json *j) {
     StrBuf b = {0};
     sb_printf(&b, "%s", "");
     for (size_t i = 0; i < j->length; i++) {
         int managed = 0;
-        for (int k = 0; managed_config_keys[k] && !managed; k++) managed = !strcmp(j->keys[i], managed_config_keys[k]);
+        for (int k = 0; managed_config_keys[k] && !managed; k++)
+            managed = !strcmp(j->keys[i], managed_config_keys[k]);
         if (managed) continue;
         sb_printf(&b, "  ");
         json_write_string(&b, j->keys[i]);
@@ -3618,9 +3867,11 @@ static int config_from_json(Config *c, const Json *j, const char *path) {
     if (j->type != JSON_OBJECT) return fail("%s: not a JSON object", path);
     if (!json_get(j, "model_type") || !config_string_is(j, "model_type", "gpt_neox"))
         return fail("%s: not a GPT-NeoX config (model_type must be \"gpt_neox\")", path);
-    if (!config_string_is(j, "hidden_act", "gelu")) return fail("%s: hidden_act must be \"gelu\"", path);
+    if (!config_string_is(j, "hidden_act", "gelu"))
+        return fail("%s: hidden_act must be \"gelu\"", path);
     const Json *map = json_get(j, "mlkv_kv_layer_map");
-    if (config_int(j, "vocab_size", 0, 1, path, &c->vocab_size) || config_int(j, "hidden_size", 0, 1, path, &c->hidden_size) ||
+    if (config_int(j, "vocab_size", 0, 1, path, &c->vocab_size) ||
+        config_int(j, "hidden_size", 0, 1, path, &c->hidden_size) ||
         config_int(j, "num_hidden_layers", 0, 1, path, &c->n_layer) ||
         config_int(j, "num_attention_heads", 0, 1, path, &c->n_head) ||
         config_int(j, "intermediate_size", 0, 1, path, &c->intermediate_size) ||
@@ -3628,7 +3879,8 @@ static int config_from_json(Config *c, const Json *j, const char *path) {
         config_int(j, "num_key_value_heads", c->n_head, 0, path, &c->n_kv_head) ||
         config_int(j, "num_key_value_layers", map ? 0 : c->n_layer, 0, path, &c->n_kv_layer) ||
         config_int(j, "kv_intermediate_size", 0, 0, path, &c->kv_intermediate_size) ||
-        config_rope(j, pct_keys, 0.25, path, &c->rotary_pct) || config_rope(j, base_keys, 10000, path, &c->rotary_base) ||
+        config_rope(j, pct_keys, 0.25, path, &c->rotary_pct) ||
+        config_rope(j, base_keys, 10000, path, &c->rotary_base) ||
         config_number(j, "layer_norm_eps", 1e-5, 0, path, &c->layer_norm_eps) ||
         config_number(j, "initializer_range", 0.02, 0, path, &c->initializer_range))
         return -1;
@@ -3636,25 +3888,35 @@ static int config_from_json(Config *c, const Json *j, const char *path) {
      * written by the reference code (mlkv always writes the key): its
      * checkpoints were trained with non-owning layers reading the owner's
      * un-rotated keys, so that is the function they compute. */
-    double parallel = 1, shared_rot = json_get(j, "num_key_value_layers") ? 0 : 1, tied = 0, bias = 1, kv_mlp = 0;
+    double parallel = 1, shared_rot = json_get(j, "num_key_value_layers") ? 0 : 1, tied = 0,
+           bias = 1, kv_mlp = 0;
     if (config_number(j, "use_parallel_residual", 1, 0, path, &parallel) ||
         config_number(j, "mlkv_shared_key_rotary", shared_rot, 0, path, &shared_rot) ||
         config_number(j, "tie_word_embeddings", 0, 0, path, &tied) ||
         config_number(j, "attention_bias", 1, 0, path, &bias) ||
         config_number(j, "use_key_value_mlp", 0, 0, path, &kv_mlp))
         return -1;
-    if (tied != 0) return fail("%s: tie_word_embeddings is not supported (Pythia's head is untied)", path);
-    if (bias == 0) return fail("%s: attention_bias false is not supported (GPT-NeoX attention has biases)", path);
+    if (tied != 0)
+        return fail("%s: tie_word_embeddings is not supported (Pythia's head is untied)", path);
+    if (bias == 0)
+        return fail("%s: attention_bias false is not supported (GPT-NeoX attention has biases)",
+                    path);
     const Json *scaling = json_get(j, "rope_scaling");
-    if (scaling && scaling->type != JSON_NULL) return fail("%s: rope_scaling is not supported", path);
+    if (scaling && scaling->type != JSON_NULL)
+        return fail("%s: rope_scaling is not supported", path);
     if (map) {
-        if (c->n_layer < 1 || c->n_layer > MLKV_MAX_LAYERS) /* checked before kv_layer_of[] is filled */
-            return fail("%s: num_hidden_layers %d is outside 1..%d", path, c->n_layer, MLKV_MAX_LAYERS);
+        /* checked before kv_layer_of[] is filled */
+        if (c->n_layer < 1 || c->n_layer > MLKV_MAX_LAYERS)
+            return fail("%s: num_hidden_layers %d is outside 1..%d", path, c->n_layer,
+                        MLKV_MAX_LAYERS);
         if (map->type != JSON_ARRAY || map->length != (size_t)c->n_layer)
-            return fail("%s: mlkv_kv_layer_map must be a list of num_hidden_layers (%d) layer numbers", path, c->n_layer);
+            return fail(
+                "%s: mlkv_kv_layer_map must be a list of num_hidden_layers (%d) layer numbers",
+                path, c->n_layer);
         for (int l = 0; l < c->n_layer; l++) {
             if (!json_is_count(&map->items[l]) || map->items[l].number >= c->n_layer)
-                return fail("%s: mlkv_kv_layer_map[%d] is not a layer number below %d", path, l, c->n_layer);
+                return fail("%s: mlkv_kv_layer_map[%d] is not a layer number below %d", path, l,
+                            c->n_layer);
             c->kv_layer_of[l] = (int)map->items[l].number;
         }
         c->has_kv_map = 1;
@@ -3677,30 +3939,37 @@ int config_load(Config *c, const char *path, char **extra) {
 int config_save(const Config *c, const char *extra, int stock, const char *path) {
     StrBuf b = {0};
     sb_printf(&b, "{\n%s", extra ? extra : "  \"bos_token_id\": 0,\n  \"eos_token_id\": 0,\n");
-    sb_printf(&b, "  \"architectures\": [\"GPTNeoXForCausalLM\"],\n  \"model_type\": \"gpt_neox\",\n");
-    sb_printf(&b, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n", c->vocab_size,
-              c->hidden_size, c->n_layer);
-    sb_printf(&b, "  \"num_attention_heads\": %d,\n  \"intermediate_size\": %d,\n  \"hidden_act\": \"gelu\",\n",
-              c->n_head, c->intermediate_size);
-    const char *names[] = {"rotary_pct", "rotary_emb_base", "partial_rotary_factor", "rope_theta", "layer_norm_eps",
-                           "initializer_range"};
-    double values[] = {c->rotary_pct, c->rotary_base, c->rotary_pct, c->rotary_base, c->layer_norm_eps,
-                       c->initializer_range};
-    for (int i = 0; i < 6; i++) { /* rotary in both spellings: transformers 4 reads the first, 5 the second */
+    sb_printf(&b,
+              "  \"architectures\": [\"GPTNeoXForCausalLM\"],\n  \"model_type\": \"gpt_neox\",\n");
+    sb_printf(&b, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n",
+              c->vocab_size, c->hidden_size, c->n_layer);
+    sb_printf(&b,
+              "  \"num_attention_heads\": %d,\n  \"intermediate_size\": "
+              "%d,\n  \"hidden_act\": \"gelu\",\n", c->n_head, c->intermediate_size);
+    const char *names[] = {"rotary_pct", "rotary_emb_base", "partial_rotary_factor",
+                           "rope_theta", "layer_norm_eps",  "initializer_range"};
+    double values[] = {c->rotary_pct,  c->rotary_base,    c->rotary_pct,
+                       c->rotary_base, c->layer_norm_eps, c->initializer_range};
+    for (int i = 0; i < 6; i++) {
+        /* rotary in both spellings: transformers 4 reads the first, 5 the second */
         sb_printf(&b, "  \"%s\": ", names[i]);
         sb_number(&b, values[i]);
         sb_printf(&b, ",\n");
     }
-    sb_printf(&b, "  \"max_position_embeddings\": %d,\n  \"use_parallel_residual\": %s,\n", c->max_position_embeddings,
-              c->parallel_residual ? "true" : "false");
+    sb_printf(&b, "  \"max_position_embeddings\": %d,\n  \"use_parallel_residual\": %s,\n",
+              c->max_position_embeddings, c->parallel_residual ? "true" : "false");
     if (!stock) {
-        sb_printf(&b, "  \"num_key_value_heads\": %d,\n  \"num_key_value_layers\": %d,\n", c->n_kv_head, c->n_kv_layer);
-        sb_printf(&b, "  \"mlkv_shared_key_rotary\": %s,\n", c->shared_key_rotary ? "true" : "false");
+        sb_printf(&b, "  \"num_key_value_heads\": %d,\n  \"num_key_value_layers\": %d,\n",
+                  c->n_kv_head, c->n_kv_layer);
+        sb_printf(&b, "  \"mlkv_shared_key_rotary\": %s,\n",
+                  c->shared_key_rotary ? "true" : "false");
         if (c->use_kv_mlp)
-            sb_printf(&b, "  \"use_key_value_mlp\": true,\n  \"kv_intermediate_size\": %d,\n", c->kv_intermediate_size);
+            sb_printf(&b, "  \"use_key_value_mlp\": true,\n  \"kv_intermediate_size\": %d,\n",
+                      c->kv_intermediate_size);
         if (c->has_kv_map) {
             sb_printf(&b, "  \"mlkv_kv_layer_map\": [");
-            for (int l = 0; l < c->n_layer; l++) sb_printf(&b, "%s%d", l ? ", " : "", c->kv_layer_of[l]);
+            for (int l = 0; l < c->n_layer; l++)
+                sb_printf(&b, "%s%d", l ? ", " : "", c->kv_layer_of[l]);
             sb_printf(&b, "],\n");
         }
     }
@@ -3724,7 +3993,8 @@ static size_t dtype_size(const char *dtype) {
 }
 
 static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF,
+             bits;
     if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
         float v = ldexpf((float)mantissa, -24);
         return sign ? -v : v;
@@ -3737,25 +4007,29 @@ static float half_to_float(uint16_t h) {
 }
 
 static int st_check_entry(const SafeTensors *st, const char *name, const Json *e, size_t data_len) {
-    const Json *dtype = json_get(e, "dtype"), *shape = json_get(e, "shape"), *off = json_get(e, "data_offsets");
+    const Json *dtype = json_get(e, "dtype"), *shape = json_get(e, "shape"),
+               *off = json_get(e, "data_offsets");
     if (!dtype || dtype->type != JSON_STRING || !dtype_size(dtype->string))
         return fail("%s: tensor %s has a missing or unknown dtype", st->path, printable(name));
     if (!shape || shape->type != JSON_ARRAY || shape->length > 8)
         return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
     double numel = 1;
     for (size_t i = 0; i < shape->length; i++) {
-        if (!json_is_count(&shape->items[i])) return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
+        if (!json_is_count(&shape->items[i]))
+            return fail("%s: tensor %s has a malformed shape", st->path, printable(name));
         numel *= shape->items[i].number;
     }
     if (!off || off->type != JSON_ARRAY || off->length != 2 || !json_is_count(&off->items[0]) ||
         !json_is_count(&off->items[1]) || off->items[0].number > off->items[1].number)
         return fail("%s: tensor %s has malformed data_offsets", st->path, printable(name));
     if (off->items[1].number > (double)data_len)
-        return fail("%s: tensor %s ends at byte %.0f past the data (%zu bytes): the file is truncated", st->path,
-                    printable(name), off->items[1].number, data_len);
+        return fail(
+            "%s: tensor %s ends at byte %.0f past the data (%zu bytes): the file is truncated",
+            st->path, printable(name), off->items[1].number, data_len);
     if (off->items[1].number - off->items[0].number != numel * (double)dtype_size(dtype->string))
-        return fail("%s: tensor %s: data_offsets span %.0f bytes, but shape and dtype need %.0f", st->path, printable(name),
-                    off->items[1].number - off->items[0].number, numel * (double)dtype_size(dtype->string));
+        return fail("%s: tensor %s: data_offsets span %.0f bytes, but shape and dtype need %.0f",
+                    st->path, printable(name), off->items[1].number - off->items[0].number,
+                    numel * (double)dtype_size(dtype->string));
     return 0;
 }
 
@@ -3777,7 +4051,8 @@ static int st_disjoint(const SafeTensors *st) {
     }
     qsort(spans, n, sizeof(Span), span_order);
     int rc = 0;
-    for (size_t i = 1, reach = 0; rc == 0 && i < n; i++) { /* reach: the span that ends last so far */
+    for (size_t i = 1, reach = 0; rc == 0 && i < n; i++) {
+        /* reach: the span that ends last so far */
         if (spans[i - 1].end > spans[reach].end) reach = i - 1;
         if (spans[i].begin < spans[reach].end && spans[i].end > spans[i].begin)
             rc = fail("%s: tensors %s and %s share bytes (overlapping data_offsets)", st->path,
@@ -3800,7 +4075,8 @@ int st_open(SafeTensors *st, const char *path) {
     for (int i = 7; i >= 0; i--) header_len = header_len << 8 | len_bytes[i];
     if (header_len < 2 || header_len > st->file_size - 8 || header_len > (100u << 20)) {
         st_close(st);
-        return fail("%s: header length %llu does not fit the file (%zu bytes): not safetensors, or truncated",
+        return fail("%s: header length %llu does not fit the file "
+                    "(%zu bytes): not safetensors, or truncated",
                     path, (unsigned long long)header_len, st->file_size);
     }
     char *text = malloc(header_len);
@@ -3811,11 +4087,15 @@ int st_open(SafeTensors *st, const char *path) {
     int rc = json_parse(text, header_len, path, &st->header);
     free(text);
     if (rc != 0) { st_close(st); return -1; }
-    if (st->header.type != JSON_OBJECT) { st_close(st); return fail("%s: header is not a JSON object", path); }
+    if (st->header.type != JSON_OBJECT) {
+        st_close(st);
+        return fail("%s: header is not a JSON object", path);
+    }
     st->data_start = 8 + header_len;
     for (size_t i = 0; i < st->header.length; i++) {
         if (strcmp(st->header.keys[i], "__metadata__") == 0) continue;
-        if (st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size - st->data_start) != 0) {
+        if (st_check_entry(st, st->header.keys[i], &st->header.items[i],
+                           st->file_size - st->data_start) != 0) {
             st_close(st);
             return -1;
         }
@@ -3839,7 +4119,8 @@ const char *st_metadata(const SafeTensors *st, const char *key) {
     return v && v->type == JSON_STRING ? v->string : NULL;
 }
 
-int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst, int *idst) {
+int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst,
+            int *idst) {
     const Json *e = st_entry(st, name);
     if (!e) return fail("%s: missing tensor %s", st->path, name);
     const Json *sh = json_get(e, "shape");
@@ -3848,9 +4129,12 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
     for (int i = 0; same && i < ndim; i++) same = sh->items[i].number == shape[i];
     if (!same) {
         char want[64] = "", got[64] = "";
-        for (int i = 0; i < ndim; i++) snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? ", " : "", shape[i]);
+        for (int i = 0; i < ndim; i++)
+            snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%d", i ? ", " : "",
+                     shape[i]);
         for (size_t i = 0; i < sh->length; i++)
-            snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%.0f", i ? ", " : "", sh->items[i].number);
+            snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%.0f", i ? ", " : "",
+                     sh->items[i].number);
         return fail("%s: tensor %s has shape [%s], expected [%s]", st->path, name, got, want);
     }
     size_t numel = 1;
@@ -3858,7 +4142,8 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
     int is_float = !strcmp(dtype, "F32") || !strcmp(dtype, "F16") || !strcmp(dtype, "BF16");
     int is_int = !strcmp(dtype, "I32") || !strcmp(dtype, "I64");
     if ((fdst && !is_float) || (idst && !is_int))
-        return fail("%s: tensor %s has dtype %s, expected %s", st->path, name, dtype, fdst ? "F32, F16 or BF16" : "I32 or I64");
+        return fail("%s: tensor %s has dtype %s, expected %s", st->path, name, dtype,
+                    fdst ? "F32, F16 or BF16" : "I32 or I64");
     size_t esize = dtype_size(dtype);
     double begin = json_get(e, "data_offsets")->items[0].number;
     if (fseek(st->f, (long)(st->data_start + (size_t)begin), SEEK_SET) != 0)
@@ -3868,7 +4153,8 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
     size_t per = sizeof(buf) / esize;
     for (size_t done = 0; done < numel;) {
         size_t n = numel - done < per ? numel - done : per;
-        if (fread(buf, esize, n, st->f) != n) return fail("%s: read error in tensor %s (truncated?)", st->path, name);
+        if (fread(buf, esize, n, st->f) != n)
+            return fail("%s: read error in tensor %s (truncated?)", st->path, name);
         for (size_t i = 0; i < n; i++) {
             const unsigned char *b = buf + i * esize;
             uint16_t u16;
@@ -3876,11 +4162,22 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
             int32_t i32;
             int64_t i64;
             float f;
-            if (!strcmp(dtype, "F32")) { memcpy(&f, b, 4); fdst[done + i] = f; }
-            else if (!strcmp(dtype, "F16")) { memcpy(&u16, b, 2); fdst[done + i] = half_to_float(u16); }
-            else if (!strcmp(dtype, "BF16")) { memcpy(&u16, b, 2); u32 = (uint32_t)u16 << 16; memcpy(&f, &u32, 4); fdst[done + i] = f; }
-            else if (!strcmp(dtype, "I32")) { memcpy(&i32, b, 4); idst[done + i] = i32; }
-            else { memcpy(&i64, b, 8); idst[done + i] = (int)i64; }
+            if (!strcmp(dtype, "F32")) { memcpy(&f, b, 4); fdst[done + i] = f;
+            } else if (!strcmp(dtype, "F16")) {
+                memcpy(&u16, b, 2);
+                fdst[done + i] = half_to_float(u16);
+            } else if (!strcmp(dtype, "BF16")) {
+                memcpy(&u16, b, 2);
+                u32 = (uint32_t)u16 << 16;
+                memcpy(&f, &u32, 4);
+                fdst[done + i] = f;
+            } else if (!strcmp(dtype, "I32")) {
+                memcpy(&i32, b, 4);
+                idst[done + i] = i32;
+            } else {
+                memcpy(&i64, b, 8);
+                idst[done + i] = (int)i64;
+            }
         }
         done += n;
     }
@@ -3904,19 +4201,42 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
  * one span of the file, so the result is the same index a safetensors header
  * gives (offsets counted from the file's start), and st_read serves both. */
 typedef enum {
-    PK_MARK, PK_NONE, PK_BOOL, PK_INT, PK_FLOAT, PK_TEXT, PK_TUPLE, PK_LIST, PK_DICT, PK_FUNCTION, PK_STORAGE, PK_TENSOR
+    PK_MARK,
+    PK_NONE,
+    PK_BOOL,
+    PK_INT,
+    PK_FLOAT,
+    PK_TEXT,
+    PK_TUPLE,
+    PK_LIST,
+    PK_DICT,
+    PK_FUNCTION,
+    PK_STORAGE,
+    PK_TENSOR
 } PickleKind;
-typedef enum { FN_ORDERED_DICT, FN_REBUILD_TENSOR, FN_REBUILD_PARAMETER, FN_STORAGE_F32, FN_STORAGE_F16,
-               FN_STORAGE_BF16 } PickleFunction;
-static const struct { const char *module, *name; } pickle_functions[] = {
-    {"collections", "OrderedDict"}, {"torch._utils", "_rebuild_tensor_v2"}, {"torch._utils", "_rebuild_parameter"},
-    {"torch", "FloatStorage"},      {"torch", "HalfStorage"},               {"torch", "BFloat16Storage"}};
+typedef enum {
+    FN_ORDERED_DICT,
+    FN_REBUILD_TENSOR,
+    FN_REBUILD_PARAMETER,
+    FN_STORAGE_F32,
+    FN_STORAGE_F16,
+    FN_STORAGE_BF16
+} PickleFunction;
+static const struct { const char *module, *name;
+} pickle_functions[] = {{"collections", "OrderedDict"},
+                        {"torch._utils", "_rebuild_tensor_v2"},
+                        {"torch._utils", "_rebuild_parameter"},
+                        {"torch", "FloatStorage"},
+                        {"torch", "HalfStorage"},
+                        {"torch", "BFloat16Storage"}};
 
 typedef struct {
     PickleKind kind;
-    int64_t number;   /* INT, BOOL; FUNCTION: a PickleFunction; STORAGE: elements; TENSOR: offset in elements */
+    /* INT, BOOL; FUNCTION: a PickleFunction; STORAGE: elements; TENSOR: offset in elements */
+    int64_t number;
     char *text;       /* TEXT; STORAGE: its key */
-    int *items;       /* TUPLE, LIST; DICT: key, value, key, value ...; TENSOR: storage, shape (a tuple) */
+    /* TUPLE, LIST; DICT: key, value, key, value ...; TENSOR: storage, shape (a tuple) */
+    int *items;
     int n_items, cap;
     const char *dtype; /* STORAGE, TENSOR */
 } PickleValue;
@@ -3931,7 +4251,8 @@ typedef struct {
 } Pickle;
 
 static int pickle_new(Pickle *p, PickleKind kind, int64_t number) {
-    if (p->n_values == PICKLE_MAX_VALUES) return fail("%s: data.pkl holds too many values", p->path);
+    if (p->n_values == PICKLE_MAX_VALUES)
+        return fail("%s: data.pkl holds too many values", p->path);
     PickleValue *v = grow(p->values, p->n_values, &p->cap_values, sizeof(*v));
     if (!v) return fail("%s: out of memory reading data.pkl", p->path);
     p->values = v;
@@ -3950,7 +4271,8 @@ static int pickle_add_item(Pickle *p, int container, int item) {
 
 static int pickle_push(Pickle *p, int value) {
     if (value < 0) return -1;
-    int *s = p->depth < PICKLE_MAX_VALUES ? grow(p->stack, p->depth, &p->cap_stack, sizeof(int)) : NULL;
+    int *s =
+        p->depth < PICKLE_MAX_VALUES ? grow(p->stack, p->depth, &p->cap_stack, sizeof(int)) : NULL;
     if (!s) return fail("%s: data.pkl's stack is too deep", p->path);
     p->stack = s;
     p->stack[p->depth++] = value;
@@ -3988,32 +4310,42 @@ static int pickle_is_int(const Pickle *p, int v) { return p->values[v].kind == P
 
 /* tensor = _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata]) */
 static int pickle_rebuild_tensor(Pickle *p, const PickleValue *args) {
-    if (args->n_items < 4 || p->values[args->items[0]].kind != PK_STORAGE || !pickle_is_int(p, args->items[1]) ||
-        p->values[args->items[2]].kind != PK_TUPLE || p->values[args->items[3]].kind != PK_TUPLE)
+    if (args->n_items < 4 || p->values[args->items[0]].kind != PK_STORAGE ||
+        !pickle_is_int(p, args->items[1]) || p->values[args->items[2]].kind != PK_TUPLE ||
+        p->values[args->items[3]].kind != PK_TUPLE)
         return fail("%s: data.pkl: malformed _rebuild_tensor_v2 arguments", p->path);
     const PickleValue *storage = &p->values[args->items[0]], *size = &p->values[args->items[2]];
     const PickleValue *stride = &p->values[args->items[3]];
     if (size->n_items != stride->n_items || size->n_items > 8)
         return fail("%s: data.pkl: a tensor's size and stride do not match", p->path);
     int64_t offset = p->values[args->items[1]].number, expected = 1;
-    for (int d = size->n_items - 1; d >= 0; d--) { /* contiguous: each stride the product of the later sizes */
+    for (int d = size->n_items - 1; d >= 0; d--) {
+        /* contiguous: each stride the product of the later sizes */
         if (!pickle_is_int(p, size->items[d]) || !pickle_is_int(p, stride->items[d]))
             return fail("%s: data.pkl: a tensor's size or stride is not an integer", p->path);
         int64_t n = p->values[size->items[d]].number, s = p->values[stride->items[d]].number;
-        if (n < 0 || n > INT32_MAX) return fail("%s: data.pkl: a tensor dimension of %lld", p->path, (long long)n);
+        if (n < 0 || n > INT32_MAX)
+            return fail("%s: data.pkl: a tensor dimension of %lld", p->path, (long long)n);
         if (n > 1 && s != expected)
-            return fail("%s: data.pkl: a tensor is a non-contiguous view of its storage (stride %lld where %lld "
-                        "is contiguous); save it with .contiguous()", p->path, (long long)s, (long long)expected);
-        if (n > 0 && expected > INT64_MAX / n) return fail("%s: data.pkl: a tensor is too large", p->path);
+            return fail("%s: data.pkl: a tensor is a non-contiguous view of its storage (stride "
+                        "%lld where %lld is contiguous); save it with .contiguous()",
+                        p->path, (long long)s, (long long)expected);
+        if (n > 0 && expected > INT64_MAX / n)
+            return fail("%s: data.pkl: a tensor is too large", p->path);
         expected *= n;
     }
     if (offset < 0 || offset > storage->number || expected > storage->number - offset)
-        return fail("%s: data.pkl: a tensor of %lld elements at offset %lld lies outside its storage %s of %lld",
-                    p->path, (long long)expected, (long long)offset, storage->text, (long long)storage->number);
+        return fail("%s: data.pkl: a tensor of %lld elements at "
+                    "offset %lld lies outside its storage %s of %lld",
+                    p->path, (long long)expected, (long long)offset, storage->text,
+                    (long long)storage->number);
     int storage_index = args->items[0], shape_index = args->items[2];
     const char *dtype = storage->dtype;
-    int t = pickle_new(p, PK_TENSOR, offset); /* (moves p->values: args and storage are stale from here) */
-    if (t < 0 || pickle_add_item(p, t, storage_index) != 0 || pickle_add_item(p, t, shape_index) != 0) return -1;
+    /* (moves p->values: args and storage are stale from here) */
+    int t = pickle_new(p, PK_TENSOR, offset);
+    if (t < 0 || pickle_add_item(p, t, storage_index) != 0 ||
+        pickle_add_item(p, t, shape_index) != 0)
+        return -1;
     p->values[t].dtype = dtype;
     return t;
 }
@@ -4021,10 +4353,12 @@ static int pickle_rebuild_tensor(Pickle *p, const PickleValue *args) {
 /* REDUCE: function(*args), for the whitelisted functions */
 static int pickle_reduce(Pickle *p, int function, int args) {
     const PickleValue *f = &p->values[function], *a = &p->values[args];
-    if (f->kind != PK_FUNCTION || a->kind != PK_TUPLE) return fail("%s: data.pkl: malformed REDUCE", p->path);
+    if (f->kind != PK_FUNCTION || a->kind != PK_TUPLE)
+        return fail("%s: data.pkl: malformed REDUCE", p->path);
     switch ((PickleFunction)f->number) {
     case FN_ORDERED_DICT:
-        if (a->n_items != 0) return fail("%s: data.pkl: OrderedDict called with arguments", p->path);
+        if (a->n_items != 0)
+            return fail("%s: data.pkl: OrderedDict called with arguments", p->path);
         return pickle_new(p, PK_DICT, 0);
     case FN_REBUILD_TENSOR: return pickle_rebuild_tensor(p, a);
     case FN_REBUILD_PARAMETER:
@@ -4037,13 +4371,17 @@ static int pickle_reduce(Pickle *p, int function, int args) {
 
 /* BINPERSID ('storage', type, key, location, numel): one storage of the archive */
 static int pickle_storage(Pickle *p, int pid) {
-    static const char *const dtypes[] = {[FN_STORAGE_F32] = "F32", [FN_STORAGE_F16] = "F16", [FN_STORAGE_BF16] = "BF16"};
+    static const char *const dtypes[] = {
+        [FN_STORAGE_F32] = "F32", [FN_STORAGE_F16] = "F16", [FN_STORAGE_BF16] = "BF16"};
     const PickleValue *t = &p->values[pid];
     if (t->kind != PK_TUPLE || t->n_items != 5 || p->values[t->items[0]].kind != PK_TEXT ||
-        strcmp(p->values[t->items[0]].text, "storage") != 0 || p->values[t->items[1]].kind != PK_FUNCTION ||
+        strcmp(p->values[t->items[0]].text, "storage") != 0 ||
+        p->values[t->items[1]].kind != PK_FUNCTION ||
         p->values[t->items[1]].number < FN_STORAGE_F32 || p->values[t->items[2]].kind != PK_TEXT ||
         !pickle_is_int(p, t->items[4]) || p->values[t->items[4]].number < 0)
-        return fail("%s: data.pkl: a persistent id that is not a float32, float16 or bfloat16 storage", p->path);
+        return fail(
+            "%s: data.pkl: a persistent id that is not a float32, float16 or bfloat16 storage",
+            p->path);
     int s = pickle_new(p, PK_STORAGE, p->values[t->items[4]].number);
     if (s < 0) return -1;
     t = &p->values[pid]; /* pickle_new may have moved the values */
@@ -4054,7 +4392,8 @@ static int pickle_storage(Pickle *p, int pid) {
 
 static int pickle_memo_put(Pickle *p, int64_t index) {
     if (p->depth == 0) return fail("%s: data.pkl is malformed (memo of nothing)", p->path);
-    if (index < 0 || index >= PICKLE_MAX_VALUES) return fail("%s: data.pkl: memo index %lld", p->path, (long long)index);
+    if (index < 0 || index >= PICKLE_MAX_VALUES)
+        return fail("%s: data.pkl: memo index %lld", p->path, (long long)index);
     if (index >= p->cap_memo) {
         int cap = (int)index + 1 > 2 * p->cap_memo ? (int)index + 1 : 2 * p->cap_memo;
         int *m = realloc(p->memo, (size_t)cap * sizeof(int));
@@ -4094,19 +4433,31 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
         case ']': v = pickle_push(p, pickle_new(p, PK_LIST, 0)); break;
         case '}': v = pickle_push(p, pickle_new(p, PK_DICT, 0)); break;
         case 'K': NEED(1); v = pickle_push(p, pickle_new(p, PK_INT, code[at])); at += 1; break;
-        case 'M': NEED(2); v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)read_le(code + at, 2))); at += 2; break;
-        case 'J': NEED(4); v = pickle_push(p, pickle_new(p, PK_INT, (int32_t)(uint32_t)read_le(code + at, 4))); at += 4; break;
+        case 'M':
+            NEED(2);
+            v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)read_le(code + at, 2)));
+            at += 2;
+            break;
+        case 'J':
+            NEED(4);
+            v = pickle_push(p, pickle_new(p, PK_INT, (int32_t)(uint32_t)read_le(code + at, 4)));
+            at += 4;
+            break;
         case 0x8a: /* LONG1: n bytes, two's complement */
             NEED(1);
             n = code[at++];
             if (n > 8) return fail("%s: data.pkl: an integer of %d bytes", p->path, (int)n);
             NEED(n);
-            { uint64_t u = read_le(code + at, (int)n);
-              if (n > 0 && n < 8 && (code[at + n - 1] & 0x80)) u |= ~(uint64_t)0 << (8 * n); /* sign-extend */
-              v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)u)); }
+            {
+                uint64_t u = read_le(code + at, (int)n);
+                if (n > 0 && n < 8 && (code[at + n - 1] & 0x80))
+                    u |= ~(uint64_t)0 << (8 * n); /* sign-extend */
+                v = pickle_push(p, pickle_new(p, PK_INT, (int64_t)u));
+            }
             at += (size_t)n;
             break;
-        case 'G': NEED(8); at += 8; v = pickle_push(p, pickle_new(p, PK_FLOAT, 0)); break; /* BINFLOAT */
+        /* BINFLOAT */
+        case 'G': NEED(8); at += 8; v = pickle_push(p, pickle_new(p, PK_FLOAT, 0)); break;
         case 'X': case 0x8c: case 0x8d: { /* BINUNICODE (4-byte length), SHORT_ (1), 8 (8) */
             int lb = op == 'X' ? 4 : op == 0x8c ? 1 : 8;
             NEED(lb);
@@ -4114,20 +4465,23 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
             at += (size_t)lb;
             NEED(sl);
             w = pickle_new(p, PK_TEXT, 0);
-            if (w < 0 || !(p->values[w].text = malloc(sl + 1))) return w < 0 ? -1 : fail("%s: out of memory", p->path);
+            if (w < 0 || !(p->values[w].text = malloc(sl + 1)))
+                return w < 0 ? -1 : fail("%s: out of memory", p->path);
             memcpy(p->values[w].text, code + at, sl);
             p->values[w].text[sl] = '\0';
             at += sl;
             v = pickle_push(p, w);
             break;
         }
-        case 'c': case 0x93: { /* GLOBAL "module\nname\n", STACK_GLOBAL (module, name on the stack) */
+        case 'c': case 0x93: {
+            /* GLOBAL "module\nname\n", STACK_GLOBAL (module, name on the stack) */
             char module[64] = "", name[64] = "";
             if (op == 'c') {
                 for (int part = 0; part < 2; part++) {
                     char *dst = part ? name : module;
                     const unsigned char *nl = memchr(code + at, '\n', len - at);
-                    if (!nl || nl - (code + at) >= 63) return fail("%s: data.pkl: malformed GLOBAL", p->path);
+                    if (!nl || nl - (code + at) >= 63)
+                        return fail("%s: data.pkl: malformed GLOBAL", p->path);
                     memcpy(dst, code + at, (size_t)(nl - (code + at)));
                     at = (size_t)(nl - code) + 1;
                 }
@@ -4141,10 +4495,13 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
             }
             int found = -1;
             for (int i = 0; i < (int)(sizeof(pickle_functions) / sizeof(pickle_functions[0])); i++)
-                if (!strcmp(module, pickle_functions[i].module) && !strcmp(name, pickle_functions[i].name)) found = i;
+                if (!strcmp(module, pickle_functions[i].module) &&
+                    !strcmp(name, pickle_functions[i].name))
+                    found = i;
             if (found < 0)
-                return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does not use: refused "
-                            "(nothing in the file is executed)", p->path, printable(module), printable(name));
+                return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does "
+                            "not use: refused (nothing in the file is executed)",
+                            p->path, printable(module), printable(name));
             v = pickle_push(p, pickle_new(p, PK_FUNCTION, found));
             break;
         }
@@ -4152,11 +4509,16 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
             if ((w = pickle_pop(p)) < 0) return -1;
             v = pickle_push(p, pickle_storage(p, w));
             break;
-        case 't': if ((from = pickle_since_mark(p)) < 0) return -1; v = pickle_push(p, pickle_tuple(p, from)); break;
+        case 't':
+            if ((from = pickle_since_mark(p)) < 0) return -1;
+            v = pickle_push(p, pickle_tuple(p, from));
+            break;
         case 0x85: case 0x86: case 0x87: /* TUPLE1..3 */
-            if (p->depth < op - 0x84) return fail("%s: data.pkl is malformed (a value is missing)", p->path);
+            if (p->depth < op - 0x84)
+                return fail("%s: data.pkl is malformed (a value is missing)", p->path);
             for (int i = p->depth - (op - 0x84); i < p->depth; i++)
-                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
+                if (p->values[p->stack[i]].kind == PK_MARK)
+                    return fail("%s: data.pkl is malformed", p->path);
             v = pickle_push(p, pickle_tuple(p, p->depth - (op - 0x84)));
             break;
         case 'R': /* REDUCE */
@@ -4164,8 +4526,10 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
             v = pickle_push(p, pickle_reduce(p, v, w));
             break;
         case 'b': /* BUILD: the state of an OrderedDict (its _metadata) is not needed */
-            if ((w = pickle_pop(p)) < 0 || p->depth == 0 || p->values[p->stack[p->depth - 1]].kind != PK_DICT)
-                return w < 0 ? -1 : fail("%s: data.pkl: BUILD of something other than a dict", p->path);
+            if ((w = pickle_pop(p)) < 0 || p->depth == 0 ||
+                p->values[p->stack[p->depth - 1]].kind != PK_DICT)
+                return w < 0 ? -1
+                             : fail("%s: data.pkl: BUILD of something other than a dict", p->path);
             break;
         case 's': case 'u': case 'a': case 'e': { /* SETITEM(S), APPEND(S) */
             int single = op == 's' || op == 'a', is_dict = op == 's' || op == 'u';
@@ -4174,9 +4538,11 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
                 return from < 0 ? -1 : fail("%s: data.pkl is malformed (SETITEMS)", p->path);
             int target = p->stack[from - 1];
             if (p->values[target].kind != (is_dict ? PK_DICT : PK_LIST))
-                return fail("%s: data.pkl: items added to a %s", p->path, is_dict ? "non-dict" : "non-list");
+                return fail("%s: data.pkl: items added to a %s", p->path,
+                            is_dict ? "non-dict" : "non-list");
             for (int i = from; i < p->depth; i++) {
-                if (p->values[p->stack[i]].kind == PK_MARK) return fail("%s: data.pkl is malformed", p->path);
+                if (p->values[p->stack[i]].kind == PK_MARK)
+                    return fail("%s: data.pkl is malformed", p->path);
                 if (pickle_add_item(p, target, p->stack[i]) != 0) return -1;
             }
             p->depth = from;
@@ -4191,16 +4557,18 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
             int64_t index = (int64_t)read_le(code + at, lb);
             at += (size_t)lb;
             if (index >= p->cap_memo || p->memo[index] < 0)
-                return fail("%s: data.pkl refers to memo %lld, never stored", p->path, (long long)index);
+                return fail("%s: data.pkl refers to memo %lld, never stored", p->path,
+                            (long long)index);
             v = pickle_push(p, p->memo[index]);
             break;
         }
         case '.': /* STOP */
-            if (p->depth != 1) return fail("%s: data.pkl is malformed (%d values left)", p->path, p->depth);
+            if (p->depth != 1)
+                return fail("%s: data.pkl is malformed (%d values left)", p->path, p->depth);
             return p->stack[0];
         default:
-            return fail("%s: data.pkl uses pickle opcode 0x%02x, which a state dict of tensors does not need: "
-                        "refused", p->path, op);
+            return fail("%s: data.pkl uses pickle opcode 0x%02x, which "
+                        "a state dict of tensors does not need: refused", p->path, op);
         }
         if (v < 0) return -1;
     }
@@ -4213,7 +4581,8 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
 typedef struct { char *name; uint64_t header_at, size; int stored; } ZipEntry;
 
 static int read_at(FILE *f, uint64_t at, void *buf, size_t n) {
-    return at <= (uint64_t)LONG_MAX && fseek(f, (long)at, SEEK_SET) == 0 && fread(buf, 1, n, f) == n ? 0 : -1;
+    if (at > (uint64_t)LONG_MAX || fseek(f, (long)at, SEEK_SET) != 0) return -1;
+    return fread(buf, 1, n, f) == n ? 0 : -1;
 }
 
 static void zip_free(ZipEntry *e, int n) {
@@ -4228,20 +4597,27 @@ static int zip_list(const char *path, FILE *f, uint64_t file_size, ZipEntry **ou
     *n_out = 0;
     if (tail_len < 22 || read_at(f, file_size - tail_len, tail, tail_len) != 0)
         return fail("%s: not a zip archive (too short)", path);
-    size_t eocd = tail_len - 22 + 1; /* the end-of-central-directory record, searched from the end */
+    /* the end-of-central-directory record, searched from the end */
+    size_t eocd = tail_len - 22 + 1;
     while (eocd-- > 0 && read_le(tail + eocd, 4) != 0x06054b50) {}
-    if (eocd == (size_t)-1) return fail("%s: not a zip archive (no end of central directory): truncated?", path);
+    if (eocd == (size_t)-1)
+        return fail("%s: not a zip archive (no end of central directory): truncated?", path);
     uint64_t count = read_le(tail + eocd + 10, 2), cd_size = read_le(tail + eocd + 12, 4);
     uint64_t cd_at = read_le(tail + eocd + 16, 4), eocd_at = file_size - tail_len + eocd;
-    if (count == 0xFFFF || cd_size == 0xFFFFFFFF || cd_at == 0xFFFFFFFF) { /* zip64: the locator sits before */
-        if (eocd_at < 20 || read_at(f, eocd_at - 20, rec, 20) != 0 || read_le(rec, 4) != 0x07064b50 ||
-            read_at(f, read_le(rec + 8, 8), rec, 56) != 0 || read_le(rec, 4) != 0x06064b50)
+    if (count == 0xFFFF || cd_size == 0xFFFFFFFF || cd_at == 0xFFFFFFFF) {
+        /* zip64: the locator sits before */
+        if (eocd_at < 20 || read_at(f, eocd_at - 20, rec, 20) != 0 ||
+            read_le(rec, 4) != 0x07064b50 || read_at(f, read_le(rec + 8, 8), rec, 56) != 0 ||
+            read_le(rec, 4) != 0x06064b50)
             return fail("%s: malformed zip64 end of central directory", path);
         count = read_le(rec + 32, 8), cd_size = read_le(rec + 40, 8), cd_at = read_le(rec + 48, 8);
     }
-    if (cd_at > file_size || cd_size > file_size - cd_at || cd_size > (64u << 20) || count > cd_size / 46)
-        return fail("%s: the zip central directory (%llu entries, %llu bytes at %llu) does not fit the file", path,
-                    (unsigned long long)count, (unsigned long long)cd_size, (unsigned long long)cd_at);
+    if (cd_at > file_size || cd_size > file_size - cd_at || cd_size > (64u << 20) ||
+        count > cd_size / 46)
+        return fail("%s: the zip central directory (%llu entries, "
+                    "%llu bytes at %llu) does not fit the file",
+                    path, (unsigned long long)count, (unsigned long long)cd_size,
+                    (unsigned long long)cd_at);
     unsigned char *cd = malloc(cd_size ? (size_t)cd_size : 1);
     ZipEntry *e = calloc(count ? (size_t)count : 1, sizeof(ZipEntry));
     if (!cd || !e || read_at(f, cd_at, cd, (size_t)cd_size) != 0) {
@@ -4252,20 +4628,29 @@ static int zip_list(const char *path, FILE *f, uint64_t file_size, ZipEntry **ou
     size_t at = 0;
     int n = 0, rc = 0;
     for (; rc == 0 && (uint64_t)n < count; n++) {
-        if (cd_size - at < 46 || read_le(cd + at, 4) != 0x02014b50) { rc = fail("%s: malformed zip directory", path); break; }
+        if (cd_size - at < 46 || read_le(cd + at, 4) != 0x02014b50) {
+            rc = fail("%s: malformed zip directory", path);
+            break;
+        }
         size_t name_len = read_le(cd + at + 28, 2), extra_len = read_le(cd + at + 30, 2);
         size_t record = 46 + name_len + extra_len + read_le(cd + at + 32, 2);
-        if (cd_size - at < record || !(e[n].name = malloc(name_len + 1))) { rc = fail("%s: malformed zip directory", path); break; }
+        if (cd_size - at < record || !(e[n].name = malloc(name_len + 1))) {
+            rc = fail("%s: malformed zip directory", path);
+            break;
+        }
         memcpy(e[n].name, cd + at + 46, name_len);
         e[n].name[name_len] = '\0';
-        uint64_t packed = read_le(cd + at + 20, 4), size = read_le(cd + at + 24, 4), header = read_le(cd + at + 42, 4);
-        /* zip64 extra field (id 1): the 8-byte values of the fields that read 0xFFFFFFFF, in this order */
+        uint64_t packed = read_le(cd + at + 20, 4), size = read_le(cd + at + 24, 4),
+                 header = read_le(cd + at + 42, 4);
+        /* zip64 extra field (id 1): the 8-byte values of the fields that read
+         * 0xFFFFFFFF, in this order */
         for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
             size_t id = read_le(cd + x, 2), len = read_le(cd + x + 2, 2), v = x + 4;
             if (x + 4 + len > at + 46 + name_len + extra_len) break;
             uint64_t *fields[3] = {&size, &packed, &header};
             for (int k = 0; id == 1 && k < 3; k++)
-                if (*fields[k] == 0xFFFFFFFF && v + 8 <= x + 4 + len) *fields[k] = read_le(cd + v, 8), v += 8;
+                if (*fields[k] == 0xFFFFFFFF && v + 8 <= x + 4 + len)
+                    *fields[k] = read_le(cd + v, 8), v += 8;
             x += 4 + len;
         }
         e[n].stored = read_le(cd + at + 10, 2) == 0 && packed == size;
@@ -4281,14 +4666,19 @@ static int zip_list(const char *path, FILE *f, uint64_t file_size, ZipEntry **ou
 }
 
 /* Where the bytes of an entry start in the file (after its local header). */
-static int zip_data_at(const char *path, FILE *f, uint64_t file_size, const ZipEntry *e, uint64_t *at) {
+static int zip_data_at(const char *path, FILE *f, uint64_t file_size, const ZipEntry *e,
+                       uint64_t *at) {
     unsigned char h[30];
-    if (!e->stored) return fail("%s: zip entry %s is compressed (torch.save stores entries)", path, printable(e->name));
-    if (e->header_at > file_size || read_at(f, e->header_at, h, 30) != 0 || read_le(h, 4) != 0x04034b50)
+    if (!e->stored)
+        return fail("%s: zip entry %s is compressed (torch.save stores entries)", path,
+                    printable(e->name));
+    if (e->header_at > file_size || read_at(f, e->header_at, h, 30) != 0 ||
+        read_le(h, 4) != 0x04034b50)
         return fail("%s: zip entry %s: malformed local header", path, printable(e->name));
     *at = e->header_at + 30 + read_le(h + 26, 2) + read_le(h + 28, 2);
     if (*at > file_size || e->size > file_size - *at)
-        return fail("%s: zip entry %s ends past the end of the file: truncated", path, printable(e->name));
+        return fail("%s: zip entry %s ends past the end of the file: truncated", path,
+                    printable(e->name));
     return 0;
 }
 
@@ -4303,8 +4693,13 @@ int torch_open(SafeTensors *st, const char *path) {
     if (zip_list(path, st->f, st->file_size, &e, &n_entries) != 0) { st_close(st); return -1; }
     for (int i = 0; i < n_entries; i++) {
         size_t len = strlen(e[i].name);
-        if (len >= 9 && strcmp(e[i].name + len - 9, "/data.pkl") == 0 && strchr(e[i].name, '/') == e[i].name + len - 9) {
-            if (pkl >= 0) { zip_free(e, n_entries); st_close(st); return fail("%s: two data.pkl entries", path); }
+        if (len >= 9 && strcmp(e[i].name + len - 9, "/data.pkl") == 0 &&
+            strchr(e[i].name, '/') == e[i].name + len - 9) {
+            if (pkl >= 0) {
+                zip_free(e, n_entries);
+                st_close(st);
+                return fail("%s: two data.pkl entries", path);
+            }
             pkl = i;
         }
     }
@@ -4312,9 +4707,11 @@ int torch_open(SafeTensors *st, const char *path) {
     unsigned char *code = NULL;
     rc = pkl < 0 ? fail("%s: no PREFIX/data.pkl entry: not a file written by torch.save", path)
                  : zip_data_at(path, st->f, st->file_size, &e[pkl], &pkl_at);
-    if (rc == 0 && (e[pkl].size > (256u << 20) || !(code = malloc(e[pkl].size ? (size_t)e[pkl].size : 1))))
+    if (rc == 0 &&
+        (e[pkl].size > (256u << 20) || !(code = malloc(e[pkl].size ? (size_t)e[pkl].size : 1))))
         rc = fail("%s: data.pkl of %llu bytes is too large", path, (unsigned long long)e[pkl].size);
-    if (rc == 0 && read_at(st->f, pkl_at, code, (size_t)e[pkl].size) != 0) rc = fail("%s: cannot read data.pkl", path);
+    if (rc == 0 && read_at(st->f, pkl_at, code, (size_t)e[pkl].size) != 0)
+        rc = fail("%s: cannot read data.pkl", path);
     Pickle p = {.path = path};
     int result = rc == 0 ? pickle_run(&p, code, (size_t)e[pkl].size) : -1;
     free(code);
@@ -4326,34 +4723,50 @@ int torch_open(SafeTensors *st, const char *path) {
     rc = result < 0 ? -1 : 0;
     for (int i = 0; rc == 0 && i + 1 < dict->n_items; i += 2) {
         const PickleValue *key = &p.values[dict->items[i]], *t = &p.values[dict->items[i + 1]];
-        if (key->kind != PK_TEXT) { rc = fail("%s: a state dict key that is not a string", path); break; }
-        if (t->kind != PK_TENSOR) { rc = fail("%s: %s is not a tensor", path, printable(key->text)); break; }
+        if (key->kind != PK_TEXT) {
+            rc = fail("%s: a state dict key that is not a string", path);
+            break;
+        }
+        if (t->kind != PK_TENSOR) {
+            rc = fail("%s: %s is not a tensor", path, printable(key->text));
+            break;
+        }
         const PickleValue *storage = &p.values[t->items[0]], *shape = &p.values[t->items[1]];
         char entry_name[PATH_LEN];
-        snprintf(entry_name, sizeof(entry_name), "%.*s/data/%s", (int)(strlen(e[pkl].name) - 9), e[pkl].name,
-                 storage->text);
+        snprintf(entry_name, sizeof(entry_name), "%.*s/data/%s", (int)(strlen(e[pkl].name) - 9),
+                 e[pkl].name, storage->text);
         int found = -1;
-        for (int k = 0; k < n_entries && found < 0; k++) found = strcmp(e[k].name, entry_name) == 0 ? k : -1;
+        for (int k = 0; k < n_entries && found < 0; k++)
+            found = strcmp(e[k].name, entry_name) == 0 ? k : -1;
         size_t esize = dtype_size(t->dtype);
         uint64_t at = 0, numel = 1;
-        for (int d = 0; d < shape->n_items; d++) numel *= (uint64_t)p.values[shape->items[d]].number;
-        if (found < 0) { rc = fail("%s: tensor %s: storage %s is missing", path, printable(key->text), printable(storage->text)); break; }
+        for (int d = 0; d < shape->n_items; d++)
+            numel *= (uint64_t)p.values[shape->items[d]].number;
+        if (found < 0) {
+            rc = fail("%s: tensor %s: storage %s is missing", path, printable(key->text),
+                      printable(storage->text));
+            break;
+        }
         if ((rc = zip_data_at(path, st->f, st->file_size, &e[found], &at)) != 0) break;
         if ((uint64_t)storage->number > e[found].size / esize) {
-            rc = fail("%s: storage %s holds %llu bytes, but its tensors need %llu elements of %zu bytes: truncated",
+            rc = fail("%s: storage %s holds %llu bytes, but its tensors "
+                      "need %llu elements of %zu bytes: truncated",
                       path, printable(storage->text), (unsigned long long)e[found].size,
                       (unsigned long long)storage->number, esize);
             break;
         }
         json_write_string(&h, key->text);
         sb_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", t->dtype);
-        for (int d = 0; d < shape->n_items; d++) sb_printf(&h, "%s%lld", d ? "," : "", (long long)p.values[shape->items[d]].number);
+        for (int d = 0; d < shape->n_items; d++)
+            sb_printf(&h, "%s%lld", d ? "," : "", (long long)p.values[shape->items[d]].number);
         uint64_t begin = at + (uint64_t)t->number * esize;
-        sb_printf(&h, "],\"data_offsets\":[%llu,%llu]},", (unsigned long long)begin, (unsigned long long)(begin + numel * esize));
+        sb_printf(&h, "],\"data_offsets\":[%llu,%llu]},", (unsigned long long)begin,
+                  (unsigned long long)(begin + numel * esize));
     }
     if (rc == 0 && dict->n_items > 0) h.len--; /* the last comma */
     sb_printf(&h, "}");
-    if (rc == 0) rc = json_parse(h.s, h.len, path, &st->header); /* (which refuses a name that appears twice) */
+    /* (which refuses a name that appears twice) */
+    if (rc == 0) rc = json_parse(h.s, h.len, path, &st->header);
     for (size_t i = 0; rc == 0 && i < st->header.length; i++)
         rc = st_check_entry(st, st->header.keys[i], &st->header.items[i], st->file_size);
     free(h.s);
@@ -4373,7 +4786,8 @@ static size_t tensor_out_numel(const TensorOut *t) {
     return (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
 }
 
-int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json) {
+int safetensors_write(const char *path, const TensorOut *tensors, int n,
+                      const char *metadata_json) {
     StrBuf h = {0};
     size_t offset = 0;
     sb_printf(&h, "{");
@@ -4381,7 +4795,8 @@ int safetensors_write(const char *path, const TensorOut *tensors, int n, const c
     for (int i = 0; i < n; i++) {
         const TensorOut *t = &tensors[i];
         size_t numel = tensor_out_numel(t);
-        sb_printf(&h, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d", h.len > 1 ? "," : "", t->name, t->shape[0]);
+        sb_printf(&h, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d", h.len > 1 ? "," : "", t->name,
+                  t->shape[0]);
         if (t->ndim == 2) sb_printf(&h, ",%d", t->shape[1]);
         sb_printf(&h, "],\"data_offsets\":[%zu,%zu]}", offset, offset + numel * 4);
         offset += numel * 4;
@@ -4400,9 +4815,10 @@ int safetensors_write(const char *path, const TensorOut *tensors, int n, const c
     return writer_close(&w);
 }
 
-int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups, const char *path,
-                            const char *metadata_json) {
-    TensorOut *list = alloc_zeroed((size_t)m->n_params * n_groups, sizeof(TensorOut), "the tensor list");
+int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups,
+                            const char *path, const char *metadata_json) {
+    TensorOut *list =
+        alloc_zeroed((size_t)m->n_params * n_groups, sizeof(TensorOut), "the tensor list");
     if (!list) return -1;
     int n = 0;
     for (int g = 0; g < n_groups; g++)
@@ -4421,7 +4837,8 @@ int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_gro
 
 /* Non-parameter buffers that some Pythia checkpoints carry. */
 static int is_skipped_buffer(const char *name) {
-    static const char *const suffixes[] = {"attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"};
+    static const char *const suffixes[] = {"attention.bias", "attention.masked_bias",
+                                           "rotary_emb.inv_freq"};
     size_t n = strlen(name);
     for (int i = 0; i < 3; i++) {
         size_t k = strlen(suffixes[i]);
@@ -4455,7 +4872,8 @@ static int tensor_file_open(SafeTensors *st, const char *path) {
  * mlkv writes, and what HF writes by default. */
 static int source_open(TensorSource *src, const char *dir) {
     static const char *const singles[] = {"/model.safetensors", NULL, "/pytorch_model.bin", NULL};
-    static const char *const indexes[] = {NULL, "/model.safetensors.index.json", NULL, "/pytorch_model.bin.index.json"};
+    static const char *const indexes[] = {NULL, "/model.safetensors.index.json", NULL,
+                                          "/pytorch_model.bin.index.json"};
     char path[PATH_LEN];
     int found = -1;
     memset(src, 0, sizeof(*src));
@@ -4478,9 +4896,15 @@ static int source_open(TensorSource *src, const char *dir) {
     if (!map || map->type != JSON_OBJECT) rc = fail("%s: no \"weight_map\" object", path);
     for (size_t i = 0; rc == 0 && i < map->length; i++) {
         const Json *file = &map->items[i];
-        if (file->type != JSON_STRING || strchr(file->string, '/')) { rc = fail("%s: bad file name for %s", path, map->keys[i]); break; }
+        if (file->type != JSON_STRING || strchr(file->string, '/')) {
+            rc = fail("%s: bad file name for %s", path, map->keys[i]);
+            break;
+        }
         char shard[PATH_LEN], name[PATH_LEN];
-        if (make_path(name, "/", file->string) != 0 || make_path(shard, dir, name) != 0) { rc = -1; break; }
+        if (make_path(name, "/", file->string) != 0 || make_path(shard, dir, name) != 0) {
+            rc = -1;
+            break;
+        }
         int seen = 0;
         for (int k = 0; k < src->n && !seen; k++) seen = strcmp(src->files[k].path, shard) == 0;
         if (seen) continue;
@@ -4503,16 +4927,20 @@ static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
     snprintf(wname, sizeof(wname), "gpt_neox.layers.%d.attention.query_key_value.weight", l);
     snprintf(bname, sizeof(bname), "gpt_neox.layers.%d.attention.query_key_value.bias", l);
     const SafeTensors *st = source_find(src, wname);
-    if (!st) return fail("%s: missing tensor gpt_neox.layers.%d.attention.query.weight", src->files[0].path, l);
+    if (!st)
+        return fail("%s: missing tensor gpt_neox.layers.%d.attention.query.weight",
+                    src->files[0].path, l);
     if (!is_mha(c))
-        return fail("%s: layer %d has a fused query_key_value (plain MHA), but the config asks for %d K/V heads in "
-                    "%d layers: convert the checkpoint instead", st->path, l, c->n_kv_head, c->n_kv_layer);
+        return fail("%s: layer %d has a fused query_key_value (plain MHA), but the config asks for "
+                    "%d K/V heads in %d layers: convert the checkpoint instead",
+                    st->path, l, c->n_kv_head, c->n_kv_layer);
     float *fused = malloc((size_t)3 * C * (C + 1) * sizeof(float));
     if (!fused) return fail("out of memory splitting %s", wname);
     int wshape[2] = {3 * C, C}, bshape[1] = {3 * C};
     const SafeTensors *bst = source_find(src, bname);
     if (st_read(st, wname, 2, wshape, fused, NULL) != 0 ||
-        (bst ? st_read(bst, bname, 1, bshape, fused + (size_t)3 * C * C, NULL) : fail("%s: missing tensor %s", st->path, bname)) != 0) {
+        (bst ? st_read(bst, bname, 1, bshape, fused + (size_t)3 * C * C, NULL)
+             : fail("%s: missing tensor %s", st->path, bname)) != 0) {
         free(fused);
         return -1;
     }
@@ -4521,7 +4949,8 @@ static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
         for (int j = 0; j < 3; j++)
             for (int d = 0; d < hs; d++) {
                 size_t row = (size_t)(h * 3 + j) * hs + d;
-                memcpy(weights[j] + (size_t)(h * hs + d) * C, fused + row * C, (size_t)C * sizeof(float));
+                memcpy(weights[j] + (size_t)(h * hs + d) * C, fused + row * C,
+                       (size_t)C * sizeof(float));
                 biases[j][h * hs + d] = fused[(size_t)3 * C * C + row];
             }
     free(fused);
@@ -4533,15 +4962,18 @@ static int load_params_from(Model *m, const TensorSource *src) {
         const ParamInfo *p = &m->params[i];
         const SafeTensors *st = source_find(src, p->name);
         if (st) {
-            if (st_read(st, p->name, p->ndim, p->shape, m->param_memory + p->offset, NULL) != 0) return -1;
+            if (st_read(st, p->name, p->ndim, p->shape, m->param_memory + p->offset, NULL) != 0)
+                return -1;
             continue;
         }
         int layer;
         char kind[16];
         /* a missing unfused query means a fused checkpoint; k and v come with it */
-        if (sscanf(p->name, "gpt_neox.layers.%d.attention.query.%15s", &layer, kind) == 2 && !strcmp(kind, "weight")) {
+        if (sscanf(p->name, "gpt_neox.layers.%d.attention.query.%15s", &layer, kind) == 2 &&
+            !strcmp(kind, "weight")) {
             if (load_fused_qkv(m, src, layer) != 0) return -1;
-            i += m->config.kv_layer_of[layer] == layer ? 5 : 1; /* q, k, v weights and biases are loaded */
+            /* q, k, v weights and biases are loaded */
+            i += m->config.kv_layer_of[layer] == layer ? 5 : 1;
             continue;
         }
         return fail("%s: missing tensor %s", src->files[0].path, p->name);
@@ -4551,10 +4983,13 @@ static int load_params_from(Model *m, const TensorSource *src) {
         const Json *h = &src->files[f].header;
         for (size_t i = 0; i < h->length; i++) {
             const char *name = h->keys[i];
-            if (!strcmp(name, "__metadata__") || is_skipped_buffer(name) || model_param(m, name)) continue;
+            if (!strcmp(name, "__metadata__") || is_skipped_buffer(name) || model_param(m, name))
+                continue;
             if (strstr(name, "attention.query_key_value.")) continue;
-            return fail("%s: unexpected tensor %s: not a parameter of this configuration (%d K/V layers of %d heads)",
-                        src->files[f].path, printable(name), m->config.n_kv_layer, m->config.n_kv_head);
+            return fail("%s: unexpected tensor %s: not a parameter of "
+                        "this configuration (%d K/V layers of %d heads)",
+                        src->files[f].path, printable(name), m->config.n_kv_layer,
+                        m->config.n_kv_head);
         }
     }
     return 0;
@@ -4563,8 +4998,11 @@ static int load_params_from(Model *m, const TensorSource *src) {
 int model_load(Model *m, const char *dir) {
     char path[PATH_LEN];
     memset(m, 0, sizeof(*m));
-    if (make_path(path, dir, "/config.json") != 0 || config_load(&m->config, path, &m->config_extra) != 0 ||
-        model_allocate_params(m) != 0) { model_free(m); return -1; }
+    if (make_path(path, dir, "/config.json") != 0 ||
+        config_load(&m->config, path, &m->config_extra) != 0 || model_allocate_params(m) != 0) {
+        model_free(m);
+        return -1;
+    }
     TensorSource src;
     if (source_open(&src, dir) != 0) { model_free(m); return -1; }
     int rc = load_params_from(m, &src);
@@ -4580,14 +5018,15 @@ int model_load(Model *m, const char *dir) {
 static const char *const checkpoint_files[] = {
     "config.json", "model.safetensors", "optimizer.safetensors",
     /* companions: the tokenizer and generation files of the model a checkpoint came from */
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json",
-    "merges.txt", NULL};
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "vocab.json", "merges.txt", NULL};
 #define FIRST_COMPANION 3
 
 static void remove_checkpoint_dir(const char *dir) {
     char path[PATH_LEN], name[PATH_LEN];
     for (int i = 0; checkpoint_files[i]; i++)
-        if (make_path(name, "/", checkpoint_files[i]) == 0 && make_path(path, dir, name) == 0) unlink(path);
+        if (make_path(name, "/", checkpoint_files[i]) == 0 && make_path(path, dir, name) == 0)
+            unlink(path);
     rmdir(dir);
 }
 
@@ -4607,12 +5046,14 @@ static int copy_file(const char *from, const char *to) {
  * unless overwrite is set (so finished work is never replaced without a word;
  * train says "or --resume"), and never the folder a command reads from
  * (input: NULL, or that folder). */
-static int check_output_dir(const char *dir, const char *input, int overwrite, const char *or_resume) {
+static int check_output_dir(const char *dir, const char *input, int overwrite,
+                            const char *or_resume) {
     struct stat st, in;
     if (stat(dir, &st) != 0) return 0;
     if (input && stat(input, &in) == 0 && in.st_dev == st.st_dev && in.st_ino == st.st_ino)
-        return fail("%s is also the input model: writing there would destroy what is being read; choose another "
-                    "output folder", dir);
+        return fail("%s is also the input model: writing there would destroy what is being read; "
+                    "choose another output folder",
+                    dir);
     if (!S_ISDIR(st.st_mode)) return fail("%s: exists and is not a folder", dir);
     DIR *d = opendir(dir);
     if (!d) return fail("%s: cannot list: %s", dir, strerror(errno));
@@ -4621,11 +5062,14 @@ static int check_output_dir(const char *dir, const char *input, int overwrite, c
     while (rc == 0 && (e = readdir(d)) != NULL) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         int ours = 0;
-        for (int i = 0; checkpoint_files[i] && !ours; i++) ours = !strcmp(e->d_name, checkpoint_files[i]);
+        for (int i = 0; checkpoint_files[i] && !ours; i++)
+            ours = !strcmp(e->d_name, checkpoint_files[i]);
         if (!ours)
-            rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir, e->d_name);
+            rc = fail("%s: holds %s, which mlkv did not write; choose a new output folder", dir,
+                      e->d_name);
         else if (!overwrite)
-            rc = fail("%s already holds a model (%s): give --overwrite to replace it%s, or choose a new output folder",
+            rc = fail("%s already holds a model (%s): give --overwrite "
+                      "to replace it%s, or choose a new output folder",
                       dir, e->d_name, or_resume ? or_resume : "");
     }
     closedir(d);
@@ -4658,8 +5102,8 @@ static int lock_output(const char *dir, char *lock_path) {
             free(text);
         }
         if (owner > 0 && kill((pid_t)owner, 0) == 0)
-            return fail("%s is being written by another mlkv run (process %lld, %s); wait for it, or stop it", dir, owner,
-                        lock_path);
+            return fail("%s is being written by another mlkv run "
+                        "(process %lld, %s); wait for it, or stop it", dir, owner, lock_path);
         unlink(lock_path); /* its process is gone */
     }
     return fail("%s: cannot take the lock", lock_path);
@@ -4687,11 +5131,14 @@ static int write_fused_safetensors(const Model *m, const char *path) {
         t->shape[0] = p->shape[0];
         t->shape[1] = p->shape[1];
         t->data = m->param_memory + p->offset;
-        if (sscanf(p->name, "gpt_neox.layers.%d.attention.%31[a-z.]", &l, part) != 2 || strncmp(part, "query.", 6)) continue;
+        if (sscanf(p->name, "gpt_neox.layers.%d.attention.%31[a-z.]", &l, part) != 2 ||
+            strncmp(part, "query.", 6))
+            continue;
         int is_weight = !strcmp(part, "query.weight"), width = is_weight ? C : 1;
         float *dst = fused + (size_t)l * 3 * C * (C + 1) + (is_weight ? 0 : (size_t)3 * C * C);
         const LayerWeights *lw = &m->w.layer[l];
-        const float *parts[3] = {is_weight ? lw->q_w : lw->q_b, is_weight ? lw->k_w : lw->k_b, is_weight ? lw->v_w : lw->v_b};
+        const float *parts[3] = {is_weight ? lw->q_w : lw->q_b, is_weight ? lw->k_w : lw->k_b,
+                                 is_weight ? lw->v_w : lw->v_b};
         for (int h = 0; h < H; h++)
             for (int j = 0; j < 3; j++)
                 memcpy(dst + (size_t)((h * 3 + j) * hs) * width, parts[j] + (size_t)h * hs * width,
@@ -4710,12 +5157,15 @@ static int write_fused_safetensors(const Model *m, const char *path) {
 /* optimizer_metadata: NULL saves the model alone. companion_dir: a folder whose
  * tokenizer and generation files travel with the checkpoint, or NULL. stock:
  * plain GPT-NeoX (fused query_key_value, no MLKV keys), for MHA models. */
-static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata, const char *companion_dir,
-                           int stock) {
+static int checkpoint_save(const Model *m, const char *dir, const char *optimizer_metadata,
+                           const char *companion_dir, int stock) {
     char staging[PATH_LEN], previous[PATH_LEN], path[PATH_LEN], from[PATH_LEN];
-    if (make_path(staging, dir, ".saving") != 0 || make_path(previous, dir, ".previous") != 0) return -1;
+    if (make_path(staging, dir, ".saving") != 0 || make_path(previous, dir, ".previous") != 0)
+        return -1;
     /* the two folders beside DIR that a save replaces are checked like DIR itself */
-    if (check_output_dir(staging, NULL, 1, NULL) != 0 || check_output_dir(previous, NULL, 1, NULL) != 0) return -1;
+    if (check_output_dir(staging, NULL, 1, NULL) != 0 ||
+        check_output_dir(previous, NULL, 1, NULL) != 0)
+        return -1;
     remove_checkpoint_dir(staging);
     if (mkdir(staging, 0755) != 0) return fail("%s: cannot create: %s", staging, strerror(errno));
     TensorGroup params = {"", m->param_memory};
@@ -4723,9 +5173,12 @@ static int checkpoint_save(const Model *m, const char *dir, const char *optimize
     int rc = make_path(path, staging, "/config.json");
     if (rc == 0) rc = config_save(&m->config, m->config_extra, stock, path);
     if (rc == 0) rc = make_path(path, staging, "/model.safetensors");
-    if (rc == 0) rc = stock ? write_fused_safetensors(m, path) : model_write_safetensors(m, &params, 1, path, "{\"format\":\"pt\"}");
+    if (rc == 0)
+        rc = stock ? write_fused_safetensors(m, path)
+                   : model_write_safetensors(m, &params, 1, path, "{\"format\":\"pt\"}");
     if (rc == 0 && optimizer_metadata) rc = make_path(path, staging, "/optimizer.safetensors");
-    if (rc == 0 && optimizer_metadata) rc = model_write_safetensors(m, moments, 2, path, optimizer_metadata);
+    if (rc == 0 && optimizer_metadata)
+        rc = model_write_safetensors(m, moments, 2, path, optimizer_metadata);
     for (int i = FIRST_COMPANION; rc == 0 && companion_dir && checkpoint_files[i]; i++) {
         char name[PATH_LEN];
         rc = make_path(name, "/", checkpoint_files[i]);
@@ -4747,7 +5200,6 @@ static int checkpoint_save(const Model *m, const char *dir, const char *optimize
     return 0;
 }
 
-
 /* ===========================================================================
  * 13. Token files (llm.c's format) and the data loader
  * ======================================================================== */
@@ -4768,13 +5220,16 @@ int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
     }
     if (header[0] != TOKENS_MAGIC || header[1] != TOKENS_VERSION) {
         fclose(f);
-        return fail("%s: not a token file (magic %d version %d; expected %d version %d, llm.c's uint16 format)", path,
-                    header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION);
+        return fail("%s: not a token file (magic %d version %d; "
+                    "expected %d version %d, llm.c's uint16 format)",
+                    path, header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION);
     }
-    size_t expected = TOKENS_HEADER_INTS * sizeof(int32_t) + (size_t)(uint32_t)header[2] * sizeof(uint16_t);
+    size_t expected =
+        TOKENS_HEADER_INTS * sizeof(int32_t) + (size_t)(uint32_t)header[2] * sizeof(uint16_t);
     if (header[2] < 0 || size != expected) {
         fclose(f);
-        return fail("%s: header says %d tokens (%zu bytes), but the file has %zu bytes", path, header[2], expected, size);
+        return fail("%s: header says %d tokens (%zu bytes), but the file has %zu bytes", path,
+                    header[2], expected, size);
     }
     tf->n_tokens = (size_t)header[2];
     tf->tokens = alloc_zeroed(tf->n_tokens + 1, sizeof(uint16_t), path);
@@ -4790,8 +5245,9 @@ int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
         if (tf->tokens[i] >= vocab_size) {
             int id = tf->tokens[i];
             tokens_free(tf);
-            return fail("%s: token %d at position %zu is outside the model's vocabulary (vocab_size %d)", path, id, i,
-                        vocab_size);
+            return fail(
+                "%s: token %d at position %zu is outside the model's vocabulary (vocab_size %d)",
+                path, id, i, vocab_size);
         }
     return 0;
 }
@@ -4836,7 +5292,8 @@ int loader_init(DataLoader *dl, const TokenFile *f, int B, int T, uint64_t seed,
     dl->seed = seed;
     dl->shuffle = shuffle;
     dl->n_seqs = f->n_tokens > 0 ? (f->n_tokens - 1) / (size_t)T : 0;
-    if (dl->n_seqs == 0) return fail("%zu tokens are fewer than one sequence of %d + 1", f->n_tokens, T);
+    if (dl->n_seqs == 0)
+        return fail("%zu tokens are fewer than one sequence of %d + 1", f->n_tokens, T);
     dl->order = alloc_zeroed(dl->n_seqs, sizeof(size_t), "the data order");
     if (!dl->order) return -1;
     loader_shuffle(dl);
@@ -4874,7 +5331,8 @@ static int json_syntax(JsonParser *ps, const char *msg) {
 }
 
 static void json_skip_space(JsonParser *ps) {
-    while (ps->p < ps->end && (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\n' || *ps->p == '\r')) ps->p++;
+    while (ps->p < ps->end && (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\n' || *ps->p == '\r'))
+        ps->p++;
 }
 
 static int hex_digit(char c) {
@@ -4898,7 +5356,11 @@ static int json_hex4(JsonParser *ps, const char *s, unsigned *out) {
 
 static size_t utf8_encode(unsigned cp, char *out) {
     if (cp < 0x80) { out[0] = (char)cp; return 1; }
-    if (cp < 0x800) { out[0] = (char)(0xC0 | (cp >> 6)); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    if (cp < 0x800) {
+        out[0] = (char)(0xC0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
     if (cp < 0x10000) {
         out[0] = (char)(0xE0 | (cp >> 12)); out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
         out[2] = (char)(0x80 | (cp & 0x3F)); return 3;
@@ -4920,7 +5382,11 @@ static int json_string(JsonParser *ps, char **out, size_t *out_len) {
     size_t n = 0;
     while (s < q) {
         unsigned char c = (unsigned char)*s;
-        if (c < 0x20) { free(buf); ps->p = s; return json_syntax(ps, "control character in string"); }
+        if (c < 0x20) {
+            free(buf);
+            ps->p = s;
+            return json_syntax(ps, "control character in string");
+        }
         if (c != '\\') { buf[n++] = (char)c; s++; continue; }
         char e = s[1];
         s += 2;
@@ -4991,7 +5457,8 @@ static int json_unique_keys(JsonParser *ps, const Json *object) {
     qsort(keys, object->length, sizeof(char *), string_order);
     int rc = 0;
     for (size_t i = 1; rc == 0 && i < object->length; i++)
-        if (strcmp(keys[i - 1], keys[i]) == 0) rc = fail("%s: the key \"%s\" appears twice", ps->what, printable(keys[i]));
+        if (strcmp(keys[i - 1], keys[i]) == 0)
+            rc = fail("%s: the key \"%s\" appears twice", ps->what, printable(keys[i]));
     free(keys);
     return rc;
 }
@@ -5011,13 +5478,20 @@ static int json_container(JsonParser *ps, Json *out, char close) {
             ps->p++;
             if (json_string(ps, &key, &klen) != 0) return -1;
             json_skip_space(ps);
-            if (ps->p >= ps->end || *ps->p != ':') { free(key); return json_syntax(ps, "expected ':'"); }
+            if (ps->p >= ps->end || *ps->p != ':') {
+                free(key);
+                return json_syntax(ps, "expected ':'");
+            }
             ps->p++;
         }
         if (json_push(ps, out, &cap, key) != 0) return -1;
         json_skip_space(ps);
         if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
-        if (ps->p < ps->end && *ps->p == close) { ps->p++; ps->depth--; return json_unique_keys(ps, out); }
+        if (ps->p < ps->end && *ps->p == close) {
+            ps->p++;
+            ps->depth--;
+            return json_unique_keys(ps, out);
+        }
         return json_syntax(ps, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
     }
 }
@@ -5027,7 +5501,11 @@ static int json_value(JsonParser *ps, Json *out) {
     if (ps->p >= ps->end) return json_syntax(ps, "unexpected end");
     char c = *ps->p;
     if (c == '{' || c == '[') { ps->p++; return json_container(ps, out, c == '{' ? '}' : ']'); }
-    if (c == '"') { ps->p++; out->type = JSON_STRING; return json_string(ps, &out->string, &out->length); }
+    if (c == '"') {
+        ps->p++;
+        out->type = JSON_STRING;
+        return json_string(ps, &out->string, &out->length);
+    }
     static const struct { const char *word; JsonType type; double value; } words[] = {
         {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0}};
     for (int i = 0; i < 3; i++) {
@@ -5049,7 +5527,8 @@ static int json_value(JsonParser *ps, Json *out) {
     char *endp;
     double v = n ? strtod(num, &endp) : 0;
     if (n == 0 || *endp != '\0') return json_syntax(ps, "unexpected character");
-    if (!isfinite(v)) return json_syntax(ps, "a number out of range"); /* 1e400: written back it would be inf, not JSON */
+    /* 1e400: written back it would be inf, not JSON */
+    if (!isfinite(v)) return json_syntax(ps, "a number out of range");
     out->type = JSON_NUMBER;
     out->number = v;
     ps->p += n;
@@ -5093,7 +5572,8 @@ static int json_load_file(const char *path, Json *out) {
 }
 
 static int json_is_count(const Json *v) { /* a non-negative integer */
-    return v && v->type == JSON_NUMBER && v->number >= 0 && v->number == floor(v->number) && v->number < 9e15;
+    return v && v->type == JSON_NUMBER && v->number >= 0 && v->number == floor(v->number) &&
+           v->number < 9e15;
 }
 
 /* The shortest decimal that reads back as the same double (0.1, not 0.1000000000000000055). */
@@ -5161,7 +5641,11 @@ static void byte_alphabet(unsigned char_of[256], int byte_of[ALPHABET_END]) {
 /* The bytes of the UTF-8 character a lead byte starts: 1 to 4, or 0 for a
  * byte that starts none. */
 static int utf8_length(unsigned char lead) {
-    return lead < 0x80 ? 1 : (lead & 0xE0) == 0xC0 ? 2 : (lead & 0xF0) == 0xE0 ? 3 : (lead & 0xF8) == 0xF0 ? 4 : 0;
+    return lead < 0x80             ? 1
+           : (lead & 0xE0) == 0xC0 ? 2
+           : (lead & 0xF0) == 0xE0 ? 3
+           : (lead & 0xF8) == 0xF0 ? 4
+                                   : 0;
 }
 
 /* One UTF-8 character at s (n bytes left): its length, or 0 if malformed. */
@@ -5186,7 +5670,11 @@ static int token_text_to_bytes(const char *text, const int *byte_of, char **out,
     for (size_t i = 0; i < n;) {
         unsigned cp;
         int step = utf8_next((const unsigned char *)text + i, n - i, &cp);
-        if (step == 0 || cp >= ALPHABET_END || byte_of[cp] < 0) { memcpy(b, text, n); k = n; break; }
+        if (step == 0 || cp >= ALPHABET_END || byte_of[cp] < 0) {
+            memcpy(b, text, n);
+            k = n;
+            break;
+        }
         b[k++] = (char)byte_of[cp];
         i += (size_t)step;
     }
@@ -5197,7 +5685,8 @@ static int token_text_to_bytes(const char *text, const int *byte_of, char **out,
 
 static MergeSlot *merge_slot(const Tokenizer *t, uint64_t key) {
     size_t i = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 20) & (t->merge_capacity - 1);
-    while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key) i = (i + 1) & (t->merge_capacity - 1);
+    while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key)
+        i = (i + 1) & (t->merge_capacity - 1);
     return &t->merges[i];
 }
 
@@ -5216,7 +5705,8 @@ static int vocab_find(const VocabEntry *sorted, size_t n, const char *text) {
 /* A merge as "left right" in buf (NUL after each part): from "a b" (classic
  * files) or ["a", "b"] (newer ones). buf holds at least the merge's text + 2. */
 static int merge_parts(const Json *m, char *buf, char **left, char **right) {
-    if (m->type == JSON_ARRAY && m->length == 2 && m->items[0].type == JSON_STRING && m->items[1].type == JSON_STRING) {
+    if (m->type == JSON_ARRAY && m->length == 2 && m->items[0].type == JSON_STRING &&
+        m->items[1].type == JSON_STRING) {
         *left = strcpy(buf, m->items[0].string);
         *right = strcpy(buf + strlen(buf) + 1, m->items[1].string);
         return 0;
@@ -5232,19 +5722,22 @@ static int merge_parts(const Json *m, char *buf, char **left, char **right) {
 static size_t merge_text_length(const Json *m) {
     if (m->type == JSON_STRING) return m->length;
     size_t n = 0;
-    for (size_t i = 0; m->type == JSON_ARRAY && i < m->length; i++) n += m->items[i].type == JSON_STRING ? m->items[i].length : 0;
+    for (size_t i = 0; m->type == JSON_ARRAY && i < m->length; i++)
+        n += m->items[i].type == JSON_STRING ? m->items[i].length : 0;
     return n;
 }
 
 static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
-    const Json *model = json_get(j, "model"), *vocab = json_get(model, "vocab"), *merges = json_get(model, "merges");
+    const Json *model = json_get(j, "model"), *vocab = json_get(model, "vocab"),
+               *merges = json_get(model, "merges");
     const Json *pre = json_get(j, "pre_tokenizer"), *added = json_get(j, "added_tokens");
     if (!vocab || vocab->type != JSON_OBJECT || !merges || merges->type != JSON_ARRAY)
         return fail("%s: not a BPE tokenizer.json (no model.vocab and model.merges)", path);
     if (!pre || !config_string_is(pre, "type", "ByteLevel") || !json_get(pre, "type"))
         return fail("%s: the pre_tokenizer is not ByteLevel", path);
     const Json *prefix = json_get(pre, "add_prefix_space");
-    if (prefix && prefix->number != 0) return fail("%s: add_prefix_space true is not supported", path);
+    if (prefix && prefix->number != 0)
+        return fail("%s: add_prefix_space true is not supported", path);
     unsigned char_of[256];
     int byte_of[ALPHABET_END], max_id = -1;
     byte_alphabet(char_of, byte_of);
@@ -5255,11 +5748,15 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
         max_id = vocab->items[i].number > max_id ? (int)vocab->items[i].number : max_id;
     }
     for (size_t i = 0; i < n_added; i++) {
-        const Json *id = json_get(&added->items[i], "id"), *content = json_get(&added->items[i], "content");
-        if (!json_is_count(id) || id->number >= (1 << 24) || !content || content->type != JSON_STRING || !content->string[0])
+        const Json *id = json_get(&added->items[i], "id"),
+                   *content = json_get(&added->items[i], "content");
+        if (!json_is_count(id) || id->number >= (1 << 24) || !content ||
+            content->type != JSON_STRING || !content->string[0])
             return fail("%s: added token %zu has no id or content", path, i);
-        if (strlen(content->string) != content->length) /* a C string would end at the NUL and match wrongly */
-            return fail("%s: added token %zu contains a NUL character, which mlkv does not support", path, i);
+        /* a C string would end at the NUL and match wrongly */
+        if (strlen(content->string) != content->length)
+            return fail("%s: added token %zu contains a NUL character, which mlkv does not support",
+                        path, i);
         max_id = id->number > max_id ? (int)id->number : max_id;
     }
     if (max_id < 0) return fail("%s: the vocabulary is empty", path);
@@ -5270,11 +5767,15 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
     t->added_id = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
     t->added_normalized = alloc_zeroed(n_added + 1, sizeof(int), "the tokenizer");
     VocabEntry *sorted = alloc_zeroed(vocab->length + 1, sizeof(VocabEntry), "the tokenizer");
-    if (!t->bytes || !t->length || !t->added || !t->added_id || !t->added_normalized || !sorted) { free(sorted); return -1; }
+    if (!t->bytes || !t->length || !t->added || !t->added_id || !t->added_normalized || !sorted) {
+        free(sorted);
+        return -1;
+    }
     for (size_t i = 0; i < vocab->length; i++) {
         int id = (int)vocab->items[i].number;
         sorted[i] = (VocabEntry){vocab->keys[i], id};
-        if (!t->bytes[id] && token_text_to_bytes(vocab->keys[i], byte_of, &t->bytes[id], &t->length[id]) != 0) {
+        if (!t->bytes[id] &&
+            token_text_to_bytes(vocab->keys[i], byte_of, &t->bytes[id], &t->length[id]) != 0) {
             free(sorted);
             return -1;
         }
@@ -5286,11 +5787,16 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
         int id = (int)json_get(tok, "id")->number;
         t->added[t->n_added] = strdup(json_get(tok, "content")->string);
         t->added_id[t->n_added] = id;
-        t->added_normalized[t->n_added] = !normalized || normalized->number != 0; /* HF's default: true */
+        /* HF's default: true */
+        t->added_normalized[t->n_added] = !normalized || normalized->number != 0;
         if (!t->added[t->n_added]) { free(sorted); return fail("out of memory loading %s", path); }
         if (!strcmp(t->added[t->n_added], "<|endoftext|>")) t->eot_id = id;
         free(t->bytes[id]);
-        if (token_text_to_bytes(t->added[t->n_added], byte_of, &t->bytes[id], &t->length[id]) != 0) { free(sorted); return -1; }
+        if (token_text_to_bytes(t->added[t->n_added], byte_of, &t->bytes[id], &t->length[id]) !=
+            0) {
+            free(sorted);
+            return -1;
+        }
         t->n_added++;
     }
     for (int b = 0; b < 256; b++) {
@@ -5299,7 +5805,8 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
         t->byte_id[b] = vocab_find(sorted, vocab->length, ch);
     }
     /* merges: (left id, right id) -> (rank, merged id), in a table at most half full */
-    for (t->merge_capacity = 16; t->merge_capacity < 2 * merges->length + 16;) t->merge_capacity *= 2;
+    for (t->merge_capacity = 16; t->merge_capacity < 2 * merges->length + 16;)
+        t->merge_capacity *= 2;
     t->merges = malloc(t->merge_capacity * sizeof(MergeSlot));
     if (!t->merges) { free(sorted); return fail("out of memory loading %s", path); }
     for (size_t i = 0; i < t->merge_capacity; i++) t->merges[i].key = UINT64_MAX;
@@ -5314,17 +5821,23 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
             break;
         }
         snprintf(both, n + 2, "%s%s", left, right);
-        int a = vocab_find(sorted, vocab->length, left), b = vocab_find(sorted, vocab->length, right);
+        int a = vocab_find(sorted, vocab->length, left),
+            b = vocab_find(sorted, vocab->length, right);
         int ab = vocab_find(sorted, vocab->length, both);
-        if (a < 0 || b < 0 || ab < 0) rc = fail("%s: merge %zu (%s %s) uses a token not in the vocabulary", path, r, left, right);
+        if (a < 0 || b < 0 || ab < 0)
+            rc = fail("%s: merge %zu (%s %s) uses a token not in the vocabulary", path, r, left,
+                      right);
         free(buf);
         if (rc != 0) break;
         MergeSlot *slot = merge_slot(t, (uint64_t)a << 32 | (uint32_t)b);
-        if (slot->key == UINT64_MAX) *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
+        if (slot->key == UINT64_MAX)
+            *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
     }
     free(sorted);
-    for (int b = 0; rc == 0 && b < 128; b++) /* encoding (ASCII) starts from each byte's own token */
-        if (t->byte_id[b] < 0) rc = fail("%s: no token for byte 0x%02x: not a byte-level vocabulary", path, b);
+    /* encoding (ASCII) starts from each byte's own token */
+    for (int b = 0; rc == 0 && b < 128; b++)
+        if (t->byte_id[b] < 0)
+            rc = fail("%s: no token for byte 0x%02x: not a byte-level vocabulary", path, b);
     return rc;
 }
 
@@ -5347,7 +5860,12 @@ int tokenizer_load(Tokenizer *t, const char *path) {
 void tokenizer_free(Tokenizer *t) {
     for (int i = 0; t->bytes && i < t->n_ids; i++) free(t->bytes[i]);
     for (int i = 0; t->added && i < t->n_added; i++) free(t->added[i]);
-    free(t->bytes); free(t->length); free(t->merges); free(t->added); free(t->added_id); free(t->added_normalized);
+    free(t->bytes);
+    free(t->length);
+    free(t->merges);
+    free(t->added);
+    free(t->added_id);
+    free(t->added_normalized);
     memset(t, 0, sizeof(*t));
 }
 
@@ -5416,13 +5934,15 @@ static int bpe_piece(const Tokenizer *t, const char *s, size_t n, int *ids, int 
 /* The leftmost added token of the given kind in s, the longest where several
  * start there (HF matches special tokens in the raw text, the normalized ones
  * after normalization; for ASCII the two texts are the same). */
-static int find_added(const Tokenizer *t, const char *s, size_t n, int normalized, size_t *at, size_t *len) {
+static int find_added(const Tokenizer *t, const char *s, size_t n, int normalized, size_t *at,
+                      size_t *len) {
     for (size_t pos = 0; pos < n; pos++) {
         int best = -1;
         size_t best_len = 0;
         for (int i = 0; i < t->n_added; i++) {
             size_t k = strlen(t->added[i]);
-            if (t->added_normalized[i] == normalized && k > best_len && k <= n - pos && !memcmp(s + pos, t->added[i], k)) {
+            if (t->added_normalized[i] == normalized && k > best_len && k <= n - pos &&
+                !memcmp(s + pos, t->added[i], k)) {
                 best = i;
                 best_len = k;
             }
@@ -5469,15 +5989,16 @@ static int encode_span(const Tokenizer *t, const char *s, size_t n, int phase, i
 int tokenizer_encode(const Tokenizer *t, const char *text, int *ids, int max_ids) {
     for (const char *p = text; *p; p++)
         if ((unsigned char)*p >= 0x80)
-            return fail("the text is not ASCII; mlkv encodes ASCII exactly but not other text: get the ids with "
-                        "python3 tokenize.py encode --tokenizer FILE TEXT");
+            return fail("the text is not ASCII; mlkv encodes ASCII exactly but not other text: get "
+                        "the ids with python3 tokenize.py encode --tokenizer FILE TEXT");
     return encode_span(t, text, strlen(text), 0, ids, max_ids);
 }
 
 void utf8_stream_write(Utf8Stream *s, const char *bytes, int n, FILE *out) {
     for (int i = 0; i < n; i++) {
         unsigned char c = (unsigned char)bytes[i];
-        if (s->n > 0 && (c & 0xC0) != 0x80) utf8_stream_flush(s, out); /* a broken character goes out as it is */
+        /* a broken character goes out as it is */
+        if (s->n > 0 && (c & 0xC0) != 0x80) utf8_stream_flush(s, out);
         s->pending[s->n++] = c;
         int want = utf8_length(s->pending[0]);
         if (s->n >= (want ? want : 1)) utf8_stream_flush(s, out); /* complete, or a stray byte */
@@ -5499,11 +6020,12 @@ void utf8_stream_flush(Utf8Stream *s, FILE *out) {
 
 /* Word tokens: 0 is end of text, then the words below. */
 static const char *const demo_words[] = {
-    "<|endoftext|>", ".", "again",
-    "ann", "bob", "cat", "dan", "eve", "fay", "gus", "hal", "ivy", "jon", "kim", "lee", /* names: 3.. */
-    "max", "ned", "oli", "pam", "rex", "sam", "tom", "uma", "val", "wes", "zoe", "ida",
-    "red", "blue", "green", "gold", "pink", "gray", "tan", "black",                   /* colors: 27.. */
-    "cup", "hat", "box", "key", "pen", "map", "bag", "car"};                           /* things: 35.. */
+    "<|endoftext|>", ".", "again", "ann", "bob", "cat", "dan", "eve", "fay", "gus", "hal", "ivy",
+    "jon", "kim", "lee", /* names: 3.. */
+    "max", "ned", "oli", "pam", "rex", "sam", "tom", "uma", "val", "wes", "zoe", "ida", "red",
+    "blue", "green", "gold", "pink", "gray", "tan", "black", /* colors: 27.. */
+    /* things: 35.. */
+    "cup", "hat", "box", "key", "pen", "map", "bag", "car"};
 #define DEMO_WORDS 43
 #define DEMO_NAME0 3
 #define DEMO_COLOR0 27
@@ -5559,12 +6081,19 @@ static int demo_corpus(const char *path, size_t n_tokens, uint64_t seed) {
 
 typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_U64, FLAG_CHOICE } FlagKind;
 /* FLAG_CHOICE stores the index of the value in choices (NULL-terminated) as an int */
-typedef struct { const char *name; FlagKind kind; void *dst; double min, max; const char *const *choices; } Flag;
+typedef struct {
+    const char *name;
+    FlagKind kind;
+    void *dst;
+    double min, max;
+    const char *const *choices;
+} Flag;
 #define INT_FLAG(name, dst, lo, hi) {name, FLAG_INT, dst, lo, hi, NULL}
 #define NUMBER_FLAG(name, dst, lo, hi) {name, FLAG_DOUBLE, dst, lo, hi, NULL}
 #define STRING_FLAG(name, dst) {name, FLAG_STRING, dst, 0, 0, NULL}
 #define SWITCH_FLAG(name, dst) {name, FLAG_SWITCH, dst, 0, 0, NULL}
-#define U64_FLAG(name, dst, lo, hi) {name, FLAG_U64, dst, lo, hi, NULL} /* an integer into a uint64_t */
+/* an integer into a uint64_t */
+#define U64_FLAG(name, dst, lo, hi) {name, FLAG_U64, dst, lo, hi, NULL}
 #define SEED_FLAG(name, dst) U64_FLAG(name, dst, 0, 9007199254740992.0)
 #define CHOICE_FLAG(name, dst, choices) {name, FLAG_CHOICE, dst, 0, 0, choices}
 
@@ -5619,7 +6148,9 @@ static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, co
                 int d = edit_distance(arg, flags[k].name);
                 if (d < distance) distance = d, best = k;
             }
-            if (best >= 0) return usage_error(usage, "unknown argument %s: did you mean %s?", arg, flags[best].name);
+            if (best >= 0)
+                return usage_error(usage, "unknown argument %s: did you mean %s?", arg,
+                                   flags[best].name);
             return usage_error(usage, "unknown argument %s", arg);
         }
         if (f->kind == FLAG_SWITCH) { *(int *)f->dst = 1; continue; }
@@ -5641,13 +6172,22 @@ static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, co
             continue;
         }
         x = strtod(v, &end);
-        if (end == v || *end != '\0' || !isfinite(x)) { fprintf(stderr, "mlkv: %s needs a number, not %s\n", arg, v); return 2; }
-        if (x < f->min || x > f->max) {
-            if (f->kind == FLAG_DOUBLE) fprintf(stderr, "mlkv: %s %s is out of range [%g, %g]\n", arg, v, f->min, f->max);
-            else fprintf(stderr, "mlkv: %s %s is out of range [%.0f, %.0f]\n", arg, v, f->min, f->max);
+        if (end == v || *end != '\0' || !isfinite(x)) {
+            fprintf(stderr, "mlkv: %s needs a number, not %s\n", arg, v);
             return 2;
         }
-        if (f->kind != FLAG_DOUBLE && x != floor(x)) { fprintf(stderr, "mlkv: %s needs an integer, not %s\n", arg, v); return 2; }
+        if (x < f->min || x > f->max) {
+            if (f->kind == FLAG_DOUBLE)
+                fprintf(stderr, "mlkv: %s %s is out of range [%g, %g]\n", arg, v, f->min, f->max);
+            else
+                fprintf(stderr, "mlkv: %s %s is out of range [%.0f, %.0f]\n", arg, v, f->min,
+                        f->max);
+            return 2;
+        }
+        if (f->kind != FLAG_DOUBLE && x != floor(x)) {
+            fprintf(stderr, "mlkv: %s needs an integer, not %s\n", arg, v);
+            return 2;
+        }
         if (f->kind == FLAG_INT) *(int *)f->dst = (int)x;
         else if (f->kind == FLAG_U64) *(uint64_t *)f->dst = (uint64_t)x;
         else *(double *)f->dst = x;
@@ -5683,7 +6223,8 @@ static const char *const train_usage =
     "                     checkpoint; continue later with --resume (the first Ctrl-C or\n"
     "                     SIGTERM does the same; a second one stops at once)\n"
     "  --log-every N      print every N-th step (the log file gets every step) (1)\n"
-    "  --resume           continue the run checkpointed in --out (model, AdamW state, data position)\n"
+    "  --resume           continue the run checkpointed "
+    "in --out (model, AdamW state, data position)\n"
     "  --overwrite        replace a model or run already in --out (never the --model folder)\n"
     "  --threads N        OpenMP threads (all cores)\n"
     "  --precision P      fp32 | bf16: matmul inputs rounded to bfloat16, sums, weights and\n"
@@ -5696,7 +6237,10 @@ static const char *const train_usage =
 static double parse_duration(const char *text) {
     char *end;
     double x = strtod(text, &end);
-    double unit = !strcmp(end, "") || !strcmp(end, "s") ? 1 : !strcmp(end, "m") ? 60 : !strcmp(end, "h") ? 3600 : -1;
+    double unit = !strcmp(end, "") || !strcmp(end, "s") ? 1
+                  : !strcmp(end, "m")                   ? 60
+                  : !strcmp(end, "h")                   ? 3600
+                                                        : -1;
     return end == text || unit < 0 || !isfinite(x) || x <= 0 || x > 1e9 ? -1 : x * unit;
 }
 
@@ -5704,27 +6248,44 @@ static double parse_duration(const char *text) {
  * schedule and max_time are parsed into t by finish_train_flags. */
 #define TRAIN_FLAGS 32
 static int train_flag_table(TrainArgs *t, int *schedule, const char **max_time, Flag *flags) {
-    static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL}; /* ScheduleKind order */
-    static const char *const precision_names[] = {"fp32", "bf16", NULL};               /* Precision order */
+    /* ScheduleKind order */
+    static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL};
+    /* Precision order */
+    static const char *const precision_names[] = {"fp32", "bf16", NULL};
     const double BIG = 2147483647.0;
     Flag table[] = {
-        STRING_FLAG("--model", &t->model_dir), STRING_FLAG("--train", &t->train_path),
-        STRING_FLAG("--val", &t->val_path), STRING_FLAG("--out", &t->out_dir),
-        INT_FLAG("--batch", &t->batch, 1, 65536), INT_FLAG("--seq", &t->seq, 1, 1 << 20),
-        INT_FLAG("--grad-accum", &t->grad_accum, 1, 1 << 20), INT_FLAG("--steps", &t->steps, 1, BIG),
-        NUMBER_FLAG("--epochs", &t->epochs, 1e-9, 1e9), NUMBER_FLAG("--lr", &t->opt.lr, 0, 1e3),
-        INT_FLAG("--warmup-steps", &t->warmup_steps, 0, BIG), NUMBER_FLAG("--warmup-ratio", &t->warmup_ratio, 0, 1),
+        STRING_FLAG("--model", &t->model_dir),
+        STRING_FLAG("--train", &t->train_path),
+        STRING_FLAG("--val", &t->val_path),
+        STRING_FLAG("--out", &t->out_dir),
+        INT_FLAG("--batch", &t->batch, 1, 65536),
+        INT_FLAG("--seq", &t->seq, 1, 1 << 20),
+        INT_FLAG("--grad-accum", &t->grad_accum, 1, 1 << 20),
+        INT_FLAG("--steps", &t->steps, 1, BIG),
+        NUMBER_FLAG("--epochs", &t->epochs, 1e-9, 1e9),
+        NUMBER_FLAG("--lr", &t->opt.lr, 0, 1e3),
+        INT_FLAG("--warmup-steps", &t->warmup_steps, 0, BIG),
+        NUMBER_FLAG("--warmup-ratio", &t->warmup_ratio, 0, 1),
         CHOICE_FLAG("--schedule", schedule, schedule_names),
-        NUMBER_FLAG("--weight-decay", &t->opt.weight_decay, 0, 1e3), NUMBER_FLAG("--clip", &t->opt.clip, 0, 1e30),
-        NUMBER_FLAG("--beta1", &t->opt.beta1, 0, 0.999999), NUMBER_FLAG("--beta2", &t->opt.beta2, 0, 0.999999999),
-        NUMBER_FLAG("--eps", &t->opt.eps, 0, 1), SEED_FLAG("--seed", &t->seed),
-        INT_FLAG("--eval-every", &t->eval_every, 0, BIG), INT_FLAG("--val-batches", &t->val_batches, 1, BIG),
-        INT_FLAG("--save-every", &t->save_every, 0, BIG), INT_FLAG("--stop-after", &t->stop_after, 1, BIG),
-        SWITCH_FLAG("--resume", &t->resume), SWITCH_FLAG("--overwrite", &t->overwrite),
-        INT_FLAG("--threads", &t->threads, 1, 4096), INT_FLAG("--log-every", &t->log_every, 1, BIG),
+        NUMBER_FLAG("--weight-decay", &t->opt.weight_decay, 0, 1e3),
+        NUMBER_FLAG("--clip", &t->opt.clip, 0, 1e30),
+        NUMBER_FLAG("--beta1", &t->opt.beta1, 0, 0.999999),
+        NUMBER_FLAG("--beta2", &t->opt.beta2, 0, 0.999999999),
+        NUMBER_FLAG("--eps", &t->opt.eps, 0, 1),
+        SEED_FLAG("--seed", &t->seed),
+        INT_FLAG("--eval-every", &t->eval_every, 0, BIG),
+        INT_FLAG("--val-batches", &t->val_batches, 1, BIG),
+        INT_FLAG("--save-every", &t->save_every, 0, BIG),
+        INT_FLAG("--stop-after", &t->stop_after, 1, BIG),
+        SWITCH_FLAG("--resume", &t->resume),
+        SWITCH_FLAG("--overwrite", &t->overwrite),
+        INT_FLAG("--threads", &t->threads, 1, 4096),
+        INT_FLAG("--log-every", &t->log_every, 1, BIG),
         STRING_FLAG("--max-time", max_time),
-        SWITCH_FLAG("--verbose", &t->verbose), CHOICE_FLAG("--precision", &t->precision, precision_names),
-        U64_FLAG("--max-tokens", &t->max_tokens, 1, 9007199254740992.0), SWITCH_FLAG("--freeze-embeds", &t->freeze_embeds),
+        SWITCH_FLAG("--verbose", &t->verbose),
+        CHOICE_FLAG("--precision", &t->precision, precision_names),
+        U64_FLAG("--max-tokens", &t->max_tokens, 1, 9007199254740992.0),
+        SWITCH_FLAG("--freeze-embeds", &t->freeze_embeds),
     };
     _Static_assert(sizeof(table) / sizeof(table[0]) == TRAIN_FLAGS, "TRAIN_FLAGS counts the table");
     memcpy(flags, table, sizeof(table));
@@ -5737,7 +6298,8 @@ static int train_flag_table(TrainArgs *t, int *schedule, const char **max_time, 
 static int finish_train_flags(TrainArgs *t, int schedule, const char *max_time, const char *usage) {
     t->opt.schedule = (ScheduleKind)schedule;
     if (max_time && (t->max_time = parse_duration(max_time)) <= 0)
-        return usage_error(usage, "--max-time %s: give a duration such as 90s, 45m or 2h", max_time);
+        return usage_error(usage, "--max-time %s: give a duration such as 90s, 45m or 2h",
+                           max_time);
     if ((t->steps > 0) + (t->epochs > 0) + (t->max_tokens > 0) > 1)
         return usage_error(usage, "give one of --steps, --epochs and --max-tokens");
     if (t->epochs == 0) t->epochs = 1;
@@ -5759,7 +6321,8 @@ static int cmd_train(int argc, char **argv) {
     if (parsed == FLAGS_OK) parsed = finish_train_flags(&t, schedule, max_time, train_usage);
     if (parsed != FLAGS_OK) return parsed;
     if (!t.train_path || !t.out_dir || (!t.model_dir && !t.resume))
-        return usage_error(train_usage, "train: --train, --out and --model (or --resume) are required");
+        return usage_error(train_usage,
+                           "train: --train, --out and --model (or --resume) are required");
     if (run_training(&t) != 0) return exit_code(-1);
     /* stopped by a signal, with a checkpoint: the shell's convention, 128 + the signal */
     return t.stopped_by ? 128 + t.stopped_by : 0;
@@ -5767,14 +6330,15 @@ static int cmd_train(int argc, char **argv) {
 
 static void print_model_summary(const Model *m) {
     const Config *c = &m->config;
-    printf("%zu parameters: %d layers, hidden %d, %d heads of %d, intermediate %d, vocab %d\n", m->num_parameters,
-           c->n_layer, c->hidden_size, c->n_head, c->head_size, c->intermediate_size, c->vocab_size);
-    printf("K/V: %d head%s in each of %d owning layer%s (", c->n_kv_head, plural(c->n_kv_head), c->n_kv_layer,
-           plural(c->n_kv_layer));
+    printf("%zu parameters: %d layers, hidden %d, %d heads of %d, intermediate %d, vocab %d\n",
+           m->num_parameters, c->n_layer, c->hidden_size, c->n_head, c->head_size,
+           c->intermediate_size, c->vocab_size);
+    printf("K/V: %d head%s in each of %d owning layer%s (", c->n_kv_head, plural(c->n_kv_head),
+           c->n_kv_layer, plural(c->n_kv_layer));
     for (int l = 0; l < c->n_layer; l++)
         if (c->kv_layer_of[l] == l) printf("%s%d", l ? " " : "", l);
-    printf("); KV cache %ld bytes/token fp16, %ld fp32; %s\n", kv_cache_bytes(c, 2), kv_cache_bytes(c, 4),
-           rotary_mode(c));
+    printf("); KV cache %ld bytes/token fp16, %ld fp32; %s\n", kv_cache_bytes(c, 2),
+           kv_cache_bytes(c, 4), rotary_mode(c));
 }
 
 static const char *const convert_usage =
@@ -5810,12 +6374,14 @@ static int parse_layer_map(const char *text, int n_layer, int *map) {
         char *end;
         long v = strtol(p, &end, 10);
         if (end == p || v < 0 || v >= n_layer || n == n_layer)
-            return fail("--kv-map %s: give %d layer numbers in 0..%d separated by commas", text, n_layer, n_layer - 1);
+            return fail("--kv-map %s: give %d layer numbers in 0..%d separated by commas", text,
+                        n_layer, n_layer - 1);
         map[n++] = (int)v;
         p = *end == ',' ? end + 1 : end;
         if (*end && *end != ',') return fail("--kv-map %s: unexpected '%c'", text, *end);
     }
-    if (n != n_layer) return fail("--kv-map %s has %d entries; the model has %d layers", text, n, n_layer);
+    if (n != n_layer)
+        return fail("--kv-map %s has %d entries; the model has %d layers", text, n, n_layer);
     return 0;
 }
 
@@ -5826,15 +6392,24 @@ static int cmd_convert(int argc, char **argv) {
     ConvertOptions o = {0};
     static const char *const rotary_names[] = {"shared", "reference", NULL};
     int pool = POOL_PAIRWISE, grow = GROW_COPY, rotary = 0, overwrite = 0;
-    Flag flags[] = {CHOICE_FLAG("--rotary", &rotary, rotary_names), SWITCH_FLAG("--overwrite", &overwrite), INT_FLAG("--kv-layers", &o.kv_layers, 1, MLKV_MAX_LAYERS), INT_FLAG("--kv-heads", &o.kv_heads, 1, 1 << 20),
-                    STRING_FLAG("--out", &out), SWITCH_FLAG("--kv-mlp", &o.kv_mlp),
-                    CHOICE_FLAG("--pool", &pool, pool_names), CHOICE_FLAG("--grow-mlp", &grow, grow_names),
-                    STRING_FLAG("--kv-map", &map_text), SEED_FLAG("--seed", &o.seed)};
-    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), convert_usage, &in);
+    Flag flags[] = {CHOICE_FLAG("--rotary", &rotary, rotary_names),
+                    SWITCH_FLAG("--overwrite", &overwrite),
+                    INT_FLAG("--kv-layers", &o.kv_layers, 1, MLKV_MAX_LAYERS),
+                    INT_FLAG("--kv-heads", &o.kv_heads, 1, 1 << 20),
+                    STRING_FLAG("--out", &out),
+                    SWITCH_FLAG("--kv-mlp", &o.kv_mlp),
+                    CHOICE_FLAG("--pool", &pool, pool_names),
+                    CHOICE_FLAG("--grow-mlp", &grow, grow_names),
+                    STRING_FLAG("--kv-map", &map_text),
+                    SEED_FLAG("--seed", &o.seed)};
+    int parsed =
+        parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), convert_usage, &in);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (!in || !o.kv_heads || (!o.kv_layers && !map_text)) {
-        return usage_error(convert_usage, "convert: PYTHIA_DIR, --kv-heads and --kv-layers (or --kv-map) are required");
+        return usage_error(
+            convert_usage,
+            "convert: PYTHIA_DIR, --kv-heads and --kv-layers (or --kv-map) are required");
     }
     o.pool = (PoolKind)pool;
     o.grow = (GrowKind)grow;
@@ -5846,7 +6421,8 @@ static int cmd_convert(int argc, char **argv) {
     if (model_load(&mha, in_dir) != 0) return exit_code(-1);
     const Config *c = &mha.config;
     if (c->n_head % o.kv_heads != 0 || o.kv_heads > c->n_head)
-        rc = fail("--kv-heads %d: the %d attention heads must split into %d equal groups", o.kv_heads, c->n_head, o.kv_heads);
+        rc = fail("--kv-heads %d: the %d attention heads must split into %d equal groups",
+                  o.kv_heads, c->n_head, o.kv_heads);
     else if (o.kv_layers > c->n_layer)
         rc = fail("--kv-layers %d: the model has %d layers", o.kv_layers, c->n_layer);
     else if (map_text && (rc = parse_layer_map(map_text, c->n_layer, o.map)) == 0)
@@ -5856,7 +6432,8 @@ static int cmd_convert(int argc, char **argv) {
         kv_layers = 0;
         for (int l = 0; l < c->n_layer; l++) kv_layers += o.map[l] == l;
     }
-    snprintf(suffix, sizeof(suffix), "_mlkv_%s%d_%d", o.kv_mlp ? "mlp_" : "", kv_layers, o.kv_heads);
+    snprintf(suffix, sizeof(suffix), "_mlkv_%s%d_%d", o.kv_mlp ? "mlp_" : "", kv_layers,
+             o.kv_heads);
     if (rc == 0 && !out && (rc = make_path(default_out, in_dir, suffix)) == 0) out = default_out;
     if (rc == 0) rc = check_output_dir(out, in_dir, overwrite, NULL);
     if (rc == 0) rc = model_convert(&mha, &converted, &o);
@@ -5868,16 +6445,23 @@ static int cmd_convert(int argc, char **argv) {
             printf("  K/V owners:");
             for (int l = 0; l < n->n_layer; l++)
                 if (n->kv_layer_of[l] == l) printf(" %d", l);
-            printf(" (%d layer%s x %d head%s; was %d x %d); layer reads:", n->n_kv_layer, plural(n->n_kv_layer),
-                   n->n_kv_head, plural(n->n_kv_head), c->n_layer, c->n_head);
+            printf(" (%d layer%s x %d head%s; was %d x %d); layer reads:", n->n_kv_layer,
+                   plural(n->n_kv_layer), n->n_kv_head, plural(n->n_kv_head), c->n_layer,
+                   c->n_head);
             for (int l = 0; l < n->n_layer; l++) printf(" %d", n->kv_layer_of[l]);
             printf("\n  pooling across layers: %s\n", pool_names[o.pool]);
-            if (n->use_kv_mlp) printf("  KV-MLP hidden width %d; MLPs unchanged\n", n->kv_intermediate_size);
-            else printf("  MLP intermediate %d -> %d (%s)\n", c->intermediate_size, n->intermediate_size,
-                        o.grow == GROW_NONE ? "no growth" : o.grow == GROW_ZERO ? "new neurons output 0" : "new neurons copy the first ones");
+            if (n->use_kv_mlp)
+                printf("  KV-MLP hidden width %d; MLPs unchanged\n", n->kv_intermediate_size);
+            else
+                printf("  MLP intermediate %d -> %d (%s)\n", c->intermediate_size,
+                       n->intermediate_size,
+                       o.grow == GROW_NONE   ? "no growth"
+                       : o.grow == GROW_ZERO ? "new neurons output 0"
+                                             : "new neurons copy the first ones");
             printf("  parameters %zu -> %zu\n", mha.num_parameters, converted.num_parameters);
-            printf("  KV cache bytes/token: fp16 %ld -> %ld, fp32 %ld -> %ld (%.1fx smaller)\n", kv_cache_bytes(c, 2),
-                   kv_cache_bytes(n, 2), kv_cache_bytes(c, 4), kv_cache_bytes(n, 4),
+            printf("  KV cache bytes/token: fp16 %ld -> %ld, fp32 %ld -> %ld (%.1fx smaller)\n",
+                   kv_cache_bytes(c, 2), kv_cache_bytes(n, 2), kv_cache_bytes(c, 4),
+                   kv_cache_bytes(n, 4),
                    (double)kv_cache_bytes(c, 2) / (double)kv_cache_bytes(n, 2));
         }
         model_free(&converted);
@@ -5895,19 +6479,22 @@ static const char *const export_usage =
 static int cmd_export(int argc, char **argv) {
     const char *in = NULL, *out = NULL;
     int fused = 0, overwrite = 0;
-    Flag flags[] = {SWITCH_FLAG("--fused", &fused), STRING_FLAG("--out", &out), SWITCH_FLAG("--overwrite", &overwrite)};
+    Flag flags[] = {SWITCH_FLAG("--fused", &fused), STRING_FLAG("--out", &out),
+                    SWITCH_FLAG("--overwrite", &overwrite)};
     int parsed = parse_flags(argc, argv, flags, 3, export_usage, &in);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (!in || !out || !fused) {
-        return usage_error(export_usage, "export: DIR, --fused (the one format) and --out are required");
+        return usage_error(export_usage,
+                           "export: DIR, --fused (the one format) and --out are required");
     }
     Model m;
     if (model_load(&m, in) != 0) return exit_code(-1);
     const Config *c = &m.config;
     if (!is_mha(c))
-        rc = fail("%s: only MHA models have the stock layout (this one has %d K/V heads in %d of %d layers%s)", in,
-                  c->n_kv_head, c->n_kv_layer, c->n_layer, c->use_kv_mlp ? ", KV-MLP" : "");
+        rc = fail("%s: only MHA models have the stock layout (this "
+                  "one has %d K/V heads in %d of %d layers%s)",
+                  in, c->n_kv_head, c->n_kv_layer, c->n_layer, c->use_kv_mlp ? ", KV-MLP" : "");
     if (rc == 0) rc = check_output_dir(out, in, overwrite, NULL);
     if (rc == 0) rc = checkpoint_save(&m, out, NULL, in, 1);
     if (rc == 0) printf("wrote %s in the stock GPT-NeoX layout\n", out);
@@ -5925,7 +6512,8 @@ static int cmd_encode(int argc, char **argv) {
     Flag flags[] = {STRING_FLAG("--tokenizer", &path)};
     int parsed = parse_flags(argc, argv, flags, 1, encode_usage, &text);
     if (parsed != FLAGS_OK) return parsed;
-    if (!path || !text) return usage_error(encode_usage, "encode: --tokenizer and TEXT are required");
+    if (!path || !text)
+        return usage_error(encode_usage, "encode: --tokenizer and TEXT are required");
     Tokenizer t;
     if (tokenizer_load(&t, path) != 0) return exit_code(-1);
     int room = (int)strlen(text) + 16, *ids = malloc(sizeof(int) * (size_t)room);
@@ -5945,7 +6533,9 @@ static int cmd_decode(int argc, char **argv) {
     const char *path = NULL;
     Flag flags[] = {STRING_FLAG("--tokenizer", &path)};
     int first = 0;
-    while (first < argc && (argv[first][0] == '-' || (first > 0 && !strcmp(argv[first - 1], "--tokenizer")))) first++;
+    while (first < argc &&
+           (argv[first][0] == '-' || (first > 0 && !strcmp(argv[first - 1], "--tokenizer"))))
+        first++;
     int parsed = parse_flags(first, argv, flags, 1, decode_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
@@ -5957,7 +6547,9 @@ static int cmd_decode(int argc, char **argv) {
         char *end;
         long id = strtol(argv[i], &end, 10);
         int len;
-        const char *bytes = *end || end == argv[i] || id < 0 || id >= t.n_ids ? NULL : tokenizer_token(&t, (int)id, &len);
+        const char *bytes = *end || end == argv[i] || id < 0 || id >= t.n_ids
+                                ? NULL
+                                : tokenizer_token(&t, (int)id, &len);
         if (!bytes) rc = fail("%s: not a token id of %s (0..%d)", argv[i], path, t.n_ids - 1);
         else utf8_stream_write(&stream, bytes, len, stdout);
     }
@@ -5990,7 +6582,8 @@ static const char *const sample_usage =
 
 /* The integers of a list separated by commas or spaces, each in lo..hi, at
  * most max of them: their count, or -1 (the message names flag and what). */
-static int parse_int_list(const char *flag, const char *what, const char *text, int *out, int max, int lo, int hi) {
+static int parse_int_list(const char *flag, const char *what, const char *text, int *out, int max,
+                          int lo, int hi) {
     int n = 0;
     for (const char *p = text; *p;) {
         while (*p == ',' || *p == ' ') p++;
@@ -6045,7 +6638,8 @@ static int generate(Model *m, KVCache *cache, const int *prompt, int P, Samples 
     size_t stop_len = g->stop ? strlen(g->stop) : 0;
     Utf8Stream stream = {{0}, 0};
     double t0 = now_seconds();
-    for (int b = 0; b < batch; b++) memcpy(g->step + (size_t)b * P, prompt, (size_t)P * sizeof(int));
+    for (int b = 0; b < batch; b++)
+        memcpy(g->step + (size_t)b * P, prompt, (size_t)P * sizeof(int));
     const float *logits = model_cached_forward(m, cache, g->step, P); /* prefill */
     if (!logits) return -1;
     double t1 = now_seconds();
@@ -6053,7 +6647,8 @@ static int generate(Model *m, KVCache *cache, const int *prompt, int P, Samples 
     int rc = 0;
     for (g->steps = 0; rc == 0 && g->steps < g->n_new && running > 0; g->steps++) {
         for (int b = 0; b < batch; b++) {
-            int id = sample_token(logits + (size_t)b * V, g->vocab, &g->sc, &g->rng[b], g->scratch), len;
+            int id = sample_token(logits + (size_t)b * V, g->vocab, &g->sc, &g->rng[b], g->scratch),
+                len;
             g->step[b] = id;
             if (g->length[b] < 0) continue; /* this sample has stopped; its row runs on unread */
             if (id == g->eos) { g->length[b] = -g->length[b] - 1; running--; continue; }
@@ -6066,22 +6661,33 @@ static int generate(Model *m, KVCache *cache, const int *prompt, int P, Samples 
             char *t = g->text + (size_t)b * g->text_cap;
             if (g->text_len[b] + (size_t)len < g->text_cap)
                 memcpy(t + g->text_len[b], bytes, (size_t)len), g->text_len[b] += (size_t)len;
-            char *found = g->stop ? find_in_tail(t, g->text_len[b], stop_len + (size_t)len - 1, g->stop, stop_len) : NULL;
-            if (found) { g->text_len[b] = (size_t)(found - t); g->length[b] = -g->length[b] - 1; running--; }
+            char *found = g->stop ? find_in_tail(t, g->text_len[b], stop_len + (size_t)len - 1,
+                                                 g->stop, stop_len)
+                                  : NULL;
+            if (found) {
+                g->text_len[b] = (size_t)(found - t);
+                g->length[b] = -g->length[b] - 1;
+                running--;
+            }
             if (batch == 1) { /* stream what the stop string can no longer claim */
                 size_t n = g->text_len[b];
                 size_t safe = found || !g->stop ? n : n > stop_len - 1 ? n - (stop_len - 1) : 0;
-                if (safe > (size_t)printed) utf8_stream_write(&stream, t + printed, (int)(safe - (size_t)printed), stdout);
+                if (safe > (size_t)printed)
+                    utf8_stream_write(&stream, t + printed, (int)(safe - (size_t)printed), stdout);
                 printed = (int)(safe > (size_t)printed ? safe : (size_t)printed);
             }
         }
-        if (g->steps + 1 < g->n_new && running > 0 && !(logits = model_cached_forward(m, cache, g->step, 1))) rc = -1;
+        if (g->steps + 1 < g->n_new && running > 0 &&
+            !(logits = model_cached_forward(m, cache, g->step, 1)))
+            rc = -1;
     }
     g->prefill_seconds = t1 - t0;
     g->decode_seconds = now_seconds() - t1;
-    for (int b = 0; b < batch; b++) g->length[b] = g->length[b] < 0 ? -g->length[b] - 1 : g->length[b];
+    for (int b = 0; b < batch; b++)
+        g->length[b] = g->length[b] < 0 ? -g->length[b] - 1 : g->length[b];
     if (rc == 0 && batch == 1 && g->tok && g->text_len[0] > (size_t)printed)
-        utf8_stream_write(&stream, g->text + printed, (int)(g->text_len[0] - (size_t)printed), stdout);
+        utf8_stream_write(&stream, g->text + printed, (int)(g->text_len[0] - (size_t)printed),
+                          stdout);
     utf8_stream_flush(&stream, stdout);
     return rc;
 }
@@ -6092,17 +6698,25 @@ static int cmd_sample(int argc, char **argv) {
     int n_new = 64, batch = 1, threads = 0, ignore_eos = 0;
     uint64_t seed = 42;
     SamplingConfig sc = {1.0, 1.0, 0};
-    Flag flags[] = {STRING_FLAG("--prompt", &prompt), STRING_FLAG("--prompt-ids", &prompt_ids),
-                    STRING_FLAG("--stop", &stop), SWITCH_FLAG("--ignore-eos", &ignore_eos),
-                    INT_FLAG("-n", &n_new, 1, 1 << 24), NUMBER_FLAG("--temperature", &sc.temperature, 0, 1e6),
-                    INT_FLAG("--top-k", &sc.top_k, 0, 1 << 30), NUMBER_FLAG("--top-p", &sc.top_p, 1e-9, 1),
-                    SEED_FLAG("--seed", &seed), INT_FLAG("--batch", &batch, 1, 4096),
-                    STRING_FLAG("--tokenizer", &tokenizer_path), INT_FLAG("--threads", &threads, 1, 4096)};
-    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), sample_usage, &dir);
+    Flag flags[] = {STRING_FLAG("--prompt", &prompt),
+                    STRING_FLAG("--prompt-ids", &prompt_ids),
+                    STRING_FLAG("--stop", &stop),
+                    SWITCH_FLAG("--ignore-eos", &ignore_eos),
+                    INT_FLAG("-n", &n_new, 1, 1 << 24),
+                    NUMBER_FLAG("--temperature", &sc.temperature, 0, 1e6),
+                    INT_FLAG("--top-k", &sc.top_k, 0, 1 << 30),
+                    NUMBER_FLAG("--top-p", &sc.top_p, 1e-9, 1),
+                    SEED_FLAG("--seed", &seed),
+                    INT_FLAG("--batch", &batch, 1, 4096),
+                    STRING_FLAG("--tokenizer", &tokenizer_path),
+                    INT_FLAG("--threads", &threads, 1, 4096)};
+    int parsed =
+        parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), sample_usage, &dir);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (!dir || (prompt && prompt_ids))
-        return usage_error(sample_usage, "sample: give DIR, and at most one of --prompt and --prompt-ids");
+        return usage_error(sample_usage,
+                           "sample: give DIR, and at most one of --prompt and --prompt-ids");
     if (stop && !*stop) return usage_error(sample_usage, "sample: --stop needs a non-empty string");
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads(threads);
@@ -6114,35 +6728,50 @@ static int cmd_sample(int argc, char **argv) {
     if (model_load(&m, dir) != 0) return exit_code(-1);
     const Config *c = &m.config;
     have_tokenizer = tokenizer_load(&tok, tokenizer_path ? tokenizer_path : dir) == 0;
-    if (!have_tokenizer && (tokenizer_path || prompt || stop)) /* the load error says why, and how to give one */
-        rc = fail_in(tokenizer_path ? "--tokenizer" : "no tokenizer: give --tokenizer FILE (or put tokenizer.json in DIR)");
+    /* the load error says why, and how to give one */
+    if (!have_tokenizer && (tokenizer_path || prompt || stop))
+        rc = fail_in(tokenizer_path
+                         ? "--tokenizer"
+                         : "no tokenizer: give --tokenizer FILE (or put tokenizer.json in DIR)");
     int room = c->max_position_embeddings;
     prompt_tokens = alloc_zeroed((size_t)room + 1, sizeof(int), "the prompt");
     if (rc == 0 && !prompt_tokens) rc = -1;
-    if (rc == 0 && prompt) rc = (P = tokenizer_encode(&tok, prompt, prompt_tokens, room)) < 0 ? -1 : 0;
-    else if (rc == 0 && prompt_ids) rc = (P = parse_int_list("--prompt-ids", "a token id", prompt_ids, prompt_tokens, room, 0,
-                                                          c->vocab_size - 1)) < 0 ? -1 : 0;
+    if (rc == 0 && prompt)
+        rc = (P = tokenizer_encode(&tok, prompt, prompt_tokens, room)) < 0 ? -1 : 0;
+    else if (rc == 0 && prompt_ids)
+        rc = (P = parse_int_list("--prompt-ids", "a token id", prompt_ids, prompt_tokens, room, 0,
+                                 c->vocab_size - 1)) < 0
+                 ? -1
+                 : 0;
     if (rc == 0 && P == 0) { /* no prompt: start a document */
         if (have_tokenizer && tok.eot_id >= 0) prompt_tokens[P++] = tok.eot_id;
         else rc = fail("no prompt and no <|endoftext|> to start from: give --prompt-ids");
     }
     if (rc == 0 && P + n_new > c->max_position_embeddings)
-        rc = fail("%d prompt + %d new tokens exceed max_position_embeddings (%d)", P, n_new, c->max_position_embeddings);
+        rc = fail("%d prompt + %d new tokens exceed max_position_embeddings (%d)", P, n_new,
+                  c->max_position_embeddings);
     int chunk = P > 0 ? P : 1; /* the whole prompt in one pass */
     /* Never an id the tokenizer lacks (Pythia pads its embedding to 50304
      * rows for 50277 tokens) */
-    Samples g = {.batch = batch, .n_new = n_new, .sc = sc, .seed = seed, .stop = stop,
+    Samples g = {.batch = batch,
+                 .n_new = n_new,
+                 .sc = sc,
+                 .seed = seed,
+                 .stop = stop,
                  .vocab = have_tokenizer && tok.n_ids < c->vocab_size ? tok.n_ids : c->vocab_size,
-                 .eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1, .tok = have_tokenizer ? &tok : NULL,
+                 .eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1,
+                 .tok = have_tokenizer ? &tok : NULL,
                  .text_cap = (size_t)n_new * 16 + 16};
     if (rc == 0) rc = kv_cache_init(&cache, &m, batch, P + n_new, chunk, 0);
-    if (rc == 0 && (!(g.step = alloc_zeroed((size_t)batch * chunk, sizeof(int), "the batch")) ||
-                    !(g.scratch = alloc_zeroed((size_t)c->vocab_size, sizeof(Candidate), "sampling")) ||
-                    !(g.rng = alloc_zeroed((size_t)batch, sizeof(uint64_t), "sampling")) ||
-                    !(g.tokens = alloc_zeroed((size_t)batch, sizeof(int *), "the samples")) ||
-                    !(g.length = alloc_zeroed((size_t)batch, sizeof(int), "the samples")) ||
-                    !(g.text_len = alloc_zeroed((size_t)batch, sizeof(size_t), "the samples")) ||
-                    (have_tokenizer && !(g.text = alloc_zeroed((size_t)batch * g.text_cap, 1, "the samples")))))
+    if (rc == 0 &&
+        (!(g.step = alloc_zeroed((size_t)batch * chunk, sizeof(int), "the batch")) ||
+         !(g.scratch = alloc_zeroed((size_t)c->vocab_size, sizeof(Candidate), "sampling")) ||
+         !(g.rng = alloc_zeroed((size_t)batch, sizeof(uint64_t), "sampling")) ||
+         !(g.tokens = alloc_zeroed((size_t)batch, sizeof(int *), "the samples")) ||
+         !(g.length = alloc_zeroed((size_t)batch, sizeof(int), "the samples")) ||
+         !(g.text_len = alloc_zeroed((size_t)batch, sizeof(size_t), "the samples")) ||
+         (have_tokenizer &&
+          !(g.text = alloc_zeroed((size_t)batch * g.text_cap, 1, "the samples")))))
         rc = -1;
     for (int b = 0; rc == 0 && b < batch; b++)
         if (!(g.tokens[b] = alloc_zeroed((size_t)n_new, sizeof(int), "the samples"))) rc = -1;
@@ -6151,19 +6780,30 @@ static int cmd_sample(int argc, char **argv) {
     Utf8Stream stream = {{0}, 0};
     for (int b = 0; rc == 0 && batch > 1 && b < batch; b++) { /* several samples: each one whole */
         printf("--- sample %d\n", b);
-        if (have_tokenizer) utf8_stream_write(&stream, g.text + (size_t)b * g.text_cap, (int)g.text_len[b], stdout);
-        for (int i = 0; !have_tokenizer && i < g.length[b]; i++) printf("%s%d", i ? " " : "", g.tokens[b][i]);
+        if (have_tokenizer)
+            utf8_stream_write(&stream, g.text + (size_t)b * g.text_cap, (int)g.text_len[b], stdout);
+        for (int i = 0; !have_tokenizer && i < g.length[b]; i++)
+            printf("%s%d", i ? " " : "", g.tokens[b][i]);
         utf8_stream_flush(&stream, stdout);
         printf("\n");
     }
     char cache_text[32];
     if (rc == 0)
-        fprintf(stderr, "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %s; %s]\n",
-                batch, P, batch * P / fmax(g.prefill_seconds, 1e-9), batch, g.steps,
-                batch * g.steps / fmax(g.decode_seconds, 1e-9),
-                format_bytes(cache_text, sizeof(cache_text), (double)cache.cache_bytes), rotary_mode(c));
+        fprintf(
+            stderr,
+            "\n[prefill %d x %d tokens: %.0f tok/s; decode %d x %d: %.1f tok/s; KV cache %s; %s]\n",
+            batch, P, batch * P / fmax(g.prefill_seconds, 1e-9), batch, g.steps,
+            batch * g.steps / fmax(g.decode_seconds, 1e-9),
+            format_bytes(cache_text, sizeof(cache_text), (double)cache.cache_bytes),
+            rotary_mode(c));
     for (int b = 0; g.tokens && b < batch; b++) free(g.tokens[b]);
-    free(g.tokens); free(g.rng); free(g.step); free(g.scratch); free(prompt_tokens); free(g.length); free(g.text);
+    free(g.tokens);
+    free(g.rng);
+    free(g.step);
+    free(g.scratch);
+    free(prompt_tokens);
+    free(g.length);
+    free(g.text);
     free(g.text_len);
     kv_cache_free(&cache);
     if (have_tokenizer) tokenizer_free(&tok);
@@ -6174,9 +6814,10 @@ static int cmd_sample(int argc, char **argv) {
 /* --- bench-kv: the reference's decode-memory measurement, done properly --- */
 
 /* The reference's grid for Pythia-160M (L = 12, H = 12): name, kvL, kvH */
-static const struct { const char *name; int kv_layers, kv_heads; } reference_grid[] = {
-    {"MHA-144", 12, 12}, {"GQA-48", 12, 4}, {"MLKV-48", 4, 12}, {"MQA-12", 12, 1}, {"MLKV-12", 4, 3},
-    {"MLKV-6", 6, 1},    {"MLKV-4", 4, 1},  {"MLKV-2", 2, 1},   {"MLKV-1", 1, 1}};
+static const struct { const char *name; int kv_layers, kv_heads;
+} reference_grid[] = {{"MHA-144", 12, 12}, {"GQA-48", 12, 4}, {"MLKV-48", 4, 12},
+                      {"MQA-12", 12, 1},   {"MLKV-12", 4, 3}, {"MLKV-6", 6, 1},
+                      {"MLKV-4", 4, 1},    {"MLKV-2", 2, 1},  {"MLKV-1", 1, 1}};
 #define GRID_SIZE ((int)(sizeof(reference_grid) / sizeof(reference_grid[0])))
 
 /* A configuration's name as the reference names them: its kind and the K/V
@@ -6193,7 +6834,8 @@ typedef struct { char name[32]; int kv_layers, kv_heads; } GridEntry;
 static int adapted_grid(int L, int H, GridEntry *out) {
     int n = 0;
     for (int g = 0; g < GRID_SIZE; g++) {
-        int kvL = reference_grid[g].kv_layers < L ? reference_grid[g].kv_layers : L, kvH = reference_grid[g].kv_heads;
+        int kvL = reference_grid[g].kv_layers < L ? reference_grid[g].kv_layers : L,
+            kvH = reference_grid[g].kv_heads;
         while (H % kvH != 0 || kvH > H) kvH--;
         int seen = 0;
         for (int i = 0; i < n; i++) seen |= out[i].kv_layers == kvL && out[i].kv_heads == kvH;
@@ -6238,22 +6880,24 @@ static double kv_cache_plan_bytes(const Config *c, int B, int max_T, int chunk) 
 }
 
 static void print_theory(void) {
-    static const struct { const char *name; int hidden, layers, heads; } sizes[] = {
-        {"14m", 128, 6, 4}, {"31m", 256, 6, 8}, {"70m", 512, 6, 8}, {"160m", 768, 12, 12}, {"410m", 1024, 24, 16},
-        {"1b", 2048, 16, 8}};
+    static const struct { const char *name; int hidden, layers, heads;
+    } sizes[] = {{"14m", 128, 6, 4},    {"31m", 256, 6, 8},     {"70m", 512, 6, 8},
+                 {"160m", 768, 12, 12}, {"410m", 1024, 24, 16}, {"1b", 2048, 16, 8}};
     printf("KV cache in bytes, 2 * kvL * kvH * head_size * bytes per element. The grid is the\n"
            "reference's (Pythia-160M); for other sizes kvL is capped at L and kvH is the largest\n"
            "divisor of H not above the grid's, each configuration once, named for what it is.\n");
-    printf("| Pythia | config | kvL x kvH | per token fp16 | per token fp32 | 2048 tokens fp16 | 2048 tokens fp32 |\n");
+    printf("| Pythia | config | kvL x kvH | per token fp16 | per "
+           "token fp32 | 2048 tokens fp16 | 2048 tokens fp32 |\n");
     printf("|---|---|---|---|---|---|---|\n");
     for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
         GridEntry grid[GRID_SIZE];
-        int n = adapted_grid(sizes[s].layers, sizes[s].heads, grid), hs = sizes[s].hidden / sizes[s].heads;
+        int n = adapted_grid(sizes[s].layers, sizes[s].heads, grid),
+            hs = sizes[s].hidden / sizes[s].heads;
         for (int g = 0; g < n; g++) {
             long token = 2L * grid[g].kv_layers * grid[g].kv_heads * hs;
-            printf("| %s | %s | %d x %d | %ld | %ld | %.2f MiB | %.2f MiB |\n", sizes[s].name, grid[g].name,
-                   grid[g].kv_layers, grid[g].kv_heads, token * 2, token * 4, token * 2 * 2048 / 1048576.0,
-                   token * 4 * 2048 / 1048576.0);
+            printf("| %s | %s | %d x %d | %ld | %ld | %.2f MiB | %.2f MiB |\n", sizes[s].name,
+                   grid[g].name, grid[g].kv_layers, grid[g].kv_heads, token * 2, token * 4,
+                   token * 2 * 2048 / 1048576.0, token * 4 * 2048 / 1048576.0);
         }
     }
 }
@@ -6271,19 +6915,22 @@ typedef struct {
 } BenchOptions;
 
 /* The reference's decode-memory script's batch sizes (its measurements.csv) */
-static const int reference_batches[] = {8, 16, 24, 32, 40, 48, 64, 80, 100, 140, 220, 300, 380, 460, 620, 720, 940, 1100};
+static const int reference_batches[] = {8,   16,  24,  32,  40,  48,  64,  80,  100,
+                                        140, 220, 300, 380, 460, 620, 720, 940, 1100};
 
-static const char bench_table_header[] =
-    "| config | batch | KV cache MiB | formula MiB | weights + cache + scratch MiB | prefill tok/s | decode tok/s |\n"
-    "|---|---|---|---|---|---|---|\n";
-static const char bench_csv_header[] = "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,"
-                                       "kv_cache_formula_bytes,resident_bytes,prefill_tok_s,decode_tok_s,threads\n";
+static const char bench_table_header[] = "| config | batch | KV cache MiB | formula MiB | weights "
+                                         "+ cache + scratch MiB | prefill tok/s | decode tok/s |\n"
+                                         "|---|---|---|---|---|---|---|\n";
+static const char bench_csv_header[] =
+    "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,kv_cache_formula_bytes,resident_"
+    "bytes,prefill_tok_s,decode_tok_s,threads\n";
 
 /* One configuration: growing batch sizes until the next one would pass the limit. */
 static int bench_model(Model *m, const char *name, const BenchOptions *o) {
     const Config *c = &m->config;
     int T = o->prefill + o->decode, chunk = o->prefill < 256 ? o->prefill : 256;
-    double params = (double)m->num_parameters * 4, loaded = resident_bytes(), started = now_seconds();
+    double params = (double)m->num_parameters * 4, loaded = resident_bytes(),
+           started = now_seconds();
     for (int i = 0; i < o->n_batches; i++) {
         int B = o->batches[i];
         if (i > 0 && now_seconds() - started > o->time_limit) {
@@ -6292,8 +6939,8 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         }
         double need = params + kv_cache_plan_bytes(c, B, T, chunk);
         if (need > o->mem_limit) {
-            printf("| %s | %d | stop: would need %.1f MiB, over --mem-limit %.1f MiB |\n", name, B, need / 1048576.0,
-                   o->mem_limit / 1048576.0);
+            printf("| %s | %d | stop: would need %.1f MiB, over --mem-limit %.1f MiB |\n", name, B,
+                   need / 1048576.0, o->mem_limit / 1048576.0);
             if (o->reference_csv) fprintf(o->csv, "%s,%d,%d,,,,,,,True\n", name, B, o->decode);
             break;
         }
@@ -6304,8 +6951,13 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         double t0 = now_seconds();
         for (int done = 0; done < o->prefill; done += chunk) { /* random prompt tokens */
             int n = o->prefill - done < chunk ? o->prefill - done : chunk;
-            for (int i = 0; i < B * n; i++) tokens[i] = (int)(rng_next(&rng) % (uint64_t)c->vocab_size);
-            if (!model_cached_forward(m, &cache, tokens, n)) { kv_cache_free(&cache); free(tokens); return -1; }
+            for (int i = 0; i < B * n; i++)
+                tokens[i] = (int)(rng_next(&rng) % (uint64_t)c->vocab_size);
+            if (!model_cached_forward(m, &cache, tokens, n)) {
+                kv_cache_free(&cache);
+                free(tokens);
+                return -1;
+            }
         }
         double t1 = now_seconds();
         for (int i = 0; i < o->decode; i++) {
@@ -6316,20 +6968,26 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
         }
         double t2 = now_seconds(), rss = resident_bytes();
         double formula = (double)kv_cache_bytes(c, 4) * B * T;
-        double prefill_rate = B * o->prefill / fmax(t1 - t0, 1e-9), decode_rate = B * o->decode / fmax(t2 - t1, 1e-9);
+        double prefill_rate = B * o->prefill / fmax(t1 - t0, 1e-9),
+               decode_rate = B * o->decode / fmax(t2 - t1, 1e-9);
         if (o->decode_rates) o->decode_rates[i] = decode_rate;
-        double memory = params + (double)cache.cache_bytes + (double)cache.scratch_bytes; /* weights + cache + scratch */
+        /* weights + cache + scratch */
+        double memory = params + (double)cache.cache_bytes + (double)cache.scratch_bytes;
         if (o->memory_bytes) o->memory_bytes[i] = memory;
-        printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B, cache.cache_bytes / 1048576.0,
-               formula / 1048576.0, memory / 1048576.0, prefill_rate, decode_rate);
+        printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B,
+               cache.cache_bytes / 1048576.0, formula / 1048576.0, memory / 1048576.0, prefill_rate,
+               decode_rate);
         fflush(stdout);
-        if (o->reference_csv) /* MB as the reference reports them: MiB; its speed counts decode - 1 tokens */
+        /* MB as the reference reports them: MiB; its speed counts decode - 1 tokens */
+        if (o->reference_csv)
             fprintf(o->csv, "%s,%d,%d,%.0f,%.0f,%.4f,%.4f,%.6f,%.6f,False\n", name, B, o->decode,
-                    o->background / 1048576.0, (loaded - o->background) / 1048576.0, (rss - loaded) / 1048576.0,
-                    cache.cache_bytes / 1048576.0, t2 - t0, B * (o->decode - 1) / fmax(t2 - t0, 1e-9));
+                    o->background / 1048576.0, (loaded - o->background) / 1048576.0,
+                    (rss - loaded) / 1048576.0, cache.cache_bytes / 1048576.0, t2 - t0,
+                    B * (o->decode - 1) / fmax(t2 - t0, 1e-9));
         else
-            fprintf(o->csv, "%s,%d,%d,%d,%d,%d,%zu,%.0f,%.0f,%.2f,%.3f,%d\n", name, c->n_kv_layer, c->n_kv_head, B,
-                    o->prefill, o->decode, cache.cache_bytes, formula, rss, prefill_rate, decode_rate, o->threads);
+            fprintf(o->csv, "%s,%d,%d,%d,%d,%d,%zu,%.0f,%.0f,%.2f,%.3f,%d\n", name, c->n_kv_layer,
+                    c->n_kv_head, B, o->prefill, o->decode, cache.cache_bytes, formula, rss,
+                    prefill_rate, decode_rate, o->threads);
         fflush(o->csv);
         kv_cache_free(&cache);
         free(tokens);
@@ -6345,8 +7003,8 @@ static const char *const bench_usage =
     "not dominate the memory measured), decode N more greedily, and report the KV\n"
     "cache (bytes allocated, and 2 * kvL * kvH * head_size * 4 * B * (P + N)), the\n"
     "memory of the configuration (weights + cache + scratch), prefill and decode\n"
-    "tokens/s. A batch that would pass --mem-limit is not started. Table on stdout,\n"
-    "one CSV row per run.\n"
+    "tokens/s. A batch that would pass --mem-limit is not "
+    "started. Table on stdout,\none CSV row per run.\n"
     "  DIR              a model; with --grid every configuration is converted from it\n"
     "                   on the fly (it must be MHA)\n"
     "  --config FILE    a config.json: random weights (the grid's sizes as the converter's)\n"
@@ -6386,25 +7044,36 @@ static int cmd_bench_kv(int argc, char **argv) {
     const char *batch_list = NULL;
     int batch_max = 1024, batches[64], n_batches = 0;
     BenchOptions o = {.background = resident_bytes(), .time_limit = 60};
-    Flag flags[] = {STRING_FLAG("--config", &config_path), SWITCH_FLAG("--grid", &grid), STRING_FLAG("--only", &only),
-                    INT_FLAG("--prefill", &prefill, 1, 1 << 20), INT_FLAG("--decode", &decode, 1, 1 << 20),
+    Flag flags[] = {STRING_FLAG("--config", &config_path),
+                    SWITCH_FLAG("--grid", &grid),
+                    STRING_FLAG("--only", &only),
+                    INT_FLAG("--prefill", &prefill, 1, 1 << 20),
+                    INT_FLAG("--decode", &decode, 1, 1 << 20),
                     NUMBER_FLAG("--time-limit", &o.time_limit, 0, 1e9),
-                    INT_FLAG("--max-batch", &batch_max, 1, 1 << 20), NUMBER_FLAG("--mem-limit", &mem_mib, 1e-3, 1e9),
-                    STRING_FLAG("--csv", &csv_path), SWITCH_FLAG("--theory", &theory),
-                    INT_FLAG("--threads", &o.threads, 1, 4096), STRING_FLAG("--batches", &batch_list),
+                    INT_FLAG("--max-batch", &batch_max, 1, 1 << 20),
+                    NUMBER_FLAG("--mem-limit", &mem_mib, 1e-3, 1e9),
+                    STRING_FLAG("--csv", &csv_path),
+                    SWITCH_FLAG("--theory", &theory),
+                    INT_FLAG("--threads", &o.threads, 1, 4096),
+                    STRING_FLAG("--batches", &batch_list),
                     CHOICE_FLAG("--csv-format", &o.reference_csv, csv_formats)};
-    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), bench_usage, &dir);
+    int parsed =
+        parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), bench_usage, &dir);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
     if (theory) { print_theory(); return 0; }
-    if (!dir == !config_path) return usage_error(bench_usage, "bench-kv: give DIR or --config (one of them)");
-    if (batch_list) n_batches = parse_int_list("--batches", "a batch size", batch_list, batches, 64, 1, 1 << 20);
+    if (!dir == !config_path)
+        return usage_error(bench_usage, "bench-kv: give DIR or --config (one of them)");
+    if (batch_list)
+        n_batches =
+            parse_int_list("--batches", "a batch size", batch_list, batches, 64, 1, 1 << 20);
     else if (o.reference_csv)
         for (; n_batches < (int)(sizeof(reference_batches) / sizeof(int)); n_batches++)
             batches[n_batches] = reference_batches[n_batches];
     else
         for (int B = 1; B <= batch_max; B *= 2) batches[n_batches++] = B;
-    if (n_batches <= 0) return exit_code(n_batches < 0 ? -1 : fail("--batches: no batch size given"));
+    if (n_batches <= 0)
+        return exit_code(n_batches < 0 ? -1 : fail("--batches: no batch size given"));
     o.batches = batches;
     o.n_batches = n_batches;
 #ifdef _OPENMP
@@ -6418,22 +7087,27 @@ static int cmd_bench_kv(int argc, char **argv) {
     Config c;
     if (dir ? model_load(&base, dir) : config_load(&c, config_path, NULL)) return exit_code(-1);
     if (dir) c = base.config;
-    /* the configurations: the grid adapted to this shape (--only picks by name), or the model as it is */
+    /* the configurations: the grid adapted to this shape (--only picks by name), or the model as it
+     * is */
     GridEntry entries[GRID_SIZE];
-    int n_entries = grid ? adapted_grid(c.n_layer, c.n_head, entries) : 1, run_entry[GRID_SIZE] = {0};
+    int n_entries = grid ? adapted_grid(c.n_layer, c.n_head, entries) : 1,
+        run_entry[GRID_SIZE] = {0};
     if (!grid) {
         entries[0] = (GridEntry){"", c.n_kv_layer, c.n_kv_head};
-        config_name(entries[0].name, sizeof(entries[0].name), c.n_layer, c.n_head, c.n_kv_layer, c.n_kv_head);
+        config_name(entries[0].name, sizeof(entries[0].name), c.n_layer, c.n_head, c.n_kv_layer,
+                    c.n_kv_head);
     }
     for (int g = 0; g < n_entries; g++) run_entry[g] = !only;
     for (const char *p = only; rc == 0 && p && *p;) { /* exact names, separated by commas */
         size_t len = strcspn(p, ",");
         int found = 0;
         for (int g = 0; g < n_entries; g++)
-            if (strlen(entries[g].name) == len && !strncmp(entries[g].name, p, len)) run_entry[g] = found = 1;
+            if (strlen(entries[g].name) == len && !strncmp(entries[g].name, p, len))
+                run_entry[g] = found = 1;
         if (!found) {
             StrBuf names = {0};
-            for (int g = 0; g < n_entries; g++) sb_printf(&names, "%s%s", g ? ", " : "", entries[g].name);
+            for (int g = 0; g < n_entries; g++)
+                sb_printf(&names, "%s%s", g ? ", " : "", entries[g].name);
             rc = fail("--only: no configuration %.*s here (%s)", (int)len, p, names.s);
             free(names.s);
         }
@@ -6444,8 +7118,8 @@ static int cmd_bench_kv(int argc, char **argv) {
     o.decode = decode ? decode : 48 < window / 2 ? 48 : window / 4 > 0 ? window / 4 : 1;
     o.prefill = prefill ? prefill : window - o.decode < 2000 ? window - o.decode : 2000;
     if (rc == 0 && (o.prefill < 1 || o.prefill + o.decode > c.max_position_embeddings))
-        rc = fail("--prefill %d + --decode %d exceed the model's window of %d tokens", o.prefill, o.decode,
-                  c.max_position_embeddings);
+        rc = fail("--prefill %d + --decode %d exceed the model's window of %d tokens", o.prefill,
+                  o.decode, c.max_position_embeddings);
     char default_csv[PATH_LEN];
     if (rc == 0 && !csv_path) {
         char base_path[PATH_LEN];
@@ -6462,10 +7136,12 @@ static int cmd_bench_kv(int argc, char **argv) {
         return exit_code(fail("%s: cannot create: %s", csv_path, strerror(errno)));
     }
     if (!o.reference_csv) fprintf(o.csv, "%s", bench_csv_header);
-    else if (ftell(o.csv) == 0) /* appending, as the reference does: the header only in a new file */
-        fprintf(o.csv, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_usage,"
-                       "memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom\n");
-    printf("prefill %d, decode %d, %d threads, memory limit %.0f MiB\n", o.prefill, o.decode, o.threads, mem_mib);
+    /* appending, as the reference does: the header only in a new file */
+    else if (ftell(o.csv) == 0)
+        fprintf(o.csv, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_"
+                       "usage,memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom\n");
+    printf("prefill %d, decode %d, %d threads, memory limit %.0f MiB\n", o.prefill, o.decode,
+           o.threads, mem_mib);
     printf("%s", bench_table_header);
     for (int g = 0; rc == 0 && g < n_entries; g++) {
         if (!run_entry[g]) continue;
@@ -6479,7 +7155,8 @@ static int cmd_bench_kv(int argc, char **argv) {
             Config gc = c;
             gc.n_kv_layer = kvL;
             gc.n_kv_head = kvH;
-            if (grid) convert_sizes(&c, kvH, kvL, 0, &gc.intermediate_size, &gc.kv_intermediate_size);
+            if (grid)
+                convert_sizes(&c, kvH, kvL, 0, &gc.intermediate_size, &gc.kv_intermediate_size);
             rc = model_init_random(&m, &gc, 1);
         }
         if (rc == 0) rc = bench_model(target, name, &o);
@@ -6492,7 +7169,8 @@ static int cmd_bench_kv(int argc, char **argv) {
 }
 
 static const char *const init_usage =
-    "usage: mlkv init --config CONFIG.json --out DIR [--tokenizer FILE|DIR] [--seed S] [--overwrite]\n"
+    "usage: mlkv init --config CONFIG.json --out DIR "
+    "[--tokenizer FILE|DIR] [--seed S] [--overwrite]\n"
     "Writes a freshly initialised model (weights normal(0, initializer_range), biases 0,\n"
     "LayerNorms 1 / 0) as an HF folder, for pretraining small models from scratch.\n"
     "  --tokenizer T    a tokenizer.json, or a folder whose tokenizer files the model\n"
@@ -6504,18 +7182,21 @@ static int cmd_init(int argc, char **argv) {
     const char *config_path = NULL, *out = NULL, *tokenizer = NULL;
     uint64_t seed = 1234;
     int overwrite = 0;
-    Flag flags[] = {STRING_FLAG("--config", &config_path), STRING_FLAG("--out", &out), SEED_FLAG("--seed", &seed),
-                    STRING_FLAG("--tokenizer", &tokenizer), SWITCH_FLAG("--overwrite", &overwrite)};
+    Flag flags[] = {STRING_FLAG("--config", &config_path), STRING_FLAG("--out", &out),
+                    SEED_FLAG("--seed", &seed), STRING_FLAG("--tokenizer", &tokenizer),
+                    SWITCH_FLAG("--overwrite", &overwrite)};
     int parsed = parse_flags(argc, argv, flags, 5, init_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;
     int rc = 0;
-    if (!config_path || !out) return usage_error(init_usage, "init: --config and --out are required");
+    if (!config_path || !out)
+        return usage_error(init_usage, "init: --config and --out are required");
     Config c;
     Model m;
-    if (config_load(&c, config_path, NULL) != 0 || check_output_dir(out, NULL, overwrite, NULL) != 0 ||
-        model_init_random(&m, &c, seed) != 0)
+    if (config_load(&c, config_path, NULL) != 0 ||
+        check_output_dir(out, NULL, overwrite, NULL) != 0 || model_init_random(&m, &c, seed) != 0)
         return exit_code(-1);
-    /* a tokenizer travels with the model: a folder's tokenizer files, or one tokenizer.json (checked first) */
+    /* a tokenizer travels with the model: a folder's tokenizer files, or one tokenizer.json
+     * (checked first) */
     struct stat st;
     int tokenizer_dir = tokenizer && stat(tokenizer, &st) == 0 && S_ISDIR(st.st_mode);
     Tokenizer tok;
@@ -6525,7 +7206,10 @@ static int cmd_init(int argc, char **argv) {
     char path[PATH_LEN];
     if (rc == 0 && tokenizer && !tokenizer_dir)
         rc = make_path(path, out, "/tokenizer.json") == 0 ? copy_file(tokenizer, path) : -1;
-    if (rc == 0) { print_model_summary(&m); printf("wrote %s%s\n", out, tokenizer ? " (with its tokenizer)" : ""); }
+    if (rc == 0) {
+        print_model_summary(&m);
+        printf("wrote %s%s\n", out, tokenizer ? " (with its tokenizer)" : "");
+    }
     model_free(&m);
     return exit_code(rc);
 }
@@ -6574,8 +7258,9 @@ static int task_paths(const char *task_path, const char *task_dir, char ***paths
             size_t len = strlen(e->d_name);
             char path[PATH_LEN], name[PATH_LEN];
             if (len < 7 || strcmp(e->d_name + len - 6, ".jsonl") != 0) continue;
-            rc = make_path(name, "/", e->d_name) == 0 && make_path(path, task_dir, name) == 0 ? add_path(paths, n, &cap, path)
-                                                                                              : -1;
+            rc = make_path(name, "/", e->d_name) == 0 && make_path(path, task_dir, name) == 0
+                     ? add_path(paths, n, &cap, path)
+                     : -1;
         }
         closedir(d);
         if (rc == 0 && *n == 0) rc = fail("%s: no .jsonl task files", task_dir);
@@ -6588,11 +7273,17 @@ static int cmd_eval(int argc, char **argv) {
     const char *dir = NULL, *data = NULL, *task_path = NULL, *task_dir = NULL, *out = NULL;
     int seq = 0, batch = 1, limit = 0, threads = 0;
     double max_tokens = 0;
-    Flag flags[] = {STRING_FLAG("--data", &data), INT_FLAG("--seq", &seq, 1, 1 << 20), INT_FLAG("--batch", &batch, 1, 4096),
-                    NUMBER_FLAG("--max-tokens", &max_tokens, 1, 1e15), STRING_FLAG("--task", &task_path),
-                    STRING_FLAG("--tasks", &task_dir), INT_FLAG("--limit", &limit, 1, INT_MAX),
-                    STRING_FLAG("--out", &out), INT_FLAG("--threads", &threads, 1, 4096)};
-    int parsed = parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), eval_usage, &dir);
+    Flag flags[] = {STRING_FLAG("--data", &data),
+                    INT_FLAG("--seq", &seq, 1, 1 << 20),
+                    INT_FLAG("--batch", &batch, 1, 4096),
+                    NUMBER_FLAG("--max-tokens", &max_tokens, 1, 1e15),
+                    STRING_FLAG("--task", &task_path),
+                    STRING_FLAG("--tasks", &task_dir),
+                    INT_FLAG("--limit", &limit, 1, INT_MAX),
+                    STRING_FLAG("--out", &out),
+                    INT_FLAG("--threads", &threads, 1, 4096)};
+    int parsed =
+        parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), eval_usage, &dir);
     if (parsed != FLAGS_OK) return parsed;
     if (!dir || (!data && !task_path && !task_dir))
         return usage_error(eval_usage, "eval: DIR and --data, --task or --tasks are required");
@@ -6603,21 +7294,28 @@ static int cmd_eval(int argc, char **argv) {
     if (model_load(&m, dir) != 0) return exit_code(-1);
     const Config *c = &m.config;
     int rc = 0;
-    printf("model %s: %zu parameters, K/V in %d layer%s x %d head%s; %s\n", dir, m.num_parameters, c->n_kv_layer,
-           plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head), rotary_mode(c));
+    printf("model %s: %zu parameters, K/V in %d layer%s x %d head%s; %s\n", dir, m.num_parameters,
+           c->n_kv_layer, plural(c->n_kv_layer), c->n_kv_head, plural(c->n_kv_head),
+           rotary_mode(c));
     if (data) {
         TokenFile f;
         int T = seq ? seq : default_seq_len(c);
-        if (T > c->max_position_embeddings) rc = fail("--seq %d exceeds max_position_embeddings (%d)", T, c->max_position_embeddings);
+        if (T > c->max_position_embeddings)
+            rc = fail("--seq %d exceeds max_position_embeddings (%d)", T,
+                      c->max_position_embeddings);
         if (rc == 0 && tokens_load(&f, data, c->vocab_size) != 0) rc = -1;
         else if (rc == 0) {
             if (f.n_tokens < 2) rc = fail("%s: %zu tokens: nothing to predict", data, f.n_tokens);
             if (rc == 0) rc = model_prepare(&m, batch, T, 0);
             size_t count = 0;
-            double t0 = now_seconds(), loss = rc == 0 ? token_file_loss(&m, &f, batch, T, (size_t)max_tokens, 1, &count) : 0;
+            double t0 = now_seconds(),
+                   loss = rc == 0 ? token_file_loss(&m, &f, batch, T, (size_t)max_tokens, 1, &count)
+                                  : 0;
             if (rc == 0)
-                printf("%s: %zu predictions in windows of %d: loss %.6f | perplexity %.4f | bits/token %.6f | %.1fs\n",
-                       data, count, T, loss / count, exp(loss / count), loss / count / log(2.0), now_seconds() - t0);
+                printf("%s: %zu predictions in windows of %d: loss %.6f | perplexity %.4f | "
+                       "bits/token %.6f | %.1fs\n",
+                       data, count, T, loss / count, exp(loss / count), loss / count / log(2.0),
+                       now_seconds() - t0);
             tokens_free(&f);
         }
     }
@@ -6625,22 +7323,27 @@ static int cmd_eval(int argc, char **argv) {
     int n_paths = 0;
     TaskResult *results = NULL;
     if (rc == 0 && (task_path || task_dir)) rc = task_paths(task_path, task_dir, &paths, &n_paths);
-    if (rc == 0 && n_paths > 0 && !(results = calloc((size_t)n_paths, sizeof(TaskResult)))) rc = fail("out of memory");
+    if (rc == 0 && n_paths > 0 && !(results = calloc((size_t)n_paths, sizeof(TaskResult))))
+        rc = fail("out of memory");
     for (int i = 0; rc == 0 && i < n_paths; i++) {
         double t0 = now_seconds();
         rc = evaluate_task_file(&m, paths[i], limit, &results[i], NULL, NULL, 0);
-        if (rc == 0) printf("%s: %d documents in %.1fs\n", results[i].task, results[i].n_docs, now_seconds() - t0);
+        if (rc == 0)
+            printf("%s: %d documents in %.1fs\n", results[i].task, results[i].n_docs,
+                   now_seconds() - t0);
     }
     if (rc == 0 && n_paths > 0) {
         printf("| task | documents | metric | value | stderr |\n|---|---|---|---|---|\n");
         for (int i = 0; i < n_paths; i++)
             for (int k = 0; k < results[i].n_metrics; k++) {
                 char se[32] = "N/A"; /* one document has no standard error */
-                if (!isnan(results[i].metric[k].stderr_)) snprintf(se, sizeof(se), "%.4f", results[i].metric[k].stderr_);
-                printf("| %s | %d | %s | %.4f | %s |\n", results[i].task, results[i].n_docs, results[i].metric[k].name,
-                       results[i].metric[k].value, se);
+                if (!isnan(results[i].metric[k].stderr_))
+                    snprintf(se, sizeof(se), "%.4f", results[i].metric[k].stderr_);
+                printf("| %s | %d | %s | %.4f | %s |\n", results[i].task, results[i].n_docs,
+                       results[i].metric[k].name, results[i].metric[k].value, se);
             }
-        if (out && (rc = write_results_json(out, results, n_paths, dir, limit)) == 0) printf("wrote %s\n", out);
+        if (out && (rc = write_results_json(out, results, n_paths, dir, limit)) == 0)
+            printf("wrote %s\n", out);
     }
     for (int i = 0; i < n_paths; i++) free(paths[i]);
     free(paths);
@@ -6663,26 +7366,37 @@ static const char *const plot_colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7
                                           "#8c564b", "#e377c2", "#7f7f7f", "#17becf", "#bcbd22"};
 #define PLOT_COLORS ((int)(sizeof(plot_colors) / sizeof(plot_colors[0])))
 
-static void svg_text(StrBuf *b, double x, double y, const char *anchor, int size, const char *text) {
-    sb_printf(b, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"%s\" font-size=\"%d\">", x, y, anchor, size);
+static void svg_text(StrBuf *b, double x, double y, const char *anchor, int size,
+                     const char *text) {
+    sb_printf(b, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"%s\" font-size=\"%d\">", x, y, anchor,
+              size);
     for (const char *p = text; *p; p++)
-        sb_printf(b, "%s", *p == '&' ? "&amp;" : *p == '<' ? "&lt;" : *p == '>' ? "&gt;" : (char[2]){*p, 0});
+        sb_printf(b, "%s",
+                  *p == '&'   ? "&amp;"
+                  : *p == '<' ? "&lt;"
+                  : *p == '>' ? "&gt;"
+                              : (char[2]){*p, 0});
     sb_printf(b, "</text>\n");
 }
 
 static void svg_begin(StrBuf *b, int width, int height) {
-    sb_printf(b, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" "
-                 "height=\"%d\" viewBox=\"0 0 %d %d\" font-family=\"sans-serif\">\n<rect width=\"%d\" height=\"%d\" "
-                 "fill=\"white\"/>\n", width, height, width, height, width, height);
+    sb_printf(
+        b,
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" "
+        "width=\"%d\" height=\"%d\" viewBox=\"0 0 %d %d\" font-family=\"sans-serif\">\n<rect "
+        "width=\"%d\" height=\"%d\" fill=\"white\"/>\n",
+        width, height, width, height, width, height);
 }
 
 static double plot_x(const Plot *p, double x) {
-    double f = p->log_x ? (log10(x) - log10(p->x0)) / (log10(p->x1) - log10(p->x0)) : (x - p->x0) / (p->x1 - p->x0);
+    double f = p->log_x ? (log10(x) - log10(p->x0)) / (log10(p->x1) - log10(p->x0))
+                        : (x - p->x0) / (p->x1 - p->x0);
     return p->left + f * p->width;
 }
 
 static double plot_y(const Plot *p, double y) {
-    double f = p->log_y ? (log10(y) - log10(p->y0)) / (log10(p->y1) - log10(p->y0)) : (y - p->y0) / (p->y1 - p->y0);
+    double f = p->log_y ? (log10(y) - log10(p->y0)) / (log10(p->y1) - log10(p->y0))
+                        : (y - p->y0) / (p->y1 - p->y0);
     return p->top + (1.0 - f) * p->height;
 }
 
@@ -6706,7 +7420,8 @@ static int axis_ticks(double lo, double hi, int log_axis, double *ticks, int roo
     if (raw / unit > 5) step = 10 * unit;
     else if (raw / unit > 2) step = 5 * unit;
     else if (raw / unit > 1) step = 2 * unit;
-    for (double t = ceil(lo / step) * step; t <= hi + step * 1e-9 && n < room; t += step) ticks[n++] = fabs(t) < step * 1e-9 ? 0 : t;
+    for (double t = ceil(lo / step) * step; t <= hi + step * 1e-9 && n < room; t += step)
+        ticks[n++] = fabs(t) < step * 1e-9 ? 0 : t;
     return n;
 }
 
@@ -6721,30 +7436,37 @@ static void pad_range(double *lo, double *hi, int log_axis) {
     *lo -= d, *hi += d;
 }
 
-static void plot_frame(Plot *p, StrBuf *svg, double left, double top, double width, double height, const char *title,
-                       const char *x_label, const char *y_label) {
+static void plot_frame(Plot *p, StrBuf *svg, double left, double top, double width, double height,
+                       const char *title, const char *x_label, const char *y_label) {
     p->svg = svg, p->left = left, p->top = top, p->width = width, p->height = height;
     double ticks[64];
-    sb_printf(svg, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#444\"/>\n", left,
-              top, width, height);
+    sb_printf(svg,
+              "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" "
+              "height=\"%.1f\" fill=\"none\" stroke=\"#444\"/>\n", left, top, width, height);
     svg_text(svg, left + width / 2, top - 12, "middle", 15, title);
     svg_text(svg, left + width / 2, top + height + 40, "middle", 13, x_label);
-    sb_printf(svg, "<g transform=\"translate(%.1f %.1f) rotate(-90)\">", left - 52, top + height / 2);
+    sb_printf(svg, "<g transform=\"translate(%.1f %.1f) rotate(-90)\">", left - 52,
+              top + height / 2);
     svg_text(svg, 0, 0, "middle", 13, y_label);
     sb_printf(svg, "</g>\n");
     for (int axis = 0; axis < 2; axis++) {
-        int n = axis_ticks(axis ? p->y0 : p->x0, axis ? p->y1 : p->x1, axis ? p->log_y : p->log_x, ticks, 64);
+        int n = axis_ticks(axis ? p->y0 : p->x0, axis ? p->y1 : p->x1, axis ? p->log_y : p->log_x,
+                           ticks, 64);
         for (int i = 0; i < n; i++) {
             char label[32];
             snprintf(label, sizeof(label), "%g", ticks[i]);
             double at = axis ? plot_y(p, ticks[i]) : plot_x(p, ticks[i]);
             if (axis) {
-                sb_printf(svg, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, at,
-                          left + width, at);
+                sb_printf(
+                    svg,
+                    "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n",
+                    left, at, left + width, at);
                 svg_text(svg, left - 6, at + 4, "end", 11, label);
             } else {
-                sb_printf(svg, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", at, top, at,
-                          top + height);
+                sb_printf(
+                    svg,
+                    "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", at,
+                    top, at, top + height);
                 svg_text(svg, at, top + height + 16, "middle", 11, label);
             }
         }
@@ -6752,9 +7474,10 @@ static void plot_frame(Plot *p, StrBuf *svg, double left, double top, double wid
 }
 
 /* A line through the points (x[i], y[i]) that are inside the range */
-static void plot_line(Plot *p, const double *x, const double *y, int n, const char *color, int dashed) {
-    sb_printf(p->svg, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s points=\"", color,
-              dashed ? " stroke-dasharray=\"6 4\"" : "");
+static void plot_line(Plot *p, const double *x, const double *y, int n, const char *color,
+                      int dashed) {
+    sb_printf(p->svg, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s points=\"",
+              color, dashed ? " stroke-dasharray=\"6 4\"" : "");
     for (int i = 0; i < n; i++)
         if (isfinite(x[i]) && isfinite(y[i]) && (!p->log_x || x[i] > 0) && (!p->log_y || y[i] > 0))
             sb_printf(p->svg, "%.1f,%.1f ", plot_x(p, x[i]), plot_y(p, y[i]));
@@ -6770,8 +7493,9 @@ static void plot_dot(Plot *p, double x, double y, const char *color, const char 
 /* Entry i of a legend in the frame's top right corner */
 static void plot_legend(Plot *p, int i, const char *color, const char *label) {
     double x = p->left + p->width - 110, y = p->top + 16 + 16 * i;
-    sb_printf(p->svg, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n", x,
-              y - 4, x + 18, y - 4, color);
+    sb_printf(p->svg,
+              "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" "
+              "y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n", x, y - 4, x + 18, y - 4, color);
     svg_text(p->svg, x + 24, y, "start", 11, label);
 }
 
@@ -6810,10 +7534,13 @@ typedef struct {
 typedef struct { const char *key; double *x; int n; } RowField;
 #define ROW_FIELDS 7
 static void row_fields(ExperimentRow *r, int n_tasks, RowField *f) {
-    RowField table[ROW_FIELDS] = {
-        {"parameters", &r->parameters, 1}, {"kv_bytes_per_token", &r->kv_bytes, 1}, {"val_loss", r->val, 2},
-        {"tasks_converted", r->task[0], n_tasks}, {"tasks_uptrained", r->task[1], n_tasks},
-        {"decode_tok_s", r->decode, EXPERIMENT_BATCHES}, {"memory_bytes", r->memory, EXPERIMENT_BATCHES}};
+    RowField table[ROW_FIELDS] = {{"parameters", &r->parameters, 1},
+                                  {"kv_bytes_per_token", &r->kv_bytes, 1},
+                                  {"val_loss", r->val, 2},
+                                  {"tasks_converted", r->task[0], n_tasks},
+                                  {"tasks_uptrained", r->task[1], n_tasks},
+                                  {"decode_tok_s", r->decode, EXPERIMENT_BATCHES},
+                                  {"memory_bytes", r->memory, EXPERIMENT_BATCHES}};
     memcpy(f, table, sizeof(table));
 }
 
@@ -6821,12 +7548,14 @@ static void row_fields(ExperimentRow *r, int n_tasks, RowField *f) {
  * measured yet is null */
 static int row_save(ExperimentRow *r, int n_tasks) {
     char path[PATH_LEN], staging[PATH_LEN];
-    if (make_path(path, r->dir, "/stages.json") != 0 || make_path(staging, r->dir, "/stages.json.saving") != 0) return -1;
+    if (make_path(path, r->dir, "/stages.json") != 0 ||
+        make_path(staging, r->dir, "/stages.json.saving") != 0)
+        return -1;
     RowField fields[ROW_FIELDS];
     row_fields(r, n_tasks, fields);
     StrBuf b = {0};
-    sb_printf(&b, "{\n  \"config\": \"%s\", \"kv_layers\": %d, \"kv_heads\": %d, \"trained\": %d", r->grid.name,
-              r->grid.kv_layers, r->grid.kv_heads, r->trained);
+    sb_printf(&b, "{\n  \"config\": \"%s\", \"kv_layers\": %d, \"kv_heads\": %d, \"trained\": %d",
+              r->grid.name, r->grid.kv_layers, r->grid.kv_heads, r->trained);
     for (int f = 0; f < ROW_FIELDS; f++) {
         sb_printf(&b, ",\n  \"%s\": [", fields[f].key);
         for (int i = 0; i < fields[f].n; i++) {
@@ -6839,7 +7568,8 @@ static int row_save(ExperimentRow *r, int n_tasks) {
     sb_printf(&b, "\n}\n");
     int rc = write_text_file(staging, b.s);
     free(b.s);
-    if (rc == 0 && rename(staging, path) != 0) rc = fail("%s: cannot rename to %s: %s", staging, path, strerror(errno));
+    if (rc == 0 && rename(staging, path) != 0)
+        rc = fail("%s: cannot rename to %s: %s", staging, path, strerror(errno));
     return rc;
 }
 
@@ -6855,13 +7585,22 @@ static int row_load(ExperimentRow *r, int n_tasks) {
     if (make_path(path, r->dir, "/stages.json") != 0) return -1;
     if (!file_exists(path)) return 0;
     Json j;
-    if (read_file(path, &text, &len) != 0 || json_parse(text, len, path, &j) != 0) { free(text); return -1; }
+    if (read_file(path, &text, &len) != 0 || json_parse(text, len, path, &j) != 0) {
+        free(text);
+        return -1;
+    }
     free(text);
-    const Json *trained = json_get(&j, "trained"), *kv_layers = json_get(&j, "kv_layers"), *kv_heads = json_get(&j, "kv_heads");
+    const Json *trained = json_get(&j, "trained"), *kv_layers = json_get(&j, "kv_layers"),
+               *kv_heads = json_get(&j, "kv_heads");
     r->trained = trained && trained->type == JSON_NUMBER && trained->number == 1;
-    if (kv_layers && kv_heads && kv_layers->type == JSON_NUMBER && kv_heads->type == JSON_NUMBER) { /* -1: nonsense */
-        r->grid.kv_layers = kv_layers->number >= 1 && kv_layers->number <= MLKV_MAX_LAYERS ? (int)kv_layers->number : -1;
-        r->grid.kv_heads = kv_heads->number >= 1 && kv_heads->number <= MLKV_MAX_HEADS ? (int)kv_heads->number : -1;
+    if (kv_layers && kv_heads && kv_layers->type == JSON_NUMBER && kv_heads->type == JSON_NUMBER) {
+        /* -1: nonsense */
+        r->grid.kv_layers = kv_layers->number >= 1 && kv_layers->number <= MLKV_MAX_LAYERS
+                                ? (int)kv_layers->number
+                                : -1;
+        r->grid.kv_heads = kv_heads->number >= 1 && kv_heads->number <= MLKV_MAX_HEADS
+                               ? (int)kv_heads->number
+                               : -1;
     }
     for (int f = 0; f < ROW_FIELDS; f++) {
         const Json *a = json_get(&j, fields[f].key); /* null stays NAN */
@@ -6885,31 +7624,38 @@ typedef struct {
 
 /* The stage line: which configuration, what it does, and the time left at
  * the average pace of the stages run so far */
-static void experiment_progress(const Experiment *e, int index, int n, const char *name, const char *what) {
+static void experiment_progress(const Experiment *e, int index, int n, const char *name,
+                                const char *what) {
     double elapsed = now_seconds() - e->started;
     char spent[32], left[32] = "?";
     format_duration(spent, sizeof(spent), elapsed);
     if (e->stages_done > 0)
-        format_duration(left, sizeof(left), elapsed / e->stages_done * (e->stages_total - e->stages_done));
-    printf("== experiment [%d/%d] %s: %s | %s so far, about %s left\n", index + 1, n, name, what, spent, left);
+        format_duration(left, sizeof(left),
+                        elapsed / e->stages_done * (e->stages_total - e->stages_done));
+    printf("== experiment [%d/%d] %s: %s | %s so far, about %s left\n", index + 1, n, name, what,
+           spent, left);
 }
 
 /* Validation loss (the uptraining's validation budget: --val-batches batches
  * of --batch sequences, scored one sequence at a time so that the logits of
  * a 50k vocabulary stay small) and the task files */
-static int experiment_evaluate(Experiment *e, const char *model_dir, double *val_loss, double *task_scores) {
+static int experiment_evaluate(Experiment *e, const char *model_dir, double *val_loss,
+                               double *task_scores) {
     Model m;
     if (model_load(&m, model_dir) != 0) return -1;
     const TrainArgs *t = &e->recipe;
     int T = t->seq ? t->seq : default_seq_len(&m.config);
     int rc = model_prepare(&m, 1, T, 0);
     size_t count = 0;
-    double loss = rc == 0 ? token_file_loss(&m, &e->val, 1, T, (size_t)t->val_batches * t->batch * T, 0, &count) : 0;
+    double loss = rc == 0 ? token_file_loss(&m, &e->val, 1, T,
+                                            (size_t)t->val_batches * t->batch * T, 0, &count)
+                          : 0;
     if (rc == 0) *val_loss = loss / (double)(count ? count : 1);
     for (int i = 0; rc == 0 && i < e->n_tasks; i++) {
         TaskResult r;
         rc = evaluate_task_file(&m, e->task_paths[i], e->task_limit, &r, NULL, NULL, 0);
-        for (int k = 0; rc == 0 && k < r.n_metrics; k++) /* accuracy: every task has it (lambada: greedy) */
+        /* accuracy: every task has it (lambada: greedy) */
+        for (int k = 0; rc == 0 && k < r.n_metrics; k++)
             if (!strcmp(r.metric[k].name, "acc")) task_scores[i] = r.metric[k].value;
     }
     if (rc == 0) {
@@ -6929,18 +7675,25 @@ static int experiment_decode(const char *model_dir, ExperimentRow *r, int thread
     if (model_load(&m, model_dir) != 0) return -1;
     if (make_path(csv_path, r->dir, "/decode.csv") != 0) { model_free(&m); return -1; }
     int window = m.config.max_position_embeddings;
-    BenchOptions o = {.decode = window < 64 ? window / 4 : 16, .threads = threads, .batches = experiment_batches,
-                      .n_batches = EXPERIMENT_BATCHES, .mem_limit = 0.8 * physical_memory_bytes(), .time_limit = 1e9,
-                      .decode_rates = r->decode, .memory_bytes = r->memory};
+    BenchOptions o = {.decode = window < 64 ? window / 4 : 16,
+                      .threads = threads,
+                      .batches = experiment_batches,
+                      .n_batches = EXPERIMENT_BATCHES,
+                      .mem_limit = 0.8 * physical_memory_bytes(),
+                      .time_limit = 1e9,
+                      .decode_rates = r->decode,
+                      .memory_bytes = r->memory};
     o.prefill = window / 2 < 512 ? window / 2 : 512;
     if (o.decode < 1) o.decode = 1;
     int rc = 0;
-    if (!(o.csv = fopen(csv_path, "w"))) rc = fail("%s: cannot create: %s", csv_path, strerror(errno));
+    if (!(o.csv = fopen(csv_path, "w")))
+        rc = fail("%s: cannot create: %s", csv_path, strerror(errno));
     if (rc == 0) {
         fprintf(o.csv, "%s", bench_csv_header);
         printf("   prompt %d tokens, %d decoded\n%s", o.prefill, o.decode, bench_table_header);
         rc = bench_model(&m, r->grid.name, &o);
-        if (fclose(o.csv) != 0 && rc == 0) rc = fail("%s: write failed: %s", csv_path, strerror(errno));
+        if (fclose(o.csv) != 0 && rc == 0)
+            rc = fail("%s: write failed: %s", csv_path, strerror(errno));
     }
     model_free(&m);
     return rc;
@@ -6961,27 +7714,32 @@ static int experiment_settings(const Experiment *e) {
     json_write_string(&b, t->val_path);
     sb_printf(&b, ",\n  \"tasks\": ");
     json_write_string(&b, e->task_dir ? e->task_dir : "");
-    sb_printf(&b, ",\n  \"task_limit\": %d, \"val_batches\": %d,\n  \"recipe\": \"batch %d seq %d grad_accum %d steps %d "
-                  "epochs %.17g max_tokens %llu lr %.17g warmup_steps %d warmup_ratio %.17g schedule %d weight_decay %.17g "
-                  "clip %.17g betas %.17g %.17g eps %.17g seed %llu freeze_embeds %d precision %d\"\n}\n",
+    sb_printf(&b,
+              ",\n  \"task_limit\": %d, \"val_batches\": %d,\n  \"recipe\": \"batch %d seq %d "
+              "grad_accum %d steps %d epochs %.17g max_tokens %llu lr %.17g warmup_steps %d "
+              "warmup_ratio %.17g schedule %d weight_decay %.17g clip %.17g betas %.17g %.17g eps "
+              "%.17g seed %llu freeze_embeds %d precision %d\"\n}\n",
               e->task_limit, t->val_batches, t->batch, t->seq, t->grad_accum, t->steps, t->epochs,
-              (unsigned long long)t->max_tokens, t->opt.lr, t->warmup_steps, t->warmup_ratio, (int)t->opt.schedule,
-              t->opt.weight_decay, t->opt.clip, t->opt.beta1, t->opt.beta2, t->opt.eps, (unsigned long long)t->seed,
-              t->freeze_embeds, t->precision);
+              (unsigned long long)t->max_tokens, t->opt.lr, t->warmup_steps, t->warmup_ratio,
+              (int)t->opt.schedule, t->opt.weight_decay, t->opt.clip, t->opt.beta1, t->opt.beta2,
+              t->opt.eps, (unsigned long long)t->seed, t->freeze_embeds, t->precision);
     int rc = make_path(path, e->run_dir, "/experiment.json");
     char *old = NULL;
     size_t len;
     DIR *d = rc == 0 && !file_exists(path) ? opendir(e->run_dir) : NULL;
-    for (struct dirent *entry; d && rc == 0 && (entry = readdir(d));) /* a new run needs a new (or empty) folder */
+    /* a new run needs a new (or empty) folder */
+    for (struct dirent *entry; d && rc == 0 && (entry = readdir(d));)
         if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, ".."))
-            rc = fail("%s holds %s but no experiment.json: not an experiment's folder; choose a new --out", e->run_dir,
-                      printable(entry->d_name));
+            rc = fail("%s holds %s but no experiment.json: not an "
+                      "experiment's folder; choose a new --out",
+                      e->run_dir, printable(entry->d_name));
     if (d) closedir(d);
     if (rc == 0 && file_exists(path)) {
         if (read_file(path, &old, &len) != 0) rc = -1;
         else if (len != b.len || memcmp(old, b.s, len) != 0)
-            rc = fail("%s: this run was started with other settings (inputs or training recipe; see the file): use "
-                      "a new --out, or the same settings to continue it", path);
+            rc = fail("%s: this run was started with other settings (inputs or training recipe; "
+                      "see the file): use a new --out, or the same settings to continue it",
+                      path);
         free(old);
     } else if (rc == 0) {
         rc = write_text_file(path, b.s);
@@ -6995,15 +7753,20 @@ static int experiment_settings(const Experiment *e) {
 static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, int index, int n) {
     char converted[PATH_LEN], uptrained[PATH_LEN], state[PATH_LEN];
     const char *name = r->grid.name;
-    if (make_path(converted, r->dir, "/converted") != 0 || make_path(uptrained, r->dir, "/uptrained") != 0 ||
+    if (make_path(converted, r->dir, "/converted") != 0 ||
+        make_path(uptrained, r->dir, "/uptrained") != 0 ||
         make_path(state, uptrained, "/optimizer.safetensors") != 0)
         return -1;
-    if (mkdir(r->dir, 0755) != 0 && errno != EEXIST) return fail("%s: cannot create: %s", r->dir, strerror(errno));
+    if (mkdir(r->dir, 0755) != 0 && errno != EEXIST)
+        return fail("%s: cannot create: %s", r->dir, strerror(errno));
     GridEntry wanted = r->grid;
     if (row_load(r, e->n_tasks) != 0) return -1;
-    if (isfinite(r->parameters) && (r->grid.kv_layers != wanted.kv_layers || r->grid.kv_heads != wanted.kv_heads))
-        return fail("%s holds %s as %d K/V layers x %d heads, not %d x %d: name the configuration differently, or "
-                    "use a new --out", r->dir, name, r->grid.kv_layers, r->grid.kv_heads, wanted.kv_layers, wanted.kv_heads);
+    if (isfinite(r->parameters) &&
+        (r->grid.kv_layers != wanted.kv_layers || r->grid.kv_heads != wanted.kv_heads))
+        return fail("%s holds %s as %d K/V layers x %d heads, not %d x %d: name the configuration "
+                    "differently, or use a new --out",
+                    r->dir, name, r->grid.kv_layers, r->grid.kv_heads, wanted.kv_layers,
+                    wanted.kv_heads);
     if (!isfinite(r->parameters) || !file_exists(converted)) {
         experiment_progress(e, index, n, name, "convert");
         Model m;
@@ -7018,7 +7781,9 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
     e->stages_done++;
     if (!isfinite(r->val[0])) {
         experiment_progress(e, index, n, name, "evaluate after conversion");
-        if (experiment_evaluate(e, converted, &r->val[0], r->task[0]) != 0 || row_save(r, e->n_tasks) != 0) return -1;
+        if (experiment_evaluate(e, converted, &r->val[0], r->task[0]) != 0 ||
+            row_save(r, e->n_tasks) != 0)
+            return -1;
     }
     e->stages_done++;
     if (!r->trained) {
@@ -7030,8 +7795,8 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
         t.resume = resume;
         if (run_training(&t) != 0) return -1;
         if (t.finished < t.steps) { /* --max-time, or a signal: the checkpoint is saved */
-            printf("experiment: %s stopped after step %d of %d: run the same command again to "
-                   "continue\n", name, t.finished, t.steps);
+            printf("experiment: %s stopped after step %d of %d: "
+                   "run the same command again to continue\n", name, t.finished, t.steps);
             return t.stopped_by ? 128 + t.stopped_by : 0;
         }
         r->trained = 1;
@@ -7040,12 +7805,15 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
     e->stages_done++;
     if (!isfinite(r->val[1])) {
         experiment_progress(e, index, n, name, "evaluate after uptraining");
-        if (experiment_evaluate(e, uptrained, &r->val[1], r->task[1]) != 0 || row_save(r, e->n_tasks) != 0) return -1;
+        if (experiment_evaluate(e, uptrained, &r->val[1], r->task[1]) != 0 ||
+            row_save(r, e->n_tasks) != 0)
+            return -1;
     }
     e->stages_done++;
     if (!isfinite(r->decode[EXPERIMENT_BATCHES - 1])) {
         experiment_progress(e, index, n, name, "measure decoding");
-        if (experiment_decode(uptrained, r, e->recipe.threads) != 0 || row_save(r, e->n_tasks) != 0) return -1;
+        if (experiment_decode(uptrained, r, e->recipe.threads) != 0 || row_save(r, e->n_tasks) != 0)
+            return -1;
     }
     e->stages_done++;
     return 0;
@@ -7055,13 +7823,14 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
 static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int n) {
     char path[PATH_LEN];
     StrBuf csv = {0}, md = {0};
-    sb_printf(&csv, "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,val_loss_converted,"
-                    "val_loss_uptrained");
-    sb_printf(&md, "| config | K/V layers x heads | total K/V heads | parameters | KV bytes/token | val loss converted | "
-                   "val loss uptrained |");
+    sb_printf(&csv, "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,val_"
+                    "loss_converted,val_loss_uptrained");
+    sb_printf(&md, "| config | K/V layers x heads | total K/V heads | parameters | KV bytes/token "
+                   "| val loss converted | val loss uptrained |");
     for (int i = 0; i < e->n_tasks; i++) {
         sb_printf(&csv, ",%s_acc_converted,%s_acc_uptrained", e->task_names[i], e->task_names[i]);
-        sb_printf(&md, " %s acc converted | %s acc uptrained |", e->task_names[i], e->task_names[i]);
+        sb_printf(&md, " %s acc converted | %s acc uptrained |", e->task_names[i],
+                  e->task_names[i]);
     }
     for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
         sb_printf(&csv, ",decode_tok_s_batch_%d", experiment_batches[b]);
@@ -7073,10 +7842,12 @@ static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int
     sb_printf(&md, "\n");
     for (int r = 0; r < n; r++) {
         const ExperimentRow *x = &rows[r];
-        sb_printf(&csv, "%s,%d,%d,%d,%.0f,%.0f,%.6f,%.6f", x->grid.name, x->grid.kv_layers, x->grid.kv_heads,
-                  x->grid.kv_layers * x->grid.kv_heads, x->parameters, x->kv_bytes, x->val[0], x->val[1]);
-        sb_printf(&md, "| %s | %d x %d | %d | %.0f | %.0f | %.4f | %.4f |", x->grid.name, x->grid.kv_layers,
-                  x->grid.kv_heads, x->grid.kv_layers * x->grid.kv_heads, x->parameters, x->kv_bytes, x->val[0], x->val[1]);
+        sb_printf(&csv, "%s,%d,%d,%d,%.0f,%.0f,%.6f,%.6f", x->grid.name, x->grid.kv_layers,
+                  x->grid.kv_heads, x->grid.kv_layers * x->grid.kv_heads, x->parameters,
+                  x->kv_bytes, x->val[0], x->val[1]);
+        sb_printf(&md, "| %s | %d x %d | %d | %.0f | %.0f | %.4f | %.4f |", x->grid.name,
+                  x->grid.kv_layers, x->grid.kv_heads, x->grid.kv_layers * x->grid.kv_heads,
+                  x->parameters, x->kv_bytes, x->val[0], x->val[1]);
         for (int i = 0; i < e->n_tasks; i++) {
             sb_printf(&csv, ",%.6f,%.6f", x->task[0][i], x->task[1][i]);
             sb_printf(&md, " %.4f | %.4f |", x->task[0][i], x->task[1][i]);
@@ -7089,7 +7860,8 @@ static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int
         sb_printf(&md, "\n");
     }
     int rc = make_path(path, e->run_dir, "/results.csv") == 0 ? write_text_file(path, csv.s) : -1;
-    if (rc == 0) rc = make_path(path, e->run_dir, "/results.md") == 0 ? write_text_file(path, md.s) : -1;
+    if (rc == 0)
+        rc = make_path(path, e->run_dir, "/results.md") == 0 ? write_text_file(path, md.s) : -1;
     if (rc == 0) printf("\n%s", md.s);
     free(csv.s);
     free(md.s);
@@ -7103,7 +7875,8 @@ static int read_loss_curve(const char *dir, double **steps, double **losses) {
     char path[PATH_LEN], *text = NULL;
     size_t len;
     *steps = *losses = NULL;
-    if (make_path(path, dir, "/uptrained.log.csv") != 0 || read_file(path, &text, &len) != 0) return -1;
+    if (make_path(path, dir, "/uptrained.log.csv") != 0 || read_file(path, &text, &len) != 0)
+        return -1;
     int lines = 1, n = 0;
     for (size_t i = 0; i < len; i++) lines += text[i] == '\n';
     double *raw = malloc(sizeof(double) * lines);
@@ -7115,7 +7888,8 @@ static int read_loss_curve(const char *dir, double **steps, double **losses) {
     }
     for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
         double step, loss;
-        if (sscanf(line, "%lf,%lf", &step, &loss) != 2 || !isfinite(loss)) continue; /* the header */
+        /* the header */
+        if (sscanf(line, "%lf,%lf", &step, &loss) != 2 || !isfinite(loss)) continue;
         raw[n] = loss, (*steps)[n++] = step;
     }
     free(text);
@@ -7161,7 +7935,9 @@ static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, i
         plot_line(&p, x, y, 2, "#999", 1);
     }
     for (int r = 0; r < n; r++)
-        if (isfinite(rows[r].val[1])) plot_dot(&p, rows[r].kv_bytes, rows[r].val[1], plot_colors[r % PLOT_COLORS], rows[r].grid.name);
+        if (isfinite(rows[r].val[1]))
+            plot_dot(&p, rows[r].kv_bytes, rows[r].val[1], plot_colors[r % PLOT_COLORS],
+                     rows[r].grid.name);
     int rc = make_path(path, e->run_dir, "/loss_vs_kv.svg") == 0 ? svg_end(&svg, path) : -1;
     /* 2. training loss curves */
     double *steps[GRID_SIZE + 32] = {0}, *losses[GRID_SIZE + 32] = {0};
@@ -7170,17 +7946,18 @@ static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, i
     for (int r = 0; rc == 0 && r < n; r++) {
         points[r] = read_loss_curve(rows[r].dir, &steps[r], &losses[r]);
         for (int i = 0; i < points[r]; i++)
-            p.x0 = fmin(p.x0, steps[r][i]), p.x1 = fmax(p.x1, steps[r][i]), p.y0 = fmin(p.y0, losses[r][i]),
-            p.y1 = fmax(p.y1, losses[r][i]);
+            p.x0 = fmin(p.x0, steps[r][i]), p.x1 = fmax(p.x1, steps[r][i]),
+            p.y0 = fmin(p.y0, losses[r][i]), p.y1 = fmax(p.y1, losses[r][i]);
     }
     if (rc == 0 && p.x1 >= p.x0 && p.y0 > 0) {
         pad_range(&p.x0, &p.x1, 0);
         pad_range(&p.y0, &p.y1, 1);
         svg_begin(&svg, 760, 480);
-        plot_frame(&p, &svg, 80, 40, 640, 370, "Training loss while uptraining (rolling mean)", "optimizer step",
-                   "training loss (log scale)");
+        plot_frame(&p, &svg, 80, 40, 640, 370, "Training loss while uptraining (rolling mean)",
+                   "optimizer step", "training loss (log scale)");
         for (int r = 0; r < n; r++) {
-            plot_line(&p, steps[r], losses[r], points[r] > 0 ? points[r] : 0, plot_colors[r % PLOT_COLORS], 0);
+            plot_line(&p, steps[r], losses[r], points[r] > 0 ? points[r] : 0,
+                      plot_colors[r % PLOT_COLORS], 0);
             plot_legend(&p, r, plot_colors[r % PLOT_COLORS], rows[r].grid.name);
         }
         rc = make_path(path, e->run_dir, "/loss_curves.svg") == 0 ? svg_end(&svg, path) : -1;
@@ -7193,8 +7970,12 @@ static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, i
     for (int panel = 0; rc == 0 && panel < 2; panel++) {
         size_t field = panel ? offsetof(ExperimentRow, memory) : offsetof(ExperimentRow, decode);
         double unit = panel ? 1.0 / 1048576 : 1.0; /* memory in MiB */
-        p = (Plot){.x0 = batches[0], .x1 = batches[EXPERIMENT_BATCHES - 1], .y0 = INFINITY, .y1 = -INFINITY,
-                   .log_x = 1, .log_y = 1};
+        p = (Plot){.x0 = batches[0],
+                   .x1 = batches[EXPERIMENT_BATCHES - 1],
+                   .y0 = INFINITY,
+                   .y1 = -INFINITY,
+                   .log_x = 1,
+                   .log_y = 1};
         for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
             double lo = row_range(rows, n, field, b, &hi) * unit;
             p.y0 = fmin(p.y0, lo), p.y1 = fmax(p.y1, hi * unit);
@@ -7202,18 +7983,22 @@ static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, i
         if (!(p.y0 > 0 && isfinite(p.y1))) p.y0 = 1, p.y1 = 10;
         pad_range(&p.x0, &p.x1, 1);
         pad_range(&p.y0, &p.y1, 1);
-        plot_frame(&p, &svg, 80 + panel * 480, 40, 400, 370, panel ? "Memory while decoding" : "Decoding speed",
-                   "batch size (sequences)", panel ? "weights + KV cache + scratch, MiB" : "decoded tokens/s");
+        plot_frame(&p, &svg, 80 + panel * 480, 40, 400, 370,
+                   panel ? "Memory while decoding" : "Decoding speed", "batch size (sequences)",
+                   panel ? "weights + KV cache + scratch, MiB" : "decoded tokens/s");
         for (int r = 0; r < n; r++) {
             double y[EXPERIMENT_BATCHES];
-            for (int b = 0; b < EXPERIMENT_BATCHES; b++) y[b] = (panel ? rows[r].memory[b] : rows[r].decode[b]) * unit;
+            for (int b = 0; b < EXPERIMENT_BATCHES; b++)
+                y[b] = (panel ? rows[r].memory[b] : rows[r].decode[b]) * unit;
             plot_line(&p, batches, y, EXPERIMENT_BATCHES, plot_colors[r % PLOT_COLORS], 0);
             if (panel == 0) plot_legend(&p, r, plot_colors[r % PLOT_COLORS], rows[r].grid.name);
         }
     }
     if (rc == 0) rc = make_path(path, e->run_dir, "/decode.svg") == 0 ? svg_end(&svg, path) : -1;
     free(svg.s);
-    if (rc == 0) printf("wrote %s/results.csv, results.md, loss_vs_kv.svg, loss_curves.svg, decode.svg\n", e->run_dir);
+    if (rc == 0)
+        printf("wrote %s/results.csv, results.md, loss_vs_kv.svg, loss_curves.svg, decode.svg\n",
+               e->run_dir);
     return rc;
 }
 
@@ -7227,15 +8012,18 @@ static int parse_configs(const char *text, GridEntry *out, int room) {
         snprintf(item, sizeof(item), "%.*s", (int)(len < 95 ? len : 95), p);
         char *eq = strchr(item, '=');
         if (n >= room) return fail("--configs: more than %d configurations", room);
-        if (!eq || eq == item || eq - item > 31 || sscanf(eq + 1, "%d:%d%n", &kvL, &kvH, &used) != 2 ||
-            eq[1 + used] != '\0')
-            return fail("--configs: \"%s\" is not NAME=KV_LAYERS:KV_HEADS (as MLKV-2=2:1)", printable(item));
+        if (!eq || eq == item || eq - item > 31 ||
+            sscanf(eq + 1, "%d:%d%n", &kvL, &kvH, &used) != 2 || eq[1 + used] != '\0')
+            return fail("--configs: \"%s\" is not NAME=KV_LAYERS:KV_HEADS (as MLKV-2=2:1)",
+                        printable(item));
         *eq = '\0';
         for (const char *c = item; *c; c++)
-            if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '-' ||
-                  *c == '_' || *c == '.'))
-                return fail("--configs: the name \"%s\" may hold letters, digits, - _ and . only", printable(item));
-        snprintf(out[n].name, sizeof(out[n].name), "%.31s", item); /* at most 31 characters: checked above */
+            if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+                  (*c >= '0' && *c <= '9') || *c == '-' || *c == '_' || *c == '.'))
+                return fail("--configs: the name \"%s\" may hold letters, digits, - _ and . only",
+                            printable(item));
+        /* at most 31 characters: checked above */
+        snprintf(out[n].name, sizeof(out[n].name), "%.31s", item);
         out[n].kv_layers = kvL, out[n].kv_heads = kvH;
         n++;
         p += len + (p[len] == ',');
@@ -7245,7 +8033,8 @@ static int parse_configs(const char *text, GridEntry *out, int room) {
 
 static const char *const experiment_usage =
     "usage: mlkv experiment --model DIR --train TRAIN.bin --val VAL.bin --out RUN\n"
-    "                       [--grid paper | --configs NAME=kvL:kvH,...] [--tasks DIR] [train options]\n"
+    "                       [--grid paper | --configs "
+    "NAME=kvL:kvH,...] [--tasks DIR] [train options]\n"
     "The reference's experiment in one command. For every configuration: convert the\n"
     "MHA model in DIR, evaluate it (validation loss over --val-batches batches of\n"
     "VAL.bin, and the accuracy on each task file of --tasks), uptrain it with the train\n"
@@ -7278,14 +8067,17 @@ static int cmd_experiment(int argc, char **argv) {
     flags[n_flags++] = (Flag)STRING_FLAG("--tasks", &e.task_dir);
     flags[n_flags++] = (Flag)INT_FLAG("--task-limit", &e.task_limit, 1, INT_MAX);
     int parsed = parse_flags(argc, argv, flags, n_flags, experiment_usage, NULL);
-    if (parsed == FLAGS_OK) parsed = finish_train_flags(&e.recipe, schedule, max_time, experiment_usage);
+    if (parsed == FLAGS_OK)
+        parsed = finish_train_flags(&e.recipe, schedule, max_time, experiment_usage);
     if (parsed != FLAGS_OK) return parsed;
     TrainArgs *t = &e.recipe;
     if (!t->model_dir || !t->train_path || !t->val_path || !t->out_dir)
-        return usage_error(experiment_usage, "experiment: --model, --train, --val and --out are required");
+        return usage_error(experiment_usage,
+                           "experiment: --model, --train, --val and --out are required");
     if (t->resume || t->stop_after || t->overwrite)
-        return usage_error(experiment_usage, "experiment: --resume, --stop-after and --overwrite are train's: run the "
-                                             "same experiment command again to continue it");
+        return usage_error(experiment_usage,
+                           "experiment: --resume, --stop-after and --overwrite are train's: run "
+                           "the same experiment command again to continue it");
     e.run_dir = t->out_dir;
 #ifdef _OPENMP
     if (t->threads > 0) omp_set_num_threads(t->threads);
@@ -7295,16 +8087,21 @@ static int cmd_experiment(int argc, char **argv) {
     char lock_path[PATH_LEN];
     if (model_load(&mha, t->model_dir) != 0) return exit_code(-1);
     const Config *c = &mha.config;
-    int n = configs ? parse_configs(configs, grid, GRID_SIZE + 32) : adapted_grid(c->n_layer, c->n_head, grid), rc = 0;
+    int n = configs ? parse_configs(configs, grid, GRID_SIZE + 32)
+                    : adapted_grid(c->n_layer, c->n_head, grid),
+        rc = 0;
     if (n < 0) rc = -1;
     if (rc == 0 && (mkdir(e.run_dir, 0755) != 0 && errno != EEXIST))
         rc = fail("%s: cannot create: %s", e.run_dir, strerror(errno));
     if (rc == 0) rc = lock_output(e.run_dir, lock_path);
     int locked = rc == 0;
     if (rc == 0) rc = task_paths(NULL, e.task_dir, &e.task_paths, &e.n_tasks);
-    if (rc == 0 && e.n_tasks > EXPERIMENT_MAX_TASKS) rc = fail("%s: more than %d task files", e.task_dir, EXPERIMENT_MAX_TASKS);
-    for (int i = 0; rc == 0 && i < e.n_tasks; i++) { /* a task's name: its file name without .jsonl */
-        const char *base = strrchr(e.task_paths[i], '/') ? strrchr(e.task_paths[i], '/') + 1 : e.task_paths[i];
+    if (rc == 0 && e.n_tasks > EXPERIMENT_MAX_TASKS)
+        rc = fail("%s: more than %d task files", e.task_dir, EXPERIMENT_MAX_TASKS);
+    for (int i = 0; rc == 0 && i < e.n_tasks; i++) {
+        /* a task's name: its file name without .jsonl */
+        const char *base =
+            strrchr(e.task_paths[i], '/') ? strrchr(e.task_paths[i], '/') + 1 : e.task_paths[i];
         snprintf(e.task_names[i], sizeof(e.task_names[i]), "%.*s", (int)(strlen(base) - 6), base);
     }
     if (rc == 0) rc = tokens_load(&e.val, t->val_path, c->vocab_size);
@@ -7312,8 +8109,10 @@ static int cmd_experiment(int argc, char **argv) {
     ExperimentRow *rows = rc == 0 ? calloc((size_t)n, sizeof(ExperimentRow)) : NULL;
     if (rc == 0 && !rows) rc = fail("out of memory");
     if (rc == 0) {
-        printf("experiment: %d configuration%s of %s into %s:", n, plural(n), t->model_dir, e.run_dir);
-        for (int i = 0; i < n; i++) printf(" %s (%d x %d)", grid[i].name, grid[i].kv_layers, grid[i].kv_heads);
+        printf("experiment: %d configuration%s of %s into %s:", n, plural(n), t->model_dir,
+               e.run_dir);
+        for (int i = 0; i < n; i++)
+            printf(" %s (%d x %d)", grid[i].name, grid[i].kv_layers, grid[i].kv_heads);
         printf("\n");
     }
     e.started = now_seconds();
@@ -7321,11 +8120,14 @@ static int cmd_experiment(int argc, char **argv) {
     for (int i = 0; rc == 0 && i < n; i++) {
         rows[i].grid = grid[i];
         char sub[PATH_LEN];
-        rc = make_path(sub, "/", grid[i].name) == 0 && make_path(rows[i].dir, e.run_dir, sub) == 0 ? 0 : -1;
+        rc = make_path(sub, "/", grid[i].name) == 0 && make_path(rows[i].dir, e.run_dir, sub) == 0
+                 ? 0
+                 : -1;
         if (rc == 0) rc = experiment_config(&e, &mha, &rows[i], i, n);
         if (rc == 0 && !rows[i].trained) break; /* stopped by --max-time: nothing more to do now */
     }
-    int finished = rc == 0 && n > 0 && rows[n - 1].trained && isfinite(rows[n - 1].decode[EXPERIMENT_BATCHES - 1]);
+    int finished = rc == 0 && n > 0 && rows[n - 1].trained &&
+                   isfinite(rows[n - 1].decode[EXPERIMENT_BATCHES - 1]);
     if (finished) rc = experiment_tables(&e, rows, n);
     if (finished && rc == 0) rc = experiment_pictures(&e, rows, n);
     if (rc == 0 && finished) {
@@ -7374,11 +8176,12 @@ static int demo_probes(const char *path, int n_docs, uint64_t seed) {
     int recalls[DEMO_FACTS];
     for (int d = 0; d < n_docs; d++) {
         demo_document(&rng, doc, recalls);
-        int q = d % DEMO_FACTS, end = recalls[q] + 1; /* the context: end of text, then doc[0 .. end) */
+        /* the context: end of text, then doc[0 .. end) */
+        int q = d % DEMO_FACTS, end = recalls[q] + 1;
         sb_printf(&b, "{\"task\": \"recall\", \"kind\": \"loglikelihood\", \"context\": \"");
         for (int i = 0; i < end; i++) sb_printf(&b, "%s%s", i ? " " : "", demo_words[doc[i]]);
-        sb_printf(&b, "\", \"choices\": [\" %s %s\"], \"gold\": 0, \"context_ids\": [0", demo_words[doc[end]],
-                  demo_words[doc[end + 1]]);
+        sb_printf(&b, "\", \"choices\": [\" %s %s\"], \"gold\": 0, \"context_ids\": [0",
+                  demo_words[doc[end]], demo_words[doc[end + 1]]);
         for (int i = 0; i < end; i++) sb_printf(&b, ", %d", doc[i]);
         sb_printf(&b, "], \"continuation_ids\": [[%d, %d]]}\n", doc[end], doc[end + 1]);
     }
@@ -7390,32 +8193,48 @@ static int demo_probes(const char *path, int n_docs, uint64_t seed) {
 static int cmd_demo(int argc, char **argv) {
     const char *out = "demo";
     int pretrain_steps = 250, uptrain_steps = 40, threads = 0;
-    Flag flags[] = {STRING_FLAG("--out", &out), INT_FLAG("--pretrain-steps", &pretrain_steps, 2, 1e9),
-                    INT_FLAG("--uptrain-steps", &uptrain_steps, 2, 1e9), INT_FLAG("--threads", &threads, 1, 4096)};
+    Flag flags[] = {STRING_FLAG("--out", &out),
+                    INT_FLAG("--pretrain-steps", &pretrain_steps, 2, 1e9),
+                    INT_FLAG("--uptrain-steps", &uptrain_steps, 2, 1e9),
+                    INT_FLAG("--threads", &threads, 1, 4096)};
     int parsed = parse_flags(argc, argv, flags, 4, demo_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;
-    char train_path[PATH_LEN], val_path[PATH_LEN], task_dir[PATH_LEN], probes[PATH_LEN], init_dir[PATH_LEN];
+    char train_path[PATH_LEN], val_path[PATH_LEN], task_dir[PATH_LEN], probes[PATH_LEN],
+        init_dir[PATH_LEN];
     char pretrained[PATH_LEN], state[PATH_LEN], run_dir[PATH_LEN];
     if (make_path(train_path, out, "/train.bin") || make_path(val_path, out, "/val.bin") ||
         make_path(task_dir, out, "/tasks") || make_path(probes, task_dir, "/recall.jsonl") ||
         make_path(init_dir, out, "/init") || make_path(pretrained, out, "/pretrained") ||
-        make_path(state, pretrained, "/optimizer.safetensors") || make_path(run_dir, out, "/experiment"))
+        make_path(state, pretrained, "/optimizer.safetensors") ||
+        make_path(run_dir, out, "/experiment"))
         return exit_code(-1);
     /* Pythia's shape, scaled down: 12 layers of 12 heads, as Pythia-160M, so
      * that the paper's grid applies as it is; heads of 16 (measured: heads of
      * 8 learned the recall far more slowly). With 16-dim heads, Pythia's
      * rotary_pct 0.25 would leave 2 rotary frequencies, too little position
      * signal to find the first statement of a fact; the demo rotates whole heads. */
-    Config c = {.vocab_size = 64, .hidden_size = 192, .n_layer = 12, .n_head = 12, .intermediate_size = 768,
-                .max_position_embeddings = 128, .n_kv_head = 12, .n_kv_layer = 12, .rotary_pct = 1.0,
-                .rotary_base = 10000, .layer_norm_eps = 1e-5, .initializer_range = 0.02, .parallel_residual = 1,
+    Config c = {.vocab_size = 64,
+                .hidden_size = 192,
+                .n_layer = 12,
+                .n_head = 12,
+                .intermediate_size = 768,
+                .max_position_embeddings = 128,
+                .n_kv_head = 12,
+                .n_kv_layer = 12,
+                .rotary_pct = 1.0,
+                .rotary_base = 10000,
+                .layer_norm_eps = 1e-5,
+                .initializer_range = 0.02,
+                .parallel_residual = 1,
                 .shared_key_rotary = 1};
-    printf("demo: writing the corpus to %s (train 1M tokens, val 50k; %d words) and 200 recall probes to %s\n", out,
-           DEMO_WORDS, probes);
-    if (mkdir(out, 0755) != 0 && errno != EEXIST) return exit_code(fail("%s: cannot create: %s", out, strerror(errno)));
+    printf("demo: writing the corpus to %s (train 1M tokens, "
+           "val 50k; %d words) and 200 recall probes to %s\n", out, DEMO_WORDS, probes);
+    if (mkdir(out, 0755) != 0 && errno != EEXIST)
+        return exit_code(fail("%s: cannot create: %s", out, strerror(errno)));
     if (mkdir(task_dir, 0755) != 0 && errno != EEXIST)
         return exit_code(fail("%s: cannot create: %s", task_dir, strerror(errno)));
-    if (demo_corpus(train_path, 1000000, 1) != 0 || demo_corpus(val_path, 50000, 2) != 0 || demo_probes(probes, 200, 3))
+    if (demo_corpus(train_path, 1000000, 1) != 0 || demo_corpus(val_path, 50000, 2) != 0 ||
+        demo_probes(probes, 200, 3))
         return exit_code(-1);
     Model m; /* written on every run, as the corpus: the same bytes each time */
     if (model_init_random(&m, &c, 1234) != 0) return exit_code(-1);
@@ -7429,24 +8248,42 @@ static int cmd_demo(int argc, char **argv) {
     snprintf(uptrain, sizeof(uptrain), "%d", uptrain_steps);
     snprintf(threads_text, sizeof(threads_text), "%d", threads);
     /* 1. pretraining the MHA model: from scratch, or continuing an interrupted demo */
-    char *train_argv[] = {"train", file_exists(state) ? "--resume" : "--overwrite", "--model", init_dir, "--train",
-                          train_path, "--val", val_path, "--out", pretrained, "--batch", "16", "--seq", "128",
-                          "--grad-accum", "1", "--steps", steps, "--lr", "2e-3", "--schedule", "constant",
-                          "--warmup-ratio", "0.02", "--eval-every", "50", "--val-batches", "5", "--log-every", "10",
-                          "--save-every", "50", "--threads", threads_text};
-    int n_train = (int)(sizeof(train_argv) / sizeof(train_argv[0])) - (threads ? 0 : 2); /* --threads: last */
+    char *train_argv[] = {"train",          file_exists(state) ? "--resume" : "--overwrite",
+                          "--model",        init_dir,
+                          "--train",        train_path,
+                          "--val",          val_path,
+                          "--out",          pretrained,
+                          "--batch",        "16",
+                          "--seq",          "128",
+                          "--grad-accum",   "1",
+                          "--steps",        steps,
+                          "--lr",           "2e-3",
+                          "--schedule",     "constant",
+                          "--warmup-ratio", "0.02",
+                          "--eval-every",   "50",
+                          "--val-batches",  "5",
+                          "--log-every",    "10",
+                          "--save-every",   "50",
+                          "--threads",      threads_text};
+    /* --threads: last */
+    int n_train = (int)(sizeof(train_argv) / sizeof(train_argv[0])) - (threads ? 0 : 2);
     rc = demo_run(cmd_train, train_argv, n_train);
     if (rc != 0) return rc;
     /* 2. the experiment: the same recipe, a shorter run, for every configuration */
-    char *experiment_argv[] = {"experiment", "--model", pretrained, "--train", train_path, "--val", val_path,
-                               "--tasks", task_dir, "--out", run_dir, "--batch", "16", "--seq", "128",
-                               "--grad-accum", "1", "--steps", uptrain, "--lr", "1e-3", "--warmup-ratio", "0.1",
-                               "--val-batches", "5", "--eval-every", "0", "--log-every", "10", "--save-every", "0",
-                               "--threads", threads_text};
-    int n_experiment = (int)(sizeof(experiment_argv) / sizeof(experiment_argv[0])) - (threads ? 0 : 2); /* as above */
+    char *experiment_argv[] = {
+        "experiment", "--model",      pretrained,  "--train",        train_path, "--val",
+        val_path,     "--tasks",      task_dir,    "--out",          run_dir,    "--batch",
+        "16",         "--seq",        "128",       "--grad-accum",   "1",        "--steps",
+        uptrain,      "--lr",         "1e-3",      "--warmup-ratio", "0.1",      "--val-batches",
+        "5",          "--eval-every", "0",         "--log-every",    "10",       "--save-every",
+        "0",          "--threads",    threads_text};
+    /* as above */
+    int n_experiment =
+        (int)(sizeof(experiment_argv) / sizeof(experiment_argv[0])) - (threads ? 0 : 2);
     rc = demo_run(cmd_experiment, experiment_argv, n_experiment);
     if (rc != 0) return rc;
-    printf("demo: done in %.0fs. A uniform guess over the %d words has loss %.3f; recall is the fraction of\n"
+    printf("demo: done in %.0fs. A uniform guess over the %d "
+           "words has loss %.3f; recall is the fraction of\n"
            "probes whose color and thing the model predicts (1 in 64 by chance).\n",
            now_seconds() - t0, DEMO_WORDS, log((double)DEMO_WORDS));
     return 0;
@@ -7469,20 +8306,25 @@ static const char *const main_usage =
 
 int mlkv_main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* whole lines as they come, also into a file or pipe */
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
+        !strcmp(argv[1], "help")) {
         printf("%s", main_usage);
         return argc < 2 ? 2 : 0;
     }
-    static const struct { const char *name; int (*run)(int, char **); } commands[] = {
-        {"init", cmd_init}, {"train", cmd_train}, {"convert", cmd_convert}, {"export", cmd_export}, {"encode", cmd_encode},
-        {"decode", cmd_decode}, {"sample", cmd_sample}, {"eval", cmd_eval}, {"bench-kv", cmd_bench_kv}, {"experiment", cmd_experiment},
-        {"demo", cmd_demo}};
+    static const struct { const char *name; int (*run)(int, char **);
+    } commands[] = {{"init", cmd_init},         {"train", cmd_train},
+                    {"convert", cmd_convert},   {"export", cmd_export},
+                    {"encode", cmd_encode},     {"decode", cmd_decode},
+                    {"sample", cmd_sample},     {"eval", cmd_eval},
+                    {"bench-kv", cmd_bench_kv}, {"experiment", cmd_experiment},
+                    {"demo", cmd_demo}};
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         if (!strcmp(argv[1], commands[i].name)) {
             int rc = commands[i].run(argc - 2, argv + 2);
             /* what a command printed must have arrived (a full disk, a closed pipe) */
             if ((fflush(stdout) != 0 || ferror(stdout)) && (rc == 0 || rc >= 128)) {
-                fprintf(stderr, "mlkv: error: standard output: write error (%s)\n", strerror(errno));
+                fprintf(stderr, "mlkv: error: standard output: write error (%s)\n",
+                        strerror(errno));
                 return 1;
             }
             return rc;
@@ -7503,8 +8345,8 @@ int main(int argc, char **argv) {
      * so sample and eval start once more with OMP_WAIT_POLICY=passive unless
      * the user chose a policy. (/proc/self/exe is Linux's; elsewhere execv
      * fails and the run goes on as it is.) */
-    if (argc > 1 && (!strcmp(argv[1], "sample") || !strcmp(argv[1], "eval")) && !getenv("OMP_WAIT_POLICY") &&
-        setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
+    if (argc > 1 && (!strcmp(argv[1], "sample") || !strcmp(argv[1], "eval")) &&
+        !getenv("OMP_WAIT_POLICY") && setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
         execv("/proc/self/exe", argv);
 #endif
     return mlkv_main(argc, argv);

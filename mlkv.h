@@ -165,7 +165,8 @@ typedef struct {
     float *adam_m, *adam_v;            /* AdamW moments (model_prepare with grads) */
     char *config_extra;                /* config.json keys kept as they were (see config_load) */
     int B, T;                          /* activation sizes of model_prepare */
-    int freeze_embeddings;             /* embed_in, embed_out: no gradient, no update (train --freeze-embeds) */
+    /* embed_in, embed_out: no gradient, no update (train --freeze-embeds) */
+    int freeze_embeddings;
     int head_rows;                     /* rows of logits computed at once (B*T without gradients) */
     float *act_memory;    Activations a;
     float *scratch_memory; GradScratch d;
@@ -193,7 +194,8 @@ float model_forward(Model *m, const int *inputs, const int *targets, int B, int 
 void model_zero_grad(Model *m);
 /* Forward and backward pass: returns the mean loss and adds
  * d(loss_scale * mean loss) / d(parameters) to m->g. NaN on error. */
-float model_forward_backward(Model *m, const int *inputs, const int *targets, int B, int T, float loss_scale);
+float model_forward_backward(Model *m, const int *inputs, const int *targets, int B, int T,
+                             float loss_scale);
 const ParamInfo *model_param(const Model *m, const char *name);
 
 /* The matrix product behind every Linear layer: C[M, N] (row-major) =
@@ -201,8 +203,8 @@ const ParamInfo *model_param(const Model *m, const char *name);
  * B(k, j) = b[k * b_row + j * b_col], and start is C itself when accumulate,
  * else bias[N] in every row (zero when bias is NULL). Each element sums its
  * products in k order: results do not depend on the thread count or on M. */
-void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
-          float *c, int accumulate, const float *bias);
+void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
+          size_t b_row, size_t b_col, float *c, int accumulate, const float *bias);
 /* fp32 products (the default), or bf16 inputs with fp32 sums. With bf16 the
  * AMX tile kernel runs where the CPU has it and allow_amx is set, else a
  * portable one. Returns 1 when the AMX kernel is in use. */
@@ -241,7 +243,8 @@ void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout
  * 2 * kvL * kvH * head_size floats per token */
 typedef struct {
     int B, max_T, length;      /* sequences, capacity in tokens, tokens cached so far */
-    int chunk, all_logits;     /* tokens per sequence one call may add; logits of every one or the last */
+    /* tokens per sequence one call may add; logits of every one or the last */
+    int chunk, all_logits;
     float *k, *v;              /* [kvL, B, kvH, max_T, hs]: each (owner, sequence, head) reads its
                                   positions contiguously, and the layers sharing an owner read the
                                   same memory back to back */
@@ -270,7 +273,8 @@ typedef struct { char task[64]; int n_docs, n_metrics; Metric metric[2]; } TaskR
 /* Scores the first limit documents (0: all); lls and greedy, when not NULL,
  * get each continuation's loglikelihood and greedy flag in file order (room
  * of them at most). */
-int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls, int *greedy, size_t room);
+int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls,
+                       int *greedy, size_t room);
 
 /* ---------------------------------------------------------------------------
  * safetensors: 8-byte little-endian header length N, N bytes of JSON, data */
@@ -290,7 +294,8 @@ void st_close(SafeTensors *st);
 const Json *st_entry(const SafeTensors *st, const char *name);
 /* Reads a tensor whose shape must be exactly shape[0..ndim), converting
  * F32 / F16 / BF16 to float, or I32 / I64 to int (whichever dst is non-NULL). */
-int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst, int *idst);
+int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst,
+            int *idst);
 const char *st_metadata(const SafeTensors *st, const char *key);
 
 typedef struct { char name[MLKV_NAME_MAX + 8]; int ndim, shape[2]; const float *data; } TensorOut;
@@ -298,8 +303,8 @@ typedef struct { char name[MLKV_NAME_MAX + 8]; int ndim, shape[2]; const float *
 int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json);
 /* The parameter table laid over base (parameters, gradients, moments), names prefixed. */
 typedef struct { const char *prefix; const float *base; } TensorGroup;
-int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups, const char *path,
-                            const char *metadata_json);
+int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups,
+                            const char *path, const char *metadata_json);
 
 /* ---------------------------------------------------------------------------
  * Optimization: AdamW, clipping, learning-rate schedule */
@@ -336,7 +341,8 @@ typedef struct {
 } ConvertOptions;
 /* The reference's parameter bookkeeping: the new intermediate_size and, for
  * KV-MLP, kv_intermediate_size, that keep the parameter count. */
-void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate, int *kv_intermediate);
+void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate,
+                   int *kv_intermediate);
 int model_convert(const Model *mha, Model *out, const ConvertOptions *o);
 
 /* ---------------------------------------------------------------------------

@@ -60,7 +60,9 @@ static int exists(const char *fmt, const char *a) {
     return stat(path, &st) == 0;
 }
 
-static int by_name(const void *a, const void *b) { return strcmp((const char *)a, (const char *)b); }
+static int by_name(const void *a, const void *b) {
+    return strcmp((const char *)a, (const char *)b);
+}
 
 static void find_fixtures(void) {
     DIR *dir = opendir("dev/fixtures");
@@ -86,7 +88,8 @@ static double scaled_error(const float *a, const float *b, size_t n) {
     return scale > 0 ? e / scale : e;
 }
 
-static float *read_tensor(const SafeTensors *st, const char *name, int ndim, const int *shape, size_t numel) {
+static float *read_tensor(const SafeTensors *st, const char *name, int ndim, const int *shape,
+                          size_t numel) {
     float *x = malloc(numel * sizeof(float));
     if (st_read(st, name, ndim, shape, x, NULL) != 0) {
         printf("fixture: %s\n", mlkv_error());
@@ -113,7 +116,9 @@ static int is_key_bias(const ParamInfo *p) {
     return strstr(p->name, "attention.key.bias") || strstr(p->name, "attention.key.dense_out.bias");
 }
 
-static int outside_rotary(const Model *m, size_t k) { return (int)(k % m->config.head_size) >= m->config.rotary_ndims; }
+static int outside_rotary(const Model *m, size_t k) {
+    return (int)(k % m->config.head_size) >= m->config.rotary_ndims;
+}
 
 /* The model folder dev/fixtures/NAME against dev/fixtures/REF/ref.safetensors */
 static void test_fixture(const char *name, const char *ref_name, FixtureErrors *worst) {
@@ -127,10 +132,12 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
         return;
     }
     int S = (int)meta_number(&ref, "steps"), A = (int)meta_number(&ref, "grad_accum");
-    int B = (int)meta_number(&ref, "batch"), T = (int)meta_number(&ref, "seq"), V = m.config.vocab_size;
+    int B = (int)meta_number(&ref, "batch"), T = (int)meta_number(&ref, "seq"),
+        V = m.config.vocab_size;
     int tshape[4] = {S, A, B, T + 1};
     int *tokens = malloc(sizeof(int) * S * A * B * (T + 1));
-    CHECK(st_read(&ref, "tokens", 4, tshape, NULL, tokens) == 0, "%s: tokens: %s", name, mlkv_error());
+    CHECK(st_read(&ref, "tokens", 4, tshape, NULL, tokens) == 0, "%s: tokens: %s", name,
+          mlkv_error());
     CHECK(model_prepare(&m, B, T, 1) == 0, "%s: prepare: %s", name, mlkv_error());
 
     /* one forward and backward of micro-batch (0, 0) */
@@ -150,7 +157,8 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
     CHECK(e_loss <= 1e-5, "%s: loss %.7f vs %.7f", name, loss, ref_loss[0]);
     model_zero_grad(&m);
     float loss2 = model_forward_backward(&m, inputs, targets, B, T, 1.0f);
-    CHECK(loss2 == loss, "%s: the training pass's loss %.9g differs from the forward's %.9g", name, loss2, loss);
+    CHECK(loss2 == loss, "%s: the training pass's loss %.9g differs from the forward's %.9g", name,
+          loss2, loss);
     double e_grad = 0;
     for (int i = 0; i < m.n_params; i++) {
         const ParamInfo *p = &m.params[i];
@@ -161,9 +169,11 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
         if (is_key_bias(p)) {
             double floor_ = 0, scale = max_abs(g, p->numel);
             for (size_t k = 0; k < p->numel; k++)
-                if (outside_rotary(&m, k)) floor_ = fmax(floor_, fabs(m.grad_memory[p->offset + k]));
-            CHECK(floor_ <= 1e-5 * scale, "%s: %s outside the rotary dims has gradient %.3g (should be ~0)", name,
-                  p->name, floor_);
+                if (outside_rotary(&m, k))
+                    floor_ = fmax(floor_, fabs(m.grad_memory[p->offset + k]));
+            CHECK(floor_ <= 1e-5 * scale,
+                  "%s: %s outside the rotary dims has gradient %.3g (should be ~0)", name, p->name,
+                  floor_);
         }
         e_grad = fmax(e_grad, e);
         free(g);
@@ -172,24 +182,31 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
     /* S optimizer steps from the initial parameters */
     Model fresh;
     CHECK(model_load(&fresh, dir) == 0 && model_prepare(&fresh, B, T, 1) == 0, "%s: reload", name);
-    OptimConfig o = {.lr = meta_number(&ref, "lr"), .beta1 = meta_number(&ref, "beta1"),
-                     .beta2 = meta_number(&ref, "beta2"), .eps = meta_number(&ref, "eps"),
-                     .weight_decay = meta_number(&ref, "weight_decay"), .clip = meta_number(&ref, "clip"),
-                     .warmup_steps = (int)meta_number(&ref, "warmup_steps"), .total_steps = S,
+    OptimConfig o = {.lr = meta_number(&ref, "lr"),
+                     .beta1 = meta_number(&ref, "beta1"),
+                     .beta2 = meta_number(&ref, "beta2"),
+                     .eps = meta_number(&ref, "eps"),
+                     .weight_decay = meta_number(&ref, "weight_decay"),
+                     .clip = meta_number(&ref, "clip"),
+                     .warmup_steps = (int)meta_number(&ref, "warmup_steps"),
+                     .total_steps = S,
                      .schedule = SCHEDULE_COSINE};
-    float *ref_losses = read_tensor(&ref, "losses", 1, &S, S), *ref_norms = read_tensor(&ref, "norms", 1, &S, S);
+    float *ref_losses = read_tensor(&ref, "losses", 1, &S, S),
+          *ref_norms = read_tensor(&ref, "norms", 1, &S, S);
     float *initial = malloc(fresh.num_parameters * sizeof(float));
     memcpy(initial, fresh.param_memory, fresh.num_parameters * sizeof(float));
     double e_steps = 0;
     for (int s = 0; s < S; s++) {
         double norm;
         float l = train_step(&fresh, &o, tokens + (size_t)s * A * B * (T + 1), A, s, &norm);
-        double el = fabs(l - ref_losses[s]) / fabs(ref_losses[s]), en = fabs(norm - ref_norms[s]) / ref_norms[s];
-        CHECK(el <= 1e-5 && en <= 1e-5, "%s: step %d loss %.7f vs %.7f, norm %.7f vs %.7f", name, s, l,
-              ref_losses[s], norm, ref_norms[s]);
+        double el = fabs(l - ref_losses[s]) / fabs(ref_losses[s]),
+               en = fabs(norm - ref_norms[s]) / ref_norms[s];
+        CHECK(el <= 1e-5 && en <= 1e-5, "%s: step %d loss %.7f vs %.7f, norm %.7f vs %.7f", name, s,
+              l, ref_losses[s], norm, ref_norms[s]);
         e_steps = fmax(e_steps, fmax(el, en));
     }
-    CHECK(ref_norms[0] > o.clip, "%s: the fixture must exercise clipping (norm %.3f, clip %.3f)", name, ref_norms[0], o.clip);
+    CHECK(ref_norms[0] > o.clip, "%s: the fixture must exercise clipping (norm %.3f, clip %.3f)",
+          name, ref_norms[0], o.clip);
     double e_param = 0;
     for (int i = 0; i < fresh.n_params; i++) {
         const ParamInfo *p = &fresh.params[i];
@@ -202,8 +219,9 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
             err = fmax(err, fabs((double)ours[k] - want[k]));
             change = fmax(change, fabs((double)want[k] - init[k]));
         }
-        CHECK(change > 0 && err <= 1e-3 * change, "%s: %s after %d steps: error %.3g vs largest change %.3g", name,
-              p->name, S, err, change);
+        CHECK(change > 0 && err <= 1e-3 * change,
+              "%s: %s after %d steps: error %.3g vs largest change %.3g", name, p->name, S, err,
+              change);
         e_param = fmax(e_param, change > 0 ? err / change : err);
         free(want);
     }
@@ -212,8 +230,8 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
     worst->grad = fmax(worst->grad, e_grad);
     worst->step_loss = fmax(worst->step_loss, e_steps);
     worst->param = fmax(worst->param, e_param);
-    printf("  %-22s logits %.1e  loss %.1e  grads %.1e  steps %.1e  params %.1e\n", name, e_logits, e_loss, e_grad,
-           e_steps, e_param);
+    printf("  %-22s logits %.1e  loss %.1e  grads %.1e  steps %.1e  params %.1e\n", name, e_logits,
+           e_loss, e_grad, e_steps, e_param);
     free(initial); free(ref_losses); free(ref_norms); free(ref_logits); free(ref_loss);
     free(inputs); free(targets); free(tokens);
     st_close(&ref);
@@ -230,11 +248,14 @@ static void test_cached_decoding(void) {
         snprintf(dir, sizeof(dir), "dev/fixtures/%.63s", fixture_names[f]);
         Model m;
         KVCache cache;
-        int B = 2, T = 64, V, tokens[128], step[2]; /* 64 positions: two key blocks, six query blocks */
-        CHECK(model_load(&m, dir) == 0 && model_prepare(&m, B, T, 0) == 0, "%s: %s", dir, mlkv_error());
+        /* 64 positions: two key blocks, six query blocks */
+        int B = 2, T = 64, V, tokens[128], step[2];
+        CHECK(model_load(&m, dir) == 0 && model_prepare(&m, B, T, 0) == 0, "%s: %s", dir,
+              mlkv_error());
         if (f == 0)
             CHECK(model_prepare(&m, 1 << 20, 32, 0) != 0 &&
-                      strstr(mlkv_error(), "batch 1048576 x sequence length 32 = 33554432 tokens at once exceeds 16777216") &&
+                      strstr(mlkv_error(), "batch 1048576 x sequence length 32 = "
+                                           "33554432 tokens at once exceeds 16777216") &&
                       model_prepare(&m, B, T, 0) == 0,
                   "a batch too large to index: %s", mlkv_error());
         V = m.config.vocab_size;
@@ -250,26 +271,32 @@ static void test_cached_decoding(void) {
         for (int b = 0; b < B; b++)
             for (int i = 0; i < 5; i++)
                 for (int v = 0; v < V; v++)
-                    err = fmax(err, fabs(logits[((size_t)b * 5 + i) * V + v] - m.a.logits[((size_t)b * T + i) * V + v]));
+                    err = fmax(err, fabs(logits[((size_t)b * 5 + i) * V + v] -
+                                         m.a.logits[((size_t)b * T + i) * V + v]));
         for (int pos = 5; pos < T; pos++) {
             for (int b = 0; b < B; b++) step[b] = tokens[b * T + pos];
             logits = model_cached_forward(&m, &cache, step, 1);
             for (int b = 0; b < B; b++)
                 for (int v = 0; v < V; v++)
-                    err = fmax(err, fabs(logits[(size_t)b * V + v] - m.a.logits[((size_t)b * T + pos) * V + v]));
+                    err = fmax(err, fabs(logits[(size_t)b * V + v] -
+                                         m.a.logits[((size_t)b * T + pos) * V + v]));
         }
-        CHECK(err <= 1e-5 * scale, "%s: cached decoding differs from the full forward by %.3g (scale %.3g)", dir, err,
+        CHECK(err <= 1e-5 * scale,
+              "%s: cached decoding differs from the full forward by %.3g (scale %.3g)", dir, err,
               scale);
-        size_t floats_per_token = 2 * (size_t)m.config.n_kv_layer * m.config.n_kv_head * m.config.head_size;
-        CHECK(cache.cache_bytes == floats_per_token * sizeof(float) * B * T, "%s: cache bytes %zu", dir, cache.cache_bytes);
-        CHECK(model_cached_forward(&m, &cache, step, 1) == NULL && strstr(mlkv_error(), "holds 64 positions"),
+        size_t floats_per_token =
+            2 * (size_t)m.config.n_kv_layer * m.config.n_kv_head * m.config.head_size;
+        CHECK(cache.cache_bytes == floats_per_token * sizeof(float) * B * T, "%s: cache bytes %zu",
+              dir, cache.cache_bytes);
+        CHECK(model_cached_forward(&m, &cache, step, 1) == NULL &&
+                  strstr(mlkv_error(), "holds 64 positions"),
               "a full cache is an error: %s", mlkv_error());
         worst = fmax(worst, err / scale);
         kv_cache_free(&cache);
         model_free(&m);
     }
-    printf("  cached decoding vs full forward: worst %.1e of the largest logit over %zu configurations\n", worst,
-           n_fixtures);
+    printf("  cached decoding vs full forward: worst %.1e "
+           "of the largest logit over %zu configurations\n", worst, n_fixtures);
 }
 
 /* --- the GEMM against a naive product ------------------------------------- */
@@ -281,7 +308,9 @@ static int next_random(unsigned *s) {
     return (int)(*s >> 16);
 }
 
-static float random_value(unsigned *s, float divisor) { return (float)(next_random(s) % 2001 - 1000) / divisor; }
+static float random_value(unsigned *s, float divisor) {
+    return (float)(next_random(s) % 2001 - 1000) / divisor;
+}
 
 /* bf16 rounding of x, as the bf16 GEMM packs its inputs (nearest even) */
 static double bf16_round(float x) {
@@ -303,9 +332,12 @@ static double bf16_round(float x) {
  * inputs. Returns the worst error. */
 static double gemm_case(int M, int N, int K, int layout, int bf16) {
     size_t na = (size_t)M * K, nb = (size_t)K * N, nc = (size_t)M * N;
-    float *a = malloc(sizeof(float) * na), *b = malloc(sizeof(float) * nb), *c = malloc(sizeof(float) * nc);
-    float *bias = malloc(sizeof(float) * N), *ref = malloc(sizeof(float) * nc), *scale = malloc(sizeof(float) * nc);
-    float *abs_a = malloc(sizeof(float) * na), *abs_b = malloc(sizeof(float) * nb), *abs_bias = malloc(sizeof(float) * N);
+    float *a = malloc(sizeof(float) * na), *b = malloc(sizeof(float) * nb),
+          *c = malloc(sizeof(float) * nc);
+    float *bias = malloc(sizeof(float) * N), *ref = malloc(sizeof(float) * nc),
+          *scale = malloc(sizeof(float) * nc);
+    float *abs_a = malloc(sizeof(float) * na), *abs_b = malloc(sizeof(float) * nb),
+          *abs_bias = malloc(sizeof(float) * N);
     unsigned s = (unsigned)(M * 131 + N * 7 + K + layout);
     for (size_t i = 0; i < na; i++) a[i] = random_value(&s, 997.0f);
     for (size_t i = 0; i < nb; i++) b[i] = random_value(&s, 991.0f);
@@ -325,18 +357,28 @@ static double gemm_case(int M, int N, int K, int layout, int bf16) {
     for (int i = 0; i < N; i++) abs_bias[i] = fabsf(bias[i]);
     for (size_t i = 0; i < nc; i++) scale[i] = fabsf(ref[i]);
     gemm_naive(M, N, K, a, ar, ac, b, br, bc, ref, accumulate, accumulate ? NULL : bias);
-    gemm_naive(M, N, K, abs_a, ar, ac, abs_b, br, bc, scale, accumulate, accumulate ? NULL : abs_bias);
+    gemm_naive(M, N, K, abs_a, ar, ac, abs_b, br, bc, scale, accumulate,
+               accumulate ? NULL : abs_bias);
     double worst = 0;
     for (size_t i = 0; i < nc; i++) worst = fmax(worst, fabs(c[i] - ref[i]) / scale[i]);
-    free(a); free(b); free(c); free(bias); free(ref); free(scale); free(abs_a); free(abs_b); free(abs_bias);
+    free(a);
+    free(b);
+    free(c);
+    free(bias);
+    free(ref);
+    free(scale);
+    free(abs_a);
+    free(abs_b);
+    free(abs_bias);
     return worst;
 }
 
 /* (64 x 96 x 320: whole 32 x 32 blocks on both sides, which bf16 packs by
  * other loops than ragged ones) */
 static void test_gemm(void) {
-    const int shapes[][3] = {{1, 1, 1}, {1, 7, 33}, {7, 33, 5}, {33, 7, 257}, {13, 257, 70}, {257, 33, 300},
-                             {40, 65, 513}, {3, 50304, 768}, {2, 768, 2100}, {64, 96, 320}};
+    const int shapes[][3] = {{1, 1, 1},      {1, 7, 33},     {7, 33, 5},    {33, 7, 257},
+                             {13, 257, 70},  {257, 33, 300}, {40, 65, 513}, {3, 50304, 768},
+                             {2, 768, 2100}, {64, 96, 320}};
     const char *layouts[3] = {"forward", "input gradient", "weight gradient"};
     double worst[2] = {0, 0};
     for (int bf16 = 0; bf16 <= 1; bf16++) {
@@ -344,13 +386,15 @@ static void test_gemm(void) {
         for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
             for (int layout = 0; layout < 3; layout++) {
                 double e = gemm_case(shapes[s][0], shapes[s][1], shapes[s][2], layout, bf16);
-                CHECK(e < (bf16 ? 1e-5 : 1e-6), "gemm %s %dx%dx%d %s: error %.3g", bf16 ? "bf16" : "fp32", shapes[s][0],
-                      shapes[s][1], shapes[s][2], layouts[layout], e);
+                CHECK(e < (bf16 ? 1e-5 : 1e-6), "gemm %s %dx%dx%d %s: error %.3g",
+                      bf16 ? "bf16" : "fp32", shapes[s][0], shapes[s][1], shapes[s][2],
+                      layouts[layout], e);
                 worst[bf16] = fmax(worst[bf16], e);
             }
     }
     gemm_set_precision(PRECISION_FP32, 1);
-    printf("  gemm vs a naive product, %zu shapes x 3 layouts: worst fp32 %.1e, bf16 %.1e (of sum |a b|)\n",
+    printf("  gemm vs a naive product, %zu shapes x 3 layouts: "
+           "worst fp32 %.1e, bf16 %.1e (of sum |a b|)\n",
            sizeof(shapes) / sizeof(shapes[0]), worst[0], worst[1]);
 }
 
@@ -360,7 +404,8 @@ static void test_gemm(void) {
 static void test_gemm_rows_and_kernels(void) {
     int M = 50, N = 70, K = 600;
     float *a = malloc(sizeof(float) * M * K), *w = malloc(sizeof(float) * N * K);
-    float *all = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N), *portable = malloc(sizeof(float) * M * N);
+    float *all = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N),
+          *portable = malloc(sizeof(float) * M * N);
     for (int i = 0; i < M * K; i++) a[i] = sinf((float)i * 0.37f);
     for (int i = 0; i < N * K; i++) w[i] = cosf((float)i * 0.11f);
     int same = 1;
@@ -390,7 +435,8 @@ static void test_gemm_rows_and_kernels(void) {
 /* The largest difference, relative to the largest magnitude of the reference */
 static double max_error(const float *x, const float *ref, size_t n) {
     double e = 0, scale = 0;
-    for (size_t i = 0; i < n; i++) e = fmax(e, fabs(x[i] - ref[i])), scale = fmax(scale, fabs(ref[i]));
+    for (size_t i = 0; i < n; i++)
+        e = fmax(e, fabs(x[i] - ref[i])), scale = fmax(scale, fabs(ref[i]));
     return scale > 0 ? e / scale : e;
 }
 
@@ -400,21 +446,27 @@ static double max_error(const float *x, const float *ref, size_t n) {
  * (384 keys with AVX-512, 192 in the portable build), whose partial query
  * gradients are summed at the end. */
 static void test_attention(void) {
-    const int cases[][5] = {{2, 75, 4, 2, 16}, {1, 75, 2, 1, 64}, {1, 33, 3, 3, 8}, /* B, T, H, kvH, hs */
+    /* B, T, H, kvH, hs */
+    const int cases[][5] = {{2, 75, 4, 2, 16}, {1, 75, 2, 1, 64}, {1, 33, 3, 3, 8},
                             {1, 450, 2, 1, 64}, {2, 400, 4, 2, 16}};
     double worst = 0;
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         int B = cases[c][0], T = cases[c][1], H = cases[c][2], kvH = cases[c][3], hs = cases[c][4];
-        size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kvH * hs, stats = (size_t)B * H * T;
+        size_t nq = (size_t)B * T * H * hs, nkv = (size_t)B * T * kvH * hs,
+               stats = (size_t)B * H * T;
         AttentionShape shape = {B, T, H, kvH, hs};
         size_t panels = attention_panel_floats(shape, 1);
-        float *q = malloc(sizeof(float) * nq), *k = malloc(sizeof(float) * nkv), *v = malloc(sizeof(float) * nkv);
-        float *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats);
-        float *dq = malloc(sizeof(float) * nq), *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
+        float *q = malloc(sizeof(float) * nq), *k = malloc(sizeof(float) * nkv),
+              *v = malloc(sizeof(float) * nkv);
+        float *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq),
+              *lse = malloc(sizeof(float) * stats);
+        float *dq = malloc(sizeof(float) * nq), *dk = calloc(nkv, sizeof(float)),
+              *dv = calloc(nkv, sizeof(float));
         float *delta = malloc(sizeof(float) * stats), *scratch = malloc(sizeof(float) * panels);
         /* the naive attention's outputs, and its probabilities [B, H, T, T] */
         float *r_out = malloc(sizeof(float) * nq), *r_lse = malloc(sizeof(float) * stats);
-        float *r_dq = malloc(sizeof(float) * nq), *r_dk = calloc(nkv, sizeof(float)), *r_dv = calloc(nkv, sizeof(float));
+        float *r_dq = malloc(sizeof(float) * nq), *r_dk = calloc(nkv, sizeof(float)),
+              *r_dv = calloc(nkv, sizeof(float));
         float *att = malloc(sizeof(float) * stats * T);
         unsigned s = 99 + (unsigned)c;
         for (size_t i = 0; i < nq; i++) {
@@ -429,17 +481,28 @@ static void test_attention(void) {
         attention_backward(dq, dk, dv, delta, scratch, dout, q, k, v, out, lse, shape);
         attention_forward_naive(r_out, r_lse, att, q, k, v, shape);
         attention_backward_naive(r_dq, r_dk, r_dv, dout, att, q, k, v, shape);
-        double e[5] = {max_error(out, r_out, nq), max_error(lse, r_lse, stats), max_error(dq, r_dq, nq),
-                       max_error(dk, r_dk, nkv), max_error(dv, r_dv, nkv)};
+        double e[5] = {max_error(out, r_out, nq), max_error(lse, r_lse, stats),
+                       max_error(dq, r_dq, nq), max_error(dk, r_dk, nkv), max_error(dv, r_dv, nkv)};
         const char *names[5] = {"out", "lse", "dq", "dk", "dv"};
         for (int i = 0; i < 5; i++) {
-            CHECK(e[i] < 1e-5, "attention B=%d T=%d H=%d kvH=%d hs=%d: %s error %.3g", B, T, H, kvH, hs, names[i], e[i]);
+            CHECK(e[i] < 1e-5, "attention B=%d T=%d H=%d kvH=%d hs=%d: %s error %.3g", B, T, H, kvH,
+                  hs, names[i], e[i]);
             worst = fmax(worst, e[i]);
         }
-        free(q); free(k); free(v); free(dout); free(out); free(lse); free(dq); free(dk); free(dv); free(delta);
+        free(q);
+        free(k);
+        free(v);
+        free(dout);
+        free(out);
+        free(lse);
+        free(dq);
+        free(dk);
+        free(dv);
+        free(delta);
         free(scratch); free(r_out); free(r_lse); free(r_dq); free(r_dk); free(r_dv); free(att);
     }
-    printf("  tiled attention vs attention_*_naive (T up to 450, GQA, hs 8/16/64): worst %.1e\n", worst);
+    printf("  tiled attention vs attention_*_naive (T up to 450, GQA, hs 8/16/64): worst %.1e\n",
+           worst);
 }
 
 /* --- central finite differences against the analytic gradient ------------- */
@@ -460,8 +523,8 @@ static void test_finite_differences(void) {
     float loss = model_forward_backward(&m, inputs, targets, B, T, 1.0f);
     /* the same loss from all logits at once (a model prepared without gradients) */
     Model whole;
-    CHECK(model_load(&whole, "dev/fixtures/mlkv_2x2_compat") == 0 && model_prepare(&whole, B, T, 0) == 0 &&
-              whole.head_rows == N && m.head_rows < N,
+    CHECK(model_load(&whole, "dev/fixtures/mlkv_2x2_compat") == 0 &&
+              model_prepare(&whole, B, T, 0) == 0 && whole.head_rows == N && m.head_rows < N,
           "prepare: %s", mlkv_error());
     float whole_loss = model_forward(&whole, inputs, targets, B, T);
     CHECK(whole_loss == loss, "loss in chunks of rows %.9g, all at once %.9g", loss, whole_loss);
@@ -473,10 +536,15 @@ static void test_finite_differences(void) {
     model_free(&whole);
     /* shared K/V of an owner (layer 0 serves layers 0 and 1), a non-owner's query,
      * LayerNorms, MLP, embeddings and head */
-    const char *names[] = {"gpt_neox.layers.0.attention.key.weight", "gpt_neox.layers.0.attention.value.bias",
-                           "gpt_neox.layers.2.attention.key.bias", "gpt_neox.layers.1.attention.query.weight",
-                           "gpt_neox.layers.3.input_layernorm.weight", "gpt_neox.layers.1.mlp.dense_4h_to_h.weight",
-                           "gpt_neox.embed_in.weight", "embed_out.weight", "gpt_neox.final_layer_norm.bias"};
+    const char *names[] = {"gpt_neox.layers.0.attention.key.weight",
+                           "gpt_neox.layers.0.attention.value.bias",
+                           "gpt_neox.layers.2.attention.key.bias",
+                           "gpt_neox.layers.1.attention.query.weight",
+                           "gpt_neox.layers.3.input_layernorm.weight",
+                           "gpt_neox.layers.1.mlp.dense_4h_to_h.weight",
+                           "gpt_neox.embed_in.weight",
+                           "embed_out.weight",
+                           "gpt_neox.final_layer_norm.bias"};
     double worst = 0;
     for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++) {
         const ParamInfo *p = model_param(&m, names[k]);
@@ -486,7 +554,8 @@ static void test_finite_differences(void) {
          * resolve it well */
         size_t best = 0;
         for (size_t i = 0; i < p->numel; i++)
-            if (fabsf(m.grad_memory[p->offset + i]) > fabsf(m.grad_memory[p->offset + best])) best = i;
+            if (fabsf(m.grad_memory[p->offset + i]) > fabsf(m.grad_memory[p->offset + best]))
+                best = i;
         float *x = m.param_memory + p->offset + best, x0 = *x, h = 1e-2f;
         *x = x0 + h;
         double up = model_forward(&m, inputs, targets, B, T);
@@ -495,10 +564,12 @@ static void test_finite_differences(void) {
         *x = x0;
         double fd = (up - down) / (2.0 * h), analytic = m.grad_memory[p->offset + best];
         double rel = fabs(fd - analytic) / fmax(fabs(analytic), 1e-3);
-        CHECK(rel < 2e-2, "finite differences, %s[%zu]: %.6g vs analytic %.6g", names[k], best, fd, analytic);
+        CHECK(rel < 2e-2, "finite differences, %s[%zu]: %.6g vs analytic %.6g", names[k], best, fd,
+              analytic);
         worst = fmax(worst, rel);
     }
-    printf("  finite differences: worst relative error %.2e over %zu tensors\n", worst, sizeof(names) / sizeof(names[0]));
+    printf("  finite differences: worst relative error %.2e over %zu tensors\n", worst,
+           sizeof(names) / sizeof(names[0]));
     model_free(&m);
 }
 
@@ -507,9 +578,9 @@ static void test_finite_differences(void) {
 static void test_owner_placement(void) {
     /* the reference's placement [0] + [int((i+1) * (L / kvL)) for i in range(kvL-1)]
      * on its own examples for L = 12, and kvL not dividing L */
-    struct { int L, kvL, owners[8]; } cases[] = {
-        {12, 4, {0, 3, 6, 9}}, {12, 6, {0, 2, 4, 6, 8, 10}}, {12, 2, {0, 6}}, {12, 1, {0}}, {4, 3, {0, 1, 2}},
-        {24, 5, {0, 4, 9, 14, 19}}};
+    struct { int L, kvL, owners[8];
+    } cases[] = {{12, 4, {0, 3, 6, 9}}, {12, 6, {0, 2, 4, 6, 8, 10}}, {12, 2, {0, 6}}, {12, 1, {0}},
+                 {4, 3, {0, 1, 2}},     {24, 5, {0, 4, 9, 14, 19}}};
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         int owners[MLKV_MAX_LAYERS];
         kv_owner_layers(cases[c].L, cases[c].kvL, owners);
@@ -517,12 +588,21 @@ static void test_owner_placement(void) {
         for (int i = 0; i < cases[c].kvL; i++) same &= owners[i] == cases[c].owners[i];
         CHECK(same, "owners of L=%d kvL=%d", cases[c].L, cases[c].kvL);
     }
-    Config cfg = {.vocab_size = 8, .hidden_size = 8, .n_layer = 12, .n_head = 2, .intermediate_size = 8,
-                  .max_position_embeddings = 8, .n_kv_head = 1, .n_kv_layer = 4, .rotary_pct = 0.5,
-                  .rotary_base = 10000, .layer_norm_eps = 1e-5};
+    Config cfg = {.vocab_size = 8,
+                  .hidden_size = 8,
+                  .n_layer = 12,
+                  .n_head = 2,
+                  .intermediate_size = 8,
+                  .max_position_embeddings = 8,
+                  .n_kv_head = 1,
+                  .n_kv_layer = 4,
+                  .rotary_pct = 0.5,
+                  .rotary_base = 10000,
+                  .layer_norm_eps = 1e-5};
     CHECK(config_finalize(&cfg, "test") == 0, "finalize: %s", mlkv_error());
     int want[12] = {0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9};
-    for (int l = 0; l < 12; l++) CHECK(cfg.kv_layer_of[l] == want[l], "layer %d reads %d", l, cfg.kv_layer_of[l]);
+    for (int l = 0; l < 12; l++)
+        CHECK(cfg.kv_layer_of[l] == want[l], "layer %d reads %d", l, cfg.kv_layer_of[l]);
 }
 
 /* --- MLKV's properties, stated directly ----------------------------------- */
@@ -549,12 +629,15 @@ static void test_mlkv_layers(void) {
                   "%s: layer %d reads layer %d, which is no owner at or below it", dir, l, owner);
             owners += is_owner;
             snprintf(key, sizeof(key), "gpt_neox.layers.%d.attention.key%s.weight", l, projection);
-            snprintf(value, sizeof(value), "gpt_neox.layers.%d.attention.value%s.weight", l, projection);
-            CHECK((model_param(&m, key) != NULL) == is_owner && (model_param(&m, value) != NULL) == is_owner,
+            snprintf(value, sizeof(value), "gpt_neox.layers.%d.attention.value%s.weight", l,
+                     projection);
+            CHECK((model_param(&m, key) != NULL) == is_owner &&
+                      (model_param(&m, value) != NULL) == is_owner,
                   "%s: layer %d (%s) %s K/V parameters", dir, l, is_owner ? "an owner" : "a reader",
                   is_owner ? "lacks" : "has");
         }
-        CHECK(owners == c->n_kv_layer, "%s: %d owners, num_key_value_layers %d", dir, owners, c->n_kv_layer);
+        CHECK(owners == c->n_kv_layer, "%s: %d owners, num_key_value_layers %d", dir, owners,
+              c->n_kv_layer);
         model_free(&m);
     }
 }
@@ -566,13 +649,16 @@ static void test_mlkv_layers(void) {
  * (by the naive attention) and added. */
 static void test_readers_add_into_owner(void) {
     AttentionShape shape = {1, 40, 4, 2, 16};
-    size_t nq = (size_t)shape.B * shape.T * shape.H * shape.hs, nkv = nq / 2, stats = (size_t)shape.H * shape.T;
+    size_t nq = (size_t)shape.B * shape.T * shape.H * shape.hs, nkv = nq / 2,
+           stats = (size_t)shape.H * shape.T;
     float *k = malloc(sizeof(float) * nkv), *v = malloc(sizeof(float) * nkv);
     float *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
     float *dk_apart[2] = {calloc(nkv, sizeof(float)), calloc(nkv, sizeof(float))};
     float *dv_apart[2] = {calloc(nkv, sizeof(float)), calloc(nkv, sizeof(float))};
-    float *q = malloc(sizeof(float) * nq), *dout = malloc(sizeof(float) * nq), *out = malloc(sizeof(float) * nq);
-    float *dq = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats), *delta = malloc(sizeof(float) * stats);
+    float *q = malloc(sizeof(float) * nq), *dout = malloc(sizeof(float) * nq),
+          *out = malloc(sizeof(float) * nq);
+    float *dq = malloc(sizeof(float) * nq), *lse = malloc(sizeof(float) * stats),
+          *delta = malloc(sizeof(float) * stats);
     float *att = malloc(sizeof(float) * stats * shape.T);
     float *panels = malloc(sizeof(float) * attention_panel_floats(shape, 1));
     unsigned s = 5;
@@ -586,7 +672,8 @@ static void test_readers_add_into_owner(void) {
             dout[i] = random_value(&s, 1000.0f);
         }
         attention_forward(out, lse, panels, q, k, v, shape);
-        attention_backward(dq, dk, dv, delta, panels, dout, q, k, v, out, lse, shape); /* into the owner's */
+        /* into the owner's */
+        attention_backward(dq, dk, dv, delta, panels, dout, q, k, v, out, lse, shape);
         attention_forward_naive(out, lse, att, q, k, v, shape);
         attention_backward_naive(dq, dk_apart[reader], dv_apart[reader], dout, att, q, k, v, shape);
     }
@@ -596,11 +683,21 @@ static void test_readers_add_into_owner(void) {
     }
     double ek = max_error(dk, dk_apart[0], nkv), ev = max_error(dv, dv_apart[0], nkv);
     double second = max_abs(dk_apart[1], nkv) / max_abs(dk_apart[0], nkv);
-    CHECK(ek < 1e-5 && ev < 1e-5, "the owner's dk, dv differ from the sum of its readers' by %.3g, %.3g", ek, ev);
+    CHECK(ek < 1e-5 && ev < 1e-5,
+          "the owner's dk, dv differ from the sum of its readers' by %.3g, %.3g", ek, ev);
     CHECK(second > 0.1, "the second reader's share is too small to tell (%.3g)", second);
-    printf("  two readers of one owner: its dk, dv = the sum of theirs apart, within %.1e, %.1e\n", ek, ev);
+    printf("  two readers of one owner: its dk, dv = the sum of theirs apart, within %.1e, %.1e\n",
+           ek, ev);
     free(k); free(v); free(dk); free(dv); free(dk_apart[0]); free(dk_apart[1]); free(dv_apart[0]);
-    free(dv_apart[1]); free(q); free(dout); free(out); free(dq); free(lse); free(delta); free(att); free(panels);
+    free(dv_apart[1]);
+    free(q);
+    free(dout);
+    free(out);
+    free(dq);
+    free(lse);
+    free(delta);
+    free(att);
+    free(panels);
 }
 
 static void test_schedule(void) {
@@ -616,22 +713,26 @@ static void test_schedule(void) {
 }
 
 static void test_json(void) {
-    const char *text = "{\"a\": [1, -2.5e3, true, null], \"s\": \"x\\u00e9\\ud83d\\ude00\\n\\\"\", \"o\": {}}";
+    const char *text =
+        "{\"a\": [1, -2.5e3, true, null], \"s\": \"x\\u00e9\\ud83d\\ude00\\n\\\"\", \"o\": {}}";
     Json j;
     CHECK(json_parse(text, strlen(text), "inline", &j) == 0, "parse: %s", mlkv_error());
     const Json *a = json_get(&j, "a"), *s = json_get(&j, "s");
-    CHECK(a && a->length == 4 && a->items[1].number == -2500.0 && a->items[2].type == JSON_BOOL, "array values");
+    CHECK(a && a->length == 4 && a->items[1].number == -2500.0 && a->items[2].type == JSON_BOOL,
+          "array values");
     CHECK(s && strcmp(s->string, "x\xc3\xa9\xf0\x9f\x98\x80\n\"") == 0, "string escapes to UTF-8");
     json_free(&j);
     const char *bad[] = {"{\"a\": }", "[1, 2", "{\"a\" 1}", "\"\\q\"", "[1] x", "{\"a\": tru}"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        CHECK(json_parse(bad[i], strlen(bad[i]), "bad.json", &j) != 0 && strstr(mlkv_error(), "bad.json: invalid JSON"),
+        CHECK(json_parse(bad[i], strlen(bad[i]), "bad.json", &j) != 0 &&
+                  strstr(mlkv_error(), "bad.json: invalid JSON"),
               "malformed JSON %s must fail with the file name, got: %s", bad[i], mlkv_error());
     }
 }
 
 /* A safetensors file: the 8-byte header length, the header, the data */
-static void write_safetensors(const char *path, const char *header, const void *data, size_t bytes) {
+static void write_safetensors(const char *path, const char *header, const void *data,
+                              size_t bytes) {
     uint64_t n = strlen(header);
     FILE *f = fopen(path, "wb");
     fwrite(&n, 8, 1, f);
@@ -652,12 +753,16 @@ static void test_half_precision(void) {
     float h[5], b[3];
     int five = 5, three = 3;
     CHECK(st_open(&st, path) == 0, "open: %s", mlkv_error());
-    CHECK(st_read(&st, "h", 1, &five, h, NULL) == 0 && st_read(&st, "b", 1, &three, b, NULL) == 0, "read halves");
-    CHECK(h[0] == 1.0f && h[1] == -2.5f && h[2] == 65504.0f && h[3] == ldexpf(1.0f, -24) && isinf(h[4]) && h[4] < 0,
+    CHECK(st_read(&st, "h", 1, &five, h, NULL) == 0 && st_read(&st, "b", 1, &three, b, NULL) == 0,
+          "read halves");
+    CHECK(h[0] == 1.0f && h[1] == -2.5f && h[2] == 65504.0f && h[3] == ldexpf(1.0f, -24) &&
+              isinf(h[4]) && h[4] < 0,
           "F16 values: %g %g %g %g %g", h[0], h[1], h[2], h[3], h[4]);
-    CHECK(b[0] == 1.0f && b[1] == -2.5f && b[2] == 3.140625f, "BF16 values: %g %g %g", b[0], b[1], b[2]);
+    CHECK(b[0] == 1.0f && b[1] == -2.5f && b[2] == 3.140625f, "BF16 values: %g %g %g", b[0], b[1],
+          b[2]);
     int four = 4;
-    CHECK(st_read(&st, "h", 1, &four, h, NULL) != 0 && strstr(mlkv_error(), "has shape [5], expected [4]"),
+    CHECK(st_read(&st, "h", 1, &four, h, NULL) != 0 &&
+              strstr(mlkv_error(), "has shape [5], expected [4]"),
           "shape mismatch is reported: %s", mlkv_error());
     st_close(&st);
 }
@@ -715,7 +820,8 @@ static void log_losses(const char *path, char *out, size_t n) {
     char *d = slurp(path, &len);
     out[0] = '\0';
     for (char *line = d ? strtok(d, "\n") : NULL; line; line = strtok(NULL, "\n")) {
-        char *c1 = strchr(line, ','), *c2 = c1 ? strchr(c1 + 1, ',') : NULL, *c3 = c2 ? strchr(c2 + 1, ',') : NULL;
+        char *c1 = strchr(line, ','), *c2 = c1 ? strchr(c1 + 1, ',') : NULL,
+             *c3 = c2 ? strchr(c2 + 1, ',') : NULL;
         char *c4 = c3 ? strchr(c3 + 1, ',') : NULL;
         if (!c4) continue;
         /* step, loss, lr, norm; tokens/s varies between runs */
@@ -738,15 +844,18 @@ static void test_resume(void) {
     char train[300];
     snprintf(train, sizeof(train), "%s/train.bin", tmp_dir);
     write_tokens(train, 3000, 64, 99);
-    const char *common = "--model dev/fixtures/gqa --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 "
-                         "--warmup-steps 2 --eval-every 0";
-    CHECK(run("%s train %s --train %s --val %s --out %s/straight", mlkv_bin, common, train, train, tmp_dir) == 0,
+    const char *common = "--model dev/fixtures/gqa --batch 2 --seq 16 --grad-accum 2 --steps 6 "
+                         "--lr 1e-2 --warmup-steps 2 --eval-every 0";
+    CHECK(run("%s train %s --train %s --val %s --out %s/straight", mlkv_bin, common, train, train,
+              tmp_dir) == 0,
           "straight run: %s", output());
     CHECK(strstr(output(), "step     6/6") != NULL, "progress lines: %s", output());
-    CHECK(run("%s train %s --train %s --val %s --out %s/pieces --stop-after 4 --threads 1", mlkv_bin, common, train,
-              train, tmp_dir) == 0, "first piece: %s", output());
-    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 "
-              "--eval-every 0 --train %s --val %s --out %s/pieces", mlkv_bin, train, train, tmp_dir) == 0,
+    CHECK(run("%s train %s --train %s --val %s --out %s/pieces --stop-after 4 --threads 1",
+              mlkv_bin, common, train, train, tmp_dir) == 0,
+          "first piece: %s", output());
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 "
+              "--warmup-steps 2 --eval-every 0 --train %s --val %s --out %s/pieces",
+              mlkv_bin, train, train, tmp_dir) == 0,
           "resumed piece: %s", output());
     CHECK(strstr(output(), "resuming at step 4 of 6") != NULL, "resume message: %s", output());
     char a[300], b[300], la[4096], lb[4096];
@@ -765,53 +874,71 @@ static void test_resume(void) {
     snprintf(a, sizeof(a), "%s/pieces/model.safetensors", tmp_dir);
     struct stat before_resume, after_resume;
     CHECK(stat(a, &before_resume) == 0, "%s exists", a);
-    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 "
-              "--eval-every 0 --train %s --val %s --out %s/pieces", mlkv_bin, train, train, tmp_dir) == 0 &&
-              strstr(output(), "already trained to step 6 of 6; nothing to do") && !strstr(output(), "step     6/6"),
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 "
+              "--warmup-steps 2 --eval-every 0 --train %s --val %s --out %s/pieces",
+              mlkv_bin, train, train, tmp_dir) == 0 &&
+              strstr(output(), "already trained to step 6 of 6; nothing to do") &&
+              !strstr(output(), "step     6/6"),
           "resuming a finished run: %s", output());
     CHECK(stat(a, &after_resume) == 0 && after_resume.st_mtime == before_resume.st_mtime &&
-              after_resume.st_ino == before_resume.st_ino, "a finished run's checkpoint is left as it was");
+              after_resume.st_ino == before_resume.st_ino,
+          "a finished run's checkpoint is left as it was");
     snprintf(b, sizeof(b), "%s/pieces.log.csv", tmp_dir);
     log_losses(b, lb, sizeof(lb));
     CHECK(strcmp(la, lb) == 0, "a finished run's log is left as it was:\n%s\n%s", la, lb);
     /* a save that cannot complete leaves the previous checkpoint as it was */
-    CHECK(run("%s train %s --train %s --out %s/kept --stop-after 2 --verbose", mlkv_bin, common, train, tmp_dir) == 0 &&
-          strstr(output(), "= activations") && strstr(output(), "AdamW moments"), "--verbose memory: %s", output());
+    CHECK(run("%s train %s --train %s --out %s/kept --stop-after 2 --verbose", mlkv_bin, common,
+              train, tmp_dir) == 0 &&
+              strstr(output(), "= activations") && strstr(output(), "AdamW moments"),
+          "--verbose memory: %s", output());
     snprintf(a, sizeof(a), "%s/kept/model.safetensors", tmp_dir);
     size_t before_len, after_len;
     char *before = slurp(a, &before_len);
     CHECK(run("touch %s/kept.saving", tmp_dir) == 0, "block the staging folder");
-    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 --eval-every 0 "
-              "--train %s --out %s/kept", mlkv_bin, train, tmp_dir) == 1 && strstr(output(), "kept.saving: exists and is not a folder"),
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 "
+              "--warmup-steps 2 --eval-every 0 --train %s --out %s/kept",
+              mlkv_bin, train, tmp_dir) == 1 &&
+              strstr(output(), "kept.saving: exists and is not a folder"),
           "a failed save: %s", output());
     char *after = slurp(a, &after_len);
     CHECK(before && after && before_len == after_len && !memcmp(before, after, before_len),
           "the previous checkpoint is intact after a failed save");
     free(before);
     free(after);
-    /* a save interrupted between its two renames leaves the checkpoint as DIR.previous: resume says so */
-    CHECK(run("rm -f %s/kept.saving && mv %s/kept %s/kept.previous && mkdir %s/kept", tmp_dir, tmp_dir, tmp_dir,
-              tmp_dir) == 0, "move the checkpoint aside");
-    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --train %s --out %s/kept", mlkv_bin,
-              train, tmp_dir) == 1 && strstr(output(), "mlkv: error: ") && strstr(output(), "kept/config.json") &&
-              strstr(output(), "\nmlkv: note: ") && strstr(output(), "kept.previous holds the last complete checkpoint"),
+    /* a save interrupted between its two renames leaves the checkpoint as DIR.previous: resume says
+     * so */
+    CHECK(run("rm -f %s/kept.saving && mv %s/kept %s/kept.previous && mkdir %s/kept", tmp_dir,
+              tmp_dir, tmp_dir, tmp_dir) == 0,
+          "move the checkpoint aside");
+    CHECK(run("%s train --resume --batch 2 --seq 16 --grad-accum "
+              "2 --steps 6 --train %s --out %s/kept", mlkv_bin, train, tmp_dir) == 1 &&
+              strstr(output(), "mlkv: error: ") && strstr(output(), "kept/config.json") &&
+              strstr(output(), "\nmlkv: note: ") &&
+              strstr(output(), "kept.previous holds the last complete checkpoint"),
           "resume beside DIR.previous: %s", output());
     /* a resume must keep the settings that made the checkpoint */
-    CHECK(run("%s train --resume --batch 4 --seq 16 --grad-accum 2 --steps 6 --train %s --out %s/pieces", mlkv_bin,
-              train, tmp_dir) == 1 && strstr(output(), "resume with the same settings"), "changed settings: %s", output());
-    /* and its position is checked, not trusted: a step past the run (same length, so the header still fits) */
+    CHECK(run("%s train --resume --batch 4 --seq 16 --grad-accum "
+              "2 --steps 6 --train %s --out %s/pieces", mlkv_bin, train, tmp_dir) == 1 &&
+              strstr(output(), "resume with the same settings"),
+          "changed settings: %s", output());
+    /* and its position is checked, not trusted: a step past the run (same length, so the header
+     * still fits) */
     snprintf(a, sizeof(a), "%s/pieces/optimizer.safetensors", tmp_dir);
     size_t len;
-    char *opt = slurp(a, &len), *at = opt && len > 8 ? strstr(opt + 8, "\"step\":\"6\"") : NULL; /* past the length */
+    /* past the length */
+    char *opt = slurp(a, &len), *at = opt && len > 8 ? strstr(opt + 8, "\"step\":\"6\"") : NULL;
     if (at) {
         at[8] = '9';
         FILE *f = fopen(a, "wb");
         fwrite(opt, 1, len, f);
         fclose(f);
     }
-    CHECK(at && run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 --warmup-steps 2 "
-                    "--eval-every 0 --train %s --out %s/pieces", mlkv_bin, train, tmp_dir) == 1 &&
-          strstr(output(), "metadata step \"9\", epoch") && strstr(output(), "are not a position in this run of 6 steps"),
+    CHECK(at &&
+              run("%s train --resume --batch 2 --seq 16 --grad-accum 2 --steps 6 --lr 1e-2 "
+                  "--warmup-steps 2 --eval-every 0 --train %s --out %s/pieces",
+                  mlkv_bin, train, tmp_dir) == 1 &&
+              strstr(output(), "metadata step \"9\", epoch") &&
+              strstr(output(), "are not a position in this run of 6 steps"),
           "a step past the run: %s", output());
     free(opt);
 }
@@ -824,8 +951,10 @@ static void write_text(const char *path, const char *text) {
 
 /* Copies a fixture model folder to tmp_dir/name, optionally with another config. */
 static void copy_model(const char *fixture, const char *name, const char *config_text) {
-    CHECK(run("rm -rf %s/%s && mkdir -p %s/%s && cp dev/fixtures/%s/config.json dev/fixtures/%s/model.safetensors %s/%s",
-              tmp_dir, name, tmp_dir, name, fixture, fixture, tmp_dir, name) == 0, "copy %s", fixture);
+    CHECK(run("rm -rf %s/%s && mkdir -p %s/%s && cp dev/fixtures/%s/config.json "
+              "dev/fixtures/%s/model.safetensors %s/%s",
+              tmp_dir, name, tmp_dir, name, fixture, fixture, tmp_dir, name) == 0,
+          "copy %s", fixture);
     if (config_text) {
         char path[400];
         snprintf(path, sizeof(path), "%s/%s/config.json", tmp_dir, name);
@@ -833,34 +962,44 @@ static void copy_model(const char *fixture, const char *name, const char *config
     }
 }
 
-#define TINY_CONFIG(extra) \
-    "{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 32, \"num_hidden_layers\": 4, " \
+#define TINY_CONFIG(extra)                                                                         \
+    "{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 32, "                     \
+    "\"num_hidden_layers\": 4, "                                                                   \
     "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"rotary_pct\": 0.5" extra "}"
 
 static void test_errors(void) {
     char train[300], path[400];
-    snprintf(train, sizeof(train), "%s/errors_train.bin", tmp_dir); /* its own: no test depends on another's files */
+    /* its own: no test depends on another's files */
+    snprintf(train, sizeof(train), "%s/errors_train.bin", tmp_dir);
     write_tokens(train, 3000, 64, 99);
-    struct { const char *config, *message; } configs[] = {
+    struct { const char *config, *message;
+    } configs[] = {
         {"{\"model_type\": \"llama\", \"vocab_size\": 8}", "not a GPT-NeoX config"},
         {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64,", "invalid JSON"},
         {TINY_CONFIG(", \"num_key_value_heads\": 3"), "not divisible by num_key_value_heads 3"},
-        {TINY_CONFIG(", \"num_key_value_layers\": 5"), "num_key_value_layers 5 must be in 1..num_hidden_layers (4)"},
+        {TINY_CONFIG(", \"num_key_value_layers\": 5"),
+         "num_key_value_layers 5 must be in 1..num_hidden_layers (4)"},
         {TINY_CONFIG(", \"num_key_value_layers\": 0"), "num_key_value_layers 0 must be in 1.."},
-        {TINY_CONFIG(", \"num_key_value_heads\": 8"), "num_key_value_heads 8 must be in 1..num_attention_heads"},
-        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 30, \"num_hidden_layers\": 4, "
-         "\"num_attention_heads\": 4, \"intermediate_size\": 64}",
+        {TINY_CONFIG(", \"num_key_value_heads\": 8"),
+         "num_key_value_heads 8 must be in 1..num_attention_heads"},
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 30, "
+         "\"num_hidden_layers\": 4, \"num_attention_heads\": 4, \"intermediate_size\": 64}",
          "hidden_size 30 is not divisible by num_attention_heads 4"},
-        /* hostile values: bounded before any array is filled, no inf written back, one meaning per key */
-        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 32, \"num_hidden_layers\": 300, "
-         "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"mlkv_kv_layer_map\": [0]}",
+        /* hostile values: bounded before any array is filled, no inf written back, one meaning per
+           key */
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 32, "
+         "\"num_hidden_layers\": 300, \"num_attention_heads\": 4, \"intermediate_size\": 64, "
+         "\"mlkv_kv_layer_map\": [0]}",
          "num_hidden_layers 300 is outside 1..256"},
-        {TINY_CONFIG(", \"mlkv_kv_layer_map\": [0, 0, 1e12, 0]"), "mlkv_kv_layer_map[2] is not a layer number below 4"},
+        {TINY_CONFIG(", \"mlkv_kv_layer_map\": [0, 0, 1e12, 0]"),
+         "mlkv_kv_layer_map[2] is not a layer number below 4"},
         {TINY_CONFIG(", \"layer_norm_eps\": 1e400"), "a number out of range"},
-        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 2097152, \"num_hidden_layers\": 4, "
-         "\"num_attention_heads\": 4, \"intermediate_size\": 64}", "hidden_size 2097152 must be in 1..1048576"},
-        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 8192, \"num_hidden_layers\": 4, "
-         "\"num_attention_heads\": 8192, \"intermediate_size\": 64}", "num_attention_heads 8192 must be in 1..4096"},
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 2097152, "
+         "\"num_hidden_layers\": 4, \"num_attention_heads\": 4, \"intermediate_size\": 64}",
+         "hidden_size 2097152 must be in 1..1048576"},
+        {"{\"model_type\": \"gpt_neox\", \"vocab_size\": 64, \"hidden_size\": 8192, "
+         "\"num_hidden_layers\": 4, \"num_attention_heads\": 8192, \"intermediate_size\": 64}",
+         "num_attention_heads 8192 must be in 1..4096"},
         {TINY_CONFIG(", \"use_key_value_mlp\": true, \"kv_intermediate_size\": 2000000"),
          "kv_intermediate_size (use_key_value_mlp) 2000000 must be in 1..1048576"},
         {TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_heads\": 4"),
@@ -870,23 +1009,29 @@ static void test_errors(void) {
         snprintf(path, sizeof(path), "%s/bad_config.json", tmp_dir);
         write_text(path, configs[i].config);
         int rc = run("%s init --config %s --out %s/never", mlkv_bin, path, tmp_dir);
-        CHECK(rc == 1 && strstr(output(), configs[i].message) && strstr(output(), "bad_config.json"),
+        CHECK(rc == 1 && strstr(output(), configs[i].message) &&
+                  strstr(output(), "bad_config.json"),
               "config error '%s': exit %d, output: %s", configs[i].message, rc, output());
         CHECK(!exists("%s/never", tmp_dir), "no output after a config error");
     }
 
-    /* files that are not regular files, overlapping safetensors, an added token with a NUL, raw names */
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
-          strstr(output(), "is a folder, not a file"), "a folder as a token file: %s", output());
+    /* files that are not regular files, overlapping safetensors, an added token with a NUL, raw
+     * names */
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, tmp_dir,
+              tmp_dir) == 1 &&
+              strstr(output(), "is a folder, not a file"),
+          "a folder as a token file: %s", output());
     snprintf(path, sizeof(path), "%s/overlap.safetensors", tmp_dir);
     {
-        const char *header = "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-                             "\"b\\u001b[31m\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}";
+        const char *header =
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\\u001b[31m\":{"
+            "\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}";
         float data[3] = {1, 2, 3};
         write_safetensors(path, header, data, sizeof(data));
         SafeTensors st;
-        CHECK(st_open(&st, path) != 0 && strstr(mlkv_error(), "share bytes (overlapping data_offsets)") &&
-              strstr(mlkv_error(), "b\\x1b[31m") && !strchr(mlkv_error(), 0x1b),
+        CHECK(st_open(&st, path) != 0 &&
+                  strstr(mlkv_error(), "share bytes (overlapping data_offsets)") &&
+                  strstr(mlkv_error(), "b\\x1b[31m") && !strchr(mlkv_error(), 0x1b),
               "overlapping tensors, names escaped: %s", mlkv_error());
     }
     snprintf(path, sizeof(path), "%s/nul_tokenizer.json", tmp_dir);
@@ -902,7 +1047,8 @@ static void test_errors(void) {
             fclose(f);
         }
         Tokenizer tok;
-        CHECK(eot && tokenizer_load(&tok, path) != 0 && strstr(mlkv_error(), "contains a NUL character"),
+        CHECK(eot && tokenizer_load(&tok, path) != 0 &&
+                  strstr(mlkv_error(), "contains a NUL character"),
               "an added token with a NUL: %s", mlkv_error());
         free(text);
     }
@@ -920,16 +1066,20 @@ static void test_errors(void) {
          "attention.key.weight has shape [16, 32], expected [8, 32]"},
         {"mlkv_3x2", "missing", TINY_CONFIG(", \"num_key_value_heads\": 2"), INTACT,
          "missing tensor gpt_neox.layers.3.attention.key.weight"},
-        {"gqa", "extra", TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_layers\": 2"), INTACT,
-         "unexpected tensor gpt_neox.layers.1.attention.key"},
-        {"mha", "fused_mismatch", TINY_CONFIG(", \"num_key_value_layers\": 2"), INTACT, "fused query_key_value"},
+        {"gqa", "extra", TINY_CONFIG(", \"num_key_value_heads\": 2, \"num_key_value_layers\": 2"),
+         INTACT, "unexpected tensor gpt_neox.layers.1.attention.key"},
+        {"mha", "fused_mismatch", TINY_CONFIG(", \"num_key_value_layers\": 2"), INTACT,
+         "fused query_key_value"},
     };
     for (size_t i = 0; i < sizeof(checkpoints) / sizeof(checkpoints[0]); i++) {
         copy_model(checkpoints[i].fixture, checkpoints[i].name, checkpoints[i].config);
         snprintf(path, sizeof(path), "%s/%s/model.safetensors", tmp_dir, checkpoints[i].name);
-        if (checkpoints[i].damage == TRUNCATED) CHECK(run("truncate -s -100 %s", path) == 0, "truncate");
-        if (checkpoints[i].damage == REPLACED_BY_TEXT) write_text(path, "this is not a safetensors file at all");
-        CHECK(run("%s train --model %s/%s --train %s --out %s/never --steps 1 --seq 16 --batch 1 --grad-accum 1",
+        if (checkpoints[i].damage == TRUNCATED)
+            CHECK(run("truncate -s -100 %s", path) == 0, "truncate");
+        if (checkpoints[i].damage == REPLACED_BY_TEXT)
+            write_text(path, "this is not a safetensors file at all");
+        CHECK(run("%s train --model %s/%s --train %s --out %s/never "
+                  "--steps 1 --seq 16 --batch 1 --grad-accum 1",
                   mlkv_bin, tmp_dir, checkpoints[i].name, train, tmp_dir) == 1 &&
                   strstr(output(), checkpoints[i].message) && strstr(output(), checkpoints[i].name),
               "checkpoint %s: %s", checkpoints[i].name, output());
@@ -938,8 +1088,10 @@ static void test_errors(void) {
     /* token files */
     snprintf(path, sizeof(path), "%s/bad.bin", tmp_dir);
     write_text(path, "not a token file, far too short");
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, path, tmp_dir) == 1 &&
-          strstr(output(), "bad.bin: shorter than the 1024-byte header"), "short token file: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, path,
+              tmp_dir) == 1 &&
+              strstr(output(), "bad.bin: shorter than the 1024-byte header"),
+          "short token file: %s", output());
     size_t len;
     char *whole = slurp(train, &len);
     snprintf(path, sizeof(path), "%s/cut.bin", tmp_dir);
@@ -947,17 +1099,26 @@ static void test_errors(void) {
     fwrite(whole, 1, 2000, cut); /* the header promises 3000 tokens; 488 follow */
     fclose(cut);
     free(whole);
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s/cut.bin --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
-          strstr(output(), "cut.bin: header says 3000 tokens"), "truncated token file: %s", output());
-    CHECK(run("dd if=/dev/zero of=%s/magic.bin bs=1024 count=2 2>/dev/null", tmp_dir) == 0, "zeros");
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s/magic.bin --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
-          strstr(output(), "not a token file"), "bad magic: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s/cut.bin --out %s/never", mlkv_bin,
+              tmp_dir, tmp_dir) == 1 &&
+              strstr(output(), "cut.bin: header says 3000 tokens"),
+          "truncated token file: %s", output());
+    CHECK(run("dd if=/dev/zero of=%s/magic.bin bs=1024 count=2 2>/dev/null", tmp_dir) == 0,
+          "zeros");
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s/magic.bin --out %s/never", mlkv_bin,
+              tmp_dir, tmp_dir) == 1 &&
+              strstr(output(), "not a token file"),
+          "bad magic: %s", output());
     snprintf(path, sizeof(path), "%s/big_ids.bin", tmp_dir);
     write_tokens(path, 500, 200, 5);
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, path, tmp_dir) == 1 &&
-          strstr(output(), "outside the model's vocabulary (vocab_size 64)"), "token id range: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never --seq 100", mlkv_bin, train, tmp_dir) == 1 &&
-          strstr(output(), "exceeds the model's max_position_embeddings (64)"), "seq too long: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never", mlkv_bin, path,
+              tmp_dir) == 1 &&
+              strstr(output(), "outside the model's vocabulary (vocab_size 64)"),
+          "token id range: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never --seq 100", mlkv_bin,
+              train, tmp_dir) == 1 &&
+              strstr(output(), "exceeds the model's max_position_embeddings (64)"),
+          "seq too long: %s", output());
 
     /* a NaN weight: training stops at the first step, writes nothing */
     Model m;
@@ -970,30 +1131,41 @@ static void test_errors(void) {
     TensorGroup g = {"", m.param_memory};
     CHECK(model_write_safetensors(&m, &g, 1, path, NULL) == 0, "write: %s", mlkv_error());
     model_free(&m);
-    CHECK(run("%s train --model %s/nan_model --train %s --out %s/never --steps 3 --seq 16 --batch 2 --grad-accum 1",
-              mlkv_bin, tmp_dir, train, tmp_dir) == 1 && strstr(output(), "training diverged: loss nan"),
+    CHECK(run("%s train --model %s/nan_model --train %s --out "
+              "%s/never --steps 3 --seq 16 --batch 2 --grad-accum 1",
+              mlkv_bin, tmp_dir, train, tmp_dir) == 1 &&
+              strstr(output(), "training diverged: loss nan"),
           "NaN loss: %s", output());
     CHECK(!exists("%s/never", tmp_dir), "no checkpoint after divergence");
 
     /* the output folder must not hold foreign files; usage errors exit 2 */
     CHECK(run("mkdir -p %s/foreign && touch %s/foreign/notes.txt", tmp_dir, tmp_dir) == 0, "mkdir");
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/foreign --steps 1", mlkv_bin, train, tmp_dir) == 1 &&
-          strstr(output(), "notes.txt, which mlkv did not write"), "foreign output folder: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --bogus 1", mlkv_bin, train, tmp_dir) == 2 &&
-          strstr(output(), "unknown argument --bogus"), "unknown flag: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --lr abc", mlkv_bin, train, tmp_dir) == 2,
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/foreign --steps 1", mlkv_bin,
+              train, tmp_dir) == 1 &&
+              strstr(output(), "notes.txt, which mlkv did not write"),
+          "foreign output folder: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --bogus 1", mlkv_bin, train,
+              tmp_dir) == 2 &&
+              strstr(output(), "unknown argument --bogus"),
+          "unknown flag: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --lr abc", mlkv_bin, train,
+              tmp_dir) == 2,
           "bad number: %s", output());
-    CHECK(run("%s train --help", mlkv_bin) == 0 && strstr(output(), "--grad-accum"), "train --help");
+    CHECK(run("%s train --help", mlkv_bin) == 0 && strstr(output(), "--grad-accum"),
+          "train --help");
     CHECK(run("%s init --help", mlkv_bin) == 0 && strstr(output(), "--config"), "init --help");
-    CHECK(run("%s demo --help", mlkv_bin) == 0 && strstr(output(), "--uptrain-steps"), "demo --help");
+    CHECK(run("%s demo --help", mlkv_bin) == 0 && strstr(output(), "--uptrain-steps"),
+          "demo --help");
     CHECK(run("%s frobnicate", mlkv_bin) == 2, "unknown command");
 }
 
 static void test_init(void) {
     char path[400];
     snprintf(path, sizeof(path), "%s/tiny_config.json", tmp_dir);
-    write_text(path, TINY_CONFIG(", \"num_key_value_layers\": 2, \"num_key_value_heads\": 1, \"initializer_range\": 0.5"));
-    CHECK(run("%s init --config %s --out %s/fresh --seed 3", mlkv_bin, path, tmp_dir) == 0, "init: %s", output());
+    write_text(path, TINY_CONFIG(", \"num_key_value_layers\": 2, \"num_key_value_heads\": 1, "
+                                 "\"initializer_range\": 0.5"));
+    CHECK(run("%s init --config %s --out %s/fresh --seed 3", mlkv_bin, path, tmp_dir) == 0,
+          "init: %s", output());
     CHECK(strstr(output(), "owning layers (0 2)") != NULL, "init summary: %s", output());
     Model m;
     snprintf(path, sizeof(path), "%s/fresh", tmp_dir);
@@ -1001,7 +1173,8 @@ static void test_init(void) {
     const ParamInfo *w = model_param(&m, "gpt_neox.layers.2.attention.key.weight");
     const ParamInfo *ln = model_param(&m, "gpt_neox.layers.1.input_layernorm.weight");
     const ParamInfo *b = model_param(&m, "gpt_neox.layers.1.mlp.dense_h_to_4h.bias");
-    CHECK(w && ln && b && !model_param(&m, "gpt_neox.layers.1.attention.key.weight"), "K/V only in owning layers");
+    CHECK(w && ln && b && !model_param(&m, "gpt_neox.layers.1.attention.key.weight"),
+          "K/V only in owning layers");
     if (w && ln && b) {
         double sum = 0, sumsq = 0;
         for (size_t i = 0; i < w->numel; i++) {
@@ -1010,7 +1183,8 @@ static void test_init(void) {
         }
         double std = sqrt(sumsq / w->numel - (sum / w->numel) * (sum / w->numel));
         CHECK(fabs(std - 0.5) < 0.1, "weights have std initializer_range: %.3f", std);
-        CHECK(m.param_memory[ln->offset] == 1.0f && m.param_memory[b->offset] == 0.0f, "LayerNorm 1, bias 0");
+        CHECK(m.param_memory[ln->offset] == 1.0f && m.param_memory[b->offset] == 0.0f,
+              "LayerNorm 1, bias 0");
     }
     model_free(&m);
 }
@@ -1021,7 +1195,8 @@ static void test_convert(void) {
     const char *pythia = "dev/fixtures/convert/pythia";
     SafeTensors exp;
     Model mha;
-    if (st_open(&exp, "dev/fixtures/convert/expected.safetensors") != 0 || model_load(&mha, pythia) != 0) {
+    if (st_open(&exp, "dev/fixtures/convert/expected.safetensors") != 0 ||
+        model_load(&mha, pythia) != 0) {
         CHECK(0, "convert fixtures: %s", mlkv_error());
         return;
     }
@@ -1031,13 +1206,16 @@ static void test_convert(void) {
     for (size_t c = 0; meta && c < meta->length; c++) {
         const char *name = meta->keys[c];
         Json spec;
-        CHECK(json_parse(meta->items[c].string, strlen(meta->items[c].string), name, &spec) == 0, "metadata %s", name);
+        CHECK(json_parse(meta->items[c].string, strlen(meta->items[c].string), name, &spec) == 0,
+              "metadata %s", name);
         const Json *args = json_get(&spec, "args");
         char cmd[1024], out[400], path[500];
         snprintf(out, sizeof(out), "%s/convert_%s", tmp_dir, name);
         int n = snprintf(cmd, sizeof(cmd), "%s convert %s --out %s", mlkv_bin, pythia, out);
-        for (size_t a = 0; args && a < args->length; a++) n += snprintf(cmd + n, sizeof(cmd) - n, " %s", args->items[a].string);
-        CHECK(run("%s", cmd) == 0 && strstr(output(), "KV cache bytes/token"), "%s: %s", cmd, output());
+        for (size_t a = 0; args && a < args->length; a++)
+            n += snprintf(cmd + n, sizeof(cmd) - n, " %s", args->items[a].string);
+        CHECK(run("%s", cmd) == 0 && strstr(output(), "KV cache bytes/token"), "%s: %s", cmd,
+              output());
         Model conv;
         snprintf(path, sizeof(path), "%s/model.safetensors", out);
         SafeTensors got;
@@ -1048,7 +1226,8 @@ static void test_convert(void) {
         }
         configs++;
         CHECK(conv.config.intermediate_size == (int)json_get(&spec, "intermediate_size")->number &&
-              conv.config.kv_intermediate_size == (int)json_get(&spec, "kv_intermediate_size")->number,
+                  conv.config.kv_intermediate_size ==
+                      (int)json_get(&spec, "kv_intermediate_size")->number,
               "%s: intermediate %d, kv_intermediate %d", name, conv.config.intermediate_size,
               conv.config.kv_intermediate_size);
         /* every tensor the reference computed (pooled K/V of owners, grown MLPs) */
@@ -1057,7 +1236,8 @@ static void test_convert(void) {
             const char *key = exp.header.keys[i];
             if (strncmp(key, name, prefix - 1) != 0 || key[prefix - 1] != '/') continue;
             const Json *sh = json_get(json_get(&exp.header, key), "shape");
-            int shape[2] = {(int)sh->items[0].number, sh->length > 1 ? (int)sh->items[1].number : 0};
+            int shape[2] = {(int)sh->items[0].number,
+                            sh->length > 1 ? (int)sh->items[1].number : 0};
             size_t numel = (size_t)shape[0] * (sh->length > 1 ? shape[1] : 1);
             float *want = read_tensor(&exp, key, (int)sh->length, shape, numel);
             char target[200];
@@ -1075,30 +1255,38 @@ static void test_convert(void) {
             if (p) {
                 double e = scaled_error(mine, want, numel);
                 worst = fmax(worst, e);
-                CHECK(e <= 1e-6, "%s: %s differs from the PyTorch conversion by %.3g", name, target, e);
+                CHECK(e <= 1e-6, "%s: %s differs from the PyTorch conversion by %.3g", name, target,
+                      e);
             }
             free(want);
         }
         /* tensors the conversion keeps are copied exactly */
-        const char *kept[] = {"gpt_neox.embed_in.weight", "gpt_neox.layers.1.attention.query.weight",
-                              "gpt_neox.layers.3.attention.dense.bias", "gpt_neox.layers.2.input_layernorm.weight",
-                              "embed_out.weight"};
+        const char *kept[] = {"gpt_neox.embed_in.weight",
+                              "gpt_neox.layers.1.attention.query.weight",
+                              "gpt_neox.layers.3.attention.dense.bias",
+                              "gpt_neox.layers.2.input_layernorm.weight", "embed_out.weight"};
         for (int k = 0; k < 5; k++) {
             const ParamInfo *a = model_param(&mha, kept[k]), *b = model_param(&conv, kept[k]);
-            CHECK(a && b && !memcmp(mha.param_memory + a->offset, conv.param_memory + b->offset, a->numel * 4),
+            CHECK(a && b &&
+                      !memcmp(mha.param_memory + a->offset, conv.param_memory + b->offset,
+                              a->numel * 4),
                   "%s: %s is not an exact copy", name, kept[k]);
         }
         /* KV-MLP: random parts within Kaiming-uniform (1/sqrt(fan_in)) and uniform(-1, 1) */
         for (int i = 0; conv.config.use_kv_mlp && i < conv.n_params; i++) {
             const ParamInfo *p = &conv.params[i];
-            if (!strstr(p->name, "attention.key.dense_") && !strstr(p->name, "attention.value.dense_")) continue;
+            if (!strstr(p->name, "attention.key.dense_") &&
+                !strstr(p->name, "attention.value.dense_"))
+                continue;
             /* dense_in's first kvH*hs rows hold the pooled projection; the rest is random */
             size_t row = (size_t)(p->ndim == 2 ? p->shape[1] : 1);
-            size_t skip = strstr(p->name, "dense_in") ? (size_t)conv.config.n_kv_head * conv.config.head_size * row : 0;
+            size_t skip = strstr(p->name, "dense_in")
+                              ? (size_t)conv.config.n_kv_head * conv.config.head_size * row
+                              : 0;
             double bound = p->ndim == 2 ? 1.0 / sqrt((double)p->shape[1]) : 1.0;
             double biggest = max_abs(conv.param_memory + p->offset + skip, p->numel - skip);
-            CHECK(biggest <= bound * (1 + 1e-6) && biggest > 0.5 * bound, "%s: %s: largest %.3g, bound %.3g", name,
-                  p->name, biggest, bound);
+            CHECK(biggest <= bound * (1 + 1e-6) && biggest > 0.5 * bound,
+                  "%s: %s: largest %.3g, bound %.3g", name, p->name, biggest, bound);
         }
         st_close(&got);
         model_free(&conv);
@@ -1111,33 +1299,42 @@ static void test_convert(void) {
     size_t len;
     snprintf(path, sizeof(path), "%s/convert_mlkv_l2h1/config.json", tmp_dir);
     char *text = slurp(path, &len);
-    CHECK(text && strstr(text, "\"transformers_version\"") && strstr(text, "\"num_key_value_layers\": 2"),
+    CHECK(text && strstr(text, "\"transformers_version\"") &&
+              strstr(text, "\"num_key_value_layers\": 2"),
           "converted config.json: %s", text ? text : "(missing)");
     free(text);
     st_close(&exp);
 
     /* export --fused writes the stock layout; loading it back gives the same parameters */
-    CHECK(run("%s export dev/fixtures/mha --fused --out %s/exported", mlkv_bin, tmp_dir) == 0, "export: %s", output());
+    CHECK(run("%s export dev/fixtures/mha --fused --out %s/exported", mlkv_bin, tmp_dir) == 0,
+          "export: %s", output());
     Model back, orig;
     snprintf(path, sizeof(path), "%s/exported", tmp_dir);
-    CHECK(model_load(&back, path) == 0 && model_load(&orig, "dev/fixtures/mha") == 0, "reload: %s", mlkv_error());
+    CHECK(model_load(&back, path) == 0 && model_load(&orig, "dev/fixtures/mha") == 0, "reload: %s",
+          mlkv_error());
     CHECK(back.num_parameters == orig.num_parameters &&
-          !memcmp(back.param_memory, orig.param_memory, orig.num_parameters * sizeof(float)), "export round trip");
+              !memcmp(back.param_memory, orig.param_memory, orig.num_parameters * sizeof(float)),
+          "export round trip");
     model_free(&back);
     model_free(&orig);
     snprintf(path, sizeof(path), "%s/exported/config.json", tmp_dir);
     text = slurp(path, &len);
-    CHECK(text && !strstr(text, "num_key_value") && strstr(text, "\"rotary_pct\": 0.5"), "stock config: %s", text);
+    CHECK(text && !strstr(text, "num_key_value") && strstr(text, "\"rotary_pct\": 0.5"),
+          "stock config: %s", text);
     free(text);
     snprintf(path, sizeof(path), "%s/exported/model.safetensors", tmp_dir);
     SafeTensors st;
-    CHECK(st_open(&st, path) == 0 && st_entry(&st, "gpt_neox.layers.0.attention.query_key_value.weight") &&
-          !st_entry(&st, "gpt_neox.layers.0.attention.key.weight"), "fused names in the export");
+    CHECK(st_open(&st, path) == 0 &&
+              st_entry(&st, "gpt_neox.layers.0.attention.query_key_value.weight") &&
+              !st_entry(&st, "gpt_neox.layers.0.attention.key.weight"),
+          "fused names in the export");
     st_close(&st);
 
     /* bad input: clear error, exit 1, nothing written */
-    struct { const char *args, *message; } bad[] = {
-        {"--kv-layers 2 --kv-heads 3", "--kv-heads 3: the 4 attention heads must split into 3 equal groups"},
+    struct { const char *args, *message;
+    } bad[] = {
+        {"--kv-layers 2 --kv-heads 3",
+         "--kv-heads 3: the 4 attention heads must split into 3 equal groups"},
         {"--kv-layers 5 --kv-heads 1", "--kv-layers 5: the model has 4 layers"},
         {"--kv-map 0,0,3,1 --kv-heads 1", "mlkv_kv_layer_map[2] = 3 must be in 0..2"},
         {"--kv-map 0,0,1,1 --kv-heads 1", "layer 1 does not own K/V"},
@@ -1148,19 +1345,26 @@ static void test_convert(void) {
               strstr(output(), bad[i].message), "convert %s: %s", bad[i].args, output());
         CHECK(!exists("%s/never", tmp_dir), "no output after a failed conversion");
     }
-    CHECK(run("%s convert dev/fixtures/gqa --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir) == 1 &&
-          strstr(output(), "already shares K/V"), "convert a GQA model: %s", output());
+    CHECK(run("%s convert dev/fixtures/gqa --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin,
+              tmp_dir) == 1 &&
+              strstr(output(), "already shares K/V"),
+          "convert a GQA model: %s", output());
     copy_model("mha", "llama", "{\"model_type\": \"llama\", \"hidden_size\": 32}");
-    CHECK(run("%s convert %s/llama --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
-          strstr(output(), "not a GPT-NeoX config"), "convert a llama: %s", output());
+    CHECK(run("%s convert %s/llama --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir,
+              tmp_dir) == 1 &&
+              strstr(output(), "not a GPT-NeoX config"),
+          "convert a llama: %s", output());
     copy_model("mha", "cut", NULL);
     CHECK(run("truncate -s -8 %s/cut/model.safetensors", tmp_dir) == 0, "truncate");
-    CHECK(run("%s convert %s/cut --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir, tmp_dir) == 1 &&
-          strstr(output(), "truncated"), "convert a truncated checkpoint: %s", output());
+    CHECK(run("%s convert %s/cut --kv-layers 2 --kv-heads 1 --out %s/never", mlkv_bin, tmp_dir,
+              tmp_dir) == 1 &&
+              strstr(output(), "truncated"),
+          "convert a truncated checkpoint: %s", output());
     CHECK(run("%s export dev/fixtures/gqa --fused --out %s/never", mlkv_bin, tmp_dir) == 1 &&
           strstr(output(), "only MHA models"), "export GQA: %s", output());
     CHECK(!exists("%s/never", tmp_dir), "no output after a failed conversion");
-    CHECK(run("%s convert --help", mlkv_bin) == 0 && strstr(output(), "--grow-mlp"), "convert --help");
+    CHECK(run("%s convert --help", mlkv_bin) == 0 && strstr(output(), "--grow-mlp"),
+          "convert --help");
     CHECK(run("%s export --help", mlkv_bin) == 0 && strstr(output(), "--fused"), "export --help");
     model_free(&mha);
 }
@@ -1184,7 +1388,8 @@ static double bin_logits_error(const char *name) {
     const Json *shape = json_get(json_get(&ref.header, "tokens"), "shape");
     int B = (int)shape->items[0].number, T = (int)shape->items[1].number, V = m.config.vocab_size;
     int tshape[2] = {B, T}, lshape[3] = {B, T, V}, *tokens = malloc(sizeof(int) * B * T);
-    CHECK(st_read(&ref, "tokens", 2, tshape, NULL, tokens) == 0, "%s tokens: %s", name, mlkv_error());
+    CHECK(st_read(&ref, "tokens", 2, tshape, NULL, tokens) == 0, "%s tokens: %s", name,
+          mlkv_error());
     float *want = read_tensor(&ref, "logits", 3, lshape, (size_t)B * T * V);
     CHECK(model_prepare(&m, B, T, 0) == 0, "%s: prepare", name);
     model_forward(&m, tokens, NULL, B, T);
@@ -1215,41 +1420,54 @@ static void test_torch_checkpoints(void) {
         printf("  pytorch_model.bin %-4s logits vs PyTorch %.1e\n", names[i], e);
     }
     CHECK(same_parameters("dev/fixtures/reference_bin/f32", "dev/fixtures/mlkv_2x2_compat"),
-          "pytorch_model.bin (views at offsets, shared storages) and safetensors give other parameters");
-    CHECK(same_parameters("dev/fixtures/reference_bin/mha_hf", "dev/fixtures/mha"), "fused MHA .bin differs");
+          "pytorch_model.bin (views at offsets, shared "
+          "storages) and safetensors give other parameters");
+    CHECK(same_parameters("dev/fixtures/reference_bin/mha_hf", "dev/fixtures/mha"),
+          "fused MHA .bin differs");
 
-    /* the rotary rule: num_key_value_layers without mlkv_shared_key_rotary is the reference's function */
+    /* the rotary rule: num_key_value_layers without mlkv_shared_key_rotary is the reference's
+     * function */
     Config c;
     char path[600];
-    CHECK(config_load(&c, "dev/fixtures/reference_bin/f32/config.json", NULL) == 0 && c.shared_key_rotary == 0,
+    CHECK(config_load(&c, "dev/fixtures/reference_bin/f32/config.json", NULL) == 0 &&
+              c.shared_key_rotary == 0,
           "a reference config must load with un-rotated shared keys");
     snprintf(path, sizeof(path), "%s/rule.json", tmp_dir);
-    write_text(path, TINY_CONFIG(", \"num_key_value_layers\": 2, \"mlkv_shared_key_rotary\": true"));
+    write_text(path,
+               TINY_CONFIG(", \"num_key_value_layers\": 2, \"mlkv_shared_key_rotary\": true"));
     CHECK(config_load(&c, path, NULL) == 0 && c.shared_key_rotary == 1, "an explicit key must win");
     write_text(path, TINY_CONFIG(", \"num_key_value_heads\": 2"));
-    CHECK(config_load(&c, path, NULL) == 0 && c.shared_key_rotary == 1, "GQA without the key stays mlkv's default");
+    CHECK(config_load(&c, path, NULL) == 0 && c.shared_key_rotary == 1,
+          "GQA without the key stays mlkv's default");
 
     /* safetensors is preferred when both are present: a hostile .bin beside it is never read */
     copy_model("mlkv_2x2_compat", "both", NULL);
-    CHECK(run("cp dev/fixtures/reference_bin/hostile/global_os_system.bin %s/both/pytorch_model.bin", tmp_dir) == 0, "cp");
+    CHECK(
+        run("cp dev/fixtures/reference_bin/hostile/global_os_system.bin %s/both/pytorch_model.bin",
+            tmp_dir) == 0,
+        "cp");
     snprintf(path, sizeof(path), "%s/both", tmp_dir);
-    CHECK(same_parameters(path, "dev/fixtures/mlkv_2x2_compat"), "model.safetensors must be preferred: %s", mlkv_error());
+    CHECK(same_parameters(path, "dev/fixtures/mlkv_2x2_compat"),
+          "model.safetensors must be preferred: %s", mlkv_error());
 
     /* hostile and broken files: a clear error naming the file, never a crash */
-    struct { const char *file, *message; } hostile[] = {
-        {"global_os_system.bin", "names os.system, which a state dict of float tensors does not use: refused"},
-        {"reduce_storage.bin", "calls a storage type"},
-        {"short_storage.bin", "truncated"},
-        {"non_contiguous.bin", "non-contiguous view"},
-        {"compressed.bin", "is compressed"}};
+    struct { const char *file, *message;
+    } hostile[] = {{"global_os_system.bin",
+                    "names os.system, which a state dict of float tensors does not use: refused"},
+                   {"reduce_storage.bin", "calls a storage type"},
+                   {"short_storage.bin", "truncated"},
+                   {"non_contiguous.bin", "non-contiguous view"},
+                   {"compressed.bin", "is compressed"}};
     Model m;
     for (size_t i = 0; i < sizeof(hostile) / sizeof(hostile[0]); i++) {
-        CHECK(run("rm -rf %s/bad && mkdir %s/bad && cp dev/fixtures/reference_bin/f32/config.json %s/bad/ && "
-                  "cp dev/fixtures/reference_bin/hostile/%s %s/bad/pytorch_model.bin", tmp_dir, tmp_dir, tmp_dir,
-                  hostile[i].file, tmp_dir) == 0, "cp");
+        CHECK(run("rm -rf %s/bad && mkdir %s/bad && cp dev/fixtures/reference_bin/f32/config.json "
+                  "%s/bad/ && cp dev/fixtures/reference_bin/hostile/%s %s/bad/pytorch_model.bin",
+                  tmp_dir, tmp_dir, tmp_dir, hostile[i].file, tmp_dir) == 0,
+              "cp");
         snprintf(path, sizeof(path), "%s/bad", tmp_dir);
         CHECK(model_load(&m, path) != 0 && strstr(mlkv_error(), hostile[i].message) &&
-              strstr(mlkv_error(), "bad/pytorch_model.bin"), "%s: %s", hostile[i].file, mlkv_error());
+                  strstr(mlkv_error(), "bad/pytorch_model.bin"),
+              "%s: %s", hostile[i].file, mlkv_error());
     }
     /* every cut of the file at these lengths fails cleanly (the zip directory is at the end) */
     size_t len = 0;
@@ -1264,59 +1482,76 @@ static void test_torch_checkpoints(void) {
         snprintf(path, sizeof(path), "%s/bad", tmp_dir);
         clean += model_load(&m, path) != 0 && strstr(mlkv_error(), "pytorch_model.bin");
     }
-    CHECK(clean == 10, "truncated pytorch_model.bin: %d of 10 cuts refused cleanly (last: %s)", clean, mlkv_error());
+    CHECK(clean == 10, "truncated pytorch_model.bin: %d of 10 cuts refused cleanly (last: %s)",
+          clean, mlkv_error());
     free(whole);
 
     /* a reference folder trains and converts, and what mlkv writes states the rotary mode */
-    CHECK(run("%s convert dev/fixtures/reference_bin/mha_hf --kv-layers 2 --kv-heads 2 --out %s/from_bin", mlkv_bin,
-              tmp_dir) == 0 && run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --out %s/from_st", mlkv_bin,
-                                   tmp_dir) == 0, "convert: %s", output());
+    CHECK(run("%s convert dev/fixtures/reference_bin/mha_hf "
+              "--kv-layers 2 --kv-heads 2 --out %s/from_bin", mlkv_bin, tmp_dir) == 0 &&
+              run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --out %s/from_st",
+                  mlkv_bin, tmp_dir) == 0,
+          "convert: %s", output());
     char a[400], b[400];
     snprintf(a, sizeof(a), "%s/from_bin/model.safetensors", tmp_dir);
     snprintf(b, sizeof(b), "%s/from_st/model.safetensors", tmp_dir);
-    CHECK(same_file(a, b), "converting pytorch_model.bin and model.safetensors of one model must agree");
+    CHECK(same_file(a, b),
+          "converting pytorch_model.bin and model.safetensors of one model must agree");
     snprintf(a, sizeof(a), "%s/from_bin/config.json", tmp_dir);
     char *text = slurp(a, &len);
-    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": true"), "convert must state the default mode: %s", text);
+    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": true"),
+          "convert must state the default mode: %s", text);
     free(text);
-    CHECK(run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --rotary reference --out %s/ref_mode", mlkv_bin,
-              tmp_dir) == 0, "convert --rotary reference: %s", output());
+    CHECK(run("%s convert dev/fixtures/mha --kv-layers 2 "
+              "--kv-heads 2 --rotary reference --out %s/ref_mode", mlkv_bin, tmp_dir) == 0,
+          "convert --rotary reference: %s", output());
     snprintf(a, sizeof(a), "%s/ref_mode/config.json", tmp_dir);
     text = slurp(a, &len);
-    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": false"), "--rotary reference: %s", text);
+    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": false"), "--rotary reference: %s",
+          text);
     free(text);
     snprintf(a, sizeof(a), "%s/ref_tokens.bin", tmp_dir);
     write_tokens(a, 2000, 64, 5);
-    CHECK(run("%s train --model dev/fixtures/reference_bin/f32 --train %s --val %s --out %s/ref_trained --steps 2 "
-              "--batch 2 --seq 8 --grad-accum 1", mlkv_bin, a, a, tmp_dir) == 0 &&
-          strstr(output(), "shared keys un-rotated, as the reference code computes") && strstr(output(), "| val "),
+    CHECK(run("%s train --model dev/fixtures/reference_bin/f32 --train %s --val %s --out "
+              "%s/ref_trained --steps 2 --batch 2 --seq 8 --grad-accum 1",
+              mlkv_bin, a, a, tmp_dir) == 0 &&
+              strstr(output(), "shared keys un-rotated, as the reference code computes") &&
+              strstr(output(), "| val "),
           "train and validate a reference checkpoint: %s", output());
     snprintf(a, sizeof(a), "%s/ref_trained/config.json", tmp_dir);
     text = slurp(a, &len);
-    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": false"), "a trained reference checkpoint keeps its mode");
+    CHECK(text && strstr(text, "\"mlkv_shared_key_rotary\": false"),
+          "a trained reference checkpoint keeps its mode");
     free(text);
 
     /* bench-kv writes the reference's measurements.csv: its columns, appended, a header once */
     snprintf(a, sizeof(a), "%s/measurements.csv", tmp_dir);
-    CHECK(run("%s bench-kv dev/fixtures/reference_bin/f32 --prefill 9 --decode 4 --batches 2,3 --csv %s "
-              "--csv-format reference", mlkv_bin, a) == 0 &&
-          run("%s bench-kv dev/fixtures/reference_bin/f32 --prefill 9 --decode 4 --batches 1,200 --mem-limit 1 --csv %s "
-              "--csv-format reference", mlkv_bin, a) == 0, "bench-kv reference csv: %s", output());
+    CHECK(run("%s bench-kv dev/fixtures/reference_bin/f32 --prefill 9 --decode 4 --batches 2,3 "
+              "--csv %s --csv-format reference",
+              mlkv_bin, a) == 0 &&
+              run("%s bench-kv dev/fixtures/reference_bin/f32 --prefill 9 --decode 4 --batches "
+                  "1,200 --mem-limit 1 --csv %s --csv-format reference",
+                  mlkv_bin, a) == 0,
+          "bench-kv reference csv: %s", output());
     text = slurp(a, &len);
     int lines = 0, fields_ok = 1, headers = 0;
     for (char *line = text ? strtok(text, "\n") : NULL; line; line = strtok(NULL, "\n"), lines++) {
         int commas = 0;
         for (char *q = line; *q; q++) commas += *q == ',';
         fields_ok &= commas == 9;
-        headers += strncmp(line, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_usage,"
-                                 "memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom", 140) == 0;
+        headers +=
+            strncmp(line,
+                    "model_name,batch_size,sequence_length,background_memory_usage,model_memory_"
+                    "usage,memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom",
+                    140) == 0;
     }
-    CHECK(lines == 5 && headers == 1 && fields_ok, "measurements.csv: %d lines, %d headers, 10 fields each: %d", lines,
-          headers, fields_ok);
+    CHECK(lines == 5 && headers == 1 && fields_ok,
+          "measurements.csv: %d lines, %d headers, 10 fields each: %d", lines, headers, fields_ok);
     free(text);
     text = slurp(a, &len);
     CHECK(text && strstr(text, "dev/fixtures/reference_bin/f32,3,4,") && strstr(text, ",False\n") &&
-          strstr(text, "dev/fixtures/reference_bin/f32,200,4,,,,,,,True\n"), "measurements.csv rows:\n%s", text);
+              strstr(text, "dev/fixtures/reference_bin/f32,200,4,,,,,,,True\n"),
+          "measurements.csv rows:\n%s", text);
     free(text);
     CHECK(run("%s bench-kv dev/fixtures/mha --batches 4,0", mlkv_bin) == 1 &&
           strstr(output(), "--batches: 0 is not a batch size"), "bad --batches: %s", output());
@@ -1334,12 +1569,14 @@ static const Json *json_path(const Json *j, const char *a, const char *b, const 
  * forward passes over context + continuation. */
 static void test_eval_model_kinds(void) {
     const char *kinds[] = {"gqa", "mlkv_3x2", "mlkv_2x2_compat", "mlkv_kvmlp", "mlkv_map"};
-    const int context[] = {5, 17, 3, 44, 9, 12, 60}, conts[3][4] = {{7, 2, 9, 0}, {31, 0, 0, 0}, {8, 8, 1, 0}};
+    const int context[] = {5, 17, 3, 44, 9, 12, 60},
+              conts[3][4] = {{7, 2, 9, 0}, {31, 0, 0, 0}, {8, 8, 1, 0}};
     const int lens[3] = {3, 1, 3}, n_ctx = 7;
     char path[400];
     snprintf(path, sizeof(path), "%s/kinds.jsonl", tmp_dir);
-    write_text(path, "{\"task\": \"t\", \"kind\": \"multiple_choice\", \"choices\": [\"abc\", \"d\", \"efg\"], \"gold\": 2, "
-                     "\"context_ids\": [5, 17, 3, 44, 9, 12, 60], \"continuation_ids\": [[7, 2, 9], [31], [8, 8, 1]]}\n");
+    write_text(path, "{\"task\": \"t\", \"kind\": \"multiple_choice\", \"choices\": [\"abc\", "
+                     "\"d\", \"efg\"], \"gold\": 2, \"context_ids\": [5, 17, 3, 44, 9, 12, 60], "
+                     "\"continuation_ids\": [[7, 2, 9], [31], [8, 8, 1]]}\n");
     double worst = 0;
     for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
         char dir[300];
@@ -1368,12 +1605,13 @@ static void test_eval_model_kinds(void) {
                 want += z[conts[c][t]] - max - log(sum);
             }
             worst = fmax(worst, fabs(ll[c] - want) / fabs(want));
-            CHECK(fabs(ll[c] - want) <= 1e-5 * fabs(want), "%s choice %d: forked %.9g, full forward %.9g", kinds[k], c,
-                  ll[c], want);
+            CHECK(fabs(ll[c] - want) <= 1e-5 * fabs(want),
+                  "%s choice %d: forked %.9g, full forward %.9g", kinds[k], c, ll[c], want);
         }
         model_free(&m);
     }
-    printf("  eval on GQA, MLKV, reference rotary, KV-MLP, layer map: forked contexts vs full forward %.1e\n", worst);
+    printf("  eval on GQA, MLKV, reference rotary, KV-MLP, "
+           "layer map: forked contexts vs full forward %.1e\n", worst);
 }
 
 /* dev/fixtures/eval (dev/gen_eval_fixtures.py): every continuation's
@@ -1385,7 +1623,8 @@ static void test_eval_tasks(void) {
     char *text = slurp("dev/fixtures/eval/expected.json", &len);
     Json expected;
     Model m;
-    if (!text || json_parse(text, len, "expected.json", &expected) != 0 || model_load(&m, "dev/fixtures/eval/model") != 0) {
+    if (!text || json_parse(text, len, "expected.json", &expected) != 0 ||
+        model_load(&m, "dev/fixtures/eval/model") != 0) {
         CHECK(0, "eval fixtures: %s", mlkv_error());
         free(text);
         return;
@@ -1396,7 +1635,8 @@ static void test_eval_tasks(void) {
     int greedy_true = 0, tasks_checked = 0;
     for (size_t t = 0; tasks && t < tasks->length; t++) {
         const char *name = tasks->keys[t];
-        const Json *e = &tasks->items[t], *lls = json_get(e, "loglikelihoods"), *greedy = json_get(e, "greedy");
+        const Json *e = &tasks->items[t], *lls = json_get(e, "loglikelihoods"),
+                   *greedy = json_get(e, "greedy");
         char path[300];
         snprintf(path, sizeof(path), "dev/fixtures/eval/tasks/%s.jsonl", name);
         double ours[64];
@@ -1410,68 +1650,91 @@ static void test_eval_tasks(void) {
         for (size_t i = 0; i < lls->length && i < 64; i++) {
             double want = lls->items[i].number, err = fabs(ours[i] - want) / fabs(want);
             worst_ll = fmax(worst_ll, err);
-            CHECK(err <= 1e-5, "%s continuation %zu: loglikelihood %.9g, HF %.9g", name, i, ours[i], want);
-            CHECK(ours_greedy[i] == (int)greedy->items[i].number, "%s continuation %zu: greedy %d", name, i, ours_greedy[i]);
+            CHECK(err <= 1e-5, "%s continuation %zu: loglikelihood %.9g, HF %.9g", name, i, ours[i],
+                  want);
+            CHECK(ours_greedy[i] == (int)greedy->items[i].number, "%s continuation %zu: greedy %d",
+                  name, i, ours_greedy[i]);
             greedy_true += ours_greedy[i];
         }
         const Json *metrics = json_get(e, "metrics");
-        CHECK((size_t)r.n_metrics == metrics->length, "%s: %d metrics, expected %zu", name, r.n_metrics, metrics->length);
+        CHECK((size_t)r.n_metrics == metrics->length, "%s: %d metrics, expected %zu", name,
+              r.n_metrics, metrics->length);
         for (int k = 0; k < r.n_metrics; k++) {
             const Json *want = json_get(metrics, r.metric[k].name);
-            if (!want) { CHECK(0, "%s: metric %s is not the harness's", name, r.metric[k].name); continue; }
+            if (!want) {
+                CHECK(0, "%s: metric %s is not the harness's", name, r.metric[k].name);
+                continue;
+            }
             double v = want->items[0].number, se = want->items[1].number;
             int is_ppl = strcmp(r.metric[k].name, "perplexity") == 0;
             double ev = is_ppl ? fabs(r.metric[k].value - v) / v : fabs(r.metric[k].value - v);
-            double es = is_ppl ? fabs(r.metric[k].stderr_ - se) / se : fabs(r.metric[k].stderr_ - se);
-            CHECK(ev <= (is_ppl ? 1e-5 : 0) && es <= (is_ppl ? 1e-4 : 1e-12), "%s %s: %.9g +- %.9g, harness %.9g +- %.9g",
-                  name, r.metric[k].name, r.metric[k].value, r.metric[k].stderr_, v, se);
+            double es =
+                is_ppl ? fabs(r.metric[k].stderr_ - se) / se : fabs(r.metric[k].stderr_ - se);
+            CHECK(ev <= (is_ppl ? 1e-5 : 0) && es <= (is_ppl ? 1e-4 : 1e-12),
+                  "%s %s: %.9g +- %.9g, harness %.9g +- %.9g", name, r.metric[k].name,
+                  r.metric[k].value, r.metric[k].stderr_, v, se);
         }
     }
-    CHECK(tasks_checked == 5 && greedy_true >= 1, "%d tasks checked, %d greedy continuations", tasks_checked, greedy_true);
-    printf("  eval: 5 tasks vs HF transformers + the harness's formulas: loglikelihoods within %.1e\n", worst_ll);
+    CHECK(tasks_checked == 5 && greedy_true >= 1, "%d tasks checked, %d greedy continuations",
+          tasks_checked, greedy_true);
+    printf(
+        "  eval: 5 tasks vs HF transformers + the harness's formulas: loglikelihoods within %.1e\n",
+        worst_ll);
     model_free(&m);
     json_free(&expected);
 
     /* the command: a table, and results.json in the harness's shape */
     char out[400], tokens[400], bad[400];
     snprintf(out, sizeof(out), "%s/results.json", tmp_dir);
-    CHECK(run("%s eval dev/fixtures/eval/model --tasks dev/fixtures/eval/tasks --out %s", mlkv_bin, out) == 0 &&
-          strstr(output(), "| lambada_openai | 3 | acc | 0.3333 |"), "eval --tasks: %s", output());
+    CHECK(run("%s eval dev/fixtures/eval/model --tasks dev/fixtures/eval/tasks --out %s", mlkv_bin,
+              out) == 0 &&
+              strstr(output(), "| lambada_openai | 3 | acc | 0.3333 |"),
+          "eval --tasks: %s", output());
     text = slurp(out, &len);
     Json results;
     CHECK(text && json_parse(text, len, out, &results) == 0 &&
-          json_path(&results, "results", "arc_easy", "acc_norm,none") &&
-          json_path(&results, "results", "lambada_openai", "perplexity_stderr,none") &&
-          json_path(&results, "n-samples", "sciq", "original") && json_get(json_get(&results, "config"), "model_args"),
+              json_path(&results, "results", "arc_easy", "acc_norm,none") &&
+              json_path(&results, "results", "lambada_openai", "perplexity_stderr,none") &&
+              json_path(&results, "n-samples", "sciq", "original") &&
+              json_get(json_get(&results, "config"), "model_args"),
           "results.json in the harness's shape: %s", text);
     json_free(&results);
     free(text);
-    CHECK(run("%s eval dev/fixtures/eval/model --task dev/fixtures/eval/tasks/arc_easy.jsonl --limit 1", mlkv_bin) == 0 &&
-          strstr(output(), "| arc_easy | 1 | acc |") && strstr(output(), "| N/A |"),
+    CHECK(run("%s eval dev/fixtures/eval/model --task "
+              "dev/fixtures/eval/tasks/arc_easy.jsonl --limit 1", mlkv_bin) == 0 &&
+              strstr(output(), "| arc_easy | 1 | acc |") && strstr(output(), "| N/A |"),
           "--limit 1 (no standard error of one document): %s", output());
 
     /* bad task files: the file and line are named */
     snprintf(bad, sizeof(bad), "%s/bad.jsonl", tmp_dir);
-    struct { const char *line, *message; } broken[] = {
+    struct { const char *line, *message;
+    } broken[] = {
         {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\"", "bad.jsonl:2: invalid JSON"},
-        {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": 0, "
-         "\"context_ids\": [1], \"continuation_ids\": [[320]]}", "bad.jsonl:2: continuation_ids[0] must be"},
-        {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": 1, "
-         "\"context_ids\": [1], \"continuation_ids\": [[3]]}", "bad.jsonl:2: \"gold\" must be the index of a choice"},
+        {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": "
+         "0, \"context_ids\": [1], \"continuation_ids\": [[320]]}",
+         "bad.jsonl:2: continuation_ids[0] must be"},
+        {"{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": "
+         "1, \"context_ids\": [1], \"continuation_ids\": [[3]]}",
+         "bad.jsonl:2: \"gold\" must be the index of a choice"},
         {"{\"task\": \"piqa\", \"kind\": \"multiple_choice\", \"choices\": [\"a\"], \"gold\": 0, "
-         "\"context_ids\": [1], \"continuation_ids\": [[3]]}", "bad.jsonl:2: task \"piqa\""},
+         "\"context_ids\": [1], \"continuation_ids\": [[3]]}",
+         "bad.jsonl:2: task \"piqa\""},
     };
     for (size_t i = 0; i < sizeof(broken) / sizeof(broken[0]); i++) {
         char body[1024];
-        snprintf(body, sizeof(body), "{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\", \"b\"], "
-                                     "\"gold\": 0, \"context_ids\": [1, 2], \"continuation_ids\": [[3], [4, 5]]}\n%s\n",
-                 broken[i].line);
+        snprintf(
+            body, sizeof(body),
+            "{\"task\": \"arc_easy\", \"kind\": \"multiple_choice\", \"choices\": [\"a\", \"b\"], "
+            "\"gold\": 0, \"context_ids\": [1, 2], \"continuation_ids\": [[3], [4, 5]]}\n%s\n",
+            broken[i].line);
         write_text(bad, body);
-        CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 && strstr(output(), broken[i].message),
+        CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 &&
+                  strstr(output(), broken[i].message),
               "bad task line %zu: %s", i, output());
     }
     write_text(bad, "\n\n");
-    CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 && strstr(output(), "no documents"),
+    CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 &&
+              strstr(output(), "no documents"),
           "empty task file: %s", output());
 
     /* --data: windows of T predictions; a file of T + 1 tokens is one window */
@@ -1480,12 +1743,15 @@ static void test_eval_tasks(void) {
     CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16", mlkv_bin, tokens) == 0 &&
           strstr(output(), ": 16 predictions in windows of 16: loss "), "one window: %s", output());
     write_tokens(tokens, 2 * 16 + 1 + 5, 320, 9);
-    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16 --batch 3", mlkv_bin, tokens) == 0 &&
-          strstr(output(), ": 37 predictions in windows of 16: loss "), "two windows and 5 more: %s", output());
+    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16 --batch 3", mlkv_bin, tokens) ==
+                  0 &&
+              strstr(output(), ": 37 predictions in windows of 16: loss "),
+          "two windows and 5 more: %s", output());
     /* the same loss as the model's own forward pass on those windows */
     TokenFile f;
     Model e;
-    if (tokens_load(&f, tokens, 320) == 0 && model_load(&e, "dev/fixtures/eval/model") == 0 && model_prepare(&e, 2, 16, 0) == 0) {
+    if (tokens_load(&f, tokens, 320) == 0 && model_load(&e, "dev/fixtures/eval/model") == 0 &&
+        model_prepare(&e, 2, 16, 0) == 0) {
         int in[32], tg[32];
         for (int i = 0; i < 32; i++) in[i] = f.tokens[i], tg[i] = f.tokens[i + 1];
         double sum = (double)model_forward(&e, in, tg, 2, 16) * 32;
@@ -1497,8 +1763,10 @@ static void test_eval_tasks(void) {
         model_free(&e);
         tokens_free(&f);
     } else CHECK(0, "eval --data reference: %s", mlkv_error());
-    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16 --max-tokens 20", mlkv_bin, tokens) == 0 &&
-          strstr(output(), ": 20 predictions"), "--max-tokens: %s", output());
+    CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16 --max-tokens 20", mlkv_bin,
+              tokens) == 0 &&
+              strstr(output(), ": 20 predictions"),
+          "--max-tokens: %s", output());
 }
 
 static int is_ascii(const char *s) {
@@ -1511,19 +1779,24 @@ static void test_tokenizer(void) {
     size_t len;
     char *text = slurp("dev/fixtures/tokenizer/expected.json", &len);
     Json expected;
-    CHECK(text && json_parse(text, len, "expected.json", &expected) == 0, "tokenizer fixture: %s", mlkv_error());
+    CHECK(text && json_parse(text, len, "expected.json", &expected) == 0, "tokenizer fixture: %s",
+          mlkv_error());
     free(text);
     for (size_t f = 0; f < expected.length; f++) {
         char path[300];
         snprintf(path, sizeof(path), "dev/fixtures/tokenizer/%s", expected.keys[f]);
         Tokenizer tok;
-        if (tokenizer_load(&tok, path) != 0) { CHECK(0, "load %s: %s", path, mlkv_error()); continue; }
+        if (tokenizer_load(&tok, path) != 0) {
+            CHECK(0, "load %s: %s", path, mlkv_error());
+            continue;
+        }
         const Json *cases = json_get(&expected.items[f], "cases");
         int decoded_ok = 0, encoded = 0, encoded_ok = 0, ids[4096];
         char buf[65536];
         for (size_t c = 0; c < cases->length; c++) {
             const Json *want_ids = json_get(&cases->items[c], "ids");
-            const Json *want = json_get(&cases->items[c], "decoded"), *in = json_get(&cases->items[c], "text");
+            const Json *want = json_get(&cases->items[c], "decoded"),
+                       *in = json_get(&cases->items[c], "text");
             const char *want_text = want->string, *input = in->string;
             size_t n = 0;
             int ok = 1;
@@ -1534,10 +1807,12 @@ static void test_tokenizer(void) {
                 if (ok) { memcpy(buf + n, b, (size_t)k); n += (size_t)k; }
             }
             decoded_ok += ok && n == want->length && !memcmp(buf, want_text, n);
-            CHECK(ok && n == want->length && !memcmp(buf, want_text, n), "%s: decode of case %zu", path, c);
+            CHECK(ok && n == want->length && !memcmp(buf, want_text, n), "%s: decode of case %zu",
+                  path, c);
             if (strlen(input) != in->length) continue; /* a NUL inside: C strings end there */
             if (!is_ascii(input)) {
-                CHECK(tokenizer_encode(&tok, input, ids, 4096) == -1 && strstr(mlkv_error(), "tokenize.py encode"),
+                CHECK(tokenizer_encode(&tok, input, ids, 4096) == -1 &&
+                          strstr(mlkv_error(), "tokenize.py encode"),
                       "non-ASCII text is refused with a pointer to tokenize.py");
                 continue;
             }
@@ -1546,9 +1821,11 @@ static void test_tokenizer(void) {
             for (int i = 0; same && i < got; i++) same = ids[i] == (int)want_ids->items[i].number;
             encoded++;
             encoded_ok += same;
-            CHECK(same, "%s: encode of case %zu (%.40s): %d ids, expected %zu", path, c, input, got, want_ids->length);
+            CHECK(same, "%s: encode of case %zu (%.40s): %d ids, expected %zu", path, c, input, got,
+                  want_ids->length);
         }
-        printf("  tokenizer %s: %d of %zu decodings and %d of %d ASCII encodings equal HF tokenizers\n",
+        printf("  tokenizer %s: %d of %zu decodings and %d "
+               "of %d ASCII encodings equal HF tokenizers\n",
                expected.keys[f], decoded_ok, cases->length, encoded_ok, encoded);
         CHECK(encoded >= 40, "%s: only %d ASCII cases", path, encoded);
         tokenizer_free(&tok);
@@ -1572,24 +1849,33 @@ static void test_tokenizer(void) {
     char *back = slurp(stream_path, &len);
     CHECK(back && !strcmp(back, whole), "stream writes every byte once");
     free(back);
-    CHECK(run("%s encode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json \"Hello  world<|endoftext|>\"",
-              mlkv_bin) == 0 && !strcmp(output(), "12092 50276 10186 0\n"), "mlkv encode: %s", output());
+    CHECK(run("%s encode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json "
+              "\"Hello  world<|endoftext|>\"", mlkv_bin) == 0 &&
+              !strcmp(output(), "12092 50276 10186 0\n"),
+          "mlkv encode: %s", output());
     CHECK(run("mkdir -p %s/model_with_tokenizer && cp dev/fixtures/tokenizer/pythia-tokenizer.json "
               "%s/model_with_tokenizer/tokenizer.json", tmp_dir, tmp_dir) == 0, "copy");
-    CHECK(run("%s decode --tokenizer %s/model_with_tokenizer 12092 50276 10186 0", mlkv_bin, tmp_dir) == 0 &&
-          !strcmp(output(), "Hello  world<|endoftext|>"), "mlkv decode: %s", output());
-    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 99999", mlkv_bin) == 1 &&
-          strstr(output(), "99999: not a token id"), "bad id: %s", output());
-    CHECK(run("%s encode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json caf\xc3\xa9", mlkv_bin) == 1 &&
-          strstr(output(), "tokenize.py encode"), "non-ASCII: %s", output());
+    CHECK(run("%s decode --tokenizer %s/model_with_tokenizer 12092 50276 10186 0", mlkv_bin,
+              tmp_dir) == 0 &&
+              !strcmp(output(), "Hello  world<|endoftext|>"),
+          "mlkv decode: %s", output());
+    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 99999",
+              mlkv_bin) == 1 &&
+              strstr(output(), "99999: not a token id"),
+          "bad id: %s", output());
+    CHECK(run("%s encode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json caf\xc3\xa9",
+              mlkv_bin) == 1 &&
+              strstr(output(), "tokenize.py encode"),
+          "non-ASCII: %s", output());
     snprintf(stream_path, sizeof(stream_path), "%s/bad_tokenizer.json", tmp_dir);
-    write_text(stream_path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [\"a b\"]}, "
-                            "\"pre_tokenizer\": {\"type\": \"ByteLevel\"}}");
+    write_text(stream_path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": "
+                            "[\"a b\"]}, \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}");
     Tokenizer bad;
-    CHECK(tokenizer_load(&bad, stream_path) != 0 && strstr(mlkv_error(), "merge 0 (a b) uses a token not in the vocabulary"),
+    CHECK(tokenizer_load(&bad, stream_path) != 0 &&
+              strstr(mlkv_error(), "merge 0 (a b) uses a token not in the vocabulary"),
           "bad merges: %s", mlkv_error());
-    write_text(stream_path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}, "
-                            "\"pre_tokenizer\": {\"type\": \"ByteLevel\"}}");
+    write_text(stream_path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": "
+                            "[]}, \"pre_tokenizer\": {\"type\": \"ByteLevel\"}}");
     CHECK(tokenizer_load(&bad, stream_path) != 0 && strstr(mlkv_error(), "no token for byte 0x00"),
           "a vocabulary without byte tokens: %s", mlkv_error());
 }
@@ -1597,9 +1883,17 @@ static void test_tokenizer(void) {
 /* The reference converter's bookkeeping (add = round(params_lost // L / hidden),
  * MLP += add // 2), checked on its published sizes (Pythia-160M MLKV-2: 3830). */
 static void test_convert_sizes(void) {
-    Config c = {.vocab_size = 50304, .hidden_size = 768, .n_layer = 12, .n_head = 12, .intermediate_size = 3072,
-                .max_position_embeddings = 2048, .n_kv_head = 12, .n_kv_layer = 12, .rotary_pct = 0.25,
-                .rotary_base = 10000, .layer_norm_eps = 1e-5};
+    Config c = {.vocab_size = 50304,
+                .hidden_size = 768,
+                .n_layer = 12,
+                .n_head = 12,
+                .intermediate_size = 3072,
+                .max_position_embeddings = 2048,
+                .n_kv_head = 12,
+                .n_kv_layer = 12,
+                .rotary_pct = 0.25,
+                .rotary_base = 10000,
+                .layer_norm_eps = 1e-5};
     CHECK(config_finalize(&c, "160m") == 0, "finalize");
     int I, kvI;
     convert_sizes(&c, 1, 2, 0, &I, &kvI);
@@ -1632,52 +1926,85 @@ static void greedy_by_forward(Model *m, int *seq, int prompt, int total) {
 static void test_folder_rules(void) {
     char cfg[400], tokens[400];
     snprintf(cfg, sizeof(cfg), "%s/rules_config.json", tmp_dir);
-    write_text(cfg, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 320, \"hidden_size\": 32, \"num_hidden_layers\": 2, "
-                    "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"max_position_embeddings\": 64}");
+    write_text(cfg, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 320, \"hidden_size\": 32, "
+                    "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"intermediate_size\": "
+                    "64, \"max_position_embeddings\": 64}");
     snprintf(tokens, sizeof(tokens), "%s/rules_tokens.bin", tmp_dir);
     write_tokens(tokens, 3000, 320, 4);
-    CHECK(run("%s init --config %s --out %s/owned --tokenizer dev/fixtures/tokenizer/bytes-tokenizer.json", mlkv_bin, cfg,
-              tmp_dir) == 0 && strstr(output(), "with its tokenizer") && exists("%s/owned/tokenizer.json", tmp_dir),
+    CHECK(run("%s init --config %s --out %s/owned --tokenizer "
+              "dev/fixtures/tokenizer/bytes-tokenizer.json",
+              mlkv_bin, cfg, tmp_dir) == 0 &&
+              strstr(output(), "with its tokenizer") && exists("%s/owned/tokenizer.json", tmp_dir),
           "init --tokenizer FILE: %s", output());
-    CHECK(run("%s sample %s/owned --prompt hi -n 2", mlkv_bin, tmp_dir) == 0, "the folder's tokenizer: %s", output());
+    CHECK(run("%s sample %s/owned --prompt hi -n 2", mlkv_bin, tmp_dir) == 0,
+          "the folder's tokenizer: %s", output());
     CHECK(run("%s init --config %s --out %s/owned", mlkv_bin, cfg, tmp_dir) == 1 &&
-          strstr(output(), "already holds a model") && strstr(output(), "--overwrite"), "init over a model: %s", output());
-    CHECK(run("%s init --config %s --out %s/owned --overwrite --tokenizer %s/owned", mlkv_bin, cfg, tmp_dir, tmp_dir) == 0 &&
-          exists("%s/owned/tokenizer.json", tmp_dir), "re-init keeping the folder's tokenizer: %s", output());
-    CHECK(run("%s init --config %s --out %s/owned2 --tokenizer %s/owned", mlkv_bin, cfg, tmp_dir, tmp_dir) == 0 &&
-          exists("%s/owned2/tokenizer.json", tmp_dir), "init --tokenizer DIR: %s", output());
-    CHECK(run("%s init --config %s --out %s/owned3 --tokenizer %s", mlkv_bin, cfg, tmp_dir, cfg) == 1 &&
-          strstr(output(), "--tokenizer: ") && !exists("%s/owned3", tmp_dir), "a bad tokenizer: %s", output());
-    CHECK(run("%s train --model %s/owned --train %s --out %s/run --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
-              tmp_dir, tokens, tmp_dir) == 0 && exists("%s/run/tokenizer.json", tmp_dir), "train carries the tokenizer: %s",
-          output());
-    CHECK(run("%s train --model %s/owned --train %s --out %s/run --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
-              tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "--overwrite") && strstr(output(), "--resume"),
+              strstr(output(), "already holds a model") && strstr(output(), "--overwrite"),
+          "init over a model: %s", output());
+    CHECK(run("%s init --config %s --out %s/owned --overwrite --tokenizer %s/owned", mlkv_bin, cfg,
+              tmp_dir, tmp_dir) == 0 &&
+              exists("%s/owned/tokenizer.json", tmp_dir),
+          "re-init keeping the folder's tokenizer: %s", output());
+    CHECK(run("%s init --config %s --out %s/owned2 --tokenizer %s/owned", mlkv_bin, cfg, tmp_dir,
+              tmp_dir) == 0 &&
+              exists("%s/owned2/tokenizer.json", tmp_dir),
+          "init --tokenizer DIR: %s", output());
+    CHECK(run("%s init --config %s --out %s/owned3 --tokenizer %s", mlkv_bin, cfg, tmp_dir, cfg) ==
+                  1 &&
+              strstr(output(), "--tokenizer: ") && !exists("%s/owned3", tmp_dir),
+          "a bad tokenizer: %s", output());
+    CHECK(run("%s train --model %s/owned --train %s --out %s/run "
+              "--steps 2 --batch 2 --seq 16 --grad-accum 1",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 0 &&
+              exists("%s/run/tokenizer.json", tmp_dir),
+          "train carries the tokenizer: %s", output());
+    CHECK(run("%s train --model %s/owned --train %s --out %s/run "
+              "--steps 2 --batch 2 --seq 16 --grad-accum 1",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 1 &&
+              strstr(output(), "--overwrite") && strstr(output(), "--resume"),
           "train over a finished run: %s", output());
-    CHECK(run("%s train --model %s/owned --train %s --out %s/run --steps 2 --batch 2 --seq 16 --grad-accum 1 --overwrite",
-              mlkv_bin, tmp_dir, tokens, tmp_dir) == 0, "train --overwrite: %s", output());
-    CHECK(run("%s train --model %s/run --train %s --out %s/run/ --steps 2 --batch 2 --seq 16 --grad-accum 1 --overwrite",
-              mlkv_bin, tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "is also the input model"),
+    CHECK(run("%s train --model %s/owned --train %s --out %s/run --steps 2 --batch 2 --seq 16 "
+              "--grad-accum 1 --overwrite",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 0,
+          "train --overwrite: %s", output());
+    CHECK(run("%s train --model %s/run --train %s --out %s/run/ --steps 2 --batch 2 --seq 16 "
+              "--grad-accum 1 --overwrite",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 1 &&
+              strstr(output(), "is also the input model"),
           "train into its own input: %s", output());
-    CHECK(run("%s convert dev/fixtures/mha --kv-layers 2 --kv-heads 2 --out dev/fixtures/mha --overwrite", mlkv_bin) == 1 &&
-          strstr(output(), "is also the input model"), "convert into its own input: %s", output());
-    /* one run writes a folder at a time: a live lock refuses, a dead one is taken over and released */
+    CHECK(run("%s convert dev/fixtures/mha --kv-layers 2 "
+              "--kv-heads 2 --out dev/fixtures/mha --overwrite", mlkv_bin) == 1 &&
+              strstr(output(), "is also the input model"),
+          "convert into its own input: %s", output());
+    /* one run writes a folder at a time: a live lock refuses, a dead one is taken over and released
+     */
     char lock[400];
     snprintf(lock, sizeof(lock), "%s/locked.lock", tmp_dir);
     char pid[32];
     snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
     write_text(lock, pid);
-    CHECK(run("%s train --model %s/owned --train %s --out %s/locked --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
-              tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "being written by another mlkv run (process"),
+    CHECK(run("%s train --model %s/owned --train %s --out %s/locked "
+              "--steps 2 --batch 2 --seq 16 --grad-accum 1",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 1 &&
+              strstr(output(), "being written by another mlkv run (process"),
           "a live lock: %s", output());
     write_text(lock, "999999999\n");
-    CHECK(run("%s train --model %s/owned --train %s --out %s/locked --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
-              tmp_dir, tokens, tmp_dir) == 0 && !exists("%s/locked.lock", tmp_dir), "a stale lock: %s", output());
-    /* the folders a save replaces beside OUT are checked like OUT: nothing of the user's is deleted */
-    CHECK(run("mkdir -p %s/guarded.saving && echo mine > %s/guarded.saving/notes.txt", tmp_dir, tmp_dir) == 0, "mkdir");
-    CHECK(run("%s train --model %s/owned --train %s --out %s/guarded --steps 2 --batch 2 --seq 16 --grad-accum 1", mlkv_bin,
-              tmp_dir, tokens, tmp_dir) == 1 && strstr(output(), "guarded.saving: holds notes.txt, which mlkv did not write") &&
-          exists("%s/guarded.saving/notes.txt", tmp_dir), "a foreign file in OUT.saving: %s", output());
+    CHECK(run("%s train --model %s/owned --train %s --out %s/locked "
+              "--steps 2 --batch 2 --seq 16 --grad-accum 1",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 0 &&
+              !exists("%s/locked.lock", tmp_dir),
+          "a stale lock: %s", output());
+    /* the folders a save replaces beside OUT are checked like OUT: nothing of the user's is deleted
+     */
+    CHECK(run("mkdir -p %s/guarded.saving && echo mine > %s/guarded.saving/notes.txt", tmp_dir,
+              tmp_dir) == 0,
+          "mkdir");
+    CHECK(run("%s train --model %s/owned --train %s --out %s/guarded "
+              "--steps 2 --batch 2 --seq 16 --grad-accum 1",
+              mlkv_bin, tmp_dir, tokens, tmp_dir) == 1 &&
+              strstr(output(), "guarded.saving: holds notes.txt, which mlkv did not write") &&
+              exists("%s/guarded.saving/notes.txt", tmp_dir),
+          "a foreign file in OUT.saving: %s", output());
 }
 
 /* train refuses a plan that cannot learn and proposes one that can; a time
@@ -1687,43 +2014,68 @@ static void test_train_plan(void) {
     char tokens[400];
     snprintf(tokens, sizeof(tokens), "%s/plan_tokens.bin", tmp_dir);
     write_tokens(tokens, 40 * 16 + 1, 64, 6); /* 40 sequences of 16 predictions */
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan --seq 16", mlkv_bin, tokens, tmp_dir) == 1 &&
-          strstr(output(), "40 sequences of 16 tokens make 0 optimizer steps of 4 x 32 sequences: too few to learn. "
-                           "Try --batch 1 --grad-accum 1, or --epochs 64"), "the default recipe on a small file: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan --seq 16 --batch 1 --grad-accum 2", mlkv_bin, tokens,
-              tmp_dir) == 0 && strstr(output(), "20 steps of 1 x 2 x 16") && !strstr(output(), "not used"),
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan --seq 16", mlkv_bin,
+              tokens, tmp_dir) == 1 &&
+              strstr(output(),
+                     "40 sequences of 16 tokens make 0 optimizer steps of 4 x 32 sequences: too "
+                     "few to learn. Try --batch 1 --grad-accum 1, or --epochs 64"),
+          "the default recipe on a small file: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s "
+              "--out %s/plan --seq 16 --batch 1 --grad-accum 2", mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), "20 steps of 1 x 2 x 16") && !strstr(output(), "not used"),
           "the proposed plan runs: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan2 --seq 16 --batch 1 --grad-accum 1 --epochs 0.6",
-              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "24 steps"), "a fraction of an epoch: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan2 --seq 16 --batch 1 "
+              "--grad-accum 1 --epochs 0.6",
+              mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), "24 steps"),
+          "a fraction of an epoch: %s", output());
     /* a token budget: 1000 tokens are 62 sequences of 16, 31 steps of 2 */
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/budget --seq 16 --batch 2 --grad-accum 1 --max-tokens 1000",
-              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "31 steps of 2 x 1 x 16"), "--max-tokens: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/never --steps 5 --max-tokens 1000", mlkv_bin, tokens,
-              tmp_dir) == 2 && strstr(output(), "give one of --steps, --epochs and --max-tokens"), "two lengths: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan3 --seq 16 --batch 3 --grad-accum 2 --epochs 3",
-              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "train: 0 of 120") == NULL &&
-          strstr(output(), "20 steps") && !strstr(output(), "not used"), "whole steps: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan4 --seq 16 --batch 7 --grad-accum 1 --epochs 4",
-              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "train: 6 of 160 sequences are not used"),
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/budget --seq 16 --batch 2 "
+              "--grad-accum 1 --max-tokens 1000",
+              mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), "31 steps of 2 x 1 x 16"),
+          "--max-tokens: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s "
+              "--out %s/never --steps 5 --max-tokens 1000", mlkv_bin, tokens, tmp_dir) == 2 &&
+              strstr(output(), "give one of --steps, --epochs and --max-tokens"),
+          "two lengths: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan3 --seq 16 --batch 3 "
+              "--grad-accum 2 --epochs 3",
+              mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), "train: 0 of 120") == NULL && strstr(output(), "20 steps") &&
+              !strstr(output(), "not used"),
+          "whole steps: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan4 --seq 16 --batch 7 "
+              "--grad-accum 1 --epochs 4",
+              mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), "train: 6 of 160 sequences are not used"),
           "unused sequences are reported: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan5 --seq 16 --steps 1", mlkv_bin, tokens,
-              tmp_dir) == 1 && strstr(output(), "warmup of 1 step leaves none of the 1 at the full learning rate"),
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/plan5 --seq 16 --steps 1",
+              mlkv_bin, tokens, tmp_dir) == 1 &&
+              strstr(output(), "warmup of 1 step leaves none of the 1 at the full learning rate"),
           "warmup without a full-rate step: %s", output());
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/timed --seq 16 --batch 1 --grad-accum 1 --steps 500 "
-              "--max-time 0.001s --log-every 100", mlkv_bin, tokens, tmp_dir) == 0 &&
-          strstr(output(), "step     1/500") && strstr(output(), "stopped by --max-time"), "--max-time: %s", output());
-    /* A step takes about a millisecond here, so the run stops after step 1 or a few more: read which. */
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/timed --seq 16 --batch 1 "
+              "--grad-accum 1 --steps 500 --max-time 0.001s --log-every 100",
+              mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), "step     1/500") && strstr(output(), "stopped by --max-time"),
+          "--max-time: %s", output());
+    /* A step takes about a millisecond here, so the run stops after step 1 or a few more: read
+     * which. */
     const char *stopped = strstr(output(), "stopped by --max-time after step ");
     int stop_step = stopped ? atoi(stopped + strlen("stopped by --max-time after step ")) : 0;
-    CHECK(stop_step >= 1 && stop_step < 99, "--max-time 0.001s stops early: after step %d", stop_step);
+    CHECK(stop_step >= 1 && stop_step < 99, "--max-time 0.001s stops early: after step %d",
+          stop_step);
     char resumed_at[64], last_logged[32], not_logged[32];
     snprintf(resumed_at, sizeof(resumed_at), "resuming at step %d of 500", stop_step);
     snprintf(last_logged, sizeof(last_logged), "step %5d/500", stop_step);
     snprintf(not_logged, sizeof(not_logged), "step %5d/500", stop_step + 1);
-    CHECK(strstr(output(), last_logged) && !strstr(output(), not_logged), "the last step is logged: %s", output());
-    CHECK(run("%s train --resume --train %s --out %s/timed --seq 16 --batch 1 --grad-accum 1 --steps 500 --log-every 100",
-              mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), resumed_at) &&
-          strstr(output(), "step   100/500") && !strstr(output(), "step    99/500") && strstr(output(), "step   500/500"),
+    CHECK(strstr(output(), last_logged) && !strstr(output(), not_logged),
+          "the last step is logged: %s", output());
+    CHECK(run("%s train --resume --train %s --out %s/timed --seq 16 --batch 1 --grad-accum 1 "
+              "--steps 500 --log-every 100",
+              mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), resumed_at) && strstr(output(), "step   100/500") &&
+              !strstr(output(), "step    99/500") && strstr(output(), "step   500/500"),
           "resume after --max-time, --log-every: %s", output());
     char log[400];
     snprintf(log, sizeof(log), "%s/timed.log.csv", tmp_dir);
@@ -1733,72 +2085,96 @@ static void test_train_plan(void) {
     for (size_t i = 0; text && i < len; i++) lines += text[i] == '\n';
     CHECK(lines == 501, "the log keeps every step: %d lines", lines);
     free(text);
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --max-time soon", mlkv_bin, tokens, tmp_dir) == 2 &&
-          strstr(output(), "give a duration such as 90s"), "bad --max-time: %s", output());
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/x --max-time soon", mlkv_bin,
+              tokens, tmp_dir) == 2 &&
+              strstr(output(), "give a duration such as 90s"),
+          "bad --max-time: %s", output());
 }
 
 /* Messages a user reads: a likely typo gets the flag meant, integer bounds
  * print as integers, counts agree with their nouns, sizes have a unit that fits. */
 static void test_messages(void) {
-    CHECK(run("%s train --lrr 3", mlkv_bin) == 2 && strstr(output(), "unknown argument --lrr: did you mean --lr?"),
+    CHECK(run("%s train --lrr 3", mlkv_bin) == 2 &&
+              strstr(output(), "unknown argument --lrr: did you mean --lr?"),
           "did you mean: %s", output());
-    CHECK(run("%s sample x --temprature 0", mlkv_bin) == 2 && strstr(output(), "did you mean --temperature?"),
+    CHECK(run("%s sample x --temprature 0", mlkv_bin) == 2 &&
+              strstr(output(), "did you mean --temperature?"),
           "did you mean: %s", output());
-    CHECK(run("%s train --frobnicate", mlkv_bin) == 2 && strstr(output(), "unknown argument --frobnicate\n"),
+    CHECK(run("%s train --frobnicate", mlkv_bin) == 2 &&
+              strstr(output(), "unknown argument --frobnicate\n"),
           "no suggestion for a far-off flag: %s", output());
-    CHECK(run("%s train --steps 0", mlkv_bin) == 2 && strstr(output(), "--steps 0 is out of range [1, 2147483647]"),
+    CHECK(run("%s train --steps 0", mlkv_bin) == 2 &&
+              strstr(output(), "--steps 0 is out of range [1, 2147483647]"),
           "integer bounds: %s", output());
-    CHECK(run("%s convert dev/fixtures/mha --kv-layers 1 --kv-heads 1 --out %s/one_head", mlkv_bin, tmp_dir) == 0 &&
-          strstr(output(), "(1 layer x 1 head; was 4 x 4)") && strstr(output(), "x smaller)"), "plurals: %s", output());
-    CHECK(run("%s sample %s/one_head --prompt-ids 1 -n 2", mlkv_bin, tmp_dir) == 0 && strstr(output(), "KV cache 192 B;"),
+    CHECK(run("%s convert dev/fixtures/mha --kv-layers 1 --kv-heads 1 --out %s/one_head", mlkv_bin,
+              tmp_dir) == 0 &&
+              strstr(output(), "(1 layer x 1 head; was 4 x 4)") && strstr(output(), "x smaller)"),
+          "plurals: %s", output());
+    CHECK(run("%s sample %s/one_head --prompt-ids 1 -n 2", mlkv_bin, tmp_dir) == 0 &&
+              strstr(output(), "KV cache 192 B;"),
           "a small cache in bytes: %s", output());
 #ifdef _OPENMP
-    /* decoding waits passively (spinning threads collapse beside a busy process); training keeps spinning */
+    /* decoding waits passively (spinning threads collapse beside a busy process); training keeps
+     * spinning */
     /* (the runtimes' own report: libgomp's spin count, LLVM libomp's block time, 0 when passive) */
-    CHECK(run("OMP_DISPLAY_ENV=verbose %s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) == 0 &&
-          (strstr(output(), "GOMP_SPINCOUNT = '0'") || strstr(output(), "KMP_BLOCKTIME='0'")),
+    CHECK(run("OMP_DISPLAY_ENV=verbose %s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) ==
+                  0 &&
+              (strstr(output(), "GOMP_SPINCOUNT = '0'") || strstr(output(), "KMP_BLOCKTIME='0'")),
           "sample waits passively: %s", output());
-    CHECK(run("OMP_DISPLAY_ENV=verbose OMP_WAIT_POLICY=active %s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) == 0 &&
-          !strstr(output(), "GOMP_SPINCOUNT = '0'") && !strstr(output(), "KMP_BLOCKTIME='0'"),
+    CHECK(run("OMP_DISPLAY_ENV=verbose OMP_WAIT_POLICY=active "
+              "%s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) == 0 &&
+              !strstr(output(), "GOMP_SPINCOUNT = '0'") && !strstr(output(), "KMP_BLOCKTIME='0'"),
           "a user's policy wins: %s", output());
 #endif
     /* counts from a user or a file, range-checked before any conversion */
     char count_tokens[400];
     snprintf(count_tokens, sizeof(count_tokens), "%s/count_tokens.bin", tmp_dir);
     write_tokens(count_tokens, 40 * 16 + 1, 64, 5);
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/many --seq 16 --batch 1 --grad-accum 1 --epochs 1e9 "
-              "--stop-after 1", mlkv_bin, count_tokens, tmp_dir) == 0 && strstr(output(), "2147483647 steps of 1 x 1 x 16"),
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/many --seq 16 --batch 1 "
+              "--grad-accum 1 --epochs 1e9 --stop-after 1",
+              mlkv_bin, count_tokens, tmp_dir) == 0 &&
+              strstr(output(), "2147483647 steps of 1 x 1 x 16"),
           "huge --epochs: as many steps as an int holds: %s", output());
-    CHECK(run("%s train --resume --train %s --out %s/many --seq 16 --batch 1 --grad-accum 1 --epochs 1e9 "
-              "--stop-after 2147483647 --max-time 1s --log-every 1000000", mlkv_bin, count_tokens, tmp_dir) == 0 &&
-              strstr(output(), "resuming at step 1 of 2147483647") && strstr(output(), "stopped by --max-time"),
+    CHECK(run("%s train --resume --train %s --out %s/many --seq 16 --batch 1 --grad-accum 1 "
+              "--epochs 1e9 --stop-after 2147483647 --max-time 1s --log-every 1000000",
+              mlkv_bin, count_tokens, tmp_dir) == 0 &&
+              strstr(output(), "resuming at step 1 of 2147483647") &&
+              strstr(output(), "stopped by --max-time"),
           "--stop-after past the int range on resume: %s", output());
-    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/bytes-tokenizer.json 65 4294967361", mlkv_bin) == 1 &&
-          strstr(output(), "4294967361: not a token id"), "an id past 2^32: %s", output());
+    CHECK(run("%s decode --tokenizer dev/fixtures/tokenizer/bytes-tokenizer.json 65 4294967361",
+              mlkv_bin) == 1 &&
+              strstr(output(), "4294967361: not a token id"),
+          "an id past 2^32: %s", output());
     char empty[400];
     snprintf(empty, sizeof(empty), "%s/empty_tokenizer.json", tmp_dir);
     write_text(empty, "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}, "
                       "\"pre_tokenizer\": {\"type\": \"ByteLevel\"}, \"added_tokens\": []}");
-    CHECK(run("%s encode --tokenizer %s hi", mlkv_bin, empty) == 1 && strstr(output(), "the vocabulary is empty"),
+    CHECK(run("%s encode --tokenizer %s hi", mlkv_bin, empty) == 1 &&
+              strstr(output(), "the vocabulary is empty"),
           "an empty vocabulary: %s", output());
     /* a full disk: output that did not arrive is an error */
-    CHECK(run("(%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json 12092 50276 10186 > /dev/full)",
-              mlkv_bin) == 1 &&
-          strstr(output(), "standard output: write error"), "decode into a full disk: %s", output());
+    CHECK(run("(%s decode --tokenizer dev/fixtures/tokenizer/pythia-tokenizer.json "
+              "12092 50276 10186 > /dev/full)", mlkv_bin) == 1 &&
+              strstr(output(), "standard output: write error"),
+          "decode into a full disk: %s", output());
     CHECK(run("(%s sample dev/fixtures/gqa --prompt-ids 1 -n 3 > /dev/full)", mlkv_bin) == 1 &&
-          strstr(output(), "standard output: write error"), "sample into a full disk: %s", output());
+              strstr(output(), "standard output: write error"),
+          "sample into a full disk: %s", output());
     char full_tokens[400];
     snprintf(full_tokens, sizeof(full_tokens), "%s/full_tokens.bin", tmp_dir);
     write_tokens(full_tokens, 2000, 64, 3);
-    CHECK(run("ln -sf /dev/full %s/full_run.log.csv && %s train --model dev/fixtures/gqa --train %s --out %s/full_run "
-              "--steps 3 --batch 2 --seq 16 --grad-accum 1", tmp_dir, mlkv_bin, full_tokens, tmp_dir) == 1 &&
-          strstr(output(), "full_run.log.csv: write error"), "a training log on a full disk: %s", output());
+    CHECK(run("ln -sf /dev/full %s/full_run.log.csv && %s train --model dev/fixtures/gqa --train "
+              "%s --out %s/full_run --steps 3 --batch 2 --seq 16 --grad-accum 1",
+              tmp_dir, mlkv_bin, full_tokens, tmp_dir) == 1 &&
+              strstr(output(), "full_run.log.csv: write error"),
+          "a training log on a full disk: %s", output());
     /* progress into a file: whole lines, no carriage returns */
     char tokens[400];
     snprintf(tokens, sizeof(tokens), "%s/progress_tokens.bin", tmp_dir);
     write_tokens(tokens, 33, 320, 2);
     CHECK(run("%s eval dev/fixtures/eval/model --data %s --seq 16", mlkv_bin, tokens) == 0 &&
-          strstr(output(), "eval: 32 / 32 tokens | ") && !strchr(output(), '\r'), "progress in a file: %s", output());
+              strstr(output(), "eval: 32 / 32 tokens | ") && !strchr(output(), '\r'),
+          "progress in a file: %s", output());
 }
 
 /* --freeze-embeds: the token embedding and the output head get no gradient,
@@ -1814,7 +2190,8 @@ static double sum_squares(const float *x, size_t n) {
 static void test_freeze_embeds(void) {
     Model m;
     int B = 2, T = 16, inputs[32], targets[32];
-    CHECK(model_load(&m, "dev/fixtures/gqa") == 0 && model_prepare(&m, B, T, 1) == 0, "load: %s", mlkv_error());
+    CHECK(model_load(&m, "dev/fixtures/gqa") == 0 && model_prepare(&m, B, T, 1) == 0, "load: %s",
+          mlkv_error());
     for (int i = 0; i < B * T; i++) inputs[i] = (i * 5 + 1) % 64, targets[i] = (i * 11 + 3) % 64;
     size_t embed = (size_t)m.config.vocab_size * m.config.hidden_size;
     double norm[2], frozen_squares = 0, left = 0;
@@ -1828,25 +2205,29 @@ static void test_freeze_embeds(void) {
         norm[frozen] = clip_gradients(&m, 0);
     }
     CHECK(left == 0 && frozen_squares > 0 &&
-              fabs(norm[1] * norm[1] + frozen_squares - norm[0] * norm[0]) <= 1e-5 * norm[0] * norm[0],
-          "frozen gradients: %g left; norms %.9g and %.9g, embeddings' squares %.9g", left, norm[0], norm[1],
-          frozen_squares);
+              fabs(norm[1] * norm[1] + frozen_squares - norm[0] * norm[0]) <=
+                  1e-5 * norm[0] * norm[0],
+          "frozen gradients: %g left; norms %.9g and %.9g, embeddings' squares %.9g", left, norm[0],
+          norm[1], frozen_squares);
     model_free(&m);
 
     char tokens[400], out[400];
     snprintf(tokens, sizeof(tokens), "%s/freeze_tokens.bin", tmp_dir);
     write_tokens(tokens, 2000, 64, 9);
-    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/frozen --steps 20 --batch 2 --seq 16 --grad-accum 1 "
-              "--freeze-embeds", mlkv_bin, tokens, tmp_dir) == 0 && strstr(output(), "are frozen (--freeze-embeds)"),
+    CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/frozen --steps 20 --batch 2 "
+              "--seq 16 --grad-accum 1 --freeze-embeds",
+              mlkv_bin, tokens, tmp_dir) == 0 &&
+              strstr(output(), "are frozen (--freeze-embeds)"),
           "train --freeze-embeds: %s", output());
     snprintf(out, sizeof(out), "%s/frozen", tmp_dir);
     Model before, after;
-    CHECK(model_load(&before, "dev/fixtures/gqa") == 0 && model_load(&after, out) == 0, "reload: %s", mlkv_error());
+    CHECK(model_load(&before, "dev/fixtures/gqa") == 0 && model_load(&after, out) == 0,
+          "reload: %s", mlkv_error());
     int same_embeddings = !memcmp(before.w.embed_in, after.w.embed_in, embed * sizeof(float)) &&
                           !memcmp(before.w.embed_out, after.w.embed_out, embed * sizeof(float));
     int rest_moved = memcmp(before.w.layer[0].fc_w, after.w.layer[0].fc_w, sizeof(float) * 16) != 0;
-    CHECK(same_embeddings && rest_moved, "frozen embeddings unchanged (%d), the rest trained (%d)", same_embeddings,
-          rest_moved);
+    CHECK(same_embeddings && rest_moved, "frozen embeddings unchanged (%d), the rest trained (%d)",
+          same_embeddings, rest_moved);
     model_free(&before);
     model_free(&after);
 }
@@ -1855,7 +2236,9 @@ static void test_freeze_embeds(void) {
  * pictures well-formed XML (Python's expat parser), a rerun that skips every
  * finished stage, and an uptraining stopped by --max-time that a rerun
  * continues to the bytes of an uninterrupted one. */
-static int starts_with(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
+static int starts_with(const char *s, const char *prefix) {
+    return strncmp(s, prefix, strlen(prefix)) == 0;
+}
 
 static int count_lines(const char *path) {
     size_t len;
@@ -1873,25 +2256,33 @@ static void test_experiment(void) {
     write_tokens(train, 3000, 320, 11);
     write_tokens(val, 600, 320, 12);
     char recipe[1200];
-    snprintf(recipe, sizeof(recipe), "%s experiment --model dev/fixtures/eval/model --train %s --val %s "
-             "--configs MHA-8=2:4,GQA-4=2:2,MLKV-1=1:1 --tasks dev/fixtures/eval/tasks --task-limit 3 --seq 32 "
-             "--batch 2 --grad-accum 1 --steps 24 --val-batches 2", mlkv_bin, train, val);
-    CHECK(run("%s --out %s/exp", recipe, tmp_dir) == 0 && strstr(output(), "[3/3] MLKV-1: measure decoding") &&
-          strstr(output(), "| MLKV-1 | 1 x 1 | 1 |") && strstr(output(), "experiment: done in"),
+    snprintf(recipe, sizeof(recipe),
+             "%s experiment --model dev/fixtures/eval/model --train %s --val %s --configs "
+             "MHA-8=2:4,GQA-4=2:2,MLKV-1=1:1 --tasks dev/fixtures/eval/tasks --task-limit 3 --seq "
+             "32 --batch 2 --grad-accum 1 --steps 24 --val-batches 2",
+             mlkv_bin, train, val);
+    CHECK(run("%s --out %s/exp", recipe, tmp_dir) == 0 &&
+              strstr(output(), "[3/3] MLKV-1: measure decoding") &&
+              strstr(output(), "| MLKV-1 | 1 x 1 | 1 |") && strstr(output(), "experiment: done in"),
           "experiment: %s", output());
     snprintf(a, sizeof(a), "%s/exp/results.csv", tmp_dir);
     size_t len;
     char *csv = slurp(a, &len);
-    CHECK(csv && starts_with(csv, "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,"
-                                  "val_loss_converted,val_loss_uptrained,arc_easy_acc_converted,arc_easy_acc_uptrained,") &&
+    CHECK(csv &&
+              starts_with(
+                  csv,
+                  "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,val_loss_"
+                  "converted,val_loss_uptrained,arc_easy_acc_converted,arc_easy_acc_uptrained,") &&
               strstr(csv, ",decode_tok_s_batch_1,decode_tok_s_batch_4,decode_tok_s_batch_16\n") &&
-              strstr(csv, "\nGQA-4,2,2,4,") && strstr(csv, "\nMLKV-1,1,1,1,") && !strstr(csv, "nan"),
+              strstr(csv, "\nGQA-4,2,2,4,") && strstr(csv, "\nMLKV-1,1,1,1,") &&
+              !strstr(csv, "nan"),
           "results.csv: %s", csv ? csv : "(none)");
     free(csv);
     CHECK(count_lines(a) == 4, "results.csv: a header and 3 rows (%d lines)", count_lines(a));
     snprintf(b, sizeof(b), "%s/exp/results.md", tmp_dir);
     CHECK(count_lines(b) == 5, "results.md: %d lines", count_lines(b));
-    const char *files[] = {"MHA-8/stages.json", "MHA-8/decode.csv", "GQA-4/converted/model.safetensors",
+    const char *files[] = {"MHA-8/stages.json", "MHA-8/decode.csv",
+                           "GQA-4/converted/model.safetensors",
                            "MLKV-1/uptrained/model.safetensors", "MLKV-1/uptrained.log.csv"};
     for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
         snprintf(a, sizeof(a), "%s/exp/%s", tmp_dir, files[i]);
@@ -1902,8 +2293,8 @@ static void test_experiment(void) {
     CHECK(run("cd / && python3 -I -c \"import sys, xml.dom.minidom as x\n"
               "for n in ('loss_vs_kv', 'loss_curves', 'decode'):\n"
               "    d = x.parse(sys.argv[1] + '/' + n + '.svg').documentElement\n"
-              "    assert d.tagName == 'svg' and d.getElementsByTagName('text'), n\n"
-              "print('svg ok')\" %s/exp", tmp_dir) == 0 && strstr(output(), "svg ok"),
+              "    assert d.tagName == 'svg' and d.getElementsByTagName('text'), "
+              "n\nprint('svg ok')\" %s/exp", tmp_dir) == 0 && strstr(output(), "svg ok"),
           "the pictures are well-formed SVG: %s", output());
     CHECK(run("cp %s %s/results_before.csv", a, tmp_dir) == 0, "copy");
     /* a rerun: nothing to do but the tables and pictures */
@@ -1915,31 +2306,43 @@ static void test_experiment(void) {
     CHECK(run("%s --out %s/exp2 --max-time 0.001s", recipe, tmp_dir) == 0 &&
               strstr(output(), "MHA-8 stopped after step ") && !strstr(output(), "[2/3]"),
           "an experiment stopped by --max-time: %s", output());
-    CHECK(run("%s --out %s/exp2", recipe, tmp_dir) == 0 && strstr(output(), "[1/3] MHA-8: continue uptraining") &&
+    CHECK(run("%s --out %s/exp2", recipe, tmp_dir) == 0 &&
+              strstr(output(), "[1/3] MHA-8: continue uptraining") &&
               !strstr(output(), "[1/3] MHA-8: convert") && strstr(output(), "experiment: done in"),
           "the experiment continued: %s", output());
     snprintf(a, sizeof(a), "%s/exp/MHA-8/uptrained/model.safetensors", tmp_dir);
     snprintf(b, sizeof(b), "%s/exp2/MHA-8/uptrained/model.safetensors", tmp_dir);
-    CHECK(same_file(a, b), "an interrupted and continued uptraining ends with the bytes of an uninterrupted one");
-    /* SIGTERM during an uptraining: the step ends, the checkpoint is saved, exit 143; a rerun continues */
+    CHECK(same_file(a, b),
+          "an interrupted and continued uptraining ends with the bytes of an uninterrupted one");
+    /* SIGTERM during an uptraining: the step ends, the checkpoint is saved, exit 143; a rerun
+     * continues */
     CHECK(run("(%s --out %s/exp4 --configs MHA-8=2:4 --steps 200 --batch 16 --seq 64 & pid=$!; "
-              "while kill -0 $pid 2>/dev/null && [ \"$(wc -l < %s/exp4/MHA-8/uptrained.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; "
-              "do sleep 0.01; done; kill -TERM $pid; wait $pid; echo \"exit $?\")", recipe, tmp_dir, tmp_dir) == 0 &&
+              "while kill -0 $pid 2>/dev/null && [ \"$(wc -l < %s/exp4/MHA-8/uptrained.log.csv "
+              "2>/dev/null || echo 0)\" -lt 3 ]; do sleep 0.01; "
+              "done; kill -TERM $pid; wait $pid; echo \"exit $?\")",
+              recipe, tmp_dir, tmp_dir) == 0 &&
               strstr(output(), "stopped by SIGTERM after step ") && strstr(output(), "exit 143") &&
-              !strstr(output(), "experiment: done"), "SIGTERM during an experiment: %s", output());
-    CHECK(run("%s --out %s/exp4 --configs MHA-8=2:4 --steps 200 --batch 16 --seq 64", recipe, tmp_dir) == 0 &&
-              strstr(output(), "MHA-8: continue uptraining") && strstr(output(), "step   200/200") &&
-              strstr(output(), "experiment: done"), "the experiment continued after SIGTERM: %s", output());
-    CHECK(run("%s --out %s/exp3 --resume", recipe, tmp_dir) == 2 && strstr(output(), "run the same experiment command again"),
+              !strstr(output(), "experiment: done"),
+          "SIGTERM during an experiment: %s", output());
+    CHECK(run("%s --out %s/exp4 --configs MHA-8=2:4 --steps 200 --batch 16 --seq 64", recipe,
+              tmp_dir) == 0 &&
+              strstr(output(), "MHA-8: continue uptraining") &&
+              strstr(output(), "step   200/200") && strstr(output(), "experiment: done"),
+          "the experiment continued after SIGTERM: %s", output());
+    CHECK(run("%s --out %s/exp3 --resume", recipe, tmp_dir) == 2 &&
+              strstr(output(), "run the same experiment command again"),
           "--resume is train's: %s", output());
-    CHECK(run("%s --out %s/exp --lr 1e-3", recipe, tmp_dir) == 1 && strstr(output(), "was started with other settings"),
+    CHECK(run("%s --out %s/exp --lr 1e-3", recipe, tmp_dir) == 1 &&
+              strstr(output(), "was started with other settings"),
           "a finished experiment with another recipe: %s", output());
     CHECK(run("%s --out %s/exp --configs MHA-8=2:2", recipe, tmp_dir) == 1 &&
               strstr(output(), "holds MHA-8 as 2 K/V layers x 4 heads, not 2 x 2"),
           "a configuration renamed: %s", output());
-    CHECK(run("%s --out %s/exp3 --configs X=9:1", recipe, tmp_dir) != 0 && !exists("%s/exp3/X/converted", tmp_dir),
+    CHECK(run("%s --out %s/exp3 --configs X=9:1", recipe, tmp_dir) != 0 &&
+              !exists("%s/exp3/X/converted", tmp_dir),
           "an impossible configuration: %s", output());
-    CHECK(run("mkdir -p %s/mine && touch %s/mine/notes.txt && %s --out %s/mine", tmp_dir, tmp_dir, recipe, tmp_dir) == 1 &&
+    CHECK(run("mkdir -p %s/mine && touch %s/mine/notes.txt && %s --out %s/mine", tmp_dir, tmp_dir,
+              recipe, tmp_dir) == 1 &&
               strstr(output(), "holds notes.txt but no experiment.json"),
           "a folder that is not an experiment's: %s", output());
 }
@@ -1951,16 +2354,23 @@ static void test_graceful_stop(void) {
     char tokens[400], a[400], b[400];
     snprintf(tokens, sizeof(tokens), "%s/stop_tokens.bin", tmp_dir);
     write_tokens(tokens, 20000, 64, 8);
-    const char *common = "--model dev/fixtures/gqa --steps 300 --batch 4 --seq 64 --grad-accum 1 --log-every 100";
-    CHECK(run("%s train %s --train %s --out %s/unstopped", mlkv_bin, common, tokens, tmp_dir) == 0, "straight: %s", output());
-    /* started in the background, stopped once its log shows two steps (or left alone if it already ended) */
-    CHECK(run("(%s train %s --train %s --out %s/stopped & pid=$!; "
-              "while kill -0 $pid 2>/dev/null && [ \"$(wc -l < %s/stopped.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; do sleep 0.01; done; "
-              "kill -TERM $pid; wait $pid; echo \"exit $?\")", mlkv_bin, common, tokens, tmp_dir, tmp_dir) == 0 &&
-          strstr(output(), "stopped by SIGTERM after step ") && strstr(output(), "exit 143") &&
-          !strstr(output(), "step   300/300"), "SIGTERM: %s", output());
-    CHECK(run("%s train --resume %s --train %s --out %s/stopped", mlkv_bin, common + strlen("--model dev/fixtures/gqa "),
-              tokens, tmp_dir) == 0 && strstr(output(), "step   300/300"), "resume after SIGTERM: %s", output());
+    const char *common =
+        "--model dev/fixtures/gqa --steps 300 --batch 4 --seq 64 --grad-accum 1 --log-every 100";
+    CHECK(run("%s train %s --train %s --out %s/unstopped", mlkv_bin, common, tokens, tmp_dir) == 0,
+          "straight: %s", output());
+    /* started in the background, stopped once its log shows two steps (or left alone if it already
+     * ended) */
+    CHECK(run("(%s train %s --train %s --out %s/stopped & pid=$!; while kill -0 $pid 2>/dev/null "
+              "&& [ \"$(wc -l < %s/stopped.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; do sleep "
+              "0.01; done; kill -TERM $pid; wait $pid; echo \"exit $?\")",
+              mlkv_bin, common, tokens, tmp_dir, tmp_dir) == 0 &&
+              strstr(output(), "stopped by SIGTERM after step ") && strstr(output(), "exit 143") &&
+              !strstr(output(), "step   300/300"),
+          "SIGTERM: %s", output());
+    CHECK(run("%s train --resume %s --train %s --out %s/stopped", mlkv_bin,
+              common + strlen("--model dev/fixtures/gqa "), tokens, tmp_dir) == 0 &&
+              strstr(output(), "step   300/300"),
+          "resume after SIGTERM: %s", output());
     snprintf(a, sizeof(a), "%s/unstopped/model.safetensors", tmp_dir);
     snprintf(b, sizeof(b), "%s/stopped/model.safetensors", tmp_dir);
     CHECK(same_file(a, b), "a stopped and resumed run ends with the bytes of an uninterrupted one");
@@ -1970,18 +2380,21 @@ static void test_graceful_stop(void) {
      * that they arrive together: sent one after the other to a running
      * process, a step could end between them on a loaded machine, and the
      * first alone would save a checkpoint. */
-    CHECK(run("(%s train %s --train %s --out %s/twice --batch 32 & pid=$!; "
-              "while kill -0 $pid 2>/dev/null && [ \"$(wc -l < %s/twice.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; do sleep 0.01; done; "
-              "kill -STOP $pid; kill -TERM $pid; kill -INT $pid; kill -CONT $pid; wait $pid; echo \"exit $?\")",
+    CHECK(run("(%s train %s --train %s --out %s/twice --batch 32 & pid=$!; while kill -0 $pid "
+              "2>/dev/null && [ \"$(wc -l < %s/twice.log.csv 2>/dev/null || echo 0)\" -lt 3 ]; do "
+              "sleep 0.01; done; kill -STOP $pid; kill -TERM $pid; kill -INT $pid; kill -CONT "
+              "$pid; wait $pid; echo \"exit $?\")",
               mlkv_bin, common, tokens, tmp_dir, tmp_dir) == 0 &&
-          (strstr(output(), "exit 130") || strstr(output(), "exit 143")) && !strstr(output(), "stopped by") &&
-              !strstr(output(), "saved "),
+              (strstr(output(), "exit 130") || strstr(output(), "exit 143")) &&
+              !strstr(output(), "stopped by") && !strstr(output(), "saved "),
           "a second signal: %s", output());
     snprintf(a, sizeof(a), "%s/twice", tmp_dir);
     struct stat st;
     CHECK(stat(a, &st) != 0, "no checkpoint after a second signal");
-    CHECK(run("%s train %s --train %s --out %s/twice --steps 20", mlkv_bin, common, tokens, tmp_dir) == 0 &&
-          strstr(output(), "step    20/20"), "the lock of the killed run is taken over: %s", output());
+    CHECK(run("%s train %s --train %s --out %s/twice --steps 20", mlkv_bin, common, tokens,
+              tmp_dir) == 0 &&
+              strstr(output(), "step    20/20"),
+          "the lock of the killed run is taken over: %s", output());
 }
 
 
@@ -1989,30 +2402,43 @@ static void test_sample_stops(void) {
     Model m;
     char dir[300], path[400];
     snprintf(dir, sizeof(dir), "%s/eos_model", tmp_dir);
-    if (model_load(&m, "dev/fixtures/eval/model") != 0) { CHECK(0, "eval model: %s", mlkv_error()); return; }
+    if (model_load(&m, "dev/fixtures/eval/model") != 0) {
+        CHECK(0, "eval model: %s", mlkv_error());
+        return;
+    }
     int C = m.config.hidden_size, V = m.config.vocab_size;
     for (int i = 0; i < C; i++) m.w.lnf_w[i] = 0.0f, m.w.lnf_b[i] = i == 0;
-    for (int v = 0; v < V; v++) m.w.embed_out[(size_t)v * C] = v == 300 ? 20.0f : v == 256 ? 10.0f : 0.0f;
+    for (int v = 0; v < V; v++)
+        m.w.embed_out[(size_t)v * C] = v == 300 ? 20.0f : v == 256 ? 10.0f : 0.0f;
     TensorGroup params = {"", m.param_memory};
-    CHECK(run("mkdir -p %s && cp dev/fixtures/eval/model/tokenizer.json %s/", dir, dir) == 0, "mkdir");
+    CHECK(run("mkdir -p %s && cp dev/fixtures/eval/model/tokenizer.json %s/", dir, dir) == 0,
+          "mkdir");
     snprintf(path, sizeof(path), "%s/config.json", dir);
     int ok = config_save(&m.config, NULL, 0, path) == 0;
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
     ok = ok && model_write_safetensors(&m, &params, 1, path, NULL) == 0;
     model_free(&m);
     CHECK(ok, "write the model: %s", mlkv_error());
-    CHECK(run("%s sample %s --prompt hi -n 5 --temperature 0 2>/dev/null", mlkv_bin, dir) == 0 && starts_with(output(), "hi\n[") && strstr(output(), "decode 1 x 1:"),
+    CHECK(run("%s sample %s --prompt hi -n 5 --temperature 0 2>/dev/null", mlkv_bin, dir) == 0 &&
+              starts_with(output(), "hi\n[") && strstr(output(), "decode 1 x 1:"),
           "stops at <|endoftext|>, never samples id 300: [%s]", output());
-    CHECK(run("%s sample %s --prompt hi -n 3 --temperature 0 --ignore-eos 2>/dev/null", mlkv_bin, dir) == 0 &&
-          starts_with(output(), "hi<|endoftext|><|endoftext|><|endoftext|>\n["), "--ignore-eos: [%s]", output());
-    CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat sat on the' -n 12 --temperature 0 2>/dev/null",
-              mlkv_bin) == 0 && starts_with(output(), "the cat sat on the mat\rmat mat\n["), "greedy text: [%s]", output());
-    CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat sat on the' -n 12 --temperature 0 --stop at "
-              "2>/dev/null", mlkv_bin) == 0 && starts_with(output(), "the cat sat on the m\n["), "--stop: [%s]", output());
+    CHECK(run("%s sample %s --prompt hi -n 3 --temperature 0 --ignore-eos 2>/dev/null", mlkv_bin,
+              dir) == 0 &&
+              starts_with(output(), "hi<|endoftext|><|endoftext|><|endoftext|>\n["),
+          "--ignore-eos: [%s]", output());
+    CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the "
+              "cat sat on the' -n 12 --temperature 0 2>/dev/null", mlkv_bin) == 0 &&
+              starts_with(output(), "the cat sat on the mat\rmat mat\n["),
+          "greedy text: [%s]", output());
+    CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat sat "
+              "on the' -n 12 --temperature 0 --stop at 2>/dev/null", mlkv_bin) == 0 &&
+              starts_with(output(), "the cat sat on the m\n["),
+          "--stop: [%s]", output());
     CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the cat' --stop ''", mlkv_bin) == 2 &&
               strstr(output(), "--stop needs a non-empty string"),
           "an empty --stop is refused: %s", output());
-    CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1 --stop x", mlkv_bin) == 1 && strstr(output(), "--tokenizer"),
+    CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1 --stop x", mlkv_bin) == 1 &&
+              strstr(output(), "--tokenizer"),
           "--stop needs a tokenizer, and the message says how to give one: %s", output());
 }
 
@@ -2024,33 +2450,47 @@ static void test_sample_and_bench(void) {
     model_free(&m);
     char want[64];
     snprintf(want, sizeof(want), "%d %d %d %d %d", seq[3], seq[4], seq[5], seq[6], seq[7]);
-    CHECK(run("%s sample dev/fixtures/mlkv_3x2 --prompt-ids 1,2,3 -n 5 --temperature 0 2>/dev/null", mlkv_bin) == 0 &&
-          !strncmp(output(), want, strlen(want)), "greedy sample %s, expected %s", output(), want);
-    CHECK(run("%s sample dev/fixtures/mlkv_3x2 --prompt-ids '1 2 3' -n 5 --top-k 1 2>/dev/null", mlkv_bin) == 0 &&
-          !strncmp(output(), want, strlen(want)), "top-k 1 is greedy: %s", output());
-    CHECK(run("%s sample dev/fixtures/mlkv_2x2_compat --prompt-ids 5 -n 6 --batch 3 --top-p 0.9 --seed 3", mlkv_bin) == 0 &&
-          strstr(output(), "--- sample 2") && strstr(output(), "decode 3 x 6") &&
-          strstr(output(), "shared keys un-rotated, as the reference code computes"), "batch sampling: %s", output());
+    CHECK(run("%s sample dev/fixtures/mlkv_3x2 --prompt-ids 1,2,3 -n 5 --temperature 0 2>/dev/null",
+              mlkv_bin) == 0 &&
+              !strncmp(output(), want, strlen(want)),
+          "greedy sample %s, expected %s", output(), want);
+    CHECK(run("%s sample dev/fixtures/mlkv_3x2 --prompt-ids '1 2 3' -n 5 --top-k 1 2>/dev/null",
+              mlkv_bin) == 0 &&
+              !strncmp(output(), want, strlen(want)),
+          "top-k 1 is greedy: %s", output());
+    CHECK(run("%s sample dev/fixtures/mlkv_2x2_compat "
+              "--prompt-ids 5 -n 6 --batch 3 --top-p 0.9 --seed 3", mlkv_bin) == 0 &&
+              strstr(output(), "--- sample 2") && strstr(output(), "decode 3 x 6") &&
+              strstr(output(), "shared keys un-rotated, as the reference code computes"),
+          "batch sampling: %s", output());
     CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1 -n 100", mlkv_bin) == 1 &&
           strstr(output(), "exceed max_position_embeddings (64)"), "too long: %s", output());
-    CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1,64", mlkv_bin) == 1 && strstr(output(), "64 is not a token id"),
+    CHECK(run("%s sample dev/fixtures/gqa --prompt-ids 1,64", mlkv_bin) == 1 &&
+              strstr(output(), "64 is not a token id"),
           "bad prompt id: %s", output());
-    CHECK(run("%s sample dev/fixtures/gqa --prompt hi", mlkv_bin) == 1 && strstr(output(), "tokenizer.json"),
+    CHECK(run("%s sample dev/fixtures/gqa --prompt hi", mlkv_bin) == 1 &&
+              strstr(output(), "tokenizer.json"),
           "no tokenizer: %s", output());
     /* a model with a tokenizer: the prompt is encoded, the output streamed as text */
     char path[400];
     snprintf(path, sizeof(path), "%s/bytes_config.json", tmp_dir);
-    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 320, \"hidden_size\": 32, \"num_hidden_layers\": 2, "
-                     "\"num_attention_heads\": 4, \"intermediate_size\": 64, \"max_position_embeddings\": 64}");
-    CHECK(run("%s init --config %s --out %s/bytes_model && cp dev/fixtures/tokenizer/bytes-tokenizer.json "
-              "%s/bytes_model/tokenizer.json", mlkv_bin, path, tmp_dir, tmp_dir) == 0, "init: %s", output());
-    CHECK(run("%s sample %s/bytes_model --prompt 'Hello there' -n 8 --seed 1", mlkv_bin, tmp_dir) == 0 &&
-          !strncmp(output(), "Hello there", 11) && strstr(output(), "prefill 1 x 11 tokens"), "text sample: %s", output());
+    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 320, \"hidden_size\": 32, "
+                     "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"intermediate_size\": "
+                     "64, \"max_position_embeddings\": 64}");
+    CHECK(run("%s init --config %s --out %s/bytes_model && cp "
+              "dev/fixtures/tokenizer/bytes-tokenizer.json %s/bytes_model/tokenizer.json",
+              mlkv_bin, path, tmp_dir, tmp_dir) == 0,
+          "init: %s", output());
+    CHECK(run("%s sample %s/bytes_model --prompt 'Hello there' -n 8 --seed 1", mlkv_bin, tmp_dir) ==
+                  0 &&
+              !strncmp(output(), "Hello there", 11) && strstr(output(), "prefill 1 x 11 tokens"),
+          "text sample: %s", output());
     CHECK(run("%s sample --help", mlkv_bin) == 0 && strstr(output(), "--top-p"), "sample --help");
 
     /* bench-kv: measured cache bytes are the formula's; the memory limit stops cleanly */
     snprintf(path, sizeof(path), "%s/bench.csv", tmp_dir);
-    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --max-batch 4 --csv %s", mlkv_bin, path) == 0,
+    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --max-batch 4 --csv %s",
+              mlkv_bin, path) == 0,
           "bench-kv: %s", output());
     size_t len;
     char *csv = slurp(path, &len);
@@ -2065,34 +2505,50 @@ static void test_sample_and_bench(void) {
     }
     free(csv);
     CHECK(rows == 3 && same, "bench-kv CSV: %d rows, cache bytes as the formula: %d", rows, same);
-    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --mem-limit 0.1 --csv %s", mlkv_bin, path) == 0 &&
-          strstr(output(), "stop: would need"), "memory limit: %s", output());
+    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --mem-limit 0.1 --csv %s",
+              mlkv_bin, path) == 0 &&
+              strstr(output(), "stop: would need"),
+          "memory limit: %s", output());
     snprintf(path, sizeof(path), "%s/grid_config.json", tmp_dir);
-    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 16, \"hidden_size\": 48, \"num_hidden_layers\": 12, "
-                     "\"num_attention_heads\": 12, \"intermediate_size\": 32, \"max_position_embeddings\": 16, "
-                     "\"rotary_pct\": 0.5}");
+    write_text(path,
+               "{\"model_type\": \"gpt_neox\", \"vocab_size\": 16, \"hidden_size\": 48, "
+               "\"num_hidden_layers\": 12, \"num_attention_heads\": 12, \"intermediate_size\": 32, "
+               "\"max_position_embeddings\": 16, \"rotary_pct\": 0.5}");
     char csv_path[400];
     snprintf(csv_path, sizeof(csv_path), "%s/grid.csv", tmp_dir);
-    CHECK(run("%s bench-kv --config %s --grid --prefill 4 --decode 2 --max-batch 1 --csv %s", mlkv_bin, path, csv_path) == 0 &&
-          strstr(output(), "| MLKV-1 | 1 |") && strstr(output(), "| MHA-144 | 1 | 0.03 |"), "grid: %s", output());
-    CHECK(run("%s bench-kv --theory", mlkv_bin) == 0 && strstr(output(), "| 160m | MLKV-2 | 2 x 1 | 512 | 1024 |") &&
-          strstr(output(), "| 160m | MHA-144 | 12 x 12 | 36864 |") && strstr(output(), "| 14m | MQA-6 | 6 x 1 |"),
+    CHECK(run("%s bench-kv --config %s --grid --prefill 4 --decode 2 --max-batch 1 --csv %s",
+              mlkv_bin, path, csv_path) == 0 &&
+              strstr(output(), "| MLKV-1 | 1 |") && strstr(output(), "| MHA-144 | 1 | 0.03 |"),
+          "grid: %s", output());
+    CHECK(run("%s bench-kv --theory", mlkv_bin) == 0 &&
+              strstr(output(), "| 160m | MLKV-2 | 2 x 1 | 512 | 1024 |") &&
+              strstr(output(), "| 160m | MHA-144 | 12 x 12 | 36864 |") &&
+              strstr(output(), "| 14m | MQA-6 | 6 x 1 |"),
           "theory: %s", output());
-    /* another shape: the grid adapted and honestly named, exact --only, defaults that fit, the CSV beside the model */
-    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 16, \"hidden_size\": 32, \"num_hidden_layers\": 6, "
-                     "\"num_attention_heads\": 4, \"intermediate_size\": 32, \"max_position_embeddings\": 32}");
+    /* another shape: the grid adapted and honestly named, exact --only, defaults that fit, the CSV
+     * beside the model */
+    write_text(path, "{\"model_type\": \"gpt_neox\", \"vocab_size\": 16, \"hidden_size\": 32, "
+                     "\"num_hidden_layers\": 6, \"num_attention_heads\": 4, \"intermediate_size\": "
+                     "32, \"max_position_embeddings\": 32}");
     CHECK(run("%s bench-kv --config %s --grid --max-batch 2", mlkv_bin, path) == 0 &&
-          strstr(output(), "prefill 24, decode 8,") && strstr(output(), "| MHA-24 | 1 |") &&
-          strstr(output(), "| MLKV-16 | 2 |") && strstr(output(), "| MQA-6 | 1 |") && strstr(output(), "| MLKV-1 | 2 |") &&
-          !strstr(output(), "skipped") && exists("%s.bench-kv.csv", path), "an adapted grid: %s", output());
-    CHECK(run("%s bench-kv --config %s --grid --only MLKV-1,MQA-6 --max-batch 1", mlkv_bin, path) == 0 &&
-          strstr(output(), "| MLKV-1 | 1 |") && strstr(output(), "| MQA-6 | 1 |") && !strstr(output(), "| MLKV-16 |"),
+              strstr(output(), "prefill 24, decode 8,") && strstr(output(), "| MHA-24 | 1 |") &&
+              strstr(output(), "| MLKV-16 | 2 |") && strstr(output(), "| MQA-6 | 1 |") &&
+              strstr(output(), "| MLKV-1 | 2 |") && !strstr(output(), "skipped") &&
+              exists("%s.bench-kv.csv", path),
+          "an adapted grid: %s", output());
+    CHECK(run("%s bench-kv --config %s --grid --only MLKV-1,MQA-6 --max-batch 1", mlkv_bin, path) ==
+                  0 &&
+              strstr(output(), "| MLKV-1 | 1 |") && strstr(output(), "| MQA-6 | 1 |") &&
+              !strstr(output(), "| MLKV-16 |"),
           "--only by exact names: %s", output());
     CHECK(run("%s bench-kv --config %s --grid --only MLKV-12", mlkv_bin, path) == 1 &&
-          strstr(output(), "--only: no configuration MLKV-12 here (MHA-24, MLKV-16, MQA-6, MLKV-8, MLKV-4, MLKV-2, MLKV-1)"),
+              strstr(output(), "--only: no configuration MLKV-12 here (MHA-24, MLKV-16, MQA-6, "
+                               "MLKV-8, MLKV-4, MLKV-2, MLKV-1)"),
           "an unknown --only: %s", output());
-    CHECK(run("%s bench-kv --config %s --grid --only MLKV-1 --max-batch 64 --time-limit 0", mlkv_bin, path) == 0 &&
-          strstr(output(), "| MLKV-1 | 2 | stop: --time-limit 0 s reached |"), "a time budget: %s", output());
+    CHECK(run("%s bench-kv --config %s --grid --only MLKV-1 --max-batch 64 --time-limit 0",
+              mlkv_bin, path) == 0 &&
+              strstr(output(), "| MLKV-1 | 2 | stop: --time-limit 0 s reached |"),
+          "a time budget: %s", output());
 }
 
 int main(int argc, char **argv) {
@@ -2106,16 +2562,18 @@ int main(int argc, char **argv) {
     printf("PyTorch fixtures (error = max|ours - ref| / max|ref|):\n");
     FixtureErrors worst = {0};
     find_fixtures();
-    CHECK(n_fixtures > 0, "no model fixtures (dev/fixtures/*/ref.safetensors): run from the repository root");
-    for (size_t i = 0; i < n_fixtures; i++) test_fixture(fixture_names[i], fixture_names[i], &worst);
+    CHECK(n_fixtures > 0,
+          "no model fixtures (dev/fixtures/*/ref.safetensors): run from the repository root");
+    for (size_t i = 0; i < n_fixtures; i++)
+        test_fixture(fixture_names[i], fixture_names[i], &worst);
     /* pytorch_model.bin as torch.save writes it, the same weights and functions:
      * the reference's MLKV checkpoint (config without mlkv_shared_key_rotary),
      * in one file and in two shards, and the stock MHA layout */
     test_fixture("reference_bin/f32", "mlkv_2x2_compat", &worst);
     test_fixture("reference_bin/sharded", "mlkv_2x2_compat", &worst);
     test_fixture("reference_bin/mha_hf", "mha", &worst);
-    printf("  worst: logits %.1e, loss %.1e, grads %.1e, steps %.1e, params %.1e\n", worst.logits, worst.loss,
-           worst.grad, worst.step_loss, worst.param);
+    printf("  worst: logits %.1e, loss %.1e, grads %.1e, steps %.1e, params %.1e\n", worst.logits,
+           worst.loss, worst.grad, worst.step_loss, worst.param);
     test_gemm();
     test_gemm_rows_and_kernels();
     test_attention();
