@@ -208,7 +208,10 @@ static const char *format_bytes(char *out, size_t n, double bytes) {
 static FILE *open_regular(const char *path, size_t *size) {
     FILE *f = fopen(path, "rb");
     struct stat st;
-    if (!f) { fail("%s: cannot open: %s", path, strerror(errno)); return NULL; }
+    if (!f) {
+        fail("%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
         fail("%s: %s", path,
              S_ISDIR(st.st_mode) ? "is a folder, not a file"
@@ -226,9 +229,14 @@ static int read_file(const char *path, char **data, size_t *len) {
     FILE *f = open_regular(path, &size);
     if (!f) return -1;
     char *buf = size < SIZE_MAX ? malloc(size + 1) : NULL;
-    if (!buf) { fclose(f); return fail("%s: out of memory reading %zu bytes", path, size); }
+    if (!buf) {
+        fclose(f);
+        return fail("%s: out of memory reading %zu bytes", path, size);
+    }
     if (fread(buf, 1, size, f) != size) {
-        free(buf); fclose(f); return fail("%s: read error", path);
+        free(buf);
+        fclose(f);
+        return fail("%s: read error", path);
     }
     fclose(f);
     buf[size] = '\0';
@@ -265,11 +273,17 @@ static void sb_printf(StrBuf *b, const char *fmt, ...) {
         int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? room : 0, fmt, ap);
         va_end(ap);
         if (n < 0) return;
-        if (b->s && (size_t)n < room) { b->len += (size_t)n; return; }
+        if (b->s && (size_t)n < room) {
+            b->len += (size_t)n;
+            return;
+        }
         size_t cap = b->cap ? b->cap * 2 : 256;
         while (cap < b->len + (size_t)n + 1) cap *= 2;
         char *s = realloc(b->s, cap);
-        if (!s) { fprintf(stderr, "mlkv: out of memory\n"); exit(1); }
+        if (!s) {
+            fprintf(stderr, "mlkv: out of memory\n");
+            exit(1);
+        }
         b->s = s;
         b->cap = cap;
     }
@@ -2023,8 +2037,12 @@ static float *allocate_buffers(BufferSpec *specs, int n, size_t *total, const ch
 }
 
 static void free_activations(Model *m) {
-    free(m->act_memory); free(m->scratch_memory); free(m->rope_cos); free(m->rope_sin);
-    free(m->inputs); free(m->targets);
+    free(m->act_memory);
+    free(m->scratch_memory);
+    free(m->rope_cos);
+    free(m->rope_sin);
+    free(m->inputs);
+    free(m->targets);
     m->act_memory = m->scratch_memory = m->rope_cos = m->rope_sin = NULL;
     m->inputs = m->targets = NULL;
 }
@@ -2058,12 +2076,18 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
     rotary_tables(m->rope_cos, m->rope_sin, T, c->rotary_ndims, c->rotary_base);
     if (!with_grads) return 0;
     m->scratch_memory = allocate_buffers(grads, n_grads, &m->scratch_floats, "gradient scratch");
-    if (!m->scratch_memory) { free_activations(m); return -1; }
+    if (!m->scratch_memory) {
+        free_activations(m);
+        return -1;
+    }
     if (!m->grad_memory) {
         m->grad_memory = alloc_zeroed(m->num_parameters, sizeof(float), "gradients");
         m->adam_m = alloc_zeroed(m->num_parameters, sizeof(float), "AdamW first moments");
         m->adam_v = alloc_zeroed(m->num_parameters, sizeof(float), "AdamW second moments");
-        if (!m->grad_memory || !m->adam_m || !m->adam_v) { free_activations(m); return -1; }
+        if (!m->grad_memory || !m->adam_m || !m->adam_v) {
+            free_activations(m);
+            return -1;
+        }
         point_weights(m, m->grad_memory, &m->g);
     }
     return 0;
@@ -2099,7 +2123,11 @@ void model_print_memory(const Model *m) {
 
 void model_free(Model *m) {
     free_activations(m);
-    free(m->param_memory); free(m->grad_memory); free(m->adam_m); free(m->adam_v); free(m->params);
+    free(m->param_memory);
+    free(m->grad_memory);
+    free(m->adam_m);
+    free(m->adam_v);
+    free(m->params);
     free(m->config_extra);
     memset(m, 0, sizeof(*m));
 }
@@ -2335,7 +2363,10 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
     int N = B * T;
     int C = c->hidden_size, H = c->n_head, hs = c->head_size, kvH = c->n_kv_head;
     int L = c->n_layer, rd = c->rotary_ndims, qd = H * hs, kvd = kvH * hs;
-    if (!m->scratch_memory) { fail("the model was prepared without gradients"); return NAN; }
+    if (!m->scratch_memory) {
+        fail("the model was prepared without gradients");
+        return NAN;
+    }
     if (forward_layers(m, inputs, targets, B, T) != 0) return NAN;
     float loss = head_forward(m, N, loss_scale / (float)N); /* d lnf is in d->d_branch */
     Activations *a = &m->a;
@@ -2525,8 +2556,14 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
 /* Sampling: greedy at temperature 0, else from softmax(logits / T) kept to
  * the top_k most likely tokens and to the smallest set whose probability
  * reaches top_p. */
-typedef struct { double temperature, top_p; int top_k; } SamplingConfig;
-typedef struct { float p; int id; } Candidate;
+typedef struct {
+    double temperature, top_p;
+    int top_k;
+} SamplingConfig;
+typedef struct {
+    float p;
+    int id;
+} Candidate;
 
 static int candidate_order(const void *a, const void *b) {
     float x = ((const Candidate *)a)->p, y = ((const Candidate *)b)->p;
@@ -2547,7 +2584,10 @@ static int sample_token(const float *logits, int V, const SamplingConfig *s, uin
     double kept = 0;
     for (int i = 0; i < keep; i++) {
         kept += scratch[i].p / sum;
-        if (s->top_p < 1.0 && kept >= s->top_p) { keep = i + 1; break; }
+        if (s->top_p < 1.0 && kept >= s->top_p) {
+            keep = i + 1;
+            break;
+        }
     }
     double total = 0;
     for (int i = 0; i < keep; i++) total += scratch[i].p;
@@ -2769,7 +2809,11 @@ static int pool_kv_layers(const Model *mha, Model *out, const ConvertOptions *o)
     size_t wsize = (size_t)kvd * C, n = wsize + kvd;
     float *pooled = alloc_zeroed((size_t)L * 2 * n, sizeof(float), "pooled K/V");
     float *sums = alloc_zeroed(n, sizeof(float), "pooled K/V");
-    if (!pooled || !sums) { free(pooled); free(sums); return -1; }
+    if (!pooled || !sums) {
+        free(pooled);
+        free(sums);
+        return -1;
+    }
     for (int l = 0; l < L; l++)
         for (int kv = 0; kv < 2; kv++) { /* 0 key, 1 value */
             const LayerWeights *lw = &mha->w.layer[l];
@@ -2840,7 +2884,10 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
     out->config = c;
     if (mha->config_extra && !(out->config_extra = strdup(mha->config_extra)))
         return fail("out of memory");
-    if (model_allocate_params(out) != 0) { model_free(out); return -1; }
+    if (model_allocate_params(out) != 0) {
+        model_free(out);
+        return -1;
+    }
     /* tensors that keep their shape are copied: embeddings, LayerNorms, queries,
      * dense, head, and the MLP when it does not grow */
     for (int i = 0; i < out->n_params; i++) {
@@ -2849,7 +2896,10 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
             memcpy(out->param_memory + p->offset, mha->param_memory + q->offset,
                    p->numel * sizeof(float));
     }
-    if (pool_kv_layers(mha, out, o) != 0) { model_free(out); return -1; }
+    if (pool_kv_layers(mha, out, o) != 0) {
+        model_free(out);
+        return -1;
+    }
     grow_mlps(mha, out, o->grow);
     return 0;
 }
