@@ -101,7 +101,10 @@
 #define INV_SQRT_2PI 0.39894228040143267794 /* 1 / sqrt(2 pi) */
 
 /* ===========================================================================
- * 1. Utilities
+ * 1. Utilities: errors, memory, files, random numbers. Library functions
+ *    record what went wrong with fail() (the file and the problem) and return
+ *    -1; only the command line (section 17) prints the message and turns it
+ *    into an exit code.
  * ======================================================================== */
 
 static char error_message[2048];
@@ -339,7 +342,20 @@ static double rng_normal(uint64_t *state) {
 }
 
 /* ===========================================================================
- * 2. Configuration and the MLKV owning-layer placement
+ * 2. Configuration and the MLKV owning-layer placement. A Config holds
+ *    GPT-NeoX's hyperparameters (HF's names in config.json) and MLKV's two:
+ *    num_key_value_heads kvH (the K/V heads of an owning layer; H / kvH query
+ *    heads share each, as in GQA) and num_key_value_layers kvL (how many
+ *    layers own K/V). config_finalize derives, for every layer l,
+ *    kv_layer_of[l], the owner whose K/V layer l attends over, and
+ *    kv_slot_of[l], that owner's number 0 .. kvL-1 among the owners: where
+ *    its K/V live in the activations and in the KV cache. The owners are
+ *    placed as the reference code places them (kv_owner_layers): layer 0,
+ *    then every L / kvL layers, rounded down, and every other layer reads
+ *    the nearest owner below it. For L = 12, kvL = 4 the owners are 0, 3, 6
+ *    and 9; layers 1 and 2 read layer 0's K/V, layers 4 and 5 layer 3's. A
+ *    config may instead give the map (mlkv_kv_layer_map, mlkv's own key), as
+ *    long as each layer reads an owner at or below it.
  * ======================================================================== */
 
 void kv_owner_layers(int n_layer, int n_kv_layer, int *owners) {
@@ -1927,7 +1943,22 @@ PARALLEL_FOR
 }
 
 /* ===========================================================================
- * 5. The model: buffers, forward, backward
+ * 5. The model: buffers, forward, backward. Pythia is GPT-NeoX: a token
+ *    embedding (no position embedding: rotary encodes positions inside
+ *    attention), L layers, a final LayerNorm and an output head of its own
+ *    (not tied to the embedding). A layer with the parallel residual
+ *    (Pythia's) computes x + attention(ln1(x)) + mlp(ln2(x)); without it,
+ *    mid = x + attention(ln1(x)), then mid + mlp(ln2(mid)). Its attention:
+ *    q from its own ln1 (rotary applied); an owning layer also projects k and
+ *    v from its own ln1 (rotary on k); every layer then attends with its q
+ *    over its owner's k and v, and the dense projection follows. That is all
+ *    MLKV changes: where k and v come from. forward_layers shows it in its
+ *    loop (owner = kv_layer_of[l]), and the backward pass runs the layers top
+ *    down, so that every reader has added its dK, dV into the owner's
+ *    buffers before the owner takes them back into its projections (worked
+ *    example in model_forward_backward). All activations sit in one
+ *    allocation listed by buffer_specs; K and V are stored once per owner
+ *    (kvL slots, not L), and the gradient scratch serves every layer in turn.
  * ======================================================================== */
 
 /* Whether layer l attends over rotated keys. The owner always does; a layer
@@ -2147,6 +2178,9 @@ static LayerActs layer_acts(Model *m, int l, int B, int T) {
     const Config *c = &m->config;
     size_t N = (size_t)B * T, C = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
     size_t qd = (size_t)c->n_head * c->head_size, kvd = (size_t)c->n_kv_head * c->head_size;
+    /* MLKV: the K/V buffers hold kvL slots, one per owner, and layer l's
+     * k, v (and their gradients) are those of its owner's slot, kv_slot_of[l]:
+     * for an owner its own, for a reader the same memory as its owner's */
     size_t kv = (size_t)c->kv_slot_of[l] * N * kvd;
     size_t kv_hidden = c->use_kv_mlp ? (size_t)c->kv_slot_of[l] * N * c->kv_intermediate_size : 0;
     Activations *a = &m->a;
@@ -2293,10 +2327,16 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
          * owns K/V); s.k_rot, s.k_pre and s.v point at that owner's slot */
         int owner = c->kv_layer_of[l];
         LayerActs s = layer_acts(m, l, B, T);
+        /* ln1 = LayerNorm(x) [N, C] */
         layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
+        /* q = ln1 Wq^T + bq [N, H*hs], each head rotated by its position */
         matmul_forward(s.q, s.ln1, lw->q_w, lw->q_b, N, C, qd);
         rotary_apply(s.q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, 1.0f);
-        if (owner == l) { /* an owning layer projects the K/V that the layers above it reuse */
+        if (owner == l) {
+            /* an owner projects the K/V that the layers above it reuse:
+             * k = ln1 Wk^T + bk, v = ln1 Wv^T + bv [N, kvH*hs] (through a hidden
+             * layer with use_key_value_mlp), k rotated; k before rotary kept
+             * too where a reader attends over it (reference-compatible mode) */
             kv_projection_forward(c, key_projection(lw), s.k_pre ? s.k_pre : s.k_rot,
                                   s.k_hidden_pre, s.k_hidden, s.ln1, N);
             kv_projection_forward(c, value_projection(lw), s.v, s.v_hidden_pre, s.v_hidden, s.ln1,
@@ -2304,9 +2344,12 @@ static int forward_layers(Model *m, const int *inputs, const int *targets, int B
             if (s.k_pre) memcpy(s.k_rot, s.k_pre, (size_t)N * kvd * sizeof(float));
             rotary_apply(s.k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, 1.0f);
         }
+        /* att_out = softmax(q k^T / sqrt(hs)) v [N, H*hs], causal, over the
+         * owner's k and v: this layer's own when it is the owner */
         const float *keys = reads_rotated_keys(c, l) ? s.k_rot : s.k_pre;
         attention_forward(s.att_out, s.lse, a->att_panels, s.q, keys, s.v,
                           attention_shape(c, B, T));
+        /* the dense projection, the residual and the MLP: next [N, C] */
         TailBuffers tail = {s.resid_mid, s.ln2, s.ln2_stats, s.fc_pre, s.fc_act, a->branch};
         layer_tail_forward(c, lw, s.x, s.att_out, &tail, s.next, N);
     }
@@ -2392,17 +2435,25 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
         /* whose K/V accumulators (s.d_k_rot, s.d_v) this layer adds into */
         int owner = c->kv_layer_of[l];
         LayerActs s = layer_acts(m, l, B, T);
+        /* back through the MLP, the residual and the dense projection:
+         * d_att_out [N, H*hs] */
         layer_tail_backward(c, lw, gw, &s, d, N);
-        /* attention: the owner's K/V gradient accumulates over its readers */
+        /* attention: dq [N, H*hs], and this layer's dK, dV added into its
+         * owner's accumulators [N, kvH*hs] */
         int rotated = reads_rotated_keys(c, l);
         attention_backward(d->d_q, rotated ? s.d_k_rot : s.d_k_pre, s.d_v, d->att_delta,
                            a->att_panels, d->d_att_out, s.q, rotated ? s.k_rot : s.k_pre, s.v,
                            s.att_out, s.lse, attention_shape(c, B, T));
+        /* q's rotary undone (rotating back is its transpose), then d_ln1 = dq Wq
+         * and dWq += dq^T ln1, dbq += sum dq; ln1 is recomputed from x and its
+         * stats (one buffer serves all layers) */
         rotary_apply(d->d_q, m->rope_cos, m->rope_sin, B, T, H, hs, rd, -1.0f);
         layernorm_forward(s.ln1, s.ln1_stats, s.x, lw->ln1_w, lw->ln1_b, N, C, c->layer_norm_eps);
         zero_floats(d->d_ln1, NC);
         matmul_backward(d->d_ln1, gw->q_w, gw->q_b, d->d_q, s.ln1, lw->q_w, N, C, qd);
-        if (owner == l) { /* all readers are done: back through rotary into the projections */
+        if (owner == l) {
+            /* all readers are done: the summed dK back through rotary, then
+             * dK, dV through the K/V projections into d_ln1 and their weights */
             rotary_apply(s.d_k_rot, m->rope_cos, m->rope_sin, B, T, kvH, hs, rd, -1.0f);
             if (s.d_k_pre) add_into(s.d_k_rot, s.d_k_rot, s.d_k_pre, (size_t)N * kvd);
             kv_projection_backward(c, key_projection(lw), key_projection(gw), d->d_ln1,
@@ -2410,19 +2461,32 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
             kv_projection_backward(c, value_projection(lw), value_projection(gw), d->d_ln1,
                                    d->d_kv_hidden, s.d_v, s.ln1, s.v_hidden_pre, s.v_hidden, N);
         }
-        if (c->parallel_residual) /* both branches read x: add their LayerNorm gradients last */
+        /* through ln1 (and ln2 with the parallel residual: both branches read
+         * x, so their LayerNorm gradients are added last) into d_residual,
+         * which becomes the gradient of this layer's input x */
+        if (c->parallel_residual)
             layernorm_backward(d->d_residual, gw->ln2_w, gw->ln2_b, d->d_ln2, s.x, lw->ln2_w,
                                s.ln2_stats, N, C);
         layernorm_backward(d->d_residual, gw->ln1_w, gw->ln1_b, d->d_ln1, s.x, lw->ln1_w,
                            s.ln1_stats, N, C);
     }
+    /* the token embedding: each position's gradient into its token's row */
     for (int n = 0; n < N && !m->freeze_embeddings; n++)
         axpy(m->g.embed_in + (size_t)m->inputs[n] * C, 1.0f, d->d_residual + (size_t)n * C, C);
     return loss;
 }
 
 /* ===========================================================================
- * 6. Generation: prefill and decoding with a KV cache of the owning layers
+ * 6. Generation: prefill and decoding with a KV cache of the owning layers.
+ *    Decoding one token at a time needs every earlier position's K and V;
+ *    MLKV's saving is that only the owners' are kept: 2 * kvL * kvH * hs
+ *    floats per token where MHA keeps 2 * L * H * hs (Pythia-160M, L = H =
+ *    12, hs = 64: 72 KiB per token in fp32; with kvL = 2 owners, a sixth of
+ *    it). An owner appends its new K/V to the cache at the token's position,
+ *    and the layers reading it read the same memory. model_cached_forward
+ *    runs model_forward's layers on the new tokens only (a prompt in chunks,
+ *    then one token per step); the tests check its logits against the full
+ *    forward pass. Then sampling: greedy, temperature, top-k, top-p.
  * ======================================================================== */
 
 /* The cache's buffers, in one table that serves allocation and bench-kv's
@@ -2600,7 +2664,12 @@ static int sample_token(const float *logits, int V, const SamplingConfig *s, uin
 }
 
 /* ===========================================================================
- * 7. AdamW, gradient clipping, the learning-rate schedule (HF Trainer's)
+ * 7. AdamW, gradient clipping, the learning-rate schedule, as HF Trainer
+ *    runs them in the reference's uptraining: linear warmup, then cosine (or
+ *    linear, or constant) decay; gradients clipped to a global norm; AdamW
+ *    with decoupled weight decay on the weight matrices only (the parameter
+ *    table's `decayed`). train_step is one optimizer step: grad_accum
+ *    forward and backward passes, then the update.
  * ======================================================================== */
 
 double lr_at_step(const OptimConfig *o, int step) {
@@ -2914,7 +2983,12 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
  * ######################################################################## */
 
 /* ===========================================================================
- * 9. The training loop
+ * 9. The training loop: the reference's recipe as defaults
+ *    (train_defaults), the set-up or resume (training_prepare), the plan
+ *    printed, then the steps: batches from the loader, train_step, a line to
+ *    stdout and DIR.log.csv, validation every --eval-every steps, and
+ *    checkpoints. SIGINT, SIGTERM or --max-time end the run after the
+ *    current step with a checkpoint, and --resume continues it bit for bit.
  * ======================================================================== */
 
 /* Helpers of the file formats below (sections 12 and 14) that the training
@@ -4030,7 +4104,13 @@ int config_save(const Config *c, const char *extra, int stock, const char *path)
 }
 
 /* ===========================================================================
- * 12. safetensors and checkpoints
+ * 12. safetensors and checkpoints: safetensors read (an 8-byte header
+ *     length, a JSON header, the data; F32, F16 and BF16 read as float) and
+ *     written; PyTorch's pytorch_model.bin (a zip holding a pickle) read by
+ *     a small unpickler that builds tensors and refuses anything else; a
+ *     model folder loaded whole (one file or shards, HF's fused
+ *     query_key_value split per head); and mlkv's checkpoint folders,
+ *     written in full beside the old one and then swapped in by renames.
  * ======================================================================== */
 
 static size_t dtype_size(const char *dtype) {
@@ -6126,7 +6206,10 @@ static int demo_corpus(const char *path, size_t n_tokens, uint64_t seed) {
 }
 
 /* ===========================================================================
- * 17. The command line
+ * 17. The command line: one cmd_* function per command, each with --help;
+ *     flags from a table (parse_flags), their ranges checked. Exit codes: 0
+ *     done, 1 an error (its message on stderr), 2 a usage error, 128 + N
+ *     stopped by signal N with a checkpoint saved.
  * ======================================================================== */
 
 typedef enum { FLAG_INT, FLAG_DOUBLE, FLAG_STRING, FLAG_SWITCH, FLAG_U64, FLAG_CHOICE } FlagKind;
