@@ -1164,13 +1164,14 @@ PARALLEL_FOR
     }
 }
 
-void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
-          size_t b_row, size_t b_col, float *c, int accumulate, const float *bias) {
-    int bf16 = gemm_precision == PRECISION_BF16;
-    if (!bf16 && M <= THIN_ROWS && a_col == 1 && b_row == 1) {
-        gemm_thin(M, N, K, a, a_row, b, b_col, c, accumulate, bias);
-        return;
-    }
+/* How gemm() cuts a product into blocks: panels of mr rows of A and nr
+ * columns of B, a thread's task of task_rows rows, slices of k_slice of K,
+ * and blocks of mc_block rows and nc_block columns packed at once. */
+typedef struct {
+    int mr, nr, task_rows, a_in_place, k_slice, mc_block, nc_block;
+} GemmPlan;
+
+static GemmPlan gemm_plan(int M, int N, int K, size_t a_col, int bf16) {
     int mr = bf16 ? BF16_TILE : GEMM_MR, nr = bf16 ? BF16_TILE : GEMM_NR;
     int task_rows = bf16 ? 2 * BF16_TILE : GEMM_TASK_ROWS;
     /* fp32: A is read in place when its rows are contiguous (a_col = 1:
@@ -1203,6 +1204,19 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
     int nc_block = kc_capacity * GEMM_NC / k_alloc / nr * nr;
     mc_block = mc_block < GEMM_MC ? mc_block : GEMM_MC;
     nc_block = nc_block < GEMM_NC ? nc_block : GEMM_NC;
+    return (GemmPlan){mr, nr, task_rows, a_in_place, k_slice, mc_block, nc_block};
+}
+
+void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
+          size_t b_row, size_t b_col, float *c, int accumulate, const float *bias) {
+    int bf16 = gemm_precision == PRECISION_BF16;
+    if (!bf16 && M <= THIN_ROWS && a_col == 1 && b_row == 1) {
+        gemm_thin(M, N, K, a, a_row, b, b_col, c, accumulate, bias);
+        return;
+    }
+    GemmPlan plan = gemm_plan(M, N, K, a_col, bf16);
+    int mr = plan.mr, nr = plan.nr, task_rows = plan.task_rows, a_in_place = plan.a_in_place;
+    int k_slice = plan.k_slice, mc_block = plan.mc_block, nc_block = plan.nc_block;
     /* one parallel region for the whole product: every thread walks the same
      * blocks, and the implicit barriers of the two loops keep packing and
      * multiplying apart */
