@@ -3366,6 +3366,18 @@ static int log_step(FILE *log, const char *log_path, int printed, const TrainArg
     return 0;
 }
 
+/* The checkpoint after `step` steps: the model, the AdamW moments and the
+ * run's position (optimizer.safetensors' metadata, which a resume checks),
+ * with the tokenizer files of the folder the run started from. */
+static int save_training(const TrainArgs *t, const Model *model, int step, const DataLoader *loader,
+                         size_t train_tokens) {
+    StrBuf meta = {0};
+    optimizer_metadata(&meta, t, step, loader, train_tokens);
+    int rc = checkpoint_save(model, t->out_dir, meta.s, t->resume ? t->out_dir : t->model_dir, 0);
+    free(meta.s);
+    return rc;
+}
+
 /* Trains as t says; 0, or -1 with the error recorded. A stop by --max-time or a
  * signal saves a checkpoint and returns 0 with t->finished < t->steps and
  * t->stopped_by the signal (0 for --max-time). */
@@ -3442,14 +3454,8 @@ static int run_training(TrainArgs *t) {
         if (log_step(log, log_path, printed, t, step, loss, norm, tokens_per_step / dt, eta,
                      val_loss) != 0)
             goto done;
-        if ((t->save_every > 0 && done_steps % t->save_every == 0) || is_last) {
-            StrBuf meta = {0};
-            optimizer_metadata(&meta, t, done_steps, &loader, train.n_tokens);
-            int saved = checkpoint_save(&model, t->out_dir, meta.s,
-                                        t->resume ? t->out_dir : t->model_dir, 0);
-            free(meta.s);
-            if (saved != 0) goto done;
-        }
+        if ((t->save_every > 0 && done_steps % t->save_every == 0) || is_last)
+            if (save_training(t, &model, done_steps, &loader, train.n_tokens) != 0) goto done;
     }
     t->finished = finished;
     /* resumed at its last step (make demo run again): nothing was trained or saved */
