@@ -89,7 +89,7 @@ fuzz:
 # Training speed as a fraction of this machine's measured fp32 peak (dev/bench.c)
 bench: build/bench
 	./build/bench
-build/bench: dev/bench.c mlkv.c mlkv.h
+build/bench: dev/bench.c dev/linear.h mlkv.c mlkv.h
 	@mkdir -p build
 	$(CC) $(CFLAGS) $(WARN) $(OMPFLAGS) -DMLKV_NO_MAIN -o $@ dev/bench.c mlkv.c -lm
 

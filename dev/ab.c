@@ -16,6 +16,7 @@
  * ratios (time A / time B: above 1, B is faster) and both final losses.
  */
 #include "../mlkv.h"
+#include "linear.h"
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,55 +133,44 @@ static int ab_attention(const char *path_a, const char *path_b, int B, int T, in
     return 0;
 }
 
-typedef void (*Gemm)(int, int, int, const float *, size_t, size_t, const float *, size_t, size_t, float *, int,
-                     const float *);
 
 /* GEMM: the products of make bench's GEMM table (forward, input gradient,
  * weight gradient of each Linear shape of Pythia-160M, B*T = `rows`), each
  * timed `pairs` times in both builds alternately; the median ratio per product */
 static int ab_gemm(const char *path_a, const char *path_b, int rows, int pairs, const char *precision) {
-    struct { const char *name; int OC, IC, N; } shapes[] = {
-        {"QKV", 768, 768, rows}, {"attention output", 768, 768, rows}, {"MLP in", 3072, 768, rows},
-        {"MLP out", 768, 3072, rows}, {"LM head (512 rows)", 50304, 768, 512},
-    };
-    Gemm gemm[2];
+    LinearShape shapes[LINEAR_SHAPES];
+    int n_shapes = linear_shapes(rows, shapes);
+    GemmFunction gemm[2];
     const char *path[2] = {path_a, path_b};
     for (int v = 0; v < 2; v++) {
         void *lib = dlopen(path[v], RTLD_NOW | RTLD_LOCAL);
         if (!lib) { fprintf(stderr, "ab: %s\n", dlerror()); return 1; }
-        gemm[v] = (Gemm)dlsym(lib, "gemm");
+        gemm[v] = (GemmFunction)dlsym(lib, "gemm");
         int (*set_precision)(Precision, int) = (int (*)(Precision, int))dlsym(lib, "gemm_set_precision");
         if (!gemm[v] || !set_precision) { fprintf(stderr, "ab: %s lacks mlkv's gemm\n", path[v]); return 1; }
         set_precision(strcmp(precision, "bf16") == 0 ? PRECISION_BF16 : PRECISION_FP32, 1);
     }
     printf("GEMM, %s: GFLOP/s A, B (medians), speed of B over A (median of %d pairs)\n", precision, pairs);
-    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+    for (int s = 0; s < n_shapes; s++) {
         int OC = shapes[s].OC, IC = shapes[s].IC, N = shapes[s].N;
-        float *x = malloc(sizeof(float) * N * IC), *w = malloc(sizeof(float) * OC * IC);
-        float *y = malloc(sizeof(float) * N * OC), *dx = calloc((size_t)N * IC, 4), *dw = calloc((size_t)OC * IC, 4);
-        if (!x || !w || !y || !dx || !dw) { fprintf(stderr, "ab: out of memory\n"); return 1; }
-        for (size_t i = 0; i < (size_t)N * IC; i++) x[i] = (float)(i % 13) * 0.01f;
-        for (size_t i = 0; i < (size_t)OC * IC; i++) w[i] = (float)(i % 7) * 0.01f;
-        for (size_t i = 0; i < (size_t)N * OC; i++) y[i] = (float)(i % 5) * 0.01f;
-        const char *kinds[3] = {"forward", "input gradient", "weight gradient"};
+        LinearOperands o;
+        if (linear_operands(shapes[s], &o) != 0) { fprintf(stderr, "ab: out of memory\n"); return 1; }
         for (int kind = 0; kind < 3; kind++) {
             double t[2][MAX_PAIRS], ratio[MAX_PAIRS];
             for (int p = -1; p < pairs; p++)
                 for (int turn = 0; turn < 2; turn++) {
                     int v = p % 2 ? 1 - turn : turn;
                     double t0 = now();
-                    if (kind == 0) gemm[v](N, OC, IC, x, IC, 1, w, 1, IC, y, 0, NULL);
-                    else if (kind == 1) gemm[v](N, IC, OC, y, OC, 1, w, IC, 1, dx, 1, NULL);
-                    else gemm[v](OC, IC, N, y, 1, OC, x, IC, 1, dw, 1, NULL);
+                    linear_product(gemm[v], kind, shapes[s], &o);
                     if (p >= 0) t[v][p] = now() - t0;
                 }
             for (int p = 0; p < pairs; p++) ratio[p] = t[0][p] / t[1][p];
             double flop = 2.0 * N * OC * IC / 1e9;
-            printf("  %s, %s: %.0f %.0f  %.3f\n", shapes[s].name, kinds[kind], flop / median_of(t[0], pairs),
+            printf("  %s, %s: %.0f %.0f  %.3f\n", shapes[s].name, linear_products[kind], flop / median_of(t[0], pairs),
                    flop / median_of(t[1], pairs), median_of(ratio, pairs));
             fflush(stdout);
         }
-        free(x); free(w); free(y); free(dx); free(dw);
+        linear_free(&o);
     }
     return 0;
 }

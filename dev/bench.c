@@ -21,6 +21,7 @@
  * usage: build/bench [--threads N] [--steps N] [--quick | --gemm | --attention] [--case MODEL:BxT[:bf16] ...]
  */
 #include "../mlkv.h"
+#include "linear.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,24 +98,15 @@ static double peak_next_to_it(void) { return fma_peak(2000000, 1); }
 
 /* --- 2. GEMM shapes: a Linear layer out[N, OC] = inp[N, IC] W[OC, IC]^T */
 static void bench_gemm(double peak) {
-    struct { const char *name; int OC, IC, N; } shapes[] = {
-        {"QKV (each of q, k, v)", 768, 768, 2048},  {"attention output", 768, 768, 2048},
-        {"MLP in", 3072, 768, 2048},                {"MLP out", 768, 3072, 2048},
-        {"MLP in, MLKV-2", 3830, 768, 2048},        {"MLP out, MLKV-2", 768, 3830, 2048},
-        {"LM head, one chunk of 512 rows", 50304, 768, 512},
-    };
+    LinearShape shapes[LINEAR_SHAPES];
+    int n_shapes = linear_shapes(2048, shapes);
     printf("\nGEMM shapes of a Pythia-160M step, B*T = 2048 rows (best of 7, after one warm-up)\n");
     printf("| product | shape (M x N x K) | fp32 GFLOP/s | of the run's peak | of the peak next to it | bf16 GFLOP/s |\n"
            "|---|---|---|---|---|---|\n");
-    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+    for (int s = 0; s < n_shapes; s++) {
         int OC = shapes[s].OC, IC = shapes[s].IC, N = shapes[s].N;
-        float *x = malloc(sizeof(float) * N * IC), *w = malloc(sizeof(float) * OC * IC);
-        float *y = malloc(sizeof(float) * N * OC), *dx = calloc((size_t)N * IC, 4), *dw = calloc((size_t)OC * IC, 4);
-        if (!x || !w || !y || !dx || !dw) { fprintf(stderr, "bench: out of memory\n"); exit(1); }
-        for (size_t i = 0; i < (size_t)N * IC; i++) x[i] = (float)(i % 13) * 0.01f;
-        for (size_t i = 0; i < (size_t)OC * IC; i++) w[i] = (float)(i % 7) * 0.01f;
-        for (size_t i = 0; i < (size_t)N * OC; i++) y[i] = (float)(i % 5) * 0.01f;
-        const char *kinds[3] = {"forward", "input gradient", "weight gradient"};
+        LinearOperands o;
+        if (linear_operands(shapes[s], &o) != 0) { fprintf(stderr, "bench: out of memory\n"); exit(1); }
         for (int kind = 0; kind < 3; kind++) {
             double gf[2], local_peak = 0;
             for (int bf16 = 0; bf16 <= 1; bf16++) {
@@ -122,9 +114,7 @@ static void bench_gemm(double peak) {
                 double best = 1e30;
                 for (int rep = 0; rep < 8; rep++) {
                     double t0 = now();
-                    if (kind == 0) gemm(N, OC, IC, x, IC, 1, w, 1, IC, y, 0, NULL);
-                    else if (kind == 1) gemm(N, IC, OC, y, OC, 1, w, IC, 1, dx, 1, NULL);
-                    else gemm(OC, IC, N, y, 1, OC, x, IC, 1, dw, 1, NULL);
+                    linear_product(gemm, kind, shapes[s], &o);
                     double t = now() - t0;
                     if (rep > 0 && t < best) best = t;
                     if (rep > 0 && !bf16) {
@@ -136,11 +126,11 @@ static void bench_gemm(double peak) {
             }
             gemm_set_precision(PRECISION_FP32, 1);
             int M = kind == 2 ? OC : N, NN = kind == 1 || kind == 2 ? IC : OC, K = kind == 0 ? IC : kind == 1 ? OC : N;
-            printf("| %s, %s | %d x %d x %d | %.0f | %.2f | %.2f | %.0f |\n", shapes[s].name, kinds[kind], M, NN, K,
+            printf("| %s, %s | %d x %d x %d | %.0f | %.2f | %.2f | %.0f |\n", shapes[s].name, linear_products[kind], M, NN, K,
                    gf[0], gf[0] / peak, gf[0] / local_peak, gf[1]);
             fflush(stdout);
         }
-        free(x); free(w); free(y); free(dx); free(dw);
+        linear_free(&o);
     }
 }
 
