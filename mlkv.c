@@ -6906,15 +6906,10 @@ static int cmd_sample(int argc, char **argv) {
     int chunk = P > 0 ? P : 1; /* the whole prompt in one pass */
     /* Never an id the tokenizer lacks (Pythia pads its embedding to 50304
      * rows for 50277 tokens) */
-    Samples g = {.batch = batch,
-                 .n_new = n_new,
-                 .sc = sc,
-                 .seed = seed,
-                 .stop = stop,
-                 .vocab = have_tokenizer && tok.n_ids < c->vocab_size ? tok.n_ids : c->vocab_size,
-                 .eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1,
-                 .tok = have_tokenizer ? &tok : NULL,
-                 .text_cap = (size_t)n_new * 16 + 16};
+    Samples g = {.batch = batch, .n_new = n_new, .sc = sc, .seed = seed, .stop = stop,
+        .vocab = have_tokenizer && tok.n_ids < c->vocab_size ? tok.n_ids : c->vocab_size,
+        .eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1, .tok = have_tokenizer ? &tok : NULL,
+        .text_cap = (size_t)n_new * 16 + 16};
     if (rc == 0) rc = kv_cache_init(&cache, &m, batch, P + n_new, chunk, 0);
     if (rc == 0 &&
         (!(g.step = alloc_zeroed((size_t)batch * chunk, sizeof(int), "the batch")) ||
@@ -7828,14 +7823,10 @@ static int experiment_decode(const char *model_dir, ExperimentRow *r, int thread
     if (model_load(&m, model_dir) != 0) return -1;
     if (make_path(csv_path, r->dir, "/decode.csv") != 0) { model_free(&m); return -1; }
     int window = m.config.max_position_embeddings;
-    BenchOptions o = {.decode = window < 64 ? window / 4 : 16,
-                      .threads = threads,
-                      .batches = experiment_batches,
-                      .n_batches = EXPERIMENT_BATCHES,
-                      .mem_limit = 0.8 * physical_memory_bytes(),
-                      .time_limit = 1e9,
-                      .decode_rates = r->decode,
-                      .memory_bytes = r->memory};
+    BenchOptions o = {.decode = window < 64 ? window / 4 : 16, .threads = threads,
+        .batches = experiment_batches, .n_batches = EXPERIMENT_BATCHES,
+        .mem_limit = 0.8 * physical_memory_bytes(), .time_limit = 1e9, .decode_rates = r->decode,
+        .memory_bytes = r->memory};
     o.prefill = window / 2 < 512 ? window / 2 : 512;
     if (o.decode < 1) o.decode = 1;
     int rc = 0;
@@ -8366,20 +8357,10 @@ static int cmd_demo(int argc, char **argv) {
      * 8 learned the recall far more slowly). With 16-dim heads, Pythia's
      * rotary_pct 0.25 would leave 2 rotary frequencies, too little position
      * signal to find the first statement of a fact; the demo rotates whole heads. */
-    Config c = {.vocab_size = 64,
-                .hidden_size = 192,
-                .n_layer = 12,
-                .n_head = 12,
-                .intermediate_size = 768,
-                .max_position_embeddings = 128,
-                .n_kv_head = 12,
-                .n_kv_layer = 12,
-                .rotary_pct = 1.0,
-                .rotary_base = 10000,
-                .layer_norm_eps = 1e-5,
-                .initializer_range = 0.02,
-                .parallel_residual = 1,
-                .shared_key_rotary = 1};
+    Config c = {.vocab_size = 64, .hidden_size = 192, .n_layer = 12, .n_head = 12,
+        .intermediate_size = 768, .max_position_embeddings = 128, .n_kv_head = 12, .n_kv_layer = 12,
+        .rotary_pct = 1.0, .rotary_base = 10000, .layer_norm_eps = 1e-5, .initializer_range = 0.02,
+        .parallel_residual = 1, .shared_key_rotary = 1};
     printf("demo: writing the corpus to %s (train 1M tokens, "
            "val 50k; %d words) and 200 recall probes to %s\n", out, DEMO_WORDS, probes);
     if (mkdir(out, 0755) != 0 && errno != EEXIST)

@@ -182,15 +182,11 @@ static void test_fixture(const char *name, const char *ref_name, FixtureErrors *
     /* S optimizer steps from the initial parameters */
     Model fresh;
     CHECK(model_load(&fresh, dir) == 0 && model_prepare(&fresh, B, T, 1) == 0, "%s: reload", name);
-    OptimConfig o = {.lr = meta_number(&ref, "lr"),
-                     .beta1 = meta_number(&ref, "beta1"),
-                     .beta2 = meta_number(&ref, "beta2"),
-                     .eps = meta_number(&ref, "eps"),
-                     .weight_decay = meta_number(&ref, "weight_decay"),
-                     .clip = meta_number(&ref, "clip"),
-                     .warmup_steps = (int)meta_number(&ref, "warmup_steps"),
-                     .total_steps = S,
-                     .schedule = SCHEDULE_COSINE};
+    OptimConfig o = {.lr = meta_number(&ref, "lr"), .beta1 = meta_number(&ref, "beta1"),
+        .beta2 = meta_number(&ref, "beta2"), .eps = meta_number(&ref, "eps"),
+        .weight_decay = meta_number(&ref, "weight_decay"), .clip = meta_number(&ref, "clip"),
+        .warmup_steps = (int)meta_number(&ref, "warmup_steps"), .total_steps = S,
+        .schedule = SCHEDULE_COSINE};
     float *ref_losses = read_tensor(&ref, "losses", 1, &S, S),
           *ref_norms = read_tensor(&ref, "norms", 1, &S, S);
     float *initial = malloc(fresh.num_parameters * sizeof(float));
@@ -588,17 +584,9 @@ static void test_owner_placement(void) {
         for (int i = 0; i < cases[c].kvL; i++) same &= owners[i] == cases[c].owners[i];
         CHECK(same, "owners of L=%d kvL=%d", cases[c].L, cases[c].kvL);
     }
-    Config cfg = {.vocab_size = 8,
-                  .hidden_size = 8,
-                  .n_layer = 12,
-                  .n_head = 2,
-                  .intermediate_size = 8,
-                  .max_position_embeddings = 8,
-                  .n_kv_head = 1,
-                  .n_kv_layer = 4,
-                  .rotary_pct = 0.5,
-                  .rotary_base = 10000,
-                  .layer_norm_eps = 1e-5};
+    Config cfg = {.vocab_size = 8, .hidden_size = 8, .n_layer = 12, .n_head = 2,
+        .intermediate_size = 8, .max_position_embeddings = 8, .n_kv_head = 1, .n_kv_layer = 4,
+        .rotary_pct = 0.5, .rotary_base = 10000, .layer_norm_eps = 1e-5};
     CHECK(config_finalize(&cfg, "test") == 0, "finalize: %s", mlkv_error());
     int want[12] = {0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9};
     for (int l = 0; l < 12; l++)
