@@ -17,6 +17,24 @@
  *                            (< 1e-5 of the largest) amplified ~100x. Key-bias
  *                            components with a zero true gradient are
  *                            excluded (see is_key_bias).
+ *
+ * What the tests state, in main()'s order:
+ *   - the model equals PyTorch's GPT-NeoX / MLKV on every fixture (MHA, GQA,
+ *     MQA, MLKV placements, KV-MLP, a layer map, the reference-compatible
+ *     rotary), the reference's pytorch_model.bin checkpoints too;
+ *   - the fast kernels equal the naive references of mlkv.c (gemm_naive,
+ *     attention_*_naive), and the gradient equals finite differences;
+ *   - decoding over the KV cache equals the full forward pass, and the cache
+ *     holds 2 * kvL * kvH * hs floats per token;
+ *   - MLKV's properties: the owner placement of the reference code, each
+ *     layer reading an owner at or below it, K/V parameters in owners only,
+ *     an owner's K/V gradient the sum of its readers';
+ *   - the converter equals an independent PyTorch statement of the
+ *     reference's conversion; the tokenizer equals HF tokenizers; evaluation
+ *     equals HF transformers' scores with lm-evaluation-harness's requests
+ *     and aggregations;
+ *   - the command line: resume bit for bit, graceful stops, and every bad
+ *     input refused with a message naming the file and the problem.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
