@@ -2588,11 +2588,17 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
                 *sin_t = c->rope_sin + (size_t)pos0 * half;
     for (int l = 0; l < cf->n_layer; l++) {
         const LayerWeights *lw = &m->w.layer[l];
+        /* MLKV: the cache has one slot per owner, [B, kvH, max_T, hs] for K
+         * and for V; layer l reads its owner's, kv_slot_of[l] */
         size_t slot = (size_t)cf->kv_slot_of[l] * B * kvH * c->max_T * hs;
+        /* ln1 and q of the new tokens [N, C], rotated by their positions pos0.. */
         layernorm_forward(c->ln, c->stats, c->x, lw->ln1_w, lw->ln1_b, N, C, cf->layer_norm_eps);
         matmul_forward(c->q, c->ln, lw->q_w, lw->q_b, N, C, H * hs);
         rotary_apply(c->q, cos_t, sin_t, B, n, H, hs, rd, 1.0f);
-        if (cf->kv_layer_of[l] == l) { /* an owner appends its new K/V to the cache */
+        if (cf->kv_layer_of[l] == l) {
+            /* an owner projects the new tokens' K/V [N, kvH*hs] and appends
+             * them to its slot at positions pos0 .. pos0+n-1; a reader adds
+             * nothing to the cache */
             kv_projection_forward(cf, key_projection(lw), c->k_new, c->kv_hidden_pre, c->kv_hidden,
                                   c->ln, N);
             kv_projection_forward(cf, value_projection(lw), c->v_new, c->kv_hidden_pre,
@@ -2611,9 +2617,11 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
         /* the reference-compatible cache holds un-rotated keys: the owner rotates
          * them as it reads, the layers sharing them read them as they are */
         int rotate_on_read = !cf->shared_key_rotary && cf->kv_layer_of[l] == l;
+        /* the new queries over every cached position up to their own */
         attention_cached(c->att, c->q, c->k + slot, c->v + slot, attention_shape(cf, B, n), pos0,
                          c->max_T, rotate_on_read ? c->rope_cos : NULL,
                          rotate_on_read ? c->rope_sin : NULL, rd);
+        /* the rest of the layer, updating the residual stream c->x in place */
         TailBuffers tail = {c->mid, c->ln, c->stats, c->fc_pre, c->fc_act, c->branch};
         layer_tail_forward(cf, lw, c->x, c->att, &tail, c->x, N);
     }
