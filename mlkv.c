@@ -6794,6 +6794,52 @@ typedef struct {
     double prefill_seconds, decode_seconds;
 } Samples;
 
+/* The buffers of g (its sizes already set) for prompts of up to `chunk`
+ * tokens and a vocabulary of vocab_size rows. 0, or -1 (free with
+ * samples_free either way). */
+static int samples_alloc(Samples *g, int chunk, int vocab_size) {
+    size_t batch = (size_t)g->batch;
+    if (!(g->step = alloc_zeroed(batch * chunk, sizeof(int), "the batch")) ||
+        !(g->scratch = alloc_zeroed((size_t)vocab_size, sizeof(Candidate), "sampling")) ||
+        !(g->rng = alloc_zeroed(batch, sizeof(uint64_t), "sampling")) ||
+        !(g->tokens = alloc_zeroed(batch, sizeof(int *), "the samples")) ||
+        !(g->length = alloc_zeroed(batch, sizeof(int), "the samples")) ||
+        !(g->text_len = alloc_zeroed(batch, sizeof(size_t), "the samples")) ||
+        (g->tok && !(g->text = alloc_zeroed(batch * g->text_cap, 1, "the samples"))))
+        return -1;
+    for (size_t b = 0; b < batch; b++)
+        if (!(g->tokens[b] = alloc_zeroed((size_t)g->n_new, sizeof(int), "the samples"))) return -1;
+    return 0;
+}
+
+static void samples_free(Samples *g) {
+    for (int b = 0; g->tokens && b < g->batch; b++) free(g->tokens[b]);
+    free(g->tokens);
+    free(g->rng);
+    free(g->step);
+    free(g->scratch);
+    free(g->length);
+    free(g->text);
+    free(g->text_len);
+}
+
+/* The prompt into ids (room of them): --prompt encoded (tok not NULL) or
+ * --prompt-ids parsed; when that gives no token, a document's start,
+ * <|endoftext|>. Returns the count, or -1. */
+static int read_prompt(const char *prompt, const char *prompt_ids, const Tokenizer *tok,
+                       const Config *c, int *ids, int room) {
+    int n = 0;
+    if (prompt) n = tokenizer_encode(tok, prompt, ids, room);
+    else if (prompt_ids)
+        n = parse_int_list("--prompt-ids", "a token id", prompt_ids, ids, room, 0,
+                           c->vocab_size - 1);
+    if (n != 0) return n;
+    if (!tok || tok->eot_id < 0)
+        return fail("no prompt and no <|endoftext|> to start from: give --prompt-ids");
+    ids[0] = tok->eot_id;
+    return 1;
+}
+
 static int generate(Model *m, KVCache *cache, const int *prompt, int P, Samples *g) {
     int batch = g->batch, running = batch, printed = 0, V = m->config.vocab_size;
     size_t stop_len = g->stop ? strlen(g->stop) : 0;
@@ -6897,16 +6943,9 @@ static int cmd_sample(int argc, char **argv) {
     int room = c->max_position_embeddings;
     prompt_tokens = alloc_zeroed((size_t)room + 1, sizeof(int), "the prompt");
     if (rc == 0 && !prompt_tokens) rc = -1;
-    if (rc == 0 && prompt)
-        rc = (P = tokenizer_encode(&tok, prompt, prompt_tokens, room)) < 0 ? -1 : 0;
-    else if (rc == 0 && prompt_ids)
-        rc = (P = parse_int_list("--prompt-ids", "a token id", prompt_ids, prompt_tokens, room, 0,
-                                 c->vocab_size - 1)) < 0
-                 ? -1
-                 : 0;
-    if (rc == 0 && P == 0) { /* no prompt: start a document */
-        if (have_tokenizer && tok.eot_id >= 0) prompt_tokens[P++] = tok.eot_id;
-        else rc = fail("no prompt and no <|endoftext|> to start from: give --prompt-ids");
+    if (rc == 0) {
+        P = read_prompt(prompt, prompt_ids, have_tokenizer ? &tok : NULL, c, prompt_tokens, room);
+        rc = P < 0 ? -1 : 0;
     }
     if (rc == 0 && P + n_new > c->max_position_embeddings)
         rc = fail("%d prompt + %d new tokens exceed max_position_embeddings (%d)", P, n_new,
@@ -6919,18 +6958,7 @@ static int cmd_sample(int argc, char **argv) {
         .eos = have_tokenizer && !ignore_eos ? tok.eot_id : -1, .tok = have_tokenizer ? &tok : NULL,
         .text_cap = (size_t)n_new * 16 + 16};
     if (rc == 0) rc = kv_cache_init(&cache, &m, batch, P + n_new, chunk, 0);
-    if (rc == 0 &&
-        (!(g.step = alloc_zeroed((size_t)batch * chunk, sizeof(int), "the batch")) ||
-         !(g.scratch = alloc_zeroed((size_t)c->vocab_size, sizeof(Candidate), "sampling")) ||
-         !(g.rng = alloc_zeroed((size_t)batch, sizeof(uint64_t), "sampling")) ||
-         !(g.tokens = alloc_zeroed((size_t)batch, sizeof(int *), "the samples")) ||
-         !(g.length = alloc_zeroed((size_t)batch, sizeof(int), "the samples")) ||
-         !(g.text_len = alloc_zeroed((size_t)batch, sizeof(size_t), "the samples")) ||
-         (have_tokenizer &&
-          !(g.text = alloc_zeroed((size_t)batch * g.text_cap, 1, "the samples")))))
-        rc = -1;
-    for (int b = 0; rc == 0 && b < batch; b++)
-        if (!(g.tokens[b] = alloc_zeroed((size_t)n_new, sizeof(int), "the samples"))) rc = -1;
+    if (rc == 0) rc = samples_alloc(&g, chunk, c->vocab_size);
     if (rc == 0 && batch == 1 && have_tokenizer && prompt) { printf("%s", prompt); fflush(stdout); }
     if (rc == 0) rc = generate(&m, &cache, prompt_tokens, P, &g);
     Utf8Stream stream = {{0}, 0};
@@ -6952,15 +6980,8 @@ static int cmd_sample(int argc, char **argv) {
             batch * g.steps / fmax(g.decode_seconds, 1e-9),
             format_bytes(cache_text, sizeof(cache_text), (double)cache.cache_bytes),
             rotary_mode(c));
-    for (int b = 0; g.tokens && b < batch; b++) free(g.tokens[b]);
-    free(g.tokens);
-    free(g.rng);
-    free(g.step);
-    free(g.scratch);
+    samples_free(&g);
     free(prompt_tokens);
-    free(g.length);
-    free(g.text);
-    free(g.text_len);
     kv_cache_free(&cache);
     if (have_tokenizer) tokenizer_free(&tok);
     model_free(&m);
