@@ -7213,6 +7213,51 @@ static const char *const bench_usage =
     "  --theory         KV bytes per token and per 2048 tokens for every Pythia size\n"
     "  --threads N      OpenMP threads (all cores)\n";
 
+/* --only: the configurations to run, by exact names separated by commas
+ * (NULL: all of them). */
+static int select_entries(const char *only, const GridEntry *entries, int n_entries,
+                          int *run_entry) {
+    for (int g = 0; g < n_entries; g++) run_entry[g] = !only;
+    for (const char *p = only; p && *p;) {
+        size_t len = strcspn(p, ",");
+        int found = 0;
+        for (int g = 0; g < n_entries; g++)
+            if (strlen(entries[g].name) == len && !strncmp(entries[g].name, p, len))
+                run_entry[g] = found = 1;
+        if (!found) {
+            StrBuf names = {0};
+            for (int g = 0; g < n_entries; g++)
+                sb_printf(&names, "%s%s", g ? ", " : "", entries[g].name);
+            int rc = fail("--only: no configuration %.*s here (%s)", (int)len, p, names.s);
+            free(names.s);
+            return rc;
+        }
+        p += len + (p[len] == ',');
+    }
+    return 0;
+}
+
+/* The default CSV: beside the model folder (or config file), NAME.bench-kv.csv */
+static int bench_csv_beside(char *out, const char *model_path) {
+    char base_path[PATH_LEN];
+    snprintf(base_path, sizeof(base_path), "%s", model_path);
+    for (size_t n = strlen(base_path); n > 1 && base_path[n - 1] == '/';) base_path[--n] = '\0';
+    return make_path(out, base_path, ".bench-kv.csv");
+}
+
+/* o->csv opened at path with its header: mlkv's columns in a new file, or the
+ * reference's, appended as the reference does (the header only in a new file). */
+static int open_bench_csv(BenchOptions *o, const char *path) {
+    if (!(o->csv = fopen(path, o->reference_csv ? "a" : "w")))
+        return fail("%s: cannot create: %s", path, strerror(errno));
+    if (!o->reference_csv) fprintf(o->csv, "%s", bench_csv_header);
+    else if (ftell(o->csv) == 0)
+        fprintf(o->csv, "model_name,batch_size,sequence_length,background_memory_usage,"
+                        "model_memory_usage,memory_usage,kv_cache_mem,inference_time,"
+                        "inference_speed,is_oom\n");
+    return 0;
+}
+
 static int cmd_bench_kv(int argc, char **argv) {
     const char *dir = NULL, *config_path = NULL, *only = NULL, *csv_path = NULL;
     int grid = 0, theory = 0, prefill = 0, decode = 0;
@@ -7274,22 +7319,7 @@ static int cmd_bench_kv(int argc, char **argv) {
         config_name(entries[0].name, sizeof(entries[0].name), c.n_layer, c.n_head, c.n_kv_layer,
                     c.n_kv_head);
     }
-    for (int g = 0; g < n_entries; g++) run_entry[g] = !only;
-    for (const char *p = only; rc == 0 && p && *p;) { /* exact names, separated by commas */
-        size_t len = strcspn(p, ",");
-        int found = 0;
-        for (int g = 0; g < n_entries; g++)
-            if (strlen(entries[g].name) == len && !strncmp(entries[g].name, p, len))
-                run_entry[g] = found = 1;
-        if (!found) {
-            StrBuf names = {0};
-            for (int g = 0; g < n_entries; g++)
-                sb_printf(&names, "%s%s", g ? ", " : "", entries[g].name);
-            rc = fail("--only: no configuration %.*s here (%s)", (int)len, p, names.s);
-            free(names.s);
-        }
-        p += len + (p[len] == ',');
-    }
+    rc = select_entries(only, entries, n_entries, run_entry);
     /* small models: the prompt fits the window; the CSV lies beside the model (or config) */
     int window = c.max_position_embeddings;
     o.decode = decode ? decode : 48 < window / 2 ? 48 : window / 4 > 0 ? window / 4 : 1;
@@ -7299,24 +7329,14 @@ static int cmd_bench_kv(int argc, char **argv) {
                   o.decode, c.max_position_embeddings);
     char default_csv[PATH_LEN];
     if (rc == 0 && !csv_path) {
-        char base_path[PATH_LEN];
-        snprintf(base_path, sizeof(base_path), "%s", dir ? dir : config_path);
-        for (size_t n = strlen(base_path); n > 1 && base_path[n - 1] == '/';) base_path[--n] = '\0';
-        if ((rc = make_path(default_csv, base_path, ".bench-kv.csv")) == 0) csv_path = default_csv;
+        csv_path = default_csv;
+        rc = bench_csv_beside(default_csv, dir ? dir : config_path);
     }
+    if (rc == 0) rc = open_bench_csv(&o, csv_path);
     if (rc != 0) {
         if (dir) model_free(&base);
         return exit_code(rc);
     }
-    if (!(o.csv = fopen(csv_path, o.reference_csv ? "a" : "w"))) {
-        if (dir) model_free(&base);
-        return exit_code(fail("%s: cannot create: %s", csv_path, strerror(errno)));
-    }
-    if (!o.reference_csv) fprintf(o.csv, "%s", bench_csv_header);
-    /* appending, as the reference does: the header only in a new file */
-    else if (ftell(o.csv) == 0)
-        fprintf(o.csv, "model_name,batch_size,sequence_length,background_memory_usage,model_memory_"
-                       "usage,memory_usage,kv_cache_mem,inference_time,inference_speed,is_oom\n");
     printf("prefill %d, decode %d, %d threads, memory limit %.0f MiB\n", o.prefill, o.decode,
            o.threads, mem_mib);
     printf("%s", bench_table_header);
