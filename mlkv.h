@@ -221,7 +221,7 @@ void gemm_naive(int M, int N, int K, const float *a, size_t a_row, size_t a_col,
  * attention_panel_floats(shape, backward) floats (backward: 1 if
  * the same scratch serves attention_backward). */
 typedef struct {
-    int B, T;  /* sequences, tokens each */
+    int B, T;   /* sequences, tokens each */
     int H, kvH; /* query heads, K/V heads (each serves H / kvH query heads) */
     int hs;     /* numbers per head */
 } AttentionShape;
