@@ -7,6 +7,10 @@
  * failure, with a message naming the file or value in mlkv_error().
  * Tensors are flat row-major float arrays; shapes are given in comments as
  * [B, T, C] = batch, time (sequence position), channels.
+ * In mlkv.c's order: the model first (configuration, parameters, the model
+ * and its kernels, generation, optimization, the converter), then the
+ * machinery (evaluation, JSON, safetensors, token files, the tokenizer, the
+ * command line).
  */
 #ifndef MLKV_H
 #define MLKV_H
@@ -19,22 +23,6 @@
 #define MLKV_NAME_MAX 96
 
 const char *mlkv_error(void);
-
-/* ---------------------------------------------------------------------------
- * JSON (config.json, safetensors headers, tokenizer.json) */
-typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
-typedef struct Json {
-    JsonType type;
-    double number;        /* JSON_NUMBER, and JSON_BOOL as 0 / 1 */
-    char *string;         /* JSON_STRING: UTF-8, NUL-terminated */
-    size_t length;        /* JSON_STRING: bytes; JSON_ARRAY / JSON_OBJECT: items */
-    struct Json *items;   /* JSON_ARRAY / JSON_OBJECT values */
-    char **keys;          /* JSON_OBJECT keys, parallel to items */
-} Json;
-/* `what` names the source (a file) in error messages. */
-int json_parse(const char *text, size_t len, const char *what, Json *out);
-const Json *json_get(const Json *object, const char *key);
-void json_free(Json *j);
 
 /* ---------------------------------------------------------------------------
  * Model configuration (HF config.json of GPT-NeoX plus the two MLKV integers) */
@@ -264,49 +252,6 @@ void kv_cache_free(KVCache *c);
 const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n);
 
 /* ---------------------------------------------------------------------------
- * Evaluation: a task file of python3 tokenize.py tasks, scored zero-shot as
- * lm-evaluation-harness scores it. A task's metrics: multiple choice acc,
- * acc_norm (when the task reports it); loglikelihood (lambada) perplexity,
- * acc. stderr_ is the harness's standard error (NaN for one document). */
-typedef struct { const char *name; double value, stderr_; } Metric;
-typedef struct { char task[64]; int n_docs, n_metrics; Metric metric[2]; } TaskResult;
-/* Scores the first limit documents (0: all); lls and greedy, when not NULL,
- * get each continuation's loglikelihood and greedy flag in file order (room
- * of them at most). */
-int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls,
-                       int *greedy, size_t room);
-
-/* ---------------------------------------------------------------------------
- * safetensors: 8-byte little-endian header length N, N bytes of JSON, data */
-typedef struct {
-    char path[1024];
-    FILE *f;
-    Json header;            /* name -> {dtype, shape, data_offsets}, and __metadata__ */
-    size_t data_start, file_size;
-} SafeTensors;
-/* Opens and validates every header entry against the file size. */
-int st_open(SafeTensors *st, const char *path);
-/* Opens a pytorch_model.bin (torch.save's zip of a pickled state dict) as
- * the same index, offsets counted from the file's start; nothing in the
- * pickle is executed: opcodes and functions outside a state dict's are refused. */
-int torch_open(SafeTensors *st, const char *path);
-void st_close(SafeTensors *st);
-const Json *st_entry(const SafeTensors *st, const char *name);
-/* Reads a tensor whose shape must be exactly shape[0..ndim), converting
- * F32 / F16 / BF16 to float, or I32 / I64 to int (whichever dst is non-NULL). */
-int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst,
-            int *idst);
-const char *st_metadata(const SafeTensors *st, const char *key);
-
-typedef struct { char name[MLKV_NAME_MAX + 8]; int ndim, shape[2]; const float *data; } TensorOut;
-/* Writes F32 tensors; metadata_json: a JSON object of strings, or NULL. */
-int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json);
-/* The parameter table laid over base (parameters, gradients, moments), names prefixed. */
-typedef struct { const char *prefix; const float *base; } TensorGroup;
-int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups,
-                            const char *path, const char *metadata_json);
-
-/* ---------------------------------------------------------------------------
  * Optimization: AdamW, clipping, learning-rate schedule */
 typedef enum { SCHEDULE_COSINE, SCHEDULE_LINEAR, SCHEDULE_CONSTANT } ScheduleKind;
 typedef struct {
@@ -344,6 +289,69 @@ typedef struct {
 void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate,
                    int *kv_intermediate);
 int model_convert(const Model *mha, Model *out, const ConvertOptions *o);
+
+/* ===========================================================================
+ * The machinery around the model: evaluation, file formats, the command line
+ * ======================================================================== */
+
+/* ---------------------------------------------------------------------------
+ * Evaluation: a task file of python3 tokenize.py tasks, scored zero-shot as
+ * lm-evaluation-harness scores it. A task's metrics: multiple choice acc,
+ * acc_norm (when the task reports it); loglikelihood (lambada) perplexity,
+ * acc. stderr_ is the harness's standard error (NaN for one document). */
+typedef struct { const char *name; double value, stderr_; } Metric;
+typedef struct { char task[64]; int n_docs, n_metrics; Metric metric[2]; } TaskResult;
+/* Scores the first limit documents (0: all); lls and greedy, when not NULL,
+ * get each continuation's loglikelihood and greedy flag in file order (room
+ * of them at most). */
+int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls,
+                       int *greedy, size_t room);
+
+/* ---------------------------------------------------------------------------
+ * JSON (config.json, safetensors headers, tokenizer.json) */
+typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
+typedef struct Json {
+    JsonType type;
+    double number;        /* JSON_NUMBER, and JSON_BOOL as 0 / 1 */
+    char *string;         /* JSON_STRING: UTF-8, NUL-terminated */
+    size_t length;        /* JSON_STRING: bytes; JSON_ARRAY / JSON_OBJECT: items */
+    struct Json *items;   /* JSON_ARRAY / JSON_OBJECT values */
+    char **keys;          /* JSON_OBJECT keys, parallel to items */
+} Json;
+/* `what` names the source (a file) in error messages. */
+int json_parse(const char *text, size_t len, const char *what, Json *out);
+const Json *json_get(const Json *object, const char *key);
+void json_free(Json *j);
+
+/* ---------------------------------------------------------------------------
+ * safetensors: 8-byte little-endian header length N, N bytes of JSON, data */
+typedef struct {
+    char path[1024];
+    FILE *f;
+    Json header;            /* name -> {dtype, shape, data_offsets}, and __metadata__ */
+    size_t data_start, file_size;
+} SafeTensors;
+/* Opens and validates every header entry against the file size. */
+int st_open(SafeTensors *st, const char *path);
+/* Opens a pytorch_model.bin (torch.save's zip of a pickled state dict) as
+ * the same index, offsets counted from the file's start; nothing in the
+ * pickle is executed: opcodes and functions outside a state dict's are refused. */
+int torch_open(SafeTensors *st, const char *path);
+void st_close(SafeTensors *st);
+const Json *st_entry(const SafeTensors *st, const char *name);
+/* Reads a tensor whose shape must be exactly shape[0..ndim), converting
+ * F32 / F16 / BF16 to float, or I32 / I64 to int (whichever dst is non-NULL). */
+int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst,
+            int *idst);
+const char *st_metadata(const SafeTensors *st, const char *key);
+
+typedef struct { char name[MLKV_NAME_MAX + 8]; int ndim, shape[2]; const float *data; } TensorOut;
+/* Writes F32 tensors; metadata_json: a JSON object of strings, or NULL. */
+int safetensors_write(const char *path, const TensorOut *tensors, int n, const char *metadata_json);
+/* The parameter table laid over base (parameters, gradients, moments), names prefixed. */
+typedef struct { const char *prefix; const float *base; } TensorGroup;
+int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups,
+                            const char *path, const char *metadata_json);
 
 /* ---------------------------------------------------------------------------
  * Token files: llm.c's format, 256 int32 header (20240520, 1, count), uint16 tokens */
