@@ -381,6 +381,9 @@ static int check_size(const char *what, const char *name, int value, int max) {
     return 0;
 }
 
+/* Checks c's sizes (`what` names the config in messages) and derives what
+ * the model needs from them: head_size, rotary_ndims, and each layer's owner
+ * (kv_layer_of) and owner's slot (kv_slot_of). 0, or -1 with the reason. */
 int config_finalize(Config *c, const char *what) {
     if (check_size(what, "vocab_size", c->vocab_size, 1 << 24) ||
         check_size(what, "hidden_size", c->hidden_size, MLKV_MAX_WIDTH) ||
@@ -478,6 +481,8 @@ static void table_add(TableBuilder *tb, size_t slot, const char *name, int rows,
     tb->offset += p->numel;
 }
 
+/* The parameter table of m's config: the embedding, each layer's tensors
+ * (K/V only in owners), the final LayerNorm, the head. */
 static int build_param_table(Model *m) {
     const Config *c = &m->config;
     int C = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
@@ -552,6 +557,7 @@ static int model_allocate_params(Model *m) {
     return 0;
 }
 
+/* A model of config c with HF's GPT-NeoX initialization (what init does). */
 int model_init_random(Model *m, const Config *c, uint64_t seed) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
@@ -889,6 +895,9 @@ static void pack_panel(float *restrict dst, const float *restrict x, size_t r_st
 /* init of the products that start from zero (any number of columns up to GEMM_NC) */
 static const float zero_row[GEMM_NC];
 
+/* The micro-kernel: C[GEMM_MR, cols] = start + A[GEMM_MR, kc] B[kc, cols]
+ * (start: init in every row, or C), with A(i, k) = a[i * a_row + k * a_col]
+ * and B's rows ldb apart; the accumulators stay in registers (below). */
 static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col,
                                const float *restrict b, size_t ldb, float *restrict c, size_t ldc,
                                const float *restrict init, int cols) {
@@ -1064,6 +1073,8 @@ static int amx_available(void) {
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
 }
 
+/* Every tile register 16 rows of 64 bytes: 16 x 16 floats of C, or
+ * 16 x 32 bf16 of A and B. Per thread, before its products. */
 __attribute__((target("amx-tile"))) static void amx_configure(void) {
     TileShapes shapes;
     memset(&shapes, 0, sizeof(shapes));
@@ -1142,6 +1153,8 @@ static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, floa
  * the same bits as the packed path. */
 #define THIN_ROWS 4
 #define THIN_COLS 16
+/* C = start + A W^T for at most THIN_ROWS rows (a decoding step), w's rows
+ * w_row apart: THIN_COLS columns per task, each a dot product over K. */
 static void gemm_thin(int M, int N, int K, const float *a, size_t a_row, const float *w,
                       size_t w_row, float *c, int accumulate, const float *bias) {
     int blocks = (N + THIN_COLS - 1) / THIN_COLS;
@@ -1171,6 +1184,9 @@ typedef struct {
     int mr, nr, task_rows, a_in_place, k_slice, mc_block, nc_block;
 } GemmPlan;
 
+/* The plan of one product: bf16 packs everything into 32 x 32 tiles; fp32
+ * reads rows of A in place when they are contiguous and sizes the slices of
+ * K and the blocks to what the packed buffers hold. */
 static GemmPlan gemm_plan(int M, int N, int K, size_t a_col, int bf16) {
     int mr = bf16 ? BF16_TILE : GEMM_MR, nr = bf16 ? BF16_TILE : GEMM_NR;
     int task_rows = bf16 ? 2 * BF16_TILE : GEMM_TASK_ROWS;
@@ -1207,6 +1223,9 @@ static GemmPlan gemm_plan(int M, int N, int K, size_t a_col, int bf16) {
     return (GemmPlan){mr, nr, task_rows, a_in_place, k_slice, mc_block, nc_block};
 }
 
+/* C[M, N] = start + A B (mlkv.h states the strides): the packing of each
+ * block of A and B, then the micro-kernel over its tiles, both shared out
+ * among the threads. */
 void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
           size_t b_row, size_t b_col, float *c, int accumulate, const float *bias) {
     int bf16 = gemm_precision == PRECISION_BF16;
@@ -2092,6 +2111,8 @@ static void free_activations(Model *m) {
     m->inputs = m->targets = NULL;
 }
 
+/* Allocates the activations for B sequences of T tokens (and with_grads,
+ * the gradient scratch, the gradients and the AdamW moments). */
 int model_prepare(Model *m, int B, int T, int with_grads) {
     const Config *c = &m->config;
     if (B < 1 || T < 1) return fail("batch %d and sequence length %d must be positive", B, T);
@@ -2138,6 +2159,7 @@ int model_prepare(Model *m, int B, int T, int with_grads) {
     return 0;
 }
 
+/* train --verbose: the bytes of every buffer, from buffer_specs' table. */
 void model_print_memory(const Model *m) {
     BufferSpec acts[32], grads[32];
     int n_acts, n_grads = buffer_specs((Model *)m, m->B, m->T, m->scratch_memory != NULL, acts,
@@ -2537,6 +2559,8 @@ static int kv_cache_specs(KVCache *c, const Config *cf, int B, int max_T, int ch
     return (int)(sizeof(table) / sizeof(table[0]));
 }
 
+/* A cache for B sequences of up to max_T tokens, taking up to `chunk` new
+ * tokens per sequence a call, and its rotary tables. */
 int kv_cache_init(KVCache *c, const Model *m, int B, int max_T, int chunk, int all_logits) {
     const Config *cf = &m->config;
     BufferSpec specs[32];
@@ -2656,6 +2680,7 @@ static int candidate_order(const void *a, const void *b) {
     return x < y ? 1 : x > y ? -1 : ((const Candidate *)a)->id - ((const Candidate *)b)->id;
 }
 
+/* One token from logits [V] as s says; scratch holds V candidates. */
 static int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng,
                         Candidate *scratch) {
     int best = argmax(logits, V);
@@ -2694,6 +2719,9 @@ static int sample_token(const float *logits, int V, const SamplingConfig *s, uin
  *    forward and backward passes, then the update.
  * ======================================================================== */
 
+/* The learning rate of optimizer step `step` (from 0): a linear warmup from
+ * 0 over warmup_steps, then cosine or linear decay to 0 at total_steps, or
+ * constant. */
 double lr_at_step(const OptimConfig *o, int step) {
     int W = o->warmup_steps, S = o->total_steps;
     if (step < W) return o->lr * (double)step / (double)(W > 1 ? W : 1);
@@ -2706,6 +2734,8 @@ double lr_at_step(const OptimConfig *o, int step) {
     }
 }
 
+/* Scales all gradients so that their global L2 norm is at most `clip` (0 or
+ * less: no clipping); returns the norm before. */
 double clip_gradients(Model *m, double clip) {
     /* sum of squares in at most 1024 chunks whose bounds depend on the
      * parameter count alone, summed by all threads, then added in order: the
@@ -2772,6 +2802,8 @@ PARALLEL_FOR
     }
 }
 
+/* One optimizer step on grad_accum micro-batches of [B, T+1] tokens: the
+ * mean loss; no update when the loss or the gradient norm is not finite. */
 float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_accum, int step,
                  double *grad_norm) {
     int B = m->B, T = m->T;
@@ -2801,6 +2833,8 @@ float train_step(Model *m, const OptimConfig *o, const int *tokens, int grad_acc
  *     query_key_value per head (step 1).
  * ======================================================================== */
 
+/* How much wider the MLPs (or the KV-MLP) grow so that the converted model
+ * keeps the MHA model's parameter count, by the reference's formula. */
 void convert_sizes(const Config *mha, int kv_heads, int kv_layers, int kv_mlp, int *intermediate,
                    int *kv_intermediate) {
     long long H = mha->n_head, L = mha->n_layer, C = mha->hidden_size, hs = mha->head_size;
@@ -2968,6 +3002,9 @@ static void grow_mlps(const Model *mha, Model *out, GrowKind grow) {
     }
 }
 
+/* The conversion, step by step: the new config, the tensors kept as they
+ * are, the K/V heads pooled and the layers folded into their owners, the
+ * MLPs grown. */
 int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
     Config c;
     if (converted_config(&mha->config, o, &c) != 0) return -1;
