@@ -3590,6 +3590,8 @@ static int utf8_code_points(const char *s) {
     return n;
 }
 
+/* One document of a task file: its task and kind, the context's ids, the
+ * continuations' ids (below vocab) and the gold answer. */
 static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab) {
     const Json *task = json_get(j, "task"), *kind = json_get(j, "kind"),
                *choices = json_get(j, "choices");
@@ -4049,6 +4051,9 @@ static char *config_extra_members(const Json *j) {
     return b.s;
 }
 
+/* The Config of a parsed config.json: GPT-NeoX's keys under HF's names (and
+ * their newer spellings, partial_rotary_factor and rope_theta), MLKV's keys
+ * where present; a missing required key or a wrong type is an error. */
 static int config_from_json(Config *c, const Json *j, const char *path) {
     static const char *const pct_keys[] = {"rotary_pct", "partial_rotary_factor", NULL};
     static const char *const base_keys[] = {"rotary_emb_base", "rope_theta", NULL};
@@ -4125,6 +4130,9 @@ int config_load(Config *c, const char *path, char **extra) {
     return rc;
 }
 
+/* config.json of c: `extra` (the input's other keys, kept as they were)
+ * first, then the keys mlkv manages; stock: plain GPT-NeoX, without MLKV's
+ * keys (an MHA model, for HF transformers as it is). */
 int config_save(const Config *c, const char *extra, int stock, const char *path) {
     StrBuf b = {0};
     sb_printf(&b, "{\n%s", extra ? extra : "  \"bos_token_id\": 0,\n  \"eos_token_id\": 0,\n");
@@ -4235,6 +4243,8 @@ static int span_order(const void *a, const void *b) {
     double x = ((const Span *)a)->begin, y = ((const Span *)b)->begin;
     return x < y ? -1 : x > y;
 }
+/* No two tensors' data overlap: the spans sorted, each beginning at or after
+ * the end of the one before. */
 static int st_disjoint(const SafeTensors *st) {
     Span *spans = malloc((st->header.length + 1) * sizeof(Span));
     size_t n = 0;
@@ -4257,6 +4267,8 @@ static int st_disjoint(const SafeTensors *st) {
     return rc;
 }
 
+/* Opens a safetensors file and checks its header before any read: every
+ * tensor's dtype, shape and offsets within the data, no two overlapping. */
 int st_open(SafeTensors *st, const char *path) {
     memset(st, 0, sizeof(*st));
     snprintf(st->path, sizeof(st->path), "%s", path);
@@ -4314,6 +4326,7 @@ const char *st_metadata(const SafeTensors *st, const char *key) {
     return v && v->type == JSON_STRING ? v->string : NULL;
 }
 
+/* One tensor of the shape asked for, converted to float or int (mlkv.h). */
 int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape, float *fdst,
             int *idst) {
     const Json *e = st_entry(st, name);
@@ -4785,6 +4798,8 @@ static void zip_free(ZipEntry *e, int n) {
     free(e);
 }
 
+/* The entries of a zip archive, from its central directory (zip64 too):
+ * names, sizes, where their local headers are, whether stored. */
 static int zip_list(const char *path, FILE *f, uint64_t file_size, ZipEntry **out, int *n_out) {
     unsigned char tail[22 + 65535], rec[56];
     size_t tail_len = file_size < sizeof(tail) ? (size_t)file_size : sizeof(tail);
@@ -4981,6 +4996,8 @@ static size_t tensor_out_numel(const TensorOut *t) {
     return (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
 }
 
+/* A safetensors file of F32 tensors, its header padded to 8 bytes, every
+ * write checked (a full disk is an error naming the file). */
 int safetensors_write(const char *path, const TensorOut *tensors, int n,
                       const char *metadata_json) {
     StrBuf h = {0};
@@ -5010,6 +5027,7 @@ int safetensors_write(const char *path, const TensorOut *tensors, int n,
     return writer_close(&w);
 }
 
+/* The parameter table laid over each group's base, names prefixed. */
 int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_groups,
                             const char *path, const char *metadata_json) {
     TensorOut *list =
@@ -5152,6 +5170,9 @@ static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
     return 0;
 }
 
+/* Every parameter of m from the files of src (HF's fused query_key_value
+ * split per head where a file has it); a tensor in the files that is no
+ * parameter of this configuration is an error, but for HF's buffers. */
 static int load_params_from(Model *m, const TensorSource *src) {
     for (int i = 0; i < m->n_params; i++) {
         const ParamInfo *p = &m->params[i];
@@ -5403,6 +5424,8 @@ static int checkpoint_save(const Model *m, const char *dir, const char *optimize
 #define TOKENS_VERSION 1
 #define TOKENS_HEADER_INTS 256
 
+/* A token file checked whole: its header, its length, and every id below
+ * vocab_size. */
 int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
     memset(tf, 0, sizeof(*tf));
     size_t size;
@@ -5479,6 +5502,9 @@ static void loader_shuffle(DataLoader *dl) {
     }
 }
 
+/* Batches of B rows of T+1 tokens (inputs and their next tokens): the file
+ * cut into sequences of T tokens, each read with the token after it, in file
+ * order or shuffled each epoch from seed. */
 int loader_init(DataLoader *dl, const TokenFile *f, int B, int T, uint64_t seed, int shuffle) {
     memset(dl, 0, sizeof(*dl));
     dl->file = f;
@@ -5658,6 +5684,8 @@ static int json_unique_keys(JsonParser *ps, const Json *object) {
     return rc;
 }
 
+/* An array or object, from after its opening bracket to `close`; objects'
+ * keys must be unique; at most 64 levels deep. */
 static int json_container(JsonParser *ps, Json *out, char close) {
     size_t cap = 0;
     out->type = close == '}' ? JSON_OBJECT : JSON_ARRAY;
@@ -5922,6 +5950,9 @@ static size_t merge_text_length(const Json *m) {
     return n;
 }
 
+/* The tokenizer of a parsed tokenizer.json: each id's bytes, the merges as a
+ * hash table of ranks, the added tokens; anything but byte-level BPE without
+ * a prefix space is refused. */
 static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
     const Json *model = json_get(j, "model"), *vocab = json_get(model, "vocab"),
                *merges = json_get(model, "merges");
