@@ -4623,6 +4623,61 @@ static uint64_t read_le(const unsigned char *s, int n) {
 }
 
 /* Runs the pickle program; returns the index of its result. */
+/* GLOBAL "module\nname\n" (read from code at *at) or STACK_GLOBAL (module
+ * and name on the stack): the function, if it is one of pickle_functions; any
+ * other is refused, so nothing a file names is ever run. Its value, or -1. */
+static int pickle_global(Pickle *p, unsigned char op, const unsigned char *code, size_t len,
+                         size_t *at) {
+    char module[64] = "", name[64] = "";
+    if (op == 'c') {
+        for (int part = 0; part < 2; part++) {
+            char *dst = part ? name : module;
+            const unsigned char *nl = memchr(code + *at, '\n', len - *at);
+            if (!nl || nl - (code + *at) >= 63)
+                return fail("%s: data.pkl: malformed GLOBAL", p->path);
+            memcpy(dst, code + *at, (size_t)(nl - (code + *at)));
+            *at = (size_t)(nl - code) + 1;
+        }
+    } else {
+        int ni = pickle_pop(p), mi = ni < 0 ? -1 : pickle_pop(p);
+        if (mi < 0) return -1;
+        if (p->values[ni].kind != PK_TEXT || p->values[mi].kind != PK_TEXT)
+            return fail("%s: data.pkl: malformed STACK_GLOBAL", p->path);
+        snprintf(module, sizeof(module), "%s", p->values[mi].text);
+        snprintf(name, sizeof(name), "%s", p->values[ni].text);
+    }
+    int found = -1;
+    for (int i = 0; i < (int)(sizeof(pickle_functions) / sizeof(pickle_functions[0])); i++)
+        if (!strcmp(module, pickle_functions[i].module) && !strcmp(name, pickle_functions[i].name))
+            found = i;
+    if (found < 0)
+        return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does "
+                    "not use: refused (nothing in the file is executed)",
+                    p->path, printable(module), printable(name));
+    return pickle_new(p, PK_FUNCTION, found);
+}
+
+/* SETITEM, SETITEMS (op 's', 'u': key-value pairs into a dict), APPEND,
+ * APPENDS ('a', 'e': items into a list): one pair or item, or all since the
+ * mark, added to the container below them. 0, or -1. */
+static int pickle_add_items(Pickle *p, unsigned char op) {
+    int single = op == 's' || op == 'a', is_dict = op == 's' || op == 'u';
+    int from = single ? p->depth - (is_dict ? 2 : 1) : pickle_since_mark(p);
+    if (from < 1 || (is_dict && (p->depth - from) % 2 != 0))
+        return from < 0 ? -1 : fail("%s: data.pkl is malformed (SETITEMS)", p->path);
+    int target = p->stack[from - 1];
+    if (p->values[target].kind != (is_dict ? PK_DICT : PK_LIST))
+        return fail("%s: data.pkl: items added to a %s", p->path,
+                    is_dict ? "non-dict" : "non-list");
+    for (int i = from; i < p->depth; i++) {
+        if (p->values[p->stack[i]].kind == PK_MARK)
+            return fail("%s: data.pkl is malformed", p->path);
+        if (pickle_add_item(p, target, p->stack[i]) != 0) return -1;
+    }
+    p->depth = from;
+    return 0;
+}
+
 static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
     size_t at = 0;
 #define NEED(n) if (len - at < (size_t)(n)) return fail("%s: data.pkl is truncated", p->path)
@@ -4681,38 +4736,7 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
             v = pickle_push(p, w);
             break;
         }
-        case 'c': case 0x93: {
-            /* GLOBAL "module\nname\n", STACK_GLOBAL (module, name on the stack) */
-            char module[64] = "", name[64] = "";
-            if (op == 'c') {
-                for (int part = 0; part < 2; part++) {
-                    char *dst = part ? name : module;
-                    const unsigned char *nl = memchr(code + at, '\n', len - at);
-                    if (!nl || nl - (code + at) >= 63)
-                        return fail("%s: data.pkl: malformed GLOBAL", p->path);
-                    memcpy(dst, code + at, (size_t)(nl - (code + at)));
-                    at = (size_t)(nl - code) + 1;
-                }
-            } else {
-                int ni = pickle_pop(p), mi = ni < 0 ? -1 : pickle_pop(p);
-                if (mi < 0) return -1;
-                if (p->values[ni].kind != PK_TEXT || p->values[mi].kind != PK_TEXT)
-                    return fail("%s: data.pkl: malformed STACK_GLOBAL", p->path);
-                snprintf(module, sizeof(module), "%s", p->values[mi].text);
-                snprintf(name, sizeof(name), "%s", p->values[ni].text);
-            }
-            int found = -1;
-            for (int i = 0; i < (int)(sizeof(pickle_functions) / sizeof(pickle_functions[0])); i++)
-                if (!strcmp(module, pickle_functions[i].module) &&
-                    !strcmp(name, pickle_functions[i].name))
-                    found = i;
-            if (found < 0)
-                return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does "
-                            "not use: refused (nothing in the file is executed)",
-                            p->path, printable(module), printable(name));
-            v = pickle_push(p, pickle_new(p, PK_FUNCTION, found));
-            break;
-        }
+        case 'c': case 0x93: v = pickle_push(p, pickle_global(p, op, code, len, &at)); break;
         case 'Q': /* BINPERSID */
             if ((w = pickle_pop(p)) < 0) return -1;
             v = pickle_push(p, pickle_storage(p, w));
@@ -4739,23 +4763,7 @@ static int pickle_run(Pickle *p, const unsigned char *code, size_t len) {
                 return w < 0 ? -1
                              : fail("%s: data.pkl: BUILD of something other than a dict", p->path);
             break;
-        case 's': case 'u': case 'a': case 'e': { /* SETITEM(S), APPEND(S) */
-            int single = op == 's' || op == 'a', is_dict = op == 's' || op == 'u';
-            from = single ? p->depth - (is_dict ? 2 : 1) : pickle_since_mark(p);
-            if (from < 1 || (is_dict && (p->depth - from) % 2 != 0))
-                return from < 0 ? -1 : fail("%s: data.pkl is malformed (SETITEMS)", p->path);
-            int target = p->stack[from - 1];
-            if (p->values[target].kind != (is_dict ? PK_DICT : PK_LIST))
-                return fail("%s: data.pkl: items added to a %s", p->path,
-                            is_dict ? "non-dict" : "non-list");
-            for (int i = from; i < p->depth; i++) {
-                if (p->values[p->stack[i]].kind == PK_MARK)
-                    return fail("%s: data.pkl is malformed", p->path);
-                if (pickle_add_item(p, target, p->stack[i]) != 0) return -1;
-            }
-            p->depth = from;
-            break;
-        }
+        case 's': case 'u': case 'a': case 'e': v = pickle_add_items(p, op); break;
         case 'q': NEED(1); v = pickle_memo_put(p, code[at]); at += 1; break;
         case 'r': NEED(4); v = pickle_memo_put(p, (int64_t)read_le(code + at, 4)); at += 4; break;
         case 0x94: v = pickle_memo_put(p, p->memo_size); break; /* MEMOIZE: at the memo's length */
