@@ -5961,6 +5961,40 @@ static size_t merge_text_length(const Json *m) {
 /* The tokenizer of a parsed tokenizer.json: each id's bytes, the merges as a
  * hash table of ranks, the added tokens; anything but byte-level BPE without
  * a prefix space is refused. */
+/* The merges "left right" (or ["left", "right"]) as a hash table at most
+ * half full: (left id, right id) -> (rank, merged id); the first of two
+ * equal pairs keeps its rank. sorted: the vocabulary by text, n_vocab long. */
+static int build_merges(Tokenizer *t, const Json *merges, const VocabEntry *sorted,
+                        size_t n_vocab, const char *path) {
+    for (t->merge_capacity = 16; t->merge_capacity < 2 * merges->length + 16;)
+        t->merge_capacity *= 2;
+    t->merges = malloc(t->merge_capacity * sizeof(MergeSlot));
+    if (!t->merges) return fail("out of memory loading %s", path);
+    for (size_t i = 0; i < t->merge_capacity; i++) t->merges[i].key = UINT64_MAX;
+    for (size_t r = 0; r < merges->length; r++) {
+        size_t n = merge_text_length(&merges->items[r]);
+        char *buf = malloc(2 * n + 4), *left, *right, *both = buf + n + 2;
+        if (!buf) return fail("out of memory loading %s", path);
+        if (merge_parts(&merges->items[r], buf, &left, &right) != 0) {
+            free(buf);
+            return fail("%s: merge %zu is not a pair", path, r);
+        }
+        snprintf(both, n + 2, "%s%s", left, right);
+        int a = vocab_find(sorted, n_vocab, left), b = vocab_find(sorted, n_vocab, right);
+        int ab = vocab_find(sorted, n_vocab, both);
+        int rc = a < 0 || b < 0 || ab < 0
+                     ? fail("%s: merge %zu (%s %s) uses a token not in the vocabulary", path, r,
+                            left, right)
+                     : 0;
+        free(buf);
+        if (rc != 0) return rc;
+        MergeSlot *slot = merge_slot(t, (uint64_t)a << 32 | (uint32_t)b);
+        if (slot->key == UINT64_MAX)
+            *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
+    }
+    return 0;
+}
+
 static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
     const Json *model = json_get(j, "model"), *vocab = json_get(model, "vocab"),
                *merges = json_get(model, "merges");
@@ -6038,35 +6072,7 @@ static int tokenizer_build(Tokenizer *t, const Json *j, const char *path) {
         ch[utf8_encode(char_of[b], ch)] = '\0';
         t->byte_id[b] = vocab_find(sorted, vocab->length, ch);
     }
-    /* merges: (left id, right id) -> (rank, merged id), in a table at most half full */
-    for (t->merge_capacity = 16; t->merge_capacity < 2 * merges->length + 16;)
-        t->merge_capacity *= 2;
-    t->merges = malloc(t->merge_capacity * sizeof(MergeSlot));
-    if (!t->merges) { free(sorted); return fail("out of memory loading %s", path); }
-    for (size_t i = 0; i < t->merge_capacity; i++) t->merges[i].key = UINT64_MAX;
-    int rc = 0;
-    for (size_t r = 0; r < merges->length && rc == 0; r++) {
-        size_t n = merge_text_length(&merges->items[r]);
-        char *buf = malloc(2 * n + 4), *left, *right, *both = buf + n + 2;
-        if (!buf) { rc = fail("out of memory loading %s", path); break; }
-        if (merge_parts(&merges->items[r], buf, &left, &right) != 0) {
-            free(buf);
-            rc = fail("%s: merge %zu is not a pair", path, r);
-            break;
-        }
-        snprintf(both, n + 2, "%s%s", left, right);
-        int a = vocab_find(sorted, vocab->length, left),
-            b = vocab_find(sorted, vocab->length, right);
-        int ab = vocab_find(sorted, vocab->length, both);
-        if (a < 0 || b < 0 || ab < 0)
-            rc = fail("%s: merge %zu (%s %s) uses a token not in the vocabulary", path, r, left,
-                      right);
-        free(buf);
-        if (rc != 0) break;
-        MergeSlot *slot = merge_slot(t, (uint64_t)a << 32 | (uint32_t)b);
-        if (slot->key == UINT64_MAX)
-            *slot = (MergeSlot){(uint64_t)a << 32 | (uint32_t)b, (int)r, ab};
-    }
+    int rc = build_merges(t, merges, sorted, vocab->length, path);
     free(sorted);
     /* encoding (ASCII) starts from each byte's own token */
     for (int b = 0; rc == 0 && b < 128; b++)
