@@ -678,7 +678,7 @@ static void test_readers_add_into_owner(void) {
             dout[i] = random_value(&s, 1000.0f);
         }
         attention_forward(out, lse, panels, q, k, v, shape);
-        /* into the owner's */
+        /* adds into the owner's dk, dv */
         attention_backward(dq, dk, dv, delta, panels, dout, q, k, v, out, lse, shape);
         attention_forward_naive(out, lse, att, q, k, v, shape);
         attention_backward_naive(dq, dk_apart[reader], dv_apart[reader], dout, att, q, k, v, shape);
@@ -931,7 +931,7 @@ static void test_resume(void) {
      * still fits) */
     snprintf(a, sizeof(a), "%s/pieces/optimizer.safetensors", tmp_dir);
     size_t len;
-    /* past the length */
+    /* the step in the JSON header, searched past its 8-byte length */
     char *opt = slurp(a, &len), *at = opt && len > 8 ? strstr(opt + 8, "\"step\":\"6\"") : NULL;
     if (at) {
         at[8] = '9';
