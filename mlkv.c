@@ -691,38 +691,38 @@ void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout
     int B = shape.B, T = shape.T, H = shape.H, kvH = shape.kvH, hs = shape.hs;
     size_t q_row = (size_t)H * hs, kv_row = (size_t)kvH * hs;
     double scale = 1.0 / sqrt((double)hs);
+    /* one row's dp (T doubles on the stack: the att matrix this kernel reads
+     * holds T * T floats per head, which bounds T long before the stack) */
+    double dp[T];
     for (int b = 0; b < B; b++) {
         for (int t = 0; t < T; t++) {
             for (int h = 0; h < H; h++) {
                 size_t at = ((size_t)b * T + t) * q_row + (size_t)h * hs;
                 const float *query = q + at, *dout_t = dout + at;
+                /* key, value and their gradients s of this head: [s * kv_row + d] */
                 size_t kv_head = (size_t)b * T * kv_row + (size_t)(h / (H / kvH)) * hs;
+                const float *keys = k + kv_head, *values = v + kv_head;
+                float *dkeys = dk + kv_head, *dvalues = dv + kv_head;
                 const float *att_row = att + (((size_t)b * H + h) * T + t) * T;
 
-                /* D = sum_s att_ts dp_s */
+                /* pass 1: dp_s = dout_t . v_s, and D = sum_s att_ts dp_s */
                 double D = 0.0;
                 for (int s = 0; s <= t; s++) {
-                    double dp = 0.0;
+                    dp[s] = 0.0;
                     for (int d = 0; d < hs; d++) {
-                        dp += (double)dout_t[d] * v[kv_head + s * kv_row + d];
+                        dp[s] += (double)dout_t[d] * values[s * kv_row + d];
                     }
-                    D += att_row[s] * dp;
+                    D += att_row[s] * dp[s];
                 }
 
-                /* each key: ds, then its share of dq, dk and dv */
+                /* pass 2, each key: ds, then its share of dq, dk and dv */
                 double dq_t[MAX_HEAD_SIZE] = {0};
                 for (int s = 0; s <= t; s++) {
-                    const float *key = k + kv_head + s * kv_row;
-                    float *dkey = dk + kv_head + s * kv_row, *dvalue = dv + kv_head + s * kv_row;
-                    double dp = 0.0;
+                    double ds = att_row[s] * (dp[s] - D) * scale;
                     for (int d = 0; d < hs; d++) {
-                        dp += (double)dout_t[d] * v[kv_head + s * kv_row + d];
-                    }
-                    double ds = att_row[s] * (dp - D) * scale;
-                    for (int d = 0; d < hs; d++) {
-                        dq_t[d] += ds * key[d];
-                        dkey[d] += (float)(ds * query[d]);
-                        dvalue[d] += att_row[s] * dout_t[d];
+                        dq_t[d] += ds * keys[s * kv_row + d];
+                        dkeys[s * kv_row + d] += (float)(ds * query[d]);
+                        dvalues[s * kv_row + d] += att_row[s] * dout_t[d];
                     }
                 }
                 for (int d = 0; d < hs; d++) {
