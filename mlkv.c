@@ -3311,12 +3311,8 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
              t->seq);
         return -1;
     }
-    if (loader_init(loader, train, t->batch, t->seq, t->seed, 1) != 0) {
-        char why[sizeof(error_message)];
-        snprintf(why, sizeof(why), "%s", mlkv_error());
-        fail("%s: %s", t->train_path, why);
-        return -1;
-    }
+    if (loader_init(loader, train, t->batch, t->seq, t->seed, 1) != 0)
+        return fail_in(t->train_path);
     /* steps from the data: --epochs passes over it, or --max-tokens of it */
     int planned = t->steps == 0;
     double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)loader->n_seqs;
@@ -3336,7 +3332,7 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
         int accum = (int)floor(seqs / (MIN_PLANNED_STEPS * (double)t->batch));
         fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d sequences: too "
              "few to learn. Try %s%d, or --epochs %.0f, or give --steps",
-             t->train_path, loader->n_seqs, t->seq, t->steps, t->steps == 1 ? "" : "s", t->batch,
+             t->train_path, loader->n_seqs, t->seq, t->steps, plural(t->steps), t->batch,
              t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
              accum >= 1 ? accum : 1, ceil(MIN_PLANNED_STEPS * per_step / (double)loader->n_seqs));
         return -1;
@@ -3344,7 +3340,7 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
     if (!t->resume && t->opt.warmup_steps >= t->steps) {
         fail("warmup of %d step%s leaves none of the %d at the full learning rate (the first "
              "update uses lr 0): give --warmup-steps below %d or more --steps",
-             t->opt.warmup_steps, t->opt.warmup_steps == 1 ? "" : "s", t->steps, t->steps);
+             t->opt.warmup_steps, plural(t->opt.warmup_steps), t->steps, t->steps);
         return -1;
     }
     if (planned && !t->resume) {
