@@ -655,8 +655,9 @@ static void test_mlkv_layers(void) {
  * (by the naive attention) and added. */
 static void test_readers_add_into_owner(void) {
     AttentionShape shape = {1, 40, 4, 2, 16};
-    size_t nq = (size_t)shape.B * shape.T * shape.H * shape.hs, nkv = nq / 2,
-           stats = (size_t)shape.H * shape.T;
+    size_t nq = (size_t)shape.B * shape.T * shape.H * shape.hs;
+    size_t nkv = (size_t)shape.B * shape.T * shape.kvH * shape.hs;
+    size_t stats = (size_t)shape.B * shape.H * shape.T;
     float *k = malloc(sizeof(float) * nkv), *v = malloc(sizeof(float) * nkv);
     float *dk = calloc(nkv, sizeof(float)), *dv = calloc(nkv, sizeof(float));
     float *dk_apart[2] = {calloc(nkv, sizeof(float)), calloc(nkv, sizeof(float))};
