@@ -194,6 +194,11 @@ static int string_order(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* "dir/" and "dir" name one folder: trailing slashes dropped ("/" kept) */
+static void trim_slashes(char *path) {
+    for (size_t n = strlen(path); n > 1 && path[n - 1] == '/';) path[--n] = '\0';
+}
+
 /* "s" after a count that is not 1: "1 head", "2 heads" */
 static const char *plural(long n) { return n == 1 ? "" : "s"; }
 
@@ -6542,10 +6547,7 @@ static int finish_train_flags(TrainArgs *t, int schedule, const char *max_time, 
     if ((t->steps > 0) + (t->epochs > 0) + (t->max_tokens > 0) > 1)
         return usage_error(usage, "give one of --steps, --epochs and --max-tokens");
     if (t->epochs == 0) t->epochs = 1;
-    if (t->out_dir) { /* OUT/ and OUT name one folder */
-        size_t n = strlen(t->out_dir);
-        while (n > 1 && t->out_dir[n - 1] == '/') ((char *)t->out_dir)[--n] = '\0';
-    }
+    if (t->out_dir) trim_slashes((char *)t->out_dir); /* an argv string */
     return FLAGS_OK;
 }
 
@@ -6655,7 +6657,7 @@ static int cmd_convert(int argc, char **argv) {
     o.reference_rotary = rotary;
     char in_dir[PATH_LEN], default_out[PATH_LEN], suffix[64];
     snprintf(in_dir, sizeof(in_dir), "%s", in);
-    for (size_t n = strlen(in_dir); n > 1 && in_dir[n - 1] == '/';) in_dir[--n] = '\0';
+    trim_slashes(in_dir);
     Model mha, converted;
     if (model_load(&mha, in_dir) != 0) return exit_code(-1);
     const Config *c = &mha.config;
@@ -7319,7 +7321,7 @@ static int select_entries(const char *only, const GridEntry *entries, int n_entr
 static int bench_csv_beside(char *out, const char *model_path) {
     char base_path[PATH_LEN];
     snprintf(base_path, sizeof(base_path), "%s", model_path);
-    for (size_t n = strlen(base_path); n > 1 && base_path[n - 1] == '/';) base_path[--n] = '\0';
+    trim_slashes(base_path);
     return make_path(out, base_path, ".bench-kv.csv");
 }
 
