@@ -73,7 +73,7 @@ static double median_of(double *x, int n) {
     return (x[(n - 1) / 2] + x[n / 2]) / 2;
 }
 
-/* (both revisions must take an AttentionShape: 2026-11-27 on) */
+/* both builds must take an AttentionShape (mlkv.c from commit afd7bbe on) */
 typedef void (*AttentionForward)(float *, float *, float *, const float *, const float *, const float *,
                                  AttentionShape);
 typedef void (*AttentionBackward)(float *, float *, float *, float *, float *, const float *, const float *,

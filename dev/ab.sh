@@ -2,6 +2,7 @@
 # dev/ab.sh REV [MHA|MLKV-2|DEMO|ATTENTION[-KVH]|GEMM] [B] [T] [PAIRS] [PRECISION_A PRECISION_B]
 # Training speed of the working tree (B) against git revision REV (A), steps
 # alternated in one process (dev/ab.c says why). Defaults: MHA 8 256 6.
+# ATTENTION needs REV from afd7bbe on (the attention kernels take an AttentionShape since).
 # Example: dev/ab.sh HEAD MHA 1 2048 4
 # bf16 against fp32, both the working tree: dev/ab.sh HEAD MHA 1 2048 4 fp32 bf16
 # (A is then HEAD: commit first, or read it as the old code's fp32)
