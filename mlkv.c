@@ -4404,7 +4404,10 @@ int st_read(const SafeTensors *st, const char *name, int ndim, const int *shape,
  *   torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
  *   torch._utils._rebuild_parameter(tensor, ...)      an nn.Parameter
  *   torch.{Float,Half,BFloat16}Storage                storage types, named by
- *     the persistent id ('storage', type, KEY, location, numel) of BINPERSID
+ *     the persistent id ('storage', type, KEY, location, numel) of BINPERSID;
+ *   torch.{Bool,Byte,Char,Short,Int,Long,Double}Storage  those of the buffers
+ *     that transformers 4 saved beside the parameters (a bool or uint8 causal
+ *     mask): read so that load_params_from can check and skip them by name
  * and anything else is refused, naming it: nothing is executed. Each tensor
  * must be a contiguous view (any offset) into its storage; its bytes are then
  * one span of the file, so the result is the same index a safetensors header
@@ -4427,17 +4430,22 @@ typedef enum {
     FN_ORDERED_DICT,
     FN_REBUILD_TENSOR,
     FN_REBUILD_PARAMETER,
-    FN_STORAGE_F32,
-    FN_STORAGE_F16,
-    FN_STORAGE_BF16
+    FN_STORAGE /* the first storage type; the others follow in pickle_functions' order */
 } PickleFunction;
-static const struct { const char *module, *name;
-} pickle_functions[] = {{"collections", "OrderedDict"},
-                        {"torch._utils", "_rebuild_tensor_v2"},
-                        {"torch._utils", "_rebuild_parameter"},
-                        {"torch", "FloatStorage"},
-                        {"torch", "HalfStorage"},
-                        {"torch", "BFloat16Storage"}};
+static const struct { const char *module, *name, *dtype; /* dtype: a storage's safetensors name */
+} pickle_functions[] = {{"collections", "OrderedDict", NULL},
+                        {"torch._utils", "_rebuild_tensor_v2", NULL},
+                        {"torch._utils", "_rebuild_parameter", NULL},
+                        {"torch", "FloatStorage", "F32"},
+                        {"torch", "HalfStorage", "F16"},
+                        {"torch", "BFloat16Storage", "BF16"},
+                        {"torch", "DoubleStorage", "F64"},
+                        {"torch", "LongStorage", "I64"},
+                        {"torch", "IntStorage", "I32"},
+                        {"torch", "ShortStorage", "I16"},
+                        {"torch", "CharStorage", "I8"},
+                        {"torch", "ByteStorage", "U8"},
+                        {"torch", "BoolStorage", "BOOL"}};
 
 typedef struct {
     PickleKind kind;
@@ -4580,22 +4588,18 @@ static int pickle_reduce(Pickle *p, int function, int args) {
 
 /* BINPERSID ('storage', type, key, location, numel): one storage of the archive */
 static int pickle_storage(Pickle *p, int pid) {
-    static const char *const dtypes[] = {
-        [FN_STORAGE_F32] = "F32", [FN_STORAGE_F16] = "F16", [FN_STORAGE_BF16] = "BF16"};
     const PickleValue *t = &p->values[pid];
     if (t->kind != PK_TUPLE || t->n_items != 5 || p->values[t->items[0]].kind != PK_TEXT ||
         strcmp(p->values[t->items[0]].text, "storage") != 0 ||
         p->values[t->items[1]].kind != PK_FUNCTION ||
-        p->values[t->items[1]].number < FN_STORAGE_F32 || p->values[t->items[2]].kind != PK_TEXT ||
+        p->values[t->items[1]].number < FN_STORAGE || p->values[t->items[2]].kind != PK_TEXT ||
         !pickle_is_int(p, t->items[4]) || p->values[t->items[4]].number < 0)
-        return fail(
-            "%s: data.pkl: a persistent id that is not a float32, float16 or bfloat16 storage",
-            p->path);
+        return fail("%s: data.pkl: a persistent id that is not a storage of tensors", p->path);
     int s = pickle_new(p, PK_STORAGE, p->values[t->items[4]].number);
     if (s < 0) return -1;
     t = &p->values[pid]; /* pickle_new may have moved the values */
     p->values[s].text = p->values[t->items[2]].text;
-    p->values[s].dtype = dtypes[p->values[t->items[1]].number];
+    p->values[s].dtype = pickle_functions[p->values[t->items[1]].number].dtype;
     return s;
 }
 
@@ -4652,7 +4656,7 @@ static int pickle_global(Pickle *p, unsigned char op, const unsigned char *code,
         if (!strcmp(module, pickle_functions[i].module) && !strcmp(name, pickle_functions[i].name))
             found = i;
     if (found < 0)
-        return fail("%s: data.pkl names %s.%s, which a state dict of float tensors does "
+        return fail("%s: data.pkl names %s.%s, which a state dict of tensors does "
                     "not use: refused (nothing in the file is executed)",
                     p->path, printable(module), printable(name));
     return pickle_new(p, PK_FUNCTION, found);
@@ -5057,16 +5061,51 @@ int model_write_safetensors(const Model *m, const TensorGroup *groups, int n_gro
     return rc;
 }
 
-/* Non-parameter buffers that some Pythia checkpoints carry. */
-static int is_skipped_buffer(const char *name) {
-    static const char *const suffixes[] = {"attention.bias", "attention.masked_bias",
-                                           "rotary_emb.inv_freq"};
-    size_t n = strlen(name);
-    for (int i = 0; i < 3; i++) {
-        size_t k = strlen(suffixes[i]);
-        if (n >= k && strcmp(name + n - k, suffixes[i]) == 0) return 1;
+/* The buffers that GPT-NeoX state dicts carry beside the parameters: every
+ * layer of transformers before 4.31 (so EleutherAI's Pythia files, and all the
+ * reference code saves: its modeling registers them in every layer, owner or
+ * not) registered
+ *   gpt_neox.layers.N.attention.bias                  the causal mask, bool or
+ *                                                     uint8 [1, 1, P, P], P =
+ *                                                     max_position_embeddings
+ *   gpt_neox.layers.N.attention.masked_bias           a float scalar (-1e9)
+ *   gpt_neox.layers.N.attention.rotary_emb.inv_freq   float [rotary_ndims / 2]
+ * and later ones one gpt_neox.rotary_emb.inv_freq. They follow from the
+ * configuration, so a model leaves them out; one that does not fit it (a
+ * layer past the last, another dtype or shape) is refused, as PyTorch's
+ * load_state_dict refuses it. 1: such a buffer; 0: another name; -1: refused. */
+static int check_buffer(const Config *c, const char *path, const char *name, const Json *entry) {
+    static const char *const kinds[] = {"bias", "masked_bias", "rotary_emb.inv_freq"};
+    char canonical[MLKV_NAME_MAX], kind[32] = "rotary_emb.inv_freq";
+    int layer = 0, found = !strcmp(name, "gpt_neox.rotary_emb.inv_freq");
+    if (!found && sscanf(name, "gpt_neox.layers.%d.attention.%31s", &layer, kind) == 2 &&
+        layer >= 0) {
+        snprintf(canonical, sizeof(canonical), "gpt_neox.layers.%d.attention.%s", layer, kind);
+        for (int i = 0; i < 3 && !found; i++)
+            found = !strcmp(kind, kinds[i]) && !strcmp(name, canonical);
     }
-    return 0;
+    if (!found) return 0;
+    if (layer >= c->n_layer)
+        return fail("%s: %s belongs to layer %d, but the model has %d layers", path,
+                    printable(name), layer, c->n_layer);
+    const char *dtype = json_get(entry, "dtype")->string;
+    const Json *shape = json_get(entry, "shape");
+    int is_mask = !strcmp(kind, "bias"), is_scalar = !strcmp(kind, "masked_bias");
+    int P = c->max_position_embeddings, want[4] = {1, 1, P, P};
+    int ndim = is_mask ? 4 : is_scalar ? 0 : 1;
+    if (!is_mask && !is_scalar) want[0] = c->rotary_ndims / 2;
+    int float_dtype = !strcmp(dtype, "F32") || !strcmp(dtype, "F16") || !strcmp(dtype, "BF16");
+    int ok = is_mask ? !strcmp(dtype, "BOOL") || !strcmp(dtype, "U8") : float_dtype;
+    ok &= (int)shape->length == ndim;
+    for (int d = 0; ok && d < ndim; d++) ok = shape->items[d].number == want[d];
+    if (!ok)
+        return fail("%s: buffer %s has dtype %s and %zu dimensions; a GPT-NeoX %s is %s %s", path,
+                    printable(name), dtype, shape->length, kind,
+                    is_mask ? "bool or uint8" : "float",
+                    is_mask ? "[1, 1, max_position_embeddings, max_position_embeddings]"
+                    : is_scalar ? "of no dimensions"
+                                : "[rotary_ndims / 2]");
+    return 1;
 }
 
 typedef struct { SafeTensors files[64]; int n; } TensorSource;
@@ -5203,14 +5242,17 @@ static int load_params_from(Model *m, const TensorSource *src) {
         }
         return fail("%s: missing tensor %s", src->files[0].path, p->name);
     }
-    /* every tensor in the files must be a parameter of this configuration */
+    /* every tensor in the files must be a parameter of this configuration or one
+     * of the buffers a GPT-NeoX state dict carries */
     for (int f = 0; f < src->n; f++) {
         const Json *h = &src->files[f].header;
         for (size_t i = 0; i < h->length; i++) {
             const char *name = h->keys[i];
-            if (!strcmp(name, "__metadata__") || is_skipped_buffer(name) || model_param(m, name))
-                continue;
+            if (!strcmp(name, "__metadata__") || model_param(m, name)) continue;
             if (strstr(name, "attention.query_key_value.")) continue;
+            int buffer = check_buffer(&m->config, src->files[f].path, name, &h->items[i]);
+            if (buffer < 0) return -1;
+            if (buffer) continue;
             return fail("%s: unexpected tensor %s: not a parameter of "
                         "this configuration (%d K/V layers of %d heads)",
                         src->files[f].path, printable(name), m->config.n_kv_layer,

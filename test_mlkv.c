@@ -1380,11 +1380,11 @@ static void test_convert(void) {
 
 /* --- pytorch_model.bin: the reference's checkpoints as they are ------------ */
 
-/* model_load of dev/fixtures/reference_bin/NAME (f32, f16, bf16: torch.save in
- * that dtype) gives PyTorch's logits on its ref.safetensors tokens */
-static double bin_logits_error(const char *name) {
-    char dir[300], path[400];
-    snprintf(dir, sizeof(dir), "dev/fixtures/reference_bin/%s", name);
+/* model_load of the folder dir gives PyTorch's logits on the tokens of its
+ * ref.safetensors */
+static double bin_logits_error(const char *dir) {
+    char path[400];
+    const char *name = dir;
     snprintf(path, sizeof(path), "%s/ref.safetensors", dir);
     Model m;
     SafeTensors ref;
@@ -1422,7 +1422,9 @@ static int same_parameters(const char *dir_a, const char *dir_b) {
 static void test_torch_checkpoints(void) {
     const char *names[] = {"f32", "f16", "bf16"};
     for (int i = 0; i < 3; i++) {
-        double e = bin_logits_error(names[i]);
+        char dir[300];
+        snprintf(dir, sizeof(dir), "dev/fixtures/reference_bin/%s", names[i]);
+        double e = bin_logits_error(dir);
         CHECK(e <= 1e-5, "reference_bin/%s: logits error %.3g > 1e-5", names[i], e);
         printf("  pytorch_model.bin %-4s logits vs PyTorch %.1e\n", names[i], e);
     }
@@ -1460,7 +1462,7 @@ static void test_torch_checkpoints(void) {
     /* hostile and broken files: a clear error naming the file, never a crash */
     struct { const char *file, *message;
     } hostile[] = {{"global_os_system.bin",
-                    "names os.system, which a state dict of float tensors does not use: refused"},
+                    "names os.system, which a state dict of tensors does not use: refused"},
                    {"reduce_storage.bin", "calls a storage type"},
                    {"short_storage.bin", "truncated"},
                    {"non_contiguous.bin", "non-contiguous view"},
@@ -1562,6 +1564,121 @@ static void test_torch_checkpoints(void) {
     free(text);
     CHECK(run("%s bench-kv dev/fixtures/mha --batches 4,0", mlkv_bin) == 1 &&
           strstr(output(), "--batches: 0 is not a batch size"), "bad --batches: %s", output());
+}
+
+/* --- checkpoints of transformers 4 and the reference, buffers and all ------- */
+
+/* The largest |a - b| over the parameters of two loaded models of one shape,
+ * relative to the largest |b|; -1 when they differ in shape. */
+static double parameters_error(const char *dir_a, const char *dir_b) {
+    Model a, b;
+    if (model_load(&a, dir_a) != 0) return -1;
+    if (model_load(&b, dir_b) != 0) { model_free(&a); return -1; }
+    double e = a.num_parameters == b.num_parameters
+                   ? scaled_error(a.param_memory, b.param_memory, a.num_parameters)
+                   : -1;
+    model_free(&a);
+    model_free(&b);
+    return e;
+}
+
+/* dev/gen_hf4_fixtures.py: a Pythia as the hub keeps it (fp16, the causal mask,
+ * masked_bias and inv_freq of transformers 4 in every layer; one file and two
+ * shards), and what the reference's own convert_to_mlkv.py made of it (MLKV:
+ * fp16 and fp32 tensors mixed; KV-MLP from the fp32 save with a uint8 mask).
+ * Each loads, computes the logits of transformers' GPT-NeoX (the Pythia) or of
+ * the reference's own model (the conversions), and trains; a buffer that does
+ * not fit its model, and any other tensor that is no parameter, is refused by
+ * name, by the safetensors reader as by the .bin reader (one rule). */
+static void test_transformers4_checkpoints(void) {
+    const char *dirs[] = {"pythia", "pythia_sharded", "mlkv", "kvmlp"};
+    char dir[300], path[600], tokens[400];
+    snprintf(tokens, sizeof(tokens), "%s/hf4_tokens.bin", tmp_dir);
+    write_tokens(tokens, 600, 64, 11);
+    for (int i = 0; i < 4; i++) {
+        snprintf(dir, sizeof(dir), "dev/fixtures/hf4/%s", dirs[i]);
+        double e = bin_logits_error(dir);
+        CHECK(e <= 1e-5, "hf4/%s: logits error %.3g > 1e-5", dirs[i], e);
+        printf("  transformers 4 / reference checkpoint %-14s logits vs PyTorch %.1e\n", dirs[i],
+               e);
+        CHECK(run("%s train --model %s --train %s --val %s --out %s/hf4_%s --steps 1 "
+                  "--warmup-steps 0 --batch 2 --seq 8 --grad-accum 1",
+                  mlkv_bin, dir, tokens, tokens, tmp_dir, dirs[i]) == 0 &&
+                  strstr(output(), "| val "),
+              "train one step from hf4/%s: %s", dirs[i], output());
+    }
+    CHECK(same_parameters("dev/fixtures/hf4/pythia", "dev/fixtures/hf4/pythia_sharded"),
+          "one file and two shards of one state dict load the same parameters");
+    Config c;
+    CHECK(config_load(&c, "dev/fixtures/hf4/mlkv/config.json", NULL) == 0 &&
+              c.shared_key_rotary == 0 && c.n_kv_layer == 2 && c.n_kv_head == 2,
+          "the reference's MLKV config: 2 K/V layers of 2 heads, its rotary");
+
+    /* mlkv's converter on the hub file gives the reference's converter's weights, to the
+     * rounding of the reference's fp16 arithmetic (it pools fp16 tensors in fp16) */
+    CHECK(run("%s convert dev/fixtures/hf4/pythia --kv-layers 2 --kv-heads 2 --rotary reference "
+              "--out %s/hf4_converted",
+              mlkv_bin, tmp_dir) == 0,
+          "convert the hub Pythia: %s", output());
+    snprintf(path, sizeof(path), "%s/hf4_converted", tmp_dir);
+    double e = parameters_error(path, "dev/fixtures/hf4/mlkv");
+    CHECK(e >= 0 && e <= 1e-4,
+          "mlkv convert vs convert_to_mlkv.py: %.3g (fp16 rounding: <= 1e-4)", e);
+    printf("  mlkv convert vs the reference's convert_to_mlkv.py on the hub file: %.1e\n", e);
+
+    /* one rule for both readers: a shard of safetensors beside the mha fixture's weights
+     * (the shapes of hf4/pythia) holding one tensor */
+    struct { const char *name, *dtype, *shape; size_t bytes; const char *refused;
+    } cases[] = {
+        {"gpt_neox.layers.3.attention.bias", "BOOL", "1,1,64,64", 4096, NULL},
+        {"gpt_neox.layers.0.attention.bias", "U8", "1,1,64,64", 4096, NULL},
+        {"gpt_neox.layers.0.attention.masked_bias", "F16", "", 2, NULL},
+        {"gpt_neox.layers.1.attention.rotary_emb.inv_freq", "F32", "2", 8, NULL},
+        {"gpt_neox.rotary_emb.inv_freq", "BF16", "2", 4, NULL},
+        {"gpt_neox.layers.4.attention.bias", "BOOL", "1,1,64,64", 4096,
+         "gpt_neox.layers.4.attention.bias belongs to layer 4, but the model has 4 layers"},
+        {"gpt_neox.layers.0.attention.bias", "F32", "1,1,64,64", 16384,
+         "buffer gpt_neox.layers.0.attention.bias has dtype F32"},
+        {"gpt_neox.layers.0.attention.bias", "BOOL", "1,1,32,32", 1024,
+         "a GPT-NeoX bias is bool or uint8 [1, 1, max_position_embeddings, "
+         "max_position_embeddings]"},
+        {"gpt_neox.layers.0.attention.rotary_emb.inv_freq", "F32", "4", 16,
+         "a GPT-NeoX rotary_emb.inv_freq is float [rotary_ndims / 2]"},
+        {"gpt_neox.layers.0.attention.masked_bias", "I64", "", 8, "masked_bias has dtype I64"},
+        {"gpt_neox.embed_in.position_ids", "I64", "1,64", 512,
+         "unexpected tensor gpt_neox.embed_in.position_ids"},
+        {"gpt_neox.layers.00.attention.bias", "BOOL", "1,1,64,64", 4096,
+         "unexpected tensor gpt_neox.layers.00.attention.bias"},
+        {"gpt_neox.layers.0.attention.causal_mask", "BOOL", "1,1,64,64", 4096,
+         "unexpected tensor gpt_neox.layers.0.attention.causal_mask"}};
+    static unsigned char zeros[16384];
+    snprintf(dir, sizeof(dir), "%s/buffers", tmp_dir);
+    CHECK(run("rm -rf %s && mkdir %s && cp dev/fixtures/mha/config.json %s/ && "
+              "cp dev/fixtures/mha/model.safetensors %s/a.safetensors",
+              dir, dir, dir, dir) == 0,
+          "cp");
+    snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+    write_text(path, "{\"weight_map\": {\"gpt_neox.embed_in.weight\": \"a.safetensors\", "
+                     "\"extra\": \"b.safetensors\"}}");
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char header[300];
+        snprintf(header, sizeof(header),
+                 "{\"%s\":{\"dtype\":\"%s\",\"shape\":[%s],\"data_offsets\":[0,%zu]}}",
+                 cases[i].name, cases[i].dtype, cases[i].shape, cases[i].bytes);
+        snprintf(path, sizeof(path), "%s/b.safetensors", dir);
+        write_safetensors(path, header, zeros, cases[i].bytes);
+        Model m;
+        int rc = model_load(&m, dir);
+        if (rc == 0) model_free(&m);
+        if (cases[i].refused)
+            CHECK(rc != 0 && strstr(mlkv_error(), "b.safetensors") &&
+                      strstr(mlkv_error(), cases[i].refused),
+                  "%s %s [%s] must be refused (%s): %s", cases[i].name, cases[i].dtype,
+                  cases[i].shape, cases[i].refused, rc ? mlkv_error() : "loaded");
+        else
+            CHECK(rc == 0, "the buffer %s %s [%s] is skipped: %s", cases[i].name, cases[i].dtype,
+                  cases[i].shape, mlkv_error());
+    }
 }
 
 /* --- evaluation: lm-evaluation-harness's numbers, from HF transformers ------ */
@@ -2604,6 +2721,7 @@ int main(int argc, char **argv) {
     test_convert_sizes();
     test_convert();
     test_torch_checkpoints();
+    test_transformers4_checkpoints();
     test_eval_tasks();
     test_eval_model_kinds();
     test_tokenizer();
