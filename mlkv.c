@@ -3535,13 +3535,17 @@ done:
  *     tasks as lm-evaluation-harness scores them
  * ======================================================================== */
 
-/* A task file (python3 tokenize.py tasks writes them): one JSON object per
- * line, {"task", "kind", "context", "choices", "gold", "context_ids",
- * "continuation_ids"}: a document of kind "multiple_choice" (scored by which
- * choice's continuation is most likely) or "loglikelihood" (one continuation,
- * lambada: its likelihood and whether greedy decoding produces it). The ids
- * are the harness's: context, and each continuation (target delimiter
- * included) tokenized as the harness does. */
+/* A task file: one JSON object per line, {"task", "kind", "context",
+ * "choices", "gold", "context_ids", "continuation_ids"}: a document of kind
+ * "multiple_choice" (scored by which choice's continuation is most likely) or
+ * "loglikelihood" (one continuation, lambada: its likelihood and whether
+ * greedy decoding produces it). The ids are the harness's: context, and each
+ * continuation (target delimiter included) tokenized as the harness does;
+ * python3 tokenize.py tasks writes them. A task of one's own may leave out
+ * all but "context", "choices" and "gold" (one choice: no gold): the task is
+ * named after its file, one choice is a loglikelihood task and several a
+ * multiple-choice one, "target_delimiter" is a space, and the ids come from
+ * the model's tokenizer (task_encode_pair). */
 typedef struct {
     int *context, n_context, n_choices, gold;
     int **continuation, *n_continuation;
@@ -3591,51 +3595,163 @@ static int utf8_code_points(const char *s) {
     return n;
 }
 
-/* One document of a task file: its task and kind, the context's ids, the
- * continuations' ids (below vocab) and the gold answer. */
-static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab) {
-    const Json *task = json_get(j, "task"), *kind = json_get(j, "kind"),
-               *choices = json_get(j, "choices");
-    const Json *gold = json_get(j, "gold"), *conts = json_get(j, "continuation_ids");
-    if (j->type != JSON_OBJECT || !task || task->type != JSON_STRING || !kind ||
-        kind->type != JSON_STRING)
-        return fail("not a task object with \"task\" and \"kind\"");
-    int ll = strcmp(kind->string, "loglikelihood") == 0;
-    if (!ll && strcmp(kind->string, "multiple_choice") != 0)
-        return fail("kind \"%s\" is neither multiple_choice nor loglikelihood",
-                    printable(kind->string));
+/* What the documents of a task file without token ids need: the task's
+ * name by default (the file's), and the tokenizer (a tokenizer.json or a
+ * model folder holding one), loaded at the first such document. */
+typedef struct {
+    const char *path, *tokenizer_path;
+    char default_name[64];
+    Tokenizer tokenizer;
+    int loaded;
+} TaskText;
+
+/* Python's str.isspace() on ASCII, which the harness's rstrip() strips */
+static int python_space(char c) {
+    return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1C && c <= 0x1F);
+}
+
+/* The ids of ids[0..n) below vocab, in a new array */
+static int checked_ids(const int *ids, int n, int vocab, int **out) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= vocab)
+            return fail("the tokenizer gives id %d, past the model's vocabulary of %d", ids[i],
+                        vocab);
+    if (!(*out = malloc(sizeof(int) * (size_t)(n ? n : 1)))) return fail("out of memory");
+    memcpy(*out, ids, sizeof(int) * (size_t)n);
+    return 0;
+}
+
+/* lm-evaluation-harness's _encode_pair on text: the context's trailing white
+ * space moves into the continuation; the continuation's ids are those of
+ * context + continuation after the context's own ids; an empty context is
+ * <|endoftext|> alone. The same ids as python3 tokenize.py tasks writes. */
+static int task_encode_pair(TaskText *tt, const char *context, const char *continuation,
+                            int vocab, int **context_ids, int *n_context_ids,
+                            int **continuation_ids, int *n_continuation_ids) {
+    if (!tt->loaded) {
+        if (!tt->tokenizer_path)
+            return fail("no token ids, and no tokenizer to make them: give --tokenizer FILE");
+        if (tokenizer_load(&tt->tokenizer, tt->tokenizer_path) != 0)
+            return fail_in("no token ids here, and the tokenizer to make them (--tokenizer "
+                           "FILE, else the model folder's)");
+        tt->loaded = 1;
+    }
+    size_t n_text = strlen(context), n_whole = n_text + strlen(continuation), kept = n_text;
+    while (kept > 0 && python_space(context[kept - 1])) kept--;
+    char *whole = malloc(n_whole + 1);
+    /* ids of the context, then of the whole: byte-level BPE makes at most one per byte */
+    int *ids = malloc(sizeof(int) * 2 * (n_whole + 1)), *all = ids + n_whole + 1, rc = 0;
+    if (!whole || !ids) rc = fail("out of memory");
+    if (rc == 0) snprintf(whole, n_whole + 1, "%s%s", context, continuation);
+    for (size_t i = 0; rc == 0 && i < n_whole; i++)
+        if ((unsigned char)whole[i] >= 0x80)
+            rc = fail("the text is not ASCII, which mlkv's tokenizer does not encode exactly: "
+                      "write the file's ids with python3 tokenize.py tasks --tokenizer FILE "
+                      "--input %s --out FILE2", tt->path);
+    int n_ctx = 0, n_all = 0;
+    if (rc == 0 && kept == 0) { /* the context is <|endoftext|>, the whole text continues it */
+        if ((ids[0] = tt->tokenizer.eot_id) < 0) rc = fail("an empty context needs <|endoftext|>");
+        n_ctx = 1;
+        all[0] = ids[0];
+        int n = rc == 0 ? tokenizer_encode(&tt->tokenizer, whole, all + 1, (int)n_whole) : -1;
+        n_all = n < 0 ? -1 : n + 1;
+    } else if (rc == 0) {
+        whole[kept] = '\0';
+        n_ctx = tokenizer_encode(&tt->tokenizer, whole, ids, (int)n_whole + 1);
+        whole[kept] = context[kept] ? context[kept] : continuation[0];
+        n_all = n_ctx < 0 ? -1 : tokenizer_encode(&tt->tokenizer, whole, all, (int)n_whole + 1);
+    }
+    if (rc == 0 && (n_ctx < 0 || n_all < 0)) rc = -1;
+    else if (rc == 0 && n_all <= n_ctx)
+        rc = fail("the choice \"%s\" adds no token to the context", printable(continuation));
+    if (rc == 0) rc = checked_ids(ids, n_ctx, vocab, context_ids);
+    if (rc == 0) rc = checked_ids(all + n_ctx, n_all - n_ctx, vocab, continuation_ids);
+    *n_context_ids = n_ctx;
+    *n_continuation_ids = n_all - n_ctx;
+    free(whole);
+    free(ids);
+    return rc;
+}
+
+/* A string member of j, def when absent; NULL when it is there but no string */
+static const char *json_string_or(const Json *j, const char *key, const char *def) {
+    const Json *v = json_get(j, key);
+    return !v ? def : v->type == JSON_STRING ? v->string : NULL;
+}
+
+/* One document of a task file: its task and kind (given, or the defaults of a
+ * task of one's own), the context's ids, the continuations' ids (below vocab;
+ * given, or made from the text by tt's tokenizer) and the gold answer. */
+static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab, TaskText *tt) {
+    if (j->type != JSON_OBJECT) return fail("not a JSON object");
+    const Json *choices = json_get(j, "choices"), *gold = json_get(j, "gold");
+    const Json *context_ids = json_get(j, "context_ids"), *conts = json_get(j, "continuation_ids");
+    if (!choices || choices->type != JSON_ARRAY || choices->length < 1 || choices->length > 64)
+        return fail("\"choices\" must list 1 to 64 strings");
+    for (size_t i = 0; i < choices->length; i++)
+        if (choices->items[i].type != JSON_STRING) return fail("choice %zu is not a string", i);
+    const char *task = json_string_or(j, "task", tt->default_name),
+               *kind = json_string_or(j, "kind",
+                                      choices->length == 1 ? "loglikelihood" : "multiple_choice");
+    if (!task || !kind) return fail("\"task\" and \"kind\" must be strings");
+    if (!*task || strlen(task) >= sizeof(t->name))
+        return fail("a task name of %zu characters: 1 to %zu", strlen(task), sizeof(t->name) - 1);
+    int ll = strcmp(kind, "loglikelihood") == 0;
+    if (!ll && strcmp(kind, "multiple_choice") != 0)
+        return fail("kind \"%s\" is neither multiple_choice nor loglikelihood", printable(kind));
+    if (ll && choices->length != 1)
+        return fail("a loglikelihood document has exactly one choice");
     if (!t->name[0]) { /* the first document names the task */
         const Json *metrics = json_get(j, "metrics");
-        snprintf(t->name, sizeof(t->name), "%s", task->string);
+        snprintf(t->name, sizeof(t->name), "%s", task);
         t->loglikelihood = ll;
+        t->acc_norm = !metrics && !ll; /* a task of one's own: acc and acc_norm */
         for (size_t i = 0; metrics && metrics->type == JSON_ARRAY && i < metrics->length; i++)
             t->acc_norm |= metrics->items[i].type == JSON_STRING &&
                            !strcmp(metrics->items[i].string, "acc_norm");
-    } else if (strcmp(t->name, task->string) != 0 || t->loglikelihood != ll)
-        return fail("task \"%s\" (%s) in a file of %s", printable(task->string), kind->string,
+    } else if (strcmp(t->name, task) != 0 || t->loglikelihood != ll)
+        return fail("task \"%s\" (%s) in a file of %s", printable(task), kind,
                     printable(t->name));
-    if (!choices || choices->type != JSON_ARRAY || choices->length < 1 || choices->length > 64 ||
-        (ll && choices->length != 1))
-        return fail("\"choices\" must list 1 to 64 strings (exactly 1 for loglikelihood)");
-    if (!conts || conts->type != JSON_ARRAY || conts->length != choices->length)
-        return fail("\"continuation_ids\" must have one list per choice");
-    if (!gold || !json_is_count(gold) || gold->number >= (double)choices->length)
+    if (!gold && choices->length > 1) return fail("\"gold\" must be the index of a choice");
+    if (gold && (!json_is_count(gold) || gold->number >= (double)choices->length))
         return fail("\"gold\" must be the index of a choice");
-    if (json_ids(json_get(j, "context_ids"), vocab, 1, &doc->context, &doc->n_context) != 0)
-        return fail(
-            "\"context_ids\" must be a non-empty list of token ids below the vocabulary size %d",
-            vocab);
+    if (!context_ids != !conts)
+        return fail("give both \"context_ids\" and \"continuation_ids\", or neither (then "
+                    "the text is tokenized)");
+    if (conts && (conts->type != JSON_ARRAY || conts->length != choices->length))
+        return fail("\"continuation_ids\" must have one list per choice");
+    const char *context = json_string_or(j, "context", NULL),
+               *delimiter = json_string_or(j, "target_delimiter", " ");
+    if (!conts && (!context || !delimiter))
+        return fail("\"context\" and \"target_delimiter\" must be strings");
     doc->n_choices = (int)choices->length;
-    doc->gold = (int)gold->number;
+    doc->gold = gold ? (int)gold->number : 0;
     doc->continuation = calloc((size_t)doc->n_choices, sizeof(int *));
     doc->n_continuation = calloc((size_t)doc->n_choices, sizeof(int));
     doc->chars = calloc((size_t)doc->n_choices, sizeof(int));
     if (!doc->continuation || !doc->n_continuation || !doc->chars) return fail("out of memory");
+    if (context_ids &&
+        json_ids(context_ids, vocab, 1, &doc->context, &doc->n_context) != 0)
+        return fail(
+            "\"context_ids\" must be a non-empty list of token ids below the vocabulary size %d",
+            vocab);
     for (int i = 0; i < doc->n_choices; i++) {
-        if (choices->items[i].type != JSON_STRING) return fail("choice %d is not a string", i);
-        doc->chars[i] = utf8_code_points(choices->items[i].string);
-        if (json_ids(&conts->items[i], vocab, 1, &doc->continuation[i], &doc->n_continuation[i]) !=
-            0)
+        const char *choice = choices->items[i].string;
+        doc->chars[i] = utf8_code_points(choice);
+        if (!conts) { /* the text, tokenized: the context's ids once, each choice's */
+            StrBuf continuation = {0};
+            sb_printf(&continuation, "%s%s", delimiter, choice);
+            int *ctx = NULL, n_ctx = 0;
+            int rc = continuation.s ? task_encode_pair(tt, context, continuation.s, vocab, &ctx,
+                                                       &n_ctx, &doc->continuation[i],
+                                                       &doc->n_continuation[i])
+                                    : fail("out of memory");
+            free(continuation.s);
+            if (i == 0) doc->context = ctx, doc->n_context = n_ctx;
+            else free(ctx);
+            if (rc != 0) return -1;
+        } else if (json_ids(&conts->items[i], vocab, 1, &doc->continuation[i],
+                            &doc->n_continuation[i]) != 0)
             return fail("continuation_ids[%d] must be a non-empty list "
                         "of token ids below the vocabulary size %d", i, vocab);
         t->max_continuation = doc->n_continuation[i] > t->max_continuation ? doc->n_continuation[i]
@@ -3646,12 +3762,19 @@ static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab) {
     return 0;
 }
 
-/* Reads up to limit documents (0: all) of a task file. */
-static int task_load(Task *t, const char *path, int vocab, int limit) {
+/* Reads up to limit documents (0: all) of a task file; tokenizer (a
+ * tokenizer.json or a model folder holding one, or NULL) makes the ids of
+ * documents that have none. */
+static int task_load(Task *t, const char *path, int vocab, int limit, const char *tokenizer) {
     char *text;
     size_t len;
     memset(t, 0, sizeof(*t));
     if (read_file(path, &text, &len) != 0) return -1;
+    TaskText tt = {.path = path, .tokenizer_path = tokenizer};
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    size_t n_base = strlen(base);
+    if (n_base > 6 && !strcmp(base + n_base - 6, ".jsonl")) n_base -= 6;
+    snprintf(tt.default_name, sizeof(tt.default_name), "%.*s", (int)n_base, base);
     int rc = 0, line_no = 0, cap = 0;
     for (char *line = text, *next;
          rc == 0 && line < text + len && (limit == 0 || t->n_docs < limit); line = next) {
@@ -3669,10 +3792,11 @@ static int task_load(Task *t, const char *path, int vocab, int limit) {
         snprintf(where, sizeof(where), "%s:%d", path, line_no);
         Json j;
         if (json_parse(line, n, where, &j) != 0) rc = -1;
-        else if (task_doc_parse(doc, &j, t, vocab) != 0) rc = fail_in(where);
+        else if (task_doc_parse(doc, &j, t, vocab, &tt) != 0) rc = fail_in(where);
         json_free(&j);
     }
     free(text);
+    if (tt.loaded) tokenizer_free(&tt.tokenizer);
     if (rc == 0 && t->n_docs == 0) rc = fail("%s: no documents", path);
     if (rc != 0) task_free(t);
     return rc;
@@ -3922,10 +4046,10 @@ static int evaluate_task(Model *m, const Task *t, TaskResult *out, double *all_l
     return rc;
 }
 
-int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls,
-                       int *greedy, size_t room) {
+int evaluate_task_file(Model *m, const char *path, const char *tokenizer, int limit,
+                       TaskResult *out, double *lls, int *greedy, size_t room) {
     Task t;
-    if (task_load(&t, path, m->config.vocab_size, limit) != 0) return -1;
+    if (task_load(&t, path, m->config.vocab_size, limit, tokenizer) != 0) return -1;
     int rc = evaluate_task(m, &t, out, lls, greedy, room);
     task_free(&t);
     return rc;
@@ -7539,10 +7663,13 @@ static const char *const eval_usage =
     "Measures a model. --data: the mean loss (nats, to 6 decimals), perplexity and bits\n"
     "per token of predicting every token of an llm.c token file from the ones before it,\n"
     "in windows of T predictions (a file of T + 1 tokens is one window). --task / --tasks:\n"
-    "task files of python3 tokenize.py tasks, scored zero-shot as lm-evaluation-harness\n"
-    "scores them (the reference's arc_easy, lambada_openai, sciq, piqa, boolq): acc and\n"
-    "acc_norm for multiple choice, perplexity and acc for lambada, each with the harness's\n"
-    "standard error. Both may be given.\n"
+    "task files, scored zero-shot as lm-evaluation-harness scores them: acc and acc_norm\n"
+    "for multiple choice, perplexity and acc for one choice (lambada), each with the\n"
+    "harness's standard error. python3 tokenize.py tasks writes the reference's five\n"
+    "(arc_easy, lambada_openai, sciq, piqa, boolq); a task of one's own is one line per\n"
+    "document, {\"context\": \"Question: ...\\nAnswer:\", \"choices\": [\"ice\", \"steam\"],\n"
+    "\"gold\": 0}, named after its file, tokenized here with the model's tokenizer.json\n"
+    "(ASCII text; tokenize.py tasks --input FILE adds the ids of any text). Both may be given.\n"
     "  --data FILE       tokens to score\n"
     "  --seq T           tokens per window (min(2048, max_position_embeddings))\n"
     "  --batch B         windows per forward pass (1: a window of 2048 is already a large\n"
@@ -7552,6 +7679,7 @@ static const char *const eval_usage =
     "  --tasks DIR       every .jsonl task file in DIR, in name order, one table\n"
     "  --limit N         only the first N documents of each task (all)\n"
     "  --out FILE        the task results as lm-evaluation-harness's results.json\n"
+    "  --tokenizer FILE  tokenizes task lines without ids (DIR/tokenizer.json)\n"
     "  --threads N       OpenMP threads (all cores)\n";
 
 /* Appends a copy of path to a list of *n (room for *cap) */
@@ -7589,7 +7717,8 @@ static int task_paths(const char *task_path, const char *task_dir, char ***paths
 }
 
 static int cmd_eval(int argc, char **argv) {
-    const char *dir = NULL, *data = NULL, *task_path = NULL, *task_dir = NULL, *out = NULL;
+    const char *dir = NULL, *data = NULL, *task_path = NULL, *task_dir = NULL, *out = NULL,
+               *tokenizer = NULL;
     int seq = 0, batch = 1, limit = 0, threads = 0;
     double max_tokens = 0;
     Flag flags[] = {STRING_FLAG("--data", &data),
@@ -7600,6 +7729,7 @@ static int cmd_eval(int argc, char **argv) {
                     STRING_FLAG("--tasks", &task_dir),
                     INT_FLAG("--limit", &limit, 1, INT_MAX),
                     STRING_FLAG("--out", &out),
+                    STRING_FLAG("--tokenizer", &tokenizer),
                     INT_FLAG("--threads", &threads, 1, 4096)};
     int parsed =
         parse_flags(argc, argv, flags, (int)(sizeof(flags) / sizeof(flags[0])), eval_usage, &dir);
@@ -7646,7 +7776,8 @@ static int cmd_eval(int argc, char **argv) {
         rc = fail("out of memory");
     for (int i = 0; rc == 0 && i < n_paths; i++) {
         double t0 = now_seconds();
-        rc = evaluate_task_file(&m, paths[i], limit, &results[i], NULL, NULL, 0);
+        rc = evaluate_task_file(&m, paths[i], tokenizer ? tokenizer : dir, limit, &results[i],
+                                NULL, NULL, 0);
         if (rc == 0)
             printf("%s: %d documents in %.1fs\n", results[i].task, results[i].n_docs,
                    now_seconds() - t0);
@@ -7972,7 +8103,8 @@ static int experiment_evaluate(Experiment *e, const char *model_dir, double *val
     if (rc == 0) *val_loss = loss / (double)(count ? count : 1);
     for (int i = 0; rc == 0 && i < e->n_tasks; i++) {
         TaskResult r;
-        rc = evaluate_task_file(&m, e->task_paths[i], e->task_limit, &r, NULL, NULL, 0);
+        rc = evaluate_task_file(&m, e->task_paths[i], e->recipe.model_dir, e->task_limit, &r,
+                                NULL, NULL, 0);
         /* accuracy: every task has it (lambada: greedy) */
         for (int k = 0; rc == 0 && k < r.n_metrics; k++)
             if (!strcmp(r.metric[k].name, "acc")) task_scores[i] = r.metric[k].value;

@@ -295,17 +295,18 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o);
  * ======================================================================== */
 
 /* ---------------------------------------------------------------------------
- * Evaluation: a task file of python3 tokenize.py tasks, scored zero-shot as
+ * Evaluation: a task file (python3 tokenize.py tasks, or text), scored zero-shot as
  * lm-evaluation-harness scores it. A task's metrics: multiple choice acc,
  * acc_norm (when the task reports it); loglikelihood (lambada) perplexity,
  * acc. stderr_ is the harness's standard error (NaN for one document). */
 typedef struct { const char *name; double value, stderr_; } Metric;
 typedef struct { char task[64]; int n_docs, n_metrics; Metric metric[2]; } TaskResult;
-/* Scores the first limit documents (0: all); lls and greedy, when not NULL,
- * get each continuation's loglikelihood and greedy flag in file order (room
- * of them at most). */
-int evaluate_task_file(Model *m, const char *path, int limit, TaskResult *out, double *lls,
-                       int *greedy, size_t room);
+/* Scores the first limit documents (0: all); tokenizer (a tokenizer.json or a
+ * model folder holding one; NULL: none) tokenizes documents given as text
+ * alone. lls and greedy, when not NULL, get each continuation's loglikelihood
+ * and greedy flag in file order (room of them at most). */
+int evaluate_task_file(Model *m, const char *path, const char *tokenizer, int limit,
+                       TaskResult *out, double *lls, int *greedy, size_t room);
 
 /* ---------------------------------------------------------------------------
  * JSON (config.json, safetensors headers, tokenizer.json) */

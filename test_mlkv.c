@@ -1607,6 +1607,11 @@ static void test_transformers4_checkpoints(void) {
                   strstr(output(), "| val "),
               "train one step from hf4/%s: %s", dirs[i], output());
     }
+    Model m;
+    CHECK(model_load(&m, "dev/fixtures/hf4/int64_extra") != 0 &&
+              strstr(mlkv_error(), "int64_extra/pytorch_model.bin: unexpected tensor "
+                                   "gpt_neox.embed_in.position_ids"),
+          "an int64 tensor that is no GPT-NeoX buffer is refused by name: %s", mlkv_error());
     CHECK(same_parameters("dev/fixtures/hf4/pythia", "dev/fixtures/hf4/pythia_sharded"),
           "one file and two shards of one state dict load the same parameters");
     Config c;
@@ -1667,7 +1672,6 @@ static void test_transformers4_checkpoints(void) {
                  cases[i].name, cases[i].dtype, cases[i].shape, cases[i].bytes);
         snprintf(path, sizeof(path), "%s/b.safetensors", dir);
         write_safetensors(path, header, zeros, cases[i].bytes);
-        Model m;
         int rc = model_load(&m, dir);
         if (rc == 0) model_free(&m);
         if (cases[i].refused)
@@ -1709,7 +1713,8 @@ static void test_eval_model_kinds(void) {
         TaskResult r;
         double ll[3];
         int greedy[3];
-        if (model_load(&m, dir) != 0 || evaluate_task_file(&m, path, 0, &r, ll, greedy, 3) != 0 ||
+        if (model_load(&m, dir) != 0 ||
+            evaluate_task_file(&m, path, NULL, 0, &r, ll, greedy, 3) != 0 ||
             model_prepare(&m, 1, n_ctx + 3, 0) != 0) {
             CHECK(0, "%s: %s", kinds[k], mlkv_error());
             continue;
@@ -1762,11 +1767,15 @@ static void test_eval_tasks(void) {
         const Json *e = &tasks->items[t], *lls = json_get(e, "loglikelihoods"),
                    *greedy = json_get(e, "greedy");
         char path[300];
+        /* the five converted by tokenize.py, or a task of one's own in text alone */
         snprintf(path, sizeof(path), "dev/fixtures/eval/tasks/%s.jsonl", name);
+        if (!exists("%s", path))
+            snprintf(path, sizeof(path), "dev/fixtures/eval/text/%s.jsonl", name);
         double ours[64];
         int ours_greedy[64];
         TaskResult r;
-        if (evaluate_task_file(&m, path, 0, &r, ours, ours_greedy, 64) != 0) {
+        if (evaluate_task_file(&m, path, "dev/fixtures/eval/model", 0, &r, ours, ours_greedy, 64) !=
+            0) {
             CHECK(0, "%s: %s", name, mlkv_error());
             continue;
         }
@@ -1799,11 +1808,10 @@ static void test_eval_tasks(void) {
                   r.metric[k].value, r.metric[k].stderr_, v, se);
         }
     }
-    CHECK(tasks_checked == 5 && greedy_true >= 1, "%d tasks checked, %d greedy continuations",
+    CHECK(tasks_checked == 7 && greedy_true >= 2, "%d tasks checked, %d greedy continuations",
           tasks_checked, greedy_true);
-    printf(
-        "  eval: 5 tasks vs HF transformers + the harness's formulas: loglikelihoods within %.1e\n",
-        worst_ll);
+    printf("  eval: 5 tasks and 2 of text alone vs HF transformers + the harness's formulas: "
+           "loglikelihoods within %.1e\n", worst_ll);
     model_free(&m);
     json_free(&expected);
 
@@ -1860,6 +1868,57 @@ static void test_eval_tasks(void) {
     CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 &&
               strstr(output(), "no documents"),
           "empty task file: %s", output());
+
+    /* a task of one's own: the text file scored here gives the results.json of the same file
+     * with the ids tokenize.py writes */
+    const char *own[] = {"own_choice", "own_word"};
+    for (int i = 0; i < 2; i++) {
+        char a[400], b[400], ids[400];
+        snprintf(a, sizeof(a), "%s/%s.text.json", tmp_dir, own[i]);
+        snprintf(b, sizeof(b), "%s/%s.ids.json", tmp_dir, own[i]);
+        snprintf(ids, sizeof(ids), "%s/%s.jsonl", tmp_dir, own[i]);
+        CHECK(run("%s eval dev/fixtures/eval/model --task dev/fixtures/eval/text/%s.jsonl --out %s",
+                  mlkv_bin, own[i], a) == 0 &&
+                  run("python3 tokenize.py tasks --tokenizer "
+                      "dev/fixtures/eval/model/tokenizer.json --input "
+                      "dev/fixtures/eval/text/%s.jsonl --out %s", own[i], ids) == 0 &&
+                  run("%s eval dev/fixtures/eval/model --task %s --out %s", mlkv_bin, ids, b) ==
+                      0 &&
+                  same_file(a, b),
+              "%s: text and tokenize.py's ids must give one results.json: %s", own[i], output());
+    }
+    struct { const char *lines, *message;
+    } text_tasks[] = {
+        {"{\"context\": \"a\", \"choices\": [\"b\", \"c\"]}", "bad.jsonl:1: \"gold\" must be"},
+        {"{\"context\": \"a\", \"choices\": [\"b\"], \"context_ids\": [1]}",
+         "bad.jsonl:1: give both \"context_ids\" and \"continuation_ids\", or neither"},
+        {"{\"context\": \"caf\u00e9\", \"choices\": [\"b\"]}",
+         "bad.jsonl:1: the text is not ASCII, which mlkv's tokenizer does not encode exactly: "
+         "write the file's ids with python3 tokenize.py tasks"},
+        {"{\"context\": \"a\", \"choices\": [\"b\", \"c\"], \"gold\": 0}\n"
+         "{\"context\": \"a\", \"choices\": [\"b\"]}",
+         "bad.jsonl:2: task \"bad\" (loglikelihood) in a file of bad"},
+        {"{\"task\": \"a_task_name_of_sixty_four_characters_is_one_more_than_names_hold\", "
+         "\"context\": \"a\", \"choices\": [\"b\"]}",
+         "bad.jsonl:1: a task name of 64 characters: 1 to 63"},
+        {"{\"context\": \"a\", \"choices\": [\"\"], \"target_delimiter\": \"\"}",
+         "bad.jsonl:1: the choice \"\" adds no token to the context"}};
+    for (size_t i = 0; i < sizeof(text_tasks) / sizeof(text_tasks[0]); i++) {
+        write_text(bad, text_tasks[i].lines);
+        CHECK(run("%s eval dev/fixtures/eval/model --task %s", mlkv_bin, bad) == 1 &&
+                  strstr(output(), text_tasks[i].message),
+              "text task %zu: %s", i, output());
+    }
+    write_text(bad, "{\"context\": \"a\", \"choices\": [\"b\"]}");
+    CHECK(run("%s eval dev/fixtures/mha --task %s", mlkv_bin, bad) == 1 &&
+              strstr(output(), "bad.jsonl:1: no token ids here, and the tokenizer to make them") &&
+              strstr(output(), "dev/fixtures/mha"),
+          "a model folder without tokenizer.json: %s", output());
+    CHECK(run("%s eval dev/fixtures/mha --task %s --tokenizer "
+              "dev/fixtures/eval/model/tokenizer.json", mlkv_bin, bad) == 1 &&
+              strstr(output(), "bad.jsonl:1: the tokenizer gives id ") &&
+              strstr(output(), "past the model's vocabulary of 64"),
+          "--tokenizer, whose ids the model does not have: %s", output());
 
     /* --data: windows of T predictions; a file of T + 1 tokens is one window */
     snprintf(tokens, sizeof(tokens), "%s/eval_tokens.bin", tmp_dir);

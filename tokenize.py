@@ -5,6 +5,7 @@
     python3 tokenize.py shards --tokenizer tokenizer.json --out DIR INPUTS...
     python3 tokenize.py bytes --out tokenizer.json                   a byte-level tokenizer
     python3 tokenize.py tasks --tokenizer tokenizer.json --task arc_easy --input RAW --out TASK.jsonl
+    python3 tokenize.py tasks --tokenizer tokenizer.json --input MY_TASK.jsonl --out TASK.jsonl
 
 It reads any Hugging Face tokenizer.json of the GPT-2 / GPT-NeoX family
 (byte-level BPE) and encodes exactly as the `tokenizers` library: added tokens
@@ -392,10 +393,21 @@ def _piqa(doc):
 
 
 def _boolq(doc):
-    """BoolQ: hub (super_glue) {question, passage, label 0/1}; the original
-    {question, passage, answer: true/false}"""
+    """BoolQ as the harness scores it: SuperGLUE's validation split, whose passages
+    begin with the article's title, "title -- passage" (hub super_glue/boolq and
+    SuperGLUE's val.jsonl: {question, passage, idx, label 0/1}). Google's original
+    dev.jsonl {question, title, answer: true/false, passage} keeps the title apart:
+    it is joined the same way. The hub's google/boolq has lost the titles: refused."""
+    if "title" in doc:
+        passage = f"{doc['title']} -- {doc['passage']}"
+    elif "label" in doc:
+        passage = doc["passage"]
+    else:
+        raise TokenizerError("a passage without its title (the hub's google/boolq layout): the harness scores "
+                             "SuperGLUE's BoolQ, whose passages read 'title -- passage'; use SuperGLUE's "
+                             "val.jsonl (hub: super_glue, boolq) or Google's original dev.jsonl")
     gold = int(doc["label"]) if "label" in doc else int(bool(doc["answer"]))
-    return f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], gold
+    return f"{passage}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], gold
 
 
 def _lambada(doc):
@@ -448,9 +460,50 @@ def encode_pair(tok, context, continuation):
     return ids, whole[len(ids):]
 
 
+# A task of one's own is a file of lines like the rows task_file writes, less
+# what can be worked out: {"context": ..., "choices": [...], "gold": i}, and
+# optionally "task" (default: the file's name), "kind" (default: loglikelihood
+# for one choice, scored by its likelihood and whether greedy decoding gives it,
+# as LAMBADA; multiple_choice for several), "metrics" (default: perplexity and
+# acc, or acc and acc_norm), "target_delimiter" (default " ", put between the
+# context and each choice, as the harness does). mlkv eval reads these lines
+# as they are and tokenizes them itself (ASCII text); this command writes the
+# same lines with the ids, for any text.
+def text_task_row(doc, default_name):
+    """A hand-written task line with its defaults filled in; ValueError says what is wrong."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    choices = doc.get("choices")
+    if (not isinstance(choices, list) or not 1 <= len(choices) <= 64 or
+            not all(isinstance(c, str) for c in choices)):
+        raise ValueError('"choices" must list 1 to 64 strings')
+    if not isinstance(doc.get("context"), str):
+        raise ValueError('"context" must be a string')
+    kind = doc.get("kind", "loglikelihood" if len(choices) == 1 else "multiple_choice")
+    if kind not in ("loglikelihood", "multiple_choice") or (kind == "loglikelihood" and len(choices) != 1):
+        raise ValueError('"kind" must be multiple_choice, or loglikelihood with exactly one choice')
+    gold = doc.get("gold", 0 if len(choices) == 1 else None)
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+        raise ValueError('"gold" must be the index of a choice')
+    task = doc.get("task", default_name)
+    delimiter = doc.get("target_delimiter", " ")
+    if not isinstance(task, str) or not task or not isinstance(delimiter, str):
+        raise ValueError('"task" and "target_delimiter" must be strings')
+    metrics = doc.get("metrics", ["perplexity", "acc"] if kind == "loglikelihood" else ["acc", "acc_norm"])
+    return {"task": task, "kind": kind, "metrics": metrics, "context": doc["context"], "choices": choices,
+            "gold": gold, "target_delimiter": delimiter}
+
+
+def task_name_of(path):
+    """A task's default name: its file's name without .jsonl."""
+    name = os.path.basename(path)
+    return name[:-len(".jsonl")] if name.endswith(".jsonl") and len(name) > len(".jsonl") else name
+
+
 def task_file(args):
+    if os.path.exists(args.out) and os.path.samefile(args.input, args.out):
+        raise TokenizerError(f"{args.out} is also the input: choose another --out")
     tok = Tokenizer(args.tokenizer)
-    to_request, delimiter, kind, metrics = TASKS[args.task]
     docs = raw_documents(args.input)
     if args.labels:
         with open(args.labels, encoding="utf-8") as f:
@@ -461,19 +514,30 @@ def task_file(args):
             doc["label"] = label
     if not docs:
         raise TokenizerError(f"{args.input}: no documents")
-    with open(args.out, "w", encoding="utf-8") as out:
-        for i, doc in enumerate(docs):
-            try:
+    rows = []
+    for i, doc in enumerate(docs):
+        try:
+            if args.task:
+                to_request, delimiter, kind, metrics = TASKS[args.task]
                 context, choices, gold = to_request(doc)
-            except (KeyError, TypeError, ValueError) as e:
-                raise TokenizerError(f"{args.input}: document {i + 1} lacks what {args.task} needs: "
-                                     f"{type(e).__name__} {e}") from None
-            pairs = [encode_pair(tok, context, delimiter + c) for c in choices]
-            row = {"task": args.task, "kind": kind, "metrics": metrics, "doc": i, "context": context,
-                   "choices": choices, "gold": gold, "context_ids": pairs[0][0],
-                   "continuation_ids": [p[1] for p in pairs]}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"{args.out}: {len(docs)} {args.task} documents ({kind})")
+                row = {"task": args.task, "kind": kind, "metrics": metrics, "doc": i, "context": context,
+                       "choices": choices, "gold": gold, "target_delimiter": delimiter}
+            else:
+                row = dict(text_task_row(doc, task_name_of(args.input)), doc=i)
+        except TokenizerError as e:
+            raise TokenizerError(f"{args.input}: document {i + 1}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"what {args.task} needs" if args.task else "a task line's fields"
+            raise TokenizerError(f"{args.input}: document {i + 1} lacks {what}: {type(e).__name__} {e}") from None
+        if rows and (row["task"], row["kind"]) != (rows[0]["task"], rows[0]["kind"]):
+            raise TokenizerError(f"{args.input}: document {i + 1} is {row['task']!r} ({row['kind']}), the file's "
+                                 f"first is {rows[0]['task']!r} ({rows[0]['kind']}): one task of one kind per file")
+        pairs = [encode_pair(tok, row["context"], row["target_delimiter"] + c) for c in row["choices"]]
+        row.update(context_ids=pairs[0][0], continuation_ids=[p[1] for p in pairs])
+        rows.append(row)
+    with open(args.out, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    print(f"{args.out}: {len(docs)} {rows[0]['task']} documents ({rows[0]['kind']})")
 
 
 # --- command line ------------------------------------------------------------
@@ -509,9 +573,15 @@ def main(argv=None):
                                    "mlkv eval: one JSON object per line with the context and choices of "
                                    "lm-evaluation-harness's zero-shot template, the right choice, and their token ids "
                                    "as the harness tokenizes them. Use the split the reference reports: arc_easy test, "
-                                   "lambada_openai test, sciq test, piqa validation, boolq validation.")
+                                   "lambada_openai test, sciq test, piqa validation, boolq validation (SuperGLUE's, "
+                                   "or Google's original dev.jsonl). Without --task the input is a task of your own, "
+                                   "one line per document: {\"context\": ..., \"choices\": [...], \"gold\": i} "
+                                   "(one choice: scored like LAMBADA, by its likelihood and greedy accuracy; "
+                                   "\"task\" defaults to the file's name, \"target_delimiter\" to a space); "
+                                   "the output adds the token ids.")
     p.add_argument("--tokenizer", required=True, help="the model's tokenizer.json")
-    p.add_argument("--task", required=True, choices=sorted(TASKS), help="which task's template")
+    p.add_argument("--task", choices=sorted(TASKS), help="which task's template (none: the input is a task "
+                                                         "of your own)")
     p.add_argument("--input", required=True, help="the dataset file (JSON array or JSONL)")
     p.add_argument("--labels", help="piqa's original labels file (valid-labels.lst), when the rows lack a label")
     p.add_argument("--out", required=True, help="the task file to write (.jsonl)")

@@ -12,6 +12,10 @@ It writes DIR/:
                     (hub and original; non-ASCII text, multi-token choices, a context
                     longer than the window, a lambada word the model predicts greedily)
   tasks/            the task files `python3 tokenize.py tasks` makes of them
+  text/             two tasks of one's own, text alone ({"context", "choices", "gold"}:
+                    several choices, then one choice each), which mlkv eval tokenizes
+                    itself; scored here through the ids `python3 tokenize.py tasks`
+                    gives them (checked against HF tokenizers, as the others)
   expected.json     per task: every continuation's loglikelihood and greedy flag, and
                     every metric with its standard error, computed here as
                     lm-evaluation-harness computes them: _encode_pair (checked against
@@ -60,7 +64,7 @@ RAW = {
         {"goal": "To open a jar,", "sol1": "twist the lid.", "sol2": "freeze the jar for a week."},
         {"goal": "Dry wet shoes", "sol1": "stuff them with newspaper", "sol2": "fill them with water"},
     ],
-    "boolq.jsonl": [  # the original layout (answer), then the hub's (label)
+    "boolq.jsonl": [  # Google's original dev.jsonl (title apart, answer), then SuperGLUE's (label)
         {"question": "is the sun a star", "passage": "The Sun is the star at the center of the Solar System.",
          "answer": True, "title": "Sun"},
         {"question": "is água wet", "passage": "Água é a palavra portuguesa para water.", "idx": 1, "label": 0},
@@ -69,6 +73,21 @@ RAW = {
 PIQA_LABELS = "0\n0\n"
 TASK_OF = {"arc_easy.jsonl": "arc_easy", "sciq.json": "sciq", "piqa.jsonl": "piqa", "boolq.jsonl": "boolq",
            "lambada.jsonl": "lambada_openai"}
+# tasks of one's own, in ASCII (mlkv tokenizes ASCII itself): the context's trailing space, an empty
+# context, a multi-token choice; then one-choice documents (lambada's kind), one predicted greedily
+TEXT = {
+    "own_choice.jsonl": [
+        {"context": "Question: Which gas do plants take in?\nAnswer:", "choices": ["oxygen", "carbon dioxide", "helium"],
+         "gold": 1},
+        {"context": "The cat sat on the ", "choices": ["mat", "moon"], "gold": 0},
+        {"context": "", "choices": ["Hello there", "Goodbye"], "gold": 1},
+    ],
+    "own_word.jsonl": [
+        {"context": "She poured the tea into her favourite", "choices": ["cup"]},
+        {"context": "the cat sat on the", "choices": ["mat"]},
+        {"context": "Numbers: 1 2 3", "choices": ["4"], "target_delimiter": " "},
+    ],
+}
 
 
 def make_model(seed):
@@ -162,7 +181,7 @@ def main(out):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(TOKENIZER)
     shutil.rmtree(out, ignore_errors=True)
-    for d in ("model", "raw", "tasks"):
+    for d in ("model", "raw", "tasks", "text"):
         os.makedirs(os.path.join(out, d))
     for seed in range(100):  # a model whose choices and argmaxes are far from ties
         model = make_model(seed)
@@ -177,18 +196,28 @@ def main(out):
                     f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
         with open(os.path.join(out, "raw", "piqa-labels.lst"), "w") as f:
             f.write(PIQA_LABELS)
+        for name, docs in TEXT.items():
+            with open(os.path.join(out, "text", name), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(d) + "\n" for d in docs)
         expected, worst_gap, worst_margin = {}, math.inf, math.inf
-        for name, task in TASK_OF.items():
-            path = os.path.join(out, "tasks", task + ".jsonl")
-            cmd = [sys.executable, "tokenize.py", "tasks", "--tokenizer", TOKENIZER, "--task", task,
-                   "--input", os.path.join(out, "raw", name), "--out", path]
+        for name, task in list(TASK_OF.items()) + [(name, None) for name in TEXT]:
+            if task:
+                path = os.path.join(out, "tasks", task + ".jsonl")
+                cmd = [sys.executable, "tokenize.py", "tasks", "--tokenizer", TOKENIZER, "--task", task,
+                       "--input", os.path.join(out, "raw", name), "--out", path]
+            else:  # a task of one's own: named after its file
+                task, path = name[:-len(".jsonl")], os.path.join(out, "text-ids.tmp")
+                cmd = [sys.executable, "tokenize.py", "tasks", "--tokenizer", TOKENIZER,
+                       "--input", os.path.join(out, "text", name), "--out", path]
             if task == "piqa":
                 cmd += ["--labels", os.path.join(out, "raw", "piqa-labels.lst")]
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
             docs = [json.loads(line) for line in open(path, encoding="utf-8")]
+            if path.endswith(".tmp"):
+                os.remove(path)
             lls, greedy, acc, acc_norm, target = [], [], [], [], []
             for doc in docs:
-                delim = "" if doc["kind"] == "loglikelihood" else " "
+                delim = doc["target_delimiter"]
                 doc_ll = []
                 for i, choice in enumerate(doc["choices"]):
                     ctx, cont = encode_pair(tok, doc["context"], delim + choice)

@@ -31,6 +31,8 @@ F32 [B, T, V] that the folder's model computes on them, in fp32):
                    pythia32/, the same Pythia saved in fp32 with a uint8 mask
                    (transformers 4.24's own dtype for it). Logits: the reference's
                    model.
+  int64_extra/      pythia/'s state dict and one int64 tensor that is no GPT-NeoX
+                   buffer (gpt_neox.embed_in.position_ids [1, P]): to be refused by name.
 The reference's logits are also checked against gen_fixtures.mlkv_forward, the
 independent statement of its function; the script stops if they differ.
 """
@@ -239,6 +241,9 @@ def main(out_dir, reference_root):
         print(f"{name}: convert_to_mlkv {kvL} layers x {kvH} heads{' KV-MLP' if kv_mlp else ''}; "
               f"{len(sd)} tensors {dict(dtypes)}; reference model vs mlkv_forward: max |diff| {diff:.2g}")
         write_ref(d, tokens, ref)
+    extra = collections.OrderedDict(sd16)
+    extra["gpt_neox.embed_in.position_ids"] = torch.arange(cfg["max_position_embeddings"]).view(1, -1)
+    write_pythia(os.path.join(out_dir, "int64_extra"), extra, cfg)
     write_ref(pythia, tokens, logits)  # after converting: the converter copies every other file
     shutil.rmtree(pythia32)
     dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in sd16.values())

@@ -177,12 +177,12 @@ TASK_ROWS = {
         "0\n1\n",
         [("Question: Cut bread\nAnswer:", ["use a knife", "use a spoon"], 0),
          ("Question: Boil an egg\nAnswer:", ["put it in cold oil", "put it in boiling water"], 1)]),
-    "boolq": (
-        [{"question": "is ice cold", "passage": "Ice is frozen water.", "answer": True},
-         {"question": "is fire wet", "passage": "Fire is hot.", "idx": 3, "label": 0}],
+    "boolq": (  # Google's original dev.jsonl (title apart), then SuperGLUE's val.jsonl (title in the passage)
+        [{"question": "is ice cold", "title": "Ice", "answer": True, "passage": "Ice is frozen water."},
+         {"question": "is fire wet", "passage": "Fire -- Fire is hot.", "idx": 3, "label": 0}],
         None,
-        [("Ice is frozen water.\nQuestion: is ice cold?\nAnswer:", ["no", "yes"], 1),
-         ("Fire is hot.\nQuestion: is fire wet?\nAnswer:", ["no", "yes"], 0)]),
+        [("Ice -- Ice is frozen water.\nQuestion: is ice cold?\nAnswer:", ["no", "yes"], 1),
+         ("Fire -- Fire is hot.\nQuestion: is fire wet?\nAnswer:", ["no", "yes"], 0)]),
     "lambada_openai": (
         [{"text": "She poured the tea into her favourite cup"}, {"text": "Done"}],
         None,
@@ -211,6 +211,7 @@ def test_tasks(tk):
             check([(g["context"], g["choices"], g["gold"]) for g in got] == want,
                   f"{task}: the harness's template: {[(g['context'], g['choices'], g['gold']) for g in got]}")
             delimiter = "" if task == "lambada_openai" else " "
+            check(all(g["target_delimiter"] == delimiter for g in got), f"{task}: the delimiter is written")
             for g in got:  # _encode_pair: context ids, then the rest of the whole string's ids
                 ctx = g["context"]
                 for choice, cont_ids in zip(g["choices"], g["continuation_ids"]):
@@ -233,11 +234,68 @@ def test_tasks(tk):
             f.write('{"goal": "a", "sol1": "b"}\n')
         r = tool("tasks", "--tokenizer", PYTHIA, "--task", "piqa", "--input", bad, "--out", os.path.join(d, "o"))
         check(r.returncode == 1 and b"document 1 lacks what piqa needs" in r.stderr, f"missing field: {r.stderr}")
+        with open(bad, "w") as f:  # the hub's google/boolq: the passages' titles are lost
+            f.write('{"question": "is ice cold", "answer": true, "passage": "Ice is frozen water."}\n')
+        r = tool("tasks", "--tokenizer", PYTHIA, "--task", "boolq", "--input", bad, "--out", os.path.join(d, "o"))
+        check(r.returncode == 1 and b"bad.jsonl: document 1: a passage without its title" in r.stderr and
+              b"use SuperGLUE's val.jsonl" in r.stderr and not os.path.exists(os.path.join(d, "o")),
+              f"google/boolq is refused: {r.stderr}")
+        r = tool("tasks", "--tokenizer", PYTHIA, "--task", "boolq", "--input", bad, "--out", bad)
+        check(r.returncode == 1 and b"is also the input" in r.stderr and os.path.getsize(bad) > 0,
+              f"the input is never the output: {r.stderr}")
         with open(os.path.join(d, "two.lst"), "w") as f:
             f.write("0\n1\n")
         r = tool("tasks", "--tokenizer", PYTHIA, "--task", "piqa", "--input", bad, "--labels",
                  os.path.join(d, "two.lst"), "--out", os.path.join(d, "o"))
         check(r.returncode == 1 and b"two.lst: 2 labels for 1 documents" in r.stderr, f"labels: {r.stderr}")
+
+
+def test_text_tasks(tk):
+    """A task of one's own: text lines, the defaults filled in, the ids of encode_pair."""
+    tok = tk.Tokenizer(PYTHIA)
+    with tempfile.TemporaryDirectory() as d:
+        mine, out = os.path.join(d, "capitals.jsonl"), os.path.join(d, "out.jsonl")
+        rows = [{"context": "Question: What is the capital of France?\nAnswer:", "choices": ["Paris", "Rome"],
+                 "gold": 0},
+                {"context": "The capital of Italy is ", "choices": ["Rome", "Oslo", "Bern"], "gold": 0,
+                 "metrics": ["acc"]}]
+        with open(mine, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        r = tool("tasks", "--tokenizer", PYTHIA, "--input", mine, "--out", out)
+        check(r.returncode == 0 and b"2 capitals documents (multiple_choice)" in r.stdout, f"text task: {r.stderr}")
+        got = [json.loads(line) for line in open(out, encoding="utf-8")]
+        check([(g["task"], g["kind"], g["metrics"], g["target_delimiter"], g["gold"]) for g in got] ==
+              [("capitals", "multiple_choice", ["acc", "acc_norm"], " ", 0),
+               ("capitals", "multiple_choice", ["acc"], " ", 0)], f"defaults: {got}")
+        for row, g in zip(rows, got):
+            pairs = [tk.encode_pair(tok, row["context"], " " + c) for c in row["choices"]]
+            check(g["context_ids"] == pairs[0][0] and g["continuation_ids"] == [p[1] for p in pairs],
+                  f"ids of {row['context']!r}")
+        check(got[1]["context_ids"] == tok.encode("The capital of Italy is") and
+              got[1]["continuation_ids"][0] == tok.encode("The capital of Italy is  Rome")[len(got[1]["context_ids"]):],
+              "the context's trailing space joins the delimiter")
+        # one choice: a loglikelihood task (LAMBADA's kind); the name from "task"
+        with open(mine, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"task": "last_word", "context": "She poured the tea into her", "choices": ["cup"]}))
+        r = tool("tasks", "--tokenizer", PYTHIA, "--input", mine, "--out", out)
+        g = json.loads(open(out, encoding="utf-8").readline())
+        check(r.returncode == 0 and (g["task"], g["kind"], g["metrics"], g["gold"]) ==
+              ("last_word", "loglikelihood", ["perplexity", "acc"], 0) and
+              g["continuation_ids"] == [tok.encode("She poured the tea into her cup")[-1:]], f"one choice: {g}")
+        for line, message in (('{"context": "a", "choices": ["b", "c"]}', b'"gold" must be the index of a choice'),
+                              ('{"context": "a", "choices": []}', b'"choices" must list 1 to 64 strings'),
+                              ('{"choices": ["b"]}', b'"context" must be a string'),
+                              ('{"context": "a", "choices": ["b", "c"], "gold": 2}', b'"gold" must be the index'),
+                              ('{"context": "a", "choices": ["b", "c"], "gold": 0, "kind": "loglikelihood"}',
+                               b'loglikelihood with exactly one choice'),
+                              ('{"context": "a", "choices": ["b", "c"], "gold": 0}\n{"context": "a", "choices": ["b"]}',
+                               b"document 2 is 'capitals' (loglikelihood), the file's first is 'capitals' "
+                               b"(multiple_choice)")):
+            with open(mine, "w", encoding="utf-8") as f:
+                f.write(line + "\n")
+            r = tool("tasks", "--tokenizer", PYTHIA, "--input", mine, "--out", out)
+            check(r.returncode == 1 and b"capitals.jsonl: document" in r.stderr and message in r.stderr and
+                  b"Traceback" not in r.stderr, f"{line}: {r.stderr}")
 
 
 def main():
@@ -248,6 +306,7 @@ def main():
     test_standard_tokenize_survives()
     test_shards(tk)
     test_tasks(tk)
+    test_text_tasks(tk)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

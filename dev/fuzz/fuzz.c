@@ -90,7 +90,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (tokens_load(&tf, path, 300) == 0) tokens_free(&tf);
 #elif FUZZ_TARGET == 7 /* task files, scored by a tiny random model */
     TaskResult r;
-    evaluate_task_file(tiny_model(), path, 50, &r, NULL, NULL, 0);
+    evaluate_task_file(tiny_model(), path, "dev/fixtures/tokenizer/bytes-tokenizer.json", 50, &r, NULL,
+                       NULL, 0);
 #elif FUZZ_TARGET == 8 /* optimizer.safetensors, as train --resume reads it */
     if (!state_dir[0]) {
         snprintf(state_dir, sizeof(state_dir), "%s.d", path);
