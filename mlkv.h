@@ -186,6 +186,11 @@ float model_forward_backward(Model *m, const int *inputs, const int *targets, in
                              float loss_scale);
 const ParamInfo *model_param(const Model *m, const char *name);
 
+/* Subnormal numbers flushed to zero on this thread and the OpenMP threads
+ * (x86 MXCSR FTZ and DAZ, AArch64 FPCR.FZ; elsewhere nothing): many CPUs
+ * compute with subnormals slowly, and training makes them. mlkv_main calls it;
+ * a program computing with this library calls it once first. */
+void flush_subnormals(void);
 /* The matrix product behind every Linear layer: C[M, N] (row-major) =
  * start + A[M, K] B[K, N], where A(i, k) = a[i * a_row + k * a_col],
  * B(k, j) = b[k * b_row + j * b_col], and start is C itself when accumulate,

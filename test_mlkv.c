@@ -774,6 +774,24 @@ static void test_half_precision(void) {
     st_close(&st);
 }
 
+/* flush_subnormals (which main() called first): where the CPU has the mode, a
+ * result below fp32's smallest normal number is 0, on every OpenMP thread */
+static void test_flush_subnormals(void) {
+#if (defined(__x86_64__) || defined(__aarch64__)) && (defined(__GNUC__) || defined(__clang__))
+    int threads_seen = 0, flushed = 0;
+#ifdef _OPENMP
+#pragma omp parallel reduction(+ : threads_seen, flushed)
+#endif
+    {
+        volatile float smallest_normal = 1.17549435e-38f, half = 0.5f;
+        threads_seen++;
+        flushed += smallest_normal * half == 0.0f;
+    }
+    CHECK(flushed == threads_seen, "subnormal results flushed on %d of %d threads", flushed,
+          threads_seen);
+#endif
+}
+
 /* --- the command line: resume, errors ------------------------------------- */
 
 /* Runs a shell command; returns its exit code, output in tmp_dir/out.txt */
@@ -2740,6 +2758,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     mlkv_bin = argv[1];
+    flush_subnormals(); /* the arithmetic mlkv itself computes with */
     snprintf(tmp_dir, sizeof(tmp_dir), "/tmp/mlkv_test_XXXXXX");
     if (!mkdtemp(tmp_dir)) { perror("mkdtemp"); return 2; }
     printf("PyTorch fixtures (error = max|ours - ref| / max|ref|):\n");
@@ -2776,6 +2795,7 @@ int main(int argc, char **argv) {
     test_schedule();
     test_json();
     test_half_precision();
+    test_flush_subnormals();
     test_init();
     test_convert_sizes();
     test_convert();

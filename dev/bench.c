@@ -19,6 +19,7 @@
  * backward, counted without the causal half, as PaLM's MFU does).
  *
  * usage: build/bench [--threads N] [--steps N] [--quick | --gemm | --attention] [--case MODEL:BxT[:bf16] ...]
+ *                    [--subnormals]
  */
 #include "../mlkv.h"
 #include "linear.h"
@@ -185,7 +186,9 @@ static double step_flops_per_token(const Model *m, int T) {
     return 6.0 * matmul_params + 12.0 * c->n_layer * c->hidden_size * T;
 }
 
-static int bench_train(const char *variant, int B, int T, const char *precision, int steps, double peak) {
+static int bench_train(const char *variant, int B, int T, const char *precision, int steps, double peak,
+                       int keep_subnormals) {
+    if (!keep_subnormals) flush_subnormals(); /* as mlkv itself runs */
     Config c;
     if (config_load(&c, "dev/pythia-160m.config.json", NULL) != 0) { fprintf(stderr, "%s\n", mlkv_error()); return 1; }
     if (strcmp(variant, "MLKV-2") == 0) { /* the converter's MLKV-2: 2 owning layers of 1 K/V head, MLP grown */
@@ -223,8 +226,8 @@ static int bench_train(const char *variant, int B, int T, const char *precision,
     double tok_s = (double)B * T * steps / t_total, fpt = step_flops_per_token(&m, T);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("| %s | %d x %d | %s | %.1f | %.0f | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f |\n", variant, B, T,
-           bf16 ? (amx ? "bf16 (AMX)" : "bf16 (portable)") : "fp32", tok_s, tok_s * fpt / 1e9, peak,
+    printf("| %s | %d x %d | %s%s | %.1f | %.0f | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f |\n", variant, B, T,
+           bf16 ? (amx ? "bf16 (AMX)" : "bf16 (portable)") : "fp32", keep_subnormals ? ", subnormals kept" : "", tok_s, tok_s * fpt / 1e9, peak,
            tok_s * fpt / 1e9 / peak, local_peak, tok_s * fpt / 1e9 / local_peak, (double)ru.ru_maxrss / 1048576.0,
            loss);
     free(tokens);
@@ -241,11 +244,13 @@ static void usage(void) {
                     "  --attention   the attention table alone\n"
                     "  --case C      a training case: MHA or MLKV-2, B x T, and fp32 (default) or bf16,\n"
                     "                e.g. MLKV-2:1x2048:bf16 (repeatable; default: MHA and MLKV-2 at 8x256\n"
-                    "                and 1x2048, fp32 and bf16)\n");
+                    "                and 1x2048, fp32 and bf16)\n"
+                    "  --subnormals  run each case also with subnormal numbers computed as they are\n"
+                    "                (mlkv flushes them to zero: flush_subnormals), beside it\n");
 }
 
 int main(int argc, char **argv) {
-    int steps = 2, quick = 0, attention_only = 0, gemm_only = 0, n_cases = 0, n_threads = 0;
+    int steps = 2, quick = 0, attention_only = 0, gemm_only = 0, n_cases = 0, n_threads = 0, subnormals = 0;
     const char *cases[16];
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) n_threads = atoi(argv[++i]);
@@ -253,13 +258,14 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--quick") == 0) quick = 1;
         else if (strcmp(argv[i], "--attention") == 0) attention_only = 1;
         else if (strcmp(argv[i], "--gemm") == 0) gemm_only = 1;
+        else if (strcmp(argv[i], "--subnormals") == 0) subnormals = 1;
         else if (strcmp(argv[i], "--case") == 0 && i + 1 < argc && n_cases < 16) cases[n_cases++] = argv[++i];
-        else if (strcmp(argv[i], "--train-case") == 0 && i + 6 < argc) { /* internal: one case per process */
+        else if (strcmp(argv[i], "--train-case") == 0 && i + 7 < argc) { /* internal: one case per process */
 #ifdef _OPENMP
             if (n_threads > 0) omp_set_num_threads(n_threads);
 #endif
             return bench_train(argv[i + 1], atoi(argv[i + 2]), atoi(argv[i + 3]), argv[i + 4], atoi(argv[i + 5]),
-                               atof(argv[i + 6]));
+                               atof(argv[i + 6]), atoi(argv[i + 7]));
         } else { usage(); return 2; }
     }
 #ifdef _OPENMP
@@ -270,6 +276,7 @@ int main(int argc, char **argv) {
                                      "MHA:8x256:bf16", "MHA:1x2048:bf16", "MLKV-2:8x256:bf16", "MLKV-2:1x2048:bf16"};
         for (n_cases = 0; n_cases < 8; n_cases++) cases[n_cases] = all[n_cases];
     }
+    flush_subnormals();
     double peak = measure_peak();
     printf("threads: %d\nfp32 FMA peak, measured: %.0f GFLOP/s (%.1f per thread)\n", threads(), peak, peak / threads());
     if (attention_only || gemm_only) {
@@ -297,9 +304,11 @@ int main(int argc, char **argv) {
             usage();
             return 2;
         }
-        snprintf(cmd, sizeof(cmd), "%s --threads %d --train-case %s %d %d %s %d %.3f", argv[0], threads(), model, B, T,
-                 precision, steps, peak);
-        if (system(cmd) != 0) { fprintf(stderr, "bench: %s failed\n", cmd); return 1; }
+        for (int keep = 0; keep <= subnormals; keep++) {
+            snprintf(cmd, sizeof(cmd), "%s --threads %d --train-case %s %d %d %s %d %.3f %d", argv[0], threads(), model,
+                     B, T, precision, steps, peak, keep);
+            if (system(cmd) != 0) { fprintf(stderr, "bench: %s failed\n", cmd); return 1; }
+        }
     }
     return 0;
 }
