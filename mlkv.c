@@ -3084,8 +3084,9 @@ int model_convert(const Model *mha, Model *out, const ConvertOptions *o) {
  *    current step with a checkpoint, and --resume continues it bit for bit.
  * ======================================================================== */
 
-/* Helpers of the file formats below (sections 12 and 14) that the training
- * loop and the evaluation call. */
+/* Helpers of the file formats and the command line below (sections 12, 14
+ * and 17) that the training loop and the evaluation call. */
+static void use_threads(int n);
 static int check_output_dir(const char *dir, const char *input, int overwrite,
                             const char *or_resume);
 static int lock_output(const char *dir, char *lock_path);
@@ -3465,9 +3466,7 @@ static int run_training(TrainArgs *t) {
     FILE *log = NULL;
     int *batch_tokens = NULL, rc = -1, start_step = 0, timed_out = 0; /* timed_out: stopped early */
     char log_path[PATH_LEN], lock_path[PATH_LEN];
-#ifdef _OPENMP
-    if (t->threads > 0) omp_set_num_threads(t->threads);
-#endif
+    use_threads(t->threads);
     if (make_path(log_path, t->out_dir, ".log.csv") != 0 || lock_output(t->out_dir, lock_path) != 0)
         return -1;
     if (t->resume) {
@@ -6538,14 +6537,47 @@ typedef struct {
 
 #define FLAGS_OK (-1)
 
-/* A usage error: the message, then the command's usage; exit code 2. */
+/* --threads N (0: all cores) as OpenMP's thread count. More threads than
+ * cores only take turns on them, and every parallel loop then waits at its
+ * barrier for a thread that is not running: said, not refused. */
+static void use_threads(int n) {
+#ifdef _OPENMP
+    if (n > 0) omp_set_num_threads(n);
+    if (n > omp_get_num_procs())
+        fprintf(stderr, "mlkv: warning: --threads %d on %d cores: the threads past the cores "
+                "take turns, which slows every step; leave --threads out to use every core\n",
+                n, omp_get_num_procs());
+#else
+    if (n > 1)
+        fprintf(stderr, "mlkv: warning: --threads %d: this build has no OpenMP and computes "
+                "on one thread (make, or cc -fopenmp, builds one that uses every core)\n", n);
+#endif
+}
+
+/* The command a usage text is of ("usage: mlkv train ..." gives train) */
+static void command_of(const char *usage, char *name, size_t room) {
+    const char *at = strstr(usage, "mlkv ");
+    size_t n = at ? strcspn(at + 5, " \n") : 0;
+    snprintf(name, room, "%.*s", (int)n, at ? at + 5 : "");
+}
+
+/* A usage error: the message, the command's synopsis (its "usage:" lines) and
+ * where the rest is, so the message stays on screen; exit code 2. */
 static int usage_error(const char *usage, const char *fmt, ...) {
     va_list ap;
+    char command[32];
     fprintf(stderr, "mlkv: ");
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "\n%s", usage);
+    const char *line = usage;
+    while (!strncmp(line, "usage: ", 7) || !strncmp(line, "       mlkv ", 12)) {
+        size_t n = strcspn(line, "\n");
+        fprintf(stderr, "\n%.*s", (int)n, line);
+        line += n + (line[n] == '\n');
+    }
+    command_of(usage, command, sizeof(command));
+    fprintf(stderr, "\n(mlkv %s --help: every option)\n", command);
     return 2;
 }
 
@@ -6568,33 +6600,45 @@ static int edit_distance(const char *a, const char *b) {
     return row[n];
 }
 
-/* Parses --flag value pairs into their destinations. Returns FLAGS_OK, or the
- * exit code when the command must stop here: 0 after --help, 2 for a usage
- * error (message printed). positional, when non-NULL, takes the first
- * argument that is not a flag. */
+/* Parses --flag value (or --flag=value) pairs into their destinations.
+ * Returns FLAGS_OK, or the exit code when the command must stop here: 0 after
+ * --help, 2 for a usage error (message printed). positional, when non-NULL,
+ * takes the first argument that is not a flag. */
 static int parse_flags(int argc, char **argv, const Flag *flags, int n_flags, const char *usage,
                        const char **positional) {
     for (int i = 0; i < argc; i++) {
-        const char *arg = argv[i];
-        if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) { printf("%s", usage); return 0; }
-        if (positional && arg[0] != '-' && !*positional) { *positional = arg; continue; }
+        char arg[64];
+        const char *equals = !strncmp(argv[i], "--", 2) ? strchr(argv[i], '=') : NULL;
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { printf("%s", usage); return 0; }
+        if (positional && argv[i][0] != '-' && !*positional) { *positional = argv[i]; continue; }
+        snprintf(arg, sizeof(arg), "%.*s", equals ? (int)(equals - argv[i]) : 63, argv[i]);
         const Flag *f = NULL;
         for (int k = 0; k < n_flags && !f; k++)
             if (!strcmp(arg, flags[k].name)) f = &flags[k];
-        if (!f) { /* the nearest flag, when a typo is likely */
+        if (!f) { /* one line, with the nearest flag when a typo is likely */
             int best = -1, distance = 3;
+            char command[32];
             for (int k = 0; k < n_flags; k++) {
                 int d = edit_distance(arg, flags[k].name);
                 if (d < distance) distance = d, best = k;
             }
-            if (best >= 0)
-                return usage_error(usage, "unknown argument %s: did you mean %s?", arg,
-                                   flags[best].name);
-            return usage_error(usage, "unknown argument %s", arg);
+            char hint[96] = "";
+            if (best >= 0) snprintf(hint, sizeof(hint), ": did you mean %s?", flags[best].name);
+            command_of(usage, command, sizeof(command));
+            fprintf(stderr, "mlkv: unknown argument %s%s (mlkv %s --help: every option)\n",
+                    printable(argv[i]), hint, command);
+            return 2;
         }
-        if (f->kind == FLAG_SWITCH) { *(int *)f->dst = 1; continue; }
-        if (i + 1 >= argc) { fprintf(stderr, "mlkv: %s needs a value\n", arg); return 2; }
-        const char *v = argv[++i];
+        if (f->kind == FLAG_SWITCH) {
+            if (equals) { fprintf(stderr, "mlkv: %s takes no value\n", arg); return 2; }
+            *(int *)f->dst = 1;
+            continue;
+        }
+        if (!equals && i + 1 >= argc) {
+            fprintf(stderr, "mlkv: %s needs a value\n", arg);
+            return 2;
+        }
+        const char *v = equals ? equals + 1 : argv[++i];
         char *end = NULL;
         double x = 0;
         if (f->kind == FLAG_STRING) { *(const char **)f->dst = v; continue; }
@@ -7200,9 +7244,7 @@ static int cmd_sample(int argc, char **argv) {
         return usage_error(sample_usage,
                            "sample: give DIR, and at most one of --prompt and --prompt-ids");
     if (stop && !*stop) return usage_error(sample_usage, "sample: --stop needs a non-empty string");
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-#endif
+    use_threads(threads);
     Model m;
     Tokenizer tok;
     KVCache cache = {0};
@@ -7573,8 +7615,8 @@ static int cmd_bench_kv(int argc, char **argv) {
         return exit_code(n_batches < 0 ? -1 : fail("--batches: no batch size given"));
     o.batches = batches;
     o.n_batches = n_batches;
+    use_threads(o.threads);
 #ifdef _OPENMP
-    if (o.threads > 0) omp_set_num_threads(o.threads);
     o.threads = omp_get_max_threads();
 #else
     o.threads = 1;
@@ -7765,9 +7807,7 @@ static int cmd_eval(int argc, char **argv) {
     if (parsed != FLAGS_OK) return parsed;
     if (!dir || (!data && !task_path && !task_dir))
         return usage_error(eval_usage, "eval: DIR and --data, --task or --tasks are required");
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-#endif
+    use_threads(threads);
     Model m;
     if (model_load(&m, dir) != 0) return exit_code(-1);
     const Config *c = &m.config;
@@ -8555,9 +8595,7 @@ static int cmd_experiment(int argc, char **argv) {
                            "experiment: --resume, --stop-after and --overwrite are train's: run "
                            "the same experiment command again to continue it");
     e.run_dir = t->out_dir;
-#ifdef _OPENMP
-    if (t->threads > 0) omp_set_num_threads(t->threads);
-#endif
+    use_threads(t->threads);
     Model mha;
     GridEntry grid[GRID_SIZE + 32];
     char lock_path[PATH_LEN];
