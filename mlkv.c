@@ -2698,25 +2698,45 @@ const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n
 }
 
 /* Sampling: greedy at temperature 0, else from softmax(logits / T) kept to
- * the top_k most likely tokens and to the smallest set whose probability
- * reaches top_p. */
-typedef struct {
-    double temperature, top_p;
-    int top_k;
-} SamplingConfig;
-typedef struct {
-    float p;
-    int id;
-} Candidate;
+ * the top_k most likely tokens and to the fewest most likely tokens whose
+ * probability reaches top_p (SamplingConfig and Candidate: mlkv.h). */
 
+/* Candidates from the most likely down; equal ones by id */
 static int candidate_order(const void *a, const void *b) {
     float x = ((const Candidate *)a)->p, y = ((const Candidate *)b)->p;
     return x < y ? 1 : x > y ? -1 : ((const Candidate *)a)->id - ((const Candidate *)b)->id;
 }
 
-/* One token from logits [V] as s says; scratch holds V candidates. */
-static int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng,
-                        Candidate *scratch) {
+/* Puts the k first of a[0..n) in candidate_order into a[0..k), in no order
+ * (quickselect: linear time on average, where sorting the 50k candidates of a
+ * vocabulary for every token cost more than the model's step on small models). */
+static void select_first(Candidate *a, int n, int k) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi && k > lo && k <= hi) {
+        Candidate pivot = a[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (candidate_order(&a[i], &pivot) < 0) i++;
+            while (candidate_order(&a[j], &pivot) > 0) j--;
+            if (i <= j) {
+                Candidate t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        /* a[lo..j] come before a[i..hi]; what lies between equals the pivot */
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else break;
+    }
+}
+
+/* One token from logits [V] as s says; scratch holds V candidates. Without
+ * top_k and top_p the draw walks the tokens in id order; with them, the kept
+ * tokens in candidate_order, found a chunk at a time (select_first, then a
+ * sort of the chunk alone) until top_k or top_p is reached. */
+int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng,
+                 Candidate *scratch) {
     int best = argmax(logits, V);
     if (s->temperature <= 0) return best;
     double sum = 0;
@@ -2724,15 +2744,25 @@ static int sample_token(const float *logits, int V, const SamplingConfig *s, uin
         scratch[i] = (Candidate){(float)exp((logits[i] - logits[best]) / s->temperature), i};
         sum += scratch[i].p;
     }
-    qsort(scratch, (size_t)V, sizeof(Candidate), candidate_order);
     int keep = s->top_k > 0 && s->top_k < V ? s->top_k : V;
-    double kept = 0;
-    for (int i = 0; i < keep; i++) {
-        kept += scratch[i].p / sum;
-        if (s->top_p < 1.0 && kept >= s->top_p) {
-            keep = i + 1;
-            break;
+    if (keep == V && s->top_p >= 1.0) { /* the whole distribution */
+        double r = rng_uniform(rng) * sum;
+        for (int i = 0; i < V; i++) {
+            r -= scratch[i].p;
+            if (r < 0) return i;
         }
+        return best;
+    }
+    double kept = 0;
+    for (int done = 0, chunk = 64, reached = 0; done < keep && !reached; chunk *= 2) {
+        int n = keep - done < chunk ? keep - done : chunk;
+        select_first(scratch + done, V - done, n);
+        qsort(scratch + done, (size_t)n, sizeof(Candidate), candidate_order);
+        for (int i = done; i < done + n && !reached; i++) {
+            kept += scratch[i].p / sum;
+            if (s->top_p < 1.0 && kept >= s->top_p) keep = i + 1, reached = 1;
+        }
+        done += n;
     }
     double total = 0;
     for (int i = 0; i < keep; i++) total += scratch[i].p;

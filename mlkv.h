@@ -255,6 +255,20 @@ void kv_cache_free(KVCache *c);
  * length .. length+n-1: appends their K/V and returns the logits, [B, n, V]
  * with all_logits, else [B, V] of the last position (NULL on error). */
 const float *model_cached_forward(Model *m, KVCache *c, const int *tokens, int n);
+/* Sampling: greedy at temperature 0, else a draw (rng: a splitmix64 state)
+ * from softmax(logits / temperature) kept to the top_k most likely tokens
+ * (0: all) and to the fewest most likely whose probability reaches top_p (1:
+ * all). scratch holds V candidates. Returns the token. */
+typedef struct {
+    double temperature, top_p;
+    int top_k;
+} SamplingConfig;
+typedef struct {
+    float p;
+    int id;
+} Candidate;
+int sample_token(const float *logits, int V, const SamplingConfig *s, uint64_t *rng,
+                 Candidate *scratch);
 
 /* ---------------------------------------------------------------------------
  * Optimization: AdamW, clipping, learning-rate schedule */

@@ -774,6 +774,87 @@ static void test_half_precision(void) {
     st_close(&st);
 }
 
+/* --- sampling ------------------------------------------------------------ */
+
+/* splitmix64's uniform in [0, 1), the generator sample_token draws from */
+static double splitmix_uniform(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return ((z ^ (z >> 31)) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static int by_probability(const void *a, const void *b) {
+    float x = ((const Candidate *)a)->p, y = ((const Candidate *)b)->p;
+    return x < y ? 1 : x > y ? -1 : ((const Candidate *)a)->id - ((const Candidate *)b)->id;
+}
+
+/* top-k / top-p by their definition: every candidate sorted, the kept prefix
+ * summed and drawn from in that order */
+static int sample_by_sorting(const float *logits, int V, const SamplingConfig *s,
+                             uint64_t *rng, Candidate *c) {
+    int best = 0;
+    for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
+    double sum = 0, kept = 0, total = 0;
+    for (int i = 0; i < V; i++) {
+        c[i] = (Candidate){(float)exp((logits[i] - logits[best]) / s->temperature), i};
+        sum += c[i].p;
+    }
+    qsort(c, (size_t)V, sizeof(Candidate), by_probability);
+    int keep = s->top_k > 0 && s->top_k < V ? s->top_k : V;
+    for (int i = 0; i < keep; i++)
+        if ((kept += c[i].p / sum) >= s->top_p && s->top_p < 1.0) { keep = i + 1; break; }
+    for (int i = 0; i < keep; i++) total += c[i].p;
+    double r = splitmix_uniform(rng) * total;
+    for (int i = 0; i < keep; i++)
+        if ((r -= c[i].p) < 0) return c[i].id;
+    return c[keep - 1].id;
+}
+
+/* sample_token: with top_k / top_p the very tokens of sorting the whole
+ * vocabulary, draw for draw (it selects the kept ones a chunk at a time);
+ * without them, each token as often as softmax(logits / T) says */
+static void test_sampling(void) {
+    enum { V = 3000, DRAWS = 4000, FREQ_DRAWS = 200000 };
+    static float logits[V];
+    static Candidate scratch[V], reference[V];
+    static int counts[V];
+    unsigned seed = 99;
+    for (int i = 0; i < V; i++) logits[i] = random_value(&seed, 150.0f); /* spread +-6.7 */
+    SamplingConfig cases[] = {{1.0, 1.0, 10},  {0.8, 0.9, 0},    {1.0, 0.5, 50},
+                              {1.3, 0.999, 0}, {1.0, 1.0, 1},    {2.0, 0.3, 0},
+                              {1.0, 1.0, V - 1}};
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+        uint64_t a = 7 + k, b = 7 + k;
+        int same = 0;
+        for (int d = 0; d < DRAWS; d++)
+            same += sample_token(logits, V, &cases[k], &a, scratch) ==
+                    sample_by_sorting(logits, V, &cases[k], &b, reference);
+        CHECK(same == DRAWS, "top_k %d top_p %g T %g: %d of %d draws as by sorting",
+              cases[k].top_k, cases[k].top_p, cases[k].temperature, same, DRAWS);
+    }
+    SamplingConfig all = {1.0, 1.0, 0};
+    uint64_t rng = 1;
+    double sum = 0, worst = 0;
+    float max = logits[0];
+    for (int i = 1; i < V; i++) max = logits[i] > max ? logits[i] : max;
+    for (int i = 0; i < V; i++) sum += exp(logits[i] - max);
+    for (int d = 0; d < FREQ_DRAWS; d++) counts[sample_token(logits, V, &all, &rng, scratch)]++;
+    /* in standard deviations of a count: each token expected 50 times or more, and the
+     * rare ones together */
+    double rare_p = 0, rare_count = 0;
+    for (int i = 0; i < V; i++) {
+        double p = exp(logits[i] - max) / sum;
+        if (FREQ_DRAWS * p < 50) { rare_p += p, rare_count += counts[i]; continue; }
+        worst = fmax(worst, fabs(counts[i] - FREQ_DRAWS * p) / sqrt(FREQ_DRAWS * p * (1 - p)));
+    }
+    worst = fmax(worst, fabs(rare_count - FREQ_DRAWS * rare_p) /
+                            sqrt(FREQ_DRAWS * rare_p * (1 - rare_p)));
+    CHECK(worst < 5.5, "the whole distribution: a count %.1f standard deviations off", worst);
+    printf("  sampling: top-k / top-p draw for draw as by sorting (%d draws x 7), the whole "
+           "softmax within %.1f standard deviations (%d draws)\n", DRAWS, worst, FREQ_DRAWS);
+}
+
 /* flush_subnormals (which main() called first): where the CPU has the mode, a
  * result below fp32's smallest normal number is 0, on every OpenMP thread */
 static void test_flush_subnormals(void) {
@@ -2828,6 +2909,7 @@ int main(int argc, char **argv) {
     test_json();
     test_half_precision();
     test_flush_subnormals();
+    test_sampling();
     test_init();
     test_convert_sizes();
     test_convert();
