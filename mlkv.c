@@ -3139,6 +3139,9 @@ typedef struct {
     int finished;             /* set by run_training: the steps done when it returned */
     int stopped_by;           /* set by run_training: the signal that stopped it early, or 0 */
     int log_every;            /* print every N-th step (every step goes to the log file) */
+    /* after a stop: how to continue ("the same command and --resume"; NULL: the
+     * caller says it) */
+    const char *how_to_continue;
     double epochs, warmup_ratio, max_time; /* max_time: seconds, 0 = none */
     OptimConfig opt;
     uint64_t seed;
@@ -3160,6 +3163,7 @@ static void train_defaults(TrainArgs *t) {
     t->save_every = 500;
     t->val_batches = 20;
     t->log_every = 1;
+    t->how_to_continue = "the same command and --resume";
     t->seed = 42;
     t->opt = (OptimConfig){.lr = 6e-4,
                            .beta1 = 0.9,
@@ -3362,6 +3366,41 @@ static void note_stop_signal(int sig) {
  * --max-tokens over the data) with its warmup, the activations, and on
  * --resume the optimizer state and the data loader's place. A plan that
  * cannot learn is refused with one that can. */
+/* The optimizer steps of t (given, or from the data: --epochs passes over
+ * its n_seqs sequences, or --max-tokens of it) and the schedule's warmup. A
+ * plan that cannot learn is refused with one that can: too few updates (the
+ * reference's 32 x 4 sequences per step need a large corpus), or a warmup
+ * that never reaches the peak learning rate (the first update always uses lr
+ * 0). say_unused: print how much of the data no step uses. */
+static int plan_steps(TrainArgs *t, size_t n_seqs, int say_unused) {
+    int planned = t->steps == 0;
+    double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)n_seqs;
+    if (t->max_tokens) seqs = floor((double)t->max_tokens / t->seq);
+    if (planned)
+        t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
+    t->opt.total_steps = t->steps;
+    t->opt.warmup_steps =
+        t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
+    if (t->resume) return 0;
+    if (planned && t->steps < MIN_PLANNED_STEPS) {
+        int accum = (int)floor(seqs / (MIN_PLANNED_STEPS * (double)t->batch));
+        return fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d "
+                    "sequences: too few to learn. Try %s%d, or --epochs %.0f, or give --steps",
+                    t->train_path, n_seqs, t->seq, t->steps, plural(t->steps), t->batch,
+                    t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
+                    accum >= 1 ? accum : 1, ceil(MIN_PLANNED_STEPS * per_step / (double)n_seqs));
+    }
+    if (t->opt.warmup_steps >= t->steps)
+        return fail("warmup of %d step%s leaves none of the %d at the full learning rate (the "
+                    "first update uses lr 0): give --warmup-steps below %d or more --steps",
+                    t->opt.warmup_steps, plural(t->opt.warmup_steps), t->steps, t->steps);
+    double unused = seqs - (double)t->steps * per_step;
+    if (planned && say_unused && unused >= 1)
+        printf("train: %.0f of %.0f sequences are not used (less than a whole step of %.0f)\n",
+               unused, seqs, per_step);
+    return 0;
+}
+
 static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenFile *val,
                             DataLoader *loader, int *start_step) {
     int epoch = 0;
@@ -3378,42 +3417,9 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
     }
     if (loader_init(loader, train, t->batch, t->seq, t->seed, 1) != 0)
         return fail_in(t->train_path);
-    /* steps from the data: --epochs passes over it, or --max-tokens of it */
-    int planned = t->steps == 0;
-    double per_step = (double)t->batch * t->grad_accum, seqs = t->epochs * (double)loader->n_seqs;
-    if (t->max_tokens) seqs = floor((double)t->max_tokens / t->seq);
-    if (planned)
-        t->steps = seqs / per_step < 2147483647.0 ? (int)floor(seqs / per_step) : 2147483647;
-    t->opt.total_steps = t->steps;
-    t->opt.warmup_steps =
-        t->warmup_steps >= 0 ? t->warmup_steps : (int)ceil(t->steps * t->warmup_ratio);
-    if (model_prepare(model, t->batch, t->seq, 1) != 0) return -1;
+    if (model_prepare(model, t->batch, t->seq, 1) != 0 || plan_steps(t, loader->n_seqs, 1) != 0)
+        return -1;
     model->freeze_embeddings = t->freeze_embeds;
-    /* A plan that cannot learn is refused with one that can: too few updates
-     * (the reference's 32 x 4 sequences per step need a large corpus), or a
-     * warmup that never reaches the peak learning rate (the first update
-     * always uses lr 0). */
-    if (!t->resume && planned && t->steps < MIN_PLANNED_STEPS) {
-        int accum = (int)floor(seqs / (MIN_PLANNED_STEPS * (double)t->batch));
-        fail("%s: %zu sequences of %d tokens make %d optimizer step%s of %d x %d sequences: too "
-             "few to learn. Try %s%d, or --epochs %.0f, or give --steps",
-             t->train_path, loader->n_seqs, t->seq, t->steps, plural(t->steps), t->batch,
-             t->grad_accum, accum >= 1 ? "--grad-accum " : "--batch 1 --grad-accum ",
-             accum >= 1 ? accum : 1, ceil(MIN_PLANNED_STEPS * per_step / (double)loader->n_seqs));
-        return -1;
-    }
-    if (!t->resume && t->opt.warmup_steps >= t->steps) {
-        fail("warmup of %d step%s leaves none of the %d at the full learning rate (the first "
-             "update uses lr 0): give --warmup-steps below %d or more --steps",
-             t->opt.warmup_steps, plural(t->opt.warmup_steps), t->steps, t->steps);
-        return -1;
-    }
-    if (planned && !t->resume) {
-        double unused = seqs - (double)t->steps * per_step;
-        if (unused >= 1)
-            printf("train: %.0f of %.0f sequences are not used (less than a whole step of %.0f)\n",
-                   unused, seqs, per_step);
-    }
     if (t->resume &&
         optimizer_load(model, t->out_dir, t, train->n_tokens, start_step, &epoch, &next) != 0)
         return -1;
@@ -3570,9 +3576,10 @@ static int run_training(TrainArgs *t) {
         printf("saved %s (log %s) in %.1fs\n", t->out_dir, log_path, now_seconds() - t_start);
     if (timed_out) {
         t->stopped_by = stop_signal;
-        printf("stopped by %s after step %d of %d: continue with the same command and --resume\n",
+        printf("stopped by %s after step %d of %d%s%s\n",
                stop_signal == SIGINT ? "SIGINT" : stop_signal == SIGTERM ? "SIGTERM" : "--max-time",
-               finished, t->steps);
+               finished, t->steps, t->how_to_continue ? ": continue with " : "",
+               t->how_to_continue ? t->how_to_continue : "");
     }
     rc = 0;
 done:
@@ -8294,6 +8301,44 @@ static int experiment_settings(const Experiment *e) {
     return rc;
 }
 
+/* What can be checked before the first stage, so that a refused start
+ * writes nothing that blocks the corrected command: every configuration
+ * converts, the uptraining's plan can learn on the training data
+ * (plan_steps), the validation data holds a sequence, every task file loads. */
+static int experiment_check(const Experiment *e, const Model *mha, const GridEntry *grid, int n) {
+    const Config *c = &mha->config;
+    for (int i = 0; i < n; i++) {
+        ConvertOptions co = {.kv_heads = grid[i].kv_heads, .kv_layers = grid[i].kv_layers};
+        Config converted;
+        if (converted_config(c, &co, &converted) != 0) return fail_in(grid[i].name);
+    }
+    TrainArgs t = e->recipe;
+    if (t.seq == 0) t.seq = default_seq_len(c);
+    if (t.seq > c->max_position_embeddings)
+        return fail("--seq %d exceeds the model's max_position_embeddings (%d)", t.seq,
+                    c->max_position_embeddings);
+    TokenFile train;
+    DataLoader loader;
+    if (tokens_load(&train, t.train_path, c->vocab_size) != 0) return -1;
+    int rc = loader_init(&loader, &train, t.batch, t.seq, t.seed, 1) != 0 ? fail_in(t.train_path)
+                                                                         : 0;
+    if (rc == 0) {
+        rc = plan_steps(&t, loader.n_seqs, 0);
+        loader_free(&loader);
+    }
+    tokens_free(&train);
+    if (rc == 0 && e->val.n_tokens < (size_t)t.seq + 1)
+        rc = fail("%s: %zu tokens are fewer than one sequence of %d + 1", t.val_path,
+                  e->val.n_tokens, t.seq);
+    for (int i = 0; rc == 0 && i < e->n_tasks; i++) {
+        Task task;
+        if (task_load(&task, e->task_paths[i], c->vocab_size, e->task_limit, t.model_dir) != 0)
+            rc = -1;
+        else task_free(&task);
+    }
+    return rc;
+}
+
 /* One configuration, stage by stage, each skipped when recorded as done.
  * Returns 0, or train's exit status when the uptraining stopped early. */
 static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, int index, int n) {
@@ -8339,6 +8384,7 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
         t.model_dir = converted;
         t.out_dir = uptrained;
         t.resume = resume;
+        t.how_to_continue = NULL; /* the experiment's own hint below */
         if (run_training(&t) != 0) return -1;
         if (t.finished < t.steps) { /* --max-time, or a signal: the checkpoint is saved */
             printf("experiment: %s stopped after step %d of %d: "
@@ -8635,10 +8681,6 @@ static int cmd_experiment(int argc, char **argv) {
                     : adapted_grid(c->n_layer, c->n_head, grid),
         rc = 0;
     if (n < 0) rc = -1;
-    if (rc == 0 && (mkdir(e.run_dir, 0755) != 0 && errno != EEXIST))
-        rc = fail("%s: cannot create: %s", e.run_dir, strerror(errno));
-    if (rc == 0) rc = lock_output(e.run_dir, lock_path);
-    int locked = rc == 0;
     if (rc == 0) rc = task_paths(NULL, e.task_dir, &e.task_paths, &e.n_tasks);
     if (rc == 0 && e.n_tasks > EXPERIMENT_MAX_TASKS)
         rc = fail("%s: more than %d task files", e.task_dir, EXPERIMENT_MAX_TASKS);
@@ -8649,6 +8691,12 @@ static int cmd_experiment(int argc, char **argv) {
         snprintf(e.task_names[i], sizeof(e.task_names[i]), "%.*s", (int)(strlen(base) - 6), base);
     }
     if (rc == 0) rc = tokens_load(&e.val, t->val_path, c->vocab_size);
+    /* all that can be known before the first stage, before anything is written */
+    if (rc == 0) rc = experiment_check(&e, &mha, grid, n);
+    if (rc == 0 && (mkdir(e.run_dir, 0755) != 0 && errno != EEXIST))
+        rc = fail("%s: cannot create: %s", e.run_dir, strerror(errno));
+    if (rc == 0) rc = lock_output(e.run_dir, lock_path);
+    int locked = rc == 0;
     if (rc == 0) rc = experiment_settings(&e);
     ExperimentRow *rows = rc == 0 ? calloc((size_t)n, sizeof(ExperimentRow)) : NULL;
     if (rc == 0 && !rows) rc = fail("out of memory");

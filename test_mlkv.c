@@ -2573,6 +2573,22 @@ static void test_experiment(void) {
              "MHA-8=2:4,GQA-4=2:2,MLKV-1=1:1 --tasks dev/fixtures/eval/tasks --task-limit 3 --seq "
              "32 --batch 2 --grad-accum 1 --steps 24 --val-batches 2",
              mlkv_bin, train, val);
+    /* the whole plan is checked before the first stage, and a refusal writes nothing: the
+     * corrected command then runs in the same folder */
+    snprintf(a, sizeof(a), "%s/exp_train64.bin", tmp_dir);
+    CHECK(run("%s --warmup-steps 30 --out %s/exp_refused", recipe, tmp_dir) == 1 &&
+              strstr(output(), "warmup of 30 steps leaves none of the 24") &&
+              !strstr(output(), "== experiment [") && !exists("%s/exp_refused", tmp_dir),
+          "a plan that cannot learn is refused before the first stage: %s", output());
+    write_tokens(a, 3000, 64, 13); /* the vocabulary of mlkv_3x2 */
+    CHECK(run("%s --out %s/exp_refused --model dev/fixtures/mlkv_3x2 --train %s --val %s",
+              recipe, tmp_dir, a, a) == 1 &&
+              strstr(output(), "already shares K/V") && !exists("%s/exp_refused", tmp_dir),
+          "an MLKV --model is refused before the first stage: %s", output());
+    CHECK(run("%s --out %s/exp_refused --configs MLKV-1=1:1 --steps 2 --warmup-steps 0", recipe,
+              tmp_dir) == 0 &&
+              strstr(output(), "experiment: done in"),
+          "the corrected command in the same --out: %s", output());
     CHECK(run("%s --out %s/exp", recipe, tmp_dir) == 0 &&
               strstr(output(), "[3/3] MLKV-1: measure decoding") &&
               strstr(output(), "| MLKV-1 | 1 x 1 | 1 |") && strstr(output(), "experiment: done in"),
@@ -2636,8 +2652,9 @@ static void test_experiment(void) {
               "done; kill -TERM $pid; wait $pid; echo \"exit $?\")",
               recipe, tmp_dir, tmp_dir) == 0 &&
               strstr(output(), "stopped by SIGTERM after step ") && strstr(output(), "exit 143") &&
-              !strstr(output(), "experiment: done"),
-          "SIGTERM during an experiment: %s", output());
+              strstr(output(), "run the same command again to continue") &&
+              !strstr(output(), "--resume") && !strstr(output(), "experiment: done"),
+          "SIGTERM during an experiment, one hint: %s", output());
     CHECK(run("%s --out %s/exp4 --configs MHA-8=2:4 --steps 200 --batch 16 --seq 64", recipe,
               tmp_dir) == 0 &&
               strstr(output(), "MHA-8: continue uptraining") &&
