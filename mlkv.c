@@ -7433,8 +7433,10 @@ static void print_theory(void) {
     }
 }
 
+#define BENCH_MAX_REPEAT 100
 typedef struct {
     int prefill, decode, threads;
+    int repeat;         /* timed decoding runs, after a warm-up: the median is reported */
     const int *batches;
     int n_batches;
     double mem_limit;
@@ -7449,12 +7451,17 @@ typedef struct {
 static const int reference_batches[] = {8,   16,  24,  32,  40,  48,  64,  80,  100,
                                         140, 220, 300, 380, 460, 620, 720, 940, 1100};
 
-static const char bench_table_header[] = "| config | batch | KV cache MiB | formula MiB | weights "
-                                         "+ cache + scratch MiB | prefill tok/s | decode tok/s |\n"
-                                         "|---|---|---|---|---|---|---|\n";
+static const char bench_table_header[] =
+    "| config | batch | KV cache MiB | formula MiB | weights + cache + scratch MiB | prefill tok/s "
+    "| decode tok/s (median) | decode tok/s (range) |\n|---|---|---|---|---|---|---|---|\n";
 static const char bench_csv_header[] =
     "config,kv_layers,kv_heads,batch,prefill,decode,kv_cache_bytes,kv_cache_formula_bytes,resident_"
-    "bytes,prefill_tok_s,decode_tok_s,threads\n";
+    "bytes,prefill_tok_s,decode_tok_s,threads,decode_tok_s_min,decode_tok_s_max,repeats\n";
+
+static int double_order(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
 
 /* One configuration: growing batch sizes until the next one would pass the limit. */
 static int bench_model(Model *m, const char *name, const BenchOptions *o) {
@@ -7476,7 +7483,8 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
             break;
         }
         KVCache cache;
-        int *tokens = alloc_zeroed((size_t)B * chunk, sizeof(int), "bench tokens");
+        /* [B, chunk] inputs, then the B first inputs of decoding */
+        int *tokens = alloc_zeroed((size_t)B * (chunk + 1), sizeof(int), "bench tokens");
         if (!tokens || kv_cache_init(&cache, m, B, T, chunk, 0) != 0) { free(tokens); return -1; }
         uint64_t rng = 1;
         double t0 = now_seconds();
@@ -7490,24 +7498,38 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
                 return -1;
             }
         }
-        double t1 = now_seconds();
-        for (int i = 0; i < o->decode; i++) {
-            const float *logits = model_cached_forward(m, &cache, tokens, 1);
-            if (!logits) { kv_cache_free(&cache); free(tokens); return -1; }
-            for (int b = 0; b < B; b++) /* greedy: the next input is each sequence's argmax */
-                tokens[b] = argmax(logits + (size_t)b * c->vocab_size, c->vocab_size);
+        double t1 = now_seconds(), rates[BENCH_MAX_REPEAT];
+        /* decoding: a warm-up, then o->repeat timed runs, each from the prompt's end (the
+         * cache cut back to it, the same first inputs): one short run on a shared machine
+         * measures the machine's moment as much as the model */
+        int *first = tokens + (size_t)B * chunk;
+        memcpy(first, tokens, (size_t)B * sizeof(int));
+        for (int run = -1; run < o->repeat; run++) {
+            cache.length = o->prefill;
+            memcpy(tokens, first, (size_t)B * sizeof(int));
+            double started_run = now_seconds();
+            for (int i = 0; i < o->decode; i++) {
+                const float *logits = model_cached_forward(m, &cache, tokens, 1);
+                if (!logits) { kv_cache_free(&cache); free(tokens); return -1; }
+                for (int b = 0; b < B; b++) /* greedy: the next input is each sequence's argmax */
+                    tokens[b] = argmax(logits + (size_t)b * c->vocab_size, c->vocab_size);
+            }
+            if (run >= 0) rates[run] = B * o->decode / fmax(now_seconds() - started_run, 1e-9);
         }
-        double t2 = now_seconds(), rss = resident_bytes();
+        qsort(rates, (size_t)o->repeat, sizeof(double), double_order);
+        double rss = resident_bytes();
         double formula = (double)kv_cache_bytes(c, 4) * B * T;
         double prefill_rate = B * o->prefill / fmax(t1 - t0, 1e-9),
-               decode_rate = B * o->decode / fmax(t2 - t1, 1e-9);
+               decode_rate = o->repeat % 2 ? rates[o->repeat / 2]
+                                           : (rates[o->repeat / 2 - 1] + rates[o->repeat / 2]) / 2,
+               t2 = t1 + B * o->decode / decode_rate; /* prefill, then a median decoding run */
         if (o->decode_rates) o->decode_rates[i] = decode_rate;
         /* weights + cache + scratch */
         double memory = params + (double)cache.cache_bytes + (double)cache.scratch_bytes;
         if (o->memory_bytes) o->memory_bytes[i] = memory;
-        printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f |\n", name, B,
+        printf("| %s | %d | %.2f | %.2f | %.1f | %.0f | %.1f | %.1f - %.1f |\n", name, B,
                cache.cache_bytes / 1048576.0, formula / 1048576.0, memory / 1048576.0, prefill_rate,
-               decode_rate);
+               decode_rate, rates[0], rates[o->repeat - 1]);
         fflush(stdout);
         /* MB as the reference reports them: MiB; its speed counts decode - 1 tokens */
         if (o->reference_csv)
@@ -7516,9 +7538,10 @@ static int bench_model(Model *m, const char *name, const BenchOptions *o) {
                     (rss - loaded) / 1048576.0, cache.cache_bytes / 1048576.0, t2 - t0,
                     B * (o->decode - 1) / fmax(t2 - t0, 1e-9));
         else
-            fprintf(o->csv, "%s,%d,%d,%d,%d,%d,%zu,%.0f,%.0f,%.2f,%.3f,%d\n", name, c->n_kv_layer,
-                    c->n_kv_head, B, o->prefill, o->decode, cache.cache_bytes, formula, rss,
-                    prefill_rate, decode_rate, o->threads);
+            fprintf(o->csv, "%s,%d,%d,%d,%d,%d,%zu,%.0f,%.0f,%.2f,%.3f,%d,%.3f,%.3f,%d\n", name,
+                    c->n_kv_layer, c->n_kv_head, B, o->prefill, o->decode, cache.cache_bytes,
+                    formula, rss, prefill_rate, decode_rate, o->threads, rates[0],
+                    rates[o->repeat - 1], o->repeat);
         fflush(o->csv);
         kv_cache_free(&cache);
         free(tokens);
@@ -7534,8 +7557,9 @@ static const char *const bench_usage =
     "not dominate the memory measured), decode N more greedily, and report the KV\n"
     "cache (bytes allocated, and 2 * kvL * kvH * head_size * 4 * B * (P + N)), the\n"
     "memory of the configuration (weights + cache + scratch), prefill and decode\n"
-    "tokens/s. A batch that would pass --mem-limit is not "
-    "started. Table on stdout,\none CSV row per run.\n"
+    "tokens/s (decoding: after a warm-up run, the median and range of --repeat runs).\n"
+    "A batch that would pass --mem-limit is not started. Table on stdout, one CSV\n"
+    "row per run.\n"
     "  DIR              a model; with --grid every configuration is converted from it\n"
     "                   on the fly (it must be MHA)\n"
     "  --config FILE    a config.json: random weights (the grid's sizes as the converter's)\n"
@@ -7546,6 +7570,7 @@ static const char *const bench_usage =
     "  --only NAMES     these configurations only, by exact name, e.g. MHA-144,MLKV-2\n"
     "  --prefill P      prompt tokens (2000, or what the window leaves after --decode)\n"
     "  --decode N       generated tokens (48, or a quarter of a small model's window)\n"
+    "  --repeat N       timed decoding runs of N tokens each, after one warm-up run (3)\n"
     "  --max-batch B    largest batch size tried, doubling from 1 (1024)\n"
     "  --batches LIST   these batch sizes instead, e.g. the reference's\n"
     "                   8,16,24,32,40,48,64,80,100,140,220,300,380,460,620,720,940,1100\n"
@@ -7619,8 +7644,9 @@ static int cmd_bench_kv(int argc, char **argv) {
     static const char *const csv_formats[] = {"mlkv", "reference", NULL};
     const char *batch_list = NULL;
     int batch_max = 1024, batches[64], n_batches = 0;
-    BenchOptions o = {.background = resident_bytes(), .time_limit = 60};
+    BenchOptions o = {.background = resident_bytes(), .time_limit = 60, .repeat = 3};
     Flag flags[] = {STRING_FLAG("--config", &config_path),
+                    INT_FLAG("--repeat", &o.repeat, 1, BENCH_MAX_REPEAT),
                     SWITCH_FLAG("--grid", &grid),
                     STRING_FLAG("--only", &only),
                     INT_FLAG("--prefill", &prefill, 1, 1 << 20),
@@ -8232,7 +8258,7 @@ static int experiment_decode(const char *model_dir, ExperimentRow *r, int thread
     if (model_load(&m, model_dir) != 0) return -1;
     if (make_path(csv_path, r->dir, "/decode.csv") != 0) { model_free(&m); return -1; }
     int window = m.config.max_position_embeddings;
-    BenchOptions o = {.decode = window < 64 ? window / 4 : 16, .threads = threads,
+    BenchOptions o = {.decode = window < 64 ? window / 4 : 16, .threads = threads, .repeat = 3,
         .batches = experiment_batches, .n_batches = EXPERIMENT_BATCHES,
         .mem_limit = 0.8 * physical_memory_bytes(), .time_limit = 1e9, .decode_rates = r->decode,
         .memory_bytes = r->memory};

@@ -2820,22 +2820,28 @@ static void test_sample_and_bench(void) {
 
     /* bench-kv: measured cache bytes are the formula's; the memory limit stops cleanly */
     snprintf(path, sizeof(path), "%s/bench.csv", tmp_dir);
-    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --max-batch 4 --csv %s",
-              mlkv_bin, path) == 0,
+    CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --max-batch 4 --repeat 4 "
+              "--csv %s", mlkv_bin, path) == 0 &&
+              strstr(output(), "| decode tok/s (median) | decode tok/s (range) |"),
           "bench-kv: %s", output());
     size_t len;
     char *csv = slurp(path, &len);
-    int rows = 0, same = 1;
+    int rows = 0, same = 1, ordered = 1;
     for (char *line = csv ? strtok(csv, "\n") : NULL; line; line = strtok(NULL, "\n")) {
         long long bytes, formula;
-        int batch;
-        if (sscanf(line, "MLKV-6,3,2,%d,6,3,%lld,%lld,", &batch, &bytes, &formula) == 3) {
+        int batch, threads, repeats;
+        double resident, prefill, median, low, high;
+        if (sscanf(line, "MLKV-6,3,2,%d,6,3,%lld,%lld,%lf,%lf,%lf,%d,%lf,%lf,%d", &batch, &bytes,
+                   &formula, &resident, &prefill, &median, &threads, &low, &high,
+                   &repeats) == 10) {
             rows++;
             same &= bytes == formula && bytes == 2LL * 3 * 2 * 8 * 4 * batch * 9;
+            ordered &= repeats == 4 && low <= median && median <= high && low > 0;
         }
     }
     free(csv);
     CHECK(rows == 3 && same, "bench-kv CSV: %d rows, cache bytes as the formula: %d", rows, same);
+    CHECK(ordered, "bench-kv CSV: the median of 4 runs within their range");
     CHECK(run("%s bench-kv dev/fixtures/mlkv_3x2 --prefill 6 --decode 3 --mem-limit 0.1 --csv %s",
               mlkv_bin, path) == 0 &&
               strstr(output(), "stop: would need"),
