@@ -64,6 +64,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h> /* the free space an experiment checks before it starts */
 #include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -8202,6 +8203,7 @@ typedef struct {
     TokenFile val;
     double started;
     int stages_done, stages_total;
+    int keep_all;            /* --keep all: the AdamW moments of finished uptrainings too */
 } Experiment;
 
 /* The stage line: which configuration, what it does, and the time left at
@@ -8327,6 +8329,57 @@ static int experiment_settings(const Experiment *e) {
     return rc;
 }
 
+/* The bytes of the files under path (a folder walked, links not followed) */
+static double folder_bytes(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return 0;
+    if (!S_ISDIR(st.st_mode)) return S_ISREG(st.st_mode) ? (double)st.st_size : 0;
+    double total = 0;
+    DIR *d = opendir(path);
+    for (struct dirent *entry; d && (entry = readdir(d));) {
+        char name[PATH_LEN], sub[PATH_LEN];
+        if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0 &&
+            make_path(name, "/", entry->d_name) == 0 && make_path(sub, path, name) == 0)
+            total += folder_bytes(sub);
+    }
+    if (d) closedir(d);
+    return total;
+}
+
+/* The parameters of a configuration, from its parameter table alone */
+static double config_parameters(const Config *c) {
+    Model m;
+    memset(&m, 0, sizeof(m));
+    m.config = *c;
+    double n = build_param_table(&m) == 0 ? (double)m.num_parameters : NAN;
+    free(m.params);
+    return n;
+}
+
+/* The disk an experiment of steps uptraining steps writes: per configuration
+ * the converted model and the uptrained one (fp32 weights and the source's
+ * tokenizer files: companion bytes), and while it uptrains the AdamW moments
+ * (twice the weights) and, as a checkpoint is saved, a whole second one
+ * beside it; its log; the tables and pictures. --keep final (the default)
+ * drops the moments of a finished uptraining. done[0] / done[1]: when all is
+ * done, keeping final / all; *peak: the most at one time. */
+static void experiment_disk(const Config *source, const GridEntry *grid, int n, int steps,
+                            double companion, int keep_all, double done[2], double *peak) {
+    done[0] = done[1] = *peak = 64 * 1024.0 * (n + 1); /* stages, tables and pictures */
+    for (int i = 0; i < n; i++) {
+        ConvertOptions co = {.kv_heads = grid[i].kv_heads, .kv_layers = grid[i].kv_layers};
+        Config c;
+        if (converted_config(source, &co, &c) != 0) continue;
+        double model = 4 * config_parameters(&c) + companion, moments = 8 * config_parameters(&c),
+               log = 128.0 * steps;
+        double training = done[keep_all] + 3 * model + 2 * moments + log;
+        *peak = training > *peak ? training : *peak;
+        done[0] += 2 * model + log;
+        done[1] += 2 * model + moments + log;
+    }
+    *peak = done[keep_all] > *peak ? done[keep_all] : *peak;
+}
+
 /* What can be checked before the first stage, so that a refused start
  * writes nothing that blocks the corrected command: every configuration
  * converts, the uptraining's plan can learn on the training data
@@ -8362,6 +8415,35 @@ static int experiment_check(const Experiment *e, const Model *mha, const GridEnt
             rc = -1;
         else task_free(&task);
     }
+    /* the disk it will need, against what the file system has free */
+    double companion = 0, done[2], peak;
+    for (int i = FIRST_COMPANION; checkpoint_files[i]; i++) {
+        char name[PATH_LEN], path[PATH_LEN];
+        if (make_path(name, "/", checkpoint_files[i]) == 0 &&
+            make_path(path, t.model_dir, name) == 0)
+            companion += folder_bytes(path);
+    }
+    experiment_disk(c, grid, n, t.steps, companion, e->keep_all, done, &peak);
+    char parent[PATH_LEN], a[32], b[32], k[32], f[32];
+    snprintf(parent, sizeof(parent), "%s", e->run_dir);
+    if (!file_exists(parent)) { /* the folder it will be made in */
+        char *slash = strrchr(parent, '/');
+        if (slash && slash != parent) *slash = '\0';
+        else snprintf(parent, sizeof(parent), "%s", slash ? "/" : ".");
+    }
+    struct statvfs fs;
+    double free_bytes = statvfs(parent, &fs) == 0 ? (double)fs.f_bavail * fs.f_frsize : INFINITY,
+           there = folder_bytes(e->run_dir);
+    if (rc == 0)
+        printf("experiment: disk: about %s when done (%s at most while it runs; --keep %s: %s); "
+               "%s free\n", format_bytes(a, sizeof(a), done[e->keep_all]),
+               format_bytes(b, sizeof(b), peak), e->keep_all ? "final" : "all",
+               format_bytes(k, sizeof(k), done[!e->keep_all]),
+               format_bytes(f, sizeof(f), free_bytes));
+    if (rc == 0 && peak - there > free_bytes)
+        rc = fail("%s: the experiment needs about %s more on disk, and %s is free there: free "
+                  "some, or choose --out on a larger disk",
+                  e->run_dir, format_bytes(a, sizeof(a), peak - there), f);
     return rc;
 }
 
@@ -8420,6 +8502,9 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
         r->trained = 1;
         if (row_save(r, e->n_tasks) != 0) return -1;
     }
+    /* --keep final: the moments of a finished uptraining are not needed again */
+    if (!e->keep_all && unlink(state) != 0 && errno != ENOENT)
+        return fail("%s: cannot remove: %s", state, strerror(errno));
     e->stages_done++;
     if (!isfinite(r->val[1])) {
         experiment_progress(e, index, n, name, "evaluate after uptraining");
@@ -8665,8 +8750,13 @@ static const char *const experiment_usage =
     "  --grid paper       the reference's nine configurations MHA-144 .. MLKV-1, adapted\n"
     "                     to the model's layers and heads (the default)\n"
     "  --configs LIST     instead: NAME=KV_LAYERS:KV_HEADS,... (e.g. MHA=4:4,MLKV-2=2:1)\n"
-    "  --tasks DIR        task files (python3 tokenize.py tasks) to score each model on\n"
+    "  --tasks DIR        task files (as mlkv eval reads them) to score each model on\n"
     "  --task-limit N     score the first N documents of each task file (all)\n"
+    "  --keep final|all   final (default): a finished uptraining's AdamW moments (twice\n"
+    "                     the model's size) are deleted, the models kept; all: kept too\n"
+    "                     (to train a configuration on with mlkv train --resume)\n"
+    "Before the first stage the whole plan is checked (every configuration, the steps,\n"
+    "the data and task files) and the disk it needs is printed beside the free space.\n"
     "  train options      as mlkv train --help (--batch, --seq, --grad-accum, --steps,\n"
     "                     --epochs or --max-tokens, --lr, ..., --freeze-embeds, --max-time)\n";
 
@@ -8678,12 +8768,14 @@ static int cmd_experiment(int argc, char **argv) {
     int schedule, grid_choice = 0;
     const char *max_time = NULL, *configs = NULL;
     static const char *const grid_names[] = {"paper", NULL};
-    Flag flags[TRAIN_FLAGS + 4];
+    Flag flags[TRAIN_FLAGS + 5];
     int n_flags = train_flag_table(&e.recipe, &schedule, &max_time, flags);
     flags[n_flags++] = (Flag)CHOICE_FLAG("--grid", &grid_choice, grid_names);
     flags[n_flags++] = (Flag)STRING_FLAG("--configs", &configs);
     flags[n_flags++] = (Flag)STRING_FLAG("--tasks", &e.task_dir);
     flags[n_flags++] = (Flag)INT_FLAG("--task-limit", &e.task_limit, 1, INT_MAX);
+    static const char *const keep_names[] = {"final", "all", NULL};
+    flags[n_flags++] = (Flag)CHOICE_FLAG("--keep", &e.keep_all, keep_names);
     int parsed = parse_flags(argc, argv, flags, n_flags, experiment_usage, NULL);
     if (parsed == FLAGS_OK)
         parsed = finish_train_flags(&e.recipe, schedule, max_time, experiment_usage);
@@ -8749,9 +8841,10 @@ static int cmd_experiment(int argc, char **argv) {
     if (finished) rc = experiment_tables(&e, rows, n);
     if (finished && rc == 0) rc = experiment_pictures(&e, rows, n);
     if (rc == 0 && finished) {
-        char spent[32];
+        char spent[32], used[32];
         format_duration(spent, sizeof(spent), now_seconds() - e.started);
-        printf("experiment: done in %s\n", spent);
+        printf("experiment: done in %s; %s holds %s\n", spent, e.run_dir,
+               format_bytes(used, sizeof(used), folder_bytes(e.run_dir)));
     }
     if (locked) unlink(lock_path);
     for (int i = 0; i < e.n_tasks; i++) free(e.task_paths[i]);
@@ -8763,7 +8856,8 @@ static int cmd_experiment(int argc, char **argv) {
 }
 
 static const char *const demo_usage =
-    "usage: mlkv demo [--out DIR] [--pretrain-steps N] [--uptrain-steps N] [--threads N]\n"
+    "usage: mlkv demo [--out DIR] [--pretrain-steps N] [--uptrain-steps N] [--keep final|all]\n"
+    "                 [--threads N]\n"
     "The MLKV experiment in miniature, no download. Writes a corpus of short documents\n"
     "that state six random facts (\"ann red cup .\") and then repeat them, so that the\n"
     "second half can only be predicted by attending back to the first, and 200 held-out\n"
@@ -8773,7 +8867,8 @@ static const char *const demo_usage =
     "converted, evaluated, uptrained with the same recipe, evaluated again and timed.\n"
     "Prints the commands it runs and the table; writes everything under DIR (demo),\n"
     "the table and the pictures in DIR/experiment. Run it again to continue an\n"
-    "interrupted demo (or to print the table of a finished one).\n";
+    "interrupted demo (or to print the table of a finished one). --keep as experiment's:\n"
+    "final (default) deletes each finished uptraining's AdamW moments, all keeps them.\n";
 
 /* Runs one of mlkv's commands as a user would type it (argv[0] its name),
  * printing the line first. */
@@ -8810,12 +8905,14 @@ static int demo_probes(const char *path, int n_docs, uint64_t seed) {
 
 static int cmd_demo(int argc, char **argv) {
     const char *out = "demo";
-    int pretrain_steps = 250, uptrain_steps = 40, threads = 0;
+    int pretrain_steps = 250, uptrain_steps = 40, threads = 0, keep_all = 0;
+    static const char *const keep_names[] = {"final", "all", NULL};
     Flag flags[] = {STRING_FLAG("--out", &out),
                     INT_FLAG("--pretrain-steps", &pretrain_steps, 2, 1e9),
                     INT_FLAG("--uptrain-steps", &uptrain_steps, 2, 1e9),
-                    INT_FLAG("--threads", &threads, 1, 4096)};
-    int parsed = parse_flags(argc, argv, flags, 4, demo_usage, NULL);
+                    INT_FLAG("--threads", &threads, 1, 4096),
+                    CHOICE_FLAG("--keep", &keep_all, keep_names)};
+    int parsed = parse_flags(argc, argv, flags, 5, demo_usage, NULL);
     if (parsed != FLAGS_OK) return parsed;
     char train_path[PATH_LEN], val_path[PATH_LEN], task_dir[PATH_LEN], probes[PATH_LEN],
         init_dir[PATH_LEN];
@@ -8835,6 +8932,16 @@ static int cmd_demo(int argc, char **argv) {
         .intermediate_size = 768, .max_position_embeddings = 128, .n_kv_head = 12, .n_kv_layer = 12,
         .rotary_pct = 1.0, .rotary_base = 10000, .layer_norm_eps = 1e-5, .initializer_range = 0.02,
         .parallel_residual = 1, .shared_key_rotary = 1};
+    /* the disk: the corpus, the initial and the pretrained model with its moments (kept:
+     * the pretraining continues from them), then the experiment's */
+    GridEntry grid[GRID_SIZE + 32];
+    double done[2], peak, weights = 4 * config_parameters(&c), own = 2.1e6 + 4 * weights;
+    experiment_disk(&c, grid, adapted_grid(c.n_layer, c.n_head, grid), uptrain_steps, 0,
+                    keep_all, done, &peak);
+    char a[32], b[32];
+    printf("demo: about %s on disk when done (%s at most while it runs)\n",
+           format_bytes(a, sizeof(a), own + done[keep_all]),
+           format_bytes(b, sizeof(b), own + fmax(peak, 4 * weights)));
     printf("demo: writing the corpus to %s (train 1M tokens, "
            "val 50k; %d words) and 200 recall probes to %s\n", out, DEMO_WORDS, probes);
     if (mkdir(out, 0755) != 0 && errno != EEXIST)
@@ -8851,7 +8958,8 @@ static int cmd_demo(int argc, char **argv) {
     model_free(&m);
     if (rc != 0) return exit_code(rc);
     double t0 = now_seconds();
-    char steps[16], uptrain[16], threads_text[16];
+    char steps[16], uptrain[16], threads_text[16], keep_text[8];
+    snprintf(keep_text, sizeof(keep_text), "%s", keep_names[keep_all]);
     snprintf(steps, sizeof(steps), "%d", pretrain_steps);
     snprintf(uptrain, sizeof(uptrain), "%d", uptrain_steps);
     snprintf(threads_text, sizeof(threads_text), "%d", threads);
@@ -8884,16 +8992,17 @@ static int cmd_demo(int argc, char **argv) {
         "16",         "--seq",        "128",       "--grad-accum",   "1",        "--steps",
         uptrain,      "--lr",         "1e-3",      "--warmup-ratio", "0.1",      "--val-batches",
         "5",          "--eval-every", "0",         "--log-every",    "10",       "--save-every",
-        "0",          "--threads",    threads_text};
+        "0",          "--keep",       keep_text,   "--threads",      threads_text};
     /* as above */
     int n_experiment =
         (int)(sizeof(experiment_argv) / sizeof(experiment_argv[0])) - (threads ? 0 : 2);
     rc = demo_run(cmd_experiment, experiment_argv, n_experiment);
     if (rc != 0) return rc;
-    printf("demo: done in %.0fs. A uniform guess over the %d "
+    printf("demo: done in %.0fs; %s holds %s. A uniform guess over the %d "
            "words has loss %.3f; recall is the fraction of\n"
            "probes whose color and thing the model predicts (1 in 64 by chance).\n",
-           now_seconds() - t0, DEMO_WORDS, log((double)DEMO_WORDS));
+           now_seconds() - t0, out, format_bytes(a, sizeof(a), folder_bytes(out)), DEMO_WORDS,
+           log((double)DEMO_WORDS));
     return 0;
 }
 

@@ -2561,6 +2561,14 @@ static int count_lines(const char *path) {
     return text ? lines : -1;
 }
 
+/* The bytes of a unit as format_bytes writes them ("KiB." with its period too) */
+static double unit_bytes(const char *unit) {
+    return !strncmp(unit, "KiB", 3) ? 1024.0
+           : !strncmp(unit, "MiB", 3) ? 1048576.0
+           : !strncmp(unit, "GiB", 3) ? 1073741824.0
+                                     : 1.0;
+}
+
 static void test_experiment(void) {
     char train[400], val[400], a[400], b[400];
     snprintf(train, sizeof(train), "%s/exp_train.bin", tmp_dir);
@@ -2585,14 +2593,30 @@ static void test_experiment(void) {
               recipe, tmp_dir, a, a) == 1 &&
               strstr(output(), "already shares K/V") && !exists("%s/exp_refused", tmp_dir),
           "an MLKV --model is refused before the first stage: %s", output());
-    CHECK(run("%s --out %s/exp_refused --configs MLKV-1=1:1 --steps 2 --warmup-steps 0", recipe,
-              tmp_dir) == 0 &&
-              strstr(output(), "experiment: done in"),
-          "the corrected command in the same --out: %s", output());
+    CHECK(run("%s --out %s/exp_refused --configs MLKV-1=1:1 --steps 2 --warmup-steps 0 --keep all",
+              recipe, tmp_dir) == 0 &&
+              strstr(output(), "experiment: done in") &&
+              exists("%s/exp_refused/MLKV-1/uptrained/optimizer.safetensors", tmp_dir),
+          "the corrected command in the same --out, --keep all: %s", output());
     CHECK(run("%s --out %s/exp", recipe, tmp_dir) == 0 &&
               strstr(output(), "[3/3] MLKV-1: measure decoding") &&
               strstr(output(), "| MLKV-1 | 1 x 1 | 1 |") && strstr(output(), "experiment: done in"),
           "experiment: %s", output());
+    /* the disk: the estimate printed first, what the run holds at the end, near each other;
+     * --keep final (the default) has deleted the finished uptrainings' moments */
+    double estimate = 0, held = 0;
+    char unit_e[8] = "", unit_h[8] = "";
+    const char *line = strstr(output(), "experiment: disk: about ");
+    const char *holds = strstr(output(), "/exp holds ");
+    CHECK(line && holds && sscanf(line, "experiment: disk: about %lf %7s", &estimate, unit_e) == 2 &&
+              sscanf(holds, "/exp holds %lf %7s", &held, unit_h) == 2 &&
+              held * unit_bytes(unit_h) > 0.6 * estimate * unit_bytes(unit_e) &&
+              held * unit_bytes(unit_h) < 1.2 * estimate * unit_bytes(unit_e),
+          "the disk estimate (%g %s) and the use (%g %s): %s", estimate, unit_e, held, unit_h,
+          output());
+    CHECK(!exists("%s/exp/MLKV-1/uptrained/optimizer.safetensors", tmp_dir) &&
+              exists("%s/exp/MLKV-1/uptrained/model.safetensors", tmp_dir),
+          "--keep final: the moments deleted, the model kept");
     snprintf(a, sizeof(a), "%s/exp/results.csv", tmp_dir);
     size_t len;
     char *csv = slurp(a, &len);
