@@ -3828,6 +3828,14 @@ static int task_doc_parse(TaskDoc *doc, const Json *j, Task *t, int vocab, TaskT
     return 0;
 }
 
+/* A task's name by default: its file's name without .jsonl */
+static void task_name_of(const char *path, char *name, size_t room) {
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    size_t n = strlen(base);
+    if (n > 6 && !strcmp(base + n - 6, ".jsonl")) n -= 6;
+    snprintf(name, room, "%.*s", (int)n, base);
+}
+
 /* Reads up to limit documents (0: all) of a task file; tokenizer (a
  * tokenizer.json or a model folder holding one, or NULL) makes the ids of
  * documents that have none. */
@@ -3837,10 +3845,7 @@ static int task_load(Task *t, const char *path, int vocab, int limit, const char
     memset(t, 0, sizeof(*t));
     if (read_file(path, &text, &len) != 0) return -1;
     TaskText tt = {.path = path, .tokenizer_path = tokenizer};
-    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    size_t n_base = strlen(base);
-    if (n_base > 6 && !strcmp(base + n_base - 6, ".jsonl")) n_base -= 6;
-    snprintf(tt.default_name, sizeof(tt.default_name), "%.*s", (int)n_base, base);
+    task_name_of(path, tt.default_name, sizeof(tt.default_name));
     int rc = 0, line_no = 0, cap = 0;
     for (char *line = text, *next;
          rc == 0 && line < text + len && (limit == 0 || t->n_docs < limit); line = next) {
@@ -8370,8 +8375,8 @@ static void experiment_disk(const Config *source, const GridEntry *grid, int n, 
         ConvertOptions co = {.kv_heads = grid[i].kv_heads, .kv_layers = grid[i].kv_layers};
         Config c;
         if (converted_config(source, &co, &c) != 0) continue;
-        double model = 4 * config_parameters(&c) + companion, moments = 8 * config_parameters(&c),
-               log = 128.0 * steps;
+        double parameters = config_parameters(&c), model = 4 * parameters + companion,
+               moments = 8 * parameters, log = 128.0 * steps;
         double training = done[keep_all] + 3 * model + 2 * moments + log;
         *peak = training > *peak ? training : *peak;
         done[0] += 2 * model + log;
@@ -8802,12 +8807,8 @@ static int cmd_experiment(int argc, char **argv) {
     if (rc == 0) rc = task_paths(NULL, e.task_dir, &e.task_paths, &e.n_tasks);
     if (rc == 0 && e.n_tasks > EXPERIMENT_MAX_TASKS)
         rc = fail("%s: more than %d task files", e.task_dir, EXPERIMENT_MAX_TASKS);
-    for (int i = 0; rc == 0 && i < e.n_tasks; i++) {
-        /* a task's name: its file name without .jsonl */
-        const char *base =
-            strrchr(e.task_paths[i], '/') ? strrchr(e.task_paths[i], '/') + 1 : e.task_paths[i];
-        snprintf(e.task_names[i], sizeof(e.task_names[i]), "%.*s", (int)(strlen(base) - 6), base);
-    }
+    for (int i = 0; rc == 0 && i < e.n_tasks; i++)
+        task_name_of(e.task_paths[i], e.task_names[i], sizeof(e.task_names[i]));
     if (rc == 0) rc = tokens_load(&e.val, t->val_path, c->vocab_size);
     /* all that can be known before the first stage, before anything is written */
     if (rc == 0) rc = experiment_check(&e, &mha, grid, n);
