@@ -4,7 +4,8 @@
 #                 model pretrained, the paper's nine configurations converted, uptrained, compared
 #   make test     tokenize.py's tests, then the C tests built with gcc and clang
 #                 (those installed), native and portable builds, warnings as errors
-#   make bench    training speed and GEMM shapes against the measured fp32 peak
+#   make bench    training speed and GEMM shapes against the measured fp32 peak,
+#                 and the plain cc build's speed against the native build's
 #   make fuzz     libFuzzer on every file format (clang; FUZZ_SECONDS per target, 600)
 CC ?= cc
 OMP ?= 1
@@ -28,9 +29,10 @@ demo: mlkv
 	./mlkv demo
 
 # tokenize.py's tests, then the C tests on builds under build/: per compiler,
-# the fast native build (OpenMP, -march=native: the AVX-512 kernels where the
-# CPU has them) and the portable fallback (no -march: SSE2 on x86-64) with and
-# without OpenMP; warnings are errors. OpenMP's threads get 128 KiB stacks,
+# the native build (OpenMP, -march=native: this CPU's instruction set alone)
+# and the portable build (no -march, as `cc -O3 -o mlkv mlkv.c -lm`) with and
+# without OpenMP, which on x86-64 holds the kernels for AVX-512, AVX2+FMA and
+# the baseline and tests each this CPU runs; warnings are errors. OpenMP's threads get 128 KiB stacks,
 # the smallest default there is (musl), so that a kernel's stack frame that
 # outgrows them fails here.
 test:
@@ -86,9 +88,12 @@ fuzz:
 	  build/fuzz/fuzz-$$name -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -max_len=100000 \
 	    build/fuzz/$$name dev/fuzz/corpus/$$name; done
 
-# Training speed as a fraction of this machine's measured fp32 peak (dev/bench.c)
+# Training speed as a fraction of this machine's measured fp32 peak
+# (dev/bench.c), then the plain build's speed beside the native build's
+# (dev/bench_plain.sh)
 bench: build/bench
 	./build/bench
+	dev/bench_plain.sh
 build/bench: dev/bench.c dev/linear.h mlkv.c mlkv.h
 	@mkdir -p build
 	$(CC) $(CFLAGS) $(WARN) $(OMPFLAGS) -DMLKV_NO_MAIN -o $@ dev/bench.c mlkv.c -lm

@@ -270,6 +270,32 @@ static int make_path(char *out, const char *base, const char *suffix) {
     return 0;
 }
 
+/* The name a model goes by, from the path of its folder or config file, for
+ * the default names of what a command writes about it: the folder's name;
+ * for a hub snapshot in the HF cache (.../models--ORG--NAME/snapshots/HASH)
+ * NAME; for a config file its folder's name when it is config.json, else its
+ * own name less ".json". */
+static void model_name_of(char *name, size_t room, const char *path) {
+    char full[PATH_MAX], *part[3] = {NULL, NULL, NULL}; /* the last three parts of the path */
+    if (!realpath(path, full)) snprintf(full, sizeof(full), "%s", path);
+    trim_slashes(full);
+    size_t n = strlen(full);
+    if (n >= 12 && !strcmp(full + n - 12, "/config.json")) full[n - 12] = '\0';
+    else if (n > 5 && !strcmp(full + n - 5, ".json")) full[n - 5] = '\0';
+    for (int i = 0; i < 3; i++) {
+        char *slash = strrchr(full, '/');
+        part[i] = slash ? slash + 1 : full;
+        if (!slash) break;
+        *slash = '\0';
+    }
+    const char *chosen = part[0];
+    if (part[1] && part[2] && !strcmp(part[1], "snapshots") && !strncmp(part[2], "models--", 8)) {
+        const char *org_end = strstr(part[2] + 8, "--"); /* models--EleutherAI--pythia-160m */
+        chosen = org_end ? org_end + 2 : part[2] + 8;
+    }
+    snprintf(name, room, "%s", *chosen ? chosen : "model");
+}
+
 /* A growing string for writing JSON. Allocation failure ends the process:
  * these strings are a few kilobytes. */
 typedef struct { char *s; size_t len, cap; } StrBuf;
@@ -768,14 +794,120 @@ void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout
     }
 }
 
-/* --- The fast kernels */
+/* --- The fast kernels, and the instruction set they run in. They are plain
+ * C loops that the compiler turns into the vector instructions of the
+ * instruction set it compiles for. Built with -march=native (make), that is
+ * this CPU's own; built plainly for x86-64 (cc -O3 -o mlkv mlkv.c -lm), it
+ * is SSE2 of 2003: vectors of 4 floats and no fused multiply-add, where a
+ * current CPU has 16 floats and two FMA units per core (a Pythia-160M
+ * training step on one thread of a Zen 5: 5.4 tokens/s against 120). So
+ * there, with gcc or clang, every KERNEL below (the work of one task of a
+ * parallel loop) is compiled three times: for AVX-512, for AVX2 with FMA,
+ * and for the compiler's baseline, each through a function target attribute
+ * with everything it calls inlined (flatten); every call runs the one this
+ * CPU has, asked once at start (cpuid), or the one MLKV_KERNELS (avx512,
+ * avx2 or portable) names. The parallel loops stay outside the kernels:
+ * clang compiles an OpenMP loop's body as a function of its own, without its
+ * parent's target attribute. Other compilers and other architectures, and
+ * builds for a given CPU (-march), compile each kernel once, as the flags
+ * say. Each instruction set sums in the same order but rounds its own way
+ * (FMA rounds once where a multiply and an add round twice): results agree
+ * to fp32 rounding between instruction sets, and bit for bit within one. */
+enum { KERNELS_PORTABLE, KERNELS_AVX2, KERNELS_AVX512 };
+/* A helper that kernels call: inlined into each caller, always, so that it
+ * runs in the caller's instruction set with the caller's constants (clang's
+ * flatten inlines one level only, and a GEMM micro-kernel left as a call of
+ * its own keeps its accumulators in memory: 5-7x slower, measured) */
+#if defined(__GNUC__) || defined(__clang__)
+#define KERNEL_INLINE static inline __attribute__((always_inline))
+#else
+#define KERNEL_INLINE static inline
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX512F__)
+#define KERNEL_DISPATCH 1
+static int kernel_set = KERNELS_PORTABLE; /* chosen before main (kernels_at_start) */
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"), flatten))
+#define TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
+/* KERNEL(name, (parameters), (arguments)) { body }: the function `name`,
+ * whose body is compiled once per instruction set */
+#define KERNEL(name, params, args)                                                         \
+    static inline void name##_body params;                                                \
+    TARGET_AVX512 static void name##_avx512 params { name##_body args; }                  \
+    TARGET_AVX2 static void name##_avx2 params { name##_body args; }                      \
+    __attribute__((flatten)) static void name##_portable params { name##_body args; }     \
+    __attribute__((noinline)) static void name params {                                   \
+        if (kernel_set == KERNELS_AVX512) name##_avx512 args;                             \
+        else if (kernel_set == KERNELS_AVX2) name##_avx2 args;                            \
+        else name##_portable args;                                                        \
+    }                                                                                     \
+    static inline void name##_body params
+#else
+#if defined(__AVX512F__)
+#define kernel_set KERNELS_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define kernel_set KERNELS_AVX2
+#else
+#define kernel_set KERNELS_PORTABLE
+#endif
+#define KERNEL(name, params, args) static void name params
+#endif
+/* vectors of 16 floats: the GEMM's micro-tile is twice as wide and high */
+#define VECTOR_512 (kernel_set == KERNELS_AVX512)
+
+static const char *const kernel_set_names[] = {"portable", "avx2", "avx512"};
+
+int kernels_select(const char *name) {
+    int want = -1;
+    for (int i = 0; i < 3; i++)
+        if (name && !strcmp(name, kernel_set_names[i])) want = i;
+    if (name && strcmp(name, "auto") != 0 && want < 0)
+        return fail("MLKV_KERNELS: unknown instruction set '%s' (avx512, avx2, portable or auto)",
+                    name);
+#ifdef KERNEL_DISPATCH
+    __builtin_cpu_init();
+    int best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+                   ? KERNELS_AVX512
+               : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? KERNELS_AVX2
+                                                                                 : KERNELS_PORTABLE;
+    want = want < 0 ? best : want;
+    if (want > best)
+        return fail("MLKV_KERNELS: this CPU has no %s (it runs %s at most)",
+                    kernel_set_names[want], kernel_set_names[best]);
+    kernel_set = want;
+#else
+    if (want >= 0 && want != kernel_set)
+        return fail("MLKV_KERNELS: this build runs its %s kernels only (on x86-64, gcc or "
+                    "clang without -march builds all three)", kernel_set_names[kernel_set]);
+#endif
+    return 0;
+}
+
+const char *kernels_name(void) {
+#ifdef KERNEL_DISPATCH
+    static const char *const chosen[] = {"portable (baseline x86-64, chosen at run time)",
+                                         "AVX2+FMA (chosen at run time)",
+                                         "AVX-512 (chosen at run time)"};
+    return chosen[kernel_set];
+#else
+    static const char *const built[] = {"portable (as compiled)", "AVX2+FMA (as compiled)",
+                                        "AVX-512 (as compiled)"};
+    return built[kernel_set];
+#endif
+}
+
+#ifdef KERNEL_DISPATCH
+/* before main, and so before any program using these kernels computes: the
+ * best set this CPU runs (mlkv_main then applies MLKV_KERNELS) */
+__attribute__((constructor)) static void kernels_at_start(void) { kernels_select("auto"); }
+#endif
 
 /* exp(x) without a libm call or a branch, so loops of it vectorize:
  * exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r)
  * by its Taylor series to r^7 (relative error below 1e-7, about 1 ulp). x is
  * clamped to [-86, 88]: below, the result (5e-38) is negligible in a softmax
  * sum of at least 1. */
-static inline float exp_fast(float x) {
+KERNEL_INLINE float exp_fast(float x) {
     const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     x = x < -86.0f ? -86.0f : x > 88.0f ? 88.0f : x;
     float t = x * 1.44269504088896341f + round_magic;
@@ -800,7 +932,7 @@ static int argmax(const float *x, int n) {
 }
 
 /* x[n] *= alpha */
-static inline void scale_floats(float *x, float alpha, int n) {
+KERNEL_INLINE void scale_floats(float *x, float alpha, int n) {
     for (int i = 0; i < n; i++) x[i] *= alpha;
 }
 
@@ -816,7 +948,7 @@ PARALLEL_FOR
 }
 
 /* y[n] += alpha * x[n] */
-static inline void axpy(float *y, float alpha, const float *x, int n) {
+KERNEL_INLINE void axpy(float *y, float alpha, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
@@ -867,15 +999,14 @@ static inline void axpy(float *y, float alpha, const float *x, int n) {
  * thread count or on M, so a one-token decoding step computes the same bits
  * as the full forward pass. (The measurements behind these choices: make
  * bench, README's Speed.) */
-#if defined(__AVX512F__)
-#define GEMM_MR 12 /* 12 x 32 accumulators: 24 zmm registers */
-#define GEMM_NR 32
-#else
-#define GEMM_MR 6 /* 6 x 16 accumulators: 12 of AVX2's 16 ymm registers */
-#define GEMM_NR 16
-#endif
+/* 12 x 32 accumulators with 512-bit vectors (24 of the 32 zmm registers),
+ * else 6 x 16 (12 of AVX2's 16 ymm registers) */
+#define GEMM_MR (VECTOR_512 ? 12 : 6)
+#define GEMM_NR (VECTOR_512 ? 32 : 16)
+#define GEMM_MR_MAX 12
+#define GEMM_NR_MAX 32
 #define GEMM_KC 256
-#define GEMM_MC (192 * GEMM_MR) /* rows of A packed at once: B*T = 2048 in one block */
+#define GEMM_MC 2304 /* rows of A packed at once (B*T = 2048 in one block): whole panels of 6 or 12 */
 #define GEMM_NC 2048            /* columns of B packed at once */
 #define GEMM_K_WHOLE (3 * GEMM_KC) /* products with K up to this take it in one slice */
 #define GEMM_TASK_ROWS (8 * GEMM_MR) /* one thread's task: this many rows x GEMM_NR columns */
@@ -893,58 +1024,69 @@ static _Alignas(64) float gemm_packed_b[FP32_KC_CAPACITY * GEMM_NC];
  * other loop order, whose single-float stores to rows 128 bytes apart made
  * packing W^T a sixth of the LM head's forward product (measured with perf,
  * one thread). */
-static void pack_panel(float *restrict dst, const float *restrict x, size_t r_stride,
-                       size_t k_stride, int rows, int kc, int width) {
-    if (r_stride == 1 && rows == width && (width == GEMM_NR || width == GEMM_MR)) {
-        /* a whole panel from contiguous rows: copies of constant size, which
-         * the compiler inlines (of the loop below, gcc makes a call of
-         * memmove per row of the panel: 4% of a training step, measured
-         * with perf) */
-        for (int k = 0; k < kc; k++) {
-            if (width == GEMM_NR)
-                memcpy(dst + k * GEMM_NR, x + k * k_stride, GEMM_NR * sizeof(float));
-            else memcpy(dst + k * GEMM_MR, x + k * k_stride, GEMM_MR * sizeof(float));
+/* a whole panel from kc contiguous rows of `width` floats (a constant at
+ * every call): copies of constant size, which the compiler inlines (of
+ * pack_panel's general loop, gcc makes a call of memmove per row of the
+ * panel: 4% of a training step, measured with perf) */
+KERNEL_INLINE void copy_panel_rows(float *restrict dst, const float *restrict x, size_t k_stride,
+                                   int kc, int width) {
+    for (int k = 0; k < kc; k++) memcpy(dst + k * width, x + k * k_stride, width * sizeof(float));
+}
+
+KERNEL_INLINE void pack_panel(float *restrict dst, const float *restrict x, size_t r_stride,
+                              size_t k_stride, int rows, int kc, int width) {
+    if (r_stride == 1 && rows == width) switch (width) { /* the panel widths of the kernels */
+        case 6: copy_panel_rows(dst, x, k_stride, kc, 6); return;
+        case 12: copy_panel_rows(dst, x, k_stride, kc, 12); return;
+        case 16: copy_panel_rows(dst, x, k_stride, kc, 16); return;
+        case 32: copy_panel_rows(dst, x, k_stride, kc, 32); return;
         }
-        return;
-    }
     for (int k = 0; k < kc; k++)
         for (int r = 0; r < rows; r++) dst[k * width + r] = x[r * r_stride + k * k_stride];
     for (int k = 0; k < kc; k++)
         for (int r = rows; r < width; r++) dst[k * width + r] = 0.0f;
 }
 
-/* c[MR, cols] (row stride ldc) = start + sum over k of A(:, k) (x) b[k, :],
+/* The micro-kernel: c[mr, cols] (row stride ldc) = start + A[mr, kc] B[kc, cols],
  * where start is c itself (accumulate), or init[cols] in every row (the
  * bias, or zeros: read straight into the accumulators, saving a pass that
  * writes c only for the kernel to load it back), and
  * A(i, k) = a[i * a_row + k * a_col]:
  * a packed panel [kc, MR] has a_row = 1, a_col = GEMM_MR; a row-major tile
  * [MR, kc] has a_row = its row length, a_col = 1. b: [kc, NR], rows ldb
- * floats apart (GEMM_NR when packed). cols is GEMM_NR, or GEMM_NR / 2 for
+ * floats apart (GEMM_NR when packed). cols is nr, or nr / 2 (`half`) for
  * attention heads half as wide (read in place, not padded to twice their
- * width); a constant at every call, so after inlining it is one too.
- * The trip counts MR and cols are constants: gcc and clang unroll them and keep
- * acc in registers; per k the inner loop becomes (AVX-512, objdump -d) two
- * vector loads of b, and for each of the 12 rows one vbroadcastss of A and
- * two vfmadd231ps. */
+ * width). mr and nr are constants at every call (the two shapes, below), and
+ * so is half after inlining: gcc and clang unroll the loops and keep acc in
+ * registers; per k the inner loop becomes (AVX-512, objdump -d) two vector
+ * loads of b, and for each of the 12 rows one vbroadcastss of A and two
+ * vfmadd231ps. */
+KERNEL_INLINE void gemm_kernel_shaped(int mr, int nr, int kc, const float *restrict a, size_t a_row,
+                                      size_t a_col, const float *restrict b, size_t ldb,
+                                      float *restrict c, size_t ldc, const float *restrict init,
+                                      int half) {
+    float acc[GEMM_MR_MAX][GEMM_NR_MAX]; /* of which [mr][nr] are used */
+    int cols = half ? nr / 2 : nr;
+    for (int i = 0; i < GEMM_MR_MAX; i++)
+        for (int j = 0; j < GEMM_NR_MAX; j++)
+            acc[i][j] = i >= mr || j >= cols ? 0.0f : init ? init[j] : c[i * ldc + j];
+    for (int k = 0; k < kc; k++)
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < cols; j++) acc[i][j] += a[i * a_row + k * a_col] * b[k * ldb + j];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < cols; j++) c[i * ldc + j] = acc[i][j];
+}
+
 /* init of the products that start from zero (any number of columns up to GEMM_NC) */
 static const float zero_row[GEMM_NC];
 
-/* The micro-kernel: C[GEMM_MR, cols] = start + A[GEMM_MR, kc] B[kc, cols]
- * (start: init in every row, or C), with A(i, k) = a[i * a_row + k * a_col]
- * and B's rows ldb apart; the accumulators stay in registers (below). */
-static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col,
+/* The micro-kernel at this instruction set's tile, GEMM_MR x GEMM_NR (or
+ * GEMM_NR / 2 columns when half) */
+KERNEL_INLINE void gemm_kernel(int kc, const float *restrict a, size_t a_row, size_t a_col,
                                const float *restrict b, size_t ldb, float *restrict c, size_t ldc,
-                               const float *restrict init, int cols) {
-    float acc[GEMM_MR][GEMM_NR];
-    for (int i = 0; i < GEMM_MR; i++)
-        for (int j = 0; j < GEMM_NR; j++)
-            acc[i][j] = j >= cols ? 0.0f : init ? init[j] : c[i * ldc + j];
-    for (int k = 0; k < kc; k++)
-        for (int i = 0; i < GEMM_MR; i++)
-            for (int j = 0; j < cols; j++) acc[i][j] += a[i * a_row + k * a_col] * b[k * ldb + j];
-    for (int i = 0; i < GEMM_MR; i++)
-        for (int j = 0; j < cols; j++) c[i * ldc + j] = acc[i][j];
+                               const float *restrict init, int half) {
+    if (VECTOR_512) gemm_kernel_shaped(12, 32, kc, a, a_row, a_col, b, ldb, c, ldc, init, half);
+    else gemm_kernel_shaped(6, 16, kc, a, a_row, a_col, b, ldb, c, ldc, init, half);
 }
 
 /* A tile of C (rows x cols at most MR x NR, row stride ldc) += A B. The
@@ -952,16 +1094,16 @@ static inline void gemm_kernel(int kc, const float *restrict a, size_t a_row, si
  * from init[cols] (the bias, or zeros) in every row. A ragged tile at the
  * edge of C goes through a full-size copy, so the arithmetic is the kernel's
  * own. */
-static void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const float *b, float *c,
-                       size_t ldc, const float *init, int rows, int cols) {
+KERNEL_INLINE void gemm_block(int kc, const float *a, size_t a_row, size_t a_col, const float *b,
+                              float *c, size_t ldc, const float *init, int rows, int cols) {
     if (rows == GEMM_MR && cols == GEMM_NR) {
-        gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, c, ldc, init, GEMM_NR);
+        gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, c, ldc, init, 0);
         return;
     }
-    float tile[GEMM_MR * GEMM_NR] = {0};
+    float tile[GEMM_MR_MAX * GEMM_NR_MAX] = {0};
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) tile[i * GEMM_NR + j] = init ? init[j] : c[i * ldc + j];
-    gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, tile, GEMM_NR, NULL, GEMM_NR);
+    gemm_kernel(kc, a, a_row, a_col, b, GEMM_NR, tile, GEMM_NR, NULL, 0);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * GEMM_NR + j];
 }
@@ -994,7 +1136,7 @@ static int gemm_use_amx;
 
 /* fp32 -> bf16, rounding to nearest even; NaN stays NaN, denormals become
  * zero (AMX treats them so). Branch-free, so packing loops vectorize. */
-static inline uint16_t bf16_from_float(float x) {
+KERNEL_INLINE uint16_t bf16_from_float(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof(u));
     uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -1004,7 +1146,7 @@ static inline uint16_t bf16_from_float(float x) {
                                                       : rounded);
 }
 
-static inline float bf16_to_float(uint16_t h) {
+KERNEL_INLINE float bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float x;
     memcpy(&x, &u, sizeof(x));
@@ -1012,21 +1154,21 @@ static inline float bf16_to_float(uint16_t h) {
 }
 
 /* Two numbers as the 32-bit word of their bf16 pair, lo in the low half */
-static inline uint32_t bf16_pair(float lo, float hi) {
+KERNEL_INLINE uint32_t bf16_pair(float lo, float hi) {
     return (uint32_t)bf16_from_float(lo) | (uint32_t)bf16_from_float(hi) << 16;
 }
 
 /* Where element (r, k) of a 32-row A panel, or (k, r) of a 32-column B panel, lives */
-static inline size_t bf16_a_index(int r, int k) {
+KERNEL_INLINE size_t bf16_a_index(int r, int k) {
     return (size_t)(k / 32) * 1024 + (size_t)r * 32 + k % 32;
 }
-static inline size_t bf16_b_index(int r, int k) {
+KERNEL_INLINE size_t bf16_b_index(int r, int k) {
     return (size_t)(k / 32) * 1024 + (size_t)(k % 32 / 2) * 64 + (size_t)r * 2 + k % 2;
 }
 
 /* As pack_panel, into bf16 panels of 32 rows of A (or columns of B), K
  * padded with zeros to a multiple of 32 */
-static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, size_t r_stride,
+KERNEL_INLINE void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, size_t r_stride,
                             size_t k_stride, int rows, int kc, int is_b) {
     int kc32 = (kc + 31) / 32 * 32;
     if (rows < BF16_TILE || kc < kc32) { /* ragged: element by element, zeros around */
@@ -1072,7 +1214,7 @@ static void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, siz
 
 /* c[32, 32] (row stride ldc) += A B over kc32 = K rounded up to 32, portably:
  * 8 rows at a time, 8 x 32 accumulators */
-static void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b, float *c,
+KERNEL_INLINE void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b, float *c,
                                  size_t ldc) {
     for (int i0 = 0; i0 < BF16_TILE; i0 += 8) {
         float acc[8][BF16_TILE];
@@ -1165,7 +1307,7 @@ int gemm_set_precision(Precision precision, int allow_amx) {
 
 /* A 32 x 32 block of C (rows x cols of it inside C) += A B in bf16, from
  * init[cols] when given; ragged blocks through a full-size copy. */
-static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc,
+KERNEL_INLINE void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc,
                             const float *init, int rows, int cols) {
     float tile[BF16_TILE * BF16_TILE];
     int whole = rows == BF16_TILE && cols == BF16_TILE;
@@ -1188,28 +1330,35 @@ static void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, floa
  * the same bits as the packed path. */
 #define THIN_ROWS 4
 #define THIN_COLS 16
-/* C = start + A W^T for at most THIN_ROWS rows (a decoding step), w's rows
- * w_row apart: THIN_COLS columns per task, each a dot product over K. */
+/* Columns j0 .. j0+THIN_COLS-1 (fewer at the edge) of C = start + A W^T for
+ * at most THIN_ROWS rows (a decoding step), w's rows w_row apart: each a dot
+ * product over K. */
+KERNEL(gemm_thin_block, (int M, int N, int K, const float *a, size_t a_row, const float *w,
+                         size_t w_row, float *c, int accumulate, const float *bias, int j0),
+       (M, N, K, a, a_row, w, w_row, c, accumulate, bias, j0)) {
+    int cols = N - j0 < THIN_COLS ? N - j0 : THIN_COLS;
+    float acc[THIN_ROWS][THIN_COLS] = {{0}};
+    const float *wj[THIN_COLS];
+    for (int j = 0; j < THIN_COLS; j++) wj[j] = w + (size_t)(j0 + (j < cols ? j : 0)) * w_row;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < cols; j++)
+            acc[i][j] = accumulate ? c[(size_t)i * N + j0 + j] : bias ? bias[j0 + j] : 0.0f;
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < THIN_ROWS; i++) {
+            float x = i < M ? a[i * a_row + k] : 0.0f;
+            for (int j = 0; j < THIN_COLS; j++) acc[i][j] += x * wj[j][k];
+        }
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < cols; j++) c[(size_t)i * N + j0 + j] = acc[i][j];
+}
+
+/* C = start + A W^T for at most THIN_ROWS rows: THIN_COLS columns per task */
 static void gemm_thin(int M, int N, int K, const float *a, size_t a_row, const float *w,
                       size_t w_row, float *c, int accumulate, const float *bias) {
     int blocks = (N + THIN_COLS - 1) / THIN_COLS;
 PARALLEL_FOR
-    for (int blk = 0; blk < blocks; blk++) {
-        int j0 = blk * THIN_COLS, cols = N - j0 < THIN_COLS ? N - j0 : THIN_COLS;
-        float acc[THIN_ROWS][THIN_COLS] = {{0}};
-        const float *wj[THIN_COLS];
-        for (int j = 0; j < THIN_COLS; j++) wj[j] = w + (size_t)(j0 + (j < cols ? j : 0)) * w_row;
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < cols; j++)
-                acc[i][j] = accumulate ? c[(size_t)i * N + j0 + j] : bias ? bias[j0 + j] : 0.0f;
-        for (int k = 0; k < K; k++)
-            for (int i = 0; i < THIN_ROWS; i++) {
-                float x = i < M ? a[i * a_row + k] : 0.0f;
-                for (int j = 0; j < THIN_COLS; j++) acc[i][j] += x * wj[j][k];
-            }
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < cols; j++) c[(size_t)i * N + j0 + j] = acc[i][j];
-    }
+    for (int blk = 0; blk < blocks; blk++)
+        gemm_thin_block(M, N, K, a, a_row, w, w_row, c, accumulate, bias, blk * THIN_COLS);
 }
 
 /* How gemm() cuts a product into blocks: panels of mr rows of A and nr
@@ -1258,6 +1407,64 @@ static GemmPlan gemm_plan(int M, int N, int K, size_t a_col, int bf16) {
     return (GemmPlan){mr, nr, task_rows, a_in_place, k_slice, mc_block, nc_block};
 }
 
+/* One block of a product, as its two kernels (packing, and the tiles of a
+ * task) see it: rows m0 .. m0+mc-1 and columns n0 .. n0+nc-1 of C, the
+ * slice k0 .. k0+kc-1 of K (kc32: kc rounded up to bf16's step of 32) */
+typedef struct {
+    int M, N, accumulate, bf16;
+    const float *a, *b, *bias;
+    size_t a_row, a_col, b_row, b_col;
+    float *c;
+    GemmPlan plan;
+    int m0, n0, k0, mc, nc, kc, kc32;
+    int a_panels, a_packed_from, a_packs; /* A's panels; those read in place come first */
+    const float *init; /* where the first slice starts: the bias, zeros, or NULL (C itself) */
+} GemmBlock;
+
+/* Panel q of the block into the packed buffers: A's panels to pack first, then B's */
+KERNEL(gemm_pack, (const GemmBlock *g, int q), (g, q)) {
+    int mr = g->plan.mr, nr = g->plan.nr;
+    /* slot: the panel's place in the packed block (A's from a_packed_from) */
+    int is_b = q >= g->a_packs, slot = is_b ? q - g->a_packs : q,
+        p = is_b ? slot : g->a_packed_from + q;
+    int r0 = (is_b ? g->n0 : g->m0) + p * (is_b ? nr : mr), end = is_b ? g->N : g->M;
+    int rows = end - r0 < (is_b ? nr : mr) ? end - r0 : (is_b ? nr : mr);
+    const float *x = is_b ? g->b + g->k0 * g->b_row + r0 * g->b_col
+                          : g->a + r0 * g->a_row + g->k0 * g->a_col;
+    size_t r_stride = is_b ? g->b_col : g->a_row, k_stride = is_b ? g->b_row : g->a_col;
+    if (g->bf16)
+        pack_panel_bf16((is_b ? gemm_bf16_b : gemm_bf16_a) + (size_t)slot * BF16_TILE * g->kc32, x,
+                        r_stride, k_stride, rows, g->kc, is_b);
+    else
+        pack_panel((is_b ? gemm_packed_b : gemm_packed_a) + (size_t)slot * (is_b ? nr : mr) * g->kc,
+                   x, r_stride, k_stride, rows, g->kc, is_b ? nr : mr);
+}
+
+/* The tiles of task (down, across): a strip of task_rows rows of the block
+ * against its column panel `across` */
+KERNEL(gemm_task, (const GemmBlock *g, int down, int across), (g, down, across)) {
+    int mr = g->plan.mr, nr = g->plan.nr, kc = g->kc, kc32 = g->kc32, N = g->N;
+    int j0 = across * nr, cols = g->nc - j0 < nr ? g->nc - j0 : nr;
+    const float *tile_init = g->init ? g->init + j0 : NULL;
+    int p1 = (down + 1) * g->plan.task_rows / mr;
+    for (int p = down * g->plan.task_rows / mr; p < p1 && p < g->a_panels; p++) {
+        int i0 = p * mr, rows = g->mc - i0 < mr ? g->mc - i0 : mr;
+        float *ct = g->c + (size_t)(g->m0 + i0) * N + g->n0 + j0;
+        if (g->bf16) {
+            gemm_block_bf16(kc32, gemm_bf16_a + (size_t)p * BF16_TILE * kc32,
+                            gemm_bf16_b + (size_t)across * BF16_TILE * kc32, ct, N, tile_init,
+                            rows, cols);
+            continue;
+        }
+        int in_place = p < g->a_packed_from;
+        const float *ap = in_place ? g->a + (g->m0 + i0) * g->a_row + g->k0 * g->a_col
+                                   : gemm_packed_a + (size_t)(p - g->a_packed_from) * mr * kc;
+        size_t ar = in_place ? g->a_row : 1, ac = in_place ? g->a_col : (size_t)mr;
+        gemm_block(kc, ap, ar, ac, gemm_packed_b + (size_t)across * nr * kc, ct, N, tile_init,
+                   rows, cols);
+    }
+}
+
 /* C[M, N] = start + A B (mlkv.h states the strides): the packing of each
  * block of A and B, then the micro-kernel over its tiles, both shared out
  * among the threads. */
@@ -1269,76 +1476,37 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
         return;
     }
     GemmPlan plan = gemm_plan(M, N, K, a_col, bf16);
-    int mr = plan.mr, nr = plan.nr, task_rows = plan.task_rows, a_in_place = plan.a_in_place;
-    int k_slice = plan.k_slice, mc_block = plan.mc_block, nc_block = plan.nc_block;
+    int mr = plan.mr, nr = plan.nr, task_rows = plan.task_rows;
     /* one parallel region for the whole product: every thread walks the same
      * blocks, and the implicit barriers of the two loops keep packing and
      * multiplying apart */
 PARALLEL_REGION
     {
         if (bf16 && gemm_use_amx) amx_configure();
-        for (int m0 = 0; m0 < M; m0 += mc_block)
-            for (int n0 = 0; n0 < N; n0 += nc_block)
-                for (int k0 = 0; k0 < K; k0 += k_slice) {
-                    int mc = M - m0 < mc_block ? M - m0 : mc_block,
-                        nc = N - n0 < nc_block ? N - n0 : nc_block;
-                    int kc = K - k0 < k_slice ? K - k0 : k_slice, kc32 = (kc + 31) / 32 * 32;
-                    int a_panels = (mc + mr - 1) / mr, b_panels = (nc + nr - 1) / nr;
-                    int a_packed_from = a_in_place ? mc / mr : 0,
-                        a_packs = a_panels - a_packed_from;
-                    int tasks_down = (mc + task_rows - 1) / task_rows;
+        for (int m0 = 0; m0 < M; m0 += plan.mc_block)
+            for (int n0 = 0; n0 < N; n0 += plan.nc_block)
+                for (int k0 = 0; k0 < K; k0 += plan.k_slice) {
+                    GemmBlock g = {M, N, accumulate, bf16, a, b, bias, a_row, a_col, b_row, b_col,
+                                   c, plan, m0, n0, k0, 0, 0, 0, 0, 0, 0, 0, NULL};
+                    g.mc = M - m0 < plan.mc_block ? M - m0 : plan.mc_block;
+                    g.nc = N - n0 < plan.nc_block ? N - n0 : plan.nc_block;
+                    g.kc = K - k0 < plan.k_slice ? K - k0 : plan.k_slice;
+                    g.kc32 = (g.kc + 31) / 32 * 32;
+                    g.a_panels = (g.mc + mr - 1) / mr;
+                    g.a_packed_from = plan.a_in_place ? g.mc / mr : 0;
+                    g.a_packs = g.a_panels - g.a_packed_from;
                     /* the first slice of K starts from the bias (or zero) unless C accumulates */
-                    const float *init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zero_row;
+                    g.init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zero_row;
+                    int b_panels = (g.nc + nr - 1) / nr, tasks_down = (g.mc + task_rows - 1) / task_rows;
                     /* AMX finishes a tile in a fraction of a microsecond: a
                      * thread takes a whole row of them at a time */
                     int tiles_per_grab = bf16 ? b_panels : 1;
                     (void)tiles_per_grab; /* unused without OpenMP */
 OMP_FOR
-                    for (int q = 0; q < a_packs + b_panels; q++) {
-                        /* slot: the panel's place in the packed block (A's from a_packed_from) */
-                        int is_b = q >= a_packs, slot = is_b ? q - a_packs : q,
-                            p = is_b ? slot : a_packed_from + q;
-                        int r0 = (is_b ? n0 : m0) + p * (is_b ? nr : mr), end = is_b ? N : M;
-                        int rows = end - r0 < (is_b ? nr : mr) ? end - r0 : (is_b ? nr : mr);
-                        const float *x =
-                            is_b ? b + k0 * b_row + r0 * b_col : a + r0 * a_row + k0 * a_col;
-                        size_t r_stride = is_b ? b_col : a_row, k_stride = is_b ? b_row : a_col;
-                        if (bf16)
-                            pack_panel_bf16((is_b ? gemm_bf16_b : gemm_bf16_a) +
-                                                (size_t)slot * BF16_TILE * kc32,
-                                            x, r_stride, k_stride, rows, kc, is_b);
-                        else
-                            pack_panel((is_b ? gemm_packed_b : gemm_packed_a) +
-                                           (size_t)slot * (is_b ? nr : mr) * kc,
-                                       x, r_stride, k_stride, rows, kc, is_b ? nr : mr);
-                    }
+                    for (int q = 0; q < g.a_packs + b_panels; q++) gemm_pack(&g, q);
 OMP_FOR_2(tiles_per_grab)
                     for (int down = 0; down < tasks_down; down++)
-                        for (int across = 0; across < b_panels; across++) {
-                            int j0 = across * nr, cols = nc - j0 < nr ? nc - j0 : nr;
-                            const float *tile_init = init ? init + j0 : NULL;
-                            int p1 = (down + 1) * task_rows / mr;
-                            for (int p = down * task_rows / mr; p < p1 && p < a_panels; p++) {
-                                int i0 = p * mr, rows = mc - i0 < mr ? mc - i0 : mr;
-                                float *ct = c + (size_t)(m0 + i0) * N + n0 + j0;
-                                if (bf16) {
-                                    gemm_block_bf16(kc32,
-                                                    gemm_bf16_a + (size_t)p * BF16_TILE * kc32,
-                                                    gemm_bf16_b + (size_t)across * BF16_TILE * kc32,
-                                                    ct, N, tile_init, rows, cols);
-                                    continue;
-                                }
-                                int in_place = p < a_packed_from;
-                                const float *ap =
-                                    in_place ? a + (m0 + i0) * a_row + k0 * a_col
-                                             : gemm_packed_a +
-                                                   (size_t)(p - a_packed_from) * GEMM_MR * kc;
-                                size_t ar = in_place ? a_row : 1, ac = in_place ? a_col : GEMM_MR;
-                                gemm_block(kc, ap, ar, ac,
-                                           gemm_packed_b + (size_t)across * GEMM_NR * kc, ct, N,
-                                           tile_init, rows, cols);
-                            }
-                        }
+                        for (int across = 0; across < b_panels; across++) gemm_task(&g, down, across);
                 }
         if (bf16 && gemm_use_amx) amx_release();
     }
@@ -1369,59 +1537,75 @@ PARALLEL_FOR
 
 /* --- LayerNorm over C channels: out = (x - mean) / sqrt(var + eps) * w + b.
  * stats[N, 2] keeps mean and 1/std for the backward pass. */
+KERNEL(layernorm_forward_row,
+       (float *out, float *stats, const float *inp, const float *w, const float *b, int C,
+        double eps, int n),
+       (out, stats, inp, w, b, C, eps, n)) { /* row n */
+    const float *x = inp + (size_t)n * C;
+    double mean = 0, var = 0;
+    for (int i = 0; i < C; i++) mean += x[i];
+    mean /= C;
+    for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= C;
+    float m = (float)mean, rstd = (float)(1.0 / sqrt(var + eps));
+    float *y = out + (size_t)n * C;
+    for (int i = 0; i < C; i++) y[i] = (x[i] - m) * rstd * w[i] + b[i];
+    stats[2 * n] = m;
+    stats[2 * n + 1] = rstd;
+}
+
 static void layernorm_forward(float *out, float *stats, const float *inp, const float *w,
                               const float *b, int N, int C, double eps) {
 PARALLEL_FOR
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
-        double mean = 0, var = 0;
-        for (int i = 0; i < C; i++) mean += x[i];
-        mean /= C;
-        for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
-        var /= C;
-        float m = (float)mean, rstd = (float)(1.0 / sqrt(var + eps));
-        float *y = out + (size_t)n * C;
-        for (int i = 0; i < C; i++) y[i] = (x[i] - m) * rstd * w[i] + b[i];
-        stats[2 * n] = m;
-        stats[2 * n + 1] = rstd;
-    }
+    for (int n = 0; n < N; n++) layernorm_forward_row(out, stats, inp, w, b, C, eps, n);
 }
 
 /* With xhat = (x - mean) * rstd and g = dout * w:
  *   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw += dout * xhat,  db += dout */
-static void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
-                               const float *inp, const float *w, const float *stats, int N, int C) {
-PARALLEL_FOR
+KERNEL(layernorm_backward_row,
+       (float *dinp, const float *dout, const float *inp, const float *w, const float *stats,
+        int C, int n),
+       (dinp, dout, inp, w, stats, C, n)) { /* dx of row n */
+    const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+    float m = stats[2 * n], rstd = stats[2 * n + 1];
+    double mean_g = 0, mean_gx = 0;
+    for (int i = 0; i < C; i++) {
+        float g = dy[i] * w[i];
+        mean_g += g;
+        mean_gx += g * (x[i] - m) * rstd;
+    }
+    mean_g /= C;
+    mean_gx /= C;
+    float *dx = dinp + (size_t)n * C;
+    for (int i = 0; i < C; i++) {
+        float xhat = (x[i] - m) * rstd;
+        dx[i] += rstd * (dy[i] * w[i] - (float)mean_g - xhat * (float)mean_gx);
+    }
+}
+
+/* dw and db of channels i0 .. i1-1, the rows summed in order */
+KERNEL(layernorm_backward_params,
+       (float *dw, float *db, const float *dout, const float *inp, const float *stats, int N,
+        int C, int i0, int i1),
+       (dw, db, dout, inp, stats, N, C, i0, i1)) {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         float m = stats[2 * n], rstd = stats[2 * n + 1];
-        double mean_g = 0, mean_gx = 0;
-        for (int i = 0; i < C; i++) {
-            float g = dy[i] * w[i];
-            mean_g += g;
-            mean_gx += g * (x[i] - m) * rstd;
-        }
-        mean_g /= C;
-        mean_gx /= C;
-        float *dx = dinp + (size_t)n * C;
-        for (int i = 0; i < C; i++) {
-            float xhat = (x[i] - m) * rstd;
-            dx[i] += rstd * (dy[i] * w[i] - (float)mean_g - xhat * (float)mean_gx);
+        for (int i = i0; i < i1; i++) {
+            dw[i] += dy[i] * (x[i] - m) * rstd;
+            db[i] += dy[i];
         }
     }
-    /* parameter gradients: channels split across threads, rows summed in order */
+}
+
+static void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *stats, int N, int C) {
 PARALLEL_FOR
-    for (int i0 = 0; i0 < C; i0 += 64) {
-        int i1 = i0 + 64 < C ? i0 + 64 : C;
-        for (int n = 0; n < N; n++) {
-            const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
-            float m = stats[2 * n], rstd = stats[2 * n + 1];
-            for (int i = i0; i < i1; i++) {
-                dw[i] += dy[i] * (x[i] - m) * rstd;
-                db[i] += dy[i];
-            }
-        }
-    }
+    for (int n = 0; n < N; n++) layernorm_backward_row(dinp, dout, inp, w, stats, C, n);
+    /* parameter gradients: channels split across threads */
+PARALLEL_FOR
+    for (int i0 = 0; i0 < C; i0 += 64)
+        layernorm_backward_params(dw, db, dout, inp, stats, N, C, i0, i0 + 64 < C ? i0 + 64 : C);
 }
 
 /* --- GELU, the erf form (hidden_act "gelu"): x * Phi(x), Phi the standard
@@ -1430,7 +1614,7 @@ PARALLEL_FOR
  * erf(|z|) = 1 - q, q = t (a1 + t (a2 + ... a5)) exp(-z^2), t = 1 / (1 + p|z|).
  * Phi is formed from q directly in both tails, so nothing cancels, and with
  * exp_fast the loops vectorize (libm's erff would not). */
-static inline float normal_cdf(float x) {
+KERNEL_INLINE float normal_cdf(float x) {
     float z = fabsf(x) * (float)INV_SQRT2, t = 1.0f / (1.0f + 0.3275911f * z);
     float poly = 1.061405429f; /* a5, then a4 + t poly ... a1 + t poly (Horner) */
     poly = -1.453152027f + t * poly;
@@ -1441,18 +1625,33 @@ static inline float normal_cdf(float x) {
     return x >= 0.0f ? 1.0f - 0.5f * q : 0.5f * q;
 }
 
+/* Elementwise kernels run over spans of SPAN numbers, one task each */
+#define SPAN 4096
+#define SPANS(n) (((n) + SPAN - 1) / SPAN)
+#define SPAN_END(i, n) ((i + 1) * SPAN < (n) ? (i + 1) * SPAN : (n))
+
+KERNEL(gelu_forward_span, (float *out, const float *inp, size_t i0, size_t i1),
+       (out, inp, i0, i1)) {
+    for (size_t i = i0; i < i1; i++) out[i] = inp[i] * normal_cdf(inp[i]);
+}
+
 static void gelu_forward(float *out, const float *inp, size_t n) {
 PARALLEL_FOR
-    for (size_t i = 0; i < n; i++) out[i] = inp[i] * normal_cdf(inp[i]);
+    for (size_t s = 0; s < SPANS(n); s++) gelu_forward_span(out, inp, s * SPAN, SPAN_END(s, n));
 }
 
 /* d/dx x Phi(x) = Phi(x) + x phi(x); in place on the incoming gradient */
-static void gelu_backward(float *dinout, const float *inp, size_t n) {
-PARALLEL_FOR
-    for (size_t i = 0; i < n; i++) {
+KERNEL(gelu_backward_span, (float *dinout, const float *inp, size_t i0, size_t i1),
+       (dinout, inp, i0, i1)) {
+    for (size_t i = i0; i < i1; i++) {
         float x = inp[i];
         dinout[i] *= normal_cdf(x) + x * exp_fast(-0.5f * x * x) * (float)INV_SQRT_2PI;
     }
+}
+
+static void gelu_backward(float *dinout, const float *inp, size_t n) {
+PARALLEL_FOR
+    for (size_t s = 0; s < SPANS(n); s++) gelu_backward_span(dinout, inp, s * SPAN, SPAN_END(s, n));
 }
 
 /* --- Rotary position embedding, GPT-NeoX "rotate_half" on the first rd dims
@@ -1474,7 +1673,7 @@ static void rotary_tables(float *cos_t, float *sin_t, int T, int rd, double base
 /* One head's vector v rotated in place by the angles whose cosines and sines
  * are c, s [half]. sign +1 is the forward rotation; sign -1 rotates back,
  * which is the backward pass (a rotation's transpose is its inverse). */
-static inline void rotate_head(float *v, const float *c, const float *s, int half, float sign) {
+KERNEL_INLINE void rotate_head(float *v, const float *c, const float *s, int half, float sign) {
     for (int j = 0; j < half; j++) {
         float x1 = v[j], x2 = v[j + half], sj = sign * s[j];
         v[j] = x1 * c[j] - x2 * sj;
@@ -1516,19 +1715,21 @@ PARALLEL_FOR
  * the others are read in place. */
 /* queries per block: the micro-kernel's rows */
 #define ATT_QB GEMM_MR
-/* keys per block: two of its column panels, so that the p v product sums over
- * 2 * GEMM_NR keys per call (measured: one panel, 32 keys, spent about a third
- * of that product loading and storing its accumulators) */
-#define ATT_KB (2 * GEMM_NR)
-/* hs rounded up to whole panels; T rounded up to whole key blocks */
-#define HEAD_WIDTH(hs) ((hs + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
+/* keys per block: two of the AVX-512 kernel's column panels (four of
+ * AVX2's), so that the p v product sums over 64 keys per call (measured: one
+ * panel, 32 keys, spent about a third of that product loading and storing
+ * its accumulators). The same on every instruction set, and so are the
+ * sizes below: the scratch a model allocates fits whichever runs. */
+#define ATT_KB 64
+/* hs rounded up to whole panels of either kernel; T rounded up to whole key blocks */
+#define HEAD_WIDTH(hs) ((hs + GEMM_NR_MAX - 1) / GEMM_NR_MAX * GEMM_NR_MAX)
 #define PADDED_T(T) ((T + ATT_KB - 1) / ATT_KB * ATT_KB)
 
 /* The rows x [T, hs] (row stride `stride`) of one head as head panels:
  * dst [PADDED_T(T) / ATT_KB][hs][ATT_KB], zero past T. With cos_t / sin_t
  * each row is first rotated by its position (the reference-compatible KV
  * cache holds un-rotated keys). */
-static void pack_head_panels(float *dst, const float *x, size_t stride, int T, int hs,
+KERNEL_INLINE void pack_head_panels(float *dst, const float *x, size_t stride, int T, int hs,
                              const float *cos_t, const float *sin_t, int half) {
     for (int s0 = 0; s0 < T; s0 += ATT_KB) {
         int rows = T - s0 < ATT_KB ? T - s0 : ATT_KB;
@@ -1544,13 +1745,19 @@ static void pack_head_panels(float *dst, const float *x, size_t stride, int T, i
     }
 }
 
+/* Head bh (sequence bh / nh, head bh % nh) of x [B, T, nh*hs] as head
+ * panels, into dst [B, nh, PADDED_T(T) * hs] */
+KERNEL(pack_head, (float *dst, const float *x, int T, int nh, int hs, int bh),
+       (dst, x, T, nh, hs, bh)) {
+    pack_head_panels(dst + (size_t)bh * PADDED_T(T) * hs,
+                     x + (size_t)bh / nh * T * nh * hs + (size_t)(bh % nh) * hs, (size_t)nh * hs,
+                     T, hs, NULL, NULL, 0);
+}
+
 /* Every head of x [B, T, nh*hs] as head panels: dst [B, nh, PADDED_T(T) * hs]. */
 static void pack_heads(float *dst, const float *x, int B, int T, int nh, int hs) {
 PARALLEL_FOR
-    for (int bh = 0; bh < B * nh; bh++)
-        pack_head_panels(dst + (size_t)bh * PADDED_T(T) * hs,
-                         x + (size_t)bh / nh * T * nh * hs + (size_t)(bh % nh) * hs,
-                         (size_t)nh * hs, T, hs, NULL, NULL, 0);
+    for (int bh = 0; bh < B * nh; bh++) pack_head(dst, x, T, nh, hs, bh);
 }
 
 /* acc[ATT_QB, HEAD_WIDTH(hs)] += W[ATT_QB, kc] times the rows x[0 .. kc)
@@ -1561,29 +1768,26 @@ PARALLEL_FOR
  * (heads of 16 where GEMM_NR is 32: padded to 32 they spent half the FMAs
  * on zeros, and training make demo's model ran 1.2 times slower, measured
  * old and new side by side); another ragged last panel goes through a zero-padded copy. */
-static void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col, const float *x,
+KERNEL_INLINE void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col, const float *x,
                           size_t stride, int kc, int hs) {
     for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
         if (hs - d0 >= GEMM_NR) {
-            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL,
-                        GEMM_NR);
+            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, 0);
         } else if (hs - d0 == GEMM_NR / 2) {
-            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL,
-                        GEMM_NR / 2);
+            gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, 1);
         } else {
-            float panel[ATT_KB * GEMM_NR];
+            float panel[ATT_KB * GEMM_NR_MAX];
             pack_panel(panel, x + d0, 1, stride, hs - d0, kc, GEMM_NR);
-            gemm_kernel(kc, w, w_row, w_col, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL,
-                        GEMM_NR);
+            gemm_kernel(kc, w, w_row, w_col, panel, GEMM_NR, acc + d0, HEAD_WIDTH(hs), NULL, 0);
         }
     }
 }
 
 /* s[ATT_QB, ATT_KB] = A^T B over hs: a [hs, ATT_QB] (a packed panel of
  * ATT_QB rows), b [hs, ATT_KB] (a head panel): scores, or their gradient */
-static void tile_product(float *s, const float *a, const float *b, int hs) {
+KERNEL_INLINE void tile_product(float *s, const float *a, const float *b, int hs) {
     for (int j0 = 0; j0 < ATT_KB; j0 += GEMM_NR)
-        gemm_kernel(hs, a, 1, ATT_QB, b + j0, ATT_KB, s + j0, ATT_KB, zero_row, GEMM_NR);
+        gemm_kernel(hs, a, 1, ATT_QB, b + j0, ATT_KB, s + j0, ATT_KB, zero_row, 0);
 }
 
 /* The largest of x[0..n), and a softmax row's sum, over REDUCE_LANES
@@ -1595,19 +1799,19 @@ static void tile_product(float *s, const float *a, const float *b, int hs) {
  * folded once per row, not once per block (the forward pass 1.04-1.05 times
  * as fast, dev/ab.sh HEAD ATTENTION, 30 pairs at 8 x 256 and 1 x 2048). */
 #define REDUCE_LANES 16
-static inline float fold_max(float *lane) {
+KERNEL_INLINE float fold_max(float *lane) {
     for (int w = REDUCE_LANES / 2; w > 0; w /= 2)
         for (int j = 0; j < w; j++) lane[j] = lane[j + w] > lane[j] ? lane[j + w] : lane[j];
     return lane[0];
 }
 
-static inline float fold_sum(float *lane) {
+KERNEL_INLINE float fold_sum(float *lane) {
     for (int w = REDUCE_LANES / 2; w > 0; w /= 2)
         for (int j = 0; j < w; j++) lane[j] += lane[j + w];
     return lane[0];
 }
 
-static inline float row_max(const float *x, int n) {
+KERNEL_INLINE float row_max(const float *x, int n) {
     float lane[REDUCE_LANES];
     int i, whole = n / REDUCE_LANES * REDUCE_LANES;
     for (int j = 0; j < REDUCE_LANES; j++) lane[j] = -INFINITY;
@@ -1642,7 +1846,7 @@ typedef struct {
 #define ATT_ROWS (ATT_TILES * ATT_QB)
 
 /* The rows of tile u of a block of `rows` (the last tile may be short) */
-static inline int tile_rows(int rows, int u) {
+KERNEL_INLINE int tile_rows(int rows, int u) {
     return rows - u * ATT_QB < ATT_QB ? rows - u * ATT_QB : ATT_QB;
 }
 
@@ -1650,9 +1854,10 @@ static inline int tile_rows(int rows, int u) {
  * at positions pos0 .. pos0+rows-1, each over the keys at positions 0 .. its
  * own (causal); values v (row stride v_stride). out = softmax(q k^T * scale) v,
  * lse = the log-sum-exp of each row's scores. */
-static void attention_block_forward(float *out, float *lse, const float *q, size_t q_stride,
-                                    int rows, int pos0, const KeySource *keys_from, const float *v,
-                                    size_t v_stride, int hs, float scale) {
+KERNEL(attention_block_forward,
+       (float *out, float *lse, const float *q, size_t q_stride, int rows, int pos0,
+        const KeySource *keys_from, const float *v, size_t v_stride, int hs, float scale),
+       (out, lse, q, q_stride, rows, pos0, keys_from, v, v_stride, hs, scale)) {
     int width = HEAD_WIDTH(hs), tiles = (rows + ATT_QB - 1) / ATT_QB;
     float qp[ATT_TILES][hs * ATT_QB], kp[hs * ATT_KB], s[ATT_QB * ATT_KB];
     /* l: each row's sum in lanes */
@@ -1753,9 +1958,11 @@ PARALLEL_FOR_CYCLIC /* later query blocks see more keys: deal the tasks out in t
  * rows cover them (the padding rows are never read). dk and dv go to one
  * buffer per query head, summed over each K/V head's group at the end
  * (the heads of a group share a K/V head: two tasks may not add into it). */
-#define ATT_CHUNK (8 * ATT_ROWS) /* keys per task (a multiple of ATT_ROWS: whole blocks of keys) */
-/* a block of queries in micro-kernel rows */
-#define DQ_ROWS ((ATT_KB + GEMM_MR - 1) / GEMM_MR * GEMM_MR)
+/* keys per task: 8 blocks of 48 keys, or 16 of 24 (a multiple of ATT_ROWS,
+ * whole blocks of keys, and of ATT_KB) */
+#define ATT_CHUNK 384
+/* a block of queries in micro-kernel rows (a multiple of 6 and of 12) */
+#define DQ_ROWS 72
 
 /* Query blocks of the partial dq of chunks 0 .. chunk-1 of one head: the
  * offset of chunk's partial, in blocks. Chunk c's partial has n - c m
@@ -1799,9 +2006,10 @@ typedef struct {
  * share, dk without its factor `scale`; dq_partial [query blocks from s0's
  * on][DQ_ROWS][HEAD_WIDTH(hs)] += ds k, also without it (attention_backward
  * applies both). */
-static void attention_block_backward(float *dk, float *dv, size_t dkv_stride, float *dq_partial,
-                                     const QueryRows *queries, const KeyBlock *block, int hs,
-                                     float scale) {
+KERNEL(attention_block_backward,
+       (float *dk, float *dv, size_t dkv_stride, float *dq_partial, const QueryRows *queries,
+        const KeyBlock *block, int hs, float scale),
+       (dk, dv, dkv_stride, dq_partial, queries, block, hs, scale)) {
     const float *q = queries->q, *dout = queries->dout, *lse = queries->lse;
     const float *q_panels = queries->q_panels, *dout_panels = queries->dout_panels;
     const float *delta = queries->delta, *k = block->k, *v = block->v;
@@ -1976,33 +2184,41 @@ PARALLEL_FOR_CYCLIC
  * lse[n] = logsumexp(logits[n]), losses[n] = lse[n] - logits[n, target].
  * Max and sum run in REDUCE_LANES interleaved partial results (a fixed order,
  * so the bits do not depend on the compiler's vector width) and vectorize. */
+KERNEL(crossentropy_forward_row,
+       (float *losses, float *lse, const float *logits, const int *targets, int V, int n),
+       (losses, lse, logits, targets, V, n)) {
+    const float *z = logits + (size_t)n * V;
+    float lane[REDUCE_LANES], max = row_max(z, V);
+    int i, whole = V / REDUCE_LANES * REDUCE_LANES;
+    for (int j = 0; j < REDUCE_LANES; j++) lane[j] = 0.0f;
+    for (i = 0; i < whole; i += REDUCE_LANES)
+        for (int j = 0; j < REDUCE_LANES; j++) lane[j] += exp_fast(z[i + j] - max);
+    double sum = 0;
+    for (int j = 0; j < REDUCE_LANES; j++) sum += lane[j];
+    for (; i < V; i++) sum += exp_fast(z[i] - max);
+    lse[n] = (float)(max + log(sum));
+    losses[n] = lse[n] - z[targets[n]];
+}
+
 static void crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets,
                                  int N, int V) {
 PARALLEL_FOR
-    for (int n = 0; n < N; n++) {
-        const float *z = logits + (size_t)n * V;
-        float lane[REDUCE_LANES], max = row_max(z, V);
-        int i, whole = V / REDUCE_LANES * REDUCE_LANES;
-        for (int j = 0; j < REDUCE_LANES; j++) lane[j] = 0.0f;
-        for (i = 0; i < whole; i += REDUCE_LANES)
-            for (int j = 0; j < REDUCE_LANES; j++) lane[j] += exp_fast(z[i + j] - max);
-        double sum = 0;
-        for (int j = 0; j < REDUCE_LANES; j++) sum += lane[j];
-        for (; i < V; i++) sum += exp_fast(z[i] - max);
-        lse[n] = (float)(max + log(sum));
-        losses[n] = lse[n] - z[targets[n]];
-    }
+    for (int n = 0; n < N; n++) crossentropy_forward_row(losses, lse, logits, targets, V, n);
 }
 
 /* dlogits = (softmax(logits) - onehot(target)) * dloss, in place over the logits */
+KERNEL(crossentropy_backward_row,
+       (float *logits, const float *lse, const int *targets, int V, float dloss, int n),
+       (logits, lse, targets, V, dloss, n)) {
+    float *z = logits + (size_t)n * V;
+    for (int i = 0; i < V; i++) z[i] = exp_fast(z[i] - lse[n]) * dloss;
+    z[targets[n]] -= dloss;
+}
+
 static void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V,
                                   float dloss) {
 PARALLEL_FOR
-    for (int n = 0; n < N; n++) {
-        float *z = logits + (size_t)n * V;
-        for (int i = 0; i < V; i++) z[i] = exp_fast(z[i] - lse[n]) * dloss;
-        z[targets[n]] -= dloss;
-    }
+    for (int n = 0; n < N; n++) crossentropy_backward_row(logits, lse, targets, V, dloss, n);
 }
 
 static void add_into(float *y, const float *a, const float *b, size_t n) { /* y = a + b */
@@ -2799,6 +3015,21 @@ double lr_at_step(const OptimConfig *o, int step) {
     }
 }
 
+/* *sum = the sum of g[i]^2 for i0 <= i < i1, in double, in REDUCE_LANES
+ * fixed lanes, which the compiler turns into vector FMAs: one running sum
+ * made every number wait for the previous addition (1.6% of a training
+ * step, measured with perf) */
+KERNEL(sum_of_squares, (double *sum, const float *g, size_t i0, size_t i1), (sum, g, i0, i1)) {
+    double lane[REDUCE_LANES] = {0};
+    size_t i = i0;
+    for (; i + REDUCE_LANES <= i1; i += REDUCE_LANES)
+        for (int j = 0; j < REDUCE_LANES; j++) lane[j] += (double)g[i + j] * g[i + j];
+    for (; i < i1; i++) lane[0] += (double)g[i] * g[i];
+    for (int w = REDUCE_LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) lane[j] += lane[j + w];
+    *sum = lane[0];
+}
+
 /* Scales all gradients so that their global L2 norm is at most `clip` (0 or
  * less: no clipping); returns the norm before. */
 double clip_gradients(Model *m, double clip) {
@@ -2811,21 +3042,9 @@ double clip_gradients(Model *m, double clip) {
     chunk = chunk < 65536 ? 65536 : chunk;
     int chunks = (int)((n + chunk - 1) / chunk);
 PARALLEL_FOR
-    for (int c = 0; c < chunks; c++) {
-        size_t end = (size_t)(c + 1) * chunk < n ? (size_t)(c + 1) * chunk : n;
-        /* in REDUCE_LANES fixed lanes, which the compiler turns into vector
-         * FMAs: one running sum made every number wait for the previous
-         * addition (1.6% of a training step, measured with perf) */
-        double lane[REDUCE_LANES] = {0};
-        const float *g = m->grad_memory;
-        size_t i = (size_t)c * chunk;
-        for (; i + REDUCE_LANES <= end; i += REDUCE_LANES)
-            for (int j = 0; j < REDUCE_LANES; j++) lane[j] += (double)g[i + j] * g[i + j];
-        for (; i < end; i++) lane[0] += (double)g[i] * g[i];
-        for (int w = REDUCE_LANES / 2; w > 0; w /= 2)
-            for (int j = 0; j < w; j++) lane[j] += lane[j + w];
-        partial[c] = lane[0];
-    }
+    for (int c = 0; c < chunks; c++)
+        sum_of_squares(&partial[c], m->grad_memory, (size_t)c * chunk,
+                       (size_t)(c + 1) * chunk < n ? (size_t)(c + 1) * chunk : n);
     for (int c = 0; c < chunks; c++) sumsq += partial[c];
     double norm = sqrt(sumsq);
     if (clip > 0 && clip / (norm + 1e-6) < 1.0) {
@@ -2845,6 +3064,24 @@ static int param_frozen(const Model *m, const ParamInfo *p) {
            (p->slot == offsetof(Weights, embed_in) || p->slot == offsetof(Weights, embed_out));
 }
 
+/* One step's constants of AdamW, for a tensor */
+typedef struct {
+    float step_size, bc2_sqrt, b1, b2, eps, decay;
+} AdamStep;
+
+/* AdamW on the numbers i0 .. i1-1 of a tensor x, its gradient g and moments */
+KERNEL(adamw_span,
+       (const AdamStep *a, float *x, const float *g, float *mom, float *vel, size_t i0, size_t i1),
+       (a, x, g, mom, vel, i0, i1)) {
+    float b1 = a->b1, b2 = a->b2, step_size = a->step_size, bc2_sqrt = a->bc2_sqrt;
+    for (size_t i = i0; i < i1; i++) {
+        x[i] *= a->decay;
+        mom[i] += (1.0f - b1) * (g[i] - mom[i]);
+        vel[i] = b2 * vel[i] + (1.0f - b2) * g[i] * g[i];
+        x[i] -= step_size * mom[i] / (sqrtf(vel[i]) / bc2_sqrt + a->eps);
+    }
+}
+
 /* torch.optim.AdamW: p *= 1 - lr*wd (decayed tensors only); m = lerp(m, g, 1-b1);
  * v = b2 v + (1-b2) g^2; p -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps) */
 void adamw_update(Model *m, const OptimConfig *o, double lr, int t) {
@@ -2857,13 +3094,10 @@ void adamw_update(Model *m, const OptimConfig *o, double lr, int t) {
         float decay = p->decayed ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
         float *x = m->param_memory + p->offset, *g = m->grad_memory + p->offset;
         float *mom = m->adam_m + p->offset, *vel = m->adam_v + p->offset;
+AdamStep a = {step_size, bc2_sqrt, b1, b2, eps, decay};
 PARALLEL_FOR
-        for (size_t i = 0; i < p->numel; i++) {
-            x[i] *= decay;
-            mom[i] += (1.0f - b1) * (g[i] - mom[i]);
-            vel[i] = b2 * vel[i] + (1.0f - b2) * g[i] * g[i];
-            x[i] -= step_size * mom[i] / (sqrtf(vel[i]) / bc2_sqrt + eps);
-        }
+        for (size_t s = 0; s < SPANS(p->numel); s++)
+            adamw_span(&a, x, g, mom, vel, s * SPAN, SPAN_END(s, p->numel));
     }
 }
 
@@ -2950,8 +3184,9 @@ static void fill_uniform(float *x, size_t n, double bound, uint64_t *rng) {
 static int converted_config(const Config *src, const ConvertOptions *o, Config *c) {
     if (!is_mha(src))
         return fail(
-            "the input already shares K/V (%d heads in %d layers): convert from an MHA checkpoint",
-            src->n_kv_head, src->n_kv_layer);
+            "the input already shares K/V (%d head%s in %d layer%s): convert from an MHA "
+            "checkpoint", src->n_kv_head, plural(src->n_kv_head), src->n_kv_layer,
+            plural(src->n_kv_layer));
     *c = *src;
     c->n_kv_head = o->kv_heads;
     c->n_kv_layer = o->kv_layers;
@@ -5388,8 +5623,9 @@ static int load_fused_qkv(Model *m, const TensorSource *src, int l) {
                     src->files[0].path, l);
     if (!is_mha(c))
         return fail("%s: layer %d has a fused query_key_value (plain MHA), but the config asks for "
-                    "%d K/V heads in %d layers: convert the checkpoint instead",
-                    st->path, l, c->n_kv_head, c->n_kv_layer);
+                    "%d K/V head%s in %d layer%s: convert the checkpoint instead",
+                    st->path, l, c->n_kv_head, plural(c->n_kv_head), c->n_kv_layer,
+                    plural(c->n_kv_layer));
     float *fused = malloc((size_t)3 * C * (C + 1) * sizeof(float));
     if (!fused) return fail("out of memory splitting %s", wname);
     int wshape[2] = {3 * C, C}, bshape[1] = {3 * C};
@@ -5672,6 +5908,10 @@ static int checkpoint_save(const Model *m, const char *dir, const char *optimize
 
 /* A token file checked whole: its header, its length, and every id below
  * vocab_size. */
+/* what to do with text given where token files belong */
+#define TOKENS_TEXT_HINT                                                                 \
+    "; text becomes token files with tokenize.py (python3 tokenize.py shards --help)"
+
 int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
     memset(tf, 0, sizeof(*tf));
     size_t size;
@@ -5680,13 +5920,14 @@ int tokens_load(TokenFile *tf, const char *path, int vocab_size) {
     int32_t header[TOKENS_HEADER_INTS];
     if (fread(header, sizeof(int32_t), TOKENS_HEADER_INTS, f) != TOKENS_HEADER_INTS) {
         fclose(f);
-        return fail("%s: shorter than the 1024-byte header of a token file", path);
+        return fail("%s: shorter than the 1024-byte header of a token file%s", path,
+                    TOKENS_TEXT_HINT);
     }
     if (header[0] != TOKENS_MAGIC || header[1] != TOKENS_VERSION) {
         fclose(f);
         return fail("%s: not a token file (magic %d version %d; "
-                    "expected %d version %d, llm.c's uint16 format)",
-                    path, header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION);
+                    "expected %d version %d, llm.c's uint16 format)%s",
+                    path, header[0], header[1], TOKENS_MAGIC, TOKENS_VERSION, TOKENS_TEXT_HINT);
     }
     size_t expected =
         TOKENS_HEADER_INTS * sizeof(int32_t) + (size_t)(uint32_t)header[2] * sizeof(uint16_t);
@@ -6580,20 +6821,29 @@ typedef struct {
 
 #define FLAGS_OK (-1)
 
-/* --threads N (0: all cores) as OpenMP's thread count. More threads than
- * cores only take turns on them, and every parallel loop then waits at its
- * barrier for a thread that is not running: said, not refused. */
+/* --threads N (0: all cores) as OpenMP's thread count, and one line (once a
+ * process) on what computes: the kernels' instruction set and the threads.
+ * More threads than cores only take turns on them, and every parallel loop
+ * then waits at its barrier for a thread that is not running: said, not
+ * refused. */
 static void use_threads(int n) {
+    static int said;
 #ifdef _OPENMP
     if (n > 0) omp_set_num_threads(n);
     if (n > omp_get_num_procs())
         fprintf(stderr, "mlkv: warning: --threads %d on %d cores: the threads past the cores "
                 "take turns, which slows every step; leave --threads out to use every core\n",
                 n, omp_get_num_procs());
+    if (!said++)
+        fprintf(stderr, "mlkv: %s kernels, %d thread%s (OpenMP, %d cores)\n", kernels_name(),
+                omp_get_max_threads(), omp_get_max_threads() == 1 ? "" : "s", omp_get_num_procs());
 #else
     if (n > 1)
         fprintf(stderr, "mlkv: warning: --threads %d: this build has no OpenMP and computes "
                 "on one thread (make, or cc -fopenmp, builds one that uses every core)\n", n);
+    if (!said++)
+        fprintf(stderr, "mlkv: %s kernels, 1 thread (built without OpenMP: make, or cc "
+                "-fopenmp, builds one that uses every core)\n", kernels_name());
 #endif
 }
 
@@ -6773,11 +7023,12 @@ static double parse_duration(const char *text) {
 /* The flags of train's recipe, shared with experiment; returns their count.
  * schedule and max_time are parsed into t by finish_train_flags. */
 #define TRAIN_FLAGS 32
+/* ScheduleKind order */
+static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL};
+/* Precision order */
+static const char *const precision_names[] = {"fp32", "bf16", NULL};
+
 static int train_flag_table(TrainArgs *t, int *schedule, const char **max_time, Flag *flags) {
-    /* ScheduleKind order */
-    static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL};
-    /* Precision order */
-    static const char *const precision_names[] = {"fp32", "bf16", NULL};
     const double BIG = 2147483647.0;
     Flag table[] = {
         STRING_FLAG("--model", &t->model_dir),
@@ -6873,7 +7124,8 @@ static const char *const convert_usage =
     "parameter count. F32, F16 and BF16 in; F32 out.\n"
     "  --kv-layers N    layers that own K/V, 1..L, placed as the reference does\n"
     "  --kv-heads M     K/V heads in each owning layer; must divide the attention heads\n"
-    "  --out DIR        output folder (default PYTHIA_DIR_mlkv_N_M)\n"
+    "  --out DIR        output folder (default NAME_mlkv_N_M in the current folder, NAME\n"
+    "                   the model's folder, or for an HF cache snapshot the model's name)\n"
     "  --kv-mlp         owners' K and V become two-layer MLPs sized to regain the lost\n"
     "                   parameters (the reference's use_key_value_mlp); MLPs keep their size\n"
     "  --pool P         pairwise: the reference's K_p = (K_i + K_p) / 2 layer by layer, so\n"
@@ -6957,7 +7209,11 @@ static int cmd_convert(int argc, char **argv) {
     }
     snprintf(suffix, sizeof(suffix), "_mlkv_%s%d_%d", o.kv_mlp ? "mlp_" : "", kv_layers,
              o.kv_heads);
-    if (rc == 0 && !out && (rc = make_path(default_out, in_dir, suffix)) == 0) out = default_out;
+    if (rc == 0 && !out) { /* in the current folder, never beside the input (an HF cache) */
+        char name[PATH_LEN];
+        model_name_of(name, sizeof(name), in_dir);
+        if ((rc = make_path(default_out, name, suffix)) == 0) out = default_out;
+    }
     if (rc == 0) rc = check_output_dir(out, in_dir, overwrite, NULL);
     if (rc == 0) rc = model_convert(&mha, &converted, &o);
     if (rc == 0) {
@@ -7016,8 +7272,9 @@ static int cmd_export(int argc, char **argv) {
     const Config *c = &m.config;
     if (!is_mha(c))
         rc = fail("%s: only MHA models have the stock layout (this "
-                  "one has %d K/V heads in %d of %d layers%s)",
-                  in, c->n_kv_head, c->n_kv_layer, c->n_layer, c->use_kv_mlp ? ", KV-MLP" : "");
+                  "one has %d K/V head%s in %d of %d layers%s)",
+                  in, c->n_kv_head, plural(c->n_kv_head), c->n_kv_layer, c->n_layer,
+                  c->use_kv_mlp ? ", KV-MLP" : "");
     if (rc == 0) rc = check_output_dir(out, in, overwrite, NULL);
     if (rc == 0) rc = checkpoint_save(&m, out, NULL, in, 1);
     if (rc == 0) printf("wrote %s in the stock GPT-NeoX layout\n", out);
@@ -7324,6 +7581,7 @@ static int cmd_sample(int argc, char **argv) {
     Utf8Stream stream = {{0}, 0};
     for (int b = 0; rc == 0 && batch > 1 && b < batch; b++) { /* several samples: each one whole */
         printf("--- sample %d\n", b);
+        if (have_tokenizer && prompt) printf("%s", prompt); /* each sample whole, as one alone */
         if (have_tokenizer)
             utf8_stream_write(&stream, g.text + (size_t)b * g.text_cap, (int)g.text_len[b], stdout);
         for (int i = 0; !have_tokenizer && i < g.length[b]; i++)
@@ -7582,7 +7840,7 @@ static const char *const bench_usage =
     "                   8,16,24,32,40,48,64,80,100,140,220,300,380,460,620,720,940,1100\n"
     "  --mem-limit MiB  memory budget (80% of physical memory)\n"
     "  --time-limit S   no larger batch after S seconds on one configuration (60)\n"
-    "  --csv FILE       CSV output, a row per run as it ends (DIR.bench-kv.csv)\n"
+    "  --csv FILE       CSV output, a row per run as it ends (NAME.bench-kv.csv here)\n"
     "  --csv-format F   mlkv (default): the columns of the table | reference: the\n"
     "                   reference's measurements.csv, appended to FILE, and its batch\n"
     "                   list unless --batches is given. Its columns here, on a CPU:\n"
@@ -7622,12 +7880,12 @@ static int select_entries(const char *only, const GridEntry *entries, int n_entr
     return 0;
 }
 
-/* The default CSV: beside the model folder (or config file), NAME.bench-kv.csv */
-static int bench_csv_beside(char *out, const char *model_path) {
-    char base_path[PATH_LEN];
-    snprintf(base_path, sizeof(base_path), "%s", model_path);
-    trim_slashes(base_path);
-    return make_path(out, base_path, ".bench-kv.csv");
+/* The default CSV: NAME.bench-kv.csv in the current folder, NAME the model's
+ * (model_name_of), never beside the model (an HF cache) */
+static int default_bench_csv(char *out, const char *model_path) {
+    char name[PATH_LEN];
+    model_name_of(name, sizeof(name), model_path);
+    return make_path(out, name, ".bench-kv.csv");
 }
 
 /* o->csv opened at path with its header: mlkv's columns in a new file, or the
@@ -7716,7 +7974,7 @@ static int cmd_bench_kv(int argc, char **argv) {
     char default_csv[PATH_LEN];
     if (rc == 0 && !csv_path) {
         csv_path = default_csv;
-        rc = bench_csv_beside(default_csv, dir ? dir : config_path);
+        rc = default_bench_csv(default_csv, dir ? dir : config_path);
     }
     if (rc == 0) rc = open_bench_csv(&o, csv_path);
     if (rc != 0) {
@@ -8113,6 +8371,7 @@ typedef struct {
     double parameters, kv_bytes;          /* kv_bytes: KV cache per token, fp32 */
     double val[2];                        /* validation loss after conversion, after uptraining */
     double task[2][EXPERIMENT_MAX_TASKS]; /* each task file's accuracy, the same two times */
+    double task_stderr[2][EXPERIMENT_MAX_TASKS]; /* and its standard error, as the harness's */
     double decode[EXPERIMENT_BATCHES];    /* decode tokens/s at experiment_batches */
     double memory[EXPERIMENT_BATCHES];    /* weights + KV cache + scratch, bytes */
     int trained;                          /* the uptraining ran to its last step */
@@ -8120,13 +8379,15 @@ typedef struct {
 
 /* The numbers stages.json holds: each key, where its numbers live, how many */
 typedef struct { const char *key; double *x; int n; } RowField;
-#define ROW_FIELDS 7
+#define ROW_FIELDS 9
 static void row_fields(ExperimentRow *r, int n_tasks, RowField *f) {
     RowField table[ROW_FIELDS] = {{"parameters", &r->parameters, 1},
                                   {"kv_bytes_per_token", &r->kv_bytes, 1},
                                   {"val_loss", r->val, 2},
                                   {"tasks_converted", r->task[0], n_tasks},
                                   {"tasks_uptrained", r->task[1], n_tasks},
+                                  {"tasks_converted_stderr", r->task_stderr[0], n_tasks},
+                                  {"tasks_uptrained_stderr", r->task_stderr[1], n_tasks},
                                   {"decode_tok_s", r->decode, EXPERIMENT_BATCHES},
                                   {"memory_bytes", r->memory, EXPERIMENT_BATCHES}};
     memcpy(f, table, sizeof(table));
@@ -8229,7 +8490,7 @@ static void experiment_progress(const Experiment *e, int index, int n, const cha
  * of --batch sequences, scored one sequence at a time so that the logits of
  * a 50k vocabulary stay small) and the task files */
 static int experiment_evaluate(Experiment *e, const char *model_dir, double *val_loss,
-                               double *task_scores) {
+                               double *task_scores, double *task_stderrs) {
     Model m;
     if (model_load(&m, model_dir) != 0) return -1;
     const TrainArgs *t = &e->recipe;
@@ -8246,7 +8507,10 @@ static int experiment_evaluate(Experiment *e, const char *model_dir, double *val
                                 NULL, NULL, 0);
         /* accuracy: every task has it (lambada: greedy) */
         for (int k = 0; rc == 0 && k < r.n_metrics; k++)
-            if (!strcmp(r.metric[k].name, "acc")) task_scores[i] = r.metric[k].value;
+            if (!strcmp(r.metric[k].name, "acc")) {
+                task_scores[i] = r.metric[k].value;
+                task_stderrs[i] = r.metric[k].stderr_;
+            }
     }
     if (rc == 0) {
         printf("   validation loss %.4f", *val_loss);
@@ -8301,14 +8565,24 @@ static int experiment_settings(const Experiment *e) {
     sb_printf(&b, ",\n  \"tasks\": ");
     json_write_string(&b, e->task_dir ? e->task_dir : "");
     sb_printf(&b,
-              ",\n  \"task_limit\": %d, \"val_batches\": %d,\n  \"recipe\": \"batch %d seq %d "
-              "grad_accum %d steps %d epochs %.17g max_tokens %llu lr %.17g warmup_steps %d "
-              "warmup_ratio %.17g schedule %d weight_decay %.17g clip %.17g betas %.17g %.17g eps "
-              "%.17g seed %llu freeze_embeds %d precision %d\"\n}\n",
-              e->task_limit, t->val_batches, t->batch, t->seq, t->grad_accum, t->steps, t->epochs,
-              (unsigned long long)t->max_tokens, t->opt.lr, t->warmup_steps, t->warmup_ratio,
-              (int)t->opt.schedule, t->opt.weight_decay, t->opt.clip, t->opt.beta1, t->opt.beta2,
-              t->opt.eps, (unsigned long long)t->seed, t->freeze_embeds, t->precision);
+              ",\n  \"task_limit\": %d, \"val_batches\": %d,\n  \"recipe\": {\"batch\": %d, "
+              "\"seq\": %d, \"grad_accum\": %d, \"steps\": %d, \"max_tokens\": %llu,\n    "
+              "\"warmup_steps\": %d, \"schedule\": \"%s\", \"seed\": %llu, \"freeze_embeds\": "
+              "%s, \"precision\": \"%s\"",
+              e->task_limit, t->val_batches, t->batch, t->seq, t->grad_accum, t->steps,
+              (unsigned long long)t->max_tokens, t->warmup_steps,
+              schedule_names[t->opt.schedule], (unsigned long long)t->seed,
+              t->freeze_embeds ? "true" : "false", precision_names[t->precision]);
+    /* the real numbers, each the shortest decimal that reads back as itself */
+    const char *const real_names[] = {"epochs", "lr", "warmup_ratio", "weight_decay", "clip",
+                                      "beta1", "beta2", "eps"};
+    const double reals[] = {t->epochs, t->opt.lr, t->warmup_ratio, t->opt.weight_decay,
+                            t->opt.clip, t->opt.beta1, t->opt.beta2, t->opt.eps};
+    for (int i = 0; i < 8; i++) {
+        sb_printf(&b, i % 4 == 0 ? ",\n    \"%s\": " : ", \"%s\": ", real_names[i]);
+        sb_number(&b, reals[i]);
+    }
+    sb_printf(&b, "}\n}\n");
     int rc = make_path(path, e->run_dir, "/experiment.json");
     char *old = NULL;
     size_t len;
@@ -8485,7 +8759,7 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
     e->stages_done++;
     if (!isfinite(r->val[0])) {
         experiment_progress(e, index, n, name, "evaluate after conversion");
-        if (experiment_evaluate(e, converted, &r->val[0], r->task[0]) != 0 ||
+        if (experiment_evaluate(e, converted, &r->val[0], r->task[0], r->task_stderr[0]) != 0 ||
             row_save(r, e->n_tasks) != 0)
             return -1;
     }
@@ -8513,7 +8787,7 @@ static int experiment_config(Experiment *e, const Model *mha, ExperimentRow *r, 
     e->stages_done++;
     if (!isfinite(r->val[1])) {
         experiment_progress(e, index, n, name, "evaluate after uptraining");
-        if (experiment_evaluate(e, uptrained, &r->val[1], r->task[1]) != 0 ||
+        if (experiment_evaluate(e, uptrained, &r->val[1], r->task[1], r->task_stderr[1]) != 0 ||
             row_save(r, e->n_tasks) != 0)
             return -1;
     }
@@ -8536,9 +8810,10 @@ static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int
     sb_printf(&md, "| config | K/V layers x heads | total K/V heads | parameters | KV bytes/token "
                    "| val loss converted | val loss uptrained |");
     for (int i = 0; i < e->n_tasks; i++) {
-        sb_printf(&csv, ",%s_acc_converted,%s_acc_uptrained", e->task_names[i], e->task_names[i]);
-        sb_printf(&md, " %s acc converted | %s acc uptrained |", e->task_names[i],
-                  e->task_names[i]);
+        const char *t = e->task_names[i];
+        sb_printf(&csv, ",%s_acc_converted,%s_acc_uptrained,%s_acc_stderr_converted,"
+                  "%s_acc_stderr_uptrained", t, t, t, t);
+        sb_printf(&md, " %s acc converted ± s.e. | %s acc uptrained ± s.e. |", t, t);
     }
     for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
         sb_printf(&csv, ",decode_tok_s_batch_%d", experiment_batches[b]);
@@ -8557,8 +8832,14 @@ static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int
                   x->grid.kv_layers, x->grid.kv_heads, x->grid.kv_layers * x->grid.kv_heads,
                   x->parameters, x->kv_bytes, x->val[0], x->val[1]);
         for (int i = 0; i < e->n_tasks; i++) {
-            sb_printf(&csv, ",%.6f,%.6f", x->task[0][i], x->task[1][i]);
-            sb_printf(&md, " %.4f | %.4f |", x->task[0][i], x->task[1][i]);
+            sb_printf(&csv, ",%.6f,%.6f,%.6f,%.6f", x->task[0][i], x->task[1][i],
+                      x->task_stderr[0][i], x->task_stderr[1][i]);
+            for (int stage = 0; stage < 2; stage++) { /* "0.6000 ± 0.1633" (an older run: no ±) */
+                sb_printf(&md, " %.4f", x->task[stage][i]);
+                if (isfinite(x->task_stderr[stage][i]))
+                    sb_printf(&md, " ± %.4f", x->task_stderr[stage][i]);
+                sb_printf(&md, " |");
+            }
         }
         for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
             sb_printf(&csv, ",%.2f", x->decode[b]);
@@ -9025,6 +9306,9 @@ static const char *const main_usage =
 int mlkv_main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* whole lines as they come, also into a file or pipe */
     flush_subnormals();
+    const char *kernels = getenv("MLKV_KERNELS"); /* another instruction set, to compare */
+    if (kernels && *kernels && kernels_select(kernels) != 0)
+        fprintf(stderr, "mlkv: warning: %s; running %s kernels\n", mlkv_error(), kernels_name());
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
         !strcmp(argv[1], "help")) {
         printf("%s", main_usage);

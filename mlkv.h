@@ -191,6 +191,15 @@ const ParamInfo *model_param(const Model *m, const char *name);
  * compute with subnormals slowly, and training makes them. mlkv_main calls it;
  * a program computing with this library calls it once first. */
 void flush_subnormals(void);
+/* The instruction set the fast kernels run in. A plain x86-64 build with gcc
+ * or clang holds each kernel for AVX-512, AVX2+FMA and the baseline, and
+ * picks the best this CPU has before main, or the one the environment
+ * variable MLKV_KERNELS names; kernels_select("avx512" | "avx2" | "portable"
+ * | "auto") switches (-1 with the reason where this CPU or build cannot).
+ * Other builds run the one set they were compiled for. kernels_name: the set
+ * in use, and how it was chosen, for messages. */
+int kernels_select(const char *name);
+const char *kernels_name(void);
 /* The matrix product behind every Linear layer: C[M, N] (row-major) =
  * start + A[M, K] B[K, N], where A(i, k) = a[i * a_row + k * a_col],
  * B(k, j) = b[k * b_row + j * b_col], and start is C itself when accumulate,

@@ -9,7 +9,7 @@
  * Each build is a shared library with its own static buffers (dlopen with
  * RTLD_LOCAL), so both models are in memory at once (2 x 3.4 GiB at 1 x 2048).
  *
- * usage: build/ab A.so B.so MHA|MLKV-2|DEMO|ATTENTION[-KVH]|GEMM B T PAIRS [PRECISION_A PRECISION_B]
+ * usage: build/ab A.so B.so MHA|MLKV-2|14M|DEMO|ATTENTION[-KVH]|GEMM B T PAIRS [PRECISION_A PRECISION_B]
  * (dev/ab.sh builds them; precisions fp32, the default, or bf16: one build
  * against itself in both gives bf16's speed-up over fp32)
  * prints every step's seconds, A/B, then the median of the pairs' speed
@@ -47,8 +47,9 @@ static void load(Build *b, const char *path, const char *variant, int B, int T, 
     if (!config_load || !init || !prepare || !b->train_step || !set_precision) { fprintf(stderr, "ab: %s lacks mlkv's API\n", path); exit(1); }
     if (strcmp(precision, "bf16") == 0 && !set_precision(PRECISION_BF16, 1))
         fprintf(stderr, "ab: %s: bf16 without AMX (the portable kernel)\n", path);
-    Config c;
-    if (config_load(&c, "dev/pythia-160m.config.json", NULL) != 0) { fprintf(stderr, "ab: run from the repository root\n"); exit(1); }
+    Config c; /* Pythia-160M, or Pythia-14M for the variant 14M */
+    if (config_load(&c, strcmp(variant, "14M") == 0 ? "dev/pythia-14m.config.json" : "dev/pythia-160m.config.json",
+                    NULL) != 0) { fprintf(stderr, "ab: run from the repository root\n"); exit(1); }
     if (strcmp(variant, "MLKV-2") == 0) { /* as dev/bench.c: 2 owning layers of 1 K/V head, MLP grown */
         c.n_kv_layer = 2;
         c.n_kv_head = 1;
@@ -177,7 +178,7 @@ static int ab_gemm(const char *path_a, const char *path_b, int rows, int pairs, 
 
 int main(int argc, char **argv) {
     if ((argc != 7 && argc != 9) || atoi(argv[4]) < 1 || atoi(argv[5]) < 1 || atoi(argv[6]) < 1 || atoi(argv[6]) > MAX_PAIRS) {
-        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2|DEMO|ATTENTION[-KVH]|GEMM B T PAIRS (at most %d) [fp32|bf16 fp32|bf16]\n",
+        fprintf(stderr, "usage: build/ab A.so B.so MHA|MLKV-2|14M|DEMO|ATTENTION[-KVH]|GEMM B T PAIRS (at most %d) [fp32|bf16 fp32|bf16]\n",
                 MAX_PAIRS);
         return 2;
     }
@@ -216,6 +217,9 @@ int main(int argc, char **argv) {
     double median = (ratio[(pairs - 1) / 2] + ratio[pairs / 2]) / 2;
     printf("\nspeed of B over A, median of %d pairs: %.3f (range %.3f-%.3f); losses A %.4f, B %.4f\n", pairs,
            median, ratio[0], ratio[pairs - 1], loss[0], loss[1]);
+    for (int v = 0; v < 2; v++) qsort(seconds[v], (size_t)pairs, sizeof(double), by_value);
+    printf("tokens/s (median step): A %.0f, B %.0f\n", B * T / seconds[0][(pairs - 1) / 2],
+           B * T / seconds[1][(pairs - 1) / 2]);
     free(tokens);
     return 0;
 }

@@ -12,7 +12,8 @@
  *      then attention alone (forward and backward) at T = 256 and 2048;
  *   3. training steps (forward, backward, AdamW) of Pythia-160M, MHA and
  *      MLKV-2, at T = 256 (B = 8) and T = 2048 (B = 1): tokens/s, MFU and
- *      peak resident memory (each case in its own process).
+ *      peak resident memory (each case in its own process); Pythia-14M too
+ *      where asked (--case 14M:4x256, dev/bench_plain.sh).
  *
  * FLOPs of a training step per token: 6 x (matmul parameters, the LM head
  * included) + 12 x L x C x T (attention scores and weighted sums, forward and
@@ -189,8 +190,9 @@ static double step_flops_per_token(const Model *m, int T) {
 static int bench_train(const char *variant, int B, int T, const char *precision, int steps, double peak,
                        int keep_subnormals) {
     if (!keep_subnormals) flush_subnormals(); /* as mlkv itself runs */
-    Config c;
-    if (config_load(&c, "dev/pythia-160m.config.json", NULL) != 0) { fprintf(stderr, "%s\n", mlkv_error()); return 1; }
+    Config c; /* Pythia-160M, or Pythia-14M for the case 14M */
+    const char *config = strcmp(variant, "14M") == 0 ? "dev/pythia-14m.config.json" : "dev/pythia-160m.config.json";
+    if (config_load(&c, config, NULL) != 0) { fprintf(stderr, "%s\n", mlkv_error()); return 1; }
     if (strcmp(variant, "MLKV-2") == 0) { /* the converter's MLKV-2: 2 owning layers of 1 K/V head, MLP grown */
         c.n_kv_layer = 2;
         c.n_kv_head = 1;
@@ -242,7 +244,8 @@ static void usage(void) {
                     "  --quick       skip the GEMM and attention tables\n"
                     "  --gemm        the GEMM table alone\n"
                     "  --attention   the attention table alone\n"
-                    "  --case C      a training case: MHA or MLKV-2, B x T, and fp32 (default) or bf16,\n"
+                    "  --case C      a training case: MHA or MLKV-2 (Pythia-160M) or 14M (Pythia-14M, MHA),\n"
+                    "                B x T, and fp32 (default) or bf16,\n"
                     "                e.g. MLKV-2:1x2048:bf16 (repeatable; default: MHA and MLKV-2 at 8x256\n"
                     "                and 1x2048, fp32 and bf16)\n"
                     "  --subnormals  run each case also with subnormal numbers computed as they are\n"
@@ -288,7 +291,7 @@ int main(int argc, char **argv) {
         bench_gemm(peak);
         bench_attention(peak);
     }
-    printf("\nTraining steps of Pythia-160M (random weights and tokens; mean of %d steps after one warm-up)\n", steps);
+    printf("\nTraining steps of Pythia-160M (14M: Pythia-14M; random weights and tokens; mean of %d steps after one warm-up)\n", steps);
     printf("FLOPs per token = 6 x (matmul parameters, LM head included) + 12 x L x C x T\n");
     printf("| model | B x T | precision | tokens/s | GFLOP/s | run's peak GFLOP/s | MFU | peak between steps | MFU "
            "(peak between steps) | peak RSS GiB | loss |\n");
@@ -298,7 +301,8 @@ int main(int argc, char **argv) {
         char model[32], precision[8] = "fp32", cmd[1024];
         int B, T;
         int fields = sscanf(cases[i], "%31[^:]:%dx%d:%7s", model, &B, &T, precision);
-        if (fields < 3 || B < 1 || T < 1 || (strcmp(model, "MHA") != 0 && strcmp(model, "MLKV-2") != 0) ||
+        if (fields < 3 || B < 1 || T < 1 ||
+            (strcmp(model, "MHA") != 0 && strcmp(model, "MLKV-2") != 0 && strcmp(model, "14M") != 0) ||
             (strcmp(precision, "fp32") != 0 && strcmp(precision, "bf16") != 0)) {
             fprintf(stderr, "bench: bad case %s\n", cases[i]);
             usage();
