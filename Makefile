@@ -46,8 +46,9 @@ test:
 	      echo "error: $$cc has no OpenMP support"; exit 1; fi; \
 	    flags="$$flags -fopenmp";; esac; \
 	  echo "== $$cc, $$build: build ($$flags)"; \
-	  $$cc $$flags -o $$d/mlkv mlkv.c -lm; \
-	  $$cc $$flags -DMLKV_NO_MAIN -o $$d/test_mlkv test_mlkv.c mlkv.c -lm; \
+	  $$cc $$flags -o $$d/mlkv mlkv.c -lm & \
+	  $$cc $$flags -DMLKV_NO_MAIN -o $$d/test_mlkv test_mlkv.c mlkv.c -lm || exit 1; \
+	  wait $$! || exit 1; \
 	  echo "== $$cc, $$build: tests"; \
 	  OMP_NUM_THREADS=2 OMP_STACKSIZE=128K $$d/test_mlkv $$d/mlkv; \
 	done; done
@@ -62,19 +63,24 @@ SANITIZE = -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-om
 test-sanitize:
 	@mkdir -p build/sanitize
 	@echo "== $(SAN_CC), AddressSanitizer + UndefinedBehaviorSanitizer: tests"
-	@$(SAN_CC) $(SANITIZE) -Wall -Wextra -o build/sanitize/mlkv mlkv.c -lm
-	@$(SAN_CC) $(SANITIZE) -Wall -Wextra -DMLKV_NO_MAIN -o build/sanitize/test_mlkv test_mlkv.c mlkv.c -lm
+	@$(SAN_CC) $(SANITIZE) -Wall -Wextra -o build/sanitize/mlkv mlkv.c -lm & \
+	$(SAN_CC) $(SANITIZE) -Wall -Wextra -DMLKV_NO_MAIN -o build/sanitize/test_mlkv test_mlkv.c mlkv.c -lm && \
+	wait $$!
 	@ASAN_OPTIONS=detect_leaks=1 build/sanitize/test_mlkv build/sanitize/mlkv
 
 # Every reader, fuzzed (dev/fuzz/fuzz.c): fuzz-smoke replays the committed seed
 # corpora under the sanitizers; fuzz runs libFuzzer from them.
 FUZZ_TARGETS := json:1 config:2 safetensors:3 torch:4 tokenizer:5 tokens:6 tasks:7 optimizer:8
 FUZZ_SECONDS ?= 600
+# The replays build side by side (the readers alone matter here: each kernel
+# compiled once, MLKV_ONE_KERNEL_SET), then run one by one.
 fuzz-smoke:
 	@mkdir -p build/fuzz
-	@set -e; for t in $(FUZZ_TARGETS); do name=$${t%%:*}; id=$${t#*:}; \
-	  $(SAN_CC) $(SANITIZE) -Wall -Wextra -DFUZZ_STANDALONE -DFUZZ_TARGET=$$id -I. -o build/fuzz/replay-$$name \
-	    dev/fuzz/fuzz.c -lm; \
+	@set -e; pids=; for t in $(FUZZ_TARGETS); do name=$${t%%:*}; id=$${t#*:}; \
+	  $(SAN_CC) $(SANITIZE) -Wall -Wextra -DMLKV_ONE_KERNEL_SET -DFUZZ_STANDALONE -DFUZZ_TARGET=$$id -I. \
+	    -o build/fuzz/replay-$$name dev/fuzz/fuzz.c -lm & pids="$$pids $$!"; done; \
+	for p in $$pids; do wait $$p; done; \
+	for t in $(FUZZ_TARGETS); do name=$${t%%:*}; \
 	  ASAN_OPTIONS=detect_leaks=1 build/fuzz/replay-$$name dev/fuzz/corpus/$$name/* 2>/dev/null; \
 	  echo "== fuzz-smoke $$name: seed files replayed clean: $$(ls dev/fuzz/corpus/$$name | wc -l)"; done
 
@@ -83,7 +89,7 @@ fuzz:
 	@mkdir -p build/fuzz
 	@set -e; for t in $(FUZZ_TARGETS); do name=$${t%%:*}; id=$${t#*:}; mkdir -p build/fuzz/$$name; \
 	  clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-	    -DFUZZ_TARGET=$$id -I. -o build/fuzz/fuzz-$$name dev/fuzz/fuzz.c -lm; \
+	    -DMLKV_ONE_KERNEL_SET -DFUZZ_TARGET=$$id -I. -o build/fuzz/fuzz-$$name dev/fuzz/fuzz.c -lm; \
 	  echo "== fuzz $$name for $(FUZZ_SECONDS) s"; \
 	  build/fuzz/fuzz-$$name -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -max_len=100000 \
 	    build/fuzz/$$name dev/fuzz/corpus/$$name; done

@@ -808,9 +808,10 @@ void attention_backward_naive(float *dq, float *dk, float *dv, const float *dout
  * CPU has, asked once at start (cpuid), or the one MLKV_KERNELS (avx512,
  * avx2 or portable) names. The parallel loops stay outside the kernels:
  * clang compiles an OpenMP loop's body as a function of its own, without its
- * parent's target attribute. Other compilers and other architectures, and
- * builds for a given CPU (-march), compile each kernel once, as the flags
- * say. Each instruction set sums in the same order but rounds its own way
+ * parent's target attribute. Other compilers and other architectures,
+ * builds for a given CPU (-march), and builds with -DMLKV_ONE_KERNEL_SET
+ * (the fuzzers: a third of the compile time) compile each kernel once, as
+ * the flags say. Each instruction set sums in the same order but rounds its own way
  * (FMA rounds once where a multiply and an add round twice): results agree
  * to fp32 rounding between instruction sets, and bit for bit within one. */
 enum { KERNELS_PORTABLE, KERNELS_AVX2, KERNELS_AVX512 };
@@ -823,7 +824,8 @@ enum { KERNELS_PORTABLE, KERNELS_AVX2, KERNELS_AVX512 };
 #else
 #define KERNEL_INLINE static inline
 #endif
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX512F__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX512F__) && \
+    !defined(MLKV_ONE_KERNEL_SET)
 #define KERNEL_DISPATCH 1
 static int kernel_set = KERNELS_PORTABLE; /* chosen before main (kernels_at_start) */
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"), flatten))
@@ -3698,8 +3700,9 @@ static int log_step(FILE *log, const char *log_path, int printed, const TrainArg
                     float val_loss) {
     double lr = lr_at_step(&t->opt, step);
     if (printed) {
-        char eta[32];
-        format_duration(eta, sizeof(eta), eta_seconds);
+        char eta[32]; /* NAN: the first step of a run, no estimate yet */
+        if (!isnan(eta_seconds)) format_duration(eta, sizeof(eta), eta_seconds);
+        else snprintf(eta, sizeof(eta), "after step %d", step + 2);
         printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | eta %s", step + 1,
                t->steps, loss, lr, norm, tokens_per_s, eta);
         if (!isnan(val_loss)) printf(" | val %.4f", val_loss);
@@ -3770,7 +3773,7 @@ static int run_training(TrainArgs *t) {
     int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step
                         ? start_step + t->stop_after
                         : t->steps;
-    double t_start = now_seconds();
+    double t_start = now_seconds(), first_step_end = 0;
     int finished = start_step;
     atomic_store(&stop_signal, 0);
     signal(SIGINT, note_stop_signal);
@@ -3794,9 +3797,16 @@ static int run_training(TrainArgs *t) {
         int is_last = done_steps == last_step || timed_out;
         if (val.tokens && ((t->eval_every > 0 && done_steps % t->eval_every == 0) || is_last))
             val_loss = evaluate(&model, &val, t->val_batches);
-        double eta = elapsed / (done_steps - start_step) * (last_step - done_steps);
-        int printed =
-            done_steps % t->log_every == 0 || is_last || !isnan(val_loss) || step == start_step;
+        /* the time left at the pace of the steps after the first, which also touches every
+         * buffer for the first time and runs several times slower: no estimate from it */
+        if (step == start_step) first_step_end = now_seconds();
+        double eta = is_last                ? 0
+                     : step == start_step ? NAN
+                                          : (now_seconds() - first_step_end) /
+                                                (done_steps - start_step - 1) *
+                                                (last_step - done_steps);
+        int printed = done_steps % t->log_every == 0 || is_last || !isnan(val_loss) ||
+                      step <= start_step + 1;
         if (log_step(log, log_path, printed, t, step, loss, norm, tokens_per_step / dt, eta,
                      val_loss) != 0)
             goto done;
@@ -8206,6 +8216,8 @@ typedef struct {
     double x0, x1, y0, y1;              /* the data range shown */
     int log_x, log_y;
     double left, top, width, height;    /* the frame, in pixels */
+    const double *x_ticks;              /* the x axis's ticks when given (n_x_ticks), */
+    int n_x_ticks;                      /* else axis_ticks chooses */
 } Plot;
 
 static const char *const plot_colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
@@ -8246,23 +8258,27 @@ static double plot_y(const Plot *p, double y) {
     return p->top + (1.0 - f) * p->height;
 }
 
-/* Tick values of one axis: on a log axis 1, 2, 5 x powers of ten (or powers
- * of ten alone over a wide range); else, and on a log axis spanning too
- * little for two of those, 1, 2, 5 x a power of ten apart, about 5 ticks */
+/* Tick values of one axis. On a log axis: every power of ten and 2 and 5
+ * times it (powers of ten alone over more than 4 decades); where that gives
+ * fewer than 4 ticks, every 1 to 9 times a power of ten. Else, and on a log
+ * axis spanning too little for two of those, 1, 2, 5 x a power of ten apart,
+ * 4 to 8 ticks. */
 static int axis_ticks(double lo, double hi, int log_axis, double *ticks, int room) {
     int n = 0;
-    if (log_axis) {
-        int wide = log10(hi / lo) > 3;
-        for (double decade = pow(10, floor(log10(lo))); decade <= hi && n < room; decade *= 10)
-            for (int m = 0; m < 3 && n < room; m++) {
-                double t = decade * (m == 0 ? 1 : m == 1 ? 2 : 5);
-                if ((wide && m > 0) || t < lo * (1 - 1e-9) || t > hi * (1 + 1e-9)) continue;
-                ticks[n++] = t;
-            }
-        if (n >= 2) return n;
+    for (int every = 0; log_axis && every < 2; every++) {
+        int wide = log10(hi / lo) > 4;
         n = 0;
+        for (double decade = pow(10, floor(log10(lo))); decade <= hi && n < room; decade *= 10)
+            for (int m = 1; m <= 9 && n < room; m++) {
+                double t = decade * m;
+                int shown = every ? 1 : wide ? m == 1 : m == 1 || m == 2 || m == 5;
+                if (shown && t >= lo * (1 - 1e-9) && t <= hi * (1 + 1e-9)) ticks[n++] = t;
+            }
+        if (n >= 4 || (wide && n >= 2)) return n;
     }
-    double raw = (hi - lo) / 5, unit = pow(10, floor(log10(raw))), step = unit;
+    if (n >= 2) return n;
+    n = 0;
+    double raw = (hi - lo) / 8, unit = pow(10, floor(log10(raw))), step = unit;
     if (raw / unit > 5) step = 10 * unit;
     else if (raw / unit > 2) step = 5 * unit;
     else if (raw / unit > 1) step = 2 * unit;
@@ -8296,8 +8312,10 @@ static void plot_frame(Plot *p, StrBuf *svg, double left, double top, double wid
     svg_text(svg, 0, 0, "middle", 13, y_label);
     sb_printf(svg, "</g>\n");
     for (int axis = 0; axis < 2; axis++) {
-        int n = axis_ticks(axis ? p->y0 : p->x0, axis ? p->y1 : p->x1, axis ? p->log_y : p->log_x,
-                           ticks, 64);
+        int n = !axis && p->x_ticks ? p->n_x_ticks
+                                    : axis_ticks(axis ? p->y0 : p->x0, axis ? p->y1 : p->x1,
+                                                 axis ? p->log_y : p->log_x, ticks, 64);
+        if (!axis && p->x_ticks) memcpy(ticks, p->x_ticks, sizeof(double) * n);
         for (int i = 0; i < n; i++) {
             char label[32];
             snprintf(label, sizeof(label), "%g", ticks[i]);
@@ -8330,18 +8348,31 @@ static void plot_line(Plot *p, const double *x, const double *y, int n, const ch
     sb_printf(p->svg, "\"/>\n");
 }
 
-static void plot_dot(Plot *p, double x, double y, const char *color, const char *label) {
+/* A dot, filled or hollow (a ring), labelled beside when label is given */
+static void plot_dot(Plot *p, double x, double y, const char *color, int hollow,
+                     const char *label) {
     double px = plot_x(p, x), py = plot_y(p, y);
-    sb_printf(p->svg, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4.5\" fill=\"%s\"/>\n", px, py, color);
+    sb_printf(p->svg, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4.5\" fill=\"%s\" stroke=\"%s\" "
+              "stroke-width=\"1.5\"/>\n", px, py, hollow ? "white" : color, color);
     if (label) svg_text(p->svg, px + 7, py - 7, "start", 11, label);
 }
 
-/* Entry i of a legend in the frame's top right corner */
-static void plot_legend(Plot *p, int i, const char *color, const char *label) {
-    double x = p->left + p->width - 110, y = p->top + 16 + 16 * i;
-    sb_printf(p->svg,
-              "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" "
-              "y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n", x, y - 4, x + 18, y - 4, color);
+/* Entry i of a legend to the right of the frame, outside it (the picture
+ * leaves PLOT_LEGEND_WIDTH pixels there): a line, dashed or not, or a dot,
+ * filled or hollow */
+#define PLOT_LEGEND_WIDTH 150
+typedef enum { LEGEND_LINE, LEGEND_DASHED, LEGEND_DOT, LEGEND_RING } LegendMark;
+static void plot_legend(Plot *p, int i, const char *color, LegendMark mark, const char *label) {
+    double x = p->left + p->width + 14, y = p->top + 12 + 16 * i;
+    if (mark == LEGEND_LINE || mark == LEGEND_DASHED)
+        sb_printf(p->svg,
+                  "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" "
+                  "stroke-width=\"3\"%s/>\n", x, y - 4, x + 18, y - 4, color,
+                  mark == LEGEND_DASHED ? " stroke-dasharray=\"6 4\"" : "");
+    else
+        sb_printf(p->svg, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4.5\" fill=\"%s\" stroke=\"%s\" "
+                  "stroke-width=\"1.5\"/>\n", x + 9, y - 4, mark == LEGEND_RING ? "white" : color,
+                  color);
     svg_text(p->svg, x + 24, y, "start", 11, label);
 }
 
@@ -8359,7 +8390,7 @@ static int svg_end(StrBuf *svg, const char *path) {
  * evaluate it again, and measure decoding. RUN/NAME/stages.json records each
  * stage as it finishes, so a rerun skips what is done and an interrupted
  * uptraining continues from its checkpoint. Then RUN/results.csv,
- * RUN/results.md and three pictures. */
+ * RUN/results.md and the pictures. */
 #define EXPERIMENT_MAX_TASKS 16
 static const int experiment_batches[] = {1, 4, 16};
 #define EXPERIMENT_BATCHES ((int)(sizeof(experiment_batches) / sizeof(experiment_batches[0])))
@@ -8808,7 +8839,7 @@ static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int
     sb_printf(&csv, "config,kv_layers,kv_heads,total_kv_heads,parameters,kv_bytes_per_token,val_"
                     "loss_converted,val_loss_uptrained");
     sb_printf(&md, "| config | K/V layers x heads | total K/V heads | parameters | KV bytes/token "
-                   "| val loss converted | val loss uptrained |");
+                   "(fp32) | val loss converted | val loss uptrained |");
     for (int i = 0; i < e->n_tasks; i++) {
         const char *t = e->task_names[i];
         sb_printf(&csv, ",%s_acc_converted,%s_acc_uptrained,%s_acc_stderr_converted,"
@@ -8858,9 +8889,9 @@ static int experiment_tables(const Experiment *e, const ExperimentRow *rows, int
 }
 
 /* The training loss of RUN/NAME/uptrained.log.csv, as a rolling mean over
- * about a twentieth of the run: n points into steps and losses (caller
- * frees), or -1 */
-static int read_loss_curve(const char *dir, double **steps, double **losses) {
+ * about a twentieth of the run (*window steps): n points into steps and
+ * losses (caller frees), or -1 */
+static int read_loss_curve(const char *dir, double **steps, double **losses, int *window) {
     char path[PATH_LEN], *text = NULL;
     size_t len;
     *steps = *losses = NULL;
@@ -8882,12 +8913,13 @@ static int read_loss_curve(const char *dir, double **steps, double **losses) {
         raw[n] = loss, (*steps)[n++] = step;
     }
     free(text);
-    int window = n / 20 > 1 ? n / 20 : 1;
+    int w = n / 20 > 1 ? n / 20 : 1;
     double sum = 0;
     for (int i = 0; i < n; i++) {
-        sum += raw[i] - (i >= window ? raw[i - window] : 0.0);
-        (*losses)[i] = sum / (i + 1 < window ? i + 1 : window);
+        sum += raw[i] - (i >= w ? raw[i - w] : 0.0);
+        (*losses)[i] = sum / (i + 1 < w ? i + 1 : w);
     }
+    *window = w;
     free(raw);
     return n;
 }
@@ -8902,38 +8934,55 @@ static double row_range(const ExperimentRow *rows, int n, size_t field, int b, d
     return lo;
 }
 
-/* The three pictures: loss against KV bytes per token, the loss curves,
- * and decoding speed and memory against the batch size */
+/* The pictures: validation loss against KV bytes per token (after
+ * conversion and after uptraining), the training loss curves, decoding speed
+ * and memory against the batch size, and, with task files, each task's
+ * accuracy against KV bytes per token. Legends stand right of the plots. */
 static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, int n) {
-    char path[PATH_LEN];
+    char path[PATH_LEN], title[128];
     StrBuf svg = {0};
     Plot p = {0};
-    double hi;
-    /* 1. validation loss after uptraining against the KV cache per token */
+    double hi, hi_converted;
+    int by_kv[GRID_SIZE + 32]; /* the rows from the largest cache to the smallest */
+    for (int r = 0; r < n; r++) by_kv[r] = r;
+    for (int a = 1; a < n; a++)
+        for (int b = a; b > 0 && rows[by_kv[b]].kv_bytes > rows[by_kv[b - 1]].kv_bytes; b--) {
+            int t = by_kv[b];
+            by_kv[b] = by_kv[b - 1], by_kv[b - 1] = t;
+        }
+    int largest = by_kv[0]; /* the largest cache (MHA in the grid): its level, dashed */
+    /* 1. validation loss against the KV cache per token */
     p.x0 = row_range(rows, n, offsetof(ExperimentRow, kv_bytes), 0, &p.x1), p.log_x = 1;
-    p.y0 = row_range(rows, n, offsetof(ExperimentRow, val), 1, &p.y1);
+    p.y0 = fmin(row_range(rows, n, offsetof(ExperimentRow, val), 1, &hi),
+                row_range(rows, n, offsetof(ExperimentRow, val), 0, &hi_converted));
+    p.y1 = fmax(hi, hi_converted);
     pad_range(&p.x0, &p.x1, 1);
     pad_range(&p.y0, &p.y1, 0);
-    svg_begin(&svg, 760, 480);
-    plot_frame(&p, &svg, 80, 40, 640, 370, "Validation loss after uptraining against the KV cache",
+    svg_begin(&svg, 720 + PLOT_LEGEND_WIDTH, 480);
+    plot_frame(&p, &svg, 80, 40, 640, 370, "Validation loss against the KV cache",
                "KV cache bytes per token (fp32, log scale)", "validation loss");
-    int largest = 0; /* the largest cache (MHA in the grid): its level, dashed */
-    for (int r = 1; r < n; r++) largest = rows[r].kv_bytes > rows[largest].kv_bytes ? r : largest;
     if (isfinite(rows[largest].val[1])) {
         double x[2] = {p.x0, p.x1}, y[2] = {rows[largest].val[1], rows[largest].val[1]};
         plot_line(&p, x, y, 2, "#999", 1);
     }
-    for (int r = 0; r < n; r++)
+    for (int r = 0; r < n; r++) {
+        if (isfinite(rows[r].val[0]))
+            plot_dot(&p, rows[r].kv_bytes, rows[r].val[0], plot_colors[r % PLOT_COLORS], 1, NULL);
         if (isfinite(rows[r].val[1]))
-            plot_dot(&p, rows[r].kv_bytes, rows[r].val[1], plot_colors[r % PLOT_COLORS],
+            plot_dot(&p, rows[r].kv_bytes, rows[r].val[1], plot_colors[r % PLOT_COLORS], 0,
                      rows[r].grid.name);
+    }
+    plot_legend(&p, 0, "#444", LEGEND_DOT, "after uptraining");
+    plot_legend(&p, 1, "#444", LEGEND_RING, "after conversion");
+    snprintf(title, sizeof(title), "%s uptrained", rows[largest].grid.name);
+    plot_legend(&p, 2, "#999", LEGEND_DASHED, title);
     int rc = make_path(path, e->run_dir, "/loss_vs_kv.svg") == 0 ? svg_end(&svg, path) : -1;
     /* 2. training loss curves */
     double *steps[GRID_SIZE + 32] = {0}, *losses[GRID_SIZE + 32] = {0};
-    int points[GRID_SIZE + 32] = {0};
+    int points[GRID_SIZE + 32] = {0}, window = 1;
     p = (Plot){.x0 = INFINITY, .x1 = -INFINITY, .y0 = INFINITY, .y1 = -INFINITY, .log_y = 1};
     for (int r = 0; rc == 0 && r < n; r++) {
-        points[r] = read_loss_curve(rows[r].dir, &steps[r], &losses[r]);
+        points[r] = read_loss_curve(rows[r].dir, &steps[r], &losses[r], &window);
         for (int i = 0; i < points[r]; i++)
             p.x0 = fmin(p.x0, steps[r][i]), p.x1 = fmax(p.x1, steps[r][i]),
             p.y0 = fmin(p.y0, losses[r][i]), p.y1 = fmax(p.y1, losses[r][i]);
@@ -8941,30 +8990,29 @@ static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, i
     if (rc == 0 && p.x1 >= p.x0 && p.y0 > 0) {
         pad_range(&p.x0, &p.x1, 0);
         pad_range(&p.y0, &p.y1, 1);
-        svg_begin(&svg, 760, 480);
-        plot_frame(&p, &svg, 80, 40, 640, 370, "Training loss while uptraining (rolling mean)",
-                   "optimizer step", "training loss (log scale)");
+        svg_begin(&svg, 720 + PLOT_LEGEND_WIDTH, 480);
+        snprintf(title, sizeof(title), "Training loss while uptraining (mean of the last %d step%s)",
+                 window, plural(window));
+        plot_frame(&p, &svg, 80, 40, 640, 370, title, "optimizer step",
+                   "training loss (log scale)");
         for (int r = 0; r < n; r++) {
             plot_line(&p, steps[r], losses[r], points[r] > 0 ? points[r] : 0,
                       plot_colors[r % PLOT_COLORS], 0);
-            plot_legend(&p, r, plot_colors[r % PLOT_COLORS], rows[r].grid.name);
+            plot_legend(&p, r, plot_colors[r % PLOT_COLORS], LEGEND_LINE, rows[r].grid.name);
         }
         rc = make_path(path, e->run_dir, "/loss_curves.svg") == 0 ? svg_end(&svg, path) : -1;
     }
     for (int r = 0; r < n; r++) free(steps[r]), free(losses[r]);
-    /* 3. decoding: tokens/s and memory against the batch size */
+    /* 3. decoding: tokens/s and memory against the batch size, ticks at the batch sizes */
     double batches[EXPERIMENT_BATCHES];
     for (int b = 0; b < EXPERIMENT_BATCHES; b++) batches[b] = experiment_batches[b];
-    svg_begin(&svg, 1000, 480);
+    svg_begin(&svg, 960 + PLOT_LEGEND_WIDTH, 480);
     for (int panel = 0; rc == 0 && panel < 2; panel++) {
         size_t field = panel ? offsetof(ExperimentRow, memory) : offsetof(ExperimentRow, decode);
         double unit = panel ? 1.0 / 1048576 : 1.0; /* memory in MiB */
-        p = (Plot){.x0 = batches[0],
-                   .x1 = batches[EXPERIMENT_BATCHES - 1],
-                   .y0 = INFINITY,
-                   .y1 = -INFINITY,
-                   .log_x = 1,
-                   .log_y = 1};
+        p = (Plot){.x0 = batches[0], .x1 = batches[EXPERIMENT_BATCHES - 1], .y0 = INFINITY,
+                   .y1 = -INFINITY, .log_x = 1, .log_y = 1, .x_ticks = batches,
+                   .n_x_ticks = EXPERIMENT_BATCHES};
         for (int b = 0; b < EXPERIMENT_BATCHES; b++) {
             double lo = row_range(rows, n, field, b, &hi) * unit;
             p.y0 = fmin(p.y0, lo), p.y1 = fmax(p.y1, hi * unit);
@@ -8973,21 +9021,48 @@ static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, i
         pad_range(&p.x0, &p.x1, 1);
         pad_range(&p.y0, &p.y1, 1);
         plot_frame(&p, &svg, 80 + panel * 480, 40, 400, 370,
-                   panel ? "Memory while decoding" : "Decoding speed", "batch size (sequences)",
+                   panel ? "Memory while decoding" : "Decoding speed (median of 3 runs)",
+                   "batch size (sequences)",
                    panel ? "weights + KV cache + scratch, MiB" : "decoded tokens/s");
         for (int r = 0; r < n; r++) {
             double y[EXPERIMENT_BATCHES];
             for (int b = 0; b < EXPERIMENT_BATCHES; b++)
                 y[b] = (panel ? rows[r].memory[b] : rows[r].decode[b]) * unit;
             plot_line(&p, batches, y, EXPERIMENT_BATCHES, plot_colors[r % PLOT_COLORS], 0);
-            if (panel == 0) plot_legend(&p, r, plot_colors[r % PLOT_COLORS], rows[r].grid.name);
+            if (panel == 1)
+                plot_legend(&p, r, plot_colors[r % PLOT_COLORS], LEGEND_LINE, rows[r].grid.name);
         }
     }
     if (rc == 0) rc = make_path(path, e->run_dir, "/decode.svg") == 0 ? svg_end(&svg, path) : -1;
+    /* 4. each task's accuracy against the KV cache per token, the configurations joined from
+     * the largest cache to the smallest: after uptraining solid, after conversion dashed */
+    if (rc == 0 && e->n_tasks > 0) {
+        p = (Plot){.y0 = 0, .y1 = 1, .log_x = 1};
+        p.x0 = row_range(rows, n, offsetof(ExperimentRow, kv_bytes), 0, &p.x1);
+        pad_range(&p.x0, &p.x1, 1);
+        pad_range(&p.y0, &p.y1, 0);
+        svg_begin(&svg, 720 + PLOT_LEGEND_WIDTH, 480);
+        plot_frame(&p, &svg, 80, 40, 640, 370, "Task accuracy against the KV cache",
+                   "KV cache bytes per token (fp32, log scale)", "accuracy");
+        for (int t = 0; t < e->n_tasks; t++) {
+            const char *color = plot_colors[t % PLOT_COLORS];
+            for (int stage = 0; stage < 2; stage++) {
+                double x[GRID_SIZE + 32], y[GRID_SIZE + 32];
+                for (int k = 0; k < n; k++)
+                    x[k] = rows[by_kv[k]].kv_bytes, y[k] = rows[by_kv[k]].task[stage][t];
+                plot_line(&p, x, y, n, color, stage == 0);
+                for (int k = 0; stage == 1 && k < n; k++)
+                    if (isfinite(y[k])) plot_dot(&p, x[k], y[k], color, 0, NULL);
+            }
+            plot_legend(&p, t, color, LEGEND_LINE, e->task_names[t]);
+        }
+        plot_legend(&p, e->n_tasks, "#444", LEGEND_DASHED, "after conversion");
+        rc = make_path(path, e->run_dir, "/tasks.svg") == 0 ? svg_end(&svg, path) : -1;
+    }
     free(svg.s);
     if (rc == 0)
-        printf("wrote %s/results.csv, results.md, loss_vs_kv.svg, loss_curves.svg, decode.svg\n",
-               e->run_dir);
+        printf("wrote %s/results.csv, results.md, loss_vs_kv.svg, loss_curves.svg, decode.svg%s\n",
+               e->run_dir, e->n_tasks > 0 ? ", tasks.svg" : "");
     return rc;
 }
 
@@ -9030,7 +9105,8 @@ static const char *const experiment_usage =
     "options (one recipe and token budget for all), evaluate it again, and measure decoding\n"
     "(tokens/s and memory at batch sizes 1, 4 and 16). Writes RUN/NAME/ (converted and\n"
     "uptrained models, logs, stages.json, decode.csv), RUN/results.csv, RUN/results.md\n"
-    "and the pictures RUN/loss_vs_kv.svg, RUN/loss_curves.svg and RUN/decode.svg.\n"
+    "and the pictures RUN/loss_vs_kv.svg, RUN/loss_curves.svg, RUN/decode.svg and, with\n"
+    "--tasks, RUN/tasks.svg.\n"
     "Run the same command again to continue: finished stages are skipped and an\n"
     "interrupted uptraining continues from its checkpoint.\n"
     "  --grid paper       the reference's nine configurations MHA-144 .. MLKV-1, adapted\n"

@@ -2651,6 +2651,16 @@ static void test_experiment(void) {
               held * unit_bytes(unit_h) < 1.2 * estimate * unit_bytes(unit_e),
           "the disk estimate (%g %s) and the use (%g %s): %s", estimate, unit_e, held, unit_h,
           output());
+    /* a disk too small for the estimate: refused before any stage, nothing written (a 512 KiB
+     * tmpfs in a mount namespace of its own; root, as CI runs) */
+    CHECK(run("mkdir -p %s/small && unshare -m sh -c 'mount -t tmpfs -o size=512k tmpfs %s/small "
+              "&& %s --out %s/small/exp; echo rc=$?; ls -A %s/small'",
+              tmp_dir, tmp_dir, recipe, tmp_dir, tmp_dir) == 0 &&
+              strstr(output(), "/small/exp: the experiment needs about ") &&
+              strstr(output(), "free some, or choose --out on a larger disk") &&
+              strstr(output(), "rc=1\n") && !strstr(output(), "exp\n") &&
+              !strstr(output(), "[1/3]"),
+          "a disk too small is refused before the first stage: %s", output());
     CHECK(!exists("%s/exp/MLKV-1/uptrained/optimizer.safetensors", tmp_dir) &&
               exists("%s/exp/MLKV-1/uptrained/model.safetensors", tmp_dir),
           "--keep final: the moments deleted, the model kept");
@@ -2705,12 +2715,25 @@ static void test_experiment(void) {
     }
     snprintf(a, sizeof(a), "%s/exp/results.csv", tmp_dir);
     CHECK(!exists("%s/exp.lock", tmp_dir), "the lock is gone after the run");
+    /* well-formed SVG, with what each must say: the converted loss and the dashed line named,
+     * the rolling window, a tick at every batch size, the tasks; legends outside the frame
+     * (the first <rect> after the white background) */
     CHECK(run("cd / && python3 -I -c \"import sys, xml.dom.minidom as x\n"
-              "for n in ('loss_vs_kv', 'loss_curves', 'decode'):\n"
+              "want = {'loss_vs_kv': ['after conversion', 'MHA-8 uptrained'], "
+              "'loss_curves': ['mean of the last', 'MLKV-1'], 'decode': ['1', '4', '16', "
+              "'MLKV-1'], 'tasks': ['arc_easy', 'after conversion']}\n"
+              "for n in want:\n"
               "    d = x.parse(sys.argv[1] + '/' + n + '.svg').documentElement\n"
-              "    assert d.tagName == 'svg' and d.getElementsByTagName('text'), "
-              "n\nprint('svg ok')\" %s/exp", tmp_dir) == 0 && strstr(output(), "svg ok"),
-          "the pictures are well-formed SVG: %s", output());
+              "    texts = d.getElementsByTagName('text')\n"
+              "    words = [t.firstChild.data for t in texts if t.firstChild]\n"
+              "    found = lambda w: any(w == s or (len(w) > 3 and w in s) for s in words)\n"
+              "    assert all(found(w) for w in want[n]), (n, words)\n"
+              "    frame = d.getElementsByTagName('rect')[1]\n"
+              "    right = float(frame.getAttribute('x')) + float(frame.getAttribute('width'))\n"
+              "    legend = [t for t in texts if t.firstChild and t.firstChild.data == want[n][-1]]\n"
+              "    assert float(legend[-1].getAttribute('x')) > right, n\n"
+              "print('svg ok')\" %s/exp", tmp_dir) == 0 && strstr(output(), "svg ok"),
+          "the pictures are well-formed SVG and say what they show: %s", output());
     CHECK(run("cp %s %s/results_before.csv", a, tmp_dir) == 0, "copy");
     /* a rerun: nothing to do but the tables and pictures */
     CHECK(run("%s --out %s/exp", recipe, tmp_dir) == 0 && !strstr(output(), "== experiment [") &&
