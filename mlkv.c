@@ -1123,18 +1123,21 @@ KERNEL_INLINE void gemm_block(int kc, const float *a, size_t a_row, size_t a_col
  * instruction multiplies a 16 x 32 tile of A by a 32 x 16 tile of B into a
  * 16 x 16 tile of C: 8192 multiply-adds (measured with make bench: the bf16
  * GEMMs run 1.5-2.5 times as fast as fp32, the packing now being the limit).
- * The AVX512-BF16 VDPBF16PS instruction, measured on the same Xeon, runs at
- * half the fp32 FMA rate, so it is not used. Elsewhere a portable kernel computes
- * the same products in plain C: the same bf16 inputs, fp32 sums; AMX adds
- * inside a tile in its own order, so the two agree to fp32 rounding, not bit
- * for bit (the tests compare them). */
+ * Without AMX, where the CPU has AVX512-BF16 (AMD Zen 4 and later), its
+ * VDPBF16PS instruction adds to each of 16 fp32 lanes the products of two
+ * pairs of bf16 numbers: twice the multiply-adds of an fp32 FMA. (On the
+ * Xeon with AMX it ran at half the fp32 FMA rate, AMX's is far higher.)
+ * Elsewhere a portable kernel computes the same products in plain C: the
+ * same bf16 inputs, fp32 sums. AMX and VDPBF16PS add within a pair or a tile
+ * in their own order, so the three agree to fp32 rounding, not bit for bit
+ * (the tests compare them). */
 #define BF16_TILE 32 /* rows and columns of C per kernel call, and the K step */
 #define BF16_KC 1024 /* the longest slice of K: C is read and written once per slice */
 
 static _Alignas(64) uint16_t gemm_bf16_a[GEMM_MC * BF16_KC];
 static _Alignas(64) uint16_t gemm_bf16_b[BF16_KC * GEMM_NC];
 static Precision gemm_precision = PRECISION_FP32;
-static int gemm_use_amx;
+static int gemm_bf16_kernel; /* a Bf16Kernel: which kernel the bf16 products run */
 
 /* fp32 -> bf16, rounding to nearest even; NaN stays NaN, denormals become
  * zero (AMX treats them so). Branch-free, so packing loops vectorize. */
@@ -1290,21 +1293,89 @@ bf16_kernel_amx(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t
     _tile_stored(2, c + 16 * ldc, stride);
     _tile_stored(3, c + 16 * ldc + 16, stride);
 }
+
+/* VDPBF16PS, where the compiler has it (gcc 10, clang 9 and later) */
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+static int avx512_bf16_available(void) {
+    unsigned eax, ebx, ecx, edx; /* CPUID leaf 7, subleaf 1: EAX bit 5 is AVX512_BF16 */
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) &&
+           (eax & (1u << 5));
+}
+
+/* c[32, 32] (row stride ldc) += A B over kc32, 8 rows x 32 columns of C in
+ * 16 registers at a time: per k pair, B's two k rows of 16 columns each (one
+ * 64-byte row of its VNNI panel) are loaded once, and each row's pair of A
+ * (side by side in A's panel) is broadcast to every lane */
+__attribute__((target("avx512f,avx512bf16"))) static void
+bf16_kernel_avx512(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
+    for (int i0 = 0; i0 < BF16_TILE; i0 += 8) {
+        __m512 acc[8][2];
+        for (int i = 0; i < 8; i++) {
+            acc[i][0] = _mm512_loadu_ps(c + (i0 + i) * ldc);
+            acc[i][1] = _mm512_loadu_ps(c + (i0 + i) * ldc + 16);
+        }
+        /* a block of 32 k at a time, so that every address inside it is a
+         * constant offset from two pointers (computing bf16_a_index per row
+         * and pair made the loop a third scalar arithmetic) */
+        for (int k0 = 0; k0 < kc32; k0 += 32) {
+            const uint16_t *ak = a + bf16_a_index(i0, k0), *bk = b + bf16_b_index(0, k0);
+            for (int kk = 0; kk < 32; kk += 2) {
+                __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk + kk * 32),
+                         b1 = (__m512bh)_mm512_loadu_si512(bk + kk * 32 + 32);
+                for (int i = 0; i < 8; i++) {
+                    uint32_t pair;
+                    memcpy(&pair, ak + i * 32 + kk, sizeof(pair));
+                    __m512bh ai = (__m512bh)_mm512_set1_epi32((int)pair);
+                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+                }
+            }
+        }
+        for (int i = 0; i < 8; i++) {
+            _mm512_storeu_ps(c + (i0 + i) * ldc, acc[i][0]);
+            _mm512_storeu_ps(c + (i0 + i) * ldc + 16, acc[i][1]);
+        }
+    }
+}
+#else
+static int avx512_bf16_available(void) { return 0; }
+static void bf16_kernel_avx512(int kc32, const uint16_t *a, const uint16_t *b, float *c,
+                               size_t ldc) {
+    bf16_kernel_portable(kc32, a, b, c, ldc);
+}
+#endif
 #else
 static int amx_available(void) { return 0; }
+static int avx512_bf16_available(void) { return 0; }
 static void amx_configure(void) {}
 static void amx_release(void) {}
 static void bf16_kernel_amx(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
     bf16_kernel_portable(kc32, a, b, c, ldc);
 }
+static void bf16_kernel_avx512(int kc32, const uint16_t *a, const uint16_t *b, float *c,
+                               size_t ldc) {
+    bf16_kernel_portable(kc32, a, b, c, ldc);
+}
 #endif
 
-int gemm_set_precision(Precision precision, int allow_amx) {
+/* VDPBF16PS runs with the AVX-512 kernels alone (MLKV_KERNELS=avx2 or portable, applied
+ * before, turns it off) */
+int gemm_set_precision(Precision precision, int allow_fast) {
     gemm_precision = precision;
-    static int amx = -1;
-    if (precision == PRECISION_BF16 && allow_amx && amx < 0) amx = amx_available();
-    gemm_use_amx = precision == PRECISION_BF16 && allow_amx && amx > 0;
-    return gemm_use_amx;
+    static int amx = -1, avx512_bf16 = -1;
+    if (precision == PRECISION_BF16 && allow_fast && amx < 0) amx = amx_available();
+    if (precision == PRECISION_BF16 && allow_fast && avx512_bf16 < 0)
+        avx512_bf16 = avx512_bf16_available();
+    gemm_bf16_kernel = precision != PRECISION_BF16 || !allow_fast ? BF16_PORTABLE
+                       : amx > 0                                ? BF16_AMX
+                       : avx512_bf16 > 0 && VECTOR_512          ? BF16_AVX512
+                                                                : BF16_PORTABLE;
+    return gemm_bf16_kernel;
+}
+
+const char *bf16_kernel_name(int kernel) {
+    return kernel == BF16_AMX ? "AMX" : kernel == BF16_AVX512 ? "AVX512-BF16" : "portable";
 }
 
 /* A 32 x 32 block of C (rows x cols of it inside C) += A B in bf16, from
@@ -1318,7 +1389,8 @@ KERNEL_INLINE void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *
     if (!whole) memset(tile, 0, sizeof(tile)); /* a whole block works on C itself */
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) t[i * ldt + j] = init ? init[j] : c[i * ldc + j];
-    if (gemm_use_amx) bf16_kernel_amx(kc32, a, b, t, ldt);
+    if (gemm_bf16_kernel == BF16_AMX) bf16_kernel_amx(kc32, a, b, t, ldt);
+    else if (gemm_bf16_kernel == BF16_AVX512) bf16_kernel_avx512(kc32, a, b, t, ldt);
     else bf16_kernel_portable(kc32, a, b, t, ldt);
     for (int i = 0; !whole && i < rows; i++)
         for (int j = 0; j < cols; j++) c[i * ldc + j] = tile[i * BF16_TILE + j];
@@ -1484,7 +1556,7 @@ void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const
      * multiplying apart */
 PARALLEL_REGION
     {
-        if (bf16 && gemm_use_amx) amx_configure();
+        if (bf16 && gemm_bf16_kernel == BF16_AMX) amx_configure();
         for (int m0 = 0; m0 < M; m0 += plan.mc_block)
             for (int n0 = 0; n0 < N; n0 += plan.nc_block)
                 for (int k0 = 0; k0 < K; k0 += plan.k_slice) {
@@ -1510,7 +1582,7 @@ OMP_FOR_2(tiles_per_grab)
                     for (int down = 0; down < tasks_down; down++)
                         for (int across = 0; across < b_panels; across++) gemm_task(&g, down, across);
                 }
-        if (bf16 && gemm_use_amx) amx_release();
+        if (bf16 && gemm_bf16_kernel == BF16_AMX) amx_release();
     }
 }
 
@@ -3668,7 +3740,7 @@ static int training_prepare(TrainArgs *t, Model *model, TokenFile *train, TokenF
 /* What a run is about to do: precision, model, data and plan, threads. */
 static void print_training_plan(const TrainArgs *t, const Model *model, const TokenFile *train,
                                 const DataLoader *loader, int start_step, size_t tokens_per_step,
-                                int amx) {
+                                int bf16_kernel) {
     const Config *c = &model->config;
     int threads = 1;
 #ifdef _OPENMP
@@ -3676,8 +3748,10 @@ static void print_training_plan(const TrainArgs *t, const Model *model, const To
 #endif
     if (t->precision == PRECISION_BF16)
         printf("precision: bf16 matmul inputs, fp32 sums and weights (%s)\n",
-               amx ? "AMX tile kernel"
-                   : "portable kernel: this CPU has no AMX, bf16 is slower than fp32 here");
+               bf16_kernel == BF16_AMX      ? "AMX tile kernel"
+               : bf16_kernel == BF16_AVX512 ? "AVX512-BF16 kernel"
+                                            : "portable kernel: this CPU has neither AMX nor "
+                                              "AVX512-BF16, bf16 is slower than fp32 here");
     printf("model: %zu parameters, %d layer%s, %d head%s, K/V in %d layer%s x %d head%s (KV cache "
            "%ld bytes/token fp32); %s\n",
            model->num_parameters, c->n_layer, plural(c->n_layer), c->n_head, plural(c->n_head),
@@ -3766,9 +3840,9 @@ static int run_training(TrainArgs *t) {
         alloc_zeroed((size_t)t->grad_accum * t->batch * (t->seq + 1), sizeof(int), "the batch");
     if (!batch_tokens || !(log = open_log(log_path, start_step))) goto done;
 
-    int amx = gemm_set_precision((Precision)t->precision, 1);
+    int bf16_kernel = gemm_set_precision((Precision)t->precision, 1);
     size_t tokens_per_step = (size_t)t->batch * t->seq * t->grad_accum;
-    print_training_plan(t, &model, &train, &loader, start_step, tokens_per_step, amx);
+    print_training_plan(t, &model, &train, &loader, start_step, tokens_per_step, bf16_kernel);
 
     int last_step = t->stop_after > 0 && t->stop_after < t->steps - start_step
                         ? start_step + t->stop_after
@@ -5695,9 +5769,10 @@ static int load_params_from(Model *m, const TensorSource *src) {
             if (buffer < 0) return -1;
             if (buffer) continue;
             return fail("%s: unexpected tensor %s: not a parameter of "
-                        "this configuration (%d K/V layers of %d heads)",
+                        "this configuration (%d K/V layer%s of %d head%s)",
                         src->files[f].path, printable(name), m->config.n_kv_layer,
-                        m->config.n_kv_head);
+                        plural(m->config.n_kv_layer), m->config.n_kv_head,
+                        plural(m->config.n_kv_head));
         }
     }
     return 0;
@@ -7014,7 +7089,8 @@ static const char *const train_usage =
     "  --overwrite        replace a model or run already in --out (never the --model folder)\n"
     "  --threads N        OpenMP threads (all cores)\n"
     "  --precision P      fp32 | bf16: matmul inputs rounded to bfloat16, sums, weights and\n"
-    "                     AdamW state in fp32 (fast where the CPU has AMX) (fp32)\n"
+    "                     AdamW state in fp32 (fast where the CPU has AMX or AVX512-BF16)\n"
+    "                     (fp32)\n"
     "  --verbose          print the bytes of every buffer\n"
     "The checkpoint in --out is an HF folder (config.json, model.safetensors) with\n"
     "optimizer.safetensors beside it; the per-step log goes to OUT.log.csv.\n";
@@ -7114,9 +7190,9 @@ static int cmd_train(int argc, char **argv) {
 
 static void print_model_summary(const Model *m) {
     const Config *c = &m->config;
-    printf("%zu parameters: %d layers, hidden %d, %d heads of %d, intermediate %d, vocab %d\n",
-           m->num_parameters, c->n_layer, c->hidden_size, c->n_head, c->head_size,
-           c->intermediate_size, c->vocab_size);
+    printf("%zu parameters: %d layer%s, hidden %d, %d head%s of %d, intermediate %d, vocab %d\n",
+           m->num_parameters, c->n_layer, plural(c->n_layer), c->hidden_size, c->n_head,
+           plural(c->n_head), c->head_size, c->intermediate_size, c->vocab_size);
     printf("K/V: %d head%s in each of %d owning layer%s (", c->n_kv_head, plural(c->n_kv_head),
            c->n_kv_layer, plural(c->n_kv_layer));
     for (int l = 0; l < c->n_layer; l++)

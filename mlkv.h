@@ -207,11 +207,16 @@ const char *kernels_name(void);
  * products in k order: results do not depend on the thread count or on M. */
 void gemm(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
           size_t b_row, size_t b_col, float *c, int accumulate, const float *bias);
-/* fp32 products (the default), or bf16 inputs with fp32 sums. With bf16 the
- * AMX tile kernel runs where the CPU has it and allow_amx is set, else a
- * portable one. Returns 1 when the AMX kernel is in use. */
+/* fp32 products (the default), or bf16 inputs with fp32 sums. With bf16 and
+ * allow_fast, the AMX tile kernel runs where the CPU has AMX, else the
+ * AVX512-BF16 one where it has that and the AVX-512 kernels run (chosen
+ * here: call it after kernels_select), else a
+ * portable one. Returns the bf16 kernel in use (BF16_PORTABLE for fp32);
+ * bf16_kernel_name names one. */
 typedef enum { PRECISION_FP32, PRECISION_BF16 } Precision;
-int gemm_set_precision(Precision precision, int allow_amx);
+typedef enum { BF16_PORTABLE, BF16_AMX, BF16_AVX512 } Bf16Kernel;
+int gemm_set_precision(Precision precision, int allow_fast);
+const char *bf16_kernel_name(int kernel);
 /* The same product by its definition, summed in double: the tests' reference. */
 void gemm_naive(int M, int N, int K, const float *a, size_t a_row, size_t a_col, const float *b,
                 size_t b_row, size_t b_col, float *c, int accumulate, const float *bias);

@@ -46,7 +46,7 @@ static void load(Build *b, const char *path, const char *variant, int B, int T, 
     b->train_step = (float (*)(Model *, const OptimConfig *, const int *, int, int, double *))dlsym(lib, "train_step");
     if (!config_load || !init || !prepare || !b->train_step || !set_precision) { fprintf(stderr, "ab: %s lacks mlkv's API\n", path); exit(1); }
     if (strcmp(precision, "bf16") == 0 && !set_precision(PRECISION_BF16, 1))
-        fprintf(stderr, "ab: %s: bf16 without AMX (the portable kernel)\n", path);
+        fprintf(stderr, "ab: %s: bf16 without AMX or AVX512-BF16 (the portable kernel)\n", path);
     Config c; /* Pythia-160M, or Pythia-14M for the variant 14M */
     if (config_load(&c, strcmp(variant, "14M") == 0 ? "dev/pythia-14m.config.json" : "dev/pythia-160m.config.json",
                     NULL) != 0) { fprintf(stderr, "ab: run from the repository root\n"); exit(1); }

@@ -103,8 +103,10 @@ static void bench_gemm(double peak) {
     LinearShape shapes[LINEAR_SHAPES];
     int n_shapes = linear_shapes(2048, shapes);
     printf("\nGEMM shapes of a Pythia-160M step, B*T = 2048 rows (best of 7, after one warm-up)\n");
-    printf("| product | shape (M x N x K) | fp32 GFLOP/s | of the run's peak | of the peak next to it | bf16 GFLOP/s |\n"
-           "|---|---|---|---|---|---|\n");
+    const char *bf16_name = bf16_kernel_name(gemm_set_precision(PRECISION_BF16, 1));
+    gemm_set_precision(PRECISION_FP32, 1);
+    printf("| product | shape (M x N x K) | fp32 GFLOP/s | of the run's peak | of the peak next to it | bf16 GFLOP/s (%s) |\n"
+           "|---|---|---|---|---|---|\n", bf16_name);
     for (int s = 0; s < n_shapes; s++) {
         int OC = shapes[s].OC, IC = shapes[s].IC, N = shapes[s].N;
         LinearOperands o;
@@ -198,7 +200,9 @@ static int bench_train(const char *variant, int B, int T, const char *precision,
         c.n_kv_head = 1;
         c.intermediate_size = 3830;
     }
-    int bf16 = strcmp(precision, "bf16") == 0, amx = gemm_set_precision(bf16 ? PRECISION_BF16 : PRECISION_FP32, 1);
+    int bf16 = strcmp(precision, "bf16") == 0, kernel = gemm_set_precision(bf16 ? PRECISION_BF16 : PRECISION_FP32, 1);
+    char label[32];
+    snprintf(label, sizeof(label), "bf16 (%s)", bf16_kernel_name(kernel));
     Model m;
     if (model_init_random(&m, &c, 1) != 0 || model_prepare(&m, B, T, 1) != 0) {
         fprintf(stderr, "%s\n", mlkv_error());
@@ -229,7 +233,7 @@ static int bench_train(const char *variant, int B, int T, const char *precision,
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("| %s | %d x %d | %s%s | %.1f | %.0f | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f |\n", variant, B, T,
-           bf16 ? (amx ? "bf16 (AMX)" : "bf16 (portable)") : "fp32", keep_subnormals ? ", subnormals kept" : "", tok_s, tok_s * fpt / 1e9, peak,
+           bf16 ? label : "fp32", keep_subnormals ? ", subnormals kept" : "", tok_s, tok_s * fpt / 1e9, peak,
            tok_s * fpt / 1e9 / peak, local_peak, tok_s * fpt / 1e9 / local_peak, (double)ru.ru_maxrss / 1048576.0,
            loss);
     free(tokens);
