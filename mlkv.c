@@ -9491,17 +9491,21 @@ int mlkv_main(int argc, char **argv) {
 #ifndef MLKV_NO_MAIN
 int main(int argc, char **argv) {
 #ifdef _OPENMP
-    /* Decoding runs many short parallel loops per token. By default an OpenMP
-     * thread that waits spins, which takes a core from any other busy process
-     * and, when that process holds the other core, leaves the team waiting on
-     * a preempted thread (measured on 2 cores with one busy process beside it:
-     * sample 6.9 tokens/s spinning, 12.2 waiting passively; 21.0 and 20.4
-     * alone). The policy is read when the OpenMP runtime starts, before main,
-     * so sample and eval start once more with OMP_WAIT_POLICY=passive unless
-     * the user chose a policy. (/proc/self/exe is Linux's; elsewhere execv
-     * fails and the run goes on as it is.) */
-    if (argc > 1 && (!strcmp(argv[1], "sample") || !strcmp(argv[1], "eval")) &&
-        !getenv("OMP_WAIT_POLICY") && setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
+    /* By default an OpenMP thread that waits at a barrier spins, which takes a
+     * core from any other busy process and, when that process holds the other
+     * core, leaves the team waiting on a preempted thread. Measured on 2 cores
+     * with one busy process beside (yes > /dev/null), spinning against
+     * waiting passively: sample 6.9 against 12.2 tokens/s (21.0 and 20.4
+     * alone); training Pythia-160M at 8 x 256 167-190 against 220-227 tokens/s
+     * (390-430 either way alone), Pythia-14M 40 steps 22.3-22.9 s against
+     * 16.9-17.6 (alone 8.7-9.2 s against 9.8-10.7), and a longer spin before
+     * sleeping (GOMP_SPINCOUNT=100000) collapsed to 94.7 s. So every command
+     * waits passively unless the user chose a policy (OMP_WAIT_POLICY=active
+     * gives a small model on an idle machine its few percent back). The
+     * policy is read when the OpenMP runtime starts, before main, so mlkv
+     * starts once more with it set. (/proc/self/exe is Linux's; elsewhere
+     * execv fails and the run goes on as it is.) */
+    if (argc > 1 && !getenv("OMP_WAIT_POLICY") && setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
         execv("/proc/self/exe", argv);
 #endif
     return mlkv_main(argc, argv);

@@ -2463,23 +2463,27 @@ static void test_messages(void) {
     CHECK(run("%s sample %s/one_head --prompt-ids 1 -n 2", mlkv_bin, tmp_dir) == 0 &&
               strstr(output(), "KV cache 192 B;"),
           "a small cache in bytes: %s", output());
+    char count_tokens[400];
+    snprintf(count_tokens, sizeof(count_tokens), "%s/count_tokens.bin", tmp_dir);
+    write_tokens(count_tokens, 40 * 16 + 1, 64, 5);
 #ifdef _OPENMP
-    /* decoding waits passively (spinning threads collapse beside a busy process); training keeps
-     * spinning */
+    /* every command waits passively (spinning threads collapse beside a busy process) */
     /* (the runtimes' own report: libgomp's spin count, LLVM libomp's block time, 0 when passive) */
     CHECK(run("OMP_DISPLAY_ENV=verbose %s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) ==
                   0 &&
               (strstr(output(), "GOMP_SPINCOUNT = '0'") || strstr(output(), "KMP_BLOCKTIME='0'")),
           "sample waits passively: %s", output());
+    CHECK(run("OMP_DISPLAY_ENV=verbose %s train --model dev/fixtures/gqa --train %s --out "
+              "%s/passive --seq 16 --batch 1 --grad-accum 1 --steps 2 --warmup-steps 1", mlkv_bin,
+              count_tokens, tmp_dir) == 0 &&
+              (strstr(output(), "GOMP_SPINCOUNT = '0'") || strstr(output(), "KMP_BLOCKTIME='0'")),
+          "train waits passively: %s", output());
     CHECK(run("OMP_DISPLAY_ENV=verbose OMP_WAIT_POLICY=active "
               "%s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) == 0 &&
               !strstr(output(), "GOMP_SPINCOUNT = '0'") && !strstr(output(), "KMP_BLOCKTIME='0'"),
           "a user's policy wins: %s", output());
 #endif
     /* counts from a user or a file, range-checked before any conversion */
-    char count_tokens[400];
-    snprintf(count_tokens, sizeof(count_tokens), "%s/count_tokens.bin", tmp_dir);
-    write_tokens(count_tokens, 40 * 16 + 1, 64, 5);
     CHECK(run("%s train --model dev/fixtures/gqa --train %s --out %s/many --seq 16 --batch 1 "
               "--grad-accum 1 --epochs 1e9 --stop-after 1",
               mlkv_bin, count_tokens, tmp_dir) == 0 &&

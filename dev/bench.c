@@ -20,15 +20,18 @@
  * backward, counted without the causal half, as PaLM's MFU does).
  *
  * usage: build/bench [--threads N] [--steps N] [--quick | --gemm | --attention] [--case MODEL:BxT[:bf16] ...]
- *                    [--subnormals]
+ *                    [--subnormals] [--busy]
  */
 #include "../mlkv.h"
 #include "linear.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -189,9 +192,13 @@ static double step_flops_per_token(const Model *m, int T) {
     return 6.0 * matmul_params + 12.0 * c->n_layer * c->hidden_size * T;
 }
 
+/* How a training case runs: as mlkv runs, with subnormal numbers kept, or
+ * beside one busy process (another program holding a core) */
+enum { AS_MLKV, SUBNORMALS_KEPT, BESIDE_BUSY };
+
 static int bench_train(const char *variant, int B, int T, const char *precision, int steps, double peak,
-                       int keep_subnormals) {
-    if (!keep_subnormals) flush_subnormals(); /* as mlkv itself runs */
+                       int mode) {
+    if (mode != SUBNORMALS_KEPT) flush_subnormals(); /* as mlkv itself runs */
     Config c; /* Pythia-160M, or Pythia-14M for the case 14M */
     const char *config = strcmp(variant, "14M") == 0 ? "dev/pythia-14m.config.json" : "dev/pythia-160m.config.json";
     if (config_load(&c, config, NULL) != 0) { fprintf(stderr, "%s\n", mlkv_error()); return 1; }
@@ -233,7 +240,7 @@ static int bench_train(const char *variant, int B, int T, const char *precision,
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("| %s | %d x %d | %s%s | %.1f | %.0f | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f |\n", variant, B, T,
-           bf16 ? label : "fp32", keep_subnormals ? ", subnormals kept" : "", tok_s, tok_s * fpt / 1e9, peak,
+           bf16 ? label : "fp32", mode == SUBNORMALS_KEPT ? ", subnormals kept" : mode == BESIDE_BUSY ? ", beside a busy process" : "", tok_s, tok_s * fpt / 1e9, peak,
            tok_s * fpt / 1e9 / peak, local_peak, tok_s * fpt / 1e9 / local_peak, (double)ru.ru_maxrss / 1048576.0,
            loss);
     free(tokens);
@@ -253,11 +260,13 @@ static void usage(void) {
                     "                e.g. MLKV-2:1x2048:bf16 (repeatable; default: MHA and MLKV-2 at 8x256\n"
                     "                and 1x2048, fp32 and bf16)\n"
                     "  --subnormals  run each case also with subnormal numbers computed as they are\n"
-                    "                (mlkv flushes them to zero: flush_subnormals), beside it\n");
+                    "                (mlkv flushes them to zero: flush_subnormals), beside it\n"
+                    "  --busy        run each case also beside one busy process (a loop on one core,\n"
+                    "                as yes > /dev/null), beside it\n");
 }
 
 int main(int argc, char **argv) {
-    int steps = 2, quick = 0, attention_only = 0, gemm_only = 0, n_cases = 0, n_threads = 0, subnormals = 0;
+    int steps = 2, quick = 0, attention_only = 0, gemm_only = 0, n_cases = 0, n_threads = 0, subnormals = 0, busy = 0;
     const char *cases[16];
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) n_threads = atoi(argv[++i]);
@@ -266,6 +275,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--attention") == 0) attention_only = 1;
         else if (strcmp(argv[i], "--gemm") == 0) gemm_only = 1;
         else if (strcmp(argv[i], "--subnormals") == 0) subnormals = 1;
+        else if (strcmp(argv[i], "--busy") == 0) busy = 1;
         else if (strcmp(argv[i], "--case") == 0 && i + 1 < argc && n_cases < 16) cases[n_cases++] = argv[++i];
         else if (strcmp(argv[i], "--train-case") == 0 && i + 7 < argc) { /* internal: one case per process */
 #ifdef _OPENMP
@@ -295,6 +305,8 @@ int main(int argc, char **argv) {
         bench_gemm(peak);
         bench_attention(peak);
     }
+    /* the training cases wait at barriers as mlkv does (passively: mlkv.c's main says why) */
+    if (!getenv("OMP_WAIT_POLICY")) setenv("OMP_WAIT_POLICY", "passive", 1);
     printf("\nTraining steps of Pythia-160M (14M: Pythia-14M; random weights and tokens; mean of %d steps after one warm-up)\n", steps);
     printf("FLOPs per token = 6 x (matmul parameters, LM head included) + 12 x L x C x T\n");
     printf("| model | B x T | precision | tokens/s | GFLOP/s | run's peak GFLOP/s | MFU | peak between steps | MFU "
@@ -312,10 +324,15 @@ int main(int argc, char **argv) {
             usage();
             return 2;
         }
-        for (int keep = 0; keep <= subnormals; keep++) {
+        for (int mode = AS_MLKV; mode <= BESIDE_BUSY; mode++) {
+            if ((mode == SUBNORMALS_KEPT && !subnormals) || (mode == BESIDE_BUSY && !busy)) continue;
             snprintf(cmd, sizeof(cmd), "%s --threads %d --train-case %s %d %d %s %d %.3f %d", argv[0], threads(), model,
-                     B, T, precision, steps, peak, keep);
-            if (system(cmd) != 0) { fprintf(stderr, "bench: %s failed\n", cmd); return 1; }
+                     B, T, precision, steps, peak, mode);
+            pid_t spinner = mode == BESIDE_BUSY ? fork() : -1;
+            if (spinner == 0) for (volatile unsigned long n = 0;; n++) {} /* the busy neighbour */
+            int rc = system(cmd);
+            if (spinner > 0) kill(spinner, SIGKILL), waitpid(spinner, NULL, 0);
+            if (rc != 0) { fprintf(stderr, "bench: %s failed\n", cmd); return 1; }
         }
     }
     return 0;
