@@ -32,9 +32,10 @@ demo: mlkv
 # the native build (OpenMP, -march=native: this CPU's instruction set alone)
 # and the portable build (no -march, as `cc -O3 -o mlkv mlkv.c -lm`) with and
 # without OpenMP, which on x86-64 holds the kernels for AVX-512, AVX2+FMA and
-# the baseline and tests each this CPU runs; warnings are errors. OpenMP's threads get 128 KiB stacks,
-# the smallest default there is (musl), so that a kernel's stack frame that
-# outgrows them fails here.
+# the baseline and tests each this CPU runs; warnings are errors. OpenMP's
+# threads get 128 KiB stacks, the smallest default there is (musl), so that a
+# kernel's stack frame that outgrows them fails here. Each build's two
+# binaries compile side by side.
 test:
 	@python3 dev/test_tokenize.py
 	@set -e; for cc in $(TEST_COMPILERS); do for build in native-omp portable-omp portable; do \

@@ -828,7 +828,8 @@ enum { KERNELS_PORTABLE, KERNELS_AVX2, KERNELS_AVX512 };
     !defined(MLKV_ONE_KERNEL_SET)
 #define KERNEL_DISPATCH 1
 static int kernel_set = KERNELS_PORTABLE; /* chosen before main (kernels_at_start) */
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"), flatten))
+#define TARGET_AVX512                                                                              \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"), flatten))
 #define TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
 /* KERNEL(name, (parameters), (arguments)) { body }: the function `name`,
  * whose body is compiled once per instruction set */
@@ -1008,7 +1009,8 @@ KERNEL_INLINE void axpy(float *y, float alpha, const float *x, int n) {
 #define GEMM_MR_MAX 12
 #define GEMM_NR_MAX 32
 #define GEMM_KC 256
-#define GEMM_MC 2304 /* rows of A packed at once (B*T = 2048 in one block): whole panels of 6 or 12 */
+/* rows of A packed at once (B*T = 2048 in one block): whole panels of 6 or 12 */
+#define GEMM_MC 2304
 #define GEMM_NC 2048            /* columns of B packed at once */
 #define GEMM_K_WHOLE (3 * GEMM_KC) /* products with K up to this take it in one slice */
 #define GEMM_TASK_ROWS (8 * GEMM_MR) /* one thread's task: this many rows x GEMM_NR columns */
@@ -1174,7 +1176,7 @@ KERNEL_INLINE size_t bf16_b_index(int r, int k) {
 /* As pack_panel, into bf16 panels of 32 rows of A (or columns of B), K
  * padded with zeros to a multiple of 32 */
 KERNEL_INLINE void pack_panel_bf16(uint16_t *restrict dst, const float *restrict x, size_t r_stride,
-                            size_t k_stride, int rows, int kc, int is_b) {
+                                   size_t k_stride, int rows, int kc, int is_b) {
     int kc32 = (kc + 31) / 32 * 32;
     if (rows < BF16_TILE || kc < kc32) { /* ragged: element by element, zeros around */
         memset(dst, 0, sizeof(uint16_t) * BF16_TILE * kc32);
@@ -1220,7 +1222,7 @@ KERNEL_INLINE void pack_panel_bf16(uint16_t *restrict dst, const float *restrict
 /* c[32, 32] (row stride ldc) += A B over kc32 = K rounded up to 32, portably:
  * 8 rows at a time, 8 x 32 accumulators */
 KERNEL_INLINE void bf16_kernel_portable(int kc32, const uint16_t *a, const uint16_t *b, float *c,
-                                 size_t ldc) {
+                                        size_t ldc) {
     for (int i0 = 0; i0 < BF16_TILE; i0 += 8) {
         float acc[8][BF16_TILE];
         for (int i = 0; i < 8; i++)
@@ -1294,8 +1296,17 @@ bf16_kernel_amx(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t
     _tile_stored(3, c + 16 * ldc + 16, stride);
 }
 
-/* VDPBF16PS, where the compiler has it (gcc 10, clang 9 and later) */
-#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#else
+static int amx_available(void) { return 0; }
+static void amx_configure(void) {}
+static void amx_release(void) {}
+static void bf16_kernel_amx(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
+    bf16_kernel_portable(kc32, a, b, c, ldc);
+}
+#endif
+
+/* VDPBF16PS, on x86-64 where the compiler has it (gcc 10, clang 9 and later) */
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
 static int avx512_bf16_available(void) {
     unsigned eax, ebx, ecx, edx; /* CPUID leaf 7, subleaf 1: EAX bit 5 is AVX512_BF16 */
     __builtin_cpu_init();
@@ -1345,19 +1356,6 @@ static void bf16_kernel_avx512(int kc32, const uint16_t *a, const uint16_t *b, f
     bf16_kernel_portable(kc32, a, b, c, ldc);
 }
 #endif
-#else
-static int amx_available(void) { return 0; }
-static int avx512_bf16_available(void) { return 0; }
-static void amx_configure(void) {}
-static void amx_release(void) {}
-static void bf16_kernel_amx(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc) {
-    bf16_kernel_portable(kc32, a, b, c, ldc);
-}
-static void bf16_kernel_avx512(int kc32, const uint16_t *a, const uint16_t *b, float *c,
-                               size_t ldc) {
-    bf16_kernel_portable(kc32, a, b, c, ldc);
-}
-#endif
 
 /* VDPBF16PS runs with the AVX-512 kernels alone (MLKV_KERNELS=avx2 or portable, applied
  * before, turns it off) */
@@ -1380,8 +1378,8 @@ const char *bf16_kernel_name(int kernel) {
 
 /* A 32 x 32 block of C (rows x cols of it inside C) += A B in bf16, from
  * init[cols] when given; ragged blocks through a full-size copy. */
-KERNEL_INLINE void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c, size_t ldc,
-                            const float *init, int rows, int cols) {
+KERNEL_INLINE void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *b, float *c,
+                                   size_t ldc, const float *init, int rows, int cols) {
     float tile[BF16_TILE * BF16_TILE];
     int whole = rows == BF16_TILE && cols == BF16_TILE;
     float *t = whole ? c : tile;
@@ -1407,8 +1405,9 @@ KERNEL_INLINE void gemm_block_bf16(int kc32, const uint16_t *a, const uint16_t *
 /* Columns j0 .. j0+THIN_COLS-1 (fewer at the edge) of C = start + A W^T for
  * at most THIN_ROWS rows (a decoding step), w's rows w_row apart: each a dot
  * product over K. */
-KERNEL(gemm_thin_block, (int M, int N, int K, const float *a, size_t a_row, const float *w,
-                         size_t w_row, float *c, int accumulate, const float *bias, int j0),
+KERNEL(gemm_thin_block,
+       (int M, int N, int K, const float *a, size_t a_row, const float *w, size_t w_row, float *c,
+        int accumulate, const float *bias, int j0),
        (M, N, K, a, a_row, w, w_row, c, accumulate, bias, j0)) {
     int cols = N - j0 < THIN_COLS ? N - j0 : THIN_COLS;
     float acc[THIN_ROWS][THIN_COLS] = {{0}};
@@ -1571,7 +1570,8 @@ PARALLEL_REGION
                     g.a_packs = g.a_panels - g.a_packed_from;
                     /* the first slice of K starts from the bias (or zero) unless C accumulates */
                     g.init = k0 > 0 || accumulate ? NULL : bias ? bias + n0 : zero_row;
-                    int b_panels = (g.nc + nr - 1) / nr, tasks_down = (g.mc + task_rows - 1) / task_rows;
+                    int b_panels = (g.nc + nr - 1) / nr,
+                        tasks_down = (g.mc + task_rows - 1) / task_rows;
                     /* AMX finishes a tile in a fraction of a microsecond: a
                      * thread takes a whole row of them at a time */
                     int tiles_per_grab = bf16 ? b_panels : 1;
@@ -1580,7 +1580,8 @@ OMP_FOR
                     for (int q = 0; q < g.a_packs + b_panels; q++) gemm_pack(&g, q);
 OMP_FOR_2(tiles_per_grab)
                     for (int down = 0; down < tasks_down; down++)
-                        for (int across = 0; across < b_panels; across++) gemm_task(&g, down, across);
+                        for (int across = 0; across < b_panels; across++)
+                            gemm_task(&g, down, across);
                 }
         if (bf16 && gemm_bf16_kernel == BF16_AMX) amx_release();
     }
@@ -1637,8 +1638,8 @@ PARALLEL_FOR
 /* With xhat = (x - mean) * rstd and g = dout * w:
  *   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw += dout * xhat,  db += dout */
 KERNEL(layernorm_backward_row,
-       (float *dinp, const float *dout, const float *inp, const float *w, const float *stats,
-        int C, int n),
+       (float *dinp, const float *dout, const float *inp, const float *w, const float *stats, int C,
+        int n),
        (dinp, dout, inp, w, stats, C, n)) { /* dx of row n */
     const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
     float m = stats[2 * n], rstd = stats[2 * n + 1];
@@ -1659,8 +1660,8 @@ KERNEL(layernorm_backward_row,
 
 /* dw and db of channels i0 .. i1-1, the rows summed in order */
 KERNEL(layernorm_backward_params,
-       (float *dw, float *db, const float *dout, const float *inp, const float *stats, int N,
-        int C, int i0, int i1),
+       (float *dw, float *db, const float *dout, const float *inp, const float *stats, int N, int C,
+        int i0, int i1),
        (dw, db, dout, inp, stats, N, C, i0, i1)) {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
@@ -1804,7 +1805,7 @@ PARALLEL_FOR
  * each row is first rotated by its position (the reference-compatible KV
  * cache holds un-rotated keys). */
 KERNEL_INLINE void pack_head_panels(float *dst, const float *x, size_t stride, int T, int hs,
-                             const float *cos_t, const float *sin_t, int half) {
+                                    const float *cos_t, const float *sin_t, int half) {
     for (int s0 = 0; s0 < T; s0 += ATT_KB) {
         int rows = T - s0 < ATT_KB ? T - s0 : ATT_KB;
         float *panel = dst + (size_t)s0 * hs;
@@ -1842,8 +1843,8 @@ PARALLEL_FOR
  * (heads of 16 where GEMM_NR is 32: padded to 32 they spent half the FMAs
  * on zeros, and training make demo's model ran 1.2 times slower, measured
  * old and new side by side); another ragged last panel goes through a zero-padded copy. */
-KERNEL_INLINE void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col, const float *x,
-                          size_t stride, int kc, int hs) {
+KERNEL_INLINE void weighted_rows(float *acc, const float *w, size_t w_row, size_t w_col,
+                                 const float *x, size_t stride, int kc, int hs) {
     for (int d0 = 0; d0 < hs; d0 += GEMM_NR) {
         if (hs - d0 >= GEMM_NR) {
             gemm_kernel(kc, w, w_row, w_col, x + d0, stride, acc + d0, HEAD_WIDTH(hs), NULL, 0);
@@ -9067,8 +9068,9 @@ static int experiment_pictures(const Experiment *e, const ExperimentRow *rows, i
         pad_range(&p.x0, &p.x1, 0);
         pad_range(&p.y0, &p.y1, 1);
         svg_begin(&svg, 720 + PLOT_LEGEND_WIDTH, 480);
-        snprintf(title, sizeof(title), "Training loss while uptraining (mean of the last %d step%s)",
-                 window, plural(window));
+        snprintf(title, sizeof(title),
+                 "Training loss while uptraining (mean of the last %d step%s)", window,
+                 plural(window));
         plot_frame(&p, &svg, 80, 40, 640, 370, title, "optimizer step",
                    "training loss (log scale)");
         for (int r = 0; r < n; r++) {

@@ -2650,7 +2650,8 @@ static void test_experiment(void) {
     char unit_e[8] = "", unit_h[8] = "";
     const char *line = strstr(output(), "experiment: disk: about ");
     const char *holds = strstr(output(), "/exp holds ");
-    CHECK(line && holds && sscanf(line, "experiment: disk: about %lf %7s", &estimate, unit_e) == 2 &&
+    CHECK(line && holds &&
+              sscanf(line, "experiment: disk: about %lf %7s", &estimate, unit_e) == 2 &&
               sscanf(holds, "/exp holds %lf %7s", &held, unit_h) == 2 &&
               held * unit_bytes(unit_h) > 0.6 * estimate * unit_bytes(unit_e) &&
               held * unit_bytes(unit_h) < 1.2 * estimate * unit_bytes(unit_e),
@@ -2735,7 +2736,8 @@ static void test_experiment(void) {
               "    assert all(found(w) for w in want[n]), (n, words)\n"
               "    frame = d.getElementsByTagName('rect')[1]\n"
               "    right = float(frame.getAttribute('x')) + float(frame.getAttribute('width'))\n"
-              "    legend = [t for t in texts if t.firstChild and t.firstChild.data == want[n][-1]]\n"
+              "    legend = [t for t in texts\n"
+              "              if t.firstChild and t.firstChild.data == want[n][-1]]\n"
               "    assert float(legend[-1].getAttribute('x')) > right, n\n"
               "print('svg ok')\" %s/exp", tmp_dir) == 0 && strstr(output(), "svg ok"),
           "the pictures are well-formed SVG and say what they show: %s", output());
@@ -2866,10 +2868,12 @@ static void test_sample_stops(void) {
     model_free(&m);
     CHECK(ok, "write the model: %s", mlkv_error());
     CHECK(run("%s sample %s --prompt hi -n 5 --temperature 0", mlkv_bin, dir) == 0 &&
-              starts_with(after_kernels_line(output()), "hi\n[") && strstr(output(), "decode 1 x 1:"),
+              starts_with(after_kernels_line(output()), "hi\n[") &&
+              strstr(output(), "decode 1 x 1:"),
           "stops at <|endoftext|>, never samples id 300: [%s]", output());
     CHECK(run("%s sample %s --prompt hi -n 3 --temperature 0 --ignore-eos", mlkv_bin, dir) == 0 &&
-              starts_with(after_kernels_line(output()), "hi<|endoftext|><|endoftext|><|endoftext|>\n["),
+              starts_with(after_kernels_line(output()),
+                          "hi<|endoftext|><|endoftext|><|endoftext|>\n["),
           "--ignore-eos: [%s]", output());
     CHECK(run("%s sample dev/fixtures/eval/model --prompt 'the "
               "cat sat on the' -n 12 --temperature 0", mlkv_bin) == 0 &&
@@ -3047,7 +3051,8 @@ static void test_kernel_sets(FixtureErrors *worst) {
           "the kernels line names %s: %s", kernels_name(), output());
     CHECK(run("MLKV_KERNELS=portable %s sample dev/fixtures/gqa --prompt-ids 1 -n 2", mlkv_bin) ==
                   0 &&
-              (dispatching ? strstr(output(), "mlkv: portable (baseline x86-64, chosen at run time) kernels, ") != NULL
+              (dispatching ? strstr(output(), "mlkv: portable (baseline x86-64, chosen at run "
+                                              "time) kernels, ") != NULL
                            : strstr(output(), "this build runs") != NULL ||
                                  strstr(kernels_name(), "portable") != NULL),
           "MLKV_KERNELS=portable: %s", output());
